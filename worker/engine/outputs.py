@@ -1,0 +1,30 @@
+"""What the engine hands back: one event per generated token, and whole completions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from worker.engine.request import FinishReason
+
+
+@dataclass(slots=True)
+class TokenEvent:
+    request_id: str
+    index: int
+    """Position of the token in the completion, from 0: the exactly-once key downstream."""
+    token_id: int
+    text: str
+    """Text this token completes (may be empty while a character or stop string is pending)."""
+    logprob: float | None
+    finish_reason: FinishReason | None
+    """Set on the request's last event."""
+
+
+@dataclass(slots=True)
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None
+    logprobs: list[float] | None

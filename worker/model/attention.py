@@ -1,0 +1,90 @@
+"""Paged KV cache and the attention that reads it, driven by explicit per-step metadata.
+
+The cache is one preallocated tensor per layer of `num_blocks * block_size` token slots. A
+request owns a list of blocks (its block table); token t of a request lives in slot
+`block_table[t // block_size] * block_size + t % block_size`. Tokens of a step are laid out
+decodes first (one token each, attended as one padded batch), then prefill chunks (each
+attended on its own with a causal mask offset by the tokens already cached).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Keys and values of every layer: [layers, 2, slots, kv_heads, head_dim]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.data = torch.zeros(
+            num_layers, 2, num_blocks * block_size, kv_heads, head_dim, dtype=dtype, device=device
+        )
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return num_layers * 2 * block_size * kv_heads * head_dim * dtype.itemsize
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """k, v: [T, kv_heads, D] written at slots [T]."""
+        self.data[layer, 0].index_copy_(0, slots, k)
+        self.data[layer, 1].index_copy_(0, slots, v)
+
+
+@dataclass(slots=True)
+class PrefillSegment:
+    start: int
+    """Index of the chunk's first token in the step's token layout."""
+    end: int
+    context_slots: torch.Tensor | None
+    """Slots of every cached token before and including this chunk [ctx]; None when the chunk
+    is the whole sequence so far (then the fresh keys are used directly)."""
+    mask: torch.Tensor | None
+    """[chunk, ctx] True where attention is allowed; None together with context_slots."""
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor
+    """[T] cache slot of every token of the step."""
+    num_decodes: int
+    """The first num_decodes tokens each belong to a different decoding request."""
+    decode_slots: torch.Tensor | None
+    """[num_decodes, max_ctx] slots of each decode's context, padded with slot 0."""
+    decode_mask: torch.Tensor | None
+    """[num_decodes, 1, 1, max_ctx] True for real context positions."""
+    prefills: list[PrefillSegment]
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                    layer: int, meta: AttentionMetadata) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] for the step's tokens (already stored) -> [T, H, D]."""
+    out = torch.empty_like(q)
+    keys, values = cache.data[layer, 0], cache.data[layer, 1]  # [slots, KVH, D]
+    n = meta.num_decodes
+    if n:
+        assert meta.decode_slots is not None
+        dk = keys[meta.decode_slots].transpose(1, 2)  # [n, KVH, ctx, D]
+        dv = values[meta.decode_slots].transpose(1, 2)
+        dq = q[:n].unsqueeze(2)  # [n, H, 1, D]
+        o = F.scaled_dot_product_attention(dq, dk, dv, attn_mask=meta.decode_mask,
+                                           enable_gqa=True)
+        out[:n] = o.squeeze(2)
+    for seg in meta.prefills:
+        sq = q[seg.start:seg.end].transpose(0, 1)  # [H, chunk, D]
+        if seg.context_slots is None:
+            sk = k[seg.start:seg.end].transpose(0, 1)  # [KVH, chunk, D]
+            sv = v[seg.start:seg.end].transpose(0, 1)
+            o = F.scaled_dot_product_attention(sq, sk, sv, is_causal=True, enable_gqa=True)
+        else:
+            sk = keys[seg.context_slots].transpose(0, 1)  # [KVH, ctx, D]
+            sv = values[seg.context_slots].transpose(0, 1)
+            o = F.scaled_dot_product_attention(sq, sk, sv, attn_mask=seg.mask, enable_gqa=True)
+        out[seg.start:seg.end] = o.transpose(0, 1)
+    return out
