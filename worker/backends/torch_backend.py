@@ -118,7 +118,7 @@ class TorchBackend(Backend):
     def _metadata(self, ordered: list[SequenceChunk], slots: list[int]) -> AttentionMetadata:
         dev, bs = self.device, self.cache.block_size
         decodes = [c for c in ordered if c.is_decode]
-        decode_slots = decode_mask = None
+        decode_slots = decode_bias = None
         if decodes:
             lens = torch.tensor([c.start_pos + 1 for c in decodes])
             width = max(len(c.block_table) for c in decodes)
@@ -126,7 +126,9 @@ class TorchBackend(Backend):
                                    for c in decodes])
             pos = torch.arange(int(lens.max()))
             decode_slots = (tables[:, pos // bs] * bs + pos % bs).to(dev)  # [n, ctx]
-            decode_mask = (pos[None, :] < lens[:, None])[:, None, None, :].to(dev)
+            pad = pos[None, :] >= lens[:, None]
+            decode_bias = torch.zeros(pad.shape, dtype=self.dtype).masked_fill_(pad, -torch.inf)
+            decode_bias = decode_bias[:, None, None, :].to(dev)
         prefills = []
         start = len(decodes)
         for c in ordered[len(decodes):]:
@@ -145,6 +147,6 @@ class TorchBackend(Backend):
             slot_mapping=torch.tensor(slots, device=dev),
             num_decodes=len(decodes),
             decode_slots=decode_slots,
-            decode_mask=decode_mask,
+            decode_bias=decode_bias,
             prefills=prefills,
         )

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from worker.model.attention import AttentionMetadata, KVCache, paged_attention
 from worker.model.config import ModelConfig
-from worker.model.rope import RotaryEmbedding
+from worker.model.rope import RotaryEmbedding, apply_rope
 from worker.model.weights import LayerWeights, ModelWeights
 
 
@@ -22,21 +22,21 @@ def forward(
 ) -> torch.Tensor:
     """input_ids, positions: [T] -> final hidden states [T, hidden] (after the last norm)."""
     h = F.embedding(input_ids, weights.embed)  # [T, hidden]
+    cos_sin = rope.tables(positions)
     for i, layer in enumerate(weights.layers):
-        h = h + _attention(cfg, layer, rope, F.rms_norm(h, (cfg.hidden_size,), layer.input_norm,
-                                                        cfg.rms_norm_eps),
-                           positions, cache, i, meta)
+        x = F.rms_norm(h, (cfg.hidden_size,), layer.input_norm, cfg.rms_norm_eps)
+        h = h + _attention(cfg, layer, x, cos_sin, cache, i, meta)
         x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)  # [T, I] each
-        h = h + F.linear(F.silu(gate) * up, layer.down)
+        gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [T, I] each
+        h = h + layer.down(F.silu(gate) * up)
     return F.rms_norm(h, (cfg.hidden_size,), weights.norm, cfg.rms_norm_eps)
 
 
-def _attention(cfg: ModelConfig, layer: LayerWeights, rope: RotaryEmbedding, x: torch.Tensor,
-               positions: torch.Tensor, cache: KVCache, index: int,
+def _attention(cfg: ModelConfig, layer: LayerWeights, x: torch.Tensor,
+               cos_sin: tuple[torch.Tensor, torch.Tensor], cache: KVCache, index: int,
                meta: AttentionMetadata) -> torch.Tensor:
     t = x.shape[0]
-    qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, q + 2kv]
+    qkv = layer.qkv(x)  # [T, q + 2kv]
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.view(t, cfg.num_attention_heads, cfg.head_dim)
     k = k.view(t, cfg.num_key_value_heads, cfg.head_dim)
@@ -44,12 +44,12 @@ def _attention(cfg: ModelConfig, layer: LayerWeights, rope: RotaryEmbedding, x: 
     if layer.q_norm is not None and layer.k_norm is not None:
         q = F.rms_norm(q, (cfg.head_dim,), layer.q_norm, cfg.rms_norm_eps)
         k = F.rms_norm(k, (cfg.head_dim,), layer.k_norm, cfg.rms_norm_eps)
-    q, k = rope(q, positions), rope(k, positions)
+    q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
     cache.store(index, k, v, meta.slot_mapping)
     o = paged_attention(q, k, v, cache, index, meta)  # [T, H, D]
-    return F.linear(o.reshape(t, cfg.q_size), layer.o_proj)
+    return layer.o_proj(o.reshape(t, cfg.q_size))
 
 
 def compute_logits(weights: ModelWeights, hidden: torch.Tensor) -> torch.Tensor:
     """hidden: [B, hidden] of the positions to sample -> float32 logits [B, vocab]."""
-    return F.linear(hidden, weights.lm_head).float()
+    return weights.lm_head(hidden).float()

@@ -16,19 +16,19 @@ from safetensors import safe_open
 
 from common.errors import ModelConfigError
 from worker.model.config import ModelConfig
+from worker.model.linear import Projection
 
 
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [q + 2*kv, hidden]
-    qkv_bias: torch.Tensor | None  # [q + 2*kv]
+    qkv: Projection  # hidden -> q + 2*kv
     q_norm: torch.Tensor | None  # [head_dim]
     k_norm: torch.Tensor | None  # [head_dim]
-    o_proj: torch.Tensor  # [hidden, q]
+    o_proj: Projection  # q -> hidden
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2*intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
+    gate_up: Projection  # hidden -> 2*intermediate
+    down: Projection  # intermediate -> hidden
 
 
 @dataclass(slots=True)
@@ -36,14 +36,14 @@ class ModelWeights:
     embed: torch.Tensor  # [vocab, hidden]
     layers: list[LayerWeights]
     norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden]; the embedding itself when tied
+    lm_head: Projection  # hidden -> vocab; the embedding matrix again when tied
 
     def nbytes_per_decode_step(self) -> int:
         """Bytes a decode step must read: every layer, the final norm and the lm_head once."""
         total = self.norm.nbytes + self.lm_head.nbytes
         for layer in self.layers:
-            for t in (layer.input_norm, layer.qkv, layer.qkv_bias, layer.q_norm, layer.k_norm,
-                      layer.o_proj, layer.post_norm, layer.gate_up, layer.down):
+            for t in (layer.input_norm, layer.qkv, layer.q_norm, layer.k_norm, layer.o_proj,
+                      layer.post_norm, layer.gate_up, layer.down):
                 total += t.nbytes if t is not None else 0
         return total
 
@@ -94,19 +94,19 @@ def load_weights(
         layers.append(
             LayerWeights(
                 input_norm=get(p + "input_layernorm.weight"),
-                qkv=cat(*(f"{attn}{x}_proj.weight" for x in "qkv")),
-                qkv_bias=cat(*(f"{attn}{x}_proj.bias" for x in "qkv")) if config.qkv_bias else None,
+                qkv=Projection(
+                    cat(*(f"{attn}{x}_proj.weight" for x in "qkv")),
+                    cat(*(f"{attn}{x}_proj.bias" for x in "qkv")) if config.qkv_bias else None,
+                ),
                 q_norm=get(attn + "q_norm.weight") if config.qk_norm else None,
                 k_norm=get(attn + "k_norm.weight") if config.qk_norm else None,
-                o_proj=get(attn + "o_proj.weight"),
+                o_proj=Projection(get(attn + "o_proj.weight")),
                 post_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                down=get(p + "mlp.down_proj.weight"),
+                gate_up=Projection(cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")),
+                down=Projection(get(p + "mlp.down_proj.weight")),
             )
         )
     embed = get("model.embed_tokens.weight")
-    if config.tie_word_embeddings or "lm_head.weight" not in src:
-        lm_head = embed
-    else:
-        lm_head = get("lm_head.weight")
+    tied = config.tie_word_embeddings or "lm_head.weight" not in src
+    lm_head = Projection(embed if tied else get("lm_head.weight"))
     return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)

@@ -1,0 +1,179 @@
+"""The engine end to end on real checkpoints: parity with transformers, batching, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common.config import EngineConfig
+from common.errors import InvalidRequestError
+from preprocess.sampling_params import SamplingParams
+from worker.engine.engine import Engine
+from worker.engine.request import FinishReason
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a Python function that reverses a string.",
+    "List three primary colors.",
+    "你好，介绍一下你自己",
+    "Explain gravity to a five year old.",
+    "What is 12 times 12?",
+    "Translate 'good morning' into Spanish.",
+    "Give me a haiku about the sea.",
+    "Why is the sky blue?",
+]
+
+
+@pytest.fixture(scope="module")
+def smol_engine(smollm2_dir: Path) -> Engine:
+    return Engine.from_model_dir(smollm2_dir, EngineConfig(kv_cache_gb=0.5, max_num_seqs=16,
+                                                           max_num_batched_tokens=256))
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(smollm2_dir: Path) -> list[list[int]]:
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    return [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                    tokenize=True, return_dict=False) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_qwen3: Path) -> Engine:
+    return Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=0.05, max_num_seqs=8))
+
+
+def test_greedy_output_equals_transformers_generate_token_for_token(
+    smollm2_dir: Path, smol_engine: Engine, chat_prompts: list[list[int]]
+) -> None:
+    ref = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ours = smol_engine.generate(chat_prompts, GREEDY)
+    for prompt, completion in zip(chat_prompts, ours, strict=True):
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([prompt]), max_new_tokens=GREEDY.max_tokens,
+                               do_sample=False)
+        expected = out[0, len(prompt):].tolist()
+        assert completion.token_ids == expected[: len(completion.token_ids)]
+        assert len(completion.token_ids) == len(expected)
+
+
+def test_a_batched_run_gives_each_prompt_the_tokens_it_gets_alone(
+    smol_engine: Engine, chat_prompts: list[list[int]]
+) -> None:
+    batched = smol_engine.generate(chat_prompts, GREEDY)
+    for prompt, together in zip(chat_prompts, batched, strict=True):
+        [alone] = smol_engine.generate([prompt], GREEDY)
+        assert together.token_ids == alone.token_ids
+        assert together.text == alone.text
+
+
+def test_text_is_the_decode_of_the_tokens_and_chinese_arrives_whole(
+    smol_engine: Engine, chat_prompts: list[list[int]], smollm2_dir: Path
+) -> None:
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    [c] = smol_engine.generate([chat_prompts[3]], SamplingParams(max_tokens=40, temperature=0))
+    assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+    assert "\ufffd" not in c.text
+
+
+def test_requests_with_different_sampling_settings_each_keep_their_own(
+    tiny_engine: Engine
+) -> None:
+    prompt = list(range(300, 320))
+    settings = [
+        SamplingParams(max_tokens=12, temperature=0.0),
+        SamplingParams(max_tokens=12, temperature=1.0, seed=7),
+        SamplingParams(max_tokens=12, temperature=0.8, top_k=5, seed=8),
+        SamplingParams(max_tokens=12, temperature=1.0, top_p=0.5, seed=9),
+        SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.5),
+        SamplingParams(max_tokens=5, temperature=1.0, min_p=0.2, seed=10, logprobs=True),
+    ]
+    together = tiny_engine.generate([prompt] * len(settings), settings)
+    alone = [tiny_engine.generate([prompt], [sp])[0] for sp in settings]
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert len({tuple(c.token_ids) for c in together}) >= 4  # the settings really differ
+    assert len(together[5].token_ids) == 5 and together[5].logprobs is not None
+    assert len(together[5].logprobs) == 5 and all(lp <= 0 for lp in together[5].logprobs)
+    assert together[0].logprobs is None
+
+
+def test_same_seed_and_prompt_give_the_same_output_whatever_the_batch(tiny_engine: Engine) -> None:
+    prompt = list(range(500, 510))
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, seed=1234)
+    [alone] = tiny_engine.generate([prompt], seeded)
+    others = [list(range(600, 600 + n)) for n in (3, 17, 40)]
+    mixed = tiny_engine.generate(others + [prompt],
+                                 [SamplingParams(max_tokens=10, temperature=1.0)] * 3 + [seeded])
+    assert mixed[-1].token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "field"),
+    [
+        ([], SamplingParams(), "prompt"),
+        ([1] * 5000, SamplingParams(), "prompt"),
+        ([10**7], SamplingParams(), "prompt"),
+        ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
+        ([1, 2], SamplingParams(temperature=-0.1), "temperature"),
+        ([1, 2], SamplingParams(top_p=0.0), "top_p"),
+        ([1, 2], SamplingParams(top_p=1.5), "top_p"),
+        ([1, 2], SamplingParams(stop_token_ids=(10**7,)), "stop_token_ids"),
+    ],
+)
+def test_bad_input_raises_a_field_error_and_leaves_the_batch_alone(
+    tiny_engine: Engine, prompt: list[int], params: SamplingParams, field: str
+) -> None:
+    good = SamplingParams(max_tokens=6, temperature=0.0)
+    [expected] = tiny_engine.generate([[5, 6, 7]], good)
+    rid = tiny_engine.add_request([5, 6, 7], good)
+    tiny_engine.step()
+    with pytest.raises(InvalidRequestError) as info:
+        tiny_engine.add_request(prompt, params)
+    assert info.value.field == field
+    tokens = [e.token_id for events in tiny_engine.steps() for e in events
+              if e.request_id == rid]
+    assert tiny_engine.scheduler.blocks.num_free_blocks == tiny_engine.backend.capacity.num_blocks
+    assert len(tokens) == 5 and expected.token_ids[1:] == tokens
+
+
+def test_preempted_requests_resume_and_finish_with_the_same_tokens(tiny_qwen3: Path) -> None:
+    prompts = [list(range(100 + 7 * i, 130 + 7 * i)) for i in range(4)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    roomy = Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=0.05))
+    expected = [c.token_ids for c in roomy.generate(prompts, params)]
+    # 16 blocks of 16 tokens: four requests of 70 tokens need 20, so some must be preempted.
+    per_block = roomy.backend.cache.data[:, :, :16].nbytes
+    tight = Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=16 * per_block / 2**30))
+    assert tight.backend.capacity.num_blocks == 16
+    tight_ids = [tight.add_request(p, params) for p in prompts]
+    requests = [tight.scheduler.get(rid) for rid in tight_ids]
+    got: dict[str, list[int]] = {rid: [] for rid in tight_ids}
+    for events in tight.steps():
+        for e in events:
+            got[e.request_id].append(e.token_id)
+    assert [got[rid] for rid in tight_ids] == expected
+    assert sum(r.num_preemptions for r in requests if r is not None) > 0
+
+
+def test_stop_strings_end_the_text_before_them(smol_engine: Engine,
+                                               chat_prompts: list[list[int]]) -> None:
+    [full] = smol_engine.generate([chat_prompts[0]], GREEDY)
+    words = full.text.split()
+    assert len(words) >= 3, full.text
+    stop = words[2]
+    [cut] = smol_engine.generate([chat_prompts[0]],
+                                 SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,)))
+    assert cut.finish_reason == FinishReason.STOP
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+def test_abort_frees_the_requests_blocks_at_once(tiny_engine: Engine) -> None:
+    rid = tiny_engine.add_request(list(range(50)), SamplingParams(max_tokens=50))
+    tiny_engine.step()
+    assert tiny_engine.abort(rid)
+    assert not tiny_engine.has_unfinished()
+    assert tiny_engine.scheduler.blocks.num_free_blocks == tiny_engine.backend.capacity.num_blocks
+    assert not tiny_engine.abort(rid)
