@@ -75,7 +75,8 @@ def test_text_is_the_decode_of_the_tokens_and_chinese_arrives_whole(
 ) -> None:
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     [c] = smol_engine.generate([chat_prompts[3]], SamplingParams(max_tokens=40, temperature=0))
-    assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+    # A completion cut by max_tokens in the middle of a character holds back its partial bytes.
+    assert c.text == tok.decode(c.token_ids, skip_special_tokens=True).rstrip("\ufffd")
     assert "\ufffd" not in c.text
 
 

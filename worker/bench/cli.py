@@ -1,0 +1,76 @@
+"""`npuserve bench ...` subcommands. Heavy imports stay inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add `bench` and its sub-subcommands to the root parser's subparsers."""
+    bench = subparsers.add_parser("bench", help="benchmarks that print results and write JSON")
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    engine = sub.add_parser(
+        "engine",
+        help="offline throughput: npuserve vs transformers, and batch-1 decode vs bandwidth",
+        description=(
+            "Run one seeded workload (prompts of 32-512 random tokens, 16-256 greedy output "
+            "tokens with EOS ignored) through npuserve's engine, transformers generate one "
+            "request at a time, and transformers generate in static batches; measure copy "
+            "bandwidth and npuserve's batch-1 decode time against the bandwidth floor."
+        ),
+    )
+    engine.add_argument("--model", required=True, help="HF-format checkpoint directory")
+    engine.add_argument(
+        "--quick",
+        action="store_true",
+        help="10 requests, max batch 5 (under 4 min for a 135M model)",
+    )
+    engine.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    engine.add_argument("--plot", metavar="OUT.png", help="write a PNG bar chart here")
+    engine.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
+    engine.add_argument("--max-batch", type=int, help="concurrent requests (default 16; quick 5)")
+    engine.add_argument("--requests", type=int, help="workload size (default 64; quick 10)")
+    engine.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    engine.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    engine.add_argument("--dtype", default="float32", help="weight dtype (default float32)")
+    engine.add_argument(
+        "--kv-cache-gb", type=float, default=1.0, help="npuserve KV cache budget (default 1.0)"
+    )
+    engine.set_defaults(handler=_engine)
+
+
+def _engine(args: argparse.Namespace) -> int:
+    from worker.bench import engine_bench, report
+
+    preset = engine_bench.QUICK if args.quick else engine_bench.FULL
+    requests = preset["requests"] if args.requests is None else args.requests
+    max_batch = preset["max_batch"] if args.max_batch is None else args.max_batch
+    if requests < 1 or max_batch < 1:
+        print("--requests and --max-batch must be >= 1", file=sys.stderr)
+        return 2
+    config = engine_bench.BenchConfig(
+        model_dir=args.model,
+        requests=requests,
+        max_batch=max_batch,
+        seed=args.seed,
+        threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
+        kv_cache_gb=args.kv_cache_gb,
+        decode_tokens=preset["decode_tokens"],
+        quick=args.quick,
+    )
+    results = engine_bench.run(config)
+    if args.json:
+        report.write_json(results, args.json)
+        log.info("wrote %s", args.json)
+    if args.plot:
+        report.plot(results, args.plot)
+        log.info("wrote %s", args.plot)
+    print(report.format_table(results))
+    return 0

@@ -1,0 +1,168 @@
+"""`npuserve bench engine`: one seeded workload, run by npuserve and by two transformers baselines.
+
+Everything runs in one process on one model with one torch thread count, so the ratios
+between the phases are the result (absolute times on a shared machine drift):
+
+1. bandwidth: best-of-N `dst.copy_(src)` of a 512 MiB buffer, read + write bytes counted;
+2. npuserve: the whole workload submitted at once, continuous batching up to `max_batch`,
+   then one request decoding alone, timed per step after warm-up;
+3. transformers `generate`, one request at a time;
+4. transformers `generate` in arrival-order static batches of `max_batch`, left-padded.
+
+Throughput is requested output tokens / wall time of the phase, prompts included; model
+loading and a short warm-up generate are not timed.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from worker.bench import bandwidth, hf_reference, npuserve_phase
+from worker.bench.report import Results
+from worker.bench.workload import (
+    OUTPUT_LEN_RANGE,
+    PROMPT_LEN_RANGE,
+    PhaseResult,
+    workload_for_model,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BenchConfig:
+    """Settings of one benchmark run; the CLI fills unset sizes from QUICK or FULL."""
+
+    model_dir: str
+    requests: int
+    """Number of requests in the workload."""
+    max_batch: int
+    """npuserve's max_num_seqs and the static batch size of the transformers baseline."""
+    seed: int = 0
+    """Seed of the workload (lengths and prompt tokens)."""
+    threads: int | None = None
+    """torch.set_num_threads for every phase; None keeps torch's default."""
+    device: str = "cpu"
+    dtype: str = "float32"
+    kv_cache_gb: float = 1.0
+    """KV cache budget handed to npuserve's engine."""
+    decode_warmup_tokens: int = 8
+    """Batch-1 decode: outputs produced (prefill included) before the timer starts."""
+    decode_tokens: int = 64
+    """Batch-1 decode: outputs timed after the warm-up."""
+    quick: bool = False
+
+
+QUICK = {"requests": 10, "max_batch": 5, "decode_tokens": 32}
+"""Sizes for --quick: every phase in full (no extrapolation), about 3.5 minutes for
+SmolLM2-135M fp32 on 2 shared cores with --threads 1; transformers one-at-a-time is half of it."""
+FULL = {"requests": 64, "max_batch": 16, "decode_tokens": 64}
+"""Default sizes."""
+
+
+@contextmanager
+def _bar(desc: str, total: int, unit: str = "tok") -> Iterator[tqdm]:
+    with tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar
+
+
+def _matches(a: PhaseResult, b: PhaseResult) -> int:
+    return sum(x == y for x, y in zip(a.outputs, b.outputs, strict=True))
+
+
+def run(config: BenchConfig) -> Results:
+    """Run every phase and return the flat results object that becomes the JSON file."""
+    import torch
+    import transformers
+
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    load_start = os.getloadavg()[0]
+    workload = workload_for_model(config.model_dir, config.requests, seed=config.seed)
+    first_prompt = workload.requests[0].prompt_ids
+
+    with _bar("copy bandwidth", 1, unit="run") as bar:
+        gb_s = bandwidth.measure_copy_bandwidth(device=config.device)
+        bar.update(1)
+
+    engine = npuserve_phase.load_engine(
+        config.model_dir,
+        device=config.device,
+        dtype=config.dtype,
+        max_batch=config.max_batch,
+        kv_cache_gb=config.kv_cache_gb,
+        threads=config.threads,
+    )
+    npuserve_phase.warm_up(engine, first_prompt)
+    with _bar("npuserve", workload.total_output_tokens) as bar:
+        ours = npuserve_phase.run_throughput(engine, workload, bar.update)
+    with _bar("npuserve batch-1 decode", config.decode_warmup_tokens + config.decode_tokens) as bar:
+        decode_ms = npuserve_phase.decode_ms_per_token(
+            engine,
+            first_prompt[:32],
+            warmup_tokens=config.decode_warmup_tokens,
+            measured_tokens=config.decode_tokens,
+            on_tokens=bar.update,
+        )
+    engine_bytes = npuserve_phase.weight_bytes(engine)
+    del engine
+    gc.collect()
+
+    model = hf_reference.load_hf_model(config.model_dir, config.dtype, config.device)
+    hf_bytes = bandwidth.decode_weight_bytes(model)
+    hf_reference.warm_up(model, first_prompt)
+    with _bar("transformers sequential", workload.total_output_tokens) as bar:
+        sequential = hf_reference.run_sequential(model, workload, bar.update)
+    with _bar(f"transformers batch {config.max_batch}", workload.total_output_tokens) as bar:
+        batched = hf_reference.run_static_batches(model, workload, config.max_batch, bar.update)
+    del model
+    gc.collect()
+
+    weight_bytes = engine_bytes if engine_bytes is not None else hf_bytes
+    floor_ms = bandwidth.floor_ms_per_token(weight_bytes, gb_s)
+    return {
+        "model": Path(config.model_dir).resolve().name,
+        "model_dir": str(config.model_dir),
+        "quick": config.quick,
+        "seed": config.seed,
+        "requests": config.requests,
+        "max_batch": config.max_batch,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_start": load_start,
+        "load_average_1m_end": os.getloadavg()[0],
+        "dtype": config.dtype,
+        "device": config.device,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "prompt_len_range": list(PROMPT_LEN_RANGE),
+        "output_len_range": list(OUTPUT_LEN_RANGE),
+        "total_prompt_tokens": workload.total_prompt_tokens,
+        "total_output_tokens": workload.total_output_tokens,
+        "npuserve_output_tokens_per_s": ours.tokens_per_s,
+        "npuserve_wall_s": ours.wall_s,
+        "hf_sequential_output_tokens_per_s": sequential.tokens_per_s,
+        "hf_sequential_wall_s": sequential.wall_s,
+        "hf_sequential_requests_measured": len(sequential.outputs),
+        "hf_batched_output_tokens_per_s": batched.tokens_per_s,
+        "hf_batched_wall_s": batched.wall_s,
+        "hf_batched_computed_tokens": batched.computed_tokens,
+        "speedup_vs_hf_sequential": ours.tokens_per_s / sequential.tokens_per_s,
+        "speedup_vs_hf_batched": ours.tokens_per_s / batched.tokens_per_s,
+        "decode_ms_per_token_batch1": decode_ms,
+        "decode_tokens_measured": config.decode_tokens,
+        "bandwidth_gb_s": gb_s,
+        "weight_bytes_per_decode_step": weight_bytes,
+        "weight_bytes_source": "engine" if engine_bytes is not None else "transformers",
+        "hf_weight_bytes_per_decode_step": hf_bytes,
+        "bandwidth_floor_ms_per_token": floor_ms,
+        "decode_vs_floor": decode_ms / floor_ms,
+        "npuserve_outputs_matching_hf_sequential": _matches(ours, sequential),
+        "hf_batched_outputs_matching_hf_sequential": _matches(batched, sequential),
+    }

@@ -1,0 +1,104 @@
+"""The npuserve side of the benchmark: continuous-batching throughput and batch-1 decode time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from preprocess.sampling_params import SamplingParams
+from worker.bench.workload import PhaseResult, Workload
+
+if TYPE_CHECKING:
+    from worker.engine.engine import Engine
+
+OnTokens = Callable[[int], None]
+"""Called with the number of new output tokens after each engine step."""
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def load_engine(
+    model_dir: str,
+    *,
+    device: str,
+    dtype: str,
+    max_batch: int,
+    kv_cache_gb: float,
+    threads: int | None,
+) -> Engine:
+    """npuserve's engine for the checkpoint, sized for `max_batch` concurrent requests."""
+    from worker.engine.engine import Engine, EngineConfig
+
+    config = EngineConfig(
+        device=device,
+        dtype=dtype,
+        max_num_seqs=max_batch,
+        max_num_batched_tokens=512,
+        kv_cache_gb=kv_cache_gb,
+        threads=threads,
+    )
+    return Engine.from_model_dir(model_dir, config)
+
+
+def warm_up(engine: Engine, prompt: Sequence[int]) -> None:
+    """One short request, so lazy initialisation is not charged to the timed phases."""
+    engine.generate([list(prompt[:16])], _greedy(4))
+
+
+def run_throughput(
+    engine: Engine, workload: Workload, on_tokens: OnTokens | None = None
+) -> PhaseResult:
+    """Submit the whole workload at once and let continuous batching schedule it."""
+    prompts = [r.prompt_ids for r in workload.requests]
+    params = [_greedy(r.max_new_tokens) for r in workload.requests]
+    start = time.perf_counter()
+    completions = engine.generate(prompts, params, progress=on_tokens)
+    wall = time.perf_counter() - start
+    outputs = [list(c.token_ids) for c in completions]
+    produced = sum(len(o) for o in outputs)
+    if produced != workload.total_output_tokens:
+        raise RuntimeError(
+            f"npuserve produced {produced} tokens, the workload asked for "
+            f"{workload.total_output_tokens}: ignore_eos or max_tokens was not honoured"
+        )
+    total = workload.total_output_tokens
+    return PhaseResult("npuserve", wall, total, total, outputs)
+
+
+def decode_ms_per_token(
+    engine: Engine,
+    prompt: Sequence[int],
+    *,
+    warmup_tokens: int,
+    measured_tokens: int,
+    on_tokens: OnTokens | None = None,
+) -> float:
+    """Milliseconds per output token of one request decoding alone, prefill excluded.
+
+    The engine's progress callback fires after every step, so the time between the step that
+    completed the first `warmup_tokens` outputs (prefill and the first decode steps) and the
+    last step, divided by the tokens produced in between, is the steady decode cost.
+    """
+    stamps: list[tuple[float, int]] = []  # (time, outputs so far) after each step
+
+    def progress(n: int) -> None:
+        done = (stamps[-1][1] if stamps else 0) + n
+        stamps.append((time.perf_counter(), done))
+        if on_tokens is not None:
+            on_tokens(n)
+
+    engine.generate([list(prompt)], _greedy(warmup_tokens + measured_tokens), progress=progress)
+    start = next((s for s in stamps if s[1] >= warmup_tokens), None)
+    end = stamps[-1]
+    if start is None or end[1] <= start[1]:
+        raise RuntimeError(f"batch-1 run produced {end[1]} tokens, too few to time decode")
+    return (end[0] - start[0]) / (end[1] - start[1]) * 1e3
+
+
+def weight_bytes(engine: Engine) -> int | None:
+    """The engine's own count of weight bytes read per decode step, if it offers one."""
+    count = getattr(engine, "weight_bytes", None)
+    return int(count()) if callable(count) else None

@@ -1,0 +1,111 @@
+"""Presenting an engine benchmark: the JSON file, the terminal table and the PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+Results = dict[str, Any]
+"""The flat JSON object `npuserve bench engine` writes; see engine_bench.run for the keys."""
+
+
+def write_json(results: Results, path: str | Path) -> None:
+    """Write the results, creating the parent folder when missing."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _threads(r: Results) -> str:
+    return f"{r['threads']} torch thread{'' if r['threads'] == 1 else 's'}"
+
+
+def format_table(r: Results) -> str:
+    """A short human summary; the ratios are the numbers to quote (absolute times drift)."""
+    rows = [
+        ("npuserve (continuous batching)", f"{r['npuserve_output_tokens_per_s']:.1f} tok/s", ""),
+        (
+            "transformers, one at a time",
+            f"{r['hf_sequential_output_tokens_per_s']:.1f} tok/s",
+            f"npuserve x{r['speedup_vs_hf_sequential']:.2f}",
+        ),
+        (
+            f"transformers, static batches of {r['max_batch']}",
+            f"{r['hf_batched_output_tokens_per_s']:.1f} tok/s",
+            f"npuserve x{r['speedup_vs_hf_batched']:.2f}",
+        ),
+        (
+            "npuserve batch-1 decode",
+            f"{r['decode_ms_per_token_batch1']:.2f} ms/tok",
+            f"{r['decode_vs_floor']:.2f}x the floor",
+        ),
+        (
+            f"bandwidth floor ({r['bandwidth_gb_s']:.1f} GB/s)",
+            f"{r['bandwidth_floor_ms_per_token']:.2f} ms/tok",
+            f"{r['weight_bytes_per_decode_step'] / 1e6:.0f} MB/step",
+        ),
+    ]
+    head = (
+        f"{r['model']}: {r['requests']} requests, {r['total_prompt_tokens']} prompt + "
+        f"{r['total_output_tokens']} output tokens, max batch {r['max_batch']}, "
+        f"{_threads(r)}, {r['dtype']} on {r['device']}"
+    )
+    width = max(len(name) for name, _, _ in rows)
+    lines = [head] + [f"  {name:<{width}}  {value:>14}  {note}" for name, value, note in rows]
+    lines.append(
+        f"  greedy outputs identical to transformers one-at-a-time: npuserve "
+        f"{r['npuserve_outputs_matching_hf_sequential']}/{r['requests']}, static batches "
+        f"{r['hf_batched_outputs_matching_hf_sequential']}/{r['requests']}"
+    )
+    # the start value is the only one free of this benchmark's own threads
+    if r["load_average_1m_start"] > 0.5 * (r["cpu_count"] or 1):
+        lines.append(
+            f"  note: load average {r['load_average_1m_start']:.1f} on {r['cpu_count']} CPUs "
+            "before the run: other processes shared the cores, and torch threads that wait on "
+            "each other slow down badly then (try --threads 1)"
+        )
+    return "\n".join(lines)
+
+
+def plot(r: Results, path: str | Path) -> None:
+    """Two panels: the three throughputs, and batch-1 decode time against its floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), width_ratios=(3, 2))
+    names = [
+        "npuserve\ncontinuous",
+        "transformers\nsequential",
+        f"transformers\nbatch {r['max_batch']}",
+    ]
+    values = [
+        r["npuserve_output_tokens_per_s"],
+        r["hf_sequential_output_tokens_per_s"],
+        r["hf_batched_output_tokens_per_s"],
+    ]
+    bars = left.bar(names, values, color=["tab:blue", "tab:gray", "tab:orange"])
+    left.bar_label(bars, fmt="%.1f")
+    left.set_ylabel("output tokens / s")
+    left.set_title(f"Throughput, {r['requests']} requests")
+
+    decode = [r["decode_ms_per_token_batch1"], r["bandwidth_floor_ms_per_token"]]
+    bars = right.bar(
+        ["npuserve\nbatch-1 decode", "bandwidth\nfloor"], decode, color=["tab:blue", "tab:green"]
+    )
+    right.bar_label(bars, fmt="%.2f")
+    right.set_ylabel("ms / token")
+    right.set_title(
+        f"Decode: {r['decode_vs_floor']:.2f}x the floor ({r['bandwidth_gb_s']:.1f} GB/s)"
+    )
+
+    fig.suptitle(
+        f"{r['model']} · {r['dtype']} · {r['device']} · {_threads(r)} · torch {r['torch_version']}"
+    )
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
