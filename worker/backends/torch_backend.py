@@ -115,17 +115,21 @@ class TorchBackend(Backend):
             return StepResult(logits=None)
         return StepResult(logits=compute_logits(self.weights, hidden[torch.tensor(rows, device=dev)]))
 
-    def _metadata(self, ordered: list[SequenceChunk], slots: list[int]) -> AttentionMetadata:
+    def _metadata(self, ordered: list[SequenceChunk], slot_list: list[int]) -> AttentionMetadata:
         dev, bs = self.device, self.cache.block_size
         decodes = [c for c in ordered if c.is_decode]
-        decode_slots = decode_bias = None
+        decode_rows = decode_bias = None
+        decode_ctx = 0
         if decodes:
             lens = torch.tensor([c.start_pos + 1 for c in decodes])
             width = max(len(c.block_table) for c in decodes)
             tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table))
                                    for c in decodes])
-            pos = torch.arange(int(lens.max()))
-            decode_slots = (tables[:, pos // bs] * bs + pos % bs).to(dev)  # [n, ctx]
+            decode_ctx = int(lens.max())
+            pos = torch.arange(decode_ctx)
+            slots = tables[:, pos // bs] * bs + pos % bs  # [n, ctx]
+            heads = torch.arange(self.model_config.num_key_value_heads)[:, None, None]
+            decode_rows = (heads * self.cache.num_slots + slots[None]).reshape(-1).to(dev)
             pad = pos[None, :] >= lens[:, None]
             decode_bias = torch.zeros(pad.shape, dtype=self.dtype).masked_fill_(pad, -torch.inf)
             decode_bias = decode_bias[:, None, None, :].to(dev)
@@ -144,9 +148,10 @@ class TorchBackend(Backend):
             prefills.append(seg)
             start = end
         return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=dev),
+            slot_mapping=torch.tensor(slot_list, device=dev),
             num_decodes=len(decodes),
-            decode_slots=decode_slots,
+            decode_rows=decode_rows,
+            decode_ctx=decode_ctx,
             decode_bias=decode_bias,
             prefills=prefills,
         )

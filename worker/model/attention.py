@@ -16,14 +16,19 @@ import torch.nn.functional as F
 
 
 class KVCache:
-    """Keys and values of every layer: [layers, 2, slots, kv_heads, head_dim]."""
+    """Keys and values of every layer: [layers, 2, kv_heads, slots, head_dim].
+
+    Head-major, so that gathering a batch's context gives [KVH, n, ctx, D] directly: attention
+    then batches over (kv head, sequence) with no further copy of the keys or values.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.num_slots = num_blocks * block_size
         self.data = torch.zeros(
-            num_layers, 2, num_blocks * block_size, kv_heads, head_dim, dtype=dtype, device=device
+            num_layers, 2, kv_heads, num_blocks * block_size, head_dim, dtype=dtype, device=device
         )
 
     @staticmethod
@@ -33,8 +38,8 @@ class KVCache:
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """k, v: [T, kv_heads, D] written at slots [T]."""
-        self.data[layer, 0].index_copy_(0, slots, k)
-        self.data[layer, 1].index_copy_(0, slots, v)
+        self.data[layer, 0].index_copy_(1, slots, k.transpose(0, 1))
+        self.data[layer, 1].index_copy_(1, slots, v.transpose(0, 1))
 
 
 @dataclass(slots=True)
@@ -55,8 +60,11 @@ class AttentionMetadata:
     """[T] cache slot of every token of the step."""
     num_decodes: int
     """The first num_decodes tokens each belong to a different decoding request."""
-    decode_slots: torch.Tensor | None
-    """[num_decodes, max_ctx] slots of each decode's context, padded with slot 0."""
+    decode_rows: torch.Tensor | None
+    """[kv_heads * num_decodes * max_ctx] rows of a layer's [kv_heads * slots, D] cache view
+    holding each decode's context, head-major, padded with row 0."""
+    decode_ctx: int
+    """max_ctx: the padded context length of the decodes."""
     decode_bias: torch.Tensor | None
     """[num_decodes, 1, 1, max_ctx] 0 for real context positions, -inf for padding."""
     prefills: list[PrefillSegment]
@@ -66,11 +74,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
                     layer: int, meta: AttentionMetadata) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] for the step's tokens (already stored) -> [T, H, D]."""
     out = torch.empty_like(q)
-    keys, values = cache.data[layer, 0], cache.data[layer, 1]  # [slots, KVH, D]
+    keys, values = cache.data[layer, 0], cache.data[layer, 1]  # [KVH, slots, D]
     n = meta.num_decodes
     if n:
-        assert meta.decode_slots is not None and meta.decode_bias is not None
-        out[:n] = _decode_attention(q[:n], keys, values, meta.decode_slots, meta.decode_bias)
+        assert meta.decode_rows is not None and meta.decode_bias is not None
+        out[:n] = _decode_attention(q[:n], keys, values, meta.decode_rows, meta.decode_ctx,
+                                    meta.decode_bias)
     for seg in meta.prefills:
         sq = q[seg.start:seg.end].transpose(0, 1)  # [H, chunk, D]
         if seg.context_slots is None:
@@ -78,25 +87,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
             sv = v[seg.start:seg.end].transpose(0, 1)
             o = F.scaled_dot_product_attention(sq, sk, sv, is_causal=True, enable_gqa=True)
         else:
-            sk = keys.index_select(0, seg.context_slots).transpose(0, 1)  # [KVH, ctx, D]
-            sv = values.index_select(0, seg.context_slots).transpose(0, 1)
+            sk = keys.index_select(1, seg.context_slots)  # [KVH, ctx, D]
+            sv = values.index_select(1, seg.context_slots)
             o = F.scaled_dot_product_attention(sq, sk, sv, attn_mask=seg.mask, enable_gqa=True)
         out[seg.start:seg.end] = o.transpose(0, 1)
     return out
 
 
 def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      slots: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+                      rows: torch.Tensor, ctx: int, bias: torch.Tensor) -> torch.Tensor:
     """One query per sequence: two batched matmuls, which beat a flash kernel at q_len 1 on CPU.
 
-    q: [n, H, D]; slots: [n, ctx]; bias: [n, 1, 1, ctx] (0 or -inf) -> [n, H, D].
+    q: [n, H, D]; keys, values: [KVH, slots, D]; rows: [KVH * n * ctx]; bias: [n, 1, 1, ctx]
+    (0 or -inf) -> [n, H, D]. The gather is the only copy of the context.
     """
     n, heads, dim = q.shape
-    kv_heads = keys.shape[1]
-    ctx = slots.shape[1]
-    flat = slots.reshape(-1)
-    k = keys.index_select(0, flat).view(n, ctx, kv_heads, dim).permute(0, 2, 3, 1)  # [n,KVH,D,ctx]
-    v = values.index_select(0, flat).view(n, ctx, kv_heads, dim).transpose(1, 2)  # [n,KVH,ctx,D]
-    qg = q.view(n, kv_heads, heads // kv_heads, dim) * dim**-0.5  # [n, KVH, G, D]
-    scores = torch.matmul(qg, k) + bias  # [n, KVH, G, ctx]
-    return torch.matmul(scores.softmax(dim=-1), v).view(n, heads, dim)
+    kv_heads = keys.shape[0]
+    k = keys.view(-1, dim).index_select(0, rows).view(kv_heads, n, ctx, dim)
+    v = values.view(-1, dim).index_select(0, rows).view(kv_heads, n, ctx, dim)
+    qg = (q * dim**-0.5).view(n, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [KVH,n,G,D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)) + bias.transpose(0, 1)  # [KVH, n, G, ctx]
+    out = torch.matmul(scores.softmax(dim=-1), v)  # [KVH, n, G, D]
+    return out.transpose(0, 1).reshape(n, heads, dim)

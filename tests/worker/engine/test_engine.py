@@ -146,7 +146,7 @@ def test_preempted_requests_resume_and_finish_with_the_same_tokens(tiny_qwen3: P
     roomy = Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=0.05))
     expected = [c.token_ids for c in roomy.generate(prompts, params)]
     # 16 blocks of 16 tokens: four requests of 70 tokens need 20, so some must be preempted.
-    per_block = roomy.backend.cache.data[:, :, :16].nbytes
+    per_block = roomy.backend.kv_cache_bytes() // roomy.backend.capacity.num_blocks
     tight = Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=16 * per_block / 2**30))
     assert tight.backend.capacity.num_blocks == 16
     tight_ids = [tight.add_request(p, params) for p in prompts]
