@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from common.errors import InvalidRequestError
@@ -32,6 +33,9 @@ class EngineConfig:
     """Cap on prompt + completion tokens; None means the model's context length."""
     threads: int | None = None
     """CPU threads for torch; None keeps torch's default."""
+    cpu_packed_weights: bool = True
+    """On CPU, keep a oneDNN-packed second copy of each projection for steps of 3+ tokens:
+    2-3x faster batched decode, 20% faster prefill, twice the weight memory."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -43,3 +47,70 @@ class EngineConfig:
             raise InvalidRequestError("kv_cache_gb", "must be > 0")
         if not 0 < self.kv_cache_fraction <= 1:
             raise InvalidRequestError("kv_cache_fraction", "must be in (0, 1]")
+
+
+def env(name: str, default: str) -> str:
+    """NPUSERVE_<name> from the environment, else default: CLI flags take their defaults here."""
+    return os.environ.get(f"NPUSERVE_{name}", default)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL (redis://[:password@]host:port/db, or rediss:// for TLS)."""
+    prefix: str = "npuserve:"
+    """Prefix of every key, so several deployments can share one Redis."""
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    redis: RedisConfig = RedisConfig()
+    listen: str = "0.0.0.0:50051"
+    """host:port the gRPC server binds."""
+    gateway_id: str = ""
+    """Name of this gateway's reply stream; empty picks a unique one at start."""
+    max_queued_per_model: int = 1024
+    """Queue bound per model; beyond it Generate fails with RESOURCE_EXHAUSTED."""
+    max_streams: int = 512
+    """Concurrent Generate/Chat streams this gateway serves; beyond it RESOURCE_EXHAUSTED."""
+    default_max_tokens: int = 256
+    """max_tokens when a request leaves it at 0."""
+    max_tokens_limit: int = 8192
+    """Largest max_tokens a request may ask for."""
+    request_ttl_s: int = 3600
+    """Lifetime of a request's keys in Redis when nothing else removes them."""
+    metrics_port: int = 0
+    """Prometheus /metrics port; 0 disables."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_queued_per_model", "max_streams", "default_max_tokens",
+                     "max_tokens_limit", "request_ttl_s"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(name, "must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    model_dir: str
+    """Hugging Face model directory to serve."""
+    model_name: str = ""
+    """Name clients use in `model`; empty uses the directory's name."""
+    backend: str = "torch"
+    engine: EngineConfig = EngineConfig()
+    redis: RedisConfig = RedisConfig()
+    worker_id: str = ""
+    """Empty picks host-pid-random."""
+    lease_ms: int = 15000
+    """A claimed request goes back to the queue if its worker does not renew within this."""
+    heartbeat_s: float = 2.0
+    """Registration refresh period; the registration expires after three missed beats."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM: time to finish running requests before handing the rest back."""
+    metrics_port: int = 0
+    """Prometheus /metrics port; 0 disables."""
+
+    def __post_init__(self) -> None:
+        if self.lease_ms < 1000:
+            raise InvalidRequestError("lease_ms", "must be >= 1000")
+        if self.heartbeat_s <= 0 or self.drain_timeout_s < 0:
+            raise InvalidRequestError("heartbeat_s", "heartbeat must be > 0, drain >= 0")

@@ -53,7 +53,8 @@ class TorchBackend(Backend):
         self.model_config = cfg = ModelConfig.from_dir(model_dir)
         self.device = resolve_device(config.device)
         self.dtype = getattr(torch, config.dtype)
-        self.weights = load_weights(model_dir, cfg, self.dtype, self.device)
+        self.weights = load_weights(model_dir, cfg, self.dtype, self.device,
+                                    pack=config.cpu_packed_weights)
         max_len = min(cfg.max_position_embeddings, config.max_model_len or 1 << 30)
         self.rope = RotaryEmbedding(cfg, max_len, self.device, self.dtype)
 

@@ -26,7 +26,7 @@ def format_table(r: Results) -> str:
     rows = [
         ("npuserve (continuous batching)", f"{r['npuserve_output_tokens_per_s']:.1f} tok/s", ""),
         (
-            "transformers, one at a time",
+            f"transformers, one at a time ({r['hf_sequential_requests_measured']} requests)",
             f"{r['hf_sequential_output_tokens_per_s']:.1f} tok/s",
             f"npuserve x{r['speedup_vs_hf_sequential']:.2f}",
         ),
@@ -55,8 +55,9 @@ def format_table(r: Results) -> str:
     lines = [head] + [f"  {name:<{width}}  {value:>14}  {note}" for name, value, note in rows]
     lines.append(
         f"  greedy outputs identical to transformers one-at-a-time: npuserve "
-        f"{r['npuserve_outputs_matching_hf_sequential']}/{r['requests']}, static batches "
-        f"{r['hf_batched_outputs_matching_hf_sequential']}/{r['requests']}"
+        f"{r['npuserve_outputs_matching_hf_sequential']}/{r['hf_sequential_requests_measured']}, "
+        f"static batches {r['hf_batched_outputs_matching_hf_sequential']}/"
+        f"{r['hf_sequential_requests_measured']}"
     )
     # the start value is the only one free of this benchmark's own threads
     if r["load_average_1m_start"] > 0.5 * (r["cpu_count"] or 1):

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from common.errors import ModelConfigError
 from worker.model.config import ModelConfig
-from worker.model.linear import Projection
+from worker.model.linear import Projection, can_pack
 
 
 @dataclass(slots=True)
@@ -77,9 +77,15 @@ class _TensorSource:
 
 
 def load_weights(
-    model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device
+    model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+    pack: bool = True,
 ) -> ModelWeights:
+    """pack: also keep oneDNN-packed copies of the projections on CPU (see linear.py)."""
     src = _TensorSource(Path(model_dir))
+    pack = pack and can_pack(device)
+
+    def proj(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Projection:
+        return Projection(weight, bias, pack)
 
     def get(name: str) -> torch.Tensor:
         return src.get(name).to(device=device, dtype=dtype).contiguous()
@@ -94,19 +100,19 @@ def load_weights(
         layers.append(
             LayerWeights(
                 input_norm=get(p + "input_layernorm.weight"),
-                qkv=Projection(
+                qkv=proj(
                     cat(*(f"{attn}{x}_proj.weight" for x in "qkv")),
                     cat(*(f"{attn}{x}_proj.bias" for x in "qkv")) if config.qkv_bias else None,
                 ),
                 q_norm=get(attn + "q_norm.weight") if config.qk_norm else None,
                 k_norm=get(attn + "k_norm.weight") if config.qk_norm else None,
-                o_proj=Projection(get(attn + "o_proj.weight")),
+                o_proj=proj(get(attn + "o_proj.weight")),
                 post_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=Projection(cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")),
-                down=Projection(get(p + "mlp.down_proj.weight")),
+                gate_up=proj(cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")),
+                down=proj(get(p + "mlp.down_proj.weight")),
             )
         )
     embed = get("model.embed_tokens.weight")
     tied = config.tie_word_embeddings or "lm_head.weight" not in src
-    lm_head = Projection(embed if tied else get("lm_head.weight"))
+    lm_head = proj(embed if tied else get("lm_head.weight"))
     return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)

@@ -1,0 +1,63 @@
+"""Every Redis key npuserve uses, in one place, under one configurable prefix.
+
+| key                     | type   | holds                                                     |
+| ----------------------- | ------ | --------------------------------------------------------- |
+| q:{model}               | ZSET   | queued request ids; score = priority * 1e13 - enqueue_ms  |
+| req:{id}                | HASH   | the request: payload (JSON), model, gateway, score, ...   |
+| toks:{id}               | LIST   | tokens already published, so a re-queued request resumes  |
+| lease:{model}           | ZSET   | claimed request ids; score = lease expiry (ms)            |
+| replies:{gateway}       | STREAM | token events for every request of one gateway             |
+| cancel:{id}             | STRING | present (with a TTL) once a running request is cancelled  |
+| wake:{model}            | LIST   | a nudge per enqueue, so idle workers block instead of poll |
+| worker:{id}             | HASH   | a worker's registration; expires unless heartbeated       |
+| workers                 | ZSET   | worker ids; score = last heartbeat (ms)                   |
+| model:{model}           | HASH   | tokenizer files and limits, published by its workers      |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "npuserve:"
+
+    def queue(self, model: str) -> str:
+        return f"{self.prefix}q:{model}"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}req:{request_id}"
+
+    def tokens(self, request_id: str) -> str:
+        return f"{self.prefix}toks:{request_id}"
+
+    def leases(self, model: str) -> str:
+        return f"{self.prefix}lease:{model}"
+
+    def replies(self, gateway_id: str) -> str:
+        return f"{self.prefix}replies:{gateway_id}"
+
+    def cancel(self, request_id: str) -> str:
+        return f"{self.prefix}cancel:{request_id}"
+
+    def wake(self, model: str) -> str:
+        return f"{self.prefix}wake:{model}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}worker:{worker_id}"
+
+    def workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    def model(self, model: str) -> str:
+        return f"{self.prefix}model:{model}"
+
+
+PRIORITY_SCALE = 10**13
+"""score = priority * PRIORITY_SCALE - enqueue_ms: ZPOPMAX takes the highest priority, and
+within one priority the oldest. Integers below 2^53 stay exact in Redis' doubles."""
+
+
+def queue_score(priority: int, enqueue_ms: int) -> int:
+    return priority * PRIORITY_SCALE - enqueue_ms

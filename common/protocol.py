@@ -1,0 +1,118 @@
+"""What travels through Redis between gateways and workers, and how it is encoded.
+
+A queued request is a hash of string fields (req:{id}); a worker's replies for one gateway
+are one stream entry per engine step, whose field `e` holds a JSON list of events.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from preprocess.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class QueuedRequest:
+    request_id: str
+    model: str
+    gateway_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    enqueue_ms: int = 0
+    deadline_ms: int = 0
+    """Absolute wall-clock deadline in ms since the epoch; 0 means none."""
+    published_ids: list[int] = field(default_factory=list)
+    """Tokens already streamed by an earlier worker (set when a request is resumed)."""
+
+    def to_fields(self, score: int) -> dict[str, str]:
+        params = asdict(self.params)
+        return {
+            "id": self.request_id,
+            "model": self.model,
+            "gateway": self.gateway_id,
+            "prompt": json.dumps(self.prompt_ids),
+            "params": json.dumps(params),
+            "priority": str(self.priority),
+            "enqueue_ms": str(self.enqueue_ms),
+            "deadline_ms": str(self.deadline_ms),
+            "score": str(score),
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, str], published: list[int] | None = None
+                    ) -> QueuedRequest:
+        raw = json.loads(fields["params"])
+        raw["stop"] = tuple(raw.get("stop", ()))
+        raw["stop_token_ids"] = tuple(raw.get("stop_token_ids", ()))
+        return cls(
+            request_id=fields["id"],
+            model=fields["model"],
+            gateway_id=fields["gateway"],
+            prompt_ids=json.loads(fields["prompt"]),
+            params=SamplingParams(**raw),
+            priority=int(fields.get("priority", "0")),
+            enqueue_ms=int(fields.get("enqueue_ms", "0")),
+            deadline_ms=int(fields.get("deadline_ms", "0")),
+            published_ids=list(published or []),
+        )
+
+
+@dataclass(slots=True)
+class ReplyEvent:
+    """One token of one request, or a request's end without a token (error, cancellation)."""
+
+    request_id: str
+    index: int
+    """Position in the completion; -1 for an event that carries no token."""
+    token_id: int = -1
+    text: str = ""
+    logprob: float | None = None
+    finish_reason: str = ""
+    """stop, length, cancelled, deadline or error on the request's last event."""
+    error: str = ""
+    prompt_tokens: int = 0
+    """Usage, on the last event."""
+    completion_tokens: int = 0
+    queue_ms: int = -1
+    """Time from enqueue to the first claim, on index 0."""
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"id": self.request_id, "i": self.index}
+        if self.token_id >= 0:
+            out["t"] = self.token_id
+        if self.text:
+            out["x"] = self.text
+        if self.logprob is not None:
+            out["lp"] = self.logprob
+        if self.finish_reason:
+            out.update(f=self.finish_reason, pt=self.prompt_tokens, ct=self.completion_tokens)
+        if self.error:
+            out["err"] = self.error
+        if self.queue_ms >= 0:
+            out["qw"] = self.queue_ms
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, object]) -> ReplyEvent:
+        return cls(
+            request_id=str(raw["id"]),
+            index=int(raw["i"]),  # type: ignore[call-overload]
+            token_id=int(raw.get("t", -1)),  # type: ignore[call-overload]
+            text=str(raw.get("x", "")),
+            logprob=float(raw["lp"]) if "lp" in raw else None,  # type: ignore[arg-type]
+            finish_reason=str(raw.get("f", "")),
+            error=str(raw.get("err", "")),
+            prompt_tokens=int(raw.get("pt", 0)),  # type: ignore[call-overload]
+            completion_tokens=int(raw.get("ct", 0)),  # type: ignore[call-overload]
+            queue_ms=int(raw.get("qw", -1)),  # type: ignore[call-overload]
+        )
+
+
+def encode_events(events: list[ReplyEvent]) -> str:
+    return json.dumps([e.to_json() for e in events], ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_events(payload: str | bytes) -> list[ReplyEvent]:
+    return [ReplyEvent.from_json(raw) for raw in json.loads(payload)]

@@ -1,0 +1,108 @@
+"""The multi-step queue operations, each one atomic Lua script.
+
+Scripts take explicit KEYS where the key is known up front; per-request keys reached while
+popping (req:, toks:, cancel:) are built inside the script from the prefix, so npuserve runs on
+one Redis (or a primary with replicas), not on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+ENQUEUE = """
+-- KEYS: queue, req, wake   ARGV: id, score, max_queued, ttl_s, field, value, ...
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local bound = tonumber(ARGV[3])
+if bound > 0 and redis.call('ZCARD', KEYS[1]) >= bound then return 0 end
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('LPUSH', KEYS[3], '1')
+redis.call('LTRIM', KEYS[3], 0, 63)
+return 1
+"""
+"""1 queued, 0 queue full, -1 the id is already in flight."""
+
+CLAIM = """
+-- KEYS: queue, leases   ARGV: n, now_ms, lease_ms, worker_id, prefix
+-- Pops up to n runnable requests, highest score first; cancelled or expired ones are dropped.
+local out = {}
+local n, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+while #out < n do
+  local popped = redis.call('ZPOPMAX', KEYS[1])
+  if #popped == 0 then break end
+  local id = popped[1]
+  local req = ARGV[5] .. 'req:' .. id
+  local toks = ARGV[5] .. 'toks:' .. id
+  local fields = redis.call('HGETALL', req)
+  if #fields > 0 then
+    local deadline = tonumber(redis.call('HGET', req, 'deadline_ms') or '0') or 0
+    if redis.call('EXISTS', ARGV[5] .. 'cancel:' .. id) == 1
+        or (deadline > 0 and deadline <= now) then
+      redis.call('DEL', req, toks)
+    else
+      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), id)
+      redis.call('HSET', req, 'worker', ARGV[4])
+      table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1)})
+    end
+  end
+end
+return out
+"""
+"""[[id, [field, value, ...], [published token, ...]], ...]"""
+
+REQUEUE = """
+-- KEYS: queue, leases, wake   ARGV: prefix, id, ...
+-- Hands leased requests back to the queue with their original score (drain, expired lease).
+local done = 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local req = ARGV[1] .. 'req:' .. id
+  redis.call('ZREM', KEYS[2], id)
+  local score = redis.call('HGET', req, 'score')
+  if score then
+    redis.call('HDEL', req, 'worker')
+    redis.call('ZADD', KEYS[1], score, id)
+    done = done + 1
+  end
+end
+if done > 0 then
+  redis.call('LPUSH', KEYS[3], '1')
+  redis.call('LTRIM', KEYS[3], 0, 63)
+end
+return done
+"""
+
+REAP = """
+-- KEYS: leases, queue, wake   ARGV: now_ms, prefix
+-- Re-queues every request whose lease expired (its worker died or stalled).
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local done = 0
+for _, id in ipairs(expired) do
+  redis.call('ZREM', KEYS[1], id)
+  local req = ARGV[2] .. 'req:' .. id
+  local score = redis.call('HGET', req, 'score')
+  if score then
+    redis.call('HDEL', req, 'worker')
+    redis.call('ZADD', KEYS[2], score, id)
+    done = done + 1
+  end
+end
+if done > 0 then
+  redis.call('LPUSH', KEYS[3], '1')
+  redis.call('LTRIM', KEYS[3], 0, 63)
+end
+return done
+"""
+
+CANCEL = """
+-- KEYS: queue, req, toks, cancel   ARGV: id, cancel_ttl_s
+-- 1: removed from the queue; 2: running, flagged for its worker; 0: unknown or finished.
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return 1
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('SET', KEYS[4], '1', 'EX', tonumber(ARGV[2]))
+  return 2
+end
+return 0
+"""
