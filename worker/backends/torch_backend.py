@@ -129,11 +129,12 @@ class TorchBackend(Backend):
             decode_ctx = int(lens.max())
             pos = torch.arange(decode_ctx)
             slots = tables[:, pos // bs] * bs + pos % bs  # [n, ctx]
-            heads = torch.arange(self.model_config.num_key_value_heads)[:, None, None]
+            kv_heads = self.model_config.num_key_value_heads
+            heads = torch.arange(2 * kv_heads)[:, None, None]  # keys' heads, then values'
             decode_rows = (heads * self.cache.num_slots + slots[None]).reshape(-1).to(dev)
-            pad = pos[None, :] >= lens[:, None]
-            decode_bias = torch.zeros(pad.shape, dtype=self.dtype).masked_fill_(pad, -torch.inf)
-            decode_bias = decode_bias[:, None, None, :].to(dev)
+            pad = pos[None, :] >= lens[:, None]  # [n, ctx]
+            bias = torch.zeros(pad.shape, dtype=self.dtype).masked_fill_(pad, -torch.inf)
+            decode_bias = bias.repeat(kv_heads, 1)[:, None, :].to(dev)  # [KVH * n, 1, ctx]
         prefills = []
         start = len(decodes)
         for c in ordered[len(decodes):]:

@@ -61,25 +61,30 @@ class AttentionMetadata:
     num_decodes: int
     """The first num_decodes tokens each belong to a different decoding request."""
     decode_rows: torch.Tensor | None
-    """[kv_heads * num_decodes * max_ctx] rows of a layer's [kv_heads * slots, D] cache view
-    holding each decode's context, head-major, padded with row 0."""
+    """[2 * kv_heads * num_decodes * max_ctx] rows of a layer's [2 * kv_heads * slots, D] cache
+    view holding each decode's keys then values, head-major, padded with row 0."""
     decode_ctx: int
     """max_ctx: the padded context length of the decodes."""
     decode_bias: torch.Tensor | None
-    """[num_decodes, 1, 1, max_ctx] 0 for real context positions, -inf for padding."""
+    """[kv_heads * num_decodes, 1, max_ctx] 0 for real context positions, -inf for padding."""
     prefills: list[PrefillSegment]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
                     layer: int, meta: AttentionMetadata) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] for the step's tokens (already stored) -> [T, H, D]."""
-    out = torch.empty_like(q)
-    keys, values = cache.data[layer, 0], cache.data[layer, 1]  # [KVH, slots, D]
     n = meta.num_decodes
+    decoded = None
     if n:
         assert meta.decode_rows is not None and meta.decode_bias is not None
-        out[:n] = _decode_attention(q[:n], keys, values, meta.decode_rows, meta.decode_ctx,
+        decoded = _decode_attention(q[:n], cache.data[layer], meta.decode_rows, meta.decode_ctx,
                                     meta.decode_bias)
+        if not meta.prefills:
+            return decoded
+    out = torch.empty_like(q)
+    if decoded is not None:
+        out[:n] = decoded
+    keys, values = cache.data[layer, 0], cache.data[layer, 1]  # [KVH, slots, D]
     for seg in meta.prefills:
         sq = q[seg.start:seg.end].transpose(0, 1)  # [H, chunk, D]
         if seg.context_slots is None:
@@ -94,18 +99,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
     return out
 
 
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      rows: torch.Tensor, ctx: int, bias: torch.Tensor) -> torch.Tensor:
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Tensor, ctx: int,
+                      bias: torch.Tensor) -> torch.Tensor:
     """One query per sequence: two batched matmuls, which beat a flash kernel at q_len 1 on CPU.
 
-    q: [n, H, D]; keys, values: [KVH, slots, D]; rows: [KVH * n * ctx]; bias: [n, 1, 1, ctx]
-    (0 or -inf) -> [n, H, D]. The gather is the only copy of the context.
+    q: [n, H, D]; kv_cache: [2, KVH, slots, D]; rows: [2 * KVH * n * ctx]; bias:
+    [KVH * n, 1, ctx] (0 or -inf) -> [n, H, D]. One gather is the only copy of the context.
     """
     n, heads, dim = q.shape
-    kv_heads = keys.shape[0]
-    k = keys.view(-1, dim).index_select(0, rows).view(kv_heads, n, ctx, dim)
-    v = values.view(-1, dim).index_select(0, rows).view(kv_heads, n, ctx, dim)
-    qg = (q * dim**-0.5).view(n, kv_heads, heads // kv_heads, dim).transpose(0, 1)  # [KVH,n,G,D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)) + bias.transpose(0, 1)  # [KVH, n, G, ctx]
-    out = torch.matmul(scores.softmax(dim=-1), v)  # [KVH, n, G, D]
-    return out.transpose(0, 1).reshape(n, heads, dim)
+    kv_heads = kv_cache.shape[1]
+    group = heads // kv_heads
+    kv = kv_cache.view(-1, dim).index_select(0, rows).view(2, kv_heads * n, ctx, dim)
+    qg = q.view(n, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads * n, group, dim)
+    scores = torch.baddbmm(bias, qg, kv[0].transpose(1, 2), alpha=dim**-0.5)  # [KVH*n, G, ctx]
+    out = torch.bmm(scores.softmax(dim=-1), kv[1])  # [KVH*n, G, D]
+    return out.view(kv_heads, n, group, dim).transpose(0, 1).reshape(n, heads, dim)

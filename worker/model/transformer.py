@@ -36,15 +36,16 @@ def _attention(cfg: ModelConfig, layer: LayerWeights, x: torch.Tensor,
                cos_sin: tuple[torch.Tensor, torch.Tensor], cache: KVCache, index: int,
                meta: AttentionMetadata) -> torch.Tensor:
     t = x.shape[0]
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     qkv = layer.qkv(x)  # [T, q + 2kv]
-    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-    q = q.view(t, cfg.num_attention_heads, cfg.head_dim)
-    k = k.view(t, cfg.num_key_value_heads, cfg.head_dim)
-    v = v.view(t, cfg.num_key_value_heads, cfg.head_dim)
+    qk = qkv[:, :cfg.q_size + cfg.kv_size].view(t, heads + kv_heads, cfg.head_dim)
+    v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, kv_heads, cfg.head_dim)
     if layer.q_norm is not None and layer.k_norm is not None:
-        q = F.rms_norm(q, (cfg.head_dim,), layer.q_norm, cfg.rms_norm_eps)
-        k = F.rms_norm(k, (cfg.head_dim,), layer.k_norm, cfg.rms_norm_eps)
-    q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        qk = torch.cat([F.rms_norm(qk[:, :heads], (cfg.head_dim,), layer.q_norm, cfg.rms_norm_eps),
+                        F.rms_norm(qk[:, heads:], (cfg.head_dim,), layer.k_norm, cfg.rms_norm_eps)],
+                       dim=1)
+    qk = apply_rope(qk, *cos_sin)  # q and k heads rotated together: [T, H + KVH, D]
+    q, k = qk[:, :heads], qk[:, heads:]
     cache.store(index, k, v, meta.slot_mapping)
     o = paged_attention(q, k, v, cache, index, meta)  # [T, H, D]
     return layer.o_proj(o.reshape(t, cfg.q_size))
