@@ -46,7 +46,8 @@ def free_memory_bytes(device: torch.device) -> int:
 class TorchBackend(Backend):
     name = "torch"
 
-    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig()) -> None:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config

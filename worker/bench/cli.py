@@ -28,13 +28,13 @@ def register(subparsers: Any) -> None:
     engine.add_argument(
         "--quick",
         action="store_true",
-        help="32 requests, max batch 8, one-at-a-time baseline on every 4th "
+        help="32 requests, max batch 16, one-at-a-time baseline on every 4th "
         "(under 4 min for a 135M model)",
     )
     engine.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     engine.add_argument("--plot", metavar="OUT.png", help="write a PNG bar chart here")
     engine.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
-    engine.add_argument("--max-batch", type=int, help="concurrent requests (default 16; quick 8)")
+    engine.add_argument("--max-batch", type=int, help="concurrent requests (default 16; quick 16)")
     engine.add_argument("--requests", type=int, help="workload size (default 64; quick 32)")
     engine.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     engine.add_argument("--device", default="cpu", help="torch device (default cpu)")

@@ -22,7 +22,7 @@ from worker.backends.base import Backend, OutputKind, SequenceChunk
 from worker.backends.registry import create_backend
 from worker.engine.outputs import Completion, TokenEvent
 from worker.engine.request import Request, RequestStatus
-from worker.engine.sampler import SampleRow, Sampler, make_generator
+from worker.engine.sampler import Sampler, SampleRow, make_generator
 from worker.engine.scheduler import Scheduler, SchedulerOutput
 from worker.engine.stop_strings import split_at_stop
 from worker.model.config import ModelConfig
@@ -40,14 +40,14 @@ class Engine:
         self._eos = frozenset(self.model_config.eos_token_ids)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(),
+    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
                        backend: str = "torch") -> Engine:
         from preprocess.tokenizer import load_tokenizer
 
         tokenizer = None
         if any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             tokenizer = load_tokenizer(model_dir)
-        return cls(create_backend(backend, model_dir, config=config), tokenizer)
+        return cls(create_backend(backend, model_dir, config=config or EngineConfig()), tokenizer)
 
     @property
     def max_len(self) -> int:
@@ -140,6 +140,7 @@ class Engine:
             return result.token_ids, [None] * len(sampled)
         if not sampled:
             return [], []
+        assert result.logits is not None
         rows = [SampleRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sampled]
         s = self.sampler(result.logits, rows)
         return s.token_ids, s.logprobs

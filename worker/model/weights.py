@@ -63,7 +63,7 @@ class _TensorSource:
         self._where: dict[str, Path] = {}
         for name in files:
             with safe_open(model_dir / name, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     self._where[key] = model_dir / name
 
     def __contains__(self, name: str) -> bool:

@@ -11,8 +11,8 @@ EOS = 2
 
 
 def capacity(**overrides: int | bool) -> BackendCapacity:
-    base: dict = dict(max_batch=4, max_seq_len=256, max_tokens_per_step=64, block_size=4,
-                      num_blocks=64)
+    base: dict = {"max_batch": 4, "max_seq_len": 256, "max_tokens_per_step": 64,
+                  "block_size": 4, "num_blocks": 64}
     base.update(overrides)
     return BackendCapacity(**base)
 

@@ -73,9 +73,9 @@ def test_bfloat16_weights_track_the_float32_reference(tiny_qwen3: Path) -> None:
 
 
 def test_unsupported_rope_scaling_is_refused_with_its_name() -> None:
-    raw = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
-               num_hidden_layers=1, num_attention_heads=2, rope_scaling={"type": "yarn",
-                                                                        "factor": 4.0})
+    raw = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2,
+           "rope_scaling": {"type": "yarn", "factor": 4.0}}
     with pytest.raises(ModelConfigError, match="yarn"):
         ModelConfig.from_dict(raw)
 

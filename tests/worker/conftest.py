@@ -1,0 +1,66 @@
+"""A stand-in gateway for worker tests: enqueues and cancels exactly as a gateway does (the
+shared Lua scripts, QueuedRequest.to_fields, keys.queue_score) and reads its reply stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from common import scripts
+from common.keys import Keys, queue_score
+from common.protocol import QueuedRequest, ReplyEvent, decode_events
+from preprocess.sampling_params import SamplingParams
+
+MODEL = "tiny"
+
+
+class FakeGateway:
+    def __init__(self, url: str, gateway_id: str = "gw1", prefix: str = "npuserve:") -> None:
+        self.client = redis.Redis.from_url(url, decode_responses=True)
+        self.keys = Keys(prefix)
+        self.gateway_id = gateway_id
+        self._enqueue = self.client.register_script(scripts.ENQUEUE)
+        self._cancel = self.client.register_script(scripts.CANCEL)
+
+    def enqueue(self, request_id: str, prompt: list[int], params: SamplingParams, *,
+                priority: int = 0, deadline_ms: int = 0, enqueue_ms: int | None = None,
+                published: list[int] | None = None, model: str = MODEL) -> None:
+        """Queue a request; `published` pre-fills toks:{id} as an earlier worker would."""
+        enqueue_ms = enqueue_ms if enqueue_ms is not None else time.time_ns() // 1_000_000
+        req = QueuedRequest(request_id, model, self.gateway_id, prompt, params, priority,
+                            enqueue_ms, deadline_ms)
+        score = queue_score(priority, enqueue_ms)
+        flat = [x for kv in req.to_fields(score).items() for x in kv]
+        if published:
+            self.client.rpush(self.keys.tokens(request_id), *published)
+        k = self.keys
+        result = self._enqueue(keys=[k.queue(model), k.request(request_id), k.wake(model)],
+                               args=[request_id, score, 0, 3600, *flat])
+        assert result == 1
+
+    def cancel(self, request_id: str, model: str = MODEL) -> int:
+        k = self.keys
+        return int(self._cancel(keys=[k.queue(model), k.request(request_id),
+                                      k.tokens(request_id), k.cancel(request_id)],
+                                args=[request_id, 60]))
+
+    def entries(self) -> list[list[ReplyEvent]]:
+        """Every stream entry of this gateway's replies, each a list of events."""
+        raw = self.client.xrange(self.keys.replies(self.gateway_id))
+        return [decode_events(fields["e"]) for _, fields in raw]
+
+    def events(self, request_id: str) -> list[ReplyEvent]:
+        return [e for entry in self.entries() for e in entry if e.request_id == request_id]
+
+    def finished(self, request_id: str) -> bool:
+        return any(e.finish_reason for e in self.events(request_id))
+
+
+@pytest.fixture
+def gateway(redis_url: str) -> Iterator[FakeGateway]:
+    gw = FakeGateway(redis_url)
+    yield gw
+    gw.client.close()

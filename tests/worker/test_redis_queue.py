@@ -1,0 +1,162 @@
+"""The worker's Redis operations against a real Redis, without a model."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+
+from common.config import RedisConfig
+from common.protocol import ReplyEvent
+from preprocess.sampling_params import SamplingParams
+from worker.redis_queue import RedisQueue, StepBatch
+
+if TYPE_CHECKING:
+    from tests.worker.conftest import FakeGateway
+
+MODEL = "tiny"
+P = SamplingParams(max_tokens=4, temperature=0.0)
+
+
+@pytest.fixture
+def queue(redis_url: str) -> Iterator[RedisQueue]:
+    q = RedisQueue.connect(RedisConfig(url=redis_url), MODEL, "w1", lease_ms=10_000)
+    yield q
+    q.close()
+
+
+def test_claim_takes_the_highest_priority_first_then_the_oldest_and_leases_them(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("old", [1], P, priority=1, enqueue_ms=1000)
+    gateway.enqueue("new", [2], P, priority=1, enqueue_ms=2000)
+    gateway.enqueue("urgent", [3], P, priority=5, enqueue_ms=3000)
+    claimed = queue.claim(2, now_ms=5000)
+    assert [c.request_id for c in claimed] == ["urgent", "old"]
+    assert claimed[0].fields["prompt"] == "[3]" and claimed[0].published == []
+    leases = gateway.client.zrange(queue.keys.leases(MODEL), 0, -1, withscores=True)
+    assert leases == [("old", 15000.0), ("urgent", 15000.0)]
+    assert gateway.client.hget(queue.keys.request("old"), "worker") == "w1"
+    assert gateway.client.zrange(queue.keys.queue(MODEL), 0, -1) == ["new"]
+
+
+def test_claim_returns_the_tokens_an_earlier_worker_published(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("r", [1, 2], P, published=[7, 8, 9])
+    assert queue.claim(1, now_ms=time.time_ns() // 10**6)[0].published == [7, 8, 9]
+
+
+def test_cancelled_reports_only_flagged_requests(queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("a", [1], P)
+    gateway.enqueue("b", [1], P)
+    queue.claim(2, now_ms=time.time_ns() // 10**6)
+    assert gateway.cancel("b") == 2
+    assert queue.cancelled(["a", "b"]) == {"b"}
+    assert queue.cancelled([]) == set()
+
+
+def _batch() -> StepBatch:
+    batch = StepBatch()
+    batch.add("gw1", ReplyEvent("a", 0, 11, "x"))
+    batch.add("gw2", ReplyEvent("b", 3, 12, "y", finish_reason="stop"))
+    batch.tokens["a"] = ([11], 1)
+    batch.tokens["b"] = ([12], 4)
+    batch.finished.append("b")
+    return batch
+
+
+def test_publish_writes_one_entry_per_gateway_appends_tokens_and_removes_finished(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("a", [1], P)
+    gateway.enqueue("b", [1], P)
+    queue.claim(2, now_ms=time.time_ns() // 10**6)
+    queue.publish(_batch())
+    assert [[e.token_id for e in entry] for entry in gateway.entries()] == [[11]]
+    k, c = queue.keys, gateway.client
+    assert len(c.xrange(k.replies("gw2"))) == 1
+    assert c.lrange(k.tokens("a"), 0, -1) == ["11"]
+    assert not c.exists(k.request("b"), k.tokens("b"))
+    assert c.zrange(k.leases(MODEL), 0, -1) == ["a"]
+
+
+def test_publishing_a_batch_twice_does_not_duplicate_resume_tokens(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    queue.publish(_batch())
+    queue.publish(_batch())
+    assert gateway.client.lrange(queue.keys.tokens("a"), 0, -1) == ["11"]
+
+
+def test_renew_extends_own_leases_and_reports_requests_no_longer_ours(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    for rid in ("mine", "stolen", "gone"):
+        gateway.enqueue(rid, [1], P)
+    queue.claim(3, now_ms=1000)
+    c, k = gateway.client, queue.keys
+    c.hset(k.request("stolen"), "worker", "w2")
+    c.delete(k.request("gone"))
+    assert sorted(queue.renew(["mine", "stolen", "gone"], now_ms=50_000)) == ["gone", "stolen"]
+    assert c.zscore(k.leases(MODEL), "mine") == 60_000
+    assert c.zscore(k.leases(MODEL), "stolen") == 11_000
+
+
+def test_reap_requeues_expired_leases_with_their_original_score(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("r", [1], P, priority=2, enqueue_ms=1000)
+    score = gateway.client.zscore(queue.keys.queue(MODEL), "r")
+    queue.claim(1, now_ms=1000)
+    assert queue.reap(now_ms=5000) == 0
+    assert queue.reap(now_ms=20_000) == 1
+    assert gateway.client.zscore(queue.keys.queue(MODEL), "r") == score
+    assert gateway.client.zcard(queue.keys.leases(MODEL)) == 0
+
+
+def test_requeue_hands_requests_back(queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("r", [1], P)
+    queue.claim(1, now_ms=time.time_ns() // 10**6)
+    assert queue.requeue(["r"]) == 1
+    assert gateway.client.zrange(queue.keys.queue(MODEL), 0, -1) == ["r"]
+    assert not gateway.client.hexists(queue.keys.request("r"), "worker")
+
+
+def test_register_sets_a_ttl_and_unregister_removes_everything(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    queue.register({"model": MODEL, "running": "0"}, ttl_s=6, now_ms=1234)
+    c, k = gateway.client, queue.keys
+    assert c.hgetall(k.worker("w1")) == {"model": MODEL, "running": "0"}
+    assert 0 < c.ttl(k.worker("w1")) <= 6
+    assert c.zscore(k.workers(), "w1") == 1234
+    queue.unregister()
+    assert not c.exists(k.worker("w1")) and c.zscore(k.workers(), "w1") is None
+
+
+def test_model_info_is_written_once_per_sha(queue: RedisQueue, gateway: FakeGateway) -> None:
+    info = {"file:tokenizer.json": "{}", "max_len": "8", "sha": "abc"}
+    assert queue.ensure_model_info(info)
+    assert not queue.ensure_model_info(info)
+    assert queue.ensure_model_info({"max_len": "9", "sha": "def"})
+    assert gateway.client.hgetall(queue.keys.model(MODEL)) == {"max_len": "9", "sha": "def"}
+
+
+def test_wait_for_work_returns_on_an_enqueue_nudge_and_times_out_without_one(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("r", [1], P)
+    assert queue.wait_for_work(0.5)
+    start = time.monotonic()
+    assert not queue.wait_for_work(0.2)
+    assert time.monotonic() - start < 2
+
+
+def test_connection_errors_are_retried_with_logging_then_raised(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    q = RedisQueue.connect(RedisConfig(url=f"redis://127.0.0.1:{port}/0"), MODEL, "w1",
+                           lease_ms=1000)
+    with caplog.at_level(logging.WARNING), pytest.raises(redis.ConnectionError):
+        q.claim(1, now_ms=0)
+    assert any("redis claim failed" in r.getMessage() for r in caplog.records)

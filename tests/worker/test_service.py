@@ -1,0 +1,232 @@
+"""The worker loop in-process: a real Redis, the tiny random Qwen3, a stand-in gateway."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+
+from common.config import EngineConfig, RedisConfig, WorkerConfig
+from preprocess.sampling_params import SamplingParams
+from worker.engine.engine import Engine
+from worker.redis_queue import RedisQueue
+from worker.service import WorkerService, now_ms
+
+if TYPE_CHECKING:
+    from tests.worker.conftest import FakeGateway
+
+MODEL = "tiny"
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+LONG = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+PROMPTS = [[1, 2, 3, 4], [50, 60, 70], [9000, 12, 7, 7, 7]]
+
+MakeService = Callable[..., WorkerService]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3: Path) -> Engine:
+    return Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=0.05, max_num_seqs=4))
+
+
+@pytest.fixture
+def make_service(engine: Engine, tiny_qwen3: Path, redis_url: str
+                 ) -> Iterator[MakeService]:
+    made: list[WorkerService] = []
+
+    def make(capacity: int = 4, worker_id: str = "w1", drain_s: float = 0.0) -> WorkerService:
+        config = WorkerConfig(model_dir=str(tiny_qwen3), model_name=MODEL,
+                              engine=EngineConfig(max_num_seqs=capacity),
+                              redis=RedisConfig(url=redis_url), worker_id=worker_id,
+                              drain_timeout_s=drain_s)
+        queue = RedisQueue.connect(config.redis, MODEL, worker_id, config.lease_ms)
+        service = WorkerService(config, engine, queue)
+        service.start()
+        made.append(service)
+        return service
+
+    yield make
+    for service in made:
+        for rid in service.active_ids:
+            engine.abort(rid)
+        service.queue.close()
+    assert not engine.has_unfinished()
+
+
+def run_until(service: WorkerService, done: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        service.run_once()
+
+
+def reference(engine: Engine, prompt: list[int], params: SamplingParams) -> list[int]:
+    return engine.generate([prompt], params)[0].token_ids
+
+
+def test_start_publishes_model_info_and_registers(
+        make_service: MakeService, gateway: FakeGateway, engine: Engine) -> None:
+    service = make_service()
+    c, k = gateway.client, gateway.keys
+    info = c.hgetall(k.model(MODEL))
+    assert {"file:tokenizer.json", "file:tokenizer_config.json"} <= set(info)
+    assert json.loads(info["file:tokenizer.json"])["model"]["type"] == "BPE"
+    assert int(info["max_len"]) == engine.max_len
+    assert int(info["vocab_size"]) == engine.model_config.vocab_size
+    assert json.loads(info["eos_token_ids"]) == list(engine.model_config.eos_token_ids)
+    reg = c.hgetall(k.worker("w1"))
+    assert reg["model"] == MODEL and reg["capacity"] == "4" and reg["running"] == "0"
+    assert 0 < c.ttl(k.worker("w1")) <= 6
+    assert c.zscore(k.workers(), "w1") is not None
+    assert service.active_ids == []
+
+
+def test_a_request_streams_the_engines_greedy_tokens_in_order_with_usage(
+        make_service: MakeService, gateway: FakeGateway, engine: Engine) -> None:
+    service = make_service()
+    gateway.enqueue("r1", PROMPTS[0], GREEDY, enqueue_ms=now_ms() - 50)
+    run_until(service, lambda: gateway.finished("r1"))
+    events = gateway.events("r1")
+    assert [e.token_id for e in events] == reference(engine, PROMPTS[0], GREEDY)
+    assert [e.index for e in events] == list(range(GREEDY.max_tokens))
+    assert events[0].queue_ms >= 50 and all(e.queue_ms == -1 for e in events[1:])
+    last = events[-1]
+    assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 4, 8)
+    assert not any(e.finish_reason for e in events[:-1])
+    k = gateway.keys
+    assert not gateway.client.exists(k.request("r1"), k.tokens("r1"))
+    assert gateway.client.zcard(k.leases(MODEL)) == 0
+
+
+def test_several_requests_run_concurrently_in_one_batch(
+        make_service: MakeService, gateway: FakeGateway, engine: Engine) -> None:
+    service = make_service()
+    for i, prompt in enumerate(PROMPTS):
+        gateway.enqueue(f"r{i}", prompt, GREEDY)
+    service.run_once()
+    assert sorted(service.active_ids) == ["r0", "r1", "r2"]
+    run_until(service, lambda: all(gateway.finished(f"r{i}") for i in range(3)))
+    assert any(len({e.request_id for e in entry}) == 3 for entry in gateway.entries())
+    for i, prompt in enumerate(PROMPTS):
+        assert [e.token_id for e in gateway.events(f"r{i}")] == reference(engine, prompt, GREEDY)
+
+
+def test_with_capacity_one_a_later_higher_priority_request_starts_first(
+        make_service: MakeService, gateway: FakeGateway) -> None:
+    service = make_service(capacity=1)
+    gateway.enqueue("low1", PROMPTS[0], GREEDY, priority=0, enqueue_ms=1000)
+    gateway.enqueue("low2", PROMPTS[0], GREEDY, priority=1, enqueue_ms=2000)
+    gateway.enqueue("high", PROMPTS[0], GREEDY, priority=9, enqueue_ms=3000)
+    run_until(service, lambda: all(gateway.finished(r) for r in ("low1", "low2", "high")))
+    order = [entry[0].request_id for entry in gateway.entries() if entry[0].index == 0]
+    assert order == ["high", "low2", "low1"]
+    assert all(len(entry) == 1 for entry in gateway.entries())
+
+
+def test_cancelling_a_running_request_frees_its_slot_within_one_step(
+        make_service: MakeService, gateway: FakeGateway) -> None:
+    service = make_service(capacity=1)
+    gateway.enqueue("long", PROMPTS[0], LONG, enqueue_ms=1000)
+    gateway.enqueue("next", PROMPTS[1], GREEDY, enqueue_ms=2000)
+    service.run_once()
+    assert service.active_ids == ["long"]
+    assert gateway.cancel("long") == 2
+    service.run_once()
+    assert service.active_ids == ["next"]
+    last = gateway.events("long")[-1]
+    assert (last.index, last.finish_reason, last.completion_tokens) == (-1, "cancelled", 1)
+    assert gateway.events("next")[0].index == 0
+    assert not gateway.client.exists(gateway.keys.request("long"), gateway.keys.cancel("long"))
+
+
+def test_a_queued_request_past_its_deadline_is_never_run(
+        make_service: MakeService, gateway: FakeGateway) -> None:
+    service = make_service()
+    gateway.enqueue("late", PROMPTS[0], GREEDY, deadline_ms=now_ms() - 1)
+    assert not service.run_once()
+    assert gateway.events("late") == [] and service.active_ids == []
+    assert not gateway.client.exists(gateway.keys.request("late"))
+
+
+def test_a_running_request_past_its_deadline_ends_with_a_deadline_event(
+        make_service: MakeService, gateway: FakeGateway) -> None:
+    service = make_service()
+    gateway.enqueue("slow", PROMPTS[0], LONG, deadline_ms=now_ms() + 1000)
+    run_until(service, lambda: gateway.finished("slow"))
+    events = gateway.events("slow")
+    assert events[-1].finish_reason == "deadline" and events[-1].index == -1
+    assert events[-1].completion_tokens == len(events) - 1 < LONG.max_tokens
+
+
+def test_a_resumed_request_continues_at_the_right_index_with_the_right_tokens(
+        make_service: MakeService, gateway: FakeGateway, engine: Engine) -> None:
+    expected = reference(engine, PROMPTS[2], GREEDY)
+    service = make_service()
+    gateway.enqueue("r", PROMPTS[2], GREEDY, published=expected[:3])
+    run_until(service, lambda: gateway.finished("r"))
+    events = gateway.events("r")
+    assert [e.index for e in events] == list(range(3, 8))
+    assert [e.token_id for e in events] == expected[3:]
+    assert events[0].queue_ms == -1
+    assert (events[-1].prompt_tokens, events[-1].completion_tokens) == (5, 8)
+
+
+def test_an_out_of_vocabulary_token_gets_an_error_and_the_worker_serves_the_others(
+        make_service: MakeService, gateway: FakeGateway, engine: Engine) -> None:
+    service = make_service()
+    gateway.enqueue("bad", [1, 10**7], GREEDY, enqueue_ms=1000)
+    gateway.enqueue("good", PROMPTS[0], GREEDY, enqueue_ms=2000)
+    run_until(service, lambda: gateway.finished("good"))
+    [bad] = gateway.events("bad")
+    assert (bad.index, bad.finish_reason, bad.token_id) == (-1, "error", -1)
+    assert "outside the vocabulary" in bad.error
+    assert not gateway.client.exists(gateway.keys.request("bad"))
+    assert [e.token_id for e in gateway.events("good")] == reference(engine, PROMPTS[0], GREEDY)
+
+
+def test_a_request_whose_worker_died_is_reaped_and_served(
+        make_service: MakeService, gateway: FakeGateway, redis_url: str) -> None:
+    gateway.enqueue("orphan", PROMPTS[0], GREEDY)
+    dead = RedisQueue.connect(RedisConfig(url=redis_url), MODEL, "dead", lease_ms=1)
+    assert [c.request_id for c in dead.claim(1, now_ms())] == ["orphan"]
+    dead.close()
+    time.sleep(0.01)
+    service = make_service()
+    run_until(service, lambda: gateway.finished("orphan"))
+    assert [e.index for e in gateway.events("orphan")] == list(range(8))
+
+
+def test_shutdown_hands_unfinished_requests_back_and_unregisters(
+        make_service: MakeService, gateway: FakeGateway) -> None:
+    service = make_service(drain_s=0.0)
+    gateway.enqueue("long", PROMPTS[0], LONG)
+    run_until(service, lambda: len(gateway.events("long")) >= 3)
+    service.shutdown()
+    c, k = gateway.client, gateway.keys
+    assert c.zrange(k.queue(MODEL), 0, -1) == ["long"]
+    assert c.zcard(k.leases(MODEL)) == 0
+    published = [str(e.token_id) for e in gateway.events("long")]
+    assert c.lrange(k.tokens("long"), 0, -1) == published
+    assert not c.exists(k.worker("w1")) and c.zscore(k.workers(), "w1") is None
+
+
+def test_a_failed_publish_drops_requests_locally_and_leaves_them_leased(
+        make_service: MakeService, gateway: FakeGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = make_service()
+    gateway.enqueue("r", PROMPTS[0], LONG)
+    service.run_once()
+
+    def down(batch: object) -> None:
+        raise redis.ConnectionError("connection lost")
+
+    monkeypatch.setattr(service.queue, "publish", down)
+    with pytest.raises(redis.ConnectionError):
+        service.run_once()
+    assert service.active_ids == [] and not service.engine.has_unfinished()
+    assert gateway.client.zrange(gateway.keys.leases(MODEL), 0, -1) == ["r"]
+    assert len(gateway.events("r")) == 1

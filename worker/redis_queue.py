@@ -1,0 +1,231 @@
+"""A worker's synchronous Redis operations: claim, publish, lease, reap, register.
+
+Every call retries connection errors and timeouts with exponential backoff, logging each
+retry, for up to `retry_s`, then re-raises. Leased requests are safe meanwhile: if this worker
+stops renewing them, any worker's REAP puts them back in the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.client import Pipeline
+from redis.retry import Retry
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from common import scripts
+from common.config import RedisConfig
+from common.keys import Keys
+from common.protocol import ReplyEvent, encode_events
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+REPLIES_MAXLEN = 100_000
+"""Approximate cap on each gateway's reply stream; a live gateway reads far behind this."""
+
+
+@dataclass(slots=True)
+class Claimed:
+    """One request popped by CLAIM, now leased to this worker."""
+
+    request_id: str
+    fields: dict[str, str]
+    published: list[int]
+    """Tokens an earlier worker already streamed (non-empty for a resumed request)."""
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """Everything one engine step publishes; written in a single MULTI."""
+
+    events: dict[str, list[ReplyEvent]] = field(default_factory=dict)
+    """gateway id -> events, in publication order."""
+    tokens: dict[str, tuple[list[int], int]] = field(default_factory=dict)
+    """request id -> (new token ids, length of toks:{id} once they are appended)."""
+    finished: list[str] = field(default_factory=list)
+    """Requests whose last event is in this batch: their keys and lease are removed."""
+
+    def add(self, gateway_id: str, event: ReplyEvent) -> None:
+        self.events.setdefault(gateway_id, []).append(event)
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.tokens or self.finished)
+
+
+class RedisQueue:
+    """One worker's view of the queue of one model."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, model: str, worker_id: str,
+                 lease_ms: int, retry_s: float = 5.0) -> None:
+        self.client = client
+        self.keys = keys
+        self.model = model
+        self.worker_id = worker_id
+        self.lease_ms = lease_ms
+        self.retry_s = retry_s
+        self._claim = client.register_script(scripts.CLAIM)
+        self._requeue = client.register_script(scripts.REQUEUE)
+        self._reap = client.register_script(scripts.REAP)
+
+    @classmethod
+    def connect(cls, config: RedisConfig, model: str, worker_id: str, lease_ms: int
+                ) -> RedisQueue:
+        """A client whose own retries are off, so tenacity alone decides (and logs) them.
+
+        Retries stop at half a lease: past that, a lease renewed a third of a lease ago
+        could expire, and another worker may already be resuming the request."""
+        client = redis.Redis.from_url(config.url, decode_responses=True, socket_timeout=5.0,
+                                      socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
+        return cls(client, Keys(config.prefix), model, worker_id, lease_ms,
+                   retry_s=lease_ms / 2000)
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        retrying = Retrying(
+            retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
+            wait=wait_exponential(multiplier=0.05, max=2.0),
+            stop=stop_after_delay(self.retry_s),
+            before_sleep=lambda state: log.warning(
+                "redis %s failed (%r); retry %d in %.2fs", what,
+                state.outcome.exception() if state.outcome else None, state.attempt_number,
+                state.next_action.sleep if state.next_action else 0.0),
+            reraise=True,
+        )
+        return retrying(fn)
+
+    def _multi(self, what: str, build: Callable[[Pipeline], object]) -> list[Any]:
+        """Run build's commands in one MULTI; the pipeline is rebuilt for every attempt, since
+        redis-py empties it when execute() fails."""
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=True)
+            build(pipe)
+            return pipe.execute()
+
+        return self._call(what, run)
+
+    def claim(self, n: int, now_ms: int) -> list[Claimed]:
+        """Pop and lease up to n runnable requests, highest priority first."""
+        raw: Any = self._call("claim", lambda: self._claim(
+            keys=[self.keys.queue(self.model), self.keys.leases(self.model)],
+            args=[n, now_ms, self.lease_ms, self.worker_id, self.keys.prefix]))
+        out = []
+        for rid, flat, toks in raw:
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            out.append(Claimed(rid, fields, [int(t) for t in toks]))
+        return out
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block on the model's wake list for up to timeout_s; True if nudged."""
+        key = self.keys.wake(self.model)
+        return self._call("wake", lambda: self.client.blpop([key], timeout=timeout_s)) is not None
+
+    def cancelled(self, ids: Sequence[str]) -> set[str]:
+        """Which of these requests a gateway flagged as cancelled."""
+        if not ids:
+            return set()
+        flags = self._call("cancelled", lambda: self.client.mget(
+            [self.keys.cancel(rid) for rid in ids]))
+        return {rid for rid, flag in zip(ids, flags, strict=True) if flag is not None}
+
+    def publish(self, batch: StepBatch) -> None:
+        """One MULTI: an XADD per gateway, appended tokens, finished requests removed.
+
+        Safe to retry when a reply was lost: LTRIM to the known length undoes a second
+        RPUSH, and gateways drop events whose index they already forwarded."""
+        if not batch:
+            return
+        k = self.keys
+        payloads = {gw: encode_events(events) for gw, events in batch.events.items()}
+        done = set(batch.finished)
+
+        def build(pipe: Pipeline) -> None:
+            for gateway, payload in payloads.items():
+                pipe.xadd(k.replies(gateway), {"e": payload}, maxlen=REPLIES_MAXLEN,
+                          approximate=True)
+            for rid, (ids, total) in batch.tokens.items():
+                if ids and rid not in done:
+                    pipe.rpush(k.tokens(rid), *ids)
+                    pipe.ltrim(k.tokens(rid), 0, total - 1)
+            for rid in batch.finished:
+                pipe.delete(k.request(rid), k.tokens(rid), k.cancel(rid))
+                pipe.zrem(k.leases(self.model), rid)
+
+        self._multi("publish", build)
+
+    def renew(self, ids: Sequence[str], now_ms: int) -> list[str]:
+        """Extend the leases of requests still ours; return those that are not (reaped and
+        claimed elsewhere, or deleted), which this worker must drop without publishing."""
+        if not ids:
+            return []
+
+        def run() -> list[str]:
+            pipe = self.client.pipeline(transaction=False)
+            for rid in ids:
+                pipe.hget(self.keys.request(rid), "worker")
+            owners = pipe.execute()
+            mine = [rid for rid, w in zip(ids, owners, strict=True) if w == self.worker_id]
+            if mine:
+                expiry = now_ms + self.lease_ms
+                self.client.zadd(self.keys.leases(self.model), dict.fromkeys(mine, expiry),
+                                 xx=True)
+            return [rid for rid in ids if rid not in set(mine)]
+
+        return self._call("renew", run)
+
+    def reap(self, now_ms: int) -> int:
+        """Re-queue every request of the model whose lease expired; returns how many."""
+        k = self.keys
+        return int(self._call("reap", lambda: self._reap(
+            keys=[k.leases(self.model), k.queue(self.model), k.wake(self.model)],
+            args=[now_ms, k.prefix])))
+
+    def requeue(self, ids: Sequence[str]) -> int:
+        """Hand leased requests back with their original score (drain)."""
+        if not ids:
+            return 0
+        k = self.keys
+        return int(self._call("requeue", lambda: self._requeue(
+            keys=[k.queue(self.model), k.leases(self.model), k.wake(self.model)],
+            args=[k.prefix, *ids])))
+
+    def register(self, info: dict[str, str], ttl_s: int, now_ms: int) -> None:
+        """Write the whole registration (so it survives a Redis restart) and heartbeat."""
+        key = self.keys.worker(self.worker_id)
+
+        def build(pipe: Pipeline) -> None:
+            pipe.hset(key, mapping=cast(dict[Any, Any], info))
+            pipe.expire(key, ttl_s)
+            pipe.zadd(self.keys.workers(), {self.worker_id: now_ms})
+
+        self._multi("register", build)
+
+    def unregister(self) -> None:
+        self._multi("unregister", lambda pipe: (
+            pipe.delete(self.keys.worker(self.worker_id)),
+            pipe.zrem(self.keys.workers(), self.worker_id)))
+
+    def ensure_model_info(self, info: dict[str, str]) -> bool:
+        """Publish model:{name} unless it already holds this sha; True if written."""
+        key = self.keys.model(self.model)
+        current = self._call("model sha", lambda: self.client.hget(key, "sha"))
+        if current == info["sha"]:
+            return False
+        if current is not None:
+            log.warning("model:%s had tokenizer sha %s; replacing it with ours (%s)",
+                        self.model, current, info["sha"])
+        self._multi("model info", lambda pipe: (
+            pipe.delete(key), pipe.hset(key, mapping=cast(dict[Any, Any], info))))
+        return True
+
+    def close(self) -> None:
+        self.client.close()

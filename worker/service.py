@@ -1,0 +1,299 @@
+"""The worker loop: claim what fits, step the engine, publish each step's tokens.
+
+One iteration of `run_once` per engine step:
+
+1. every heartbeat: renew leases, refresh the registration, reap expired leases;
+2. requests flagged in cancel:{id} or past their deadline leave the batch with a final event;
+3. CLAIM as many queued requests as there are free batch slots (none while draining);
+4. one engine step; its events, the new token ids and the finished requests' cleanup go to
+   Redis in one MULTI;
+5. nothing ran and nothing was claimed: block on wake:{model} for up to IDLE_WAIT_S.
+
+Events a request receives on replies:{gateway}: one per token with its completion index
+(index 0 also carries queue_ms); the last one carries finish_reason and usage. Cancellation,
+deadline, error and an already-complete resume end with an event of index -1 and no token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+from common.config import WorkerConfig
+from common.errors import InvalidRequestError
+from common.protocol import QueuedRequest, ReplyEvent
+from worker.engine.engine import Engine
+from worker.metrics import WorkerMetrics, rss_bytes
+from worker.redis_queue import Claimed, RedisQueue, StepBatch
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5
+"""Longest BLPOP on wake:{model}: bounds both idle latency and how late a stop is seen."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "generation_config.json")
+_MB = 1 << 20
+
+
+def now_ms() -> int:
+    """Wall-clock ms since the epoch: the clock of enqueue_ms, deadlines and leases."""
+    return time.time_ns() // 1_000_000
+
+
+def model_info(model_dir: str | Path, engine: Engine) -> dict[str, str]:
+    """model:{name} fields: tokenizer files (`file:<name>`), limits and a sha of the files."""
+    digest = hashlib.sha256()
+    info: dict[str, str] = {}
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            info[f"file:{name}"] = text
+            digest.update(f"{name}\0{len(text)}\0".encode() + text.encode())
+    cfg = engine.model_config
+    info.update(max_len=str(engine.max_len), vocab_size=str(cfg.vocab_size),
+                eos_token_ids=json.dumps(list(cfg.eos_token_ids)), sha=digest.hexdigest())
+    return info
+
+
+@dataclass(slots=True)
+class _Active:
+    req: QueuedRequest
+    claimed_ms: int
+    emitted: int = 0
+    """Tokens this worker produced (the completion so far is published_ids + these)."""
+
+    @property
+    def offset(self) -> int:
+        return len(self.req.published_ids)
+
+
+class WorkerService:
+    """Serves one model from the Redis queue with one engine."""
+
+    def __init__(self, config: WorkerConfig, engine: Engine, queue: RedisQueue,
+                 metrics: WorkerMetrics | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.queue = queue
+        self.metrics = metrics or WorkerMetrics()
+        self.capacity = config.engine.max_num_seqs
+        self.draining = False
+        self._active: dict[str, _Active] = {}
+        self._beat_s = min(config.heartbeat_s, config.lease_ms / 3000)
+        self._next_beat = 0.0
+        self._started_ms = now_ms()
+        self._info = model_info(config.model_dir, engine)
+        self._failures = 0
+
+    @classmethod
+    def from_config(cls, config: WorkerConfig) -> WorkerService:
+        """Load the model and connect to Redis (nothing is published until start())."""
+        engine = Engine.from_model_dir(config.model_dir, config.engine, backend=config.backend)
+        name = config.model_name or Path(config.model_dir).resolve().name
+        worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        queue = RedisQueue.connect(config.redis, name, worker_id, config.lease_ms)
+        return cls(config, engine, queue)
+
+    @property
+    def active_ids(self) -> list[str]:
+        """Requests this worker holds a lease on and is generating."""
+        return list(self._active)
+
+    def start(self) -> None:
+        """Publish the model's info, register, and log memory use."""
+        if self.queue.ensure_model_info(self._info):
+            log.info("published model:%s (sha %s)", self.queue.model, self._info["sha"][:12])
+        self.heartbeat()
+        weights, kv = self.engine.backend.weight_bytes(), self.engine.backend.kv_cache_bytes()
+        log.info("worker %s serving %s: weights %.1f MiB, KV cache %.1f MiB, RSS %.1f MiB, "
+                 "capacity %d, max_len %d", self.queue.worker_id, self.queue.model,
+                 weights / _MB, kv / _MB, rss_bytes() / _MB, self.capacity, self.engine.max_len)
+
+    def heartbeat(self) -> None:
+        """Renew leases, refresh the registration, re-queue requests of dead workers."""
+        self._next_beat = time.monotonic() + self._beat_s
+        now = now_ms()
+        for rid in self.queue.renew(self.active_ids, now):
+            log.warning("lost the lease on %s (reaped or deleted); dropping it", rid)
+            self.engine.abort(rid)
+            self._active.pop(rid, None)
+        self.queue.register(self._registration(), max(1, math.ceil(3 * self._beat_s)), now)
+        if reaped := self.queue.reap(now):
+            log.warning("re-queued %d requests whose worker stopped renewing", reaped)
+        self.queue.ensure_model_info(self._info)
+        self.metrics.set_memory(self.engine.backend.weight_bytes(),
+                                self.engine.backend.kv_cache_bytes())
+
+    def run_once(self) -> bool:
+        """One iteration (see the module docstring); False when there was nothing to do.
+
+        Redis is read before any local state changes, so a failing read leaves nothing to
+        undo; if the publish fails, every request is dropped locally and stays leased: REAP
+        hands it to a worker that resumes it from toks:{id}, exactly where it stopped."""
+        if time.monotonic() >= self._next_beat:
+            self.heartbeat()
+        drops = self._due_drops()
+        in_engine = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
+        admit = 0 if self.draining else self.capacity - (in_engine - len(drops))
+        claimed = self.queue.claim(admit, now_ms()) if admit > 0 else []
+
+        batch = StepBatch()
+        for rid, reason in drops.items():
+            self.engine.abort(rid)
+            self._end(batch, self._active[rid], ReplyEvent(rid, -1), reason)
+        claimed_ms = now_ms()
+        for c in claimed:
+            self._admit(c, claimed_ms, batch)
+        stepped = self.engine.has_unfinished()
+        if stepped:
+            self._step(batch)
+        try:
+            self.queue.publish(batch)
+        except redis.RedisError:
+            self._forget_all()
+            raise
+        sched, blocks = self.engine.scheduler, self.engine.scheduler.blocks
+        self.metrics.set_load(len(sched.running), len(sched.waiting),
+                              blocks.num_blocks - blocks.num_free_blocks, blocks.num_blocks)
+        if stepped or claimed or batch:
+            return True
+        if not self.draining:
+            self.queue.wait_for_work(IDLE_WAIT_S)
+        return False
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve until stop is set, then drain; on an unexpected error, hand back and raise."""
+        self.start()
+        try:
+            while not stop.is_set():
+                self._guarded_once()
+        except BaseException:
+            try:
+                self.shutdown(drain=False)
+            except Exception:
+                log.exception("could not hand requests back; their leases will expire")
+            raise
+        self.shutdown(drain=True)
+
+    def shutdown(self, drain: bool = True) -> None:
+        """Stop claiming; step up to drain_timeout_s while requests run, re-queue the rest
+        (toks:{id} holds what was published, so the next worker resumes exactly), and
+        remove the registration."""
+        self.draining = True
+        deadline = time.monotonic() + (self.config.drain_timeout_s if drain else 0.0)
+        if self._active:
+            log.info("draining %d requests (up to %.1fs)", len(self._active),
+                     max(0.0, deadline - time.monotonic()))
+        while self._active and time.monotonic() < deadline:
+            self._guarded_once()
+        ids = self.active_ids
+        for rid in ids:
+            self.engine.abort(rid)
+        self._active.clear()
+        if ids:
+            log.info("handed %d unfinished requests back to the queue", self.queue.requeue(ids))
+        self.queue.unregister()
+
+    def _guarded_once(self) -> None:
+        try:
+            self.run_once()
+            self._failures = 0
+        except redis.RedisError as exc:
+            self._failures += 1
+            pause = min(2.0, 0.1 * 2 ** self._failures)
+            log.error("redis unavailable (%s); retrying in %.1fs", exc, pause)
+            time.sleep(pause)
+
+    def _due_drops(self) -> dict[str, str]:
+        """Running requests to end now: id -> "cancelled" or "deadline"."""
+        flagged, now = self.queue.cancelled(self.active_ids), now_ms()
+        late = {rid: "deadline" for rid, a in self._active.items() if 0 < a.req.deadline_ms <= now}
+        return late | dict.fromkeys(flagged, "cancelled")
+
+    def _admit(self, c: Claimed, claimed_ms: int, batch: StepBatch) -> None:
+        try:
+            req = QueuedRequest.from_fields(c.fields, c.published)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.error("dropping malformed request %s: %r", c.request_id, exc)
+            if gateway := c.fields.get("gateway"):
+                batch.add(gateway, ReplyEvent(c.request_id, -1, finish_reason="error",
+                                              error=f"malformed request: {exc!r}"))
+            batch.finished.append(c.request_id)
+            self.metrics.finished.labels("error").inc()
+            return
+        act = _Active(req, claimed_ms)
+        remaining = req.params.max_tokens - act.offset
+        if remaining < 1:
+            self._end(batch, act, ReplyEvent(req.request_id, -1), "length")
+            return
+        try:
+            self.engine.add_request(req.prompt_ids + req.published_ids,
+                                    dataclasses.replace(req.params, max_tokens=remaining),
+                                    req.request_id)
+        except InvalidRequestError as exc:
+            log.info("request %s refused: %s", req.request_id, exc)
+            self._end(batch, act, ReplyEvent(req.request_id, -1, error=str(exc)), "error")
+            return
+        self._active[req.request_id] = act
+
+    def _step(self, batch: StepBatch) -> None:
+        start = time.perf_counter()
+        events = self.engine.step()
+        self.metrics.observe_step(time.perf_counter() - start, len(events))
+        for ev in events:
+            act = self._active.get(ev.request_id)
+            if act is None:
+                log.warning("engine event for unknown request %s", ev.request_id)
+                continue
+            act.emitted += 1
+            index = act.offset + ev.index
+            reply = ReplyEvent(ev.request_id, index, ev.token_id, ev.text, ev.logprob)
+            if index == 0 and act.req.enqueue_ms > 0:
+                reply.queue_ms = max(0, act.claimed_ms - act.req.enqueue_ms)
+            if ev.finish_reason is not None:
+                self._end(batch, act, reply, ev.finish_reason.value)
+                continue
+            batch.add(act.req.gateway_id, reply)
+            ids, _ = batch.tokens.get(ev.request_id, ([], 0))
+            batch.tokens[ev.request_id] = ([*ids, ev.token_id], act.offset + act.emitted)
+
+    def _end(self, batch: StepBatch, act: _Active, event: ReplyEvent, reason: str) -> None:
+        """Make event the request's last: finish_reason, usage, keys removed on publish."""
+        event.finish_reason = reason
+        event.prompt_tokens = len(act.req.prompt_ids)
+        event.completion_tokens = act.offset + act.emitted
+        batch.add(act.req.gateway_id, event)
+        batch.finished.append(act.req.request_id)
+        self._active.pop(act.req.request_id, None)
+        self.metrics.finished.labels(reason).inc()
+        log.debug("request %s ended: %s after %d tokens", act.req.request_id, reason,
+                  event.completion_tokens)
+
+    def _forget_all(self) -> None:
+        log.error("publish failed; dropping %d requests locally (they stay leased and resume "
+                  "elsewhere from their published tokens)", len(self._active))
+        for rid in self.active_ids:
+            self.engine.abort(rid)
+        self._active.clear()
+
+    def _registration(self) -> dict[str, str]:
+        return {
+            "model": self.queue.model, "backend": self.config.backend,
+            "device": self.config.engine.device, "capacity": str(self.capacity),
+            "running": str(len(self._active)), "max_len": str(self.engine.max_len),
+            "pid": str(os.getpid()), "host": socket.gethostname(),
+            "started_ms": str(self._started_ms),
+        }
