@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 REPLIES_MAXLEN = 100_000
 """Approximate cap on each gateway's reply stream; a live gateway reads far behind this."""
+TOKENS_TTL_S = 3600
+"""toks:{id} outlives its last append by this much, so a request whose hash expired while
+queued leaves nothing behind."""
 
 
 @dataclass(slots=True)
@@ -156,6 +159,7 @@ class RedisQueue:
                 if ids and rid not in done:
                     pipe.rpush(k.tokens(rid), *ids)
                     pipe.ltrim(k.tokens(rid), 0, total - 1)
+                    pipe.expire(k.tokens(rid), TOKENS_TTL_S)
             for rid in batch.finished:
                 pipe.delete(k.request(rid), k.tokens(rid), k.cancel(rid))
                 pipe.zrem(k.leases(self.model), rid)
