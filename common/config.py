@@ -26,7 +26,8 @@ class EngineConfig:
     block_size: int = 16
     """Tokens per KV cache block."""
     kv_cache_gb: float | None = None
-    """KV cache size in GiB; None sizes it from kv_cache_fraction of free memory."""
+    """KV cache size in GiB; None sizes it from kv_cache_fraction of free memory. Either way
+    it is capped at what max_num_seqs sequences of the full context length can use."""
     kv_cache_fraction: float = 0.3
     """Share of free device memory for the KV cache when kv_cache_gb is not set."""
     max_model_len: int | None = None

@@ -65,7 +65,9 @@ class TorchBackend(Backend):
             budget = int(config.kv_cache_gb * (1 << 30))
         else:
             budget = int(free_memory_bytes(self.device) * config.kv_cache_fraction)
-        num_blocks = budget // per_block
+        # More blocks than max_num_seqs full-length sequences can use would only hold memory.
+        useful = config.max_num_seqs * -(-max_len // config.block_size)
+        num_blocks = min(budget // per_block, useful)
         if num_blocks < 1:
             raise ModelConfigError(
                 f"KV cache budget of {budget} bytes holds no block of {per_block} bytes; "
