@@ -14,7 +14,10 @@ import sys
 COMMAND_MODULES = (
     "worker.checkpoints.cli",
     "worker.bench.cli",
+    "gateway.cli",
     "worker.cli",
+    "common.local_stack",
+    "gateway.client_cli",
 )
 
 

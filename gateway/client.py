@@ -1,0 +1,164 @@
+"""A small blocking client for the npuserve Generation service.
+
+    with GenerationClient("127.0.0.1:50051") as client:
+        for message in client.generate("Hello", max_tokens=32, sampling=sampling(temperature=0)):
+            print(message.text, end="", flush=True)
+
+Streams are returned as the gRPC call objects themselves, so callers can iterate them, read
+their status, or `cancel()` them (which the gateway turns into a Cancel of the request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from protos import npuserve_pb2 as pb
+from protos import npuserve_pb2_grpc as pb_grpc
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_UNSPECIFIED: "",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_CANCELLED: "cancelled",
+    pb.FINISH_REASON_DEADLINE: "deadline",
+    pb.FINISH_REASON_ERROR: "error",
+}
+"""Proto finish reasons by their short names, as the worker's engine spells them."""
+
+
+def sampling(
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int = 0,
+    seed: int | None = None,
+    repetition_penalty: float | None = None,
+) -> pb.SamplingParameters:
+    """SamplingParameters with only the given fields set, so unset ones keep server defaults."""
+    params = pb.SamplingParameters(top_k=top_k)
+    if temperature is not None:
+        params.temperature = temperature
+    if top_p is not None:
+        params.top_p = top_p
+    if seed is not None:
+        params.seed = seed
+    if repetition_penalty is not None:
+        params.repetition_penalty = repetition_penalty
+    return params
+
+
+@dataclass(slots=True)
+class StreamResult:
+    """A whole streamed completion, gathered from its messages by `collect`."""
+
+    request_id: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    """`index` of each message, in arrival order: lets tests check ordering and gaps."""
+    finish_reason: str = ""
+    error: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_wait_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0
+    total_ms: float = 0.0
+
+    def add(self, message: pb.GenerateResponse) -> None:
+        """Fold one streamed message into the result."""
+        self.request_id = self.request_id or message.request_id
+        self.text += message.text
+        self.token_ids.extend(message.token_ids)
+        self.indices.append(message.index)
+        if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            self.finish_reason = FINISH_REASONS[message.finish_reason]
+            self.error = message.error
+            self.prompt_tokens = message.usage.prompt_tokens
+            self.completion_tokens = message.usage.completion_tokens
+            self.queue_wait_ms = message.timings.queue_wait_ms
+            self.time_to_first_token_ms = message.timings.time_to_first_token_ms
+            self.total_ms = message.timings.total_ms
+
+
+def collect(stream: Iterable[pb.GenerateResponse]) -> StreamResult:
+    """Drain a Generate/Chat stream into one StreamResult (raises grpc.RpcError on failure)."""
+    result = StreamResult()
+    for message in stream:
+        result.add(message)
+    return result
+
+
+class GenerationClient:
+    """Blocking client over one insecure channel; safe to share between threads."""
+
+    def __init__(self, target: str, timeout: float | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        """`timeout` is the default per-call deadline in seconds (None: no deadline)."""
+        self.target = target
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(target, options=list(options))
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def generate(self, prompt: str | Sequence[int], *, timeout: float | None = None,
+                 **fields: Any) -> Iterator[pb.GenerateResponse]:
+        """Stream a completion of `prompt` (text, or token ids); `fields` are GenerateRequest
+        fields (model, sampling, max_tokens, stop, priority, request_id, ...)."""
+        request = pb.GenerateRequest(**fields)
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(prompt)
+        stream: Iterator[pb.GenerateResponse] = self.stub.Generate(
+            request, timeout=self._deadline(timeout))
+        return stream
+
+    def chat(self, messages: Sequence[Mapping[str, str]], *, timeout: float | None = None,
+             **fields: Any) -> Iterator[pb.GenerateResponse]:
+        """Stream a chat reply to `messages` ([{"role": ..., "content": ...}, ...])."""
+        request = pb.ChatRequest(
+            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+            **fields)
+        stream: Iterator[pb.GenerateResponse] = self.stub.Chat(
+            request, timeout=self._deadline(timeout))
+        return stream
+
+    def tokenize(self, text: str, model: str = "", timeout: float | None = None) -> list[int]:
+        response = self.stub.Tokenize(pb.TokenizeRequest(model=model, text=text),
+                                      timeout=self._deadline(timeout))
+        return list(response.token_ids)
+
+    def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
+        response: pb.ListModelsResponse = self.stub.ListModels(
+            pb.ListModelsRequest(), timeout=self._deadline(timeout))
+        return response
+
+    def cancel(self, request_id: str, timeout: float | None = None) -> bool:
+        """Cancel a request by id; True when it was queued or running."""
+        response = self.stub.Cancel(pb.CancelRequest(request_id=request_id),
+                                    timeout=self._deadline(timeout))
+        return bool(response.cancelled)
+
+    def health(self, service: str = "", timeout: float = 2.0) -> str:
+        """grpc.health.v1 status name of `service` (SERVING, NOT_SERVING, ...)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))

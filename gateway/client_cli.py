@@ -1,0 +1,185 @@
+"""`npuserve client`: stream a reply, a raw completion, or hold a chat, against a gateway.
+
+    npuserve client "你好，介绍一下你自己"           # one user turn, rendered with the chat template
+    npuserve client --raw "The capital of France is"  # plain completion of the text (Generate)
+    npuserve client --chat                  # one user turn per stdin line; /exit or EOF ends
+
+Text goes to stdout as it arrives; with -v, usage and timings go to stderr at the end. A gRPC
+error prints its status code name and the server's message and exits 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TextIO
+
+from common.config import env
+
+if TYPE_CHECKING:
+    from gateway.client import StreamResult
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def register(subparsers: Any) -> None:
+    """Add `client` to the root parser's subparsers."""
+    p = subparsers.add_parser(
+        "client",
+        help="stream a reply or a completion from a running gateway",
+        description="Stream the model's reply to PROMPT (one user turn through the chat "
+                    "template), a plain completion of it with --raw, or with --chat hold a "
+                    "conversation from stdin lines, printing text as it arrives.",
+    )
+    p.add_argument("prompt", nargs="?", metavar="PROMPT",
+                   help="the user's message; with --raw, text to complete; with --chat, "
+                        "the first user turn (optional)")
+    p.add_argument("--raw", action="store_true",
+                   help="complete PROMPT as plain text (Generate) instead of replying to it")
+    p.add_argument("--target", default=env("CLIENT_TARGET", "127.0.0.1:50051"),
+                   help="gateway host:port (default 127.0.0.1:50051, env NPUSERVE_CLIENT_TARGET)")
+    p.add_argument("--chat", action="store_true",
+                   help="chat: read user turns from stdin, keep the history; /exit or EOF ends")
+    p.add_argument("--health", action="store_true",
+                   help="only check grpc.health.v1: print the status, exit 0 when SERVING "
+                        "(for container healthchecks)")
+    p.add_argument("--service", default="",
+                   help="with --health: the service to check (default \"\": the server)")
+    p.add_argument("--system", default="", help="a system message to start the chat with")
+    p.add_argument("--model", default="", help="model name (default: the only served model)")
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="most tokens to generate (default 0: the gateway's default)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy (default: the server's, 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="seed of this request's sampling")
+    p.add_argument("--priority", type=int, default=0, help="0 (lowest, default) to 9")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="deadline of each call in seconds (default 300, 5 with --health; "
+                        "0 for none)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print request id, usage and timings to stderr at the end")
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import grpc
+
+    from gateway.client import GenerationClient, sampling
+
+    if args.health:
+        return _health(args.target, args.service, args.timeout or 5.0)
+    if not args.chat and args.prompt is None:
+        print("npuserve client: PROMPT is required (or use --chat)", file=sys.stderr)
+        return EXIT_ERROR
+    if args.raw and args.chat:
+        print("npuserve client: --raw and --chat exclude each other", file=sys.stderr)
+        return EXIT_ERROR
+    fields: dict[str, Any] = {
+        "model": args.model, "max_tokens": args.max_tokens, "priority": args.priority,
+        "sampling": sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)}
+    timeout = 300.0 if args.timeout is None else args.timeout or None
+    client = GenerationClient(args.target, timeout=timeout)
+    stream: Any = None
+    try:
+        if args.raw:
+            stream = client.generate(args.prompt, **fields)
+            result = _print_stream(stream, sys.stdout)
+            return _finish(result, args.verbose)
+        history: list[dict[str, str]] = (
+            [{"role": "system", "content": args.system}] if args.system else [])
+        turns = _user_turns(args.prompt, sys.stdin) if args.chat else iter([args.prompt])
+        for line in turns:
+            history.append({"role": "user", "content": line})
+            stream = client.chat(history, **fields)
+            result = _print_stream(stream, sys.stdout)
+            stream = None
+            if (code := _finish(result, args.verbose)) != 0:
+                return code
+            history.append({"role": "assistant", "content": result.text})
+        return 0
+    except grpc.RpcError as exc:
+        code_name = exc.code().name if exc.code() is not None else "UNKNOWN"
+        print(f"npuserve client: {code_name}: {exc.details()}", file=sys.stderr)
+        if code_name == "UNAVAILABLE" and "connect" in (exc.details() or "").lower():
+            print(f"npuserve client: is a gateway running at {args.target}?", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        # Cancelling the call makes the gateway cancel the request, freeing the worker's slot.
+        if stream is not None:
+            stream.cancel()
+        print("npuserve client: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        client.close()
+
+
+def _health(target: str, service: str, timeout: float) -> int:
+    import grpc
+
+    from gateway.client import GenerationClient
+
+    with GenerationClient(target) as client:
+        try:
+            status = client.health(service, timeout=timeout)
+        except grpc.RpcError as exc:
+            print(f"npuserve client: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return EXIT_ERROR
+    print(status)
+    return 0 if status == "SERVING" else EXIT_ERROR
+
+
+def _user_turns(first: str | None, stdin: TextIO) -> Iterator[str]:
+    """The first turn from the command line (if any), then one per stdin line."""
+    interactive = stdin.isatty()
+    if first:
+        yield first
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            return
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return
+        if text:
+            yield text
+
+
+def _print_stream(stream: Any, out: TextIO) -> StreamResult:
+    from gateway.client import StreamResult
+
+    result = StreamResult()
+    try:
+        for message in stream:
+            result.add(message)
+            if message.text:
+                out.write(message.text)
+                out.flush()
+    finally:
+        # End the line even when the stream fails midway, so an error starts on its own line.
+        if result.text or not sys.exc_info()[0]:
+            out.write("\n")
+            out.flush()
+    return result
+
+
+def _finish(result: StreamResult, verbose: bool) -> int:
+    """Report usage when asked; 0 for a completed stream, 1 when it ended in failure."""
+    if verbose:
+        rate = (result.completion_tokens / (result.total_ms - result.time_to_first_token_ms)
+                * 1000 if result.total_ms > result.time_to_first_token_ms else 0.0)
+        print(f"[{result.request_id}] finish={result.finish_reason or '?'} "
+              f"prompt_tokens={result.prompt_tokens} "
+              f"completion_tokens={result.completion_tokens} "
+              f"queue={result.queue_wait_ms:.1f}ms ttft={result.time_to_first_token_ms:.1f}ms "
+              f"total={result.total_ms:.1f}ms decode={rate:.1f} tok/s", file=sys.stderr)
+    if result.finish_reason in ("error", "deadline", "cancelled"):
+        detail = f": {result.error}" if result.error else ""
+        print(f"npuserve client: request ended with {result.finish_reason}{detail}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    return 0

@@ -1,0 +1,152 @@
+"""The gateway's side of the Redis queue: connections, enqueue and cancel, via the Lua scripts.
+
+Every call is wrapped by `unavailable_on_error`, so an unreachable Redis surfaces as
+UnavailableError naming the (password-redacted) URL within about a second, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ConstantBackoff
+
+from common import scripts
+from common.errors import ResourceExhaustedError
+from common.keys import Keys, queue_score
+from common.protocol import QueuedRequest, ReplyEvent, encode_events
+from gateway.errors import AlreadyExistsError, UnavailableError
+
+CONNECT_TIMEOUT_S = 0.8
+"""Per connection attempt; with one retry an unreachable Redis fails an RPC within ~2 s."""
+
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+"""What "Redis is unreachable" looks like from redis-py."""
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, fit for logs and client messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(url: str, *, read_timeout_s: float = 2.0) -> aioredis.Redis:
+    """A client that fails fast: short connect timeout, one quick retry, decoded strings."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=read_timeout_s,
+        retry=Retry(ConstantBackoff(0.05), retries=1),
+    )
+
+
+def raise_if_cancelling() -> None:
+    """Re-raise a cancellation of the current task that was swallowed on the way.
+
+    redis-py sends with asyncio.wait_for, which on Python 3.11 drops a cancellation that
+    lands as the send completes (gh-86296). A dropped cancel would leave a disconnected
+    client's stream, or a background loop being stopped, waiting forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+@asynccontextmanager
+async def unavailable_on_error(url: str) -> AsyncIterator[None]:
+    """Turn redis-py's connection failures into UnavailableError naming the Redis URL (and
+    re-raise a cancellation redis-py swallowed)."""
+    try:
+        yield
+    except REDIS_DOWN as exc:
+        raise UnavailableError(
+            f"Redis at {redact(url)} is unreachable ({exc}); retry once it is back"
+        ) from exc
+    raise_if_cancelling()
+
+
+class RedisQueue:
+    """Enqueue and cancel requests with the shared Lua scripts (common.scripts)."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, url: str, *,
+                 request_ttl_s: int = 3600, cancel_ttl_s: int = 600) -> None:
+        self._r = client
+        self._keys = keys
+        self._url = url
+        self._request_ttl_s = request_ttl_s
+        self._cancel_ttl_s = cancel_ttl_s
+        self._enqueue = client.register_script(scripts.ENQUEUE)
+        self._cancel = client.register_script(scripts.CANCEL)
+
+    async def enqueue(self, request: QueuedRequest, max_queued: int) -> None:
+        """Queue `request` with score priority-then-FIFO.
+
+        Raises ResourceExhaustedError when the model's queue holds `max_queued` requests,
+        AlreadyExistsError when the request id is still in flight.
+        """
+        score = queue_score(request.priority, request.enqueue_ms)
+        fields = request.to_fields(score)
+        argv: list[Any] = [request.request_id, score, max_queued, self._request_ttl_s]
+        for name, value in fields.items():
+            argv += [name, value]
+        keys = [self._keys.queue(request.model), self._keys.request(request.request_id),
+                self._keys.wake(request.model)]
+        async with unavailable_on_error(self._url):
+            result = int(await self._enqueue(keys=keys, args=argv))
+        if result == 0:
+            raise ResourceExhaustedError(
+                f"the queue of model {request.model!r} is full (--max-queued {max_queued}: at "
+                f"most {max_queued} waiting requests per model); retry later"
+            )
+        if result == -1:
+            raise AlreadyExistsError(
+                f"request_id {request.request_id!r} is already in flight; use a new id, "
+                "or Cancel that request first"
+            )
+
+    async def cancel(self, model: str, request_id: str) -> int:
+        """Run CANCEL: 1 removed from the queue, 2 running and flagged, 0 unknown or done."""
+        keys = [self._keys.queue(model), self._keys.request(request_id),
+                self._keys.tokens(request_id), self._keys.cancel(request_id)]
+        async with unavailable_on_error(self._url):
+            return int(await self._cancel(keys=keys, args=[request_id, self._cancel_ttl_s]))
+
+    async def cancel_by_id(self, request_id: str) -> bool:
+        """Cancel a request known only by id, whichever gateway streams it.
+
+        A queued request is removed and its gateway is sent a token-less `cancelled` final
+        event, so that stream ends; a running one is flagged and its worker sends that event.
+        Returns True when the request was queued or running.
+        """
+        async with unavailable_on_error(self._url):
+            fields = await self._r.hmget(self._keys.request(request_id), ["model", "gateway"])
+        model, gateway = (str(f) if f else "" for f in fields)
+        if not model:
+            return False
+        result = await self.cancel(model, request_id)
+        if result == 1 and gateway:
+            final = ReplyEvent(request_id=request_id, index=-1, finish_reason="cancelled")
+            async with unavailable_on_error(self._url):
+                await self._r.xadd(self._keys.replies(gateway), {"e": encode_events([final])})
+        return result != 0
+
+    async def queue_depths(self, models: list[str]) -> dict[str, int]:
+        """ZCARD of each model's queue."""
+        async with unavailable_on_error(self._url):
+            pipe = self._r.pipeline(transaction=False)
+            for model in models:
+                pipe.zcard(self._keys.queue(model))
+            counts = await pipe.execute()
+        return {model: int(n) for model, n in zip(models, counts, strict=True)}

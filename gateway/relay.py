@@ -1,0 +1,188 @@
+"""One reply reader per gateway process: XREAD BLOCK on `replies:{gateway}`, dispatched to
+the waiting streams in completion order, exactly once.
+
+Workers append one stream entry per engine step holding events of many requests. Each event
+carries its index in the completion, so the relay delivers index k only after k-1, holds
+early ones back, and drops duplicates (a request resumed on another worker re-sends tokens).
+A token-less final event (index -1) is delivered once all `completion_tokens` tokens before it
+have been. When Redis goes away the reader reconnects by itself with exponential backoff;
+after `outage_grace_s` without Redis the waiting streams fail with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import redis.asyncio as aioredis
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from common.keys import Keys
+from common.protocol import ReplyEvent, decode_events
+from gateway import metrics
+from gateway.errors import AlreadyExistsError, UnavailableError
+from gateway.redis_queue import REDIS_DOWN, raise_if_cancelling, redact
+
+log = logging.getLogger(__name__)
+
+
+class Subscription:
+    """The ordered, de-duplicated events of one request, for the stream that awaits them."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.queue: asyncio.Queue[ReplyEvent | Exception] = asyncio.Queue()
+        self.next_index = 0
+        self.finished = False
+        self._early: dict[int, ReplyEvent] = {}
+        self._final: ReplyEvent | None = None
+
+    async def get(self) -> ReplyEvent:
+        """The next event in order; raises what the relay failed the stream with."""
+        item = await self.queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def offer(self, event: ReplyEvent) -> None:
+        """Accept one event from the stream, in whatever order it arrived."""
+        if self.finished or self._seen(event):
+            metrics.RELAY_DUPLICATES.inc()
+            return
+        if event.index < 0:
+            self._final = event
+        elif event.index > self.next_index:
+            metrics.RELAY_OUT_OF_ORDER.inc()
+            self._early[event.index] = event
+            return
+        else:
+            self._deliver(event)
+        while not self.finished and self.next_index in self._early:
+            self._deliver(self._early.pop(self.next_index))
+        final = self._final
+        if not self.finished and final and self.next_index >= final.completion_tokens:
+            self._deliver(final)
+
+    def fail(self, error: Exception) -> None:
+        """End the stream with `error` (raised by the next `get`)."""
+        if not self.finished:
+            self.finished = True
+            self.queue.put_nowait(error)
+
+    def _seen(self, event: ReplyEvent) -> bool:
+        if event.index < 0:
+            return self._final is not None or not event.finish_reason
+        return event.index < self.next_index or event.index in self._early
+
+    def _deliver(self, event: ReplyEvent) -> None:
+        if event.index >= 0:
+            self.next_index = event.index + 1
+        if event.finish_reason:
+            self.finished = True
+        self.queue.put_nowait(event)
+
+
+class ReplyRelay:
+    """Reads this gateway's reply stream and hands each event to its request's Subscription."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, gateway_id: str, url: str, *,
+                 block_ms: int = 1000, outage_grace_s: float = 10.0) -> None:
+        self._r = client
+        self._stream = keys.replies(gateway_id)
+        self._url = url
+        self._block_ms = block_ms
+        self._outage_grace_s = outage_grace_s
+        self._subs: dict[str, Subscription] = {}
+        self._last_id = "0-0"
+        self._task: asyncio.Task[None] | None = None
+        self._down_since: float | None = None
+
+    def subscribe(self, request_id: str) -> Subscription:
+        """Start collecting events for `request_id`; subscribe before enqueueing."""
+        if request_id in self._subs:
+            raise AlreadyExistsError(
+                f"request_id {request_id!r} is already in flight on this gateway; "
+                "use a new id, or Cancel that request first")
+        sub = self._subs[request_id] = Subscription(request_id)
+        return sub
+
+    def unsubscribe(self, request_id: str) -> None:
+        """Stop collecting; later events for the id are dropped."""
+        self._subs.pop(request_id, None)
+
+    async def start(self) -> None:
+        """Start the reader task after the stream's newest entry, so that a gateway id reused
+        after a crash does not replay old events. Without Redis it reads from the start of
+        the stream once Redis is back (events of requests nobody waits for are dropped)."""
+        try:
+            newest: Any = await self._r.xrevrange(self._stream, count=1)
+            self._last_id = str(newest[0][0]) if newest else "0-0"
+        except REDIS_DOWN:
+            self._last_id = "0-0"
+        self._task = asyncio.create_task(self._run(), name=f"relay {self._stream}")
+
+    async def stop(self, *, delete_stream: bool = True) -> None:
+        """Stop the reader and fail the streams still waiting; delete the reply stream."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for sub in self._subs.values():
+            sub.fail(UnavailableError("the gateway is shutting down; retry on another one"))
+        if delete_stream:
+            try:
+                await self._r.delete(self._stream)
+            except REDIS_DOWN:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(REDIS_DOWN),
+                wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.1),
+                before_sleep=self._on_outage,
+                reraise=True,
+            )
+            async for attempt in retrying:
+                with attempt:
+                    await self._read_once()
+            if self._down_since is not None:
+                log.info("reply stream %s: Redis is back", self._stream)
+                self._down_since = None
+
+    async def _read_once(self) -> None:
+        reply: Any = await self._r.xread({self._stream: self._last_id}, count=256,
+                                          block=self._block_ms)
+        raise_if_cancelling()
+        if not reply:
+            return
+        entries: list[tuple[str, dict[str, str]]] = reply[0][1]
+        for entry_id, fields in entries:
+            self._last_id = entry_id
+            try:
+                events = decode_events(fields["e"])
+            except (KeyError, ValueError, TypeError) as exc:
+                log.error("reply stream %s: dropping malformed entry %s: %s",
+                          self._stream, entry_id, exc)
+                continue
+            for event in events:
+                sub = self._subs.get(event.request_id)
+                if sub is not None:
+                    sub.offer(event)
+        metrics.RELAY_ENTRIES.inc(len(entries))
+        await self._r.xtrim(self._stream, minid=self._last_id, approximate=False)
+
+    def _on_outage(self, state: object) -> None:
+        now = time.monotonic()
+        metrics.RELAY_RECONNECTS.inc()
+        if self._down_since is None:
+            self._down_since = now
+            log.warning("reply stream %s: Redis at %s is unreachable; reconnecting",
+                        self._stream, redact(self._url))
+        elif now - self._down_since > self._outage_grace_s and self._subs:
+            error = UnavailableError(
+                f"lost Redis at {redact(self._url)} for over {self._outage_grace_s:g} s "
+                "while streaming; the request's outcome is unknown")
+            for sub in self._subs.values():
+                sub.fail(error)

