@@ -23,10 +23,11 @@ return 1
 
 CLAIM = """
 -- KEYS: queue, leases   ARGV: n, now_ms, lease_ms, worker_id, prefix
--- Pops up to n runnable requests, highest score first; cancelled or expired ones are dropped.
+-- Pops up to n runnable requests, highest score first. Cancelled or expired ones are removed
+-- and returned too, marked, so their streams get a final event (not counted in n).
 local out = {}
-local n, now = tonumber(ARGV[1]), tonumber(ARGV[2])
-while #out < n do
+local n, now, taken = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
+while taken < n do
   local popped = redis.call('ZPOPMAX', KEYS[1])
   if #popped == 0 then break end
   local id = popped[1]
@@ -35,19 +36,27 @@ while #out < n do
   local fields = redis.call('HGETALL', req)
   if #fields > 0 then
     local deadline = tonumber(redis.call('HGET', req, 'deadline_ms') or '0') or 0
-    if redis.call('EXISTS', ARGV[5] .. 'cancel:' .. id) == 1
-        or (deadline > 0 and deadline <= now) then
-      redis.call('DEL', req, toks)
+    local dropped = ''
+    if redis.call('EXISTS', ARGV[5] .. 'cancel:' .. id) == 1 then
+      dropped = 'cancelled'
+    elseif deadline > 0 and deadline <= now then
+      dropped = 'deadline'
+    end
+    if dropped ~= '' then
+      table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1), dropped})
+      redis.call('DEL', req, toks, ARGV[5] .. 'cancel:' .. id)
     else
       redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), id)
       redis.call('HSET', req, 'worker', ARGV[4])
-      table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1)})
+      table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1), ''})
+      taken = taken + 1
     end
   end
 end
 return out
 """
-"""[[id, [field, value, ...], [published token, ...]], ...]"""
+"""[[id, [field, value, ...], [published token, ...], dropped], ...] where dropped is '' for a
+claimed request, or 'cancelled' / 'deadline' for one removed instead of run."""
 
 REQUEUE = """
 -- KEYS: queue, leases, wake   ARGV: prefix, id, ...

@@ -40,12 +40,15 @@ queued leaves nothing behind."""
 
 @dataclass(slots=True)
 class Claimed:
-    """One request popped by CLAIM, now leased to this worker."""
+    """One request popped by CLAIM: leased to this worker, or removed instead of run."""
 
     request_id: str
     fields: dict[str, str]
     published: list[int]
     """Tokens an earlier worker already streamed (non-empty for a resumed request)."""
+    dropped: str = ""
+    """'cancelled' or 'deadline' when CLAIM removed the request instead of leasing it (it was
+    flagged while running, then handed back): only its final event is left to send."""
 
 
 @dataclass(slots=True)
@@ -122,9 +125,9 @@ class RedisQueue:
             keys=[self.keys.queue(self.model), self.keys.leases(self.model)],
             args=[n, now_ms, self.lease_ms, self.worker_id, self.keys.prefix]))
         out = []
-        for rid, flat, toks in raw:
+        for rid, flat, toks, dropped in raw:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
-            out.append(Claimed(rid, fields, [int(t) for t in toks]))
+            out.append(Claimed(rid, fields, [int(t) for t in toks], dropped))
         return out
 
     def wait_for_work(self, timeout_s: float) -> bool:

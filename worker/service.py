@@ -235,6 +235,9 @@ class WorkerService:
             self.metrics.finished.labels("error").inc()
             return
         act = _Active(req, claimed_ms)
+        if c.dropped:
+            self._end(batch, act, ReplyEvent(req.request_id, -1), c.dropped)
+            return
         remaining = req.params.max_tokens - act.offset
         if remaining < 1:
             self._end(batch, act, ReplyEvent(req.request_id, -1), "length")

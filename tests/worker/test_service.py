@@ -147,9 +147,29 @@ def test_a_queued_request_past_its_deadline_is_never_run(
         make_service: MakeService, gateway: FakeGateway) -> None:
     service = make_service()
     gateway.enqueue("late", PROMPTS[0], GREEDY, deadline_ms=now_ms() - 1)
-    assert not service.run_once()
-    assert gateway.events("late") == [] and service.active_ids == []
+    service.run_once()
+    assert service.active_ids == []
+    [final] = gateway.events("late")
+    assert (final.index, final.token_id, final.finish_reason) == (-1, -1, "deadline")
     assert not gateway.client.exists(gateway.keys.request("late"))
+
+
+def test_a_request_flagged_cancelled_then_handed_back_gets_a_cancelled_final(
+        make_service: MakeService, gateway: FakeGateway, redis_url: str) -> None:
+    service = make_service()
+    dead = RedisQueue.connect(RedisConfig(url=redis_url), MODEL, "dead", 15000)
+    gateway.enqueue("flagged", PROMPTS[0], LONG)
+    [claimed] = dead.claim(1, now_ms())
+    assert claimed.request_id == "flagged" and not claimed.dropped
+    assert gateway.cancel("flagged") == 2  # leased: only flagged for its worker
+    assert dead.reap(now_ms() + 60_000) == 1  # that worker died: the lease runs out
+    dead.close()
+    service.run_once()
+    assert service.active_ids == []
+    [final] = gateway.events("flagged")
+    assert (final.index, final.finish_reason) == (-1, "cancelled")
+    c, k = gateway.client, gateway.keys
+    assert not c.exists(k.request("flagged"), k.tokens("flagged"), k.cancel("flagged"))
 
 
 def test_a_running_request_past_its_deadline_ends_with_a_deadline_event(
