@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "worker.cli",
     "common.local_stack",
     "gateway.client_cli",
+    "worker.quant.cli",
 )
 
 

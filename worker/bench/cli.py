@@ -42,6 +42,11 @@ def register(subparsers: Any) -> None:
     engine.add_argument(
         "--kv-cache-gb", type=float, default=1.0, help="npuserve KV cache budget (default 1.0)"
     )
+    engine.add_argument(
+        "--quantized", metavar="DIR",
+        help="a quantized copy of --model (npuserve quantize): also time its batch-1 decode, "
+        "alternating with the float model's, and report the speed-up",
+    )
     engine.set_defaults(handler=_engine)
 
 
@@ -66,6 +71,7 @@ def _engine(args: argparse.Namespace) -> int:
         decode_tokens=preset["decode_tokens"],
         sequential_requests=preset["sequential_requests"],
         quick=args.quick,
+        quantized_dir=args.quantized,
     )
     results = engine_bench.run(config)
     if args.json:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from worker.bench import bandwidth, hf_reference, npuserve_phase
+from worker.bench import bandwidth, hf_reference, npuserve_phase, quant_phase
 from worker.bench.report import Results
 from worker.bench.workload import (
     OUTPUT_LEN_RANGE,
@@ -62,6 +62,8 @@ class BenchConfig:
     (every k-th); None runs all. A request alone shares nothing with the others, so its
     tokens/s over a spread subset measures the same rate in a fraction of the time."""
     quick: bool = False
+    quantized_dir: str | None = None
+    """A quantized copy of the model: its batch-1 decode is timed against the float model's."""
 
 
 QUICK = {"requests": 32, "max_batch": 16, "decode_tokens": 32, "sequential_requests": 8}
@@ -121,6 +123,15 @@ def run(config: BenchConfig) -> Results:
             on_tokens=bar.update,
         )
     engine_bytes = npuserve_phase.weight_bytes(engine)
+    quantized: Results = {}
+    if config.quantized_dir is not None:
+        total = quant_phase.total_tokens(config.decode_warmup_tokens, config.decode_tokens)
+        with _bar("quantized vs float batch-1 decode", total) as bar:
+            quantized = quant_phase.run(
+                engine, config.quantized_dir, first_prompt[:32], device=config.device,
+                dtype=config.dtype, max_batch=config.max_batch, kv_cache_gb=config.kv_cache_gb,
+                threads=config.threads, warmup_tokens=config.decode_warmup_tokens,
+                measured_tokens=config.decode_tokens, on_tokens=bar.update)
     del engine
     gc.collect()
 
@@ -175,4 +186,5 @@ def run(config: BenchConfig) -> Results:
         "decode_vs_floor": decode_ms / floor_ms,
         "npuserve_outputs_matching_hf_sequential": _matches(ours, sequential, alone),
         "hf_batched_outputs_matching_hf_sequential": _matches(batched, sequential, alone),
+        **quantized,
     }

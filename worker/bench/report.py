@@ -46,6 +46,13 @@ def format_table(r: Results) -> str:
             f"{r['weight_bytes_per_decode_step'] / 1e6:.0f} MB/step",
         ),
     ]
+    if "quantized_decode_ms_per_token_batch1" in r:
+        against = r["quantized_reference_decode_ms_per_token_batch1"]
+        rows.append((
+            f"{r['quantized_model']} batch-1 decode",
+            f"{r['quantized_decode_ms_per_token_batch1']:.2f} ms/tok",
+            f"x{r['quantized_decode_speedup']:.2f} vs float {against:.2f} ms/tok, alternated",
+        ))
     head = (
         f"{r['model']}: {r['requests']} requests, {r['total_prompt_tokens']} prompt + "
         f"{r['total_output_tokens']} output tokens, max batch {r['max_batch']}, "

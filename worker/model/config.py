@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import ModelConfigError
+from worker.quant.scheme import QuantConfig
 
 # model_type -> (q/k/v projections carry a bias, per-head q/k RMSNorm)
 _ARCHITECTURES: dict[str, tuple[bool, bool]] = {
@@ -42,6 +43,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     torch_dtype: str
     """The dtype the checkpoint was saved in (float32, bfloat16, float16)."""
+    quantization: QuantConfig | None = None
+    """The int8 layout written by `npuserve quantize`; None for a float checkpoint."""
 
     @property
     def q_size(self) -> int:
@@ -100,6 +103,8 @@ class ModelConfig:
             qk_norm=qk_norm,
             eos_token_ids=tuple(eos),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            quantization=(QuantConfig.from_dict(raw["quantization_config"])
+                          if raw.get("quantization_config") is not None else None),
         )
 
 

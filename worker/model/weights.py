@@ -17,18 +17,27 @@ from safetensors import safe_open
 from common.errors import ModelConfigError
 from worker.model.config import ModelConfig
 from worker.model.linear import Projection, can_pack
+from worker.quant.int8_linear import (
+    FakeQuantInput,
+    Int8Projection,
+    dequantize,
+    quantized_projection,
+)
+
+AnyProjection = Projection | Int8Projection | FakeQuantInput
+"""A float projection or one of its int8 siblings (same call, nbytes and resident_bytes)."""
 
 
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    qkv: Projection  # hidden -> q + 2*kv
+    qkv: AnyProjection  # hidden -> q + 2*kv
     q_norm: torch.Tensor | None  # [head_dim]
     k_norm: torch.Tensor | None  # [head_dim]
-    o_proj: Projection  # q -> hidden
+    o_proj: AnyProjection  # q -> hidden
     post_norm: torch.Tensor  # [hidden]
-    gate_up: Projection  # hidden -> 2*intermediate
-    down: Projection  # intermediate -> hidden
+    gate_up: AnyProjection  # hidden -> 2*intermediate
+    down: AnyProjection  # intermediate -> hidden
 
 
 @dataclass(slots=True)
@@ -36,7 +45,7 @@ class ModelWeights:
     embed: torch.Tensor  # [vocab, hidden]
     layers: list[LayerWeights]
     norm: torch.Tensor  # [hidden]
-    lm_head: Projection  # hidden -> vocab; the embedding matrix again when tied
+    lm_head: AnyProjection  # hidden -> vocab; the embedding matrix again when tied
 
     def nbytes_per_decode_step(self) -> int:
         """Bytes a decode step must read: every layer, the final norm and the lm_head once."""
@@ -45,6 +54,19 @@ class ModelWeights:
             for t in (layer.input_norm, layer.qkv, layer.q_norm, layer.k_norm, layer.o_proj,
                       layer.post_norm, layer.gate_up, layer.down):
                 total += t.nbytes if t is not None else 0
+        return total
+
+    def resident_bytes(self) -> int:
+        """Bytes the weights hold in memory: packed copies included, a tied matrix once."""
+        total = self.embed.nbytes + self.norm.nbytes + self.lm_head.resident_bytes
+        weight = getattr(self.lm_head, "weight", None)
+        if weight is not None and weight.data_ptr() == self.embed.data_ptr():
+            total -= self.embed.nbytes
+        for layer in self.layers:
+            for t in (layer.input_norm, layer.q_norm, layer.k_norm, layer.post_norm):
+                total += t.nbytes if t is not None else 0
+            for proj in (layer.qkv, layer.o_proj, layer.gate_up, layer.down):
+                total += proj.resident_bytes
         return total
 
 
@@ -83,14 +105,21 @@ def load_weights(
     """pack: also keep oneDNN-packed copies of the projections on CPU (see linear.py)."""
     src = _TensorSource(Path(model_dir))
     pack = pack and can_pack(device)
+    quant = config.quantization
 
-    def proj(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Projection:
-        return Projection(weight, bias, pack)
+    def proj(modules: list[str], bias: bool = False) -> AnyProjection:
+        """One projection over HF `modules`, fused by stacking their rows."""
+        if quant is not None:
+            return quantized_projection(quant, src.get, modules, bias, dtype, device)
+        weight = cat(*(m + ".weight" for m in modules))
+        return Projection(weight, cat(*(m + ".bias" for m in modules)) if bias else None, pack)
 
     def get(name: str) -> torch.Tensor:
         return src.get(name).to(device=device, dtype=dtype).contiguous()
 
     def cat(*names: str) -> torch.Tensor:
+        if len(names) == 1:
+            return get(names[0])
         return torch.cat([src.get(n) for n in names]).to(device=device, dtype=dtype).contiguous()
 
     layers = []
@@ -100,19 +129,24 @@ def load_weights(
         layers.append(
             LayerWeights(
                 input_norm=get(p + "input_layernorm.weight"),
-                qkv=proj(
-                    cat(*(f"{attn}{x}_proj.weight" for x in "qkv")),
-                    cat(*(f"{attn}{x}_proj.bias" for x in "qkv")) if config.qkv_bias else None,
-                ),
+                qkv=proj([f"{attn}{x}_proj" for x in "qkv"], bias=config.qkv_bias),
                 q_norm=get(attn + "q_norm.weight") if config.qk_norm else None,
                 k_norm=get(attn + "k_norm.weight") if config.qk_norm else None,
-                o_proj=proj(get(attn + "o_proj.weight")),
+                o_proj=proj([attn + "o_proj"]),
                 post_norm=get(p + "post_attention_layernorm.weight"),
-                gate_up=proj(cat(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")),
-                down=proj(get(p + "mlp.down_proj.weight")),
+                gate_up=proj([p + "mlp.gate_proj", p + "mlp.up_proj"]),
+                down=proj([p + "mlp.down_proj"]),
             )
         )
-    embed = get("model.embed_tokens.weight")
-    tied = config.tie_word_embeddings or "lm_head.weight" not in src
-    lm_head = proj(embed if tied else get("lm_head.weight"))
+    if quant is not None and quant.embeddings:
+        # F.embedding needs a float table, so an int8 one only saves disk space
+        embed = dequantize(src.get("model.embed_tokens.weight"),
+                           src.get("model.embed_tokens.weight_scale")).to(device, dtype)
+    else:
+        embed = get("model.embed_tokens.weight")
+    if quant is not None and quant.lm_head:
+        lm_head = proj(["lm_head"])
+    else:
+        tied = config.tie_word_embeddings or "lm_head.weight" not in src
+        lm_head = Projection(embed if tied else get("lm_head.weight"), None, pack)
     return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)

@@ -1,0 +1,62 @@
+"""`npuserve bench engine --quantized DIR`: batch-1 decode of a quantized model against its source.
+
+Both engines stay loaded and are timed in alternation, several rounds each, so a burst of
+load from other processes hits both about equally; the ratio of the medians is the result.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from worker.bench import npuserve_phase
+
+if TYPE_CHECKING:
+    from worker.engine.engine import Engine
+
+ROUNDS = 3
+"""Alternating measurements per engine."""
+
+
+def run(float_engine: Engine, quantized_dir: str, prompt: Sequence[int], *, device: str,
+        dtype: str, max_batch: int, kv_cache_gb: float, threads: int | None,
+        warmup_tokens: int, measured_tokens: int,
+        on_tokens: npuserve_phase.OnTokens | None = None) -> dict[str, Any]:
+    """Load the quantized model beside `float_engine` and time batch-1 decode of both."""
+    quant = npuserve_phase.load_engine(quantized_dir, device=device, dtype=dtype,
+                                       max_batch=max_batch, kv_cache_gb=kv_cache_gb,
+                                       threads=threads)
+    npuserve_phase.warm_up(quant, prompt)
+    times: dict[str, list[float]] = {"float": [], "quantized": []}
+    for _ in range(ROUNDS):
+        for name, engine in (("float", float_engine), ("quantized", quant)):
+            times[name].append(npuserve_phase.decode_ms_per_token(
+                engine, prompt, warmup_tokens=warmup_tokens, measured_tokens=measured_tokens,
+                on_tokens=on_tokens))
+    float_ms = statistics.median(times["float"])
+    quant_ms = statistics.median(times["quantized"])
+    quantization = quant.model_config.quantization
+    return {
+        "quantized_model": Path(quantized_dir).resolve().name,
+        "quantized_config": quantization.to_dict() if quantization is not None else None,
+        "quantized_decode_ms_per_token_batch1": quant_ms,
+        "quantized_reference_decode_ms_per_token_batch1": float_ms,
+        "quantized_decode_ms_rounds": times["quantized"],
+        "quantized_reference_decode_ms_rounds": times["float"],
+        "quantized_decode_speedup": float_ms / quant_ms,
+        "quantized_weight_bytes_per_decode_step": quant.weight_bytes(),
+        "quantized_weight_resident_bytes": _resident(quant),
+        "reference_weight_resident_bytes": _resident(float_engine),
+    }
+
+
+def total_tokens(warmup_tokens: int, measured_tokens: int) -> int:
+    """Output tokens the phase produces, for a progress bar."""
+    return 2 * ROUNDS * (warmup_tokens + measured_tokens)
+
+
+def _resident(engine: Engine) -> int | None:
+    weights = getattr(engine.backend, "weights", None)
+    return weights.resident_bytes() if weights is not None else None

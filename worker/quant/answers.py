@@ -1,0 +1,42 @@
+"""Greedy answers to the evaluation set's demo questions, to read next to the metrics.
+
+Similar logits do not guarantee readable text at every step, so `npuserve verify --answers`
+shows what each model actually says when chatting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.config import EngineConfig
+from preprocess.sampling_params import SamplingParams
+
+
+def greedy_answers(model_dir: str | Path, questions: Sequence[str], max_tokens: int = 48, *,
+                   device: str = "cpu", threads: int | None = None) -> list[str]:
+    """Each question as one user message through the chat template, answered greedily."""
+    from preprocess.tokenizer import render_chat
+    from worker.engine.engine import Engine
+
+    engine = Engine.from_model_dir(model_dir, EngineConfig(device=device, threads=threads,
+                                                           kv_cache_gb=0.25))
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer, so it cannot answer questions")
+    prompts = []
+    for q in questions:
+        text = render_chat(tokenizer, [{"role": "user", "content": q}])
+        prompts.append(list(tokenizer(text, add_special_tokens=False).input_ids))
+    done = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return [c.text.strip() for c in done]
+
+
+def format_answers(questions: Sequence[str], reference: Sequence[str],
+                   model: Sequence[str]) -> str:
+    """Question, reference answer and model answer, one block per question."""
+    blocks = []
+    for q, r, m in zip(questions, reference, model, strict=True):
+        same = "same" if r == m else "differs"
+        blocks.append(f"Q: {q}\n  reference: {r!r}\n  model ({same}): {m!r}")
+    return "\n".join(blocks)
