@@ -23,6 +23,8 @@ from gateway.client import GenerationClient, collect, sampling
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_ARGS = "--kv-cache-gb 0.05 --max-num-seqs 4 --threads 1"
 READY = "npuserve is ready"
+BANNER_END = "Ctrl-C stops everything"
+"""The last line of the ready banner: once it is read, the whole banner is."""
 
 
 class UpProcess:
@@ -40,7 +42,7 @@ class UpProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
-            if READY in line:
+            if BANNER_END in line:
                 self.ready.set()
 
     def output(self) -> str:
@@ -114,6 +116,7 @@ def test_up_serves_a_client_and_stops_every_child_on_sigint(
                     f"--worker-args={WORKER_ARGS}"])
     up_factory.append(up)
     up.wait_ready(180)
+    assert READY in up.output()
     assert f"npuserve client --target {target}" in up.output()
     children = up.children()
     assert set(children) == {"redis", "gateway", "worker"}, up.output()
