@@ -12,7 +12,7 @@ MODEL_DIR ?= models/smollm2-135m-instruct
 TORCH_VERSION := 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup deps redis model run test bench lint clean
+.PHONY: setup deps redis model run test bench lint proto clean
 
 setup: deps redis model
 	@echo "setup done: $(NPUSERVE) is ready; default model in $(MODEL_DIR)"
@@ -49,6 +49,11 @@ test: deps
 
 bench: setup
 	$(NPUSERVE) bench engine --model $(MODEL_DIR) --quick --json bench-results/engine.json
+
+# The generated stubs are committed; tests/protos/test_stubs.py fails when they are stale.
+proto: deps
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/npuserve.proto
 
 lint:
 	$(VENV)/bin/ruff check common gateway preprocess worker tests
