@@ -58,48 +58,39 @@ return out
 """[[id, [field, value, ...], [published token, ...], dropped], ...] where dropped is '' for a
 claimed request, or 'cancelled' / 'deadline' for one removed instead of run."""
 
-REQUEUE = """
--- KEYS: queue, leases, wake   ARGV: prefix, id, ...
--- Hands leased requests back to the queue with their original score (drain, expired lease).
-local done = 0
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  local req = ARGV[1] .. 'req:' .. id
-  redis.call('ZREM', KEYS[2], id)
-  local score = redis.call('HGET', req, 'score')
-  if score then
-    redis.call('HDEL', req, 'worker')
-    redis.call('ZADD', KEYS[1], score, id)
-    done = done + 1
+_HAND_BACK = """
+-- Puts leased requests back in the queue with their original score; returns how many.
+local function hand_back(queue, leases, wake, prefix, ids)
+  local done = 0
+  for _, id in ipairs(ids) do
+    redis.call('ZREM', leases, id)
+    local req = prefix .. 'req:' .. id
+    local score = redis.call('HGET', req, 'score')
+    if score then
+      redis.call('HDEL', req, 'worker')
+      redis.call('ZADD', queue, score, id)
+      done = done + 1
+    end
   end
+  if done > 0 then
+    redis.call('LPUSH', wake, '1')
+    redis.call('LTRIM', wake, 0, 63)
+  end
+  return done
 end
-if done > 0 then
-  redis.call('LPUSH', KEYS[3], '1')
-  redis.call('LTRIM', KEYS[3], 0, 63)
-end
-return done
 """
 
-REAP = """
+REQUEUE = _HAND_BACK + """
+-- KEYS: queue, leases, wake   ARGV: prefix, id, ...
+-- Hands a draining worker's requests back.
+return hand_back(KEYS[1], KEYS[2], KEYS[3], ARGV[1], {unpack(ARGV, 2)})
+"""
+
+REAP = _HAND_BACK + """
 -- KEYS: leases, queue, wake   ARGV: now_ms, prefix
 -- Re-queues every request whose lease expired (its worker died or stalled).
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local done = 0
-for _, id in ipairs(expired) do
-  redis.call('ZREM', KEYS[1], id)
-  local req = ARGV[2] .. 'req:' .. id
-  local score = redis.call('HGET', req, 'score')
-  if score then
-    redis.call('HDEL', req, 'worker')
-    redis.call('ZADD', KEYS[2], score, id)
-    done = done + 1
-  end
-end
-if done > 0 then
-  redis.call('LPUSH', KEYS[3], '1')
-  redis.call('LTRIM', KEYS[3], 0, 63)
-end
-return done
+return hand_back(KEYS[2], KEYS[1], KEYS[3], ARGV[2], expired)
 """
 
 CANCEL = """

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -43,7 +44,7 @@ that the widened bfloat16 GEMM wins (SmolLM2's layers, 2 threads: 8 rows 21 vs 2
 _warned: set[str] = set()
 
 
-class Int8Projection:
+class Int8Projection(ABC):
     """y = x (s * Wq)^T + b with Wq int8 [out, in] and s float32 [out] (per output channel).
 
     The base of the two schemes' projections: the loader picks the subclass.
@@ -71,8 +72,9 @@ class Int8Projection:
         y = self._matmul(x).to(x.dtype)
         return y + self.bias if self.bias is not None else y
 
+    @abstractmethod
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x: [M, in] -> x W^T in float32 or the kernel's dtype."""
 
 
 class W8A16Projection(Int8Projection):
