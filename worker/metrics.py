@@ -50,6 +50,9 @@ class WorkerMetrics:
                                 ["reason"], registry=r)
         self.weight_bytes = Gauge("npuserve_worker_weight_bytes",
                                   "Bytes of model weights read per decode step", registry=r)
+        self.weight_memory_bytes = Gauge(
+            "npuserve_worker_weight_memory_bytes",
+            "Bytes the model weights hold in memory (packed copies included)", registry=r)
         self.kv_cache_bytes = Gauge("npuserve_worker_kv_cache_bytes",
                                     "Bytes held by the KV cache", registry=r)
         self.rss_bytes = Gauge("npuserve_worker_rss_bytes",
@@ -74,7 +77,9 @@ class WorkerMetrics:
         self.kv_blocks_used.set(blocks_used)
         self.kv_blocks_total.set(blocks_total)
 
-    def set_memory(self, weight_bytes: int, kv_cache_bytes: int) -> None:
+    def set_memory(self, weight_bytes: int, weight_memory_bytes: int,
+                   kv_cache_bytes: int) -> None:
         self.weight_bytes.set(weight_bytes)
+        self.weight_memory_bytes.set(weight_memory_bytes)
         self.kv_cache_bytes.set(kv_cache_bytes)
         self.rss_bytes.set(rss_bytes())

@@ -117,10 +117,12 @@ class WorkerService:
         if self.queue.ensure_model_info(self._info):
             log.info("published model:%s (sha %s)", self.queue.model, self._info["sha"][:12])
         self.heartbeat()
-        weights, kv = self.engine.backend.weight_bytes(), self.engine.backend.kv_cache_bytes()
-        log.info("worker %s serving %s: weights %.1f MiB, KV cache %.1f MiB, RSS %.1f MiB, "
-                 "capacity %d, max_len %d", self.queue.worker_id, self.queue.model,
-                 weights / _MB, kv / _MB, rss_bytes() / _MB, self.capacity, self.engine.max_len)
+        backend = self.engine.backend
+        log.info("worker %s serving %s: weights %.1f MiB (%.1f MiB read per step), KV cache "
+                 "%.1f MiB, RSS %.1f MiB, capacity %d, max_len %d", self.queue.worker_id,
+                 self.queue.model, backend.weight_memory_bytes() / _MB,
+                 backend.weight_bytes() / _MB, backend.kv_cache_bytes() / _MB,
+                 rss_bytes() / _MB, self.capacity, self.engine.max_len)
 
     def heartbeat(self) -> None:
         """Renew leases, refresh the registration, re-queue requests of dead workers."""
@@ -134,8 +136,9 @@ class WorkerService:
         if reaped := self.queue.reap(now):
             log.warning("re-queued %d requests whose worker stopped renewing", reaped)
         self.queue.ensure_model_info(self._info)
-        self.metrics.set_memory(self.engine.backend.weight_bytes(),
-                                self.engine.backend.kv_cache_bytes())
+        backend = self.engine.backend
+        self.metrics.set_memory(backend.weight_bytes(), backend.weight_memory_bytes(),
+                                backend.kv_cache_bytes())
 
     def run_once(self) -> bool:
         """One iteration (see the module docstring); False when there was nothing to do.

@@ -21,7 +21,7 @@ def test_observations_show_up_under_their_names() -> None:
     m.observe_step(0.2, tokens=2)
     m.finished.labels("stop").inc()
     m.set_load(running=2, waiting=1, blocks_used=5, blocks_total=64)
-    m.set_memory(weight_bytes=1000, kv_cache_bytes=2000)
+    m.set_memory(weight_bytes=1000, weight_memory_bytes=1500, kv_cache_bytes=2000)
     assert _sample(m, "npuserve_worker_generated_tokens_total") == 5
     assert _sample(m, "npuserve_worker_step_seconds_count") == 2
     assert _sample(m, "npuserve_worker_step_seconds_bucket", {"le": "0.005"}) == 1
@@ -30,6 +30,7 @@ def test_observations_show_up_under_their_names() -> None:
     assert _sample(m, "npuserve_worker_waiting_requests") == 1
     assert _sample(m, "npuserve_worker_kv_blocks_used") == 5
     assert _sample(m, "npuserve_worker_weight_bytes") == 1000
+    assert _sample(m, "npuserve_worker_weight_memory_bytes") == 1500
     assert _sample(m, "npuserve_worker_kv_cache_bytes") == 2000
     assert (_sample(m, "npuserve_worker_rss_bytes") or 0) > 10 << 20
 

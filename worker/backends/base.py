@@ -92,6 +92,10 @@ class Backend(ABC):
     def weight_bytes(self) -> int:
         """Bytes of weights one decode step reads (for bandwidth floors and metrics)."""
 
+    def weight_memory_bytes(self) -> int:
+        """Bytes the weights hold in device or host memory (copies kept for speed included)."""
+        return self.weight_bytes()
+
     def kv_cache_bytes(self) -> int:
         """Bytes of memory the KV cache holds."""
         return 0

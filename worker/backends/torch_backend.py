@@ -82,12 +82,16 @@ class TorchBackend(Backend):
             block_size=config.block_size,
             num_blocks=num_blocks,
         )
-        log.info("torch backend on %s (%s): weights %.1f MiB, KV cache %.1f MiB in %d blocks",
-                 self.device, config.dtype, self.weight_bytes() / 2**20,
+        log.info("torch backend on %s (%s): weights %.1f MiB (%.1f MiB read per step), "
+                 "KV cache %.1f MiB in %d blocks", self.device, config.dtype,
+                 self.weight_memory_bytes() / 2**20, self.weight_bytes() / 2**20,
                  self.kv_cache_bytes() / 2**20, num_blocks)
 
     def weight_bytes(self) -> int:
         return self.weights.nbytes_per_decode_step()
+
+    def weight_memory_bytes(self) -> int:
+        return self.weights.resident_bytes()
 
     def kv_cache_bytes(self) -> int:
         return self.cache.data.nbytes

@@ -83,3 +83,12 @@ def test_unsupported_rope_scaling_is_refused_with_its_name() -> None:
 def test_unknown_architecture_is_refused() -> None:
     with pytest.raises(ModelConfigError, match="mistral"):
         ModelConfig.from_dict({"model_type": "mistral"})
+
+
+def test_weight_memory_counts_the_packed_copies_and_reads_count_one(tiny_qwen2: Path) -> None:
+    packed = TorchBackend(tiny_qwen2, EngineConfig(kv_cache_gb=0.01))
+    plain = TorchBackend(tiny_qwen2, EngineConfig(kv_cache_gb=0.01, cpu_packed_weights=False))
+    assert packed.weight_bytes() == plain.weight_bytes()
+    # tied embeddings: the lm_head is the embedding matrix, held once
+    assert plain.weight_memory_bytes() == plain.weight_bytes()
+    assert packed.weight_memory_bytes() > plain.weight_memory_bytes()
