@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 
@@ -61,6 +62,20 @@ class RedisConfig:
     """Redis URL (redis://[:password@]host:port/db, or rediss:// for TLS)."""
     prefix: str = "npuserve:"
     """Prefix of every key, so several deployments can share one Redis."""
+
+    @staticmethod
+    def add_flags(parser: argparse.ArgumentParser) -> None:
+        """--redis and --prefix, shared by every process that talks to the queue."""
+        defaults = RedisConfig()
+        parser.add_argument("--redis", default=env("REDIS_URL", defaults.url),
+                            help="Redis URL (default: %(default)s) [NPUSERVE_REDIS_URL]")
+        parser.add_argument("--prefix", default=env("REDIS_PREFIX", defaults.prefix),
+                            help="prefix of every Redis key (default: %(default)s) "
+                                 "[NPUSERVE_REDIS_PREFIX]")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RedisConfig:
+        return cls(url=args.redis, prefix=args.prefix)
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,10 +31,7 @@ def register(subparsers: Any) -> None:
         "queue them in Redis, stream the workers' tokens back.")
     p.add_argument("--listen", default=env("GATEWAY_LISTEN", _D.listen),
                    help="host:port to bind (default: %(default)s)")
-    p.add_argument("--redis", default=env("REDIS_URL", _D.redis.url),
-                   help="Redis URL (default: %(default)s)")
-    p.add_argument("--prefix", default=env("REDIS_PREFIX", _D.redis.prefix),
-                   help="prefix of every Redis key (default: %(default)s)")
+    RedisConfig.add_flags(p)
     p.add_argument("--gateway-id", default=env("GATEWAY_ID", _D.gateway_id),
                    help="name of this gateway's reply stream (default: host-pid-random)")
     p.add_argument("--max-queued", type=int, default=int(env("MAX_QUEUED",
@@ -59,7 +56,7 @@ def register(subparsers: Any) -> None:
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     """The GatewayConfig the parsed flags describe (validated on construction)."""
     return GatewayConfig(
-        redis=RedisConfig(url=args.redis, prefix=args.prefix),
+        redis=RedisConfig.from_args(args),
         listen=args.listen,
         gateway_id=args.gateway_id,
         max_queued_per_model=args.max_queued,

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: Any) -> None:
     """Add the `worker` subcommand to the root parser's subparsers."""
-    w, e, r = WorkerConfig(model_dir=""), EngineConfig(), RedisConfig()
+    w, e = WorkerConfig(model_dir=""), EngineConfig()
     p = subparsers.add_parser(
         "worker",
         help="serve a model: claim requests from Redis, run the engine, stream tokens back",
@@ -42,10 +42,7 @@ def register(subparsers: Any) -> None:
                    help="cpu, cuda[:N] or npu[:N] [NPUSERVE_DEVICE]")
     p.add_argument("--dtype", default=env("DTYPE", e.dtype),
                    choices=("float32", "bfloat16", "float16"), help="[NPUSERVE_DTYPE]")
-    p.add_argument("--redis", default=env("REDIS_URL", r.url),
-                   help="Redis URL [NPUSERVE_REDIS_URL]")
-    p.add_argument("--prefix", default=env("REDIS_PREFIX", r.prefix),
-                   help="prefix of every Redis key [NPUSERVE_REDIS_PREFIX]")
+    RedisConfig.add_flags(p)
     p.add_argument("--max-num-seqs", type=int, default=int(env("MAX_NUM_SEQS",
                                                                str(e.max_num_seqs))),
                    help="requests in the running batch; the worker claims no more "
@@ -95,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
                             max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_batched_tokens,
                             kv_cache_gb=args.kv_cache_gb, threads=args.threads),
-        redis=RedisConfig(url=args.redis, prefix=args.prefix),
+        redis=RedisConfig.from_args(args),
         worker_id=args.worker_id,
         lease_ms=args.lease_ms,
         heartbeat_s=args.heartbeat,
