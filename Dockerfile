@@ -21,6 +21,12 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /app
 
+# A C compiler: the worker compiles its CPU kernels for the machine it runs on (-march=native)
+# at first start, into NPUSERVE_KERNEL_CACHE; without one it falls back to PyTorch's ops.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+ENV NPUSERVE_KERNEL_CACHE=/tmp/npuserve-kernels
+
 # Its own layer, first: torch is the biggest dependency and changes least often.
 RUN pip install "torch==${TORCH_VERSION}+cpu" --index-url "${TORCH_INDEX}"
 

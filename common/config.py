@@ -38,6 +38,10 @@ class EngineConfig:
     cpu_packed_weights: bool = True
     """On CPU, keep a oneDNN-packed second copy of each projection for steps of 3+ tokens:
     2-3x faster batched decode, 20% faster prefill, twice the weight memory."""
+    cpu_kernels: bool = True
+    """On CPU in float32, run decode-time projections, attention and the elementwise steps
+    with npuserve's C kernels (compiled for the machine on first use; needs a C compiler,
+    else PyTorch's ops run with a warning). False uses PyTorch's ops throughout."""
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

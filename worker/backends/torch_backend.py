@@ -11,8 +11,11 @@ import torch
 from common.config import EngineConfig
 from common.errors import ModelConfigError
 from worker.backends.base import Backend, BackendCapacity, SequenceChunk, StepResult
+from worker.kernels.cpu import CpuKernels, cpu_kernels
+from worker.kernels.cpu_ops import KernelOps, supports
 from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment
 from worker.model.config import ModelConfig
+from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
 from worker.model.transformer import compute_logits, forward
 from worker.model.weights import load_weights
@@ -54,8 +57,10 @@ class TorchBackend(Backend):
         self.model_config = cfg = ModelConfig.from_dir(model_dir)
         self.device = resolve_device(config.device)
         self.dtype = getattr(torch, config.dtype)
+        kernels = self._kernels(cfg) if config.cpu_kernels else None
+        self.ops = KernelOps(kernels) if kernels is not None else DecoderOps()
         self.weights = load_weights(model_dir, cfg, self.dtype, self.device,
-                                    pack=config.cpu_packed_weights)
+                                    pack=config.cpu_packed_weights, kernels=kernels)
         max_len = min(cfg.max_position_embeddings, config.max_model_len or 1 << 30)
         self.rope = RotaryEmbedding(cfg, max_len, self.device, self.dtype)
 
@@ -82,10 +87,25 @@ class TorchBackend(Backend):
             block_size=config.block_size,
             num_blocks=num_blocks,
         )
-        log.info("torch backend on %s (%s): weights %.1f MiB (%.1f MiB read per step), "
-                 "KV cache %.1f MiB in %d blocks", self.device, config.dtype,
+        log.info("torch backend on %s (%s, %s ops): weights %.1f MiB (%.1f MiB read per step), "
+                 "KV cache %.1f MiB in %d blocks", self.device, config.dtype, self.ops.name,
                  self.weight_memory_bytes() / 2**20, self.weight_bytes() / 2**20,
                  self.kv_cache_bytes() / 2**20, num_blocks)
+
+    def _kernels(self, cfg: ModelConfig) -> CpuKernels | None:
+        """The compiled CPU kernels, if they can run this model here."""
+        reason = supports(cfg, self.device, self.dtype)
+        if reason is not None:
+            if self.device.type == "cpu":
+                log.info("CPU kernels not used: %s", reason)
+            return None
+        return cpu_kernels()
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """ids, positions [T] -> final hidden states [T, hidden]; the cache is updated."""
+        return forward(self.model_config, self.weights, self.rope, ids, positions, self.cache,
+                       meta, self.ops)
 
     def weight_bytes(self) -> int:
         return self.weights.nbytes_per_decode_step()
@@ -115,9 +135,8 @@ class TorchBackend(Backend):
                 sample_at[i] = len(ids) - 1
         meta = self._metadata([chunks[i] for i in order], slots)
         dev = self.device
-        hidden = forward(self.model_config, self.weights, self.rope,
-                         torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
-                         self.cache, meta)
+        hidden = self.forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+                              meta)
         rows = [sample_at[i] for i in range(len(chunks)) if i in sample_at]
         if not rows:
             return StepResult(logits=None)
@@ -126,22 +145,14 @@ class TorchBackend(Backend):
     def _metadata(self, ordered: list[SequenceChunk], slot_list: list[int]) -> AttentionMetadata:
         dev, bs = self.device, self.cache.block_size
         decodes = [c for c in ordered if c.is_decode]
-        decode_rows = decode_bias = None
-        decode_ctx = 0
+        decode = None
         if decodes:
             lens = torch.tensor([c.start_pos + 1 for c in decodes])
             width = max(len(c.block_table) for c in decodes)
             tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table))
                                    for c in decodes])
-            decode_ctx = int(lens.max())
-            pos = torch.arange(decode_ctx)
-            slots = tables[:, pos // bs] * bs + pos % bs  # [n, ctx]
-            kv_heads = self.model_config.num_key_value_heads
-            heads = torch.arange(2 * kv_heads)[:, None, None]  # keys' heads, then values'
-            decode_rows = (heads * self.cache.num_slots + slots[None]).reshape(-1).to(dev)
-            pad = pos[None, :] >= lens[:, None]  # [n, ctx]
-            bias = torch.zeros(pad.shape, dtype=self.dtype).masked_fill_(pad, -torch.inf)
-            decode_bias = bias.repeat(kv_heads, 1)[:, None, :].to(dev)  # [KVH * n, 1, ctx]
+            decode = self.ops.decode_metadata(tables, lens, self.cache,
+                                              self.model_config.num_key_value_heads)
         prefills = []
         start = len(decodes)
         for c in ordered[len(decodes):]:
@@ -159,8 +170,6 @@ class TorchBackend(Backend):
         return AttentionMetadata(
             slot_mapping=torch.tensor(slot_list, device=dev),
             num_decodes=len(decodes),
-            decode_rows=decode_rows,
-            decode_ctx=decode_ctx,
-            decode_bias=decode_bias,
+            decode=decode,
             prefills=prefills,
         )

@@ -9,7 +9,9 @@ attended on its own with a causal mask offset by the tokens already cached).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,30 +57,51 @@ class PrefillSegment:
 
 
 @dataclass(slots=True)
+class GatheredDecode:
+    """The decodes' context as rows to gather, for the PyTorch decode attention."""
+
+    rows: torch.Tensor
+    """[2 * kv_heads * n * max_ctx] rows of a layer's [2 * kv_heads * slots, D] cache view
+    holding each decode's keys then values, head-major, padded with row 0."""
+    ctx: int
+    """max_ctx: the padded context length of the decodes."""
+    bias: torch.Tensor
+    """[kv_heads * n, 1, max_ctx] 0 for real context positions, -inf for padding."""
+
+
+@dataclass(slots=True)
+class PagedDecode:
+    """The decodes' block tables, for kernels that read the paged cache in place."""
+
+    block_tables: torch.Tensor
+    """[n, max_blocks] int32, padded with block 0."""
+    context_lens: torch.Tensor
+    """[n] int32: tokens cached for each decode, its new one included."""
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor
     """[T] cache slot of every token of the step."""
     num_decodes: int
     """The first num_decodes tokens each belong to a different decoding request."""
-    decode_rows: torch.Tensor | None
-    """[2 * kv_heads * num_decodes * max_ctx] rows of a layer's [2 * kv_heads * slots, D] cache
-    view holding each decode's keys then values, head-major, padded with row 0."""
-    decode_ctx: int
-    """max_ctx: the padded context length of the decodes."""
-    decode_bias: torch.Tensor | None
-    """[kv_heads * num_decodes, 1, max_ctx] 0 for real context positions, -inf for padding."""
+    decode: GatheredDecode | PagedDecode | None
+    """How the decodes find their context: the form the model's DecoderOps asked for."""
     prefills: list[PrefillSegment]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
-                    layer: int, meta: AttentionMetadata) -> torch.Tensor:
-    """q: [T, H, D]; k, v: [T, KVH, D] for the step's tokens (already stored) -> [T, H, D]."""
+                    layer: int, meta: AttentionMetadata,
+                    decode_attention: DecodeAttention) -> torch.Tensor:
+    """q: [T, H, D]; k, v: [T, KVH, D] for the step's tokens (already stored) -> [T, H, D].
+
+    The decodes go to `decode_attention` (the model's DecoderOps picks it), prefill chunks to
+    SDPA one by one."""
     n = meta.num_decodes
     decoded = None
     if n:
-        assert meta.decode_rows is not None and meta.decode_bias is not None
-        decoded = _decode_attention(q[:n], cache.data[layer], meta.decode_rows, meta.decode_ctx,
-                                    meta.decode_bias)
+        assert meta.decode is not None
+        decoded = decode_attention(q[:n], cache, layer, meta.decode)
         if not meta.prefills:
             return decoded
     out = torch.empty_like(q)
@@ -99,18 +122,36 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
     return out
 
 
-def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Tensor, ctx: int,
-                      bias: torch.Tensor) -> torch.Tensor:
+DecodeAttention = Callable[[torch.Tensor, KVCache, int, Any], torch.Tensor]
+"""(q [n, H, D], cache, layer, the metadata's decode) -> [n, H, D]."""
+
+
+def gathered_decode(tables: torch.Tensor, lens: torch.Tensor, kv_heads: int, num_slots: int,
+                    block_size: int, dtype: torch.dtype, device: torch.device) -> GatheredDecode:
+    """tables [n, max_blocks], lens [n] (CPU int64) -> the rows and mask to gather them."""
+    ctx = int(lens.max())
+    pos = torch.arange(ctx)
+    slots = tables[:, pos // block_size] * block_size + pos % block_size  # [n, ctx]
+    heads = torch.arange(2 * kv_heads)[:, None, None]  # keys' heads, then values'
+    rows = (heads * num_slots + slots[None]).reshape(-1).to(device)
+    pad = pos[None, :] >= lens[:, None]  # [n, ctx]
+    bias = torch.zeros(pad.shape, dtype=dtype).masked_fill_(pad, -torch.inf)
+    return GatheredDecode(rows, ctx, bias.repeat(kv_heads, 1)[:, None, :].to(device))
+
+
+def gathered_decode_attention(q: torch.Tensor, cache: KVCache, layer: int,
+                              decode: GatheredDecode) -> torch.Tensor:
     """One query per sequence: two batched matmuls, which beat a flash kernel at q_len 1 on CPU.
 
-    q: [n, H, D]; kv_cache: [2, KVH, slots, D]; rows: [2 * KVH * n * ctx]; bias:
-    [KVH * n, 1, ctx] (0 or -inf) -> [n, H, D]. One gather is the only copy of the context.
+    q: [n, H, D] -> [n, H, D]. One gather is the only copy of the context.
     """
     n, heads, dim = q.shape
+    kv_cache = cache.data[layer]  # [2, KVH, slots, D]
     kv_heads = kv_cache.shape[1]
     group = heads // kv_heads
-    kv = kv_cache.view(-1, dim).index_select(0, rows).view(2, kv_heads * n, ctx, dim)
+    ctx = decode.ctx
+    kv = kv_cache.view(-1, dim).index_select(0, decode.rows).view(2, kv_heads * n, ctx, dim)
     qg = q.view(n, kv_heads, group, dim).transpose(0, 1).reshape(kv_heads * n, group, dim)
-    scores = torch.baddbmm(bias, qg, kv[0].transpose(1, 2), alpha=dim**-0.5)  # [KVH*n, G, ctx]
+    scores = torch.baddbmm(decode.bias, qg, kv[0].transpose(1, 2), alpha=dim**-0.5)
     out = torch.bmm(scores.softmax(dim=-1), kv[1])  # [KVH*n, G, D]
     return out.view(kv_heads, n, group, dim).transpose(0, 1).reshape(n, heads, dim)

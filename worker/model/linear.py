@@ -1,22 +1,32 @@
 """A projection y = x W^T + b, routed to the fastest CPU GEMM for the number of rows.
 
-Measured on SmolLM2's shapes on a 2-core x86 machine (fp32, 2 threads):
-- one or two rows (batch-1 decode): `mm(W, x^T)` over the checkpoint's [out, in] layout, with
-  one row padded to two, beats every single-row form (about 2x F.linear);
-- three rows or more (batched decode, prefill): oneDNN's linear over a weight prepacked once at
+Measured on SmolLM2's shapes on 2-core x86 machines (fp32, 2 threads):
+- up to KERNEL_ROWS rows (decode), with the compiled CPU kernels (float32): npuserve's GEMV
+  (worker/kernels/csrc/linear.c), which reads each weight once per four rows at close to
+  memory bandwidth; without them, `mm(W, x^T)` with one row padded to two for one or two
+  rows (about 2x F.linear, which MKL runs far below bandwidth at one row);
+- more rows (batched decode, prefill): oneDNN's linear over a weight prepacked once at
   load time, which stays bandwidth-bound where MKL's F.linear is not: at 8-16 rows the
   lm_head takes 4-5 ms against 15-17 ms, and a 512-row prefill chunk is 20% faster.
 The packed copy doubles weight memory on CPU, so it can be turned off (`pack` False); then
-F.linear serves three rows or more. Other devices use F.linear throughout.
+F.linear serves the larger calls. Other devices use F.linear throughout.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from worker.kernels.cpu import CpuKernels
+
 PACK_BATCH_HINT = 64
 """Batch size oneDNN chooses the packed layout for; it serves 3-512 rows well."""
+
+KERNEL_ROWS = 4
+"""Most rows the compiled GEMV serves; above, the packed GEMM is as fast or faster."""
 
 
 def can_pack(device: torch.device) -> bool:
@@ -25,13 +35,14 @@ def can_pack(device: torch.device) -> bool:
 
 class Projection:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 pack: bool = False) -> None:
-        """weight: [out, in] as stored in Hugging Face checkpoints; pack only on CPU."""
+                 pack: bool = False, kernels: CpuKernels | None = None) -> None:
+        """weight: [out, in] as stored in Hugging Face checkpoints; pack only on CPU; kernels
+        only for float32 weights on the CPU."""
         self.weight = weight.contiguous()
         self.bias = bias
         self._cpu = weight.device.type == "cpu"
-        self._packed = (torch.ops.mkldnn._reorder_linear_weight(self.weight, PACK_BATCH_HINT)
-                        if pack else None)
+        self._kernels = kernels
+        self._packed = _packed(self.weight) if pack else None
 
     @property
     def nbytes(self) -> int:
@@ -47,6 +58,8 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, in] -> [M, out]."""
         m = x.shape[0]
+        if self._kernels is not None and m <= KERNEL_ROWS:
+            return self._kernels.linear(x.contiguous(), self.weight, self.bias)
         if self._cpu and m <= 2:
             xs = torch.cat([x, x]) if m == 1 else x  # a real [2, in] copy, not a broadcast
             y = torch.mm(self.weight, xs.t()).t()[:m]  # [M, out], strided
@@ -54,3 +67,12 @@ class Projection:
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's packed copy of weight, or None where oneDNN has no kernel for its dtype on this
+    CPU (bfloat16 needs AVX-512 or AVX-NE-CONVERT); F.linear then serves those calls."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH_HINT)
+    except RuntimeError:
+        return None

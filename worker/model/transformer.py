@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from worker.model.attention import AttentionMetadata, KVCache, paged_attention
 from worker.model.config import ModelConfig
-from worker.model.rope import RotaryEmbedding, apply_rope
-from worker.model.weights import LayerWeights, ModelWeights
+from worker.model.ops import DecoderOps
+from worker.model.rope import RotaryEmbedding
+from worker.model.weights import ModelWeights
 
 
 def forward(
@@ -19,36 +20,28 @@ def forward(
     positions: torch.Tensor,
     cache: KVCache,
     meta: AttentionMetadata,
+    ops: DecoderOps,
 ) -> torch.Tensor:
-    """input_ids, positions: [T] -> final hidden states [T, hidden] (after the last norm)."""
-    h = F.embedding(input_ids, weights.embed)  # [T, hidden]
-    cos_sin = rope.tables(positions)
-    for i, layer in enumerate(weights.layers):
-        x = F.rms_norm(h, (cfg.hidden_size,), layer.input_norm, cfg.rms_norm_eps)
-        h = h + _attention(cfg, layer, x, cos_sin, cache, i, meta)
-        x = F.rms_norm(h, (cfg.hidden_size,), layer.post_norm, cfg.rms_norm_eps)
-        gate, up = layer.gate_up(x).chunk(2, dim=-1)  # [T, I] each
-        h = h + layer.down(F.silu(gate) * up)
-    return F.rms_norm(h, (cfg.hidden_size,), weights.norm, cfg.rms_norm_eps)
+    """input_ids, positions: [T] -> final hidden states [T, hidden] (after the last norm).
 
-
-def _attention(cfg: ModelConfig, layer: LayerWeights, x: torch.Tensor,
-               cos_sin: tuple[torch.Tensor, torch.Tensor], cache: KVCache, index: int,
-               meta: AttentionMetadata) -> torch.Tensor:
-    t = x.shape[0]
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    qkv = layer.qkv(x)  # [T, q + 2kv]
-    qk = qkv[:, :cfg.q_size + cfg.kv_size].view(t, heads + kv_heads, cfg.head_dim)
-    v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, kv_heads, cfg.head_dim)
-    if layer.q_norm is not None and layer.k_norm is not None:
-        qk = torch.cat([F.rms_norm(qk[:, :heads], (cfg.head_dim,), layer.q_norm, cfg.rms_norm_eps),
-                        F.rms_norm(qk[:, heads:], (cfg.head_dim,), layer.k_norm, cfg.rms_norm_eps)],
-                       dim=1)
-    qk = apply_rope(qk, *cos_sin)  # q and k heads rotated together: [T, H + KVH, D]
-    q, k = qk[:, :heads], qk[:, heads:]
-    cache.store(index, k, v, meta.slot_mapping)
-    o = paged_attention(q, k, v, cache, index, meta)  # [T, H, D]
-    return layer.o_proj(o.reshape(t, cfg.q_size))
+    The residual stream `h` is updated in place; each residual add is fused with the norm
+    that follows it.
+    """
+    eps = cfg.rms_norm_eps
+    h = F.embedding(input_ids, weights.embed)  # [T, hidden], a fresh tensor
+    tables = ops.rope_tables(rope, positions)
+    layers = weights.layers
+    x = ops.rms_norm(h, layers[0].input_norm, eps)
+    for i, layer in enumerate(layers):
+        qkv = layer.qkv(x)  # [T, q + 2kv]
+        q, k = ops.qk_rope_store(cfg, layer, qkv, tables, cache, i, meta.slot_mapping)
+        v = qkv[:, cfg.q_size + cfg.kv_size:].view(-1, cfg.num_key_value_heads, cfg.head_dim)
+        o = paged_attention(q, k, v, cache, i, meta, ops.decode_attention)  # [T, H, D]
+        x = ops.add_rms_norm(h, layer.o_proj(o.reshape(-1, cfg.q_size)), layer.post_norm, eps)
+        mlp = layer.down(ops.silu_mul(layer.gate_up(x)))
+        next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else weights.norm
+        x = ops.add_rms_norm(h, mlp, next_norm, eps)
+    return x
 
 
 def compute_logits(weights: ModelWeights, hidden: torch.Tensor) -> torch.Tensor:

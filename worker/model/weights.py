@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -23,6 +24,9 @@ from worker.quant.int8_linear import (
     dequantize,
     quantized_projection,
 )
+
+if TYPE_CHECKING:
+    from worker.kernels.cpu import CpuKernels
 
 AnyProjection = Projection | Int8Projection | FakeQuantInput
 """A float projection or one of its int8 siblings (same call, nbytes and resident_bytes)."""
@@ -100,9 +104,10 @@ class _TensorSource:
 
 def load_weights(
     model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-    pack: bool = True,
+    pack: bool = True, kernels: CpuKernels | None = None,
 ) -> ModelWeights:
-    """pack: also keep oneDNN-packed copies of the projections on CPU (see linear.py)."""
+    """pack: also keep oneDNN-packed copies of the projections on CPU; kernels: the compiled
+    CPU kernels for decode-time projections, float32 on the CPU only (see linear.py)."""
     src = _TensorSource(Path(model_dir))
     pack = pack and can_pack(device)
     quant = config.quantization
@@ -110,17 +115,22 @@ def load_weights(
     def proj(modules: list[str], bias: bool = False) -> AnyProjection:
         """One projection over HF `modules`, fused by stacking their rows."""
         if quant is not None:
-            return quantized_projection(quant, src.get, modules, bias, dtype, device)
+            return quantized_projection(quant, src.get, modules, bias, dtype, device, kernels)
         weight = cat(*(m + ".weight" for m in modules))
-        return Projection(weight, cat(*(m + ".bias" for m in modules)) if bias else None, pack)
+        return Projection(weight, cat(*(m + ".bias" for m in modules)) if bias else None, pack,
+                          kernels)
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device=device, dtype=dtype).contiguous()
+        return kernels.on_hugepages(t) if kernels is not None else t
 
     def get(name: str) -> torch.Tensor:
-        return src.get(name).to(device=device, dtype=dtype).contiguous()
+        return place(src.get(name))
 
     def cat(*names: str) -> torch.Tensor:
         if len(names) == 1:
             return get(names[0])
-        return torch.cat([src.get(n) for n in names]).to(device=device, dtype=dtype).contiguous()
+        return place(torch.cat([src.get(n) for n in names]))
 
     layers = []
     for i in range(config.num_hidden_layers):
@@ -148,5 +158,5 @@ def load_weights(
         lm_head = proj(["lm_head"])
     else:
         tied = config.tie_word_embeddings or "lm_head.weight" not in src
-        lm_head = Projection(embed if tied else get("lm_head.weight"), None, pack)
+        lm_head = Projection(embed if tied else get("lm_head.weight"), None, pack, kernels)
     return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)

@@ -3,7 +3,10 @@
 Only the int8 matrix and its float32 scales stay resident; which kernel runs depends on the
 scheme, the rows of the call and the device:
 
-- w8a16, up to SMALL_M rows (decode): `torch._weight_int8pack_mm` with bfloat16 activations,
+- w8a16 on the CPU with the compiled kernels and float32 activations, up to KERNEL_ROWS rows
+  (decode): npuserve's int8 GEMV (worker/kernels/csrc/linear.c), which widens the weights to
+  float32 in registers; activations and scales stay float32.
+- w8a16 otherwise, up to SMALL_M rows: `torch._weight_int8pack_mm` with bfloat16 activations,
   which reads one byte per weight. On a 2-core Zen 4 it is compute-bound (int8 -> float32
   conversion and an FMA per weight, no VNNI), about 1.7x faster than the fp32 mm it replaces
   over SmolLM2's layers rather than the 4x its bytes suggest. Unit scales go in and the
@@ -27,13 +30,17 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from common.errors import ModelConfigError
-from worker.model.linear import Projection
+from worker.model.linear import KERNEL_ROWS, Projection
 from worker.quant.scheme import QMAX, QuantConfig, Scheme
+
+if TYPE_CHECKING:
+    from worker.kernels.cpu import CpuKernels
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +88,11 @@ class W8A16Projection(Int8Projection):
     """int8 weights, bfloat16 activations."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor,
-                 bias: torch.Tensor | None) -> None:
+                 bias: torch.Tensor | None, kernels: CpuKernels | None = None) -> None:
         super().__init__(qweight, scale, bias)
+        self._kernels = kernels if qweight.device.type == "cpu" else None
+        if self._kernels is not None:
+            self.qweight = self._kernels.on_hugepages(self.qweight)
         # the kernel's own scales are bfloat16; ones keep the float32 scales exact
         self._unit = torch.ones(qweight.shape[0], dtype=torch.bfloat16, device=qweight.device)
 
@@ -91,8 +101,13 @@ class W8A16Projection(Int8Projection):
         return self.nbytes + self._unit.nbytes
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.shape[0]
+        if self._kernels is not None and m <= KERNEL_ROWS and x.dtype == torch.float32:
+            in_features = self.qweight.shape[1]
+            return self._kernels.linear_int8(x.contiguous(), self.qweight, self.scale,
+                                             in_features, None)
         xb = x.to(torch.bfloat16)
-        if x.shape[0] <= SMALL_M:
+        if m <= SMALL_M:
             y = torch._weight_int8pack_mm(xb, self.qweight, self._unit)  # [M, out] bfloat16
         else:
             y = F.linear(xb, self.qweight.to(torch.bfloat16))
@@ -154,10 +169,11 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _projection(scheme: Scheme, qweight: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None, input_scale: float | None) -> Int8Projection:
+                bias: torch.Tensor | None, input_scale: float | None,
+                kernels: CpuKernels | None = None) -> Int8Projection:
     if scheme is Scheme.W8A8:
         return W8A8Projection(qweight, scale, bias, input_scale)
-    return W8A16Projection(qweight, scale, bias)
+    return W8A16Projection(qweight, scale, bias, kernels)
 
 
 def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -188,7 +204,7 @@ def kernel_available(scheme: Scheme, out_features: int, in_features: int,
 
 def quantized_projection(
     quant: QuantConfig, get: Callable[[str], torch.Tensor], modules: list[str], bias: bool,
-    dtype: torch.dtype, device: torch.device,
+    dtype: torch.dtype, device: torch.device, kernels: CpuKernels | None = None,
 ) -> Int8Projection | FakeQuantInput | Projection:
     """The projection for HF `modules` (fused by stacking rows): int8 on a kernel path, or a
     float Projection dequantized on load where there is none (a warning says so)."""
@@ -217,7 +233,7 @@ def quantized_projection(
     elif not kernel_available(quant.scheme, out_features, in_features, device):
         reason = f"{quant.scheme.value} [{out_features}, {in_features}] on {device}"
     else:
-        return _projection(quant.scheme, qweight, scale[:, 0], b, input_scale)
+        return _projection(quant.scheme, qweight, scale[:, 0], b, input_scale, kernels)
     if reason not in _warned:
         _warned.add(reason)
         log.warning("no int8 kernel for %s: dequantizing those weights to %s on load "

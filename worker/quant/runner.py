@@ -14,7 +14,7 @@ from common.config import EngineConfig
 from worker.backends.torch_backend import TorchBackend
 from worker.model.attention import AttentionMetadata, PrefillSegment
 from worker.model.config import ModelConfig
-from worker.model.transformer import compute_logits, forward
+from worker.model.transformer import compute_logits
 
 
 def load_backend(model_dir: str | Path, max_tokens: int, *, device: str = "cpu",
@@ -39,11 +39,9 @@ def hidden_states(backend: TorchBackend, ids: list[int]) -> torch.Tensor:
                          "this backend was sized for")
     dev = backend.device
     positions = torch.arange(t, device=dev)
-    meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode_rows=None,
-                             decode_ctx=0, decode_bias=None,
+    meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode=None,
                              prefills=[PrefillSegment(0, t, None, None)])
-    return forward(backend.model_config, backend.weights, backend.rope,
-                   torch.tensor(ids, device=dev), positions, backend.cache, meta)
+    return backend.forward(torch.tensor(ids, device=dev), positions, meta)
 
 
 @torch.inference_mode()

@@ -27,9 +27,21 @@ def arch_dir(request: pytest.FixtureRequest, tiny_model_dir) -> Path:
     return tiny_model_dir(request.param)
 
 
-def test_prefill_chunks_and_decode_steps_match_transformers(arch_dir: Path) -> None:
+@pytest.fixture(params=["cpu-kernels", "torch"])
+def ops(request: pytest.FixtureRequest) -> str:
+    """Which DecoderOps run the model: the compiled CPU kernels or PyTorch's operators."""
+    return str(request.param)
+
+
+def backend_with(model_dir: Path, ops: str, **config: object) -> TorchBackend:
+    backend = TorchBackend(model_dir, EngineConfig(cpu_kernels=ops == "cpu-kernels", **config))
+    assert backend.ops.name == ops  # the kernels must build here, or the test is not testing
+    return backend
+
+
+def test_prefill_chunks_and_decode_steps_match_transformers(arch_dir: Path, ops: str) -> None:
     ref_model = AutoModelForCausalLM.from_pretrained(arch_dir, dtype=torch.float32).eval()
-    backend = TorchBackend(arch_dir, EngineConfig(kv_cache_gb=0.02, block_size=4))
+    backend = backend_with(arch_dir, ops, kv_cache_gb=0.02, block_size=4)
     vocab = ModelConfig.from_dir(arch_dir).vocab_size
     ids = torch.randint(0, vocab, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -45,9 +57,11 @@ def test_prefill_chunks_and_decode_steps_match_transformers(arch_dir: Path) -> N
         assert rel_err(out.logits[0], ref[pos]) < 1e-4, f"decode at position {pos}"
 
 
-def test_a_mixed_batch_of_decodes_and_prefills_matches_each_sequence_alone(arch_dir: Path) -> None:
+def test_a_mixed_batch_of_decodes_and_prefills_matches_each_sequence_alone(
+    arch_dir: Path, ops: str
+) -> None:
     ref_model = AutoModelForCausalLM.from_pretrained(arch_dir, dtype=torch.float32).eval()
-    backend = TorchBackend(arch_dir, EngineConfig(kv_cache_gb=0.02, block_size=4))
+    backend = backend_with(arch_dir, ops, kv_cache_gb=0.02, block_size=4)
     g = torch.Generator().manual_seed(2)
     a, b, c = (torch.randint(0, 1000, (n,), generator=g).tolist() for n in (11, 6, 9))
     backend.execute([SequenceChunk("a", a[:10], 0, [0, 1, 2], True, PARAMS),

@@ -1,0 +1,128 @@
+"""Each compiled CPU kernel against the PyTorch operators it replaces, on awkward shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from worker.kernels.cpu import CpuKernels, cpu_kernels
+from worker.kernels.cpu_ops import KernelOps
+from worker.model.attention import KVCache, gathered_decode, gathered_decode_attention
+from worker.model.config import ModelConfig
+from worker.model.ops import DecoderOps
+from worker.model.rope import RotaryEmbedding
+from worker.model.weights import LayerWeights
+from worker.quant.int8_linear import dequantize
+
+
+@pytest.fixture(scope="module")
+def k() -> CpuKernels:
+    kernels = cpu_kernels()
+    assert kernels is not None, "the CPU kernels did not build on this machine"
+    return kernels
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize(("n", "in_features"), [(1, 8), (7, 13), (13, 576), (64, 40)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_f_linear(k: CpuKernels, m: int, n: int, in_features: int,
+                                 bias: bool) -> None:
+    g = gen(m * 1000 + n)
+    x, w = torch.randn(m, in_features, generator=g), torch.randn(n, in_features, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    torch.testing.assert_close(k.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group", [0, 8, 32])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_int8_linear_matches_the_dequantized_float_product(k: CpuKernels, group: int,
+                                                           m: int) -> None:
+    n, in_features = 11, 64
+    g = gen(group + m)
+    q = torch.randint(-127, 128, (n, in_features), dtype=torch.int8, generator=g)
+    groups = in_features // group if group else 1
+    scale = torch.rand(n, groups, generator=g) / 50
+    x, b = torch.randn(m, in_features, generator=g), torch.randn(n, generator=g)
+    ref = F.linear(x, dequantize(q, scale), b)
+    y = k.linear_int8(x, q, scale, group or in_features, b)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_norms_and_silu_match_torch(k: CpuKernels) -> None:
+    g = gen(3)
+    x, w = torch.randn(5, 67, generator=g) * 3, torch.randn(67, generator=g)
+    torch.testing.assert_close(k.rms_norm(x, w, 1e-6), F.rms_norm(x, (67,), w, 1e-6))
+    residual, delta = x.clone(), torch.randn(5, 67, generator=g)
+    out = k.add_rms_norm(residual, delta, w, 1e-5)
+    torch.testing.assert_close(residual, x + delta)  # updated in place
+    torch.testing.assert_close(out, F.rms_norm(x + delta, (67,), w, 1e-5))
+    # far into both tails of the exponential, and a width that is not a multiple of 8
+    gate_up = torch.cat([torch.linspace(-120, 120, 3 * 2 * 45).view(3, 90)], 0)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(k.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
+def _config(qk_norm: bool) -> ModelConfig:
+    return ModelConfig.from_dict({
+        "model_type": "qwen3" if qk_norm else "llama", "vocab_size": 50, "hidden_size": 48,
+        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 6,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+    })
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_rope_store_matches_torch_ops(k: CpuKernels, qk_norm: bool) -> None:
+    cfg = _config(qk_norm)
+    g = gen(4)
+    d = cfg.head_dim
+    norm = (torch.rand(d, generator=g) + 0.5) if qk_norm else None
+    layer = LayerWeights(torch.ones(48), None, norm, None if norm is None else norm * 0.7,  # type: ignore[arg-type]
+                         None, torch.ones(48), None, None)  # type: ignore[arg-type]
+    rope = RotaryEmbedding(cfg, 256, torch.device("cpu"), torch.float32)
+    t = 5
+    qkv = torch.randn(t, cfg.q_size + 2 * cfg.kv_size, generator=g)
+    positions = torch.tensor([0, 3, 4, 100, 255])
+    slots = torch.tensor([7, 2, 30, 11, 0])
+    results = []
+    for ops in (DecoderOps(), KernelOps(k)):
+        cache = KVCache(1, 4, 8, cfg.num_key_value_heads, d, torch.float32, torch.device("cpu"))
+        q, key = ops.qk_rope_store(cfg, layer, qkv, ops.rope_tables(rope, positions), cache, 0,
+                                   slots)
+        results.append((q.reshape(t, -1, d), key.reshape(t, -1, d), cache.data.clone()))
+    for ours, ref in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lens", [[1], [17, 1, 40], [33, 5, 8, 64]])
+def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
+    k: CpuKernels, lens: list[int]
+) -> None:
+    kv_heads, heads, d, block = 2, 6, 16, 8
+    g = gen(sum(lens))
+    cache = KVCache(2, 40, block, kv_heads, d, torch.float32, torch.device("cpu"))
+    cache.data.copy_(torch.randn(cache.data.shape, generator=g))
+    n = len(lens)
+    width = max(-(-x // block) for x in lens)
+    tables = torch.randperm(40, generator=g)[:n * width].view(n, width)  # scattered blocks
+    lens_t = torch.tensor(lens)
+    q = torch.randn(n, heads, d, generator=g)
+    ref = gathered_decode_attention(
+        q, cache, 1, gathered_decode(tables, lens_t, kv_heads, cache.num_slots, block,
+                                     torch.float32, torch.device("cpu")))
+    ops = KernelOps(k)
+    ours = ops.decode_attention(q, cache, 1, ops.decode_metadata(tables, lens_t, cache, kv_heads))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_hugepage_copy_is_an_equal_tensor_in_new_memory(k: CpuKernels) -> None:
+    t = torch.randn(2048, 1024)  # 8 MiB: large enough to be moved
+    moved = k.on_hugepages(t)
+    assert moved.data_ptr() != t.data_ptr()
+    assert torch.equal(moved, t)
+    small = torch.randn(10)
+    assert k.on_hugepages(small) is small

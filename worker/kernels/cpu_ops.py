@@ -1,0 +1,82 @@
+"""DecoderOps on the compiled CPU kernels: float32 on the CPU, one C call per step of a layer.
+
+Per layer a decode step makes one call for the q/k norm, rotary embedding and cache write,
+one for attention over the paged cache in place (no gathered copy of the context), and one
+per fused residual-add + RMSNorm and SiLU * up, where PyTorch's ops take about thirty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from worker.kernels.cpu import MAX_HEAD_DIM, CpuKernels
+from worker.model.attention import KVCache, PagedDecode
+from worker.model.config import ModelConfig
+from worker.model.ops import DecoderOps
+from worker.model.rope import RotaryEmbedding
+from worker.model.weights import LayerWeights
+
+
+def supports(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot run this model here, or None when they can."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return f"they are for float32 on the CPU, not {dtype} on {device}"
+    if cfg.head_dim % 8 or cfg.head_dim > MAX_HEAD_DIM:
+        return f"head_dim {cfg.head_dim} is not a multiple of 8 up to {MAX_HEAD_DIM}"
+    return None
+
+
+class KernelOps(DecoderOps):
+    name = "cpu-kernels"
+
+    def __init__(self, kernels: CpuKernels) -> None:
+        self.k = kernels
+
+    def rope_tables(self, rope: RotaryEmbedding, positions: torch.Tensor) -> Any:
+        return rope.cos, rope.sin, positions
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return self.k.rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        return self.k.add_rms_norm(residual, delta.contiguous(), weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.k.silu_mul(gate_up)
+
+    def qk_rope_store(self, cfg: ModelConfig, layer: LayerWeights, qkv: torch.Tensor,
+                      tables: Any, cache: KVCache, index: int, slot_mapping: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin, positions = tables
+        t = qkv.shape[0]
+        heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q = torch.empty(t, heads, d)
+        k = torch.empty(t, kv_heads, d)
+        q_norm, k_norm = layer.q_norm, layer.k_norm
+        self.k.npu_qk_rope_store(
+            qkv.data_ptr(), t, heads, kv_heads, d, positions.data_ptr(), cos.data_ptr(),
+            sin.data_ptr(), q_norm.data_ptr() if q_norm is not None else None,
+            k_norm.data_ptr() if k_norm is not None else None, cfg.rms_norm_eps, q.data_ptr(),
+            k.data_ptr(), cache.data[index].data_ptr(), cache.num_slots, slot_mapping.data_ptr())
+        return q, k
+
+    def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache,
+                        kv_heads: int) -> PagedDecode:
+        return PagedDecode(tables.to(torch.int32), lens.to(torch.int32))
+
+    def decode_attention(self, q: torch.Tensor, cache: KVCache, layer: int,
+                         decode: Any) -> torch.Tensor:
+        n, heads, d = q.shape
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        tables = decode.block_tables
+        status = self.k.npu_decode_attention(
+            q.data_ptr(), n, heads, cache.data.shape[2], d, cache.data[layer].data_ptr(),
+            cache.num_slots, tables.data_ptr(), tables.shape[1], decode.context_lens.data_ptr(),
+            cache.block_size, d**-0.5, out.data_ptr())
+        if status != 0:
+            raise MemoryError("decode attention could not allocate its score buffers")
+        return out

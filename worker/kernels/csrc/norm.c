@@ -1,0 +1,49 @@
+/* The decoder's elementwise steps, fused: RMSNorm (optionally after the residual add) and
+ * SiLU(gate) * up. Each is one pass over memory where PyTorch takes four to seven. Numerics
+ * follow torch.nn.functional.rms_norm: x * rsqrt(mean(x^2) + eps) * w, in float32. */
+#include <math.h>
+#include <stdint.h>
+
+#include "vec.h"
+
+ALWAYS_INLINE void norm_row(const float *x, const float *w, float eps, int64_t h, float *out) {
+    v8f sq = vsplat(0.0f);
+    int64_t c = 0;
+    for (; c + 8 <= h; c += 8) sq += vload(x + c) * vload(x + c);
+    float ss = hsum(sq);
+    for (; c < h; c++) ss += x[c] * x[c];
+    float r = 1.0f / sqrtf(ss / (float)h + eps);
+    for (c = 0; c < h; c++) out[c] = x[c] * r * w[c];
+}
+
+/* x, out: [t, h]; w: [h]. */
+void npu_rms_norm(const float *x, const float *w, float eps, int64_t t, int64_t h, float *out) {
+#pragma omp parallel for schedule(static) if (t > 16)
+    for (int64_t i = 0; i < t; i++) norm_row(x + i * h, w, eps, h, out + i * h);
+}
+
+/* residual += delta, then out = rms_norm(residual): the step between every two sublayers. */
+void npu_add_rms_norm(float *residual, const float *delta, const float *w, float eps, int64_t t,
+                      int64_t h, float *out) {
+#pragma omp parallel for schedule(static) if (t > 16)
+    for (int64_t i = 0; i < t; i++) {
+        float *r = residual + i * h;
+        for (int64_t c = 0; c < h; c++) r[c] += delta[i * h + c];
+        norm_row(r, w, eps, h, out + i * h);
+    }
+}
+
+/* gate_up: [t, 2 * inter] (gate columns, then up) -> out: [t, inter] = silu(gate) * up. */
+void npu_silu_mul(const float *gate_up, int64_t t, int64_t inter, float *out) {
+#pragma omp parallel for schedule(static) if (t * inter > 32768)
+    for (int64_t i = 0; i < t; i++) {
+        const float *g = gate_up + i * 2 * inter, *u = g + inter;
+        float *o = out + i * inter;
+        int64_t c = 0;
+        for (; c + 8 <= inter; c += 8) {
+            v8f gv = vload(g + c);
+            vstore(o + c, gv / (vsplat(1.0f) + vexp(-gv)) * vload(u + c));
+        }
+        for (; c < inter; c++) o[c] = g[c] / (1.0f + expf(-g[c])) * u[c];
+    }
+}

@@ -1,0 +1,67 @@
+/* Portable 8-wide float vectors (GCC/Clang vector extensions) and the helpers every kernel
+ * shares. Built with -march=native, so they become AVX2/AVX-512/NEON instructions as the
+ * machine allows; the loads tolerate any alignment. */
+#ifndef NPUSERVE_VEC_H
+#define NPUSERVE_VEC_H
+
+#include <stdint.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+typedef float v8f __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+typedef int8_t v8b __attribute__((vector_size(8), aligned(1)));
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE v8f vsplat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+ALWAYS_INLINE v8f vload(const float *p) { return *(const v8f *)p; }
+
+/* Eight int8 widened to float32. GCC scalarises the generic conversion, so x86 says it. */
+ALWAYS_INLINE v8f vload_i8(const int8_t *p) {
+#ifdef __AVX2__
+    return (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    return __builtin_convertvector(__builtin_convertvector(*(const v8b *)p, v8i), v8f);
+#endif
+}
+
+ALWAYS_INLINE void vstore(float *p, v8f v) { *(v8f *)p = v; }
+
+ALWAYS_INLINE float hsum(v8f v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* mask ? a : b per lane, mask from a vector comparison (all ones or all zeros). */
+ALWAYS_INLINE v8f vselect(v8i mask, v8f a, v8f b) {
+    return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask));
+}
+
+ALWAYS_INLINE v8f vmax(v8f a, v8f b) { return vselect(a > b, a, b); }
+
+/* exp(x) to about 1 ulp (Cephes' expf): x = n ln2 + r, exp(r) by a degree-5 polynomial,
+ * 2^n through the exponent bits. Inputs below -87.3 give 0, as expf does. */
+ALWAYS_INLINE v8f vexp(v8f x) {
+    const v8f hi = vsplat(88.3762626647949f), lo = vsplat(-87.3365447504f);
+    x = vselect(x > hi, hi, x);
+    v8i under = x < lo;
+    v8f fx = x * vsplat(1.44269504088896341f) + vsplat(0.5f);
+    v8i n = __builtin_convertvector(fx, v8i);
+    v8f nf = __builtin_convertvector(n, v8f);
+    nf = vselect(nf > fx, nf - vsplat(1.0f), nf); /* floor */
+    n = __builtin_convertvector(nf, v8i);
+    x = x - nf * vsplat(0.693359375f) - nf * vsplat(-2.12194440e-4f);
+    v8f y = vsplat(1.9875691500e-4f);
+    y = y * x + vsplat(1.3981999507e-3f);
+    y = y * x + vsplat(8.3334519073e-3f);
+    y = y * x + vsplat(4.1665795894e-2f);
+    y = y * x + vsplat(1.6666665459e-1f);
+    y = y * x + vsplat(5.0000001201e-1f);
+    y = y * x * x + x + vsplat(1.0f);
+    v8i bits = (n + 127) << 23;
+    return vselect(under, vsplat(0.0f), y * (v8f)bits);
+}
+
+#endif
