@@ -157,14 +157,11 @@ class TorchBackend(Backend):
         start = len(decodes)
         for c in ordered[len(decodes):]:
             end = start + len(c.token_ids)
-            seg = PrefillSegment(start, end, None, None)
+            seg = PrefillSegment(start, end, None)
             if c.start_pos > 0:
-                ctx = c.start_pos + len(c.token_ids)
-                pos = torch.arange(ctx)
+                pos = torch.arange(c.start_pos + len(c.token_ids))
                 table = torch.tensor(c.block_table)
                 seg.context_slots = (table[pos // bs] * bs + pos % bs).to(dev)
-                q_pos = torch.arange(c.start_pos, ctx)
-                seg.mask = (pos[None, :] <= q_pos[:, None]).to(dev)  # [chunk, ctx]
             prefills.append(seg)
             start = end
         return AttentionMetadata(

@@ -21,6 +21,7 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "npu_rms_norm": (None, [_P, _P, _F, _I, _I, _P]),
     "npu_add_rms_norm": (None, [_P, _P, _P, _F, _I, _I, _P]),
     "npu_silu_mul": (None, [_P, _I, _I, _P]),
+    "npu_causal_softmax": (None, [_P, _I, _I, _I, _F]),
     "npu_qk_rope_store": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _P, _P, _P, _I,
                                  _P]),
     "npu_advise_hugepages": (ctypes.c_int, [_P, _I]),
@@ -31,8 +32,8 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
 HUGEPAGE_MIN_BYTES = 4 << 20
 """Smallest tensor worth moving onto huge pages (it must span at least one aligned 2 MiB)."""
 
-MAX_HEAD_DIM = 512
-"""Largest head_dim the rope kernel's stack buffer holds."""
+MAX_HEAD_DIM = 256
+"""Largest head_dim the kernels hold in registers and stack buffers."""
 
 
 class CpuKernels:

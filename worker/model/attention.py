@@ -9,9 +9,8 @@ attended on its own with a causal mask offset by the tokens already cached).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +51,6 @@ class PrefillSegment:
     context_slots: torch.Tensor | None
     """Slots of every cached token before and including this chunk [ctx]; None when the chunk
     is the whole sequence so far (then the fresh keys are used directly)."""
-    mask: torch.Tensor | None
-    """[chunk, ctx] True where attention is allowed; None together with context_slots."""
 
 
 @dataclass(slots=True)
@@ -91,17 +88,15 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
-                    layer: int, meta: AttentionMetadata,
-                    decode_attention: DecodeAttention) -> torch.Tensor:
+                    layer: int, meta: AttentionMetadata, ops: AttentionOps) -> torch.Tensor:
     """q: [T, H, D]; k, v: [T, KVH, D] for the step's tokens (already stored) -> [T, H, D].
 
-    The decodes go to `decode_attention` (the model's DecoderOps picks it), prefill chunks to
-    SDPA one by one."""
+    The decodes are attended as one batch, prefill chunks one by one, by the model's ops."""
     n = meta.num_decodes
     decoded = None
     if n:
         assert meta.decode is not None
-        decoded = decode_attention(q[:n], cache, layer, meta.decode)
+        decoded = ops.decode_attention(q[:n], cache, layer, meta.decode)
         if not meta.prefills:
             return decoded
     out = torch.empty_like(q)
@@ -109,21 +104,27 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
         out[:n] = decoded
     keys, values = cache.data[layer, 0], cache.data[layer, 1]  # [KVH, slots, D]
     for seg in meta.prefills:
-        sq = q[seg.start:seg.end].transpose(0, 1)  # [H, chunk, D]
         if seg.context_slots is None:
             sk = k[seg.start:seg.end].transpose(0, 1)  # [KVH, chunk, D]
             sv = v[seg.start:seg.end].transpose(0, 1)
-            o = F.scaled_dot_product_attention(sq, sk, sv, is_causal=True, enable_gqa=True)
         else:
             sk = keys.index_select(1, seg.context_slots)  # [KVH, ctx, D]
             sv = values.index_select(1, seg.context_slots)
-            o = F.scaled_dot_product_attention(sq, sk, sv, attn_mask=seg.mask, enable_gqa=True)
-        out[seg.start:seg.end] = o.transpose(0, 1)
+        out[seg.start:seg.end] = ops.prefill_attention(q[seg.start:seg.end], sk, sv)
     return out
 
 
-DecodeAttention = Callable[[torch.Tensor, KVCache, int, Any], torch.Tensor]
-"""(q [n, H, D], cache, layer, the metadata's decode) -> [n, H, D]."""
+class AttentionOps(Protocol):
+    def decode_attention(self, q: torch.Tensor, cache: KVCache, layer: int,
+                         decode: Any) -> torch.Tensor:
+        """q [n, H, D], one query per decoding sequence -> [n, H, D]."""
+        ...
+
+    def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                          ) -> torch.Tensor:
+        """q [chunk, H, D], the last `chunk` positions of a context whose keys and values are
+        k, v [KVH, ctx, D] -> [chunk, H, D], causal."""
+        ...
 
 
 def gathered_decode(tables: torch.Tensor, lens: torch.Tensor, kv_heads: int, num_slots: int,

@@ -36,7 +36,7 @@ def forward(
         qkv = layer.qkv(x)  # [T, q + 2kv]
         q, k = ops.qk_rope_store(cfg, layer, qkv, tables, cache, i, meta.slot_mapping)
         v = qkv[:, cfg.q_size + cfg.kv_size:].view(-1, cfg.num_key_value_heads, cfg.head_dim)
-        o = paged_attention(q, k, v, cache, i, meta, ops.decode_attention)  # [T, H, D]
+        o = paged_attention(q, k, v, cache, i, meta, ops)  # [T, H, D]
         x = ops.add_rms_norm(h, layer.o_proj(o.reshape(-1, cfg.q_size)), layer.post_norm, eps)
         mlp = layer.down(ops.silu_mul(layer.gate_up(x)))
         next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else weights.norm

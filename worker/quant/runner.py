@@ -40,7 +40,7 @@ def hidden_states(backend: TorchBackend, ids: list[int]) -> torch.Tensor:
     dev = backend.device
     positions = torch.arange(t, device=dev)
     meta = AttentionMetadata(slot_mapping=positions, num_decodes=0, decode=None,
-                             prefills=[PrefillSegment(0, t, None, None)])
+                             prefills=[PrefillSegment(0, t, None)])
     return backend.forward(torch.tensor(ids, device=dev), positions, meta)
 
 

@@ -126,3 +126,13 @@ def test_hugepage_copy_is_an_equal_tensor_in_new_memory(k: CpuKernels) -> None:
     assert torch.equal(moved, t)
     small = torch.randn(10)
     assert k.on_hugepages(small) is small
+
+
+@pytest.mark.parametrize(("chunk", "ctx"), [(1, 1), (13, 13), (7, 30), (64, 64)])
+def test_prefill_attention_matches_torch_sdpa(k: CpuKernels, chunk: int, ctx: int) -> None:
+    g = gen(chunk * 100 + ctx)
+    q = torch.randn(chunk, 6, 16, generator=g)
+    keys, values = torch.randn(2, ctx, 16, generator=g), torch.randn(2, ctx, 16, generator=g)
+    ref = DecoderOps().prefill_attention(q, keys, values)
+    ours = KernelOps(k).prefill_attention(q, keys, values)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

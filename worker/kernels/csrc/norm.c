@@ -1,6 +1,7 @@
-/* The decoder's elementwise steps, fused: RMSNorm (optionally after the residual add) and
- * SiLU(gate) * up. Each is one pass over memory where PyTorch takes four to seven. Numerics
- * follow torch.nn.functional.rms_norm: x * rsqrt(mean(x^2) + eps) * w, in float32. */
+/* The decoder's row-wise steps, fused: RMSNorm (optionally after the residual add), SiLU(gate)
+ * * up, and the causal softmax of prefill attention. Each is one pass over memory where
+ * PyTorch takes four to seven operators. Numerics follow torch.nn.functional.rms_norm:
+ * x * rsqrt(mean(x^2) + eps) * w, in float32. */
 #include <math.h>
 #include <stdint.h>
 
@@ -45,5 +46,35 @@ void npu_silu_mul(const float *gate_up, int64_t t, int64_t inter, float *out) {
             vstore(o + c, gv / (vsplat(1.0f) + vexp(-gv)) * vload(u + c));
         }
         for (; c < inter; c++) o[c] = g[c] / (1.0f + expf(-g[c])) * u[c];
+    }
+}
+
+/* Causal softmax in place over prefill attention scores: `rows` rows of `cols` context
+ * positions, row r belonging to the chunk's query r % chunk, which may attend to positions
+ * up to (cols - chunk) + r % chunk. Scores are scaled first; masked positions become 0. */
+void npu_causal_softmax(float *scores, int64_t rows, int64_t cols, int64_t chunk, float scale) {
+    const int64_t offset = cols - chunk;
+#pragma omp parallel for schedule(static) if (rows * cols > 32768)
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = scores + r * cols;
+        const int64_t n = offset + r % chunk + 1;
+        float max = -INFINITY;
+        for (int64_t c = 0; c < n; c++) max = row[c] > max ? row[c] : max;
+        const v8f vs = vsplat(scale), vm = vsplat(max * scale);
+        v8f vsum = vsplat(0.0f);
+        int64_t c = 0;
+        for (; c + 8 <= n; c += 8) {
+            v8f e = vexp(vload(row + c) * vs - vm);
+            vstore(row + c, e);
+            vsum += e;
+        }
+        float sum = hsum(vsum);
+        for (; c < n; c++) {
+            row[c] = expf(row[c] * scale - max * scale);
+            sum += row[c];
+        }
+        const float inv = 1.0f / sum;
+        for (c = 0; c < n; c++) row[c] *= inv;
+        for (; c < cols; c++) row[c] = 0.0f;
     }
 }

@@ -1,0 +1,89 @@
+"""The steps of a decoder layer around its projections, as one swappable set.
+
+`DecoderOps` implements them with PyTorch operators, on any device and dtype.
+`worker.kernels.cpu_ops.KernelOps` replaces them on a CPU in float32 with fused C kernels
+(a decode step there is hundreds of tiny operators, and their dispatch costs more than the
+arithmetic). Projections are not part of the set: they pick their kernel by the number of
+rows (`worker.model.linear`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from worker.model.attention import (
+    GatheredDecode,
+    KVCache,
+    PagedDecode,
+    gathered_decode,
+    gathered_decode_attention,
+)
+from worker.model.config import ModelConfig
+from worker.model.rope import RotaryEmbedding, apply_rope
+from worker.model.weights import LayerWeights
+
+
+class DecoderOps:
+    name = "torch"
+
+    def rope_tables(self, rope: RotaryEmbedding, positions: torch.Tensor) -> Any:
+        """Whatever qk_rope_store needs for the step's positions [T], computed once a step."""
+        return rope.tables(positions)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def add_rms_norm(self, residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        """residual += delta, in place; returns rms_norm(residual)."""
+        residual.add_(delta)
+        return self.rms_norm(residual, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] (gate columns, then up) -> silu(gate) * up [T, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def qk_rope_store(self, cfg: ModelConfig, layer: LayerWeights, qkv: torch.Tensor,
+                      tables: Any, cache: KVCache, index: int, slot_mapping: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """qkv [T, q + 2kv] -> rotated q [T, H, D] and k [T, KVH, D]; k and v are stored."""
+        t = qkv.shape[0]
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        qk = qkv[:, :cfg.q_size + cfg.kv_size].view(t, heads + kv_heads, cfg.head_dim)
+        v = qkv[:, cfg.q_size + cfg.kv_size:].view(t, kv_heads, cfg.head_dim)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            qk = torch.cat([self.rms_norm(qk[:, :heads], layer.q_norm, cfg.rms_norm_eps),
+                            self.rms_norm(qk[:, heads:], layer.k_norm, cfg.rms_norm_eps)], dim=1)
+        qk = apply_rope(qk, *tables)  # q and k heads rotated together: [T, H + KVH, D]
+        q, k = qk[:, :heads], qk[:, heads:]
+        cache.store(index, k, v, slot_mapping)
+        return q, k
+
+    def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache,
+                        kv_heads: int) -> GatheredDecode | PagedDecode:
+        """tables [n, max_blocks], lens [n] (CPU int64) -> what decode_attention reads."""
+        return gathered_decode(tables, lens, kv_heads, cache.num_slots, cache.block_size,
+                               cache.data.dtype, cache.data.device)
+
+    def decode_attention(self, q: torch.Tensor, cache: KVCache, layer: int,
+                         decode: Any) -> torch.Tensor:
+        """q [n, H, D], one query per decoding sequence -> [n, H, D]."""
+        return gathered_decode_attention(q, cache, layer, decode)
+
+    def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                          ) -> torch.Tensor:
+        """q [chunk, H, D], the last `chunk` positions of a context whose keys and values are
+        k, v [KVH, ctx, D] -> [chunk, H, D], causal."""
+        chunk, ctx = q.shape[0], k.shape[1]
+        sq = q.transpose(0, 1)  # [H, chunk, D]
+        if chunk == ctx:
+            o = F.scaled_dot_product_attention(sq, k, v, is_causal=True, enable_gqa=True)
+        else:
+            mask = torch.arange(ctx, device=q.device) <= torch.arange(
+                ctx - chunk, ctx, device=q.device)[:, None]  # [chunk, ctx]
+            o = F.scaled_dot_product_attention(sq, k, v, attn_mask=mask, enable_gqa=True)
+        return o.transpose(0, 1)
