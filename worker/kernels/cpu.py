@@ -17,7 +17,7 @@ from worker.kernels.build import load_library
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "npu_linear_f32": (None, [_P, _I, _I, _P, _I, _P, _P]),
-    "npu_linear_i8": (None, [_P, _I, _I, _P, _P, _I, _I, _P, _P]),
+    "npu_linear_i8": (ctypes.c_int, [_P, _I, _I, _P, _P, _I, _I, _P, _P]),
     "npu_rms_norm": (None, [_P, _P, _F, _I, _I, _P]),
     "npu_add_rms_norm": (None, [_P, _P, _P, _F, _I, _I, _P]),
     "npu_silu_mul": (None, [_P, _I, _I, _P]),
@@ -70,8 +70,11 @@ class CpuKernels:
         m, k = x.shape
         n = qweight.shape[0]
         y = torch.empty(m, n)
-        self.npu_linear_i8(x.data_ptr(), m, k, qweight.data_ptr(), scale.data_ptr(), group, n,
-                           bias.data_ptr() if bias is not None else None, y.data_ptr())
+        status = self.npu_linear_i8(x.data_ptr(), m, k, qweight.data_ptr(), scale.data_ptr(),
+                                    group, n, bias.data_ptr() if bias is not None else None,
+                                    y.data_ptr())
+        if status != 0:
+            raise MemoryError(f"int8 projection of {m} rows could not allocate its int16 copy")
         return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

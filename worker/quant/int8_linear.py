@@ -3,9 +3,11 @@
 Only the int8 matrix and its float32 scales stay resident; which kernel runs depends on the
 scheme, the rows of the call and the device:
 
-- w8a16 on the CPU with the compiled kernels and float32 activations, up to KERNEL_ROWS rows
-  (decode): npuserve's int8 GEMV (worker/kernels/csrc/linear.c), which widens the weights to
-  float32 in registers; activations and scales stay float32.
+- w8a16 on the CPU with the compiled kernels and float32 activations, any rows: npuserve's
+  int8 GEMV/GEMM (worker/kernels/csrc/linear.c). On AVX2 it rounds each activation row to
+  int16 (15 bits, far finer than the weights' 8) and multiplies in integers, three
+  instructions per sixteen weights; elsewhere it widens the weights to float32 in registers.
+  Scales stay float32.
 - w8a16 otherwise, up to SMALL_M rows: `torch._weight_int8pack_mm` with bfloat16 activations,
   which reads one byte per weight. On a 2-core Zen 4 it is compute-bound (int8 -> float32
   conversion and an FMA per weight, no VNNI), about 1.7x faster than the fp32 mm it replaces
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ModelConfigError
-from worker.model.linear import KERNEL_ROWS, Projection
+from worker.model.linear import Projection
 from worker.quant.scheme import QMAX, QuantConfig, Scheme
 
 if TYPE_CHECKING:
@@ -102,7 +104,7 @@ class W8A16Projection(Int8Projection):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
-        if self._kernels is not None and m <= KERNEL_ROWS and x.dtype == torch.float32:
+        if self._kernels is not None and x.dtype == torch.float32:
             in_features = self.qweight.shape[1]
             return self._kernels.linear_int8(x.contiguous(), self.qweight, self.scale,
                                              in_features, None)
