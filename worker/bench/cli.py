@@ -28,7 +28,7 @@ def register(subparsers: Any) -> None:
     engine.add_argument(
         "--quick",
         action="store_true",
-        help="32 requests, max batch 16, one-at-a-time baseline on every 4th "
+        help="32 requests, max batch 16, one-at-a-time baseline on every 8th "
         "(under 4 min for a 135M model)",
     )
     engine.add_argument("--json", metavar="OUT", help="write the results as JSON here")

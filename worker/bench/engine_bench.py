@@ -66,10 +66,11 @@ class BenchConfig:
     """A quantized copy of the model: its batch-1 decode is timed against the float model's."""
 
 
-QUICK = {"requests": 32, "max_batch": 16, "decode_tokens": 32, "sequential_requests": 8}
-"""Sizes for --quick: about 3 minutes for SmolLM2-135M fp32 on 2 idle cores. Two batches'
-worth of requests, so static batching pays for its padding and tails; one-at-a-time on
-every 4th request."""
+QUICK = {"requests": 32, "max_batch": 16, "decode_tokens": 32, "sequential_requests": 4}
+"""Sizes for --quick: under 4 minutes for SmolLM2-135M fp32 on 2 idle cores (AVX2 Zen 3 at
+2.45 GHz; transformers' phases are most of it). Two batches' worth of requests, so static
+batching pays for its padding and tails; one-at-a-time on every 8th request, whose rate is
+mostly decode steps and varies little with the request."""
 FULL = {"requests": 64, "max_batch": 16, "decode_tokens": 64, "sequential_requests": None}
 """Default sizes: every phase runs every request."""
 

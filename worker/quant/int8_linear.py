@@ -102,12 +102,14 @@ class W8A16Projection(Int8Projection):
     def resident_bytes(self) -> int:
         return self.nbytes + self._unit.nbytes
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernels is not None and x.dtype == torch.float32:
+            return self._kernels.linear_int8(x.contiguous(), self.qweight, self.scale,
+                                             self.qweight.shape[1], self.bias)
+        return super().__call__(x)
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         m = x.shape[0]
-        if self._kernels is not None and x.dtype == torch.float32:
-            in_features = self.qweight.shape[1]
-            return self._kernels.linear_int8(x.contiguous(), self.qweight, self.scale,
-                                             in_features, None)
         xb = x.to(torch.bfloat16)
         if m <= SMALL_M:
             y = torch._weight_int8pack_mm(xb, self.qweight, self._unit)  # [M, out] bfloat16

@@ -102,17 +102,18 @@ def test_qk_rope_store_matches_torch_ops(k: CpuKernels, qk_norm: bool) -> None:
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("lens", [[1], [17, 1, 40], [33, 5, 8, 64]])
+@pytest.mark.parametrize("lens", [[1], [17, 1, 40], [33, 5, 8, 64], [300], [200, 7]])
 def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
     k: CpuKernels, lens: list[int]
 ) -> None:
+    """Short batches split each context into parts merged afterwards ([300], [200, 7])."""
     kv_heads, heads, d, block = 2, 6, 16, 8
     g = gen(sum(lens))
-    cache = KVCache(2, 40, block, kv_heads, d, torch.float32, torch.device("cpu"))
+    cache = KVCache(2, 80, block, kv_heads, d, torch.float32, torch.device("cpu"))
     cache.data.copy_(torch.randn(cache.data.shape, generator=g))
     n = len(lens)
     width = max(-(-x // block) for x in lens)
-    tables = torch.randperm(40, generator=g)[:n * width].view(n, width)  # scattered blocks
+    tables = torch.randperm(80, generator=g)[:n * width].view(n, width)  # scattered blocks
     lens_t = torch.tensor(lens)
     q = torch.randn(n, heads, d, generator=g)
     ref = gathered_decode_attention(

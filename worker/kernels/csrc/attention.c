@@ -2,16 +2,18 @@
  *
  * The cache of a layer is [2, kv_heads, slots, head_dim] (keys, then values), token t of a
  * sequence in slot block_table[t / block_size] * block_size + t % block_size. Each task is
- * one (sequence, kv head), reading its keys and values in place, block by block, so no
- * gathered copy of the context is made. Scores are exact (softmax over the whole context, no
- * online rescaling). */
+ * one (sequence, kv head), or a part of its context when there are fewer of those than
+ * threads, reading keys and values in place, block by block, so no gathered copy of the
+ * context is made. */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #include "vec.h"
 
 #define MAX_DV 32 /* head_dim / 8 vectors kept in registers: head_dim <= 256 */
+#define MIN_PART 64 /* fewest context tokens worth a separate task */
 
 /* scores[t] = scale * q . k_t for the block's `count` tokens. */
 ALWAYS_INLINE void block_scores(const v8f *qv, int64_t dv, const float *keys, int64_t count,
@@ -29,52 +31,77 @@ ALWAYS_INLINE void block_scores(const v8f *qv, int64_t dv, const float *keys, in
     }
 }
 
-/* One (sequence, kv head): the query heads of the group one after another, each streaming
- * the context block by block (a 16-token block of one head is 4 KiB for head_dim 64, so the
- * group's later heads read it from L1/L2, not memory). Returns 0, or -1 out of memory. */
+/* One (sequence, kv head, part of the context [t_begin, t_end)): the query heads of the group
+ * one after another, each streaming its part block by block (a 16-token block of one head is
+ * 4 KiB for head_dim 64, so the group's later heads read it from L1/L2, not memory). Writes
+ * per head the unnormalised output (sum_t e^(s_t - max) v_t), the max and the sum to part,
+ * [group][d + 2]. Returns 0, or -1 out of memory. */
 static int attend(const float *qs, int64_t group, int64_t dv, const float *keys,
-                  const float *values, const int32_t *table, int64_t ctx, int64_t block_size,
-                  float scale, float *out) {
-    const int64_t d = dv * 8;
-    float *scores = malloc(sizeof(float) * (size_t)ctx);
+                  const float *values, const int32_t *table, int64_t t_begin, int64_t t_end,
+                  int64_t block_size, float scale, float *part) {
+    const int64_t d = dv * 8, len = t_end - t_begin;
+    float *scores = malloc(sizeof(float) * (size_t)len);
     if (!scores) return -1;
     for (int64_t g = 0; g < group; g++) {
         v8f qv[MAX_DV];
         for (int64_t c = 0; c < dv; c++) qv[c] = vload(qs + g * d + 8 * c);
-        float max = -INFINITY;
-        for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-            int64_t count = ctx - t0 < block_size ? ctx - t0 : block_size;
-            const float *k = keys + (int64_t)table[t0 / block_size] * block_size * d;
-            block_scores(qv, dv, k, count, scale, scores + t0);
+        for (int64_t t0 = t_begin; t0 < t_end; t0 = (t0 / block_size + 1) * block_size) {
+            int64_t stop = (t0 / block_size + 1) * block_size;
+            int64_t count = (stop < t_end ? stop : t_end) - t0;
+            const float *k = keys + ((int64_t)table[t0 / block_size] * block_size
+                                     + t0 % block_size) * d;
+            block_scores(qv, dv, k, count, scale, scores + (t0 - t_begin));
         }
-        for (int64_t t = 0; t < ctx; t++) max = scores[t] > max ? scores[t] : max;
+        float max = -INFINITY;
+        for (int64_t t = 0; t < len; t++) max = scores[t] > max ? scores[t] : max;
         v8f vsum = vsplat(0.0f);
         int64_t t = 0;
-        for (; t + 8 <= ctx; t += 8) {
+        for (; t + 8 <= len; t += 8) {
             v8f e = vexp(vload(scores + t) - vsplat(max));
             vstore(scores + t, e);
             vsum += e;
         }
         float sum = hsum(vsum);
-        for (; t < ctx; t++) {
+        for (; t < len; t++) {
             scores[t] = expf(scores[t] - max);
             sum += scores[t];
         }
         v8f acc[MAX_DV];
         for (int64_t c = 0; c < dv; c++) acc[c] = vsplat(0.0f);
-        for (int64_t t0 = 0; t0 < ctx; t0 += block_size) {
-            int64_t count = ctx - t0 < block_size ? ctx - t0 : block_size;
-            const float *v = values + (int64_t)table[t0 / block_size] * block_size * d;
+        for (int64_t t0 = t_begin; t0 < t_end; t0 = (t0 / block_size + 1) * block_size) {
+            int64_t stop = (t0 / block_size + 1) * block_size;
+            int64_t count = (stop < t_end ? stop : t_end) - t0;
+            const float *v = values + ((int64_t)table[t0 / block_size] * block_size
+                                       + t0 % block_size) * d;
+            const float *p = scores + (t0 - t_begin);
             for (int64_t i = 0; i < count; i++) {
-                v8f p = vsplat(scores[t0 + i]);
-                for (int64_t c = 0; c < dv; c++) acc[c] += p * vload(v + i * d + 8 * c);
+                v8f pv = vsplat(p[i]);
+                for (int64_t c = 0; c < dv; c++) acc[c] += pv * vload(v + i * d + 8 * c);
             }
         }
-        v8f inv = vsplat(1.0f / sum);
-        for (int64_t c = 0; c < dv; c++) vstore(out + g * d + 8 * c, acc[c] * inv);
+        float *o = part + g * (d + 2);
+        for (int64_t c = 0; c < dv; c++) vstore(o + 8 * c, acc[c]);
+        o[d] = max;
+        o[d + 1] = sum;
     }
     free(scores);
     return 0;
+}
+
+/* Merge the parts of one head (softmax over their union) into out [d]. */
+static void combine(const float *parts, int64_t nparts, int64_t stride, int64_t d, float *out) {
+    float max = -INFINITY;
+    for (int64_t p = 0; p < nparts; p++) max = parts[p * stride + d] > max ? parts[p * stride + d] : max;
+    float sum = 0.0f;
+    for (int64_t c = 0; c < d; c++) out[c] = 0.0f;
+    for (int64_t p = 0; p < nparts; p++) {
+        const float *part = parts + p * stride;
+        const float w = expf(part[d] - max);
+        sum += part[d + 1] * w;
+        for (int64_t c = 0; c < d; c++) out[c] += part[c] * w;
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t c = 0; c < d; c++) out[c] *= inv;
 }
 
 /* q: [n, heads, d]; cache: this layer's [2, kv_heads, slots, d]; block_tables: [n,
@@ -85,16 +112,49 @@ int npu_decode_attention(const float *q, int64_t n, int64_t heads, int64_t kv_he
                          const int32_t *block_tables, int64_t max_blocks,
                          const int32_t *context_lens, int64_t block_size, float scale,
                          float *out) {
-    const int64_t group = heads / kv_heads, d = head_dim;
+    const int64_t group = heads / kv_heads, d = head_dim, stride = d + 2;
+    /* Few (sequence, kv head) pairs would leave threads idle: split each context into
+     * parts of at least MIN_PART tokens, merged afterwards (flash-decoding). */
+    const int64_t threads = omp_get_max_threads(), pairs = n * kv_heads;
+    int64_t max_ctx = 0;
+    for (int64_t s = 0; s < n; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;
+    int64_t splits = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / pairs;
+    if (splits > max_ctx / MIN_PART) splits = max_ctx / MIN_PART > 0 ? max_ctx / MIN_PART : 1;
+    float *parts = malloc(sizeof(float) * (size_t)(pairs * splits * group * stride));
+    if (!parts) return -1;
     int failed = 0;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) reduction(| : failed)
+#pragma omp parallel for collapse(3) schedule(dynamic, 1) reduction(| : failed)
     for (int64_t s = 0; s < n; s++) {
         for (int64_t kh = 0; kh < kv_heads; kh++) {
-            const int64_t first = s * heads + kh * group;
-            failed |= attend(q + first * d, group, d / 8, cache + kh * slots * d,
-                             cache + (kv_heads + kh) * slots * d, block_tables + s * max_blocks,
-                             context_lens[s], block_size, scale, out + first * d) != 0;
+            for (int64_t p = 0; p < splits; p++) {
+                const int64_t ctx = context_lens[s], first = s * heads + kh * group;
+                const int64_t t_begin = ctx * p / splits, t_end = ctx * (p + 1) / splits;
+                float *part = parts + ((s * kv_heads + kh) * splits + p) * group * stride;
+                if (t_end <= t_begin) { /* an empty part: no weight in the merge */
+                    for (int64_t g = 0; g < group; g++) {
+                        part[g * stride + d] = -INFINITY;
+                        part[g * stride + d + 1] = 0.0f;
+                        for (int64_t c = 0; c < d; c++) part[g * stride + c] = 0.0f;
+                    }
+                    continue;
+                }
+                failed |= attend(q + first * d, group, d / 8, cache + kh * slots * d,
+                                 cache + (kv_heads + kh) * slots * d,
+                                 block_tables + s * max_blocks, t_begin, t_end, block_size,
+                                 scale, part) != 0;
+            }
         }
     }
+    if (!failed) {
+#pragma omp parallel for collapse(2) schedule(static) if (pairs * group > 64)
+        for (int64_t pair = 0; pair < pairs; pair++) {
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t s = pair / kv_heads, kh = pair % kv_heads;
+                combine(parts + (pair * splits * group + g) * stride, splits, group * stride, d,
+                        out + (s * heads + kh * group + g) * d);
+            }
+        }
+    }
+    free(parts);
     return failed ? -1 : 0;
 }
