@@ -1,11 +1,11 @@
 """A projection y = x W^T + b, routed to the fastest CPU GEMM for the number of rows.
 
 Measured on SmolLM2's shapes on 2-core x86 machines (fp32, 2 threads):
-- up to KERNEL_ROWS rows (decode), with the compiled CPU kernels (float32): npuserve's GEMV
-  (worker/kernels/csrc/linear.c), which reads each weight once per four rows at close to
-  memory bandwidth; without them, `mm(W, x^T)` with one row padded to two for one or two
-  rows (about 2x F.linear, which MKL runs far below bandwidth at one row);
-- more rows (batched decode, prefill): oneDNN's linear over a weight prepacked once at
+- up to KERNEL_ROWS rows (decode), with the compiled CPU kernels (float32): npuserve's
+  GEMV/small GEMM (worker/kernels/csrc/linear.c), which streams each weight from memory once
+  at close to bandwidth; without them, `mm(W, x^T)` with one row padded to two for one or
+  two rows (about 2x F.linear, which MKL runs far below bandwidth at one row);
+- more rows (prefill, and decode without the kernels): oneDNN's linear over a weight prepacked once at
   load time, which stays bandwidth-bound where MKL's F.linear is not: at 8-16 rows the
   lm_head takes 4-5 ms against 15-17 ms, and a 512-row prefill chunk is 20% faster.
 The packed copy doubles weight memory on CPU, so it can be turned off (`pack` False); then
@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 PACK_BATCH_HINT = 64
 """Batch size oneDNN chooses the packed layout for; it serves 3-512 rows well."""
 
-KERNEL_ROWS = 4
-"""Most rows the compiled GEMV serves; above, the packed GEMM is as fast or faster."""
+KERNEL_ROWS = 16
+"""Most rows the compiled kernel serves (a decode batch): it prefetches the weights it streams
+and beats the packed GEMM there (SmolLM2 decode steps, 2 threads: 8 rows 39 vs 53 ms, 16 rows
+73 vs 75 ms); prefill chunks are compute-bound and the packed GEMM's blocking wins."""
 
 
 def can_pack(device: torch.device) -> bool:
