@@ -55,6 +55,11 @@ def register(subparsers: Any) -> None:
                    help="KV cache GiB; unset: a share of free memory [NPUSERVE_KV_CACHE_GB]")
     p.add_argument("--threads", type=int, default=_opt_int(env("THREADS", "")),
                    help="CPU threads for torch; unset: torch's default [NPUSERVE_THREADS]")
+    p.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction,
+                   default=env("CPU_KERNELS", "1") not in ("0", "false", "no"),
+                   help="on CPU in float32, run decode with npuserve's C kernels, compiled for "
+                        "this machine at first start (needs gcc; default on) "
+                        "[NPUSERVE_CPU_KERNELS=0 turns them off]")
     p.add_argument("--worker-id", default=env("WORKER_ID", w.worker_id),
                    help="registration id; empty: host-pid-random [NPUSERVE_WORKER_ID]")
     p.add_argument("--lease-ms", type=int, default=int(env("LEASE_MS", str(w.lease_ms))),
@@ -91,7 +96,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         engine=EngineConfig(device=args.device, dtype=args.dtype,
                             max_num_seqs=args.max_num_seqs,
                             max_num_batched_tokens=args.max_batched_tokens,
-                            kv_cache_gb=args.kv_cache_gb, threads=args.threads),
+                            kv_cache_gb=args.kv_cache_gb, threads=args.threads,
+                            cpu_kernels=args.cpu_kernels),
         redis=RedisConfig.from_args(args),
         worker_id=args.worker_id,
         lease_ms=args.lease_ms,

@@ -34,6 +34,9 @@ def test_flags_build_the_worker_config() -> None:
     assert config.drain_timeout_s == 1.5 and config.redis.prefix == "x:"
     e = config.engine
     assert (e.max_num_seqs, e.max_num_batched_tokens, e.kv_cache_gb, e.threads) == (3, 64, 0.5, 2)
+    assert e.cpu_kernels
+    args = build_parser().parse_args(["worker", "--model", "m", "--no-cpu-kernels"])
+    assert not config_from_args(args).engine.cpu_kernels
 
 
 def test_defaults_come_from_npuserve_environment_variables(monkeypatch: pytest.MonkeyPatch
@@ -42,7 +45,9 @@ def test_defaults_come_from_npuserve_environment_variables(monkeypatch: pytest.M
     monkeypatch.setenv("NPUSERVE_REDIS_URL", "redis://10.0.0.1:7000/1")
     monkeypatch.setenv("NPUSERVE_MAX_NUM_SEQS", "7")
     monkeypatch.setenv("NPUSERVE_KV_CACHE_GB", "2")
+    monkeypatch.setenv("NPUSERVE_CPU_KERNELS", "0")
     config = config_from_args(build_parser().parse_args(["worker"]))
+    assert not config.engine.cpu_kernels
     assert config.model_dir == "/models/a" and config.redis.url == "redis://10.0.0.1:7000/1"
     assert config.engine.max_num_seqs == 7 and config.engine.kv_cache_gb == 2.0
     assert config.engine.threads is None and config.worker_id == ""

@@ -13,8 +13,10 @@ from common.errors import ModelConfigError
 from worker.backends.base import Backend, BackendCapacity, SequenceChunk, StepResult
 from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.cpu_ops import KernelOps, supports
+from worker.kernels.decode_plan import DecodePlan
 from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment
 from worker.model.config import ModelConfig
+from worker.model.linear import KERNEL_ROWS
 from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
 from worker.model.transformer import compute_logits, forward
@@ -80,6 +82,9 @@ class TorchBackend(Backend):
             )
         self.cache = KVCache(cfg.num_hidden_layers, num_blocks, config.block_size,
                              cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
+        self.plan = (DecodePlan.build(kernels, cfg, self.weights, self.cache, self.rope,
+                                      min(config.max_num_seqs, KERNEL_ROWS))
+                     if kernels is not None else None)
         self.capacity = BackendCapacity(
             max_batch=config.max_num_seqs,
             max_seq_len=min(max_len, num_blocks * config.block_size),
@@ -104,6 +109,8 @@ class TorchBackend(Backend):
     def forward(self, ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """ids, positions [T] -> final hidden states [T, hidden]; the cache is updated."""
+        if self.plan is not None and self.plan.covers(meta):
+            return self.plan.forward(ids, positions, meta)
         return forward(self.model_config, self.weights, self.rope, ids, positions, self.cache,
                        meta, self.ops)
 

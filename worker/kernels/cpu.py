@@ -25,6 +25,8 @@ _SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "npu_qk_rope_store": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _P, _P, _P, _I,
                                  _P]),
     "npu_advise_hugepages": (ctypes.c_int, [_P, _I]),
+    "npu_decode_workspace": (ctypes.c_int64, [_P, _I]),
+    "npu_decode_forward": (ctypes.c_int, [_P, _P]),
     "npu_decode_attention": (ctypes.c_int, [_P, _I, _I, _I, _I, _P, _I, _P, _I, _P, _I, _F,
                                             _P]),
 }

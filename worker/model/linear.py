@@ -57,6 +57,10 @@ class Projection:
         extra = self._packed.nbytes if self._packed is not None else 0
         return self.nbytes + extra
 
+    def kernel_operand(self) -> tuple[torch.Tensor, None, torch.Tensor | None] | None:
+        """(weight, no scales, bias) for the compiled decoder, or None without the kernels."""
+        return (self.weight, None, self.bias) if self._kernels is not None else None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, in] -> [M, out]."""
         m = x.shape[0]

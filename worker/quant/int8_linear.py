@@ -102,6 +102,11 @@ class W8A16Projection(Int8Projection):
     def resident_bytes(self) -> int:
         return self.nbytes + self._unit.nbytes
 
+    def kernel_operand(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(int8 weight, per-row scales, bias) for the compiled decoder, or None without the
+        kernels."""
+        return (self.qweight, self.scale, self.bias) if self._kernels is not None else None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernels is not None and x.dtype == torch.float32:
             return self._kernels.linear_int8(x.contiguous(), self.qweight, self.scale,

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "kernels.h"
 #include "vec.h"
 
 #define MAX_DV 32 /* head_dim / 8 vectors kept in registers: head_dim <= 256 */

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "kernels.h"
 #include "vec.h"
 
 ALWAYS_INLINE void norm_row(const float *x, const float *w, float eps, int64_t h, float *out) {

@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "vec.h"
 
 ALWAYS_INLINE void head(const float *x, const float *norm, float eps, const float *cos,
