@@ -57,7 +57,7 @@ proto: deps
 
 lint:
 	$(VENV)/bin/ruff check common gateway preprocess worker tests
-	$(VENV)/bin/mypy common gateway preprocess worker/engine/scheduler.py
+	$(VENV)/bin/mypy common gateway preprocess worker/engine/scheduler.py worker/kernels worker/model worker/backends
 
 clean:
 	rm -rf $(VENV) models bench-results

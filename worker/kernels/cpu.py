@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import Any
 
 import torch
 
@@ -40,6 +41,18 @@ MAX_HEAD_DIM = 256
 
 class CpuKernels:
     """The library's functions with their C signatures declared."""
+
+    npu_linear_f32: Any
+    npu_linear_i8: Any
+    npu_rms_norm: Any
+    npu_add_rms_norm: Any
+    npu_silu_mul: Any
+    npu_causal_softmax: Any
+    npu_qk_rope_store: Any
+    npu_advise_hugepages: Any
+    npu_decode_workspace: Any
+    npu_decode_forward: Any
+    npu_decode_attention: Any
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         for name, (restype, argtypes) in _SIGNATURES.items():

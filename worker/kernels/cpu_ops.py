@@ -18,7 +18,6 @@ from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
 from worker.model.weights import LayerWeights
 
-
 PREFILL_BLOCK = 128
 """Queries per block of prefill attention: smaller skips more masked scores, larger makes
 fewer, bigger GEMMs."""
