@@ -56,7 +56,8 @@ def _proj(projection: object) -> _Proj | None:
         return None
     weight, scale, bias = operand
     out, in_features = weight.shape
-    return _Proj(weight.data_ptr(), _ptr(scale), _ptr(bias), out, in_features, in_features)
+    group = in_features if scale is None else in_features * out // scale.numel()
+    return _Proj(weight.data_ptr(), _ptr(scale), _ptr(bias), out, in_features, group)
 
 
 class DecodePlan:

@@ -20,8 +20,8 @@ scheme, the rows of the call and the device:
 - w8a8, any rows: activations quantized per token (or with the calibrated static scale), then
   `torch._int_mm` (int8 x int8 -> int32) and one rescale by both scales.
 
-A device or shape without the kernel (checked by running it once at load), and any per-group
-scales, fall back to dequantizing on load: a float `Projection`, with activations fake-quantized
+A device or shape without the kernel (checked by running it once at load), and per-group
+scales anywhere but the CPU kernels, fall back to dequantizing on load: a float `Projection`, with activations fake-quantized
 for w8a8 so the numbers match the scheme. `quantized_projection` logs a warning then.
 """
 
@@ -54,7 +54,8 @@ _warned: set[str] = set()
 
 
 class Int8Projection(ABC):
-    """y = x (s * Wq)^T + b with Wq int8 [out, in] and s float32 [out] (per output channel).
+    """y = x (s * Wq)^T + b with Wq int8 [out, in] and s float32 [out] (per output channel),
+    or [out, in / group] (per group of columns, CPU kernels only).
 
     The base of the two schemes' projections: the loader picks the subclass.
     """
@@ -64,6 +65,8 @@ class Int8Projection(ABC):
         self.qweight = qweight.contiguous()
         self.scale = scale.float().contiguous()
         self.bias = bias
+        self.group = qweight.shape[1] * qweight.shape[0] // self.scale.numel()
+        """Columns per scale: `in` when per channel."""
 
     @property
     def nbytes(self) -> int:
@@ -110,10 +113,13 @@ class W8A16Projection(Int8Projection):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernels is not None and x.dtype == torch.float32:
             return self._kernels.linear_int8(x.contiguous(), self.qweight, self.scale,
-                                             self.qweight.shape[1], self.bias)
+                                             self.group, self.bias)
         return super().__call__(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group != self.qweight.shape[1]:
+            raise ModelConfigError("per-group int8 scales run only on the CPU kernels in "
+                                   "float32; load the model with them, or requantize per channel")
         m = x.shape[0]
         xb = x.to(torch.bfloat16)
         if m <= SMALL_M:
@@ -237,8 +243,12 @@ def quantized_projection(
     # modules fused here read one input, so they share its scale; the largest is the safe one
     input_scale = max(input_scales) if input_scales else None
     out_features, in_features = qweight.shape
-    if scale.shape[1] > 1:
-        reason = "per-group scales"
+    grouped = scale.shape[1] > 1
+    if (grouped and kernels is not None and quant.scheme is Scheme.W8A16
+            and (in_features // scale.shape[1]) % 8 == 0):
+        return W8A16Projection(qweight, scale, b, kernels)  # the CPU kernels read group scales
+    if grouped:
+        reason = f"per-group scales with {quant.scheme.value} without the CPU kernels"
     elif not kernel_available(quant.scheme, out_features, in_features, device):
         reason = f"{quant.scheme.value} [{out_features}, {in_features}] on {device}"
     else:

@@ -50,6 +50,21 @@ def test_a_quantized_model_loads_int8_layers_and_generates_like_its_source(
     assert float(cos.mean()) > 0.995
 
 
+def test_per_group_w8a16_runs_int8_on_the_cpu_kernels(quantized: Callable[..., Path],
+                                                       tiny_qwen3: Path) -> None:
+    out = quantized("qwen3", QuantConfig(Scheme.W8A16, group_size=16))
+    engine = Engine.from_model_dir(out, EngineConfig(kv_cache_gb=0.02))
+    backend = engine.backend  # type: ignore[attr-defined]
+    layer = backend.weights.layers[0]
+    assert isinstance(layer.gate_up, W8A16Projection) and layer.gate_up.group == 16
+    assert backend.plan is not None  # decode steps take the one-call path too
+    done = engine.generate([IDS[:12]], SamplingParams(max_tokens=8, temperature=0.0,
+                                                      ignore_eos=True))
+    assert len(done[0].token_ids) == 8
+    cos = torch.nn.functional.cosine_similarity(all_logits(out), all_logits(tiny_qwen3))
+    assert float(cos.mean()) > 0.995
+
+
 def test_the_quantized_layers_take_about_a_quarter_of_their_float32_bytes(
         quantized: Callable[..., Path], tiny_qwen3: Path) -> None:
     out, src = tensors(quantized("qwen3", W8A16)), tensors(tiny_qwen3)

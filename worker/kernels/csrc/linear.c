@@ -31,13 +31,13 @@ ALWAYS_INLINE void tile_rows(const char *w, int64_t row_bytes, int64_t j, int64_
 
 /* Dot products of the tile's WR weight rows with R rows of x over columns [c0, c1), added
  * into acc. WR, R and INT8 are constants after inlining, so acc stays in registers. */
-ALWAYS_INLINE void tile(const char *const rows[MAX_WR], int WR, const float *const *xs, int R,
-                        int64_t c0, int64_t c1, int INT8, v8f acc[MAX_WR][MAX_XR]) {
+ALWAYS_INLINE void tile(const char *const rows[MAX_WR], int WR, int64_t k, const float *const *xs,
+                        int R, int64_t c0, int64_t c1, int INT8, v8f acc[MAX_WR][MAX_XR]) {
     const int64_t size = INT8 ? 1 : 4;
-    const char *ahead = rows[0] + PREFETCH_TILES * WR * (c1 - c0) * size;
+    const char *ahead = rows[0] + PREFETCH_TILES * WR * k * size;
     for (int64_t c = c0; c < c1; c += 8) {
-        __builtin_prefetch(ahead + (c - c0) * WR * size, 0, 0);
-        if (!INT8) __builtin_prefetch(ahead + (c - c0) * WR * size + 64, 0, 0);
+        __builtin_prefetch(ahead + c * WR * size, 0, 0);
+        if (!INT8) __builtin_prefetch(ahead + c * WR * size + 64, 0, 0);
         v8f wv[MAX_WR];
         for (int q = 0; q < WR; q++)
             wv[q] = INT8 ? vload_i8((const int8_t *)rows[q] + c) : vload((const float *)rows[q] + c);
@@ -58,7 +58,7 @@ ALWAYS_INLINE void tile_f32(const float *x, int64_t k, const float *w, int64_t j
     for (int q = 0; q < WR; q++)
         for (int r = 0; r < R; r++) acc[q][r] = vsplat(0.0f);
     int64_t k8 = k & ~(int64_t)7;
-    tile(rows, WR, xs, R, 0, k8, 0, acc);
+    tile(rows, WR, k, xs, R, 0, k8, 0, acc);
     for (int q = 0; q < WR; q++) {
         const float *wq = (const float *)rows[q];
         for (int r = 0; r < R; r++) {
@@ -84,7 +84,7 @@ ALWAYS_INLINE void tile_i8(const float *x, int64_t k, const int8_t *w, const flo
         v8f acc[MAX_WR][MAX_XR];
         for (int q = 0; q < WR; q++)
             for (int r = 0; r < R; r++) acc[q][r] = vsplat(0.0f);
-        tile(rows, WR, xs, R, g * group, (g + 1) * group, 1, acc);
+        tile(rows, WR, k, xs, R, g * group, (g + 1) * group, 1, acc);
         for (int q = 0; q < WR; q++) {
             v8f s = vsplat(scale[(j + q < n ? j + q : n - 1) * groups + g]);
             for (int r = 0; r < R; r++) total[q][r] += acc[q][r] * s;
@@ -144,11 +144,12 @@ void npu_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_
 #define X16_MAX 32767.0f
 #define FLUSH 1024
 
-ALWAYS_INLINE void tile_x16(const char *const rows[MAX_WR], int WR, const int16_t *const *xs,
-                            int R, int64_t c0, int64_t c1, __m256i acc[MAX_WR][MAX_XR]) {
-    const char *ahead = rows[0] + PREFETCH_TILES * WR * (c1 - c0);
+ALWAYS_INLINE void tile_x16(const char *const rows[MAX_WR], int WR, int64_t k,
+                            const int16_t *const *xs, int R, int64_t c0, int64_t c1,
+                            __m256i acc[MAX_WR][MAX_XR]) {
+    const char *ahead = rows[0] + PREFETCH_TILES * WR * k;
     for (int64_t c = c0; c < c1; c += 16) {
-        __builtin_prefetch(ahead + (c - c0) * WR, 0, 0);
+        __builtin_prefetch(ahead + c * WR, 0, 0);
         __m256i wv[MAX_WR];
         for (int q = 0; q < WR; q++)
             wv[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[q] + c)));
@@ -180,7 +181,7 @@ ALWAYS_INLINE void tile_i8_x16(const int16_t *xq, const float *xscale, int64_t k
             __m256i acc[MAX_WR][MAX_XR];
             for (int q = 0; q < WR; q++)
                 for (int r = 0; r < R; r++) acc[q][r] = _mm256_setzero_si256();
-            tile_x16(rows, WR, xs, R, c0, c1, acc);
+            tile_x16(rows, WR, k, xs, R, c0, c1, acc);
             for (int q = 0; q < WR; q++)
                 for (int r = 0; r < R; r++)
                     total[q][r] += (v8f)_mm256_cvtepi32_ps(acc[q][r]) * s[q];
