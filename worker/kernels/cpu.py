@@ -1,8 +1,9 @@
 """Typed entry points into the compiled CPU kernels, taking and returning tensors.
 
-Callers guarantee the layouts (contiguous float32 on the CPU, int8 weights where named); the
-checks here are the ones a wrong call could not survive (shapes that would read out of
-bounds), kept cheap because these run hundreds of times per decode step.
+Callers guarantee the layouts (contiguous float32 on the CPU, int8 weights where named): the
+backend decides once at load that a model runs on the kernels (`cpu_ops.supports`), and these
+run hundreds of times per step, so they check nothing. Each is pinned against the PyTorch
+operators it replaces by tests/worker/kernels.
 """
 
 from __future__ import annotations
