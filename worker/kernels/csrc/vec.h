@@ -39,8 +39,6 @@ ALWAYS_INLINE v8f vselect(v8i mask, v8f a, v8f b) {
     return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask));
 }
 
-ALWAYS_INLINE v8f vmax(v8f a, v8f b) { return vselect(a > b, a, b); }
-
 /* exp(x) to about 1 ulp (Cephes' expf): x = n ln2 + r, exp(r) by a degree-5 polynomial,
  * 2^n through the exponent bits. Inputs below -87.3 give 0, as expf does. */
 ALWAYS_INLINE v8f vexp(v8f x) {
