@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from common.config import GatewayConfig, RedisConfig
 from common.keys import Keys
 from common.protocol import QueuedRequest, ReplyEvent, encode_events
+from gateway.redis_queue import connect
 from gateway.server import Gateway
 from protos import npuserve_pb2_grpc
 
@@ -36,6 +37,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """An asyncio client of the session's Redis, as the gateway connects."""
+    client = connect(redis_url)
+    yield client
+    await client.aclose()
 
 
 def model_info(model_dir: Path, max_len: int = MAX_LEN) -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,10 @@ from common.errors import InvalidRequestError
 from common.keys import Keys
 from gateway.errors import ModelNotFoundError, UnavailableError
 from gateway.models import ModelRegistry
-from gateway.redis_queue import connect
 from tests.gateway.conftest import MAX_LEN, MODEL, FakeWorker, model_info
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys()
-
-
-@pytest.fixture
-async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = connect(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def test_nothing_is_served_without_a_live_worker(r: aioredis.Redis, redis_url: str,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -18,13 +17,6 @@ from preprocess.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys()
-
-
-@pytest.fixture
-async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = connect(redis_url)
-    yield client
-    await client.aclose()
 
 
 def request(rid: str, priority: int = 0, enqueue_ms: int = 1_000, model: str = "m"

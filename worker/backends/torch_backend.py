@@ -158,8 +158,7 @@ class TorchBackend(Backend):
             width = max(len(c.block_table) for c in decodes)
             tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table))
                                    for c in decodes])
-            decode = self.ops.decode_metadata(tables, lens, self.cache,
-                                              self.model_config.num_key_value_heads)
+            decode = self.ops.decode_metadata(tables, lens, self.cache)
         prefills = []
         start = len(decodes)
         for c in ordered[len(decodes):]:

@@ -33,8 +33,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 
 def cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "npuserve"
-    return Path(env("KERNEL_CACHE", str(default / "kernels")))
+    return Path(env("KERNEL_CACHE", str(Path.home() / ".cache" / "npuserve" / "kernels")))
 
 
 def _cpu_flags() -> str:

@@ -67,8 +67,8 @@ class KernelOps(DecoderOps):
             k.data_ptr(), cache.data[index].data_ptr(), cache.num_slots, slot_mapping.data_ptr())
         return q, k
 
-    def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache,
-                        kv_heads: int) -> PagedDecode:
+    def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache
+                        ) -> PagedDecode:
         return PagedDecode(tables.to(torch.int32), lens.to(torch.int32))
 
     def decode_attention(self, q: torch.Tensor, cache: KVCache, layer: int,
@@ -78,7 +78,7 @@ class KernelOps(DecoderOps):
         out = torch.empty_like(q)
         tables = decode.block_tables
         status = self.k.npu_decode_attention(
-            q.data_ptr(), n, heads, cache.data.shape[2], d, cache.data[layer].data_ptr(),
+            q.data_ptr(), n, heads, cache.kv_heads, d, cache.data[layer].data_ptr(),
             cache.num_slots, tables.data_ptr(), tables.shape[1], decode.context_lens.data_ptr(),
             cache.block_size, d**-0.5, out.data_ptr())
         if status != 0:

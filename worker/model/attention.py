@@ -3,8 +3,8 @@
 The cache is one preallocated tensor per layer of `num_blocks * block_size` token slots. A
 request owns a list of blocks (its block table); token t of a request lives in slot
 `block_table[t // block_size] * block_size + t % block_size`. Tokens of a step are laid out
-decodes first (one token each, attended as one padded batch), then prefill chunks (each
-attended on its own with a causal mask offset by the tokens already cached).
+decodes first (one token each, attended as one batch), then prefill chunks (each attended on
+its own, causally, after the tokens already cached).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class KVCache:
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.kv_heads = kv_heads
         self.num_slots = num_blocks * block_size
         self.data = torch.zeros(
             num_layers, 2, kv_heads, num_blocks * block_size, head_dim, dtype=dtype, device=device

@@ -63,10 +63,10 @@ class DecoderOps:
         cache.store(index, k, v, slot_mapping)
         return q, k
 
-    def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache,
-                        kv_heads: int) -> GatheredDecode | PagedDecode:
+    def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache
+                        ) -> GatheredDecode | PagedDecode:
         """tables [n, max_blocks], lens [n] (CPU int64) -> what decode_attention reads."""
-        return gathered_decode(tables, lens, kv_heads, cache.num_slots, cache.block_size,
+        return gathered_decode(tables, lens, cache.kv_heads, cache.num_slots, cache.block_size,
                                cache.data.dtype, cache.data.device)
 
     def decode_attention(self, q: torch.Tensor, cache: KVCache, layer: int,

@@ -120,7 +120,7 @@ def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
         q, cache, 1, gathered_decode(tables, lens_t, kv_heads, cache.num_slots, block,
                                      torch.float32, torch.device("cpu")))
     ops = KernelOps(k)
-    ours = ops.decode_attention(q, cache, 1, ops.decode_metadata(tables, lens_t, cache, kv_heads))
+    ours = ops.decode_attention(q, cache, 1, ops.decode_metadata(tables, lens_t, cache))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 

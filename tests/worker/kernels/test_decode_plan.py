@@ -27,7 +27,7 @@ def decode_step(backend: TorchBackend, lens: list[int]) -> tuple[torch.Tensor, .
     bs = backend.cache.block_size
     slots = tables[torch.arange(n), pos // bs] * bs + pos % bs
     meta = AttentionMetadata(slot_mapping=slots, num_decodes=n,
-                             decode=backend.ops.decode_metadata(tables, lens_t, backend.cache, 0),
+                             decode=backend.ops.decode_metadata(tables, lens_t, backend.cache),
                              prefills=[])
     ids = torch.randint(0, 1000, (n,), generator=g)
     return ids, pos, meta
