@@ -1,7 +1,9 @@
 """What travels through Redis between gateways and workers, and how it is encoded.
 
 A queued request is a hash of string fields (req:{id}); a worker's replies for one gateway
-are one stream entry per engine step, whose field `e` holds a JSON list of events.
+are one stream entry per engine step, whose field `e` holds a JSON list of events. Events carry
+token ids, indices and typed outcomes, never text: the gateway detokenizes and applies stop
+strings, so a request resumed on another worker continues exactly.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from common.errors import ErrorCode
 from preprocess.sampling_params import SamplingParams
 
 
@@ -26,6 +29,12 @@ class QueuedRequest:
     published_ids: list[int] = field(default_factory=list)
     """Tokens already streamed by an earlier worker (set when a request is resumed)."""
 
+    @property
+    def context_len(self) -> int:
+        """Prompt plus completion at its longest: a worker with a shorter context never
+        claims the request."""
+        return len(self.prompt_ids) + self.params.max_tokens
+
     def to_fields(self, score: int) -> dict[str, str]:
         params = asdict(self.params)
         return {
@@ -38,6 +47,8 @@ class QueuedRequest:
             "enqueue_ms": str(self.enqueue_ms),
             "deadline_ms": str(self.deadline_ms),
             "score": str(score),
+            "plen": str(len(self.prompt_ids)),
+            "ctx": str(self.context_len),
         }
 
     @classmethod
@@ -67,11 +78,14 @@ class ReplyEvent:
     index: int
     """Position in the completion; -1 for an event that carries no token."""
     token_id: int = -1
-    text: str = ""
     logprob: float | None = None
     finish_reason: str = ""
-    """stop, length, cancelled, deadline or error on the request's last event."""
+    """stop, length, cancelled, deadline or error on the request's last event. "stop" on a
+    token event means that token is a stop token (EOS or stop_token_ids): not part of the text."""
+    code: ErrorCode | None = None
+    """For finish_reason "error": the failure's class, reported by the front end."""
     error: str = ""
+    """For finish_reason "error": what to change, for the client (names the field)."""
     prompt_tokens: int = 0
     """Usage, on the last event."""
     completion_tokens: int = 0
@@ -82,12 +96,12 @@ class ReplyEvent:
         out: dict[str, object] = {"id": self.request_id, "i": self.index}
         if self.token_id >= 0:
             out["t"] = self.token_id
-        if self.text:
-            out["x"] = self.text
         if self.logprob is not None:
             out["lp"] = self.logprob
         if self.finish_reason:
             out.update(f=self.finish_reason, pt=self.prompt_tokens, ct=self.completion_tokens)
+        if self.code is not None:
+            out["c"] = self.code.value
         if self.error:
             out["err"] = self.error
         if self.queue_ms >= 0:
@@ -96,13 +110,14 @@ class ReplyEvent:
 
     @classmethod
     def from_json(cls, raw: dict[str, object]) -> ReplyEvent:
+        code = raw.get("c")
         return cls(
             request_id=str(raw["id"]),
             index=int(raw["i"]),  # type: ignore[call-overload]
             token_id=int(raw.get("t", -1)),  # type: ignore[call-overload]
-            text=str(raw.get("x", "")),
             logprob=float(raw["lp"]) if "lp" in raw else None,  # type: ignore[arg-type]
             finish_reason=str(raw.get("f", "")),
+            code=None if code is None else ErrorCode.parse(str(code)),
             error=str(raw.get("err", "")),
             prompt_tokens=int(raw.get("pt", 0)),  # type: ignore[call-overload]
             completion_tokens=int(raw.get("ct", 0)),  # type: ignore[call-overload]

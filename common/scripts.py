@@ -22,19 +22,27 @@ return 1
 """1 queued, 0 queue full, -1 the id is already in flight."""
 
 CLAIM = """
--- KEYS: queue, leases   ARGV: n, now_ms, lease_ms, worker_id, prefix
--- Pops up to n runnable requests, highest score first. Cancelled or expired ones are removed
--- and returned too, marked, so their streams get a final event (not counted in n).
+-- KEYS: queue, leases   ARGV: n, now_ms, lease_ms, worker_id, prefix, max_len, room, scan
+-- Leases up to n requests, highest score first, that this worker can start now:
+--  * a request whose prompt + max_tokens (ctx) exceeds max_len stays queued for a worker with
+--    a longer context (skipped, so it blocks no one);
+--  * the KV room is counted down by each request's prompt, already published tokens and one
+--    more; the first request that does not fit ends the claim (it is not overtaken);
+--  * cancelled or expired requests are removed and returned too, marked, so their streams
+--    get a final event (not counted in n).
+-- At most `scan` queued ids are examined, which bounds the script's time.
 local out = {}
 local n, now, taken = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
-while taken < n do
-  local popped = redis.call('ZPOPMAX', KEYS[1])
-  if #popped == 0 then break end
-  local id = popped[1]
+local max_len, room = tonumber(ARGV[6]), tonumber(ARGV[7])
+local ids = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[8]) - 1)
+for _, id in ipairs(ids) do
+  if taken >= n then break end
   local req = ARGV[5] .. 'req:' .. id
   local toks = ARGV[5] .. 'toks:' .. id
   local fields = redis.call('HGETALL', req)
-  if #fields > 0 then
+  if #fields == 0 then
+    redis.call('ZREM', KEYS[1], id)
+  else
     local deadline = tonumber(redis.call('HGET', req, 'deadline_ms') or '0') or 0
     local dropped = ''
     if redis.call('EXISTS', ARGV[5] .. 'cancel:' .. id) == 1 then
@@ -43,9 +51,15 @@ while taken < n do
       dropped = 'deadline'
     end
     if dropped ~= '' then
+      redis.call('ZREM', KEYS[1], id)
       table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1), dropped})
       redis.call('DEL', req, toks, ARGV[5] .. 'cancel:' .. id)
-    else
+    elseif (tonumber(redis.call('HGET', req, 'ctx') or '0') or 0) <= max_len then
+      local need = (tonumber(redis.call('HGET', req, 'plen') or '0') or 0)
+                   + redis.call('LLEN', toks) + 1
+      if need > room then break end
+      room = room - need
+      redis.call('ZREM', KEYS[1], id)
       redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), id)
       redis.call('HSET', req, 'worker', ARGV[4])
       table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1), ''})

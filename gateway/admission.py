@@ -74,16 +74,17 @@ def prepare(inp: GenerationInput, meta: ModelMeta, tokenizer: Any, limits: Limit
     room = meta.max_len - len(ids)
     if room < 1:
         raise InvalidRequestError(
-            field, f"the prompt is {len(ids)} tokens; model {meta.name!r} has a context of "
-            f"{meta.max_len} tokens, which must also hold at least one generated token")
+            field, f"the prompt is {len(ids)} tokens; the longest context of model "
+            f"{meta.name!r}'s live workers is {meta.max_len} tokens, which must also hold at "
+            "least one generated token")
     max_tokens = inp.params.max_tokens
     if max_tokens == 0:
         max_tokens = min(limits.default_max_tokens, room)
     elif max_tokens > room:
         raise InvalidRequestError(
             "max_tokens", f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) "
-            f"exceeds model {meta.name!r}'s context of {meta.max_len} tokens; "
-            f"ask for at most {room}")
+            f"exceeds the longest context of model {meta.name!r}'s live workers, "
+            f"{meta.max_len} tokens; ask for at most {room}")
     params = dataclasses.replace(inp.params, max_tokens=max_tokens)
     _validate_params(params, meta.vocab_size or None)
     return Admitted(ids, params)

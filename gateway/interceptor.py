@@ -1,7 +1,7 @@
 """The one place exceptions become gRPC statuses.
 
-Every NpuserveError carries the name of its status code (`grpc_status`) and a message meant
-for the client. Anything else is a bug: the client gets INTERNAL with the request id, the
+Every NpuserveError carries an ErrorCode, whose name is the gRPC status code's, and a message
+meant for the client. Anything else is a bug: the client gets INTERNAL with the request id, the
 traceback goes to the gateway's log under that id, never to the client.
 """
 
@@ -43,7 +43,7 @@ def status_for(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     """The status code and client message for an exception raised by an RPC handler."""
     request_id = REQUEST_ID.get()
     if isinstance(exc, NpuserveError):
-        code = getattr(grpc.StatusCode, exc.grpc_status, grpc.StatusCode.INTERNAL)
+        code = grpc.StatusCode[exc.code.value]
         log.info("%s %s: %s %s", method, request_id, code.name, exc)
         return code, str(exc)
     if isinstance(exc, REDIS_DOWN):

@@ -1,9 +1,10 @@
 """Which models are served, by which live workers, and their tokenizers.
 
 Workers register in `workers` (ZSET) and `worker:{id}` (HASH that expires when heartbeats
-stop): a worker is live while its hash exists. Each served model publishes `model:{name}`
-with its tokenizer files (`file:<name>` fields), `max_len`, `vocab_size` and a `sha` of the
-files. Tokenizers are rebuilt from those files in a temporary directory and cached by sha for
+stop): a worker is live while its hash exists, and its registration holds its own context
+limit (`max_len`): workers of one model may differ. Each served model publishes
+`model:{name}` with its tokenizer files (`file:<name>` fields), `vocab_size` and a `sha` of
+the files. Tokenizers are rebuilt from those files in a temporary directory and cached by sha for
 the life of the process, so a worker publishing a new tokenizer is picked up by its new sha.
 """
 
@@ -20,9 +21,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from common.errors import InvalidRequestError
+from common.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
 from common.keys import Keys
-from gateway.errors import ModelNotFoundError, UnavailableError
 from gateway.redis_queue import unavailable_on_error
 from gateway.types import WorkerInfo
 from preprocess.tokenizer import load_tokenizer
@@ -38,10 +38,11 @@ _MISS_REFRESH_S = 0.1
 
 @dataclass(frozen=True, slots=True)
 class ModelMeta:
-    """The limits of one model, from `model:{name}`."""
+    """The limits of one model: `model:{name}` and its live workers' registrations."""
 
     name: str
     max_len: int
+    """The longest context among the model's live workers: what admission allows."""
     vocab_size: int
     sha: str
 
@@ -100,13 +101,13 @@ class ModelRegistry:
                 names = sorted(workers)
                 pipe = self._r.pipeline(transaction=False)
                 for name in names:
-                    pipe.hmget(self._keys.model(name), ["max_len", "vocab_size", "sha"])
+                    pipe.hmget(self._keys.model(name), ["vocab_size", "sha"])
                 infos = await pipe.execute()
             self._workers = workers
             self._models = {
-                name: ModelMeta(name, _int(max_len), _int(vocab), sha or f"nosha:{name}")
-                if max_len else None
-                for name, (max_len, vocab, sha) in zip(names, infos, strict=True)
+                name: ModelMeta(name, max(w.max_len for w in workers[name]), _int(vocab), sha)
+                if sha else None
+                for name, (vocab, sha) in zip(names, infos, strict=True)
             }
             self._refreshed = time.monotonic()
 

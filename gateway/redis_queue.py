@@ -18,10 +18,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ConstantBackoff
 
 from common import scripts
-from common.errors import ResourceExhaustedError
+from common.errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
 from common.keys import Keys, queue_score
 from common.protocol import QueuedRequest, ReplyEvent, encode_events
-from gateway.errors import AlreadyExistsError, UnavailableError
 
 CONNECT_TIMEOUT_S = 0.8
 """Per connection attempt; with one retry an unreachable Redis fails an RPC within ~2 s."""

@@ -19,10 +19,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from common.errors import AlreadyExistsError, UnavailableError
 from common.keys import Keys
 from common.protocol import ReplyEvent, decode_events
 from gateway import metrics
-from gateway.errors import AlreadyExistsError, UnavailableError
 from gateway.redis_queue import REDIS_DOWN, raise_if_cancelling, redact
 
 log = logging.getLogger(__name__)

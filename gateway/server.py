@@ -21,10 +21,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.config import GatewayConfig
+from common.errors import UnavailableError
 from common.keys import Keys
 from gateway import metrics
 from gateway.admission import Limits
-from gateway.errors import UnavailableError
 from gateway.interceptor import ErrorInterceptor
 from gateway.models import ModelRegistry
 from gateway.redis_queue import RedisQueue, connect, redact

@@ -1,9 +1,11 @@
 """What each RPC does, free of protobuf: the life of a generation stream, and the small RPCs.
 
 A stream: take a stream slot, resolve the model, validate and tokenize (off the event loop),
-subscribe to the relay, enqueue, then relay events until the last one. However it ends
-(finished, client gone, deadline, error), a request still queued or running is cancelled with
-the CANCEL script from a background task, so cleanup survives the RPC's own cancellation.
+subscribe to the relay, enqueue, then relay events until the last one, turning token ids into
+text with the request's OutputProcessor. However it ends (finished, a stop string, client
+gone, deadline, error), a request still queued or running is cancelled with the CANCEL script
+from a background task, so cleanup survives the RPC's own cancellation and the worker stops
+within a step.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from common.errors import InvalidRequestError
+from common.errors import (
+    DeadlineExceededError,
+    ErrorCode,
+    InvalidRequestError,
+    RemoteError,
+    UnavailableError,
+)
 from common.protocol import QueuedRequest, ReplyEvent
 from gateway import metrics
 from gateway.admission import (
@@ -26,8 +34,8 @@ from gateway.admission import (
     prepare,
     tokenize,
 )
-from gateway.errors import DeadlineExceededError, UnavailableError, WorkerFailedError
 from gateway.models import ModelRegistry
+from gateway.output import OutputProcessor
 from gateway.redis_queue import RedisQueue
 from gateway.relay import ReplyRelay, Subscription
 from gateway.types import Chunk, GenerationInput, ModelListing, PromptInput, Timings, TokenizeResult
@@ -73,7 +81,8 @@ class GatewayService:
 
         `started` is the RPC's arrival (time.monotonic()), `timeout_s` what is left of its
         deadline. Ends after the chunk with a finish_reason; raises DeadlineExceededError
-        when the deadline passes and WorkerFailedError after relaying an error event.
+        when the deadline passes and, after relaying an error event, RemoteError with the
+        worker's ErrorCode and message.
         """
         self.streams.acquire()
         metrics.STREAMS_ACTIVE.inc()
@@ -95,8 +104,9 @@ class GatewayService:
                     self._spawn_cancel(progress.model, inp.request_id)
                 raise
             metrics.PROMPT_TOKENS.labels(progress.model).inc(progress.prompt_tokens)
+            output = OutputProcessor(model.tokenizer, admitted.prompt_ids, admitted.params.stop)
             try:
-                async for chunk in self._relay(sub, inp, progress, deadline):
+                async for chunk in self._relay(sub, output, inp, progress, deadline):
                     yield chunk
             except UnavailableError:
                 progress.end = "unavailable"
@@ -121,8 +131,8 @@ class GatewayService:
             enqueue_ms=int(now * 1000), deadline_ms=deadline_ms)
         await self.queue.enqueue(request, self.max_queued_per_model)
 
-    async def _relay(self, sub: Subscription, inp: GenerationInput, progress: _Progress,
-                     deadline: float | None) -> AsyncIterator[Chunk]:
+    async def _relay(self, sub: Subscription, output: OutputProcessor, inp: GenerationInput,
+                     progress: _Progress, deadline: float | None) -> AsyncIterator[Chunk]:
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can drop a cancellation.
             try:
@@ -143,22 +153,24 @@ class GatewayService:
                 raise DeadlineExceededError(
                     f"request {inp.request_id}: the deadline passed after "
                     f"{event.completion_tokens or sub.next_index} generated tokens")
-            chunk = self._chunk(event, sub, inp, progress)
+            chunk = self._chunk(event, output, sub, inp, progress)
             yield chunk
-            if event.finish_reason:
-                progress.end = event.finish_reason
+            if chunk.finish_reason:
+                progress.end = chunk.finish_reason
                 if event.finish_reason == "error":
-                    raise WorkerFailedError(
-                        f"request {inp.request_id} failed on its worker: "
-                        f"{event.error or 'no details given'}")
+                    raise _worker_error(inp.request_id, event)
                 return
 
-    def _chunk(self, event: ReplyEvent, sub: Subscription, inp: GenerationInput,
-               progress: _Progress) -> Chunk:
+    def _chunk(self, event: ReplyEvent, output: OutputProcessor, sub: Subscription,
+               inp: GenerationInput, progress: _Progress) -> Chunk:
         now = time.monotonic()
-        chunk = Chunk(request_id=inp.request_id, text=event.text,
+        chunk = Chunk(request_id=inp.request_id,
                       index=event.index if event.index >= 0 else sub.next_index)
+        finish, completion_tokens = event.finish_reason, event.completion_tokens
         if event.token_id >= 0:
+            chunk.text = output.add(event.token_id, stop_token=finish == "stop")
+            if output.stopped:  # a stop string: the stream ends here; the worker is cancelled
+                finish, completion_tokens = "stop", event.index + 1
             chunk.token_ids.append(event.token_id)
             if inp.params.logprobs and event.logprob is not None:
                 chunk.logprobs.append(event.logprob)
@@ -167,11 +179,12 @@ class GatewayService:
                 progress.first_token_at = now
                 metrics.TIME_TO_FIRST_TOKEN.labels(progress.model).observe(
                     now - progress.started)
-        if event.finish_reason:
-            chunk.finish_reason = event.finish_reason
+        if finish:
+            chunk.text += output.finish()
+            chunk.finish_reason = finish
             chunk.error = event.error
             chunk.prompt_tokens = event.prompt_tokens or progress.prompt_tokens
-            chunk.completion_tokens = event.completion_tokens or sub.next_index
+            chunk.completion_tokens = completion_tokens or sub.next_index
             first = progress.first_token_at
             chunk.timings = Timings(
                 queue_wait_ms=progress.queue_wait_ms,
@@ -220,3 +233,13 @@ class GatewayService:
             raise InvalidRequestError("request_id", "is required: the id of the request to cancel")
         check_request_id(request_id)
         return await self.queue.cancel_by_id(request_id)
+
+
+def _worker_error(request_id: str, event: ReplyEvent) -> RemoteError:
+    """The error a worker reported for the request, with its code; an internal failure names
+    the request, so the worker's log entry can be found."""
+    code = event.code or ErrorCode.INTERNAL
+    message = event.error or "no details given"
+    if code == ErrorCode.INTERNAL:
+        message = f"request {request_id} failed on its worker: {message}"
+    return RemoteError(code, message)

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 REPLIES_MAXLEN = 100_000
 """Approximate cap on each gateway's reply stream; a live gateway reads far behind this."""
+CLAIM_SCAN = 256
+"""Queued ids one claim examines at most: past this many requests too long for the worker,
+it claims nothing this round, which bounds the script's time in Redis."""
 TOKENS_TTL_S = 3600
 """toks:{id} outlives its last append by this much, so a request whose hash expired while
 queued leaves nothing behind."""
@@ -119,11 +122,14 @@ class RedisQueue:
 
         return self._call(what, run)
 
-    def claim(self, n: int, now_ms: int) -> list[Claimed]:
-        """Pop and lease up to n runnable requests, highest priority first."""
+    def claim(self, n: int, now_ms: int, *, max_len: int, room: int) -> list[Claimed]:
+        """Lease up to n requests, highest priority first, that fit this worker: prompt +
+        max_tokens within `max_len`, and prompts (with tokens already published) within
+        `room` free KV tokens. Requests too long for this worker stay queued."""
         raw: Any = self._call("claim", lambda: self._claim(
             keys=[self.keys.queue(self.model), self.keys.leases(self.model)],
-            args=[n, now_ms, self.lease_ms, self.worker_id, self.keys.prefix]))
+            args=[n, now_ms, self.lease_ms, self.worker_id, self.keys.prefix, max_len, room,
+                  CLAIM_SCAN]))
         out = []
         for rid, flat, toks, dropped in raw:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))

@@ -4,19 +4,20 @@ One iteration of `run_once` per engine step:
 
 1. every heartbeat: renew leases, refresh the registration, reap expired leases;
 2. requests flagged in cancel:{id} or past their deadline leave the batch with a final event;
-3. CLAIM as many queued requests as there are free batch slots (none while draining);
+3. CLAIM what the backend can start now: up to its free batch slots, within its free KV room,
+   and only requests that fit its context (none while draining);
 4. one engine step; its events, the new token ids and the finished requests' cleanup go to
    Redis in one MULTI;
 5. nothing ran and nothing was claimed: block on wake:{model} for up to IDLE_WAIT_S.
 
-Events a request receives on replies:{gateway}: one per token with its completion index
+Events a request receives on replies:{gateway}: one per token id with its completion index
 (index 0 also carries queue_ms); the last one carries finish_reason and usage. Cancellation,
-deadline, error and an already-complete resume end with an event of index -1 and no token.
+deadline, error (with its ErrorCode) and an already-complete resume end with an event of index
+-1 and no token. No text: the worker needs no tokenizer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from pathlib import Path
 import redis
 
 from common.config import WorkerConfig
-from common.errors import InvalidRequestError
+from common.errors import ErrorCode, NpuserveError
 from common.protocol import QueuedRequest, ReplyEvent
 from worker.engine.engine import Engine
 from worker.metrics import WorkerMetrics, rss_bytes
@@ -53,7 +54,8 @@ def now_ms() -> int:
 
 
 def model_info(model_dir: str | Path, engine: Engine) -> dict[str, str]:
-    """model:{name} fields: tokenizer files (`file:<name>`), limits and a sha of the files."""
+    """model:{name} fields: tokenizer files (`file:<name>`), the vocabulary and a sha of the
+    files. Context limits are per worker (its registration), not per model."""
     digest = hashlib.sha256()
     info: dict[str, str] = {}
     for name in TOKENIZER_FILES:
@@ -63,7 +65,7 @@ def model_info(model_dir: str | Path, engine: Engine) -> dict[str, str]:
             info[f"file:{name}"] = text
             digest.update(f"{name}\0{len(text)}\0".encode() + text.encode())
     cfg = engine.model_config
-    info.update(max_len=str(engine.max_len), vocab_size=str(cfg.vocab_size),
+    info.update(vocab_size=str(cfg.vocab_size),
                 eos_token_ids=json.dumps(list(cfg.eos_token_ids)), sha=digest.hexdigest())
     return info
 
@@ -72,12 +74,8 @@ def model_info(model_dir: str | Path, engine: Engine) -> dict[str, str]:
 class _Active:
     req: QueuedRequest
     claimed_ms: int
-    emitted: int = 0
-    """Tokens this worker produced (the completion so far is published_ids + these)."""
-
-    @property
-    def offset(self) -> int:
-        return len(self.req.published_ids)
+    completion_tokens: int
+    """Tokens of the completion so far (published by earlier workers, then by this one)."""
 
 
 class WorkerService:
@@ -89,7 +87,8 @@ class WorkerService:
         self.engine = engine
         self.queue = queue
         self.metrics = metrics or WorkerMetrics()
-        self.capacity = config.engine.max_num_seqs
+        self.capacity = min(engine.backend.capacity.max_batch, config.engine.max_num_seqs)
+        """Requests this worker runs at once: what its backend declares, within its config."""
         self.draining = False
         self._active: dict[str, _Active] = {}
         self._beat_s = min(config.heartbeat_s, config.lease_ms / 3000)
@@ -151,7 +150,9 @@ class WorkerService:
         drops = self._due_drops()
         in_engine = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
         admit = 0 if self.draining else self.capacity - (in_engine - len(drops))
-        claimed = self.queue.claim(admit, now_ms()) if admit > 0 else []
+        claimed = (self.queue.claim(admit, now_ms(), max_len=self.engine.max_len,
+                                    room=self._kv_room(drops))
+                   if admit > 0 else [])
 
         batch = StepBatch()
         for rid, reason in drops.items():
@@ -220,6 +221,17 @@ class WorkerService:
             log.error("redis unavailable (%s); retrying in %.1fs", exc, pause)
             time.sleep(pause)
 
+    def _kv_room(self, drops: dict[str, str]) -> int:
+        """KV tokens free for new requests: free blocks (and those of requests about to be
+        dropped), less what waiting requests still need for their prompts."""
+        sched = self.engine.scheduler
+        bs = sched.blocks.block_size
+        free = sched.blocks.num_free_blocks + sum(
+            len(r.block_ids) for rid in drops if (r := sched.get(rid)) is not None)
+        pending = sum(r.num_tokens - r.num_computed_tokens for r in sched.waiting
+                      if r.request_id not in drops)
+        return max(0, free * bs - pending)
+
     def _due_drops(self) -> dict[str, str]:
         """Running requests to end now: id -> "cancelled" or "deadline"."""
         flagged, now = self.queue.cancelled(self.active_ids), now_ms()
@@ -232,26 +244,26 @@ class WorkerService:
         except (KeyError, ValueError, TypeError) as exc:
             log.error("dropping malformed request %s: %r", c.request_id, exc)
             if gateway := c.fields.get("gateway"):
-                batch.add(gateway, ReplyEvent(c.request_id, -1, finish_reason="error",
-                                              error=f"malformed request: {exc!r}"))
+                batch.add(gateway, ReplyEvent(
+                    c.request_id, -1, finish_reason="error", code=ErrorCode.INTERNAL,
+                    error=f"request {c.request_id} reached its worker malformed ({exc!r})"))
             batch.finished.append(c.request_id)
             self.metrics.finished.labels("error").inc()
             return
-        act = _Active(req, claimed_ms)
+        act = _Active(req, claimed_ms, len(req.published_ids))
         if c.dropped:
             self._end(batch, act, ReplyEvent(req.request_id, -1), c.dropped)
             return
-        remaining = req.params.max_tokens - act.offset
-        if remaining < 1:
+        if act.completion_tokens >= req.params.max_tokens:
             self._end(batch, act, ReplyEvent(req.request_id, -1), "length")
             return
         try:
-            self.engine.add_request(req.prompt_ids + req.published_ids,
-                                    dataclasses.replace(req.params, max_tokens=remaining),
-                                    req.request_id)
-        except InvalidRequestError as exc:
+            self.engine.add_request(req.prompt_ids, req.params, req.request_id,
+                                    output_ids=req.published_ids)
+        except NpuserveError as exc:
             log.info("request %s refused: %s", req.request_id, exc)
-            self._end(batch, act, ReplyEvent(req.request_id, -1, error=str(exc)), "error")
+            self._end(batch, act, ReplyEvent(req.request_id, -1, code=exc.code,
+                                             error=str(exc)), "error")
             return
         self._active[req.request_id] = act
 
@@ -264,23 +276,22 @@ class WorkerService:
             if act is None:
                 log.warning("engine event for unknown request %s", ev.request_id)
                 continue
-            act.emitted += 1
-            index = act.offset + ev.index
-            reply = ReplyEvent(ev.request_id, index, ev.token_id, ev.text, ev.logprob)
-            if index == 0 and act.req.enqueue_ms > 0:
+            act.completion_tokens = ev.index + 1
+            reply = ReplyEvent(ev.request_id, ev.index, ev.token_id, ev.logprob)
+            if ev.index == 0 and act.req.enqueue_ms > 0:
                 reply.queue_ms = max(0, act.claimed_ms - act.req.enqueue_ms)
             if ev.finish_reason is not None:
                 self._end(batch, act, reply, ev.finish_reason.value)
                 continue
             batch.add(act.req.gateway_id, reply)
             ids, _ = batch.tokens.get(ev.request_id, ([], 0))
-            batch.tokens[ev.request_id] = ([*ids, ev.token_id], act.offset + act.emitted)
+            batch.tokens[ev.request_id] = ([*ids, ev.token_id], act.completion_tokens)
 
     def _end(self, batch: StepBatch, act: _Active, event: ReplyEvent, reason: str) -> None:
         """Make event the request's last: finish_reason, usage, keys removed on publish."""
         event.finish_reason = reason
         event.prompt_tokens = len(act.req.prompt_ids)
-        event.completion_tokens = act.offset + act.emitted
+        event.completion_tokens = act.completion_tokens
         batch.add(act.req.gateway_id, event)
         batch.finished.append(act.req.request_id)
         self._active.pop(act.req.request_id, None)

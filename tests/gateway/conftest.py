@@ -47,7 +47,7 @@ async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-def model_info(model_dir: Path, max_len: int = MAX_LEN) -> dict[str, str]:
+def model_info(model_dir: Path) -> dict[str, str]:
     """model:{name} as a worker publishes it (worker.service.model_info, without an engine)."""
     digest = hashlib.sha256()
     info: dict[str, str] = {}
@@ -58,7 +58,7 @@ def model_info(model_dir: Path, max_len: int = MAX_LEN) -> dict[str, str]:
             info[f"file:{name}"] = text
             digest.update(f"{name}\0{len(text)}\0".encode() + text.encode())
     config = json.loads((model_dir / "config.json").read_text())
-    info.update(max_len=str(max_len), vocab_size=str(config["vocab_size"]),
+    info.update(vocab_size=str(config["vocab_size"]),
                 eos_token_ids=json.dumps([config["eos_token_id"]]), sha=digest.hexdigest())
     return info
 
@@ -71,13 +71,14 @@ class FakeWorker:
         self.keys = keys
         self.worker_id = worker_id
 
-    async def publish(self, model_dir: Path, model: str = MODEL, max_len: int = MAX_LEN) -> None:
-        await self.r.hset(self.keys.model(model), mapping=model_info(model_dir, max_len))
+    async def publish(self, model_dir: Path, model: str = MODEL) -> None:
+        await self.r.hset(self.keys.model(model), mapping=model_info(model_dir))
 
-    async def register(self, model: str = MODEL, ttl_s: int = 30, capacity: int = 4) -> None:
+    async def register(self, model: str = MODEL, ttl_s: int = 30, capacity: int = 4,
+                       max_len: int = MAX_LEN) -> None:
         key = self.keys.worker(self.worker_id)
         await self.r.hset(key, mapping={"model": model, "backend": "torch", "device": "cpu",
-                                        "capacity": capacity, "running": 0, "max_len": MAX_LEN})
+                                        "capacity": capacity, "running": 0, "max_len": max_len})
         await self.r.expire(key, ttl_s)
         await self.r.zadd(self.keys.workers(), {self.worker_id: time.time_ns() // 10**6})
 

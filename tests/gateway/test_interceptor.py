@@ -8,13 +8,16 @@ import logging
 import grpc
 import pytest
 
-from common.errors import InvalidRequestError, ModelConfigError, ResourceExhaustedError
-from gateway.errors import (
+from common.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
+    ErrorCode,
+    InvalidRequestError,
+    ModelConfigError,
     ModelNotFoundError,
+    RemoteError,
+    ResourceExhaustedError,
     UnavailableError,
-    WorkerFailedError,
 )
 from gateway.interceptor import REQUEST_ID, status_for
 from gateway.service import GatewayService
@@ -29,7 +32,9 @@ from tests.gateway.conftest import StackFactory
     (AlreadyExistsError("dup"), grpc.StatusCode.ALREADY_EXISTS),
     (UnavailableError("no redis"), grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError("late"), grpc.StatusCode.DEADLINE_EXCEEDED),
-    (WorkerFailedError("worker said no"), grpc.StatusCode.INTERNAL),
+    (RemoteError(ErrorCode.INTERNAL, "worker said no"), grpc.StatusCode.INTERNAL),
+    (RemoteError(ErrorCode.INVALID_ARGUMENT, "prompt: too long"),
+     grpc.StatusCode.INVALID_ARGUMENT),
     (ModelConfigError("no tokenizer"), grpc.StatusCode.FAILED_PRECONDITION),
 ])
 def test_npuserve_errors_map_to_their_status_with_their_message(

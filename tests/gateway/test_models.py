@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from common.errors import InvalidRequestError
+from common.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
 from common.keys import Keys
-from gateway.errors import ModelNotFoundError, UnavailableError
 from gateway.models import ModelRegistry
 from tests.gateway.conftest import MAX_LEN, MODEL, FakeWorker, model_info
 
@@ -69,3 +68,16 @@ async def test_tokenizers_are_built_from_model_info_and_cached_by_sha(
                                              "file:tokenizer.json": info["file:tokenizer.json"]})
     changed = await ModelRegistry(r, KEYS, redis_url).resolve(MODEL)
     assert changed.meta.sha == "changed" and changed.tokenizer is not first.tokenizer
+
+
+async def test_a_models_context_is_the_longest_of_its_live_workers(
+        r: aioredis.Redis, redis_url: str, tiny_qwen3: Path) -> None:
+    small, large = FakeWorker(r, KEYS, "bm-0"), FakeWorker(r, KEYS, "cpu-0")
+    await small.publish(tiny_qwen3)
+    await small.register(max_len=512)
+    await large.register(max_len=8192)
+    registry = ModelRegistry(r, KEYS, redis_url)
+    assert (await registry.resolve(MODEL, tokenizer=False)).meta.max_len == 8192
+    await r.delete(KEYS.worker("cpu-0"))
+    await registry.refresh()
+    assert (await registry.resolve(MODEL, tokenizer=False)).meta.max_len == 512

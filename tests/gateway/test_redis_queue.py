@@ -8,10 +8,9 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from common.errors import ResourceExhaustedError
+from common.errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
 from common.keys import PRIORITY_SCALE, Keys
 from common.protocol import QueuedRequest, decode_events
-from gateway.errors import AlreadyExistsError, UnavailableError
 from gateway.redis_queue import RedisQueue, connect, redact
 from preprocess.sampling_params import SamplingParams
 

@@ -10,6 +10,7 @@ import grpc
 import grpc.aio
 import pytest
 
+from common.errors import ErrorCode
 from common.protocol import ReplyEvent
 from protos import npuserve_pb2 as pb
 from tests.gateway.conftest import MAX_LEN, MODEL, StackFactory
@@ -52,15 +53,18 @@ async def test_generate_relays_each_event_then_a_final_message_with_usage_and_ti
         assert (q.request_id, q.gateway_id, q.model) == ("r1", s.gateway_id, MODEL)
         assert q.prompt_ids == list(ids) and q.params.max_tokens == 3 and q.params.logprobs
         assert q.deadline_ms == 0 and q.priority == 0
-        await s.worker.send(s.gateway_id, ReplyEvent("r1", 0, 11, "a", -0.5, queue_ms=7),
-                            ReplyEvent("r1", 1, 12, "b", -0.25))
+        out = (await s.stub.Tokenize(pb.TokenizeRequest(model=MODEL, text=" one two three"))
+               ).token_ids
+        await s.worker.send(s.gateway_id, ReplyEvent("r1", 0, out[0], -0.5, queue_ms=7),
+                            ReplyEvent("r1", 1, out[1], -0.25))
         await s.worker.send(s.gateway_id, ReplyEvent(
-            "r1", 2, 13, "c", -0.125, finish_reason="length", prompt_tokens=len(ids),
+            "r1", 2, out[2], -0.125, finish_reason="length", prompt_tokens=len(ids),
             completion_tokens=3))
         messages = [m async for m in call]
         assert await call.code() == grpc.StatusCode.OK
     assert [(m.index, list(m.token_ids), m.text, list(m.logprobs)) for m in messages] == [
-        (0, [11], "a", [-0.5]), (1, [12], "b", [-0.25]), (2, [13], "c", [-0.125])]
+        (0, [out[0]], " one", [-0.5]), (1, [out[1]], " two", [-0.25]),
+        (2, [out[2]], " three", [-0.125])]
     assert [m.finish_reason for m in messages] == [0, 0, pb.FINISH_REASON_LENGTH]
     last = messages[-1]
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(ids), 3)
@@ -198,7 +202,7 @@ async def test_a_running_request_past_its_deadline_ends_and_its_worker_is_told_t
     async with gateway_stack() as s:
         call = s.stub.Generate(gen(request_id="slow"), timeout=0.8)
         await s.worker.take()
-        await s.worker.send(s.gateway_id, ReplyEvent("slow", 0, 5, "x"))
+        await s.worker.send(s.gateway_id, ReplyEvent("slow", 0, 5))
         assert (await call.read()).token_ids == [5]
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call.read()
@@ -222,9 +226,9 @@ async def test_a_worker_error_sends_a_final_error_message_then_ends_with_interna
     async with gateway_stack() as s:
         call = s.stub.Generate(gen(request_id="bad"))
         await s.worker.take()
-        await s.worker.send(s.gateway_id, ReplyEvent("bad", 0, 5, "x"),
+        await s.worker.send(s.gateway_id, ReplyEvent("bad", 0, 5),
                             ReplyEvent("bad", -1, finish_reason="error", error="device lost",
-                                       completion_tokens=1))
+                                       code=ErrorCode.INTERNAL, completion_tokens=1))
         messages = []
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for m in call:
@@ -233,6 +237,36 @@ async def test_a_worker_error_sends_a_final_error_message_then_ends_with_interna
     assert messages[-1].error == "device lost" and messages[-1].usage.completion_tokens == 1
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert info.value.details() == "request bad failed on its worker: device lost"
+
+
+async def test_a_request_error_a_worker_detects_reaches_the_client_as_invalid_argument(
+        gateway_stack: StackFactory) -> None:
+    async with gateway_stack() as s:
+        call = s.stub.Generate(gen(request_id="odd"))
+        await s.worker.take()
+        await s.worker.send(s.gateway_id, ReplyEvent(
+            "odd", -1, finish_reason="error", code=ErrorCode.INVALID_ARGUMENT,
+            error="logprobs: this worker's backend samples on the device and cannot return it"))
+        error = await failure(call)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == (
+        "logprobs: this worker's backend samples on the device and cannot return it")
+
+
+async def test_a_stop_string_ends_the_stream_at_once_and_tells_the_worker_to_stop(
+        gateway_stack: StackFactory) -> None:
+    async with gateway_stack() as s:
+        call = s.stub.Generate(gen(request_id="st", stop=["two"]))
+        await s.worker.take()
+        out = (await s.stub.Tokenize(pb.TokenizeRequest(model=MODEL, text=" one two three"))
+               ).token_ids
+        await s.worker.send(s.gateway_id, ReplyEvent("st", 0, out[0]), ReplyEvent("st", 1, out[1]))
+        messages = [m async for m in call]
+        assert await call.code() == grpc.StatusCode.OK
+        await until(lambda: s.r.exists(s.keys.cancel("st")))
+    assert "".join(m.text for m in messages) == " one "
+    assert messages[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert messages[-1].usage.completion_tokens == 2
 
 
 async def test_list_models_reports_live_workers_capacity_and_queue_depth(

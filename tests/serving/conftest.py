@@ -32,6 +32,7 @@ import redis
 
 from common.processes import free_port
 from gateway.client import GenerationClient, StreamResult
+from gateway.output import OutputProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_FLAGS = ["--kv-cache-gb", "0.05", "--threads", "1"]
@@ -140,6 +141,17 @@ class Stream(threading.Thread):
         self.join(timeout)
         assert not self.is_alive(), f"stream still running after {timeout}s"
         return self.result
+
+
+def text_of(tokenizer: Any, prompt: Sequence[int], completion: Sequence[int],
+            finish_reason: str, stop: Sequence[str] = ()) -> str:
+    """The text a client should see for a completion: the gateway's output processing of an
+    uninterrupted stream of those token ids."""
+    output = OutputProcessor(tokenizer, prompt, stop)
+    last = len(completion) - 1
+    text = "".join(output.add(t, stop_token=finish_reason == "stop" and i == last)
+                   for i, t in enumerate(completion))
+    return text + output.finish()
 
 
 def scrape(port: int, metric: str) -> float:

@@ -21,9 +21,9 @@ from common.config import EngineConfig
 from common.processes import free_port
 from gateway.client import GenerationClient, StreamResult, collect, sampling
 from preprocess.sampling_params import SamplingParams
-from preprocess.tokenizer import apply_chat_template
+from preprocess.tokenizer import apply_chat_template, load_tokenizer
 from protos import npuserve_pb2 as pb
-from tests.serving.conftest import Fleet, Stream, scrape, start_service, wait_until
+from tests.serving.conftest import Fleet, Stream, scrape, start_service, text_of, wait_until
 from worker.engine.engine import Engine
 
 pytestmark = pytest.mark.timeout(240)  # the first test also waits for the fleet
@@ -37,6 +37,11 @@ BLOCKER: dict[str, Any] = {"model": "slot", "max_tokens": 2000, "ignore_eos": Tr
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3: Path) -> Engine:
     return Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=0.05, max_num_seqs=64))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_qwen3: Path) -> Any:
+    return load_tokenizer(tiny_qwen3)
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +60,9 @@ def greedy(engine: Engine, batch: list[list[int]]) -> list[Any]:
 
 
 def test_streamed_generate_returns_the_engines_greedy_tokens_with_usage(
-        client: GenerationClient, engine: Engine) -> None:
+        client: GenerationClient, engine: Engine, tokenizer: Any) -> None:
     text = "The quick brown fox jumps over the lazy dog"
-    ids = engine.tokenizer.encode(text)
+    ids = tokenizer.encode(text)
     seen: list[pb.GenerateResponse] = list(
         client.generate(text, model="tiny", max_tokens=MAX_TOKENS, sampling=GREEDY))
     [expected] = greedy(engine, [ids])
@@ -68,23 +73,25 @@ def test_streamed_generate_returns_the_engines_greedy_tokens_with_usage(
     assert pb.FinishReason.Name(last.finish_reason) == "FINISH_REASON_" + (
         expected.finish_reason.value.upper())
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(ids), len(streamed))
-    assert "".join(m.text for m in seen) == expected.text
+    assert "".join(m.text for m in seen) == text_of(tokenizer, ids, expected.token_ids,
+                                                    expected.finish_reason.value)
     assert last.timings.total_ms >= last.timings.time_to_first_token_ms > 0
 
 
-def test_chat_renders_the_models_template(client: GenerationClient, engine: Engine) -> None:
+def test_chat_renders_the_models_template(client: GenerationClient, engine: Engine,
+                                         tokenizer: Any) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]
-    ids = apply_chat_template(engine.tokenizer, messages)
+    ids = apply_chat_template(tokenizer, messages)
     result = collect(client.chat(messages, model="tiny", max_tokens=MAX_TOKENS, sampling=GREEDY))
     [expected] = greedy(engine, [ids])
     assert result.prompt_tokens == len(ids)
     assert result.token_ids == expected.token_ids
-    assert client.tokenize("你好", model="tiny") == engine.tokenizer.encode(
+    assert client.tokenize("你好", model="tiny") == tokenizer.encode(
         "你好", add_special_tokens=False)
 
 
 def test_64_concurrent_streams_each_get_their_own_greedy_output(
-        client: GenerationClient, engine: Engine) -> None:
+        client: GenerationClient, engine: Engine, tokenizer: Any) -> None:
     batch = prompts(64, seed=1)
     expected = greedy(engine, batch)
 
@@ -97,7 +104,7 @@ def test_64_concurrent_streams_each_get_their_own_greedy_output(
     assert len(ids) == 64
     for ids_in, got, want in zip(batch, results, expected, strict=True):
         assert got.token_ids == want.token_ids
-        assert got.text == want.text
+        assert got.text == text_of(tokenizer, ids_in, want.token_ids, want.finish_reason.value)
         assert (got.prompt_tokens, got.completion_tokens) == (len(ids_in), len(want.token_ids))
         assert got.indices == sorted(got.indices)
 

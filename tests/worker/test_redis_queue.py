@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 MODEL = "tiny"
 P = SamplingParams(max_tokens=4, temperature=0.0)
+ANY = {"max_len": 1 << 30, "room": 1 << 30}
+"""claim() limits that let every request through."""
 
 
 @pytest.fixture
@@ -35,7 +37,7 @@ def test_claim_takes_the_highest_priority_first_then_the_oldest_and_leases_them(
     gateway.enqueue("old", [1], P, priority=1, enqueue_ms=1000)
     gateway.enqueue("new", [2], P, priority=1, enqueue_ms=2000)
     gateway.enqueue("urgent", [3], P, priority=5, enqueue_ms=3000)
-    claimed = queue.claim(2, now_ms=5000)
+    claimed = queue.claim(2, now_ms=5000, **ANY)
     assert [c.request_id for c in claimed] == ["urgent", "old"]
     assert claimed[0].fields["prompt"] == "[3]" and claimed[0].published == []
     leases = gateway.client.zrange(queue.keys.leases(MODEL), 0, -1, withscores=True)
@@ -44,16 +46,39 @@ def test_claim_takes_the_highest_priority_first_then_the_oldest_and_leases_them(
     assert gateway.client.zrange(queue.keys.queue(MODEL), 0, -1) == ["new"]
 
 
+def test_claim_leaves_requests_longer_than_the_workers_context_queued_for_another(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("long", list(range(20)), P, priority=5)  # 20 + 4 tokens
+    gateway.enqueue("short", [1, 2], P)
+    claimed = queue.claim(2, now_ms=time.time_ns() // 10**6, max_len=23, room=1000)
+    assert [c.request_id for c in claimed] == ["short"]
+    assert gateway.client.zrange(queue.keys.queue(MODEL), 0, -1) == ["long"]
+    assert [c.request_id for c in queue.claim(1, now_ms=time.time_ns() // 10**6,
+                                              max_len=24, room=1000)] == ["long"]
+
+
+def test_claim_takes_only_what_fits_the_free_kv_room_and_never_overtakes(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("a", list(range(10)), P, priority=3)  # needs 10 + 1
+    gateway.enqueue("b", list(range(30)), P, priority=2, published=[5, 6])  # 30 + 2 + 1
+    gateway.enqueue("c", [1], P, priority=1)
+    now = time.time_ns() // 10**6
+    assert [c.request_id for c in queue.claim(3, now_ms=now, max_len=100, room=40)] == ["a"]
+    assert gateway.client.zrange(queue.keys.queue(MODEL), 0, -1, desc=True) == ["b", "c"]
+    assert [c.request_id for c in queue.claim(3, now_ms=now, max_len=100, room=35)] == [
+        "b", "c"]
+
+
 def test_claim_returns_the_tokens_an_earlier_worker_published(
         queue: RedisQueue, gateway: FakeGateway) -> None:
     gateway.enqueue("r", [1, 2], P, published=[7, 8, 9])
-    assert queue.claim(1, now_ms=time.time_ns() // 10**6)[0].published == [7, 8, 9]
+    assert queue.claim(1, now_ms=time.time_ns() // 10**6, **ANY)[0].published == [7, 8, 9]
 
 
 def test_cancelled_reports_only_flagged_requests(queue: RedisQueue, gateway: FakeGateway) -> None:
     gateway.enqueue("a", [1], P)
     gateway.enqueue("b", [1], P)
-    queue.claim(2, now_ms=time.time_ns() // 10**6)
+    queue.claim(2, now_ms=time.time_ns() // 10**6, **ANY)
     assert gateway.cancel("b") == 2
     assert queue.cancelled(["a", "b"]) == {"b"}
     assert queue.cancelled([]) == set()
@@ -61,8 +86,8 @@ def test_cancelled_reports_only_flagged_requests(queue: RedisQueue, gateway: Fak
 
 def _batch() -> StepBatch:
     batch = StepBatch()
-    batch.add("gw1", ReplyEvent("a", 0, 11, "x"))
-    batch.add("gw2", ReplyEvent("b", 3, 12, "y", finish_reason="stop"))
+    batch.add("gw1", ReplyEvent("a", 0, 11))
+    batch.add("gw2", ReplyEvent("b", 3, 12, finish_reason="stop"))
     batch.tokens["a"] = ([11], 1)
     batch.tokens["b"] = ([12], 4)
     batch.finished.append("b")
@@ -73,7 +98,7 @@ def test_publish_writes_one_entry_per_gateway_appends_tokens_and_removes_finishe
         queue: RedisQueue, gateway: FakeGateway) -> None:
     gateway.enqueue("a", [1], P)
     gateway.enqueue("b", [1], P)
-    queue.claim(2, now_ms=time.time_ns() // 10**6)
+    queue.claim(2, now_ms=time.time_ns() // 10**6, **ANY)
     queue.publish(_batch())
     assert [[e.token_id for e in entry] for entry in gateway.entries()] == [[11]]
     k, c = queue.keys, gateway.client
@@ -94,7 +119,7 @@ def test_renew_extends_own_leases_and_reports_requests_no_longer_ours(
         queue: RedisQueue, gateway: FakeGateway) -> None:
     for rid in ("mine", "stolen", "gone"):
         gateway.enqueue(rid, [1], P)
-    queue.claim(3, now_ms=1000)
+    queue.claim(3, now_ms=1000, **ANY)
     c, k = gateway.client, queue.keys
     c.hset(k.request("stolen"), "worker", "w2")
     c.delete(k.request("gone"))
@@ -107,7 +132,7 @@ def test_reap_requeues_expired_leases_with_their_original_score(
         queue: RedisQueue, gateway: FakeGateway) -> None:
     gateway.enqueue("r", [1], P, priority=2, enqueue_ms=1000)
     score = gateway.client.zscore(queue.keys.queue(MODEL), "r")
-    queue.claim(1, now_ms=1000)
+    queue.claim(1, now_ms=1000, **ANY)
     assert queue.reap(now_ms=5000) == 0
     assert queue.reap(now_ms=20_000) == 1
     assert gateway.client.zscore(queue.keys.queue(MODEL), "r") == score
@@ -116,7 +141,7 @@ def test_reap_requeues_expired_leases_with_their_original_score(
 
 def test_requeue_hands_requests_back(queue: RedisQueue, gateway: FakeGateway) -> None:
     gateway.enqueue("r", [1], P)
-    queue.claim(1, now_ms=time.time_ns() // 10**6)
+    queue.claim(1, now_ms=time.time_ns() // 10**6, **ANY)
     assert queue.requeue(["r"]) == 1
     assert gateway.client.zrange(queue.keys.queue(MODEL), 0, -1) == ["r"]
     assert not gateway.client.hexists(queue.keys.request("r"), "worker")
@@ -158,5 +183,5 @@ def test_connection_errors_are_retried_with_logging_then_raised(
     q = RedisQueue.connect(RedisConfig(url=f"redis://127.0.0.1:{port}/0"), MODEL, "w1",
                            lease_ms=1000)
     with caplog.at_level(logging.WARNING), pytest.raises(redis.ConnectionError):
-        q.claim(1, now_ms=0)
+        q.claim(1, now_ms=0, **ANY)
     assert any("redis claim failed" in r.getMessage() for r in caplog.records)

@@ -27,6 +27,9 @@ PROMPTS = [[1, 2, 3, 4], [50, 60, 70], [9000, 12, 7, 7, 7]]
 
 MakeService = Callable[..., WorkerService]
 
+ANY = {"max_len": 1 << 30, "room": 1 << 30}
+"""claim() limits that let every request through."""
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3: Path) -> Engine:
@@ -75,11 +78,12 @@ def test_start_publishes_model_info_and_registers(
     info = c.hgetall(k.model(MODEL))
     assert {"file:tokenizer.json", "file:tokenizer_config.json"} <= set(info)
     assert json.loads(info["file:tokenizer.json"])["model"]["type"] == "BPE"
-    assert int(info["max_len"]) == engine.max_len
+    assert "max_len" not in info, "a context limit is per worker, in its registration"
     assert int(info["vocab_size"]) == engine.model_config.vocab_size
     assert json.loads(info["eos_token_ids"]) == list(engine.model_config.eos_token_ids)
     reg = c.hgetall(k.worker("w1"))
     assert reg["model"] == MODEL and reg["capacity"] == "4" and reg["running"] == "0"
+    assert int(reg["max_len"]) == engine.max_len
     assert 0 < c.ttl(k.worker("w1")) <= 6
     assert c.zscore(k.workers(), "w1") is not None
     assert service.active_ids == []
@@ -159,7 +163,7 @@ def test_a_request_flagged_cancelled_then_handed_back_gets_a_cancelled_final(
     service = make_service()
     dead = RedisQueue.connect(RedisConfig(url=redis_url), MODEL, "dead", 15000)
     gateway.enqueue("flagged", PROMPTS[0], LONG)
-    [claimed] = dead.claim(1, now_ms())
+    [claimed] = dead.claim(1, now_ms(), **ANY)
     assert claimed.request_id == "flagged" and not claimed.dropped
     assert gateway.cancel("flagged") == 2  # leased: only flagged for its worker
     assert dead.reap(now_ms() + 60_000) == 1  # that worker died: the lease runs out
@@ -212,7 +216,7 @@ def test_a_request_whose_worker_died_is_reaped_and_served(
         make_service: MakeService, gateway: FakeGateway, redis_url: str) -> None:
     gateway.enqueue("orphan", PROMPTS[0], GREEDY)
     dead = RedisQueue.connect(RedisConfig(url=redis_url), MODEL, "dead", lease_ms=1)
-    assert [c.request_id for c in dead.claim(1, now_ms())] == ["orphan"]
+    assert [c.request_id for c in dead.claim(1, now_ms(), **ANY)] == ["orphan"]
     dead.close()
     time.sleep(0.01)
     service = make_service()

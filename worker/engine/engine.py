@@ -4,7 +4,8 @@
     done = engine.generate([prompt_ids], SamplingParams(max_tokens=32, temperature=0))
 
 For serving, call add_request / abort between step() calls; each step returns the token
-events of that step. No Redis or gRPC here: the worker wraps this loop.
+events of that step. No Redis, gRPC or tokenizer here: the engine deals in token ids, and
+whoever shows text detokenizes (the gateway's output processor, or an offline tool).
 """
 
 from __future__ import annotations
@@ -22,19 +23,17 @@ from worker.backends.base import Backend, OutputKind, SequenceChunk
 from worker.backends.registry import create_backend
 from worker.engine.outputs import Completion, TokenEvent
 from worker.engine.request import Request, RequestStatus
-from worker.engine.sampler import Sampler, SampleRow, make_generator
+from worker.engine.sampler import Sampler, SampleRow, make_generator, skip_draws
 from worker.engine.scheduler import Scheduler, SchedulerOutput
-from worker.engine.stop_strings import split_at_stop
 from worker.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, backend: Backend, tokenizer: Any = None) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.model_config: ModelConfig = backend.model_config
-        self.tokenizer = tokenizer
         self.scheduler = Scheduler(backend.capacity)
         self.sampler = Sampler()
         self._eos = frozenset(self.model_config.eos_token_ids)
@@ -42,12 +41,7 @@ class Engine:
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
                        backend: str = "torch") -> Engine:
-        from preprocess.tokenizer import load_tokenizer
-
-        tokenizer = None
-        if any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            tokenizer = load_tokenizer(model_dir)
-        return cls(create_backend(backend, model_dir, config=config or EngineConfig()), tokenizer)
+        return cls(create_backend(backend, model_dir, config=config or EngineConfig()))
 
     @property
     def max_len(self) -> int:
@@ -61,17 +55,20 @@ class Engine:
         return self.scheduler.has_unfinished()
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
-                    request_id: str | None = None) -> str:
-        """Validate and queue a request; raises InvalidRequestError naming the bad field."""
+                    request_id: str | None = None, output_ids: Sequence[int] = ()) -> str:
+        """Validate and queue a request; raises InvalidRequestError naming the bad field.
+
+        `output_ids` resumes a request another engine started: those tokens count as output
+        (max_tokens, presence/frequency penalties) and a seeded generator skips the draws that
+        produced them, so the continuation is exactly what an uninterrupted run would give.
+        """
         request_id = request_id or uuid.uuid4().hex
-        self._validate(prompt_ids, params, request_id)
+        self._validate(prompt_ids, output_ids, params, request_id)
         req = Request(request_id, list(prompt_ids), params, self._eos, self.max_len)
+        req.token_ids.extend(output_ids)
         if not params.greedy:
             req.generator = make_generator(params.seed, self._sample_device())
-        if self.tokenizer is not None:
-            from preprocess.detokenizer import IncrementalDetokenizer
-
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids=req.prompt_ids)
+            skip_draws(req.generator, len(output_ids))
         self.scheduler.add(req)
         return request_id
 
@@ -109,14 +106,13 @@ class Engine:
             raise InvalidRequestError("params", f"{len(per)} settings for {len(prompts)} prompts")
         ids = [self.add_request(p, sp) for p, sp in zip(prompts, per, strict=True)]
         results: dict[str, Completion] = {
-            rid: Completion(rid, list(p), [], "", None, [] if sp.logprobs else None)
+            rid: Completion(rid, list(p), [], None, [] if sp.logprobs else None)
             for rid, p, sp in zip(ids, prompts, per, strict=True)
         }
         for events in self.steps():
             for e in events:
                 c = results[e.request_id]
                 c.token_ids.append(e.token_id)
-                c.text += e.text
                 c.finish_reason = e.finish_reason
                 if c.logprobs is not None and e.logprob is not None:
                     c.logprobs.append(e.logprob)
@@ -146,41 +142,33 @@ class Engine:
         return s.token_ids, s.logprobs
 
     def _event(self, req: Request, logprob: float | None) -> TokenEvent:
-        token = req.token_ids[-1]
-        text = ""
-        if req.detokenizer is not None:
-            delta = req.detokenizer.add(token)
-            if req.params.stop:
-                text, req.held_text, hit = split_at_stop(req.held_text + delta, req.params.stop)
-                if hit:
-                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-                elif req.status.finished:
-                    text += req.held_text
-            else:
-                text = delta
-            req.text += text
         if req.status.finished:
             self.backend.release(req.request_id)
-        return TokenEvent(req.request_id, req.num_output_tokens - 1, token, text, logprob,
+        return TokenEvent(req.request_id, req.num_output_tokens - 1, req.token_ids[-1], logprob,
                           req.finish_reason)
 
-    def _validate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str) -> None:
+    def _validate(self, prompt_ids: Sequence[int], output_ids: Sequence[int],
+                  params: SamplingParams, request_id: str) -> None:
         vocab = self.model_config.vocab_size
         if request_id in self.scheduler:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in flight")
         if len(prompt_ids) == 0:
             raise InvalidRequestError("prompt", "is empty; send at least one token")
-        if len(prompt_ids) >= self.max_len:
+        if len(prompt_ids) + len(output_ids) >= self.max_len:
             raise InvalidRequestError(
                 "prompt", f"has {len(prompt_ids)} tokens but this model accepts at most "
-                f"{self.max_len - 1} (context {self.max_len}, one token left to generate)")
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError("prompt", f"token id {bad} is outside the vocabulary "
-                                      f"[0, {vocab})")
+                f"{self.max_len - 1 - len(output_ids)} (context {self.max_len}, "
+                f"{len(output_ids)} already generated, one token left to generate)")
+        for name, ids in (("prompt", prompt_ids), ("output_ids", output_ids)):
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(name, f"token id {bad} is outside the vocabulary "
+                                          f"[0, {vocab})")
         params.validate(vocab)
-        if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop", "stop strings need a model with a tokenizer")
+        if len(output_ids) >= params.max_tokens:
+            raise InvalidRequestError(
+                "output_ids", f"{len(output_ids)} tokens already reach max_tokens "
+                f"({params.max_tokens}); nothing is left to generate")
 
     def _sample_device(self) -> Any:
         return getattr(self.backend, "device", "cpu")

@@ -13,11 +13,9 @@ class TokenEvent:
     index: int
     """Position of the token in the completion, from 0: the exactly-once key downstream."""
     token_id: int
-    text: str
-    """Text this token completes (may be empty while a character or stop string is pending)."""
     logprob: float | None
     finish_reason: FinishReason | None
-    """Set on the request's last event."""
+    """Set on the request's last event; STOP means this token is EOS or a stop token."""
 
 
 @dataclass(slots=True)
@@ -25,6 +23,5 @@ class Completion:
     request_id: str
     prompt_ids: list[int]
     token_ids: list[int]
-    text: str
     finish_reason: FinishReason | None
     logprobs: list[float] | None

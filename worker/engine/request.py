@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 from typing import Any
@@ -27,7 +26,7 @@ class RequestStatus(IntEnum):
 
 class FinishReason(str, Enum):
     STOP = "stop"
-    """EOS, a stop token or a stop string."""
+    """EOS or a stop token (stop strings are the gateway's)."""
     LENGTH = "length"
     """max_tokens or the model's context reached."""
     CANCELLED = "cancelled"
@@ -55,16 +54,9 @@ class Request:
     """Tokens whose keys/values are in the cache."""
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
-    arrival_time: float = field(default_factory=time.monotonic)
     num_preemptions: int = 0
     generator: Any = None
     """The request's own random generator (a torch.Generator), made by the engine."""
-    detokenizer: Any = None
-    """Incremental detokenizer, present when the engine has a tokenizer."""
-    text: str = ""
-    """Generated text emitted so far (stop strings excluded)."""
-    held_text: str = ""
-    """Decoded text held back because it may be the start of a stop string."""
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

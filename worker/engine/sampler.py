@@ -58,6 +58,18 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
+def draw(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """The one uniform a sampled row consumes per step ([1])."""
+    return torch.rand(1, generator=generator, device=device)
+
+
+def skip_draws(generator: torch.Generator, n: int) -> None:
+    """Advance `generator` past the draws of `n` sampled tokens, exactly as `n` steps would,
+    so a request resumed after n tokens continues the stream an uninterrupted run would see."""
+    for _ in range(n):
+        draw(generator, generator.device)
+
+
 class Sampler:
     """Stateless batch sampler, called once per step with that step's logits."""
 
@@ -108,7 +120,7 @@ class Sampler:
         vocab, device = x.shape[1], x.device
         params = [r.params for r in rows]
         # Drawn before anything else, one per row, so a row's stream never depends on the path.
-        u = torch.cat([torch.rand(1, generator=r.generator, device=device) for r in rows])
+        u = torch.cat([draw(r.generator, device) for r in rows])
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)
         short = [i for i, p in enumerate(params) if _top_k(p, vocab)]
         full = [i for i, p in enumerate(params) if not _top_k(p, vocab)]
