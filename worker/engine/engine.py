@@ -17,6 +17,7 @@ from typing import Any
 
 from common.config import EngineConfig
 from common.errors import InvalidRequestError
+from preprocess.capabilities import unsupported
 from preprocess.sampling_params import SamplingParams
 from worker.backends.base import Backend, OutputKind, SequenceChunk
 from worker.backends.registry import create_backend
@@ -41,13 +42,13 @@ class Engine:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
-                       backend: str = "torch") -> Engine:
+                       backend: str = "torch", settings: Any = None) -> Engine:
         from preprocess.tokenizer import load_tokenizer
 
         tokenizer = None
         if any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             tokenizer = load_tokenizer(model_dir)
-        return cls(create_backend(backend, model_dir, config=config or EngineConfig()), tokenizer)
+        return cls(create_backend(backend, model_dir, config, settings), tokenizer)
 
     @property
     def max_len(self) -> int:
@@ -179,6 +180,8 @@ class Engine:
             raise InvalidRequestError("prompt", f"token id {bad} is outside the vocabulary "
                                       f"[0, {vocab})")
         params.validate(vocab)
+        if (refused := unsupported(params, self.backend.capabilities)) is not None:
+            raise refused
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", "stop strings need a model with a tokenizer")
 
