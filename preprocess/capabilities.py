@@ -50,7 +50,7 @@ def requested(params: SamplingParams) -> list[str]:
 def unsupported(params: SamplingParams, capabilities: Capabilities) -> InvalidRequestError | None:
     """The error naming the first field `params` sets that the backend cannot honour, or None."""
     for name in requested(params):
-        if name not in capabilities.sampling and name not in ALWAYS_HONOURED:
+        if name not in capabilities.sampling:
             neutral = getattr(NEUTRAL, name)
             return InvalidRequestError(
                 name, f"is not supported by this model's backend; leave it at {neutral!r}")

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.config import EngineConfig
 from common.errors import InvalidRequestError
+from preprocess.capabilities import Capabilities
 from preprocess.sampling_params import SamplingParams
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
@@ -141,6 +142,22 @@ def test_bad_input_raises_a_field_error_and_leaves_the_batch_alone(
               if e.request_id == rid]
     assert tiny_engine.scheduler.blocks.num_free_blocks == tiny_engine.backend.capacity.num_blocks
     assert len(tokens) == 5 and expected.token_ids[1:] == tokens
+
+
+def test_a_parameter_the_backend_cannot_honour_is_refused_naming_it(
+        tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    greedy_only = Capabilities(frozenset({"ignore_eos", "stop_token_ids"}))
+    monkeypatch.setattr(tiny_engine.backend, "capabilities", greedy_only)
+    with pytest.raises(InvalidRequestError) as info:
+        tiny_engine.add_request([1, 2], SamplingParams(temperature=0.0, logprobs=True))
+    assert info.value.field == "logprobs" and "not supported" in info.value.message
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        tiny_engine.add_request([1, 2], SamplingParams(temperature=0.8))
+    assert not tiny_engine.has_unfinished()
+    rid = tiny_engine.add_request([1, 2], SamplingParams(max_tokens=2, temperature=0.0,
+                                                         ignore_eos=True))
+    assert rid in tiny_engine.scheduler
+    list(tiny_engine.steps())
 
 
 def test_preempted_requests_resume_and_finish_with_the_same_tokens(tiny_qwen3: Path) -> None:
