@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.config import EngineConfig
 from preprocess.sampling_params import SamplingParams
+from worker.backends.torch_settings import TorchSettings
 
 
 def greedy_answers(model_dir: str | Path, questions: Sequence[str], max_tokens: int = 48, *,
@@ -19,8 +19,8 @@ def greedy_answers(model_dir: str | Path, questions: Sequence[str], max_tokens: 
     from preprocess.tokenizer import render_chat
     from worker.engine.engine import Engine
 
-    engine = Engine.from_model_dir(model_dir, EngineConfig(device=device, threads=threads,
-                                                           kv_cache_gb=0.25))
+    settings = TorchSettings(device=device, threads=threads, kv_cache_gb=0.25)
+    engine = Engine.from_model_dir(model_dir, backend="torch", settings=settings)
     tokenizer = engine.tokenizer
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer, so it cannot answer questions")
