@@ -4,55 +4,55 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from common.errors import InvalidRequestError
 
-_DTYPES = ("float32", "bfloat16", "float16")
+FLAG = "flag"
+"""Field metadata key: the field's command-line flag, when it is not --field-name."""
+ENV = "env"
+"""Field metadata key: NAME of the field's NPUSERVE_NAME variable, when it is not FIELD_NAME."""
+CHOICES = "choices"
+"""Field metadata key: the values a flag accepts."""
+NO_FLAG = "no_flag"
+"""Field metadata key: the field has no flag (it is set by code, not by an operator)."""
+
+
+def setting(default: Any, *, flag: str | None = None, env: str | None = None,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A settings field whose flag, environment variable or accepted values are not the ones
+    `common.flags` derives from its name (kept so deployed flags and variables keep working)."""
+    meta: dict[str, Any] = {}
+    if flag is not None:
+        meta[FLAG] = flag
+    if env is not None:
+        meta[ENV] = env
+    if choices is not None:
+        meta[CHOICES] = choices
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """How a worker's engine runs one model on one device."""
+    """The scheduler's limits, whatever the backend. Device placement, dtype and KV cache
+    sizing are the backend's own settings (`worker.backends.registry`)."""
 
-    device: str = "cpu"
-    """cpu, cuda[:N] or npu[:N] (Ascend, through torch_npu)."""
-    dtype: str = "float32"
-    """Compute and weight dtype: float32, bfloat16 or float16."""
     max_num_seqs: int = 16
-    """Most requests in the running batch."""
-    max_num_batched_tokens: int = 512
+    """Most requests in the running batch; the worker claims no more."""
+    max_num_batched_tokens: int = setting(512, flag="--max-batched-tokens",
+                                          env="MAX_BATCHED_TOKENS")
     """Token budget of one step (decodes + prefill chunks): bounds how long a step can stall
     running streams when a long prompt arrives."""
-    block_size: int = 16
-    """Tokens per KV cache block."""
-    kv_cache_gb: float | None = None
-    """KV cache size in GiB; None sizes it from kv_cache_fraction of free memory. Either way
-    it is capped at what max_num_seqs sequences of the full context length can use."""
-    kv_cache_fraction: float = 0.3
-    """Share of free device memory for the KV cache when kv_cache_gb is not set."""
     max_model_len: int | None = None
-    """Cap on prompt + completion tokens; None means the model's context length."""
-    threads: int | None = None
-    """CPU threads for torch; None keeps torch's default."""
-    cpu_packed_weights: bool = True
-    """On CPU, keep a oneDNN-packed second copy of each projection for steps of 3+ tokens:
-    2-3x faster batched decode, 20% faster prefill, twice the weight memory."""
-    cpu_kernels: bool = True
-    """On CPU in float32, run decode-time projections, attention and the elementwise steps
-    with npuserve's C kernels (compiled for the machine on first use; needs a C compiler,
-    else PyTorch's ops run with a warning). False uses PyTorch's ops throughout."""
+    """Cap on prompt + completion tokens; unset means the model's context length."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise InvalidRequestError("dtype", f"must be one of {', '.join(_DTYPES)}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(name, "must be >= 1")
-        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
-            raise InvalidRequestError("kv_cache_gb", "must be > 0")
-        if not 0 < self.kv_cache_fraction <= 1:
-            raise InvalidRequestError("kv_cache_fraction", "must be in (0, 1]")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidRequestError("max_model_len", "must be >= 2")
 
 
 def env(name: str, default: str) -> str:
@@ -62,34 +62,33 @@ def env(name: str, default: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = setting("redis://127.0.0.1:6379/0", flag="--redis", env="REDIS_URL")
     """Redis URL (redis://[:password@]host:port/db, or rediss:// for TLS)."""
-    prefix: str = "npuserve:"
+    prefix: str = setting("npuserve:", env="REDIS_PREFIX")
     """Prefix of every key, so several deployments can share one Redis."""
 
     @staticmethod
     def add_flags(parser: argparse.ArgumentParser) -> None:
         """--redis and --prefix, shared by every process that talks to the queue."""
-        defaults = RedisConfig()
-        parser.add_argument("--redis", default=env("REDIS_URL", defaults.url),
-                            help="Redis URL (default: %(default)s) [NPUSERVE_REDIS_URL]")
-        parser.add_argument("--prefix", default=env("REDIS_PREFIX", defaults.prefix),
-                            help="prefix of every Redis key (default: %(default)s) "
-                                 "[NPUSERVE_REDIS_PREFIX]")
+        from common.flags import add_flags
+
+        add_flags(parser, RedisConfig)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RedisConfig:
-        return cls(url=args.redis, prefix=args.prefix)
+        from common.flags import from_args
+
+        return from_args(cls, args)
 
 
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     redis: RedisConfig = RedisConfig()
-    listen: str = "0.0.0.0:50051"
+    listen: str = setting("0.0.0.0:50051", env="GATEWAY_LISTEN")
     """host:port the gRPC server binds."""
     gateway_id: str = ""
     """Name of this gateway's reply stream; empty picks a unique one at start."""
-    max_queued_per_model: int = 1024
+    max_queued_per_model: int = setting(1024, flag="--max-queued", env="MAX_QUEUED")
     """Queue bound per model; beyond it Generate fails with RESOURCE_EXHAUSTED."""
     max_streams: int = 512
     """Concurrent Generate/Chat streams this gateway serves; beyond it RESOURCE_EXHAUSTED."""
@@ -97,9 +96,9 @@ class GatewayConfig:
     """max_tokens when a request leaves it at 0."""
     max_tokens_limit: int = 8192
     """Largest max_tokens a request may ask for."""
-    request_ttl_s: int = 3600
-    """Lifetime of a request's keys in Redis when nothing else removes them."""
-    metrics_port: int = 0
+    request_ttl_s: int = setting(3600, flag="--request-ttl")
+    """Lifetime in seconds of a request's keys in Redis when nothing else removes them."""
+    metrics_port: int = setting(0, env="GATEWAY_METRICS_PORT")
     """Prometheus /metrics port; 0 disables."""
 
     def __post_init__(self) -> None:
@@ -111,22 +110,27 @@ class GatewayConfig:
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
-    model_dir: str
+    model_dir: str = field(metadata={FLAG: "--model"})
     """Hugging Face model directory to serve."""
-    model_name: str = ""
+    model_name: str = setting("", flag="--name")
     """Name clients use in `model`; empty uses the directory's name."""
     backend: str = "torch"
+    """Engine backend, by its name in worker.backends.registry."""
     engine: EngineConfig = EngineConfig()
+    backend_settings: Any = field(default=None, metadata={NO_FLAG: True})
+    """The backend's own settings, an instance of the class its registry entry names; None
+    uses that class's defaults."""
     redis: RedisConfig = RedisConfig()
     worker_id: str = ""
-    """Empty picks host-pid-random."""
+    """Registration id; empty picks host-pid-random."""
     lease_ms: int = 15000
     """A claimed request goes back to the queue if its worker does not renew within this."""
-    heartbeat_s: float = 2.0
-    """Registration refresh period; the registration expires after three missed beats."""
-    drain_timeout_s: float = 30.0
-    """On SIGTERM: time to finish running requests before handing the rest back."""
-    metrics_port: int = 0
+    heartbeat_s: float = setting(2.0, flag="--heartbeat")
+    """Registration refresh period in seconds; the registration expires after three missed
+    beats."""
+    drain_timeout_s: float = setting(30.0, flag="--drain-timeout")
+    """On SIGTERM: seconds to finish running requests before handing the rest back."""
+    metrics_port: int = setting(0, env="WORKER_METRICS_PORT")
     """Prometheus /metrics port; 0 disables."""
 
     def __post_init__(self) -> None:

@@ -100,7 +100,8 @@ class WorkerService:
     @classmethod
     def from_config(cls, config: WorkerConfig) -> WorkerService:
         """Load the model and connect to Redis (nothing is published until start())."""
-        engine = Engine.from_model_dir(config.model_dir, config.engine, backend=config.backend)
+        engine = Engine.from_model_dir(config.model_dir, config.engine, backend=config.backend,
+                                       settings=config.backend_settings)
         name = config.model_name or Path(config.model_dir).resolve().name
         worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         queue = RedisQueue.connect(config.redis, name, worker_id, config.lease_ms)
@@ -309,7 +310,7 @@ class WorkerService:
     def _registration(self) -> dict[str, str]:
         return {
             "model": self.queue.model, "backend": self.config.backend,
-            "device": self.config.engine.device, "capacity": str(self.capacity),
+            "device": str(self.engine.backend.device), "capacity": str(self.capacity),
             "running": str(len(self._active)), "max_len": str(self.engine.max_len),
             "pid": str(os.getpid()), "host": socket.gethostname(),
             "started_ms": str(self._started_ms),

@@ -18,7 +18,9 @@ import pytest
 import yaml
 
 from common.cli import build_parser
-from common.config import WorkerConfig
+from common.config import GatewayConfig, WorkerConfig
+from common.flags import env_names
+from worker.backends.registry import BACKENDS
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"
@@ -35,12 +37,14 @@ def parse_npuserve(argv: list[str]) -> argparse.Namespace:
 
 
 def env_names_read_by_code() -> set[str]:
-    """Every NAME in env("NAME", ...) calls: the variables npuserve reads as NPUSERVE_NAME."""
+    """The variables npuserve reads: every NAME in env("NAME", ...) calls (as NPUSERVE_NAME),
+    and those of the settings dataclasses' flags."""
     names: set[str] = set()
     for package in ("common", "gateway", "worker", "preprocess"):
         for path in (REPO / package).rglob("*.py"):
             names.update(re.findall(r"\benv\(\s*[\"']([A-Z0-9_]+)[\"']", path.read_text()))
-    return {f"NPUSERVE_{n}" for n in names}
+    settings = [GatewayConfig, WorkerConfig] + [e.settings for e in BACKENDS.values()]
+    return {f"NPUSERVE_{n}" for n in names}.union(*(env_names(c) for c in settings))
 
 
 def seconds(value: str | int) -> float:

@@ -24,6 +24,7 @@ from preprocess.sampling_params import SamplingParams
 from preprocess.tokenizer import apply_chat_template, load_tokenizer
 from protos import npuserve_pb2 as pb
 from tests.serving.conftest import Fleet, Stream, scrape, start_service, text_of, wait_until
+from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 
 pytestmark = pytest.mark.timeout(240)  # the first test also waits for the fleet
@@ -36,7 +37,8 @@ BLOCKER: dict[str, Any] = {"model": "slot", "max_tokens": 2000, "ignore_eos": Tr
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3: Path) -> Engine:
-    return Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=0.05, max_num_seqs=64))
+    return Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=64),
+                                 settings=TorchSettings(kv_cache_gb=0.05))
 
 
 @pytest.fixture(scope="module")

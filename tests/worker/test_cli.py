@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from common.cli import build_parser
+from common.errors import ModelConfigError
 from preprocess.sampling_params import SamplingParams
+from worker.backends.torch_settings import TorchSettings
 from worker.cli import config_from_args
 
 if TYPE_CHECKING:
@@ -32,11 +34,12 @@ def test_flags_build_the_worker_config() -> None:
     config = config_from_args(args)
     assert (config.model_dir, config.model_name, config.lease_ms) == ("m", "qwen", 2000)
     assert config.drain_timeout_s == 1.5 and config.redis.prefix == "x:"
-    e = config.engine
-    assert (e.max_num_seqs, e.max_num_batched_tokens, e.kv_cache_gb, e.threads) == (3, 64, 0.5, 2)
-    assert e.cpu_kernels
-    args = build_parser().parse_args(["worker", "--model", "m", "--no-cpu-kernels"])
-    assert not config_from_args(args).engine.cpu_kernels
+    assert (config.engine.max_num_seqs, config.engine.max_num_batched_tokens) == (3, 64)
+    assert config.backend_settings == TorchSettings(kv_cache_gb=0.5, threads=2)
+    args = build_parser().parse_args(["worker", "--model", "m", "--no-cpu-kernels",
+                                      "--block-size", "32", "--dtype", "bfloat16"])
+    assert config_from_args(args).backend_settings == TorchSettings(
+        cpu_kernels=False, block_size=32, dtype="bfloat16")
 
 
 def test_defaults_come_from_npuserve_environment_variables(monkeypatch: pytest.MonkeyPatch
@@ -47,10 +50,15 @@ def test_defaults_come_from_npuserve_environment_variables(monkeypatch: pytest.M
     monkeypatch.setenv("NPUSERVE_KV_CACHE_GB", "2")
     monkeypatch.setenv("NPUSERVE_CPU_KERNELS", "0")
     config = config_from_args(build_parser().parse_args(["worker"]))
-    assert not config.engine.cpu_kernels
     assert config.model_dir == "/models/a" and config.redis.url == "redis://10.0.0.1:7000/1"
-    assert config.engine.max_num_seqs == 7 and config.engine.kv_cache_gb == 2.0
-    assert config.engine.threads is None and config.worker_id == ""
+    assert config.engine.max_num_seqs == 7 and config.worker_id == ""
+    assert config.backend_settings == TorchSettings(kv_cache_gb=2.0, cpu_kernels=False)
+
+
+def test_an_unknown_backend_is_refused_naming_the_registered_ones() -> None:
+    args = build_parser().parse_args(["worker", "--model", "m", "--backend", "tpu"])
+    with pytest.raises(ModelConfigError, match="unknown backend 'tpu'.*torch"):
+        config_from_args(args)
 
 
 def test_help_names_the_environment_variable_of_every_flag(
@@ -58,9 +66,11 @@ def test_help_names_the_environment_variable_of_every_flag(
     with pytest.raises(SystemExit):
         build_parser().parse_args(["worker", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--redis", "--prefix", "--lease-ms", "--drain-timeout", "--metrics-port"):
+    for flag in ("--redis", "--prefix", "--lease-ms", "--drain-timeout", "--metrics-port",
+                 "--max-batched-tokens", "--kv-cache-gb", "--cpu-kernels", "--block-size"):
         assert flag in text
-    assert text.count("[NPUSERVE_") >= 16
+    assert text.count("[NPUSERVE_") == text.count("\n  --")  # one variable per flag
+    assert text.count("[NPUSERVE_") >= 20
 
 
 def _wait(what: str, done: Callable[[], object], proc: subprocess.Popen[bytes], timeout_s: float) -> None:

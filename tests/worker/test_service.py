@@ -13,6 +13,7 @@ import redis
 
 from common.config import EngineConfig, RedisConfig, WorkerConfig
 from preprocess.sampling_params import SamplingParams
+from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 from worker.redis_queue import RedisQueue
 from worker.service import WorkerService, now_ms
@@ -33,7 +34,8 @@ ANY = {"max_len": 1 << 30, "room": 1 << 30}
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen3: Path) -> Engine:
-    return Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=0.05, max_num_seqs=4))
+    return Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=4),
+                                 settings=TorchSettings(kv_cache_gb=0.05))
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from preprocess.capabilities import Capabilities
 from preprocess.sampling_params import SamplingParams
 from worker.model.config import ModelConfig
 
@@ -39,10 +40,6 @@ class BackendCapacity:
     """Whether a prompt may be prefilled over several steps."""
     mixed_batches: bool = True
     """Whether prefill chunks and decodes may share one step."""
-    prefill_buckets: tuple[int, ...] = ()
-    """Fixed prefill lengths the device was compiled for (empty: any length)."""
-    decode_buckets: tuple[int, ...] = ()
-    """Fixed decode batch sizes the device was compiled for (empty: any size)."""
     output: OutputKind = OutputKind.LOGITS
 
 
@@ -82,7 +79,11 @@ class Backend(ABC):
 
     name: str = ""
     capacity: BackendCapacity
+    capabilities: Capabilities = Capabilities()
+    """Sampling parameters it honours; the engine refuses requests setting any other."""
     model_config: ModelConfig
+    device: Any = "cpu"
+    """Where the backend runs; its str() is what the worker's registration shows."""
 
     @abstractmethod
     def execute(self, chunks: Sequence[SequenceChunk]) -> StepResult:

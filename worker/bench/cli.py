@@ -7,7 +7,13 @@ import logging
 import sys
 from typing import Any
 
+from common.flags import add_flags, from_args
+from worker.backends.torch_settings import TorchSettings
+
 log = logging.getLogger(__name__)
+
+BENCH_SETTINGS = TorchSettings(kv_cache_gb=1.0)
+"""The torch backend's defaults, with a fixed KV cache budget rather than a share of memory."""
 
 
 def register(subparsers: Any) -> None:
@@ -33,20 +39,17 @@ def register(subparsers: Any) -> None:
     )
     engine.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     engine.add_argument("--plot", metavar="OUT.png", help="write a PNG bar chart here")
-    engine.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     engine.add_argument("--max-batch", type=int, help="concurrent requests (default 16; quick 16)")
     engine.add_argument("--requests", type=int, help="workload size (default 64; quick 32)")
     engine.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
-    engine.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    engine.add_argument("--dtype", default="float32", help="weight dtype (default float32)")
-    engine.add_argument(
-        "--kv-cache-gb", type=float, default=1.0, help="npuserve KV cache budget (default 1.0)"
-    )
     engine.add_argument(
         "--quantized", metavar="DIR",
         help="a quantized copy of --model (npuserve quantize): also time its batch-1 decode, "
         "alternating with the float model's, and report the speed-up",
     )
+    add_flags(engine.add_argument_group("torch backend settings (device, dtype and threads "
+                                        "apply to the transformers phases too)"),
+              TorchSettings, BENCH_SETTINGS)
     engine.set_defaults(handler=_engine)
 
 
@@ -64,10 +67,7 @@ def _engine(args: argparse.Namespace) -> int:
         requests=requests,
         max_batch=max_batch,
         seed=args.seed,
-        threads=args.threads,
-        device=args.device,
-        dtype=args.dtype,
-        kv_cache_gb=args.kv_cache_gb,
+        backend=from_args(TorchSettings, args),
         decode_tokens=preset["decode_tokens"],
         sequential_requests=preset["sequential_requests"],
         quick=args.quick,

@@ -20,11 +20,12 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from worker.backends.torch_settings import TorchSettings
 from worker.bench import bandwidth, hf_reference, npuserve_phase, quant_phase
 from worker.bench.report import Results
 from worker.bench.workload import (
@@ -47,12 +48,9 @@ class BenchConfig:
     """npuserve's max_num_seqs and the static batch size of the transformers baseline."""
     seed: int = 0
     """Seed of the workload (lengths and prompt tokens)."""
-    threads: int | None = None
-    """torch.set_num_threads for every phase; None keeps torch's default."""
-    device: str = "cpu"
-    dtype: str = "float32"
-    kv_cache_gb: float = 1.0
-    """KV cache budget handed to npuserve's engine."""
+    backend: TorchSettings = field(default_factory=lambda: TorchSettings(kv_cache_gb=1.0))
+    """npuserve's torch backend settings; its device, dtype and threads (torch's default
+    when unset) serve every phase."""
     decode_warmup_tokens: int = 8
     """Batch-1 decode: outputs produced (prefill included) before the timer starts."""
     decode_tokens: int = 64
@@ -91,8 +89,9 @@ def run(config: BenchConfig) -> Results:
     import torch
     import transformers
 
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
+    settings = config.backend
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     load_start = os.getloadavg()[0]
     workload = workload_for_model(config.model_dir, config.requests, seed=config.seed)
     first_prompt = workload.requests[0].prompt_ids
@@ -101,17 +100,10 @@ def run(config: BenchConfig) -> Results:
     alone_workload = Workload([workload.requests[i] for i in alone], workload.seed)
 
     with _bar("copy bandwidth", 1, unit="run") as bar:
-        gb_s = bandwidth.measure_copy_bandwidth(device=config.device)
+        gb_s = bandwidth.measure_copy_bandwidth(device=settings.device)
         bar.update(1)
 
-    engine = npuserve_phase.load_engine(
-        config.model_dir,
-        device=config.device,
-        dtype=config.dtype,
-        max_batch=config.max_batch,
-        kv_cache_gb=config.kv_cache_gb,
-        threads=config.threads,
-    )
+    engine = npuserve_phase.load_engine(config.model_dir, settings, max_batch=config.max_batch)
     npuserve_phase.warm_up(engine, first_prompt)
     with _bar("npuserve", workload.total_output_tokens) as bar:
         ours = npuserve_phase.run_throughput(engine, workload, bar.update)
@@ -129,14 +121,13 @@ def run(config: BenchConfig) -> Results:
         total = quant_phase.total_tokens(config.decode_warmup_tokens, config.decode_tokens)
         with _bar("quantized vs float batch-1 decode", total) as bar:
             quantized = quant_phase.run(
-                engine, config.quantized_dir, first_prompt[:32], device=config.device,
-                dtype=config.dtype, max_batch=config.max_batch, kv_cache_gb=config.kv_cache_gb,
-                threads=config.threads, warmup_tokens=config.decode_warmup_tokens,
+                engine, config.quantized_dir, first_prompt[:32], settings,
+                max_batch=config.max_batch, warmup_tokens=config.decode_warmup_tokens,
                 measured_tokens=config.decode_tokens, on_tokens=bar.update)
     del engine
     gc.collect()
 
-    model = hf_reference.load_hf_model(config.model_dir, config.dtype, config.device)
+    model = hf_reference.load_hf_model(config.model_dir, settings.dtype, settings.device)
     hf_bytes = bandwidth.decode_weight_bytes(model)
     hf_reference.warm_up(model, first_prompt)
     with _bar("transformers sequential", alone_workload.total_output_tokens) as bar:
@@ -159,8 +150,8 @@ def run(config: BenchConfig) -> Results:
         "cpu_count": os.cpu_count(),
         "load_average_1m_start": load_start,
         "load_average_1m_end": os.getloadavg()[0],
-        "dtype": config.dtype,
-        "device": config.device,
+        "dtype": settings.dtype,
+        "device": settings.device,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
         "prompt_len_range": list(PROMPT_LEN_RANGE),

@@ -10,6 +10,7 @@ from preprocess.sampling_params import SamplingParams
 from worker.bench.workload import PhaseResult, Workload
 
 if TYPE_CHECKING:
+    from worker.backends.torch_settings import TorchSettings
     from worker.engine.engine import Engine
 
 OnTokens = Callable[[int], None]
@@ -20,27 +21,14 @@ def _greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def load_engine(
-    model_dir: str,
-    *,
-    device: str,
-    dtype: str,
-    max_batch: int,
-    kv_cache_gb: float,
-    threads: int | None,
-) -> Engine:
-    """npuserve's engine for the checkpoint, sized for `max_batch` concurrent requests."""
-    from worker.engine.engine import Engine, EngineConfig
+def load_engine(model_dir: str, settings: TorchSettings, *, max_batch: int) -> Engine:
+    """npuserve's engine for the checkpoint on the torch backend, sized for `max_batch`
+    concurrent requests."""
+    from common.config import EngineConfig
+    from worker.engine.engine import Engine
 
-    config = EngineConfig(
-        device=device,
-        dtype=dtype,
-        max_num_seqs=max_batch,
-        max_num_batched_tokens=512,
-        kv_cache_gb=kv_cache_gb,
-        threads=threads,
-    )
-    return Engine.from_model_dir(model_dir, config)
+    config = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=512)
+    return Engine.from_model_dir(model_dir, config, backend="torch", settings=settings)
 
 
 def warm_up(engine: Engine, prompt: Sequence[int]) -> None:

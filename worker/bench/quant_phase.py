@@ -14,20 +14,19 @@ from typing import TYPE_CHECKING, Any
 from worker.bench import npuserve_phase
 
 if TYPE_CHECKING:
+    from worker.backends.torch_settings import TorchSettings
     from worker.engine.engine import Engine
 
 ROUNDS = 3
 """Alternating measurements per engine."""
 
 
-def run(float_engine: Engine, quantized_dir: str, prompt: Sequence[int], *, device: str,
-        dtype: str, max_batch: int, kv_cache_gb: float, threads: int | None,
-        warmup_tokens: int, measured_tokens: int,
+def run(float_engine: Engine, quantized_dir: str, prompt: Sequence[int],
+        settings: TorchSettings, *, max_batch: int, warmup_tokens: int, measured_tokens: int,
         on_tokens: npuserve_phase.OnTokens | None = None) -> dict[str, Any]:
-    """Load the quantized model beside `float_engine` and time batch-1 decode of both."""
-    quant = npuserve_phase.load_engine(quantized_dir, device=device, dtype=dtype,
-                                       max_batch=max_batch, kv_cache_gb=kv_cache_gb,
-                                       threads=threads)
+    """Load the quantized model beside `float_engine` with the same backend settings and
+    time batch-1 decode of both."""
+    quant = npuserve_phase.load_engine(quantized_dir, settings, max_batch=max_batch)
     npuserve_phase.warm_up(quant, prompt)
     times: dict[str, list[float]] = {"float": [], "quantized": []}
     for _ in range(ROUNDS):
@@ -47,8 +46,8 @@ def run(float_engine: Engine, quantized_dir: str, prompt: Sequence[int], *, devi
         "quantized_reference_decode_ms_rounds": times["float"],
         "quantized_decode_speedup": float_ms / quant_ms,
         "quantized_weight_bytes_per_decode_step": quant.weight_bytes(),
-        "quantized_weight_resident_bytes": _resident(quant),
-        "reference_weight_resident_bytes": _resident(float_engine),
+        "quantized_weight_resident_bytes": quant.backend.weight_memory_bytes(),
+        "reference_weight_resident_bytes": float_engine.backend.weight_memory_bytes(),
     }
 
 
@@ -56,7 +55,3 @@ def total_tokens(warmup_tokens: int, measured_tokens: int) -> int:
     """Output tokens the phase produces, for a progress bar."""
     return 2 * ROUNDS * (warmup_tokens + measured_tokens)
 
-
-def _resident(engine: Engine) -> int | None:
-    weights = getattr(engine.backend, "weights", None)
-    return weights.resident_bytes() if weights is not None else None

@@ -18,6 +18,7 @@ from typing import Any
 
 from common.config import EngineConfig
 from common.errors import InvalidRequestError
+from preprocess.capabilities import unsupported
 from preprocess.sampling_params import SamplingParams
 from worker.backends.base import Backend, OutputKind, SequenceChunk
 from worker.backends.registry import create_backend
@@ -40,8 +41,8 @@ class Engine:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
-                       backend: str = "torch") -> Engine:
-        return cls(create_backend(backend, model_dir, config=config or EngineConfig()))
+                       backend: str = "torch", settings: Any = None) -> Engine:
+        return cls(create_backend(backend, model_dir, config, settings))
 
     @property
     def max_len(self) -> int:
@@ -165,6 +166,8 @@ class Engine:
                 raise InvalidRequestError(name, f"token id {bad} is outside the vocabulary "
                                           f"[0, {vocab})")
         params.validate(vocab)
+        if (refused := unsupported(params, self.backend.capabilities)) is not None:
+            raise refused
         if len(output_ids) >= params.max_tokens:
             raise InvalidRequestError(
                 "output_ids", f"{len(output_ids)} tokens already reach max_tokens "

@@ -16,31 +16,30 @@ import torch
 
 
 class KVCache:
-    """Keys and values of every layer: [layers, 2, kv_heads, slots, head_dim].
+    """Keys and values of every layer in one preallocated tensor, in the op set's layout.
 
-    Head-major, so that gathering a batch's context gives [KVH, n, ctx, D] directly: attention
-    then batches over (kv head, sequence) with no further copy of the keys or values.
+    The default layout (`head_major_shape`) is [layers, 2, kv_heads, slots, head_dim], so that
+    gathering a batch's context gives [KVH, n, ctx, D] directly: attention then batches over
+    (kv head, sequence) with no further copy of the keys or values. An op set with another
+    layout passes its own `shape` and is the only code that reads or writes `data`.
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+                 head_dim: int, dtype: torch.dtype, device: torch.device, *,
+                 shape: tuple[int, ...] | None = None) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_heads = kv_heads
         self.num_slots = num_blocks * block_size
-        self.data = torch.zeros(
-            num_layers, 2, kv_heads, num_blocks * block_size, head_dim, dtype=dtype, device=device
-        )
+        if shape is None:
+            shape = head_major_shape(num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
 
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        return num_layers * 2 * block_size * kv_heads * head_dim * dtype.itemsize
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-        """k, v: [T, kv_heads, D] written at slots [T]."""
-        self.data[layer, 0].index_copy_(1, slots, k.transpose(0, 1))
-        self.data[layer, 1].index_copy_(1, slots, v.transpose(0, 1))
+def head_major_shape(num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
+                     head_dim: int) -> tuple[int, ...]:
+    """[layers, 2 (keys, values), kv_heads, slots, head_dim]: the PyTorch and CPU-kernel layout."""
+    return (num_layers, 2, kv_heads, num_blocks * block_size, head_dim)
 
 
 @dataclass(slots=True)
@@ -48,9 +47,10 @@ class PrefillSegment:
     start: int
     """Index of the chunk's first token in the step's token layout."""
     end: int
-    context_slots: torch.Tensor | None
-    """Slots of every cached token before and including this chunk [ctx]; None when the chunk
-    is the whole sequence so far (then the fresh keys are used directly)."""
+    context: Any
+    """How the chunk finds the tokens cached before it, in the form the model's op set asked
+    for (`prefill_context`: slots to gather, or a block table to read in place); None when
+    the chunk is the whole sequence so far (then the fresh keys are used directly)."""
 
 
 @dataclass(slots=True)
@@ -102,15 +102,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV
     out = torch.empty_like(q)
     if decoded is not None:
         out[:n] = decoded
-    keys, values = cache.data[layer, 0], cache.data[layer, 1]  # [KVH, slots, D]
     for seg in meta.prefills:
-        if seg.context_slots is None:
-            sk = k[seg.start:seg.end].transpose(0, 1)  # [KVH, chunk, D]
-            sv = v[seg.start:seg.end].transpose(0, 1)
-        else:
-            sk = keys.index_select(1, seg.context_slots)  # [KVH, ctx, D]
-            sv = values.index_select(1, seg.context_slots)
-        out[seg.start:seg.end] = ops.prefill_attention(q[seg.start:seg.end], sk, sv)
+        s = slice(seg.start, seg.end)
+        out[s] = ops.chunk_attention(q[s], k[s], v[s], cache, layer, seg.context)
     return out
 
 
@@ -120,10 +114,10 @@ class AttentionOps(Protocol):
         """q [n, H, D], one query per decoding sequence -> [n, H, D]."""
         ...
 
-    def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                          ) -> torch.Tensor:
-        """q [chunk, H, D], the last `chunk` positions of a context whose keys and values are
-        k, v [KVH, ctx, D] -> [chunk, H, D], causal."""
+    def chunk_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cache: KVCache, layer: int, context: Any) -> torch.Tensor:
+        """q [chunk, H, D] and the chunk's own k, v [chunk, KVH, D] (already stored), after
+        the cached context `context` describes -> [chunk, H, D], causal."""
         ...
 
 

@@ -5,10 +5,16 @@
 (a decode step there is hundreds of tiny operators, and their dispatch costs more than the
 arithmetic). Projections are not part of the set: they pick their kernel by the number of
 rows (`worker.model.linear`).
+
+The set also owns the KV cache: its layout (`kv_cache_shape`, as vllm-ascend's attention
+backends' `get_kv_cache_shape`), its default block size, the write of each step's keys and
+values, and how attention finds a request's cached context, so a device whose kernels want
+another layout brings its own set and nothing else changes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,6 +26,7 @@ from worker.model.attention import (
     PagedDecode,
     gathered_decode,
     gathered_decode_attention,
+    head_major_shape,
 )
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding, apply_rope
@@ -28,6 +35,32 @@ from worker.model.weights import LayerWeights
 
 class DecoderOps:
     name = "torch"
+    default_block_size = 16
+    """Tokens per KV block when the settings leave it open."""
+
+    def kv_cache_shape(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        """Shape of the tensor holding every layer's keys and values."""
+        return head_major_shape(num_layers, num_blocks, block_size, kv_heads, head_dim)
+
+    def kv_cache_bytes_per_block(self, cfg: ModelConfig, block_size: int,
+                                 dtype: torch.dtype) -> int:
+        """Bytes one KV block takes across all layers, to size the cache."""
+        shape = self.kv_cache_shape(cfg.num_hidden_layers, 1, block_size,
+                                    cfg.num_key_value_heads, cfg.head_dim)
+        return math.prod(shape) * dtype.itemsize
+
+    def allocate_kv_cache(self, cfg: ModelConfig, num_blocks: int, block_size: int,
+                          dtype: torch.dtype, device: torch.device) -> KVCache:
+        layers, kv_heads, d = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        return KVCache(layers, num_blocks, block_size, kv_heads, d, dtype, device,
+                       shape=self.kv_cache_shape(layers, num_blocks, block_size, kv_heads, d))
+
+    def store_kv(self, cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+        """k, v [T, KVH, D] written at cache slots [T]."""
+        cache.data[layer, 0].index_copy_(1, slots, k.transpose(0, 1))
+        cache.data[layer, 1].index_copy_(1, slots, v.transpose(0, 1))
 
     def rope_tables(self, rope: RotaryEmbedding, positions: torch.Tensor) -> Any:
         """Whatever qk_rope_store needs for the step's positions [T], computed once a step."""
@@ -60,7 +93,7 @@ class DecoderOps:
                             self.rms_norm(qk[:, heads:], layer.k_norm, cfg.rms_norm_eps)], dim=1)
         qk = apply_rope(qk, *tables)  # q and k heads rotated together: [T, H + KVH, D]
         q, k = qk[:, :heads], qk[:, heads:]
-        cache.store(index, k, v, slot_mapping)
+        self.store_kv(cache, index, k, v, slot_mapping)
         return q, k
 
     def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache
@@ -73,6 +106,26 @@ class DecoderOps:
                          decode: Any) -> torch.Tensor:
         """q [n, H, D], one query per decoding sequence -> [n, H, D]."""
         return gathered_decode_attention(q, cache, layer, decode)
+
+    def prefill_context(self, block_table: list[int], context_len: int, cache: KVCache) -> Any:
+        """What chunk_attention reads to find a request's first `context_len` cached tokens
+        (the chunk's own included): here the slots to gather [ctx]."""
+        bs = cache.block_size
+        pos = torch.arange(context_len)
+        table = torch.tensor(block_table)
+        return (table[pos // bs] * bs + pos % bs).to(cache.data.device)
+
+    def chunk_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cache: KVCache, layer: int, context: Any) -> torch.Tensor:
+        """q [chunk, H, D] and the chunk's own k, v [chunk, KVH, D] (already stored), the
+        last positions of a context described by `context` (None: the chunk is the whole
+        context) -> [chunk, H, D], causal. Here the context is gathered from the cache and
+        handed to prefill_attention; an op set with a paged prefill kernel reads it in place."""
+        if context is None:
+            return self.prefill_attention(q, k.transpose(0, 1), v.transpose(0, 1))
+        keys = cache.data[layer, 0].index_select(1, context)  # [KVH, ctx, D]
+        values = cache.data[layer, 1].index_select(1, context)
+        return self.prefill_attention(q, keys, values)
 
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                           ) -> torch.Tensor:

@@ -9,27 +9,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.config import EngineConfig
 from preprocess.sampling_params import SamplingParams
+from worker.backends.torch_settings import TorchSettings
 
 
 def greedy_answers(model_dir: str | Path, questions: Sequence[str], max_tokens: int = 48, *,
                    device: str = "cpu", threads: int | None = None) -> list[str]:
     """Each question as one user message through the chat template, answered greedily."""
-    from preprocess.tokenizer import render_chat
+    from preprocess.tokenizer import load_tokenizer, render_chat
     from worker.engine.engine import Engine
 
-    engine = Engine.from_model_dir(model_dir, EngineConfig(device=device, threads=threads,
-                                                           kv_cache_gb=0.25))
-    tokenizer = engine.tokenizer
-    if tokenizer is None:
-        raise ValueError(f"{model_dir} has no tokenizer, so it cannot answer questions")
+    tokenizer = load_tokenizer(model_dir)
+    settings = TorchSettings(device=device, threads=threads, kv_cache_gb=0.25)
+    engine = Engine.from_model_dir(model_dir, backend="torch", settings=settings)
     prompts = []
     for q in questions:
         text = render_chat(tokenizer, [{"role": "user", "content": q}])
         prompts.append(list(tokenizer(text, add_special_tokens=False).input_ids))
     done = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
-    return [c.text.strip() for c in done]
+    return [tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in done]
 
 
 def format_answers(questions: Sequence[str], reference: Sequence[str],

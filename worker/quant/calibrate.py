@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from worker.quant.ranges import ACTIVATION_BINS, histogram_range
-from worker.quant.runner import hidden_states, load_backend, logits
+from worker.quant.runner import load_runner
 from worker.quant.scheme import QMAX, Method
 
 FUSED_MODULES = {
@@ -59,8 +59,8 @@ def calibrate(model_dir: str | Path, prompts: Sequence[list[int]], method: Metho
               lm_head: bool = False, threads: int | None = None,
               progress: bool = True) -> dict[str, float]:
     """Run token-id `prompts` through the float model -> {HF module name: input scale}."""
-    backend = load_backend(model_dir, max(len(p) for p in prompts), threads=threads)
-    weights = backend.weights
+    runner = load_runner(model_dir, max(len(p) for p in prompts), threads=threads)
+    weights = runner.weights
     observers: dict[str, InputObserver] = {}
     for i, layer in enumerate(weights.layers):
         for attr, modules in FUSED_MODULES.items():
@@ -78,8 +78,8 @@ def calibrate(model_dir: str | Path, prompts: Sequence[list[int]], method: Metho
                 for obs in unique:
                     obs.start_histogram()
             for ids in prompts:
-                hidden = hidden_states(backend, ids)
+                hidden = runner.prefill_hidden_states(ids)
                 if lm_head:
-                    logits(backend, hidden)
+                    runner.logits(hidden)
                 bar.update(1)
     return {name: obs.scale(method) for name, obs in observers.items()}

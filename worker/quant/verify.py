@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.errors import ModelConfigError
+from worker.backends.torch_runner import ModelRunner
 from worker.quant.prompts import EvalText
-from worker.quant.runner import hidden_states, load_backend, logits
+from worker.quant.runner import load_runner
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,13 @@ def compare(model_dir: str | Path, reference_dir: str | Path, texts: Sequence[Ev
     tokenizer = load_tokenizer(reference_dir)
     encoded = [list(tokenizer(t.text).input_ids) for t in texts]
     longest = max(len(ids) for ids in encoded)
-    ref = load_backend(reference_dir, longest, device=device, threads=threads)
-    ours = load_backend(model_dir, longest, device=device, threads=threads)
+    ref = load_runner(reference_dir, longest, device=device, threads=threads)
+    ours = load_runner(model_dir, longest, device=device, threads=threads)
     if ref.model_config.vocab_size != ours.model_config.vocab_size:
         raise ModelConfigError(f"the models' vocabularies differ ({ours.model_config.vocab_size}"
                                f" vs {ref.model_config.vocab_size} tokens); compare a model "
                                "with its own source")
-    context = min(ref.capacity.max_seq_len, ours.capacity.max_seq_len)
+    context = min(ref.max_seq_len, ours.max_seq_len)
     if longest > context:
         log.warning("texts longer than the models' context of %d tokens are cut to it", context)
         encoded = [ids[:context] for ids in encoded]
@@ -126,13 +127,14 @@ def compare(model_dir: str | Path, reference_dir: str | Path, texts: Sequence[Ev
         suggestion=None if passed else next_step(quant.to_dict() if quant else None))
 
 
-def _agreement(ref: Any, ours: Any, ids: list[int]) -> Agreement:
-    h_ref, h_ours = hidden_states(ref, ids), hidden_states(ours, ids)  # [T, hidden] each
+def _agreement(ref: ModelRunner, ours: ModelRunner, ids: list[int]) -> Agreement:
+    # [T, hidden] each
+    h_ref, h_ours = ref.prefill_hidden_states(ids), ours.prefill_hidden_states(ids)
     targets = torch.tensor(ids[1:])
     result = Agreement()
     for start in range(0, len(ids), LOGIT_ROWS):
         end = min(start + LOGIT_ROWS, len(ids))
-        result.add(logits(ref, h_ref[start:end]), logits(ours, h_ours[start:end]),
+        result.add(ref.logits(h_ref[start:end]).cpu(), ours.logits(h_ours[start:end]).cpu(),
                    targets[start:end])
     return result
 

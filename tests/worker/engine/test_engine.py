@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.config import EngineConfig
 from common.errors import InvalidRequestError
+from preprocess.capabilities import Capabilities
 from preprocess.sampling_params import SamplingParams
+from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 from worker.engine.request import FinishReason
 
@@ -30,8 +32,9 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smol_engine(smollm2_dir: Path) -> Engine:
-    return Engine.from_model_dir(smollm2_dir, EngineConfig(kv_cache_gb=0.5, max_num_seqs=16,
-                                                           max_num_batched_tokens=256))
+    return Engine.from_model_dir(smollm2_dir, EngineConfig(max_num_seqs=16,
+                                                           max_num_batched_tokens=256),
+                                 settings=TorchSettings(kv_cache_gb=0.5))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,8 @@ def chat_prompts(smollm2_dir: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_qwen3: Path) -> Engine:
-    return Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=0.05, max_num_seqs=8))
+    return Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=8),
+                                 settings=TorchSettings(kv_cache_gb=0.05))
 
 
 def test_greedy_output_equals_transformers_generate_token_for_token(
@@ -129,14 +133,31 @@ def test_bad_input_raises_a_field_error_and_leaves_the_batch_alone(
     assert len(tokens) == 5 and expected.token_ids[1:] == tokens
 
 
+def test_a_parameter_the_backend_cannot_honour_is_refused_naming_it(
+        tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    greedy_only = Capabilities(frozenset({"ignore_eos", "stop_token_ids"}))
+    monkeypatch.setattr(tiny_engine.backend, "capabilities", greedy_only)
+    with pytest.raises(InvalidRequestError) as info:
+        tiny_engine.add_request([1, 2], SamplingParams(temperature=0.0, logprobs=True))
+    assert info.value.field == "logprobs" and "not supported" in info.value.message
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        tiny_engine.add_request([1, 2], SamplingParams(temperature=0.8))
+    assert not tiny_engine.has_unfinished()
+    rid = tiny_engine.add_request([1, 2], SamplingParams(max_tokens=2, temperature=0.0,
+                                                         ignore_eos=True))
+    assert rid in tiny_engine.scheduler
+    list(tiny_engine.steps())
+
+
 def test_preempted_requests_resume_and_finish_with_the_same_tokens(tiny_qwen3: Path) -> None:
     prompts = [list(range(100 + 7 * i, 130 + 7 * i)) for i in range(4)]
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    roomy = Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=0.05))
+    roomy = Engine.from_model_dir(tiny_qwen3, settings=TorchSettings(kv_cache_gb=0.05))
     expected = [c.token_ids for c in roomy.generate(prompts, params)]
     # 16 blocks of 16 tokens: four requests of 70 tokens need 20, so some must be preempted.
     per_block = roomy.backend.kv_cache_bytes() // roomy.backend.capacity.num_blocks
-    tight = Engine.from_model_dir(tiny_qwen3, EngineConfig(kv_cache_gb=16 * per_block / 2**30))
+    tight = Engine.from_model_dir(tiny_qwen3,
+                                  settings=TorchSettings(kv_cache_gb=16 * per_block / 2**30))
     assert tight.backend.capacity.num_blocks == 16
     tight_ids = [tight.add_request(p, params) for p in prompts]
     requests = [tight.scheduler.get(rid) for rid in tight_ids]

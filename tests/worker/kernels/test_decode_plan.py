@@ -7,27 +7,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import EngineConfig
-from worker.backends.torch_backend import TorchBackend
+from worker.backends.torch_runner import ModelRunner
+from worker.backends.torch_settings import TorchSettings
 from worker.model.attention import AttentionMetadata
 from worker.model.transformer import forward
 from worker.quant.quantize import quantize_model
 from worker.quant.scheme import Activations, QuantConfig, Scheme
 
 
-def decode_step(backend: TorchBackend, lens: list[int]) -> tuple[torch.Tensor, ...]:
+def decode_step(runner: ModelRunner, lens: list[int]) -> tuple[torch.Tensor, ...]:
     """Fill each sequence's cache with random keys/values, then one decode step of each."""
     n = len(lens)
-    width = max(-(-x // backend.cache.block_size) for x in lens)
+    width = max(-(-x // runner.cache.block_size) for x in lens)
     g = torch.Generator().manual_seed(n)
-    backend.cache.data.copy_(torch.randn(backend.cache.data.shape, generator=g))
-    tables = torch.randperm(backend.cache.num_blocks, generator=g)[:n * width].view(n, width)
+    runner.cache.data.copy_(torch.randn(runner.cache.data.shape, generator=g))
+    tables = torch.randperm(runner.cache.num_blocks, generator=g)[:n * width].view(n, width)
     lens_t = torch.tensor(lens)
     pos = lens_t - 1
-    bs = backend.cache.block_size
+    bs = runner.cache.block_size
     slots = tables[torch.arange(n), pos // bs] * bs + pos % bs
     meta = AttentionMetadata(slot_mapping=slots, num_decodes=n,
-                             decode=backend.ops.decode_metadata(tables, lens_t, backend.cache),
+                             decode=runner.ops.decode_metadata(tables, lens_t, runner.cache),
                              prefills=[])
     ids = torch.randint(0, 1000, (n,), generator=g)
     return ids, pos, meta
@@ -35,18 +35,19 @@ def decode_step(backend: TorchBackend, lens: list[int]) -> tuple[torch.Tensor, .
 
 @pytest.mark.parametrize("lens", [[5], [1, 40, 17], list(range(3, 19))])
 def test_one_call_equals_the_per_operator_kernels(tiny_model_dir, lens: list[int]) -> None:
-    backend = TorchBackend(tiny_model_dir("qwen3"), EngineConfig(kv_cache_gb=0.02, block_size=4))
-    ids, pos, meta = decode_step(backend, lens)
-    assert backend.plan is not None and backend.plan.covers(meta)
-    cache_before = backend.cache.data.clone()
+    runner = ModelRunner(tiny_model_dir("qwen3"), TorchSettings(kv_cache_gb=0.02, block_size=4),
+                         max_num_seqs=16)
+    ids, pos, meta = decode_step(runner, lens)
+    assert runner.plan is not None and runner.plan.covers(meta)
+    cache_before = runner.cache.data.clone()
     with torch.inference_mode():
-        ours = backend.plan.forward(ids, pos, meta)
-        cache_after = backend.cache.data.clone()
-        backend.cache.data.copy_(cache_before)
-        ref = forward(backend.model_config, backend.weights, backend.rope, ids, pos,
-                      backend.cache, meta, backend.ops)
+        ours = runner.plan.forward(ids, pos, meta)
+        cache_after = runner.cache.data.clone()
+        runner.cache.data.copy_(cache_before)
+        ref = forward(runner.model_config, runner.weights, runner.rope, ids, pos,
+                      runner.cache, meta, runner.ops)
     assert torch.equal(ours, ref)
-    assert torch.equal(cache_after, backend.cache.data)  # the same keys and values stored
+    assert torch.equal(cache_after, runner.cache.data)  # the same keys and values stored
 
 
 def test_w8a16_runs_in_one_call_and_w8a8_does_not(tiny_model_dir, tmp_path: Path) -> None:
@@ -55,12 +56,13 @@ def test_w8a16_runs_in_one_call_and_w8a8_does_not(tiny_model_dir, tmp_path: Path
                            (QuantConfig(Scheme.W8A8, activations=Activations.DYNAMIC), False)):
         out = tmp_path / quant.scheme.value
         quantize_model(src, out, quant)
-        backend = TorchBackend(out, EngineConfig(kv_cache_gb=0.02, block_size=4))
-        assert (backend.plan is not None) is planned
+        runner = ModelRunner(out, TorchSettings(kv_cache_gb=0.02, block_size=4),
+                             max_num_seqs=16)
+        assert (runner.plan is not None) is planned
         if planned:
-            ids, pos, meta = decode_step(backend, [9, 2])
+            ids, pos, meta = decode_step(runner, [9, 2])
             with torch.inference_mode():
-                ours = backend.plan.forward(ids, pos, meta)  # stores the step's k, v
-                ref = forward(backend.model_config, backend.weights, backend.rope, ids, pos,
-                              backend.cache, meta, backend.ops)
+                ours = runner.plan.forward(ids, pos, meta)  # stores the step's k, v
+                ref = forward(runner.model_config, runner.weights, runner.rope, ids, pos,
+                              runner.cache, meta, runner.ops)
             torch.testing.assert_close(ours, ref)

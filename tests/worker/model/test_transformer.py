@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from common.config import EngineConfig
 from common.errors import ModelConfigError
 from preprocess.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
 from worker.backends.torch_backend import TorchBackend
+from worker.backends.torch_settings import TorchSettings
 from worker.model.config import ModelConfig
 
 PARAMS = SamplingParams()
@@ -33,9 +33,10 @@ def ops(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def backend_with(model_dir: Path, ops: str, **config: object) -> TorchBackend:
-    backend = TorchBackend(model_dir, EngineConfig(cpu_kernels=ops == "cpu-kernels", **config))
-    assert backend.ops.name == ops  # the kernels must build here, or the test is not testing
+def backend_with(model_dir: Path, ops: str, **settings: object) -> TorchBackend:
+    backend = TorchBackend(model_dir, settings=TorchSettings(cpu_kernels=ops == "cpu-kernels",
+                                                             **settings))  # type: ignore[arg-type]
+    assert backend.runner.ops.name == ops  # the kernels must build here, or the test is not testing
     return backend
 
 
@@ -78,7 +79,7 @@ def test_a_mixed_batch_of_decodes_and_prefills_matches_each_sequence_alone(
 
 def test_bfloat16_weights_track_the_float32_reference(tiny_qwen3: Path) -> None:
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32).eval()
-    backend = TorchBackend(tiny_qwen3, EngineConfig(kv_cache_gb=0.02, dtype="bfloat16"))
+    backend = TorchBackend(tiny_qwen3, settings=TorchSettings(kv_cache_gb=0.02, dtype="bfloat16"))
     ids = list(range(100, 116))
     out = backend.execute([SequenceChunk("a", ids, 0, [0], True, PARAMS)])
     with torch.no_grad():
@@ -100,8 +101,9 @@ def test_unknown_architecture_is_refused() -> None:
 
 
 def test_weight_memory_counts_the_packed_copies_and_reads_count_one(tiny_qwen2: Path) -> None:
-    packed = TorchBackend(tiny_qwen2, EngineConfig(kv_cache_gb=0.01))
-    plain = TorchBackend(tiny_qwen2, EngineConfig(kv_cache_gb=0.01, cpu_packed_weights=False))
+    packed = TorchBackend(tiny_qwen2, settings=TorchSettings(kv_cache_gb=0.01))
+    plain = TorchBackend(tiny_qwen2, settings=TorchSettings(kv_cache_gb=0.01,
+                                                          cpu_packed_weights=False))
     assert packed.weight_bytes() == plain.weight_bytes()
     # tied embeddings: the lm_head is the embedding matrix, held once
     assert plain.weight_memory_bytes() == plain.weight_bytes()

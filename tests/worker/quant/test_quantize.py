@@ -10,14 +10,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from common.config import EngineConfig
 from common.errors import ModelConfigError
 from preprocess.sampling_params import SamplingParams
 from tests.worker.quant.conftest import W8A8, W8A8_STATIC, W8A16
+from worker.backends.torch_backend import TorchBackend
+from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 from worker.quant.int8_linear import W8A8Projection, W8A16Projection
 from worker.quant.quantize import quantize_model
-from worker.quant.runner import hidden_states, load_backend, logits
+from worker.quant.runner import load_runner
 from worker.quant.scheme import QuantConfig, Scheme
 
 IDS = list(range(1000, 1040))
@@ -29,8 +30,8 @@ def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def all_logits(model_dir: Path) -> torch.Tensor:
-    backend = load_backend(model_dir, len(IDS))
-    return logits(backend, hidden_states(backend, IDS))
+    runner = load_runner(model_dir, len(IDS))
+    return runner.logits(runner.prefill_hidden_states(IDS))
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
@@ -39,9 +40,10 @@ def test_a_quantized_model_loads_int8_layers_and_generates_like_its_source(
         arch: str, quant: QuantConfig, quantized: Callable[..., Path],
         tiny_model_dir: Callable[..., Path]) -> None:
     out = quantized(arch, quant)
-    engine = Engine.from_model_dir(out, EngineConfig(kv_cache_gb=0.02))
+    engine = Engine.from_model_dir(out, settings=TorchSettings(kv_cache_gb=0.02))
     kind = W8A16Projection if quant.scheme is Scheme.W8A16 else W8A8Projection
-    layer = engine.backend.weights.layers[0]  # type: ignore[attr-defined]
+    assert isinstance(engine.backend, TorchBackend)
+    layer = engine.backend.runner.weights.layers[0]
     assert all(isinstance(p, kind) for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
     done = engine.generate([IDS[:12]], SamplingParams(max_tokens=8, temperature=0.0,
                                                       ignore_eos=True))
@@ -53,11 +55,12 @@ def test_a_quantized_model_loads_int8_layers_and_generates_like_its_source(
 def test_per_group_w8a16_runs_int8_on_the_cpu_kernels(quantized: Callable[..., Path],
                                                        tiny_qwen3: Path) -> None:
     out = quantized("qwen3", QuantConfig(Scheme.W8A16, group_size=16))
-    engine = Engine.from_model_dir(out, EngineConfig(kv_cache_gb=0.02))
-    backend = engine.backend  # type: ignore[attr-defined]
-    layer = backend.weights.layers[0]
+    engine = Engine.from_model_dir(out, settings=TorchSettings(kv_cache_gb=0.02))
+    assert isinstance(engine.backend, TorchBackend)
+    runner = engine.backend.runner
+    layer = runner.weights.layers[0]
     assert isinstance(layer.gate_up, W8A16Projection) and layer.gate_up.group == 16
-    assert backend.plan is not None  # decode steps take the one-call path too
+    assert runner.plan is not None  # decode steps take the one-call path too
     done = engine.generate([IDS[:12]], SamplingParams(max_tokens=8, temperature=0.0,
                                                       ignore_eos=True))
     assert len(done[0].token_ids) == 8
@@ -85,8 +88,8 @@ def test_static_activation_scales_are_calibrated_for_every_layer_input(
     # q, k and v read the same input, so they share its scale
     layer = "model.layers.1.self_attn."
     assert scales[layer + "q_proj.input_scale"] == scales[layer + "v_proj.input_scale"]
-    backend = load_backend(quantized("llama", W8A8_STATIC), 8)
-    assert backend.weights.layers[1].qkv.input_scale == scales[layer + "q_proj.input_scale"]
+    runner = load_runner(quantized("llama", W8A8_STATIC), 8)
+    assert runner.weights.layers[1].qkv.input_scale == scales[layer + "q_proj.input_scale"]
 
 
 def test_a_tied_lm_head_and_the_embeddings_can_be_quantized_too(tiny_qwen2: Path,
@@ -95,8 +98,8 @@ def test_a_tied_lm_head_and_the_embeddings_can_be_quantized_too(tiny_qwen2: Path
     summary = quantize_model(tiny_qwen2, tmp_path / "q", quant, progress=False)
     out = tensors(tmp_path / "q")
     assert out["lm_head.weight"].dtype == out["model.embed_tokens.weight"].dtype == torch.int8
-    backend = load_backend(tmp_path / "q", len(IDS))
-    assert isinstance(backend.weights.lm_head, W8A16Projection)
+    runner = load_runner(tmp_path / "q", len(IDS))
+    assert isinstance(runner.weights.lm_head, W8A16Projection)
     assert summary.quantized_bytes / summary.float32_bytes < 0.27
     cos = torch.nn.functional.cosine_similarity(all_logits(tmp_path / "q"),
                                                 all_logits(tiny_qwen2))

@@ -11,7 +11,7 @@ import pytest
 from common.errors import ModelConfigError
 from tests.worker.quant.conftest import W8A16
 from worker.model.config import ModelConfig
-from worker.quant.runner import load_backend
+from worker.quant.runner import load_runner
 from worker.quant.scheme import Activations, Method, QuantConfig, Scheme
 
 BASE: dict[str, Any] = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
@@ -63,4 +63,4 @@ def test_a_checkpoint_whose_tensors_contradict_its_section_is_refused(
     raw["quantization_config"]["group_size"] = 32
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ModelConfigError, match=r"q_proj\.weight_scale"):
-        load_backend(tmp_path, 16)
+        load_runner(tmp_path, 16)

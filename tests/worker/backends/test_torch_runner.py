@@ -1,0 +1,98 @@
+"""The torch model runner's public interface: what the backend, quantization and
+verification call."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from preprocess.sampling_params import SamplingParams
+from worker.backends.base import SequenceChunk
+from worker.backends.torch_runner import ModelRunner
+from worker.backends.torch_settings import TorchSettings
+from worker.quant.runner import load_runner
+
+PARAMS = SamplingParams()
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_qwen3: Path) -> ModelRunner:
+    return ModelRunner(tiny_qwen3, TorchSettings(kv_cache_gb=0.02), max_num_seqs=4)
+
+
+def test_the_cache_takes_the_op_sets_layout_and_default_block_size(runner: ModelRunner) -> None:
+    cfg = runner.model_config
+    assert runner.block_size == runner.ops.default_block_size
+    assert runner.cache.data.shape == runner.ops.kv_cache_shape(
+        cfg.num_hidden_layers, runner.num_blocks, runner.block_size, cfg.num_key_value_heads,
+        cfg.head_dim)
+    per_block = runner.ops.kv_cache_bytes_per_block(cfg, runner.block_size, runner.dtype)
+    assert runner.kv_cache_bytes() == runner.num_blocks * per_block
+    assert runner.max_seq_len <= runner.num_blocks * runner.block_size
+
+
+def test_a_block_size_setting_overrides_the_op_sets_default(tiny_qwen3: Path) -> None:
+    small = ModelRunner(tiny_qwen3, TorchSettings(kv_cache_gb=0.01, block_size=4))
+    assert small.block_size == small.cache.block_size == 4
+
+
+def test_the_cache_holds_no_more_than_max_num_seqs_full_sequences(tiny_qwen3: Path) -> None:
+    capped = ModelRunner(tiny_qwen3, TorchSettings(kv_cache_gb=1.0), max_model_len=64,
+                         max_num_seqs=2)
+    assert capped.num_blocks == 2 * math.ceil(64 / capped.block_size)
+    assert capped.max_seq_len == 64
+
+
+def test_prepare_lays_out_decodes_first_and_names_the_rows_to_sample(
+        runner: ModelRunner) -> None:
+    bs = runner.block_size
+    chunks = [SequenceChunk("p", [5, 6, 7], 0, [3], True, PARAMS),
+              SequenceChunk("d", [9], bs + 2, [1, 2], True, PARAMS),
+              SequenceChunk("q", [8, 8], 4, [4], False, PARAMS)]
+    step = runner.prepare(chunks)
+    assert step.ids.tolist() == [9, 5, 6, 7, 8, 8]
+    assert step.positions.tolist() == [bs + 2, 0, 1, 2, 4, 5]
+    assert step.meta.slot_mapping.tolist() == [2 * bs + 2, 3 * bs, 3 * bs + 1, 3 * bs + 2,
+                                               4 * bs + 4, 4 * bs + 5]
+    assert step.meta.num_decodes == 1
+    assert [(s.start, s.end) for s in step.meta.prefills] == [(1, 4), (4, 6)]
+    assert step.meta.prefills[0].context is None  # a fresh prompt attends to itself
+    assert step.meta.prefills[1].context is not None  # a later chunk reads the cache
+    assert step.sample_rows == [3, 0]  # in the chunks' order: "p" ends at row 3, "d" is row 0
+
+
+def test_teacher_forced_hidden_states_give_the_logits_a_step_samples(
+        runner: ModelRunner) -> None:
+    ids = list(range(200, 230))
+    every = runner.logits(runner.prefill_hidden_states(ids))  # [30, vocab]
+    assert every.shape == (30, runner.model_config.vocab_size) and every.dtype == torch.float32
+    last = runner.execute([SequenceChunk("a", ids, 0, [0, 1], True, PARAMS)])
+    assert last is not None
+    torch.testing.assert_close(last[0], every[-1], rtol=1e-4, atol=1e-4)
+    assert runner.execute([SequenceChunk("a", ids[:4], 0, [0], False, PARAMS)]) is None
+
+
+def test_a_chunk_after_cached_context_matches_the_whole_prompt_at_once(
+        runner: ModelRunner) -> None:
+    ids = list(range(300, 340))
+    whole = runner.logits(runner.prefill_hidden_states(ids))
+    table = [5, 7, 6]  # scattered blocks
+    runner.execute([SequenceChunk("b", ids[:25], 0, table, False, PARAMS)])
+    tail = runner.execute([SequenceChunk("b", ids[25:], 25, table, True, PARAMS)])
+    assert tail is not None
+    torch.testing.assert_close(tail[0], whole[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_text_longer_than_the_runner_holds_is_refused(tiny_qwen3: Path) -> None:
+    sized = load_runner(tiny_qwen3, 20)
+    assert sized.max_seq_len >= 20
+    with pytest.raises(ValueError, match="longer than"):
+        sized.prefill_hidden_states(list(range(sized.max_seq_len + 1)))
+
+
+def test_weight_counts_are_the_runners_weights(runner: ModelRunner) -> None:
+    assert runner.weight_bytes() == runner.weights.nbytes_per_decode_step()
+    assert runner.weight_memory_bytes() >= runner.weight_bytes()

@@ -1,0 +1,222 @@
+"""The torch model runner: one model's weights, KV cache and forward pass on one device.
+
+The unit a tensor-parallel rank holds. It turns a step's chunks into tensors and attention
+metadata (`prepare`), runs the decoder (`forward`) and the output projection (`logits`). The
+backend adapter (`worker.backends.torch_backend`) drives it for the engine; quantization and
+verification use it directly to read every position of a text (`prefill_hidden_states`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common.errors import ModelConfigError
+from preprocess.sampling_params import SamplingParams
+from worker.backends.base import SequenceChunk
+from worker.backends.torch_settings import TorchSettings
+from worker.kernels.cpu import CpuKernels, cpu_kernels
+from worker.kernels.cpu_ops import KernelOps, supports
+from worker.kernels.decode_plan import DecodePlan
+from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment
+from worker.model.config import ModelConfig
+from worker.model.linear import KERNEL_ROWS
+from worker.model.ops import DecoderOps
+from worker.model.rope import RotaryEmbedding
+from worker.model.transformer import compute_logits, forward
+from worker.model.weights import ModelWeights, load_weights
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("npu"):
+        try:
+            import torch_npu  # noqa: F401  (registers the "npu" device with torch)
+        except ImportError as e:
+            raise ModelConfigError(
+                f"device {name!r} needs torch_npu (Ascend CANN); install it or use cpu/cuda"
+            ) from e
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelConfigError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "npu":
+        return int(torch.npu.mem_get_info(device)[0])  # type: ignore[attr-defined]
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info["MemFree"])
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """A step's chunks as the forward pass takes them."""
+
+    ids: torch.Tensor
+    """[T] token ids: decodes first, then prefill chunks."""
+    positions: torch.Tensor
+    """[T]"""
+    meta: AttentionMetadata
+    sample_rows: list[int]
+    """Row of the last token of each chunk with sample=True, in the chunks' order."""
+
+
+class ModelRunner:
+    """Weights, KV cache and forward pass of one model on one device."""
+
+    def __init__(self, model_dir: str | Path, settings: TorchSettings | None = None, *,
+                 max_model_len: int | None = None, max_num_seqs: int = 1) -> None:
+        """The KV cache gets settings.kv_cache_gb (or its share of free memory), capped at
+        what max_num_seqs sequences of max_model_len tokens can use."""
+        settings = settings or TorchSettings()
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.settings = settings
+        self.model_config = cfg = ModelConfig.from_dir(model_dir)
+        self.device = resolve_device(settings.device)
+        self.dtype: torch.dtype = getattr(torch, settings.dtype)
+        kernels = self._kernels(cfg) if settings.cpu_kernels else None
+        self.ops: DecoderOps = KernelOps(kernels) if kernels is not None else DecoderOps()
+        self.weights: ModelWeights = load_weights(model_dir, cfg, self.dtype, self.device,
+                                                  pack=settings.cpu_packed_weights,
+                                                  kernels=kernels)
+        max_len = min(cfg.max_position_embeddings, max_model_len or 1 << 30)
+        self.rope = RotaryEmbedding(cfg, max_len, self.device, self.dtype)
+        block_size = settings.block_size or self.ops.default_block_size
+        self.cache: KVCache = self.ops.allocate_kv_cache(
+            cfg, self._num_blocks(block_size, max_len, max_num_seqs), block_size, self.dtype,
+            self.device)
+        self.max_seq_len = min(max_len, self.cache.num_slots)
+        """Longest sequence the runner can hold: the context length or the whole cache."""
+        self.plan = (DecodePlan.build(kernels, cfg, self.weights, self.cache, self.rope,
+                                      min(max_num_seqs, KERNEL_ROWS))
+                     if kernels is not None else None)
+        """The one-call decode step of the CPU kernels, when they run this model."""
+
+    def _kernels(self, cfg: ModelConfig) -> CpuKernels | None:
+        """The compiled CPU kernels, if they can run this model here."""
+        reason = supports(cfg, self.device, self.dtype)
+        if reason is not None:
+            if self.device.type == "cpu":
+                log.info("CPU kernels not used: %s", reason)
+            return None
+        return cpu_kernels()
+
+    def _num_blocks(self, block_size: int, max_len: int, max_num_seqs: int) -> int:
+        per_block = self.ops.kv_cache_bytes_per_block(self.model_config, block_size, self.dtype)
+        if self.settings.kv_cache_gb is not None:
+            budget = int(self.settings.kv_cache_gb * (1 << 30))
+        else:
+            budget = int(free_memory_bytes(self.device) * self.settings.kv_cache_fraction)
+        # More blocks than max_num_seqs full-length sequences can use would only hold memory.
+        num_blocks = min(budget // per_block, max_num_seqs * -(-max_len // block_size))
+        if num_blocks < 1:
+            raise ModelConfigError(
+                f"KV cache budget of {budget} bytes holds no block of {per_block} bytes; "
+                "raise --kv-cache-gb"
+            )
+        return num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.cache.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.cache.num_blocks
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decode step reads."""
+        return self.weights.nbytes_per_decode_step()
+
+    def weight_memory_bytes(self) -> int:
+        """Bytes the weights hold, packed copies included."""
+        return self.weights.resident_bytes()
+
+    def kv_cache_bytes(self) -> int:
+        return self.cache.data.nbytes
+
+    def prepare(self, chunks: Sequence[SequenceChunk]) -> StepInputs:
+        """Lay the chunks out decodes first (attended as one padded batch), prefill chunks
+        after (one by one), with the cache slot of every token and each chunk's context."""
+        order = sorted(range(len(chunks)), key=lambda i: not chunks[i].is_decode)
+        ordered = [chunks[i] for i in order]
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_at: dict[int, int] = {}  # chunk index -> row of its last token
+        for i, c in zip(order, ordered, strict=True):
+            for p in range(c.start_pos, c.start_pos + len(c.token_ids)):
+                slots.append(c.block_table[p // bs] * bs + p % bs)
+            positions.extend(range(c.start_pos, c.start_pos + len(c.token_ids)))
+            ids.extend(c.token_ids)
+            if c.sample:
+                sample_at[i] = len(ids) - 1
+        dev = self.device
+        return StepInputs(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+                          self._metadata(ordered, slots),
+                          [sample_at[i] for i in range(len(chunks)) if i in sample_at])
+
+    def _metadata(self, ordered: list[SequenceChunk], slots: list[int]) -> AttentionMetadata:
+        decodes = [c for c in ordered if c.is_decode]
+        decode = None
+        if decodes:
+            lens = torch.tensor([c.start_pos + 1 for c in decodes])
+            width = max(len(c.block_table) for c in decodes)
+            tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table))
+                                   for c in decodes])
+            decode = self.ops.decode_metadata(tables, lens, self.cache)
+        prefills = []
+        start = len(decodes)
+        for c in ordered[len(decodes):]:
+            end = start + len(c.token_ids)
+            context = (self.ops.prefill_context(c.block_table, c.start_pos + len(c.token_ids),
+                                                self.cache)
+                       if c.start_pos > 0 else None)
+            prefills.append(PrefillSegment(start, end, context))
+            start = end
+        return AttentionMetadata(slot_mapping=torch.tensor(slots, device=self.device),
+                                 num_decodes=len(decodes), decode=decode, prefills=prefills)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """ids, positions [T] -> final hidden states [T, hidden]; the cache is updated."""
+        if self.plan is not None and self.plan.covers(meta):
+            return self.plan.forward(ids, positions, meta)
+        return forward(self.model_config, self.weights, self.rope, ids, positions, self.cache,
+                       meta, self.ops)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden] -> float32 logits [n, vocab], on the runner's device."""
+        return compute_logits(self.weights, hidden)
+
+    @torch.inference_mode()
+    def execute(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor | None:
+        """One step -> logits [n, vocab] of the chunks with sample=True (None if there are none)."""
+        step = self.prepare(chunks)
+        hidden = self.forward(step.ids, step.positions, step.meta)
+        if not step.sample_rows:
+            return None
+        return self.logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
+
+    @torch.inference_mode()
+    def prefill_hidden_states(self, ids: Sequence[int]) -> torch.Tensor:
+        """Prefill `ids` as one fresh sequence in the cache's first blocks -> the final
+        hidden state of every position [T, hidden] (what teacher-forced passes read)."""
+        t = len(ids)
+        if t > self.max_seq_len:
+            raise ValueError(f"text of {t} tokens is longer than the {self.max_seq_len} "
+                             "this runner was sized for")
+        table = list(range(-(-t // self.block_size)))
+        step = self.prepare([SequenceChunk("", list(ids), 0, table, True, SamplingParams())])
+        return self.forward(step.ids, step.positions, step.meta)
