@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from common.errors import ErrorCode
+from preprocess.capabilities import field_mask, requested
 from preprocess.sampling_params import SamplingParams
 
 
@@ -49,6 +50,7 @@ class QueuedRequest:
             "score": str(score),
             "plen": str(len(self.prompt_ids)),
             "ctx": str(self.context_len),
+            "needs": str(field_mask(requested(self.params))),
         }
 
     @classmethod

@@ -22,10 +22,12 @@ return 1
 """1 queued, 0 queue full, -1 the id is already in flight."""
 
 CLAIM = """
--- KEYS: queue, leases   ARGV: n, now_ms, lease_ms, worker_id, prefix, max_len, room, scan
+-- KEYS: queue, leases
+-- ARGV: n, now_ms, lease_ms, worker_id, prefix, max_len, room, scan, lacks
 -- Leases up to n requests, highest score first, that this worker can start now:
---  * a request whose prompt + max_tokens (ctx) exceeds max_len stays queued for a worker with
---    a longer context (skipped, so it blocks no one);
+--  * a request whose prompt + max_tokens (ctx) exceeds max_len, or that asks for a sampling
+--    feature this worker's backend lacks (its `needs` mask meets `lacks`), stays queued for
+--    another worker (skipped, so it blocks no one);
 --  * the KV room is counted down by each request's prompt, already published tokens and one
 --    more; the first request that does not fit ends the claim (it is not overtaken);
 --  * cancelled or expired requests are removed and returned too, marked, so their streams
@@ -33,7 +35,7 @@ CLAIM = """
 -- At most `scan` queued ids are examined, which bounds the script's time.
 local out = {}
 local n, now, taken = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
-local max_len, room = tonumber(ARGV[6]), tonumber(ARGV[7])
+local max_len, room, lacks = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[9])
 local ids = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[8]) - 1)
 for _, id in ipairs(ids) do
   if taken >= n then break end
@@ -54,7 +56,8 @@ for _, id in ipairs(ids) do
       redis.call('ZREM', KEYS[1], id)
       table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1), dropped})
       redis.call('DEL', req, toks, ARGV[5] .. 'cancel:' .. id)
-    elseif (tonumber(redis.call('HGET', req, 'ctx') or '0') or 0) <= max_len then
+    elseif (tonumber(redis.call('HGET', req, 'ctx') or '0') or 0) <= max_len
+        and bit.band(tonumber(redis.call('HGET', req, 'needs') or '0') or 0, lacks) == 0 then
       local need = (tonumber(redis.call('HGET', req, 'plen') or '0') or 0)
                    + redis.call('LLEN', toks) + 1
       if need > room then break end

@@ -8,12 +8,14 @@ the caller runs off the event loop.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from common.errors import InvalidRequestError, ResourceExhaustedError
 from gateway.models import ModelMeta
-from gateway.types import GenerationInput, PromptInput, TokenizeResult
+from gateway.types import GenerationInput, PromptInput, TokenizeResult, WorkerInfo
+from preprocess.capabilities import unsupported
 from preprocess.sampling_params import SamplingParams
 from preprocess.tokenizer import apply_chat_template, render_chat
 
@@ -66,9 +68,9 @@ def prepare(inp: GenerationInput, meta: ModelMeta, tokenizer: Any, limits: Limit
     """Validate `inp` against the model, tokenize its prompt and settle max_tokens.
 
     max_tokens 0 becomes the gateway default, shortened to what fits the model's context; an
-    explicit max_tokens that does not fit is refused rather than silently cut.
+    explicit max_tokens that does not fit is refused rather than silently cut. The checks
+    that need no model (`check_fields`) come first, before the model is resolved.
     """
-    check_fields(inp, limits)
     ids = prompt_ids(inp.prompt, meta, tokenizer)
     field = inp.prompt.field
     room = meta.max_len - len(ids)
@@ -88,6 +90,15 @@ def prepare(inp: GenerationInput, meta: ModelMeta, tokenizer: Any, limits: Limit
     params = dataclasses.replace(inp.params, max_tokens=max_tokens)
     _validate_params(params, meta.vocab_size or None)
     return Admitted(ids, params)
+
+
+def check_capabilities(params: SamplingParams, workers: Sequence[WorkerInfo]) -> None:
+    """Refuse, naming the field, sampling settings no live worker of the model can honour (a
+    worker that samples on its device may lack some); the queue then holds only requests
+    that some worker will claim."""
+    refusals = [unsupported(params, w.capabilities) for w in workers]
+    if refusals and all(refusals):
+        raise refusals[0]  # type: ignore[misc]
 
 
 def prompt_ids(prompt: PromptInput, meta: ModelMeta, tokenizer: Any) -> list[int]:

@@ -1,58 +1,30 @@
-"""The one place exceptions become gRPC statuses.
+"""The gRPC front end's one place where exceptions become statuses.
 
-Every NpuserveError carries an ErrorCode, whose name is the gRPC status code's, and a message
-meant for the client. Anything else is a bug: the client gets INTERNAL with the request id, the
-traceback goes to the gateway's log under that id, never to the client.
+gateway.failures turns an exception into a neutral ErrorCode and a client message (the
+request id and a logged traceback for bugs); the code's name is the gRPC status code's.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
 from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
 
-from common.errors import NpuserveError
+from gateway import context as request_context
 from gateway import metrics
-from gateway.redis_queue import REDIS_DOWN
+from gateway.failures import describe
 
 log = logging.getLogger(__name__)
-
-REQUEST_ID: ContextVar[str] = ContextVar("npuserve_request_id", default="")
-"""The id of the request the current RPC serves, for error messages and logs."""
-
-
-def new_request_id() -> str:
-    """A fresh request id (32 hex digits)."""
-    return uuid.uuid4().hex
-
-
-def bind_request_id(client_id: str) -> str:
-    """Make `client_id` (or, when empty, the id the interceptor picked) this RPC's request id."""
-    request_id = client_id or REQUEST_ID.get() or new_request_id()
-    REQUEST_ID.set(request_id)
-    return request_id
 
 
 def status_for(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     """The status code and client message for an exception raised by an RPC handler."""
-    request_id = REQUEST_ID.get()
-    if isinstance(exc, NpuserveError):
-        code = grpc.StatusCode[exc.code.value]
-        log.info("%s %s: %s %s", method, request_id, code.name, exc)
-        return code, str(exc)
-    if isinstance(exc, REDIS_DOWN):
-        log.warning("%s %s: Redis failed: %s", method, request_id, exc)
-        return grpc.StatusCode.UNAVAILABLE, f"Redis is unreachable ({exc}); retry later"
-    log.error("%s %s: internal error", method, request_id, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, (
-        f"internal error while serving request {request_id}; "
-        "the gateway's log has the details under that id")
+    code, message = describe(exc, method)
+    return grpc.StatusCode[code.value], message
 
 
 def _short(method: str) -> str:
@@ -88,7 +60,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     def _unary(self, behavior: Any, method: str) -> Callable[..., Awaitable[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            REQUEST_ID.set(new_request_id())
+            request_context.begin()
             try:
                 response = await behavior(request, context)
             except grpc.aio.AbortError:
@@ -103,7 +75,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def _stream(self, behavior: Any, method: str) -> Callable[..., AsyncIterator[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                        ) -> AsyncIterator[Any]:
-            REQUEST_ID.set(new_request_id())
+            request_context.begin()
             started = time.monotonic()
             try:
                 async for response in behavior(request, context):
@@ -112,7 +84,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except Exception as exc:  # noqa: BLE001 -- every failure gets a status
                 await self._abort(context, exc, method)
-            log.debug("%s %s: OK in %.1f ms", method, REQUEST_ID.get(),
+            log.debug("%s %s: OK in %.1f ms", method, request_context.current(),
                       (time.monotonic() - started) * 1e3)
             metrics.RPCS.labels(_short(method), "OK").inc()
 

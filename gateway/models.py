@@ -25,6 +25,7 @@ from common.errors import InvalidRequestError, ModelNotFoundError, UnavailableEr
 from common.keys import Keys
 from gateway.redis_queue import unavailable_on_error
 from gateway.types import WorkerInfo
+from preprocess.capabilities import Capabilities
 from preprocess.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ class ModelRegistry:
                         workers.setdefault(reg["model"], []).append(WorkerInfo(
                             id=worker_id, model=reg["model"], backend=reg.get("backend", ""),
                             device=reg.get("device", ""), capacity=_int(reg.get("capacity")),
-                            running=_int(reg.get("running")), max_len=_int(reg.get("max_len"))))
+                            running=_int(reg.get("running")), max_len=_int(reg.get("max_len")),
+                            capabilities=Capabilities.from_fields(reg)))
                 names = sorted(workers)
                 pipe = self._r.pipeline(transaction=False)
                 for name in names:

@@ -29,6 +29,7 @@ from gateway.admission import (
     Admitted,
     Limits,
     StreamLimiter,
+    check_capabilities,
     check_fields,
     check_request_id,
     prepare,
@@ -91,6 +92,7 @@ class GatewayService:
             model = await self.registry.resolve(inp.model)
             admitted = await asyncio.to_thread(
                 prepare, inp, model.meta, model.tokenizer, self.limits)
+            check_capabilities(admitted.params, model.workers)
             progress = _Progress(model.meta.name, started, len(admitted.prompt_ids))
             deadline = None if timeout_s is None else started + timeout_s
             if deadline is not None and deadline <= time.monotonic():

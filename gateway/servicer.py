@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from gateway import convert
-from gateway.interceptor import bind_request_id
+from gateway.context import bind_request_id
 from gateway.service import GatewayService
 from gateway.types import GenerationInput
 

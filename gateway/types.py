@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from preprocess.capabilities import Capabilities
 from preprocess.sampling_params import SamplingParams
 
 
@@ -88,6 +89,7 @@ class WorkerInfo:
     capacity: int = 0
     running: int = 0
     max_len: int = 0
+    capabilities: Capabilities = field(default_factory=Capabilities)
 
 
 @dataclass(frozen=True, slots=True)

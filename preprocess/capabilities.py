@@ -10,15 +10,16 @@ their registration (`to_fields`), so a gateway can refuse the same requests befo
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from common.errors import InvalidRequestError
 from preprocess.sampling_params import SamplingParams
 
 SAMPLING_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-ALWAYS_HONOURED = frozenset({"max_tokens"})
-"""Fields every backend honours: the engine enforces them whatever the device does."""
+ALWAYS_HONOURED = frozenset({"max_tokens", "stop"})
+"""Fields every backend honours: the engine enforces max_tokens whatever the device does, and
+stop strings are the gateway's."""
 NEUTRAL = SamplingParams(temperature=0.0)
 """A field asks something of the backend when its value differs from this one's: greedy
 decoding, no filtering, no penalties, no seed, no stops, no log-probs."""
@@ -28,6 +29,11 @@ decoding, no filtering, no penalties, no seed, no stops, no log-probs."""
 class Capabilities:
     sampling: frozenset[str] = SAMPLING_FIELDS
     """SamplingParams fields the backend honours when a request sets them."""
+
+    @property
+    def lacking(self) -> int:
+        """The fields this backend cannot honour, as a mask of FIELD_BITS."""
+        return field_mask(SAMPLING_FIELDS - ALWAYS_HONOURED - self.sampling)
 
     def to_fields(self) -> dict[str, str]:
         """A flat string form, for a Redis hash such as a worker's registration."""
@@ -45,6 +51,17 @@ def requested(params: SamplingParams) -> list[str]:
     """The fields `params` sets away from NEUTRAL, in declaration order."""
     return [name for name in (f.name for f in dataclasses.fields(SamplingParams))
             if name not in ALWAYS_HONOURED and getattr(params, name) != getattr(NEUTRAL, name)]
+
+
+FIELD_BITS: dict[str, int] = {
+    name: 1 << i for i, name in enumerate(sorted(SAMPLING_FIELDS - ALWAYS_HONOURED))}
+"""A bit per field a backend may lack: a queued request carries the mask of what it asks for,
+and a worker's claim skips requests asking for something it cannot honour."""
+
+
+def field_mask(names: Iterable[str]) -> int:
+    """The FIELD_BITS of `names` ORed together (fields always honoured have no bit)."""
+    return sum(FIELD_BITS.get(name, 0) for name in set(names))
 
 
 def unsupported(params: SamplingParams, capabilities: Capabilities) -> InvalidRequestError | None:

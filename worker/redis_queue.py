@@ -122,14 +122,16 @@ class RedisQueue:
 
         return self._call(what, run)
 
-    def claim(self, n: int, now_ms: int, *, max_len: int, room: int) -> list[Claimed]:
+    def claim(self, n: int, now_ms: int, *, max_len: int, room: int, lacks: int = 0
+              ) -> list[Claimed]:
         """Lease up to n requests, highest priority first, that fit this worker: prompt +
-        max_tokens within `max_len`, and prompts (with tokens already published) within
-        `room` free KV tokens. Requests too long for this worker stay queued."""
+        max_tokens within `max_len`, prompts (with tokens already published) within `room`
+        free KV tokens, and asking for no sampling field in the `lacks` mask (FIELD_BITS).
+        Requests this worker cannot run stay queued for another."""
         raw: Any = self._call("claim", lambda: self._claim(
             keys=[self.keys.queue(self.model), self.keys.leases(self.model)],
             args=[n, now_ms, self.lease_ms, self.worker_id, self.keys.prefix, max_len, room,
-                  CLAIM_SCAN]))
+                  CLAIM_SCAN, lacks]))
         out = []
         for rid, flat, toks, dropped in raw:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))

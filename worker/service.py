@@ -152,7 +152,8 @@ class WorkerService:
         in_engine = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
         admit = 0 if self.draining else self.capacity - (in_engine - len(drops))
         claimed = (self.queue.claim(admit, now_ms(), max_len=self.engine.max_len,
-                                    room=self._kv_room(drops))
+                                    room=self._kv_room(drops),
+                                    lacks=self.engine.backend.capabilities.lacking)
                    if admit > 0 else [])
 
         batch = StepBatch()
@@ -314,4 +315,5 @@ class WorkerService:
             "running": str(len(self._active)), "max_len": str(self.engine.max_len),
             "pid": str(os.getpid()), "host": socket.gethostname(),
             "started_ms": str(self._started_ms),
+            **self.engine.backend.capabilities.to_fields(),
         }

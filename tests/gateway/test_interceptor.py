@@ -19,7 +19,8 @@ from common.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from gateway.interceptor import REQUEST_ID, status_for
+from gateway.context import REQUEST_ID
+from gateway.interceptor import status_for
 from gateway.service import GatewayService
 from protos import npuserve_pb2 as pb
 from tests.gateway.conftest import StackFactory
@@ -54,7 +55,7 @@ async def test_an_unexpected_exception_is_internal_with_the_request_id_and_logge
 
     monkeypatch.setattr(GatewayService, "cancel", broken)
     async with gateway_stack(serve=False) as s:
-        with (caplog.at_level(logging.ERROR, logger="gateway.interceptor"),
+        with (caplog.at_level(logging.ERROR, logger="gateway.failures"),
               pytest.raises(grpc.aio.AioRpcError) as info):
             await s.stub.Cancel(pb.CancelRequest(request_id="abc"))
         ok = await s.stub.ListModels(pb.ListModelsRequest())

@@ -284,3 +284,14 @@ async def test_list_models_reports_live_workers_capacity_and_queue_depth(
 
 async def _equals(value: object, expected: object) -> bool:
     return await value == expected  # type: ignore[misc]
+
+
+async def test_sampling_no_live_worker_can_honour_is_refused_at_admission(
+        gateway_stack: StackFactory) -> None:
+    async with gateway_stack() as s:
+        await s.r.hset(s.keys.worker("w1"), "sampling", "temperature,top_k")
+        await asyncio.sleep(1.2)  # the registry's snapshot is at most a second old
+        error = await failure(s.stub.Generate(gen(logprobs=True)))
+        assert await s.queued() == 0
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (error.details() or "").startswith("logprobs: is not supported")

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from preprocess.capabilities import SAMPLING_FIELDS, Capabilities, requested, unsupported
+from common.errors import ErrorCode
+from preprocess.capabilities import (
+    FIELD_BITS,
+    SAMPLING_FIELDS,
+    Capabilities,
+    field_mask,
+    requested,
+    unsupported,
+)
 from preprocess.sampling_params import SamplingParams
 
 GREEDY_ONLY = Capabilities(frozenset({"stop", "stop_token_ids", "ignore_eos"}))
@@ -31,7 +39,7 @@ def test_the_first_field_the_backend_cannot_honour_is_named(params: SamplingPara
                                                             field: str) -> None:
     error = unsupported(params, GREEDY_ONLY)
     assert error is not None and error.field == field
-    assert error.grpc_status == "INVALID_ARGUMENT"
+    assert error.code == ErrorCode.INVALID_ARGUMENT
     assert "not supported by this model's backend" in str(error)
 
 
@@ -41,3 +49,10 @@ def test_capabilities_round_trip_through_flat_string_fields() -> None:
         assert all(isinstance(v, str) for v in fields.values())
         assert Capabilities.from_fields(fields) == caps
     assert Capabilities.from_fields({}).sampling == SAMPLING_FIELDS
+
+
+def test_a_requests_needs_meet_exactly_the_bits_a_backend_lacks() -> None:
+    needs = field_mask(requested(SamplingParams(temperature=0.0, logprobs=True, stop=("x",))))
+    assert needs == FIELD_BITS["logprobs"], "stop strings are the gateway's: no bit"
+    assert needs & GREEDY_ONLY.lacking
+    assert not needs & Capabilities().lacking

@@ -13,6 +13,7 @@ import redis
 
 from common.config import RedisConfig
 from common.protocol import ReplyEvent
+from preprocess.capabilities import FIELD_BITS
 from preprocess.sampling_params import SamplingParams
 from worker.redis_queue import RedisQueue, StepBatch
 
@@ -67,6 +68,17 @@ def test_claim_takes_only_what_fits_the_free_kv_room_and_never_overtakes(
     assert gateway.client.zrange(queue.keys.queue(MODEL), 0, -1, desc=True) == ["b", "c"]
     assert [c.request_id for c in queue.claim(3, now_ms=now, max_len=100, room=35)] == [
         "b", "c"]
+
+
+def test_claim_leaves_requests_asking_for_what_the_backend_lacks_queued(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("lp", [1], SamplingParams(max_tokens=4, temperature=0.0, logprobs=True),
+                    priority=1)
+    gateway.enqueue("plain", [1], P)
+    now = time.time_ns() // 10**6
+    lacks = FIELD_BITS["logprobs"] | FIELD_BITS["seed"]
+    assert [c.request_id for c in queue.claim(2, now_ms=now, lacks=lacks, **ANY)] == ["plain"]
+    assert [c.request_id for c in queue.claim(2, now_ms=now, **ANY)] == ["lp"]
 
 
 def test_claim_returns_the_tokens_an_earlier_worker_published(

@@ -1,0 +1,113 @@
+"""The gateway core: everything a gateway process does that no protocol decides.
+
+One core per process, on one event loop, shared by all front ends (gRPC now, HTTP next): the
+Redis clients, the single reply reader of this gateway's stream, the model registry, admission
+and output processing (GatewayService), and the health state. Front ends only translate their
+protocol to GatewayService calls and map the neutral ErrorCode of a failure to their statuses.
+
+Health is serving only while at least one live worker serves a model, re-checked every
+`health_interval_s`; not serving while Redis is unreachable and from the start of shutdown.
+Front ends subscribe to changes with `on_health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+
+from common.config import GatewayConfig
+from common.errors import UnavailableError
+from common.keys import Keys
+from gateway.admission import Limits
+from gateway.models import ModelRegistry
+from gateway.redis_queue import RedisQueue, connect
+from gateway.relay import ReplyRelay
+from gateway.service import GatewayService
+
+log = logging.getLogger(__name__)
+
+HealthListener = Callable[[bool], Awaitable[None]]
+
+
+def default_gateway_id() -> str:
+    """host-pid-random: unique per process, readable in Redis."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class GatewayCore:
+    """Redis clients, reply relay, model registry, the service and health of one process."""
+
+    def __init__(self, config: GatewayConfig, *, health_interval_s: float = 1.0,
+                 relay_block_ms: int = 1000, outage_grace_s: float = 10.0) -> None:
+        self.config = config
+        self.gateway_id = config.gateway_id or default_gateway_id()
+        self.keys = Keys(config.redis.prefix)
+        self.serving = False
+        self._health_interval_s = health_interval_s
+        self._listeners: list[HealthListener] = []
+        url = config.redis.url
+        self._redis = connect(url)
+        self._relay_redis = connect(url, read_timeout_s=relay_block_ms / 1000 + 5)
+        self.registry = ModelRegistry(self._redis, self.keys, url)
+        self.relay = ReplyRelay(self._relay_redis, self.keys, self.gateway_id, url,
+                                block_ms=relay_block_ms, outage_grace_s=outage_grace_s)
+        self.service = GatewayService(
+            gateway_id=self.gateway_id, registry=self.registry,
+            queue=RedisQueue(self._redis, self.keys, url, request_ttl_s=config.request_ttl_s),
+            relay=self.relay,
+            limits=Limits(config.default_max_tokens, config.max_tokens_limit),
+            max_streams=config.max_streams, max_queued_per_model=config.max_queued_per_model)
+        self._health_task: asyncio.Task[None] | None = None
+
+    def on_health(self, listener: HealthListener) -> None:
+        """Call `listener(serving)` now-ish and on every change of the health state."""
+        self._listeners.append(listener)
+
+    async def start(self) -> None:
+        """Start the reply reader and the health loop (front ends start after this)."""
+        await self._set_serving(False, force=True)
+        await self.relay.start()
+        self._health_task = asyncio.create_task(self._health_loop(), name="health")
+
+    async def begin_shutdown(self) -> None:
+        """Report not serving, so probes route new calls elsewhere while streams finish."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+            self._health_task = None
+        await self._set_serving(False)
+
+    async def stop(self) -> None:
+        """After the front ends stopped: finish cancellations, stop the relay, close Redis."""
+        await self.begin_shutdown()
+        await self.service.drain()
+        await self.registry.close()
+        await self.relay.stop()
+        await self._redis.aclose()
+        await self._relay_redis.aclose()
+
+    async def _set_serving(self, serving: bool, *, force: bool = False) -> None:
+        if serving == self.serving and not force:
+            return
+        self.serving = serving
+        for listener in self._listeners:
+            await listener(serving)
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self.registry.refresh()
+                self.registry.prefetch()
+                now = bool(self.registry.served())
+            except UnavailableError as exc:
+                now = False
+                if self.serving:
+                    log.warning("health: %s", exc)
+            if now != self.serving:
+                log.info("health: %s", "SERVING" if now else "NOT_SERVING (no live worker)")
+                await self._set_serving(now)
+            await asyncio.sleep(self._health_interval_s)
