@@ -55,7 +55,7 @@ class Keys:
 
 
 PRIORITY_SCALE = 10**13
-"""score = priority * PRIORITY_SCALE - enqueue_ms: ZPOPMAX takes the highest priority, and
+"""score = priority * PRIORITY_SCALE - enqueue_ms: CLAIM (ZREVRANGE) takes the highest priority, and
 within one priority the oldest. Integers below 2^53 stay exact in Redis' doubles."""
 
 
