@@ -61,7 +61,8 @@ def test_a_prompt_that_fills_the_context_is_refused_under_the_field_it_came_from
 def test_prompts_are_tokenized_or_checked_against_the_vocabulary(tokenizer: Any) -> None:
     text = prepare(inp(PromptInput(text="Hello world")), META, tokenizer, LIMITS)
     assert text.prompt_ids == [9707, 1879]
-    with pytest.raises(InvalidRequestError, match=r"token_ids: id 1000 at position 1 .*\[0, 1000\)"):
+    with pytest.raises(InvalidRequestError,
+                       match=r"token_ids: id 1000 at position 1 .*\[0, 1000\)"):
         prepare(inp(PromptInput(token_ids=[1, 1000])), META, tokenizer, LIMITS)
 
 
