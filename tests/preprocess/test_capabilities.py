@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from common.errors import ErrorCode
+from common.sampling_params import SamplingParams
 from preprocess.capabilities import SAMPLING_FIELDS, Capabilities, requested, unsupported
-from preprocess.sampling_params import SamplingParams
 
 GREEDY_ONLY = Capabilities(frozenset({"stop", "stop_token_ids", "ignore_eos"}))
 
@@ -31,7 +32,7 @@ def test_the_first_field_the_backend_cannot_honour_is_named(params: SamplingPara
                                                             field: str) -> None:
     error = unsupported(params, GREEDY_ONLY)
     assert error is not None and error.field == field
-    assert error.grpc_status == "INVALID_ARGUMENT"
+    assert error.code == ErrorCode.INVALID_ARGUMENT
     assert "not supported by this model's backend" in str(error)
 
 
