@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from common.errors import ErrorCode
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)

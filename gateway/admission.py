@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import InvalidRequestError, ResourceExhaustedError
+from common.sampling_params import SamplingParams
 from gateway.models import ModelMeta
 from gateway.types import GenerationInput, PromptInput, TokenizeResult
-from preprocess.sampling_params import SamplingParams
 from preprocess.tokenizer import apply_chat_template, render_chat
 
 MAX_PRIORITY = 9

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from common.errors import InvalidRequestError, ResourceExhaustedError
+from common.sampling_params import SamplingParams
 from gateway.admission import (
     Limits,
     StreamLimiter,
@@ -18,7 +19,6 @@ from gateway.admission import (
 )
 from gateway.models import ModelMeta
 from gateway.types import GenerationInput, PromptInput
-from preprocess.sampling_params import SamplingParams
 from preprocess.tokenizer import load_tokenizer
 
 META = ModelMeta("tiny", max_len=32, vocab_size=1000, sha="x")

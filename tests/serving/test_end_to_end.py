@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 from common.config import EngineConfig
-from common.processes import free_port
+from common.sampling_params import SamplingParams
 from gateway.client import GenerationClient, StreamResult, collect, sampling
-from preprocess.sampling_params import SamplingParams
+from npuserve.processes import free_port
 from preprocess.tokenizer import apply_chat_template, load_tokenizer
 from protos import npuserve_pb2 as pb
 from tests.serving.conftest import Fleet, Stream, scrape, start_service, text_of, wait_until

@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 import pytest
 
-from common.processes import free_port
 from gateway.client import GenerationClient, StreamResult, collect
+from npuserve.processes import free_port
 from preprocess.tokenizer import load_tokenizer
 from protos import npuserve_pb2 as pb
 from tests.serving.conftest import Fleet, Service, Stream, start_service, text_of, wait_until

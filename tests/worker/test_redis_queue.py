@@ -13,7 +13,7 @@ import redis
 
 from common.config import RedisConfig
 from common.protocol import ReplyEvent
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.redis_queue import RedisQueue, StepBatch
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from common.sampling_params import SamplingParams
 from preprocess.capabilities import Capabilities
-from preprocess.sampling_params import SamplingParams
 from worker.model.config import ModelConfig
 
 

@@ -18,8 +18,8 @@ from typing import Any
 
 from common.config import EngineConfig
 from common.errors import InvalidRequestError
+from common.sampling_params import SamplingParams
 from preprocess.capabilities import unsupported
-from preprocess.sampling_params import SamplingParams
 from worker.backends.base import Backend, OutputKind, SequenceChunk
 from worker.backends.registry import create_backend
 from worker.engine.outputs import Completion, TokenEvent

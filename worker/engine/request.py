@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
 
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 
 class RequestStatus(IntEnum):

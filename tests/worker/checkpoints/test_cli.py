@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import build_parser, main
+from npuserve.cli import build_parser, main
 
 
 def test_tokenizer_command_builds_then_skips_then_rebuilds_with_force(

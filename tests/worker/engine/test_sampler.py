@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.engine.sampler import Sampler, SampleRow, apply_penalties, make_generator
 
 CPU = torch.device("cpu")

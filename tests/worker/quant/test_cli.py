@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
+from npuserve.cli import main
 from tests.worker.quant.test_verify import damaged_copy
 
 
