@@ -35,7 +35,6 @@ COPY common ./common
 COPY gateway ./gateway
 COPY preprocess ./preprocess
 COPY protos ./protos
-COPY npuserve ./npuserve
 COPY worker ./worker
 # pyproject pins torch==2.13.0, which the +cpu build already satisfies, so nothing is replaced.
 RUN pip install ".[models]"

@@ -2,7 +2,7 @@
 #   make setup   virtualenv, CPU torch, dependencies, redis-server, default model (idempotent)
 #   make run     Redis + gateway + one CPU worker with the default model
 #   make test    the whole test suite
-#   make lint    ruff, and mypy (strict on common, gateway, npuserve, preprocess and the engine)
+#   make lint    ruff, and mypy (strict on common, gateway, preprocess and the engine)
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -58,8 +58,8 @@ proto: deps
 
 # ruff's rules and mypy's per-package strictness live in pyproject.toml.
 lint: deps
-	$(VENV)/bin/ruff check common gateway npuserve preprocess worker tests
-	$(VENV)/bin/mypy common gateway npuserve preprocess worker/engine worker/kernels worker/model worker/backends
+	$(VENV)/bin/ruff check common gateway preprocess worker tests
+	$(VENV)/bin/mypy common gateway preprocess worker/engine worker/local_stack.py worker/processes.py worker/kernels worker/model worker/backends
 
 clean:
 	rm -rf $(VENV) models bench-results

@@ -1,9 +1,9 @@
 """The package layers: no module imports from a layer above its own.
 
 Lowest first: `protos`, `common`, `preprocess`, then `gateway` and `worker` side by side (neither
-imports the other), then `npuserve`, the console script and `npuserve up`, which may use them
-all. Imports inside functions and `importlib.import_module("...")` with a literal name count
-too: a lazy import is still a dependency.
+imports the other). Imports inside functions and `importlib.import_module("...")` with a literal
+name count too: a lazy import is still a dependency. The one dynamic exception is the console
+script's root (`common/cli.py`), which registers each package's subcommands by module name.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ MAY_IMPORT: dict[str, set[str]] = {
     "preprocess": {"protos", "common", "preprocess"},
     "gateway": {"protos", "common", "preprocess", "gateway"},
     "worker": {"protos", "common", "preprocess", "worker"},
-    "npuserve": {"protos", "common", "preprocess", "gateway", "worker", "npuserve"},
 }
 
 

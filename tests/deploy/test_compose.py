@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
+from common.cli import build_parser
 from common.config import GatewayConfig, WorkerConfig
 from common.flags import env_names
-from npuserve.cli import build_parser
 from worker.backends.registry import BACKENDS
 
 REPO = Path(__file__).resolve().parents[2]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from common.cli import build_parser
 from common.config import GatewayConfig
 from common.errors import InvalidRequestError
 from gateway.cli import config_from_args
-from npuserve.cli import build_parser
 
 
 def test_defaults_match_the_gateway_config() -> None:

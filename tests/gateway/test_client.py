@@ -18,10 +18,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2
 
-from npuserve.cli import main
-from npuserve.processes import free_port
+from common.cli import main
 from protos import npuserve_pb2 as pb
 from protos import npuserve_pb2_grpc as pb_grpc
+from worker.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

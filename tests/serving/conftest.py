@@ -32,7 +32,7 @@ import redis
 
 from gateway.client import GenerationClient, StreamResult
 from gateway.output import OutputProcessor
-from npuserve.processes import free_port
+from worker.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_FLAGS = ["--kv-cache-gb", "0.05", "--threads", "1"]
@@ -63,7 +63,7 @@ class Service:
 def start_service(name: str, args: list[str], log_dir: Path) -> Service:
     log = log_dir / f"{name}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "npuserve", *args], cwd=REPO_ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], cwd=REPO_ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return Service(name, proc, log)
 

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from common.cli import build_parser
 from common.errors import ModelConfigError
 from common.sampling_params import SamplingParams
-from npuserve.cli import build_parser
 from worker.backends.torch_settings import TorchSettings
 from worker.cli import config_from_args
 
@@ -88,7 +88,7 @@ def test_sigterm_drains_hands_unfinished_requests_back_and_exits_zero(
         tiny_qwen3: Path, redis_url: str, gateway: FakeGateway) -> None:
     c, k = gateway.client, gateway.keys
     proc = subprocess.Popen(
-        [sys.executable, "-m", "npuserve", "worker", "--model", str(tiny_qwen3),
+        [sys.executable, "-m", "common.cli", "worker", "--model", str(tiny_qwen3),
          "--name", "tiny", "--redis", redis_url, "--worker-id", "w-sub", "--max-num-seqs", "2",
          "--kv-cache-gb", "0.05", "--threads", "1", "--drain-timeout", "0.5"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from npuserve.cli import build_parser, main
+from common.cli import build_parser, main
 
 
 def test_tokenizer_command_builds_then_skips_then_rebuilds_with_force(

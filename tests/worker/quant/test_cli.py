@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from npuserve.cli import main
+from common.cli import main
 from tests.worker.quant.test_verify import damaged_copy
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway.client import GenerationClient, collect, sampling
-from npuserve.processes import free_port
+from worker.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_ARGS = "--kv-cache-gb 0.05 --max-num-seqs 4 --threads 1"
@@ -32,7 +32,7 @@ class UpProcess:
 
     def __init__(self, argv: list[str]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "npuserve", *argv], cwd=REPO_ROOT, text=True,
+            [sys.executable, "-m", "common.cli", *argv], cwd=REPO_ROOT, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -122,7 +122,7 @@ def test_up_serves_a_client_and_stops_every_child_on_sigint(
     assert set(children) == {"redis", "gateway", "worker"}, up.output()
 
     cli = subprocess.run(
-        [sys.executable, "-m", "npuserve", "client", "--target", target, "--max-tokens", "6",
+        [sys.executable, "-m", "common.cli", "client", "--target", target, "--max-tokens", "6",
          "--temperature", "0", "-v", "hello"],
         check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
@@ -161,7 +161,7 @@ def test_up_stops_the_others_and_fails_when_a_child_dies(
 
 def test_up_refuses_a_missing_model_directory(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "npuserve", "up", "--model", str(tmp_path / "absent")],
+        [sys.executable, "-m", "common.cli", "up", "--model", str(tmp_path / "absent")],
         check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "npuserve model smollm2" in done.stderr
@@ -170,7 +170,7 @@ def test_up_refuses_a_missing_model_directory(tmp_path: Path) -> None:
 def test_up_without_redis_server_on_path_says_so(tiny_qwen3: Path) -> None:
     env = dict(os.environ, PATH=os.path.dirname(sys.executable))
     done = subprocess.run(
-        [sys.executable, "-m", "npuserve", "up", "--model", str(tiny_qwen3),
+        [sys.executable, "-m", "common.cli", "up", "--model", str(tiny_qwen3),
          "--listen", f"127.0.0.1:{free_port()}"],
         check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 1
