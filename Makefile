@@ -2,6 +2,7 @@
 #   make setup   virtualenv, CPU torch, dependencies, redis-server, default model (idempotent)
 #   make run     Redis + gateway + one CPU worker with the default model
 #   make test    the whole test suite
+#   make lint    ruff, and mypy (strict on common, gateway, preprocess and the engine)
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -55,9 +56,10 @@ proto: deps
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 		protos/npuserve.proto
 
-lint:
+# ruff's rules and mypy's per-package strictness live in pyproject.toml.
+lint: deps
 	$(VENV)/bin/ruff check common gateway preprocess worker tests
-	$(VENV)/bin/mypy common gateway preprocess worker/engine/scheduler.py worker/kernels worker/model worker/backends
+	$(VENV)/bin/mypy common gateway preprocess worker/engine worker/local_stack.py worker/processes.py worker/kernels worker/model worker/backends
 
 clean:
 	rm -rf $(VENV) models bench-results

@@ -16,7 +16,7 @@ COMMAND_MODULES = (
     "worker.bench.cli",
     "gateway.cli",
     "worker.cli",
-    "common.local_stack",
+    "worker.local_stack",
     "gateway.client_cli",
     "worker.quant.cli",
 )

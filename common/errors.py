@@ -8,10 +8,10 @@ just what went wrong.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Front-end-neutral failure classes; the names follow gRPC's status codes."""
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
@@ -97,4 +97,4 @@ class RemoteError(NpuserveError):
 
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
-        self.code = code  # type: ignore[misc]  # per instance: whatever the remote side said
+        self.code = code  # per instance: whatever the remote side said

@@ -56,7 +56,8 @@ class Keys:
 
 PRIORITY_SCALE = 10**13
 """score = priority * PRIORITY_SCALE - enqueue_ms: CLAIM scans highest score first, so the
-highest priority leaves first, and within one priority the oldest. Integers below 2^53 stay exact in Redis' doubles."""
+highest priority leaves first, and within one priority the oldest. Integers below 2^53 stay
+exact in Redis' doubles."""
 
 
 def queue_score(priority: int, enqueue_ms: int) -> int:

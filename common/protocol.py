@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from common.capabilities import field_mask, requested
 from common.errors import ErrorCode
-from preprocess.capabilities import field_mask, requested
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.capabilities import unsupported
 from common.errors import InvalidRequestError, ResourceExhaustedError
+from common.sampling_params import SamplingParams
 from gateway.models import ModelMeta
 from gateway.types import GenerationInput, PromptInput, TokenizeResult, WorkerInfo
-from preprocess.capabilities import unsupported
-from preprocess.sampling_params import SamplingParams
 from preprocess.tokenizer import apply_chat_template, render_chat
 
 MAX_PRIORITY = 9

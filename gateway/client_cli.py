@@ -1,6 +1,6 @@
 """`npuserve client`: stream a reply, a raw completion, or hold a chat, against a gateway.
 
-    npuserve client "你好，介绍一下你自己"           # one user turn, rendered with the chat template
+    npuserve client "你好，介绍一下你自己"    # one user turn, rendered with the chat template
     npuserve client --raw "The capital of France is"  # plain completion of the text (Generate)
     npuserve client --chat                  # one user turn per stdin line; /exit or EOF ends
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from common.errors import InvalidRequestError
+from common.sampling_params import SamplingParams
 from gateway.types import Chunk, GenerationInput, ModelListing, PromptInput, TokenizeResult
-from preprocess.sampling_params import SamplingParams
 from protos import npuserve_pb2 as pb
 
 FINISH_REASONS = {

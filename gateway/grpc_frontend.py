@@ -34,7 +34,7 @@ class GrpcFrontend:
         self.port = 0
         self.health = health.aio.HealthServicer()
         self._server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-        npuserve_pb2_grpc.add_GenerationServicer_to_server(  # type: ignore[no-untyped-call]
+        npuserve_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(core.service), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

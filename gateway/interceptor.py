@@ -31,7 +31,7 @@ def _short(method: str) -> str:
     return method.rsplit("/", 1)[-1]
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Maps handler exceptions to statuses and counts RPCs, for methods under `prefix`."""
 
     def __init__(self, prefix: str = "/npuserve.") -> None:
@@ -43,7 +43,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         if handler is None or not method.startswith(self._prefix):
             return handler
         if handler.unary_unary is not None:

@@ -21,11 +21,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from common.capabilities import Capabilities
 from common.errors import InvalidRequestError, ModelNotFoundError, UnavailableError
 from common.keys import Keys
 from gateway.redis_queue import unavailable_on_error
 from gateway.types import WorkerInfo
-from preprocess.capabilities import Capabilities
 from preprocess.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)

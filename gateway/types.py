@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from preprocess.capabilities import Capabilities
-from preprocess.sampling_params import SamplingParams
+from common.capabilities import Capabilities
+from common.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)

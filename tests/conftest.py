@@ -57,8 +57,8 @@ def _transformers_key() -> str:
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir() -> Path:
     """A directory with Qwen3's tokenizer.json and tokenizer_config.json."""
-    from preprocess.qwen_tokenizer import QWEN_TOKENIZER_VERSION, build_qwen_tokenizer
     from worker.checkpoints.atomic import atomic_directory
+    from worker.checkpoints.qwen_tokenizer import QWEN_TOKENIZER_VERSION, build_qwen_tokenizer
 
     def build(target: Path) -> None:
         with atomic_directory(target) as tmp:
@@ -73,8 +73,8 @@ def qwen_tokenizer_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Callable[..., Path]:
     """Factory `(arch, seed=0) -> Path` of a tiny random checkpoint ("qwen3", "qwen2", "llama")."""
-    from preprocess.qwen_tokenizer import QWEN_TOKENIZER_VERSION
     from worker.checkpoints.atomic import is_complete_model
+    from worker.checkpoints.qwen_tokenizer import QWEN_TOKENIZER_VERSION
     from worker.checkpoints.tiny import TINY_VERSION, build_tiny_checkpoint
 
     def get(arch: str, seed: int = 0) -> Path:

@@ -103,7 +103,8 @@ class WorkerService:
         engine = Engine.from_model_dir(config.model_dir, config.engine, backend=config.backend,
                                        settings=config.backend_settings)
         name = config.model_name or Path(config.model_dir).resolve().name
-        worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        worker_id = config.worker_id or (
+            f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
         queue = RedisQueue.connect(config.redis, name, worker_id, config.lease_ms)
         return cls(config, engine, queue)
 

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from common.errors import InvalidRequestError, ResourceExhaustedError
+from common.sampling_params import SamplingParams
 from gateway.admission import (
     Limits,
     StreamLimiter,
@@ -18,7 +19,6 @@ from gateway.admission import (
 )
 from gateway.models import ModelMeta
 from gateway.types import GenerationInput, PromptInput
-from preprocess.sampling_params import SamplingParams
 from preprocess.tokenizer import load_tokenizer
 
 META = ModelMeta("tiny", max_len=32, vocab_size=1000, sha="x")
@@ -61,7 +61,8 @@ def test_a_prompt_that_fills_the_context_is_refused_under_the_field_it_came_from
 def test_prompts_are_tokenized_or_checked_against_the_vocabulary(tokenizer: Any) -> None:
     text = prepare(inp(PromptInput(text="Hello world")), META, tokenizer, LIMITS)
     assert text.prompt_ids == [9707, 1879]
-    with pytest.raises(InvalidRequestError, match=r"token_ids: id 1000 at position 1 .*\[0, 1000\)"):
+    with pytest.raises(InvalidRequestError,
+                       match=r"token_ids: id 1000 at position 1 .*\[0, 1000\)"):
         prepare(inp(PromptInput(token_ids=[1, 1000])), META, tokenizer, LIMITS)
 
 

@@ -8,17 +8,22 @@ reach the terminal. The real gateway is exercised in tests/serving.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2
 
 from common.cli import main
-from common.processes import free_port
 from protos import npuserve_pb2 as pb
 from protos import npuserve_pb2_grpc as pb_grpc
+from worker.processes import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ScriptedGeneration(pb_grpc.GenerationServicer):
@@ -167,3 +172,13 @@ def test_health_reports_serving(server: tuple[str, ScriptedGeneration],
     assert capsys.readouterr().out == "SERVING\n"
     assert main(["client", "--target", target, "--health", "--service", "nope"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_the_client_library_loads_no_engine_torch_or_tokenizer() -> None:
+    # A fresh interpreter: this test process has long imported torch for other tests.
+    probe = ("import sys, gateway.client, gateway.client_cli\n"
+             "heavy = ('torch', 'transformers', 'tokenizers', 'worker', 'redis')\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True, timeout=60).stdout
+    assert out.strip() == "[]", f"importing the client loaded: {out.strip()}"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from common.errors import InvalidRequestError
+from common.sampling_params import SamplingParams
 from gateway import convert
 from gateway.types import Chunk, ModelListing, Timings, WorkerInfo
-from preprocess.sampling_params import SamplingParams
 from protos import npuserve_pb2 as pb
 
 

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from common.errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
 from common.keys import PRIORITY_SCALE, Keys
 from common.protocol import QueuedRequest, decode_events
+from common.sampling_params import SamplingParams
 from gateway.redis_queue import RedisQueue, connect, redact
-from preprocess.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys()

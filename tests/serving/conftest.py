@@ -30,9 +30,9 @@ import grpc
 import pytest
 import redis
 
-from common.processes import free_port
 from gateway.client import GenerationClient, StreamResult
 from gateway.output import OutputProcessor
+from worker.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_FLAGS = ["--kv-cache-gb", "0.05", "--threads", "1"]

@@ -18,14 +18,14 @@ import grpc
 import pytest
 
 from common.config import EngineConfig
-from common.processes import free_port
+from common.sampling_params import SamplingParams
 from gateway.client import GenerationClient, StreamResult, collect, sampling
-from preprocess.sampling_params import SamplingParams
 from preprocess.tokenizer import apply_chat_template, load_tokenizer
 from protos import npuserve_pb2 as pb
 from tests.serving.conftest import Fleet, Stream, scrape, start_service, text_of, wait_until
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
+from worker.processes import free_port
 
 pytestmark = pytest.mark.timeout(240)  # the first test also waits for the fleet
 GREEDY = sampling(temperature=0)

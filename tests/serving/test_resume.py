@@ -20,11 +20,11 @@ from typing import Any
 import grpc
 import pytest
 
-from common.processes import free_port
 from gateway.client import GenerationClient, StreamResult, collect
 from preprocess.tokenizer import load_tokenizer
 from protos import npuserve_pb2 as pb
 from tests.serving.conftest import Fleet, Service, Stream, start_service, text_of, wait_until
+from worker.processes import free_port
 
 pytestmark = pytest.mark.timeout(300)
 MODEL = "resume"

@@ -12,7 +12,7 @@ import redis
 from common import scripts
 from common.keys import Keys, queue_score
 from common.protocol import QueuedRequest, ReplyEvent, decode_events
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 MODEL = "tiny"
 

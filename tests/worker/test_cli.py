@@ -15,7 +15,7 @@ import pytest
 
 from common.cli import build_parser
 from common.errors import ModelConfigError
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.backends.torch_settings import TorchSettings
 from worker.cli import config_from_args
 
@@ -73,7 +73,8 @@ def test_help_names_the_environment_variable_of_every_flag(
     assert text.count("[NPUSERVE_") >= 20
 
 
-def _wait(what: str, done: Callable[[], object], proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _wait(what: str, done: Callable[[], object], proc: subprocess.Popen[bytes],
+          timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not done():
         if proc.poll() is not None or time.monotonic() > deadline:

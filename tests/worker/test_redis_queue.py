@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
+from common.capabilities import FIELD_BITS
 from common.config import RedisConfig
 from common.protocol import ReplyEvent
-from preprocess.capabilities import FIELD_BITS
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.redis_queue import RedisQueue, StepBatch
 
 if TYPE_CHECKING:

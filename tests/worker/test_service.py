@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from common.config import EngineConfig, RedisConfig, WorkerConfig
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 from worker.redis_queue import RedisQueue

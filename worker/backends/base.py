@@ -11,15 +11,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
-from preprocess.capabilities import Capabilities
-from preprocess.sampling_params import SamplingParams
+from common.capabilities import Capabilities
+from common.sampling_params import SamplingParams
 from worker.model.config import ModelConfig
 
 
-class OutputKind(str, Enum):
+class OutputKind(StrEnum):
     LOGITS = "logits"
     TOKENS = "tokens"
 
@@ -101,5 +101,5 @@ class Backend(ABC):
         """Bytes of memory the KV cache holds."""
         return 0
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: str) -> None:  # noqa: B027 -- optional hook, no-op by default
         """Called when a request leaves the device (finished, aborted or preempted)."""

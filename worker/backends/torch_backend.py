@@ -11,8 +11,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.capabilities import Capabilities
 from common.config import EngineConfig
-from preprocess.capabilities import Capabilities
 from worker.backends.base import Backend, BackendCapacity, SequenceChunk, StepResult
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings

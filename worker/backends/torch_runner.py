@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from common.errors import ModelConfigError
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
 from worker.backends.torch_settings import TorchSettings
 from worker.kernels.cpu import CpuKernels, cpu_kernels

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.bench.workload import PhaseResult, Workload
 
 if TYPE_CHECKING:

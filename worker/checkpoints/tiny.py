@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from preprocess.qwen_tokenizer import SPECIAL_START_ID, build_qwen_tokenizer
 from worker.checkpoints.atomic import atomic_directory
+from worker.checkpoints.qwen_tokenizer import SPECIAL_START_ID, build_qwen_tokenizer
 
 log = logging.getLogger(__name__)
 

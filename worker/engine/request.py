@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum, IntEnum
+from enum import IntEnum, StrEnum
 from typing import Any
 
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 
 class RequestStatus(IntEnum):
@@ -24,7 +24,7 @@ class RequestStatus(IntEnum):
         return self >= RequestStatus.FINISHED_STOPPED
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"
     """EOS or a stop token (stop strings are the gateway's)."""
     LENGTH = "length"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 _MIN_TEMPERATURE = 1e-5
 """Smaller temperatures are clamped so 1 / T stays finite; the draw is greedy anyway."""

@@ -65,7 +65,8 @@ class ModelConfig:
         return cls.from_dict(raw, gen_raw)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+    def from_dict(cls, raw: dict[str, Any],
+                  generation: dict[str, Any] | None = None) -> ModelConfig:
         model_type = raw.get("model_type", "")
         if model_type not in _ARCHITECTURES:
             raise ModelConfigError(

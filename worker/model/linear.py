@@ -5,8 +5,8 @@ Measured on SmolLM2's shapes on 2-core x86 machines (fp32, 2 threads):
   GEMV/small GEMM (worker/kernels/csrc/linear.c), which streams each weight from memory once
   at close to bandwidth; without them, `mm(W, x^T)` with one row padded to two for one or
   two rows (about 2x F.linear, which MKL runs far below bandwidth at one row);
-- more rows (prefill, and decode without the kernels): oneDNN's linear over a weight prepacked once at
-  load time, which stays bandwidth-bound where MKL's F.linear is not: at 8-16 rows the
+- more rows (prefill, and decode without the kernels): oneDNN's linear over a weight prepacked
+  once at load time, which stays bandwidth-bound where MKL's F.linear is not: at 8-16 rows the
   lm_head takes 4-5 ms against 15-17 ms, at 17-64 rows every layer shape is 1.1-2x
   faster, and a 512-row prefill chunk is 20% faster on a Zen 4 (even on an AVX2 Zen 3).
 The packed copy doubles weight memory on CPU, so it can be turned off (`pack` False); then

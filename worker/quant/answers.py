@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.backends.torch_settings import TorchSettings
 
 

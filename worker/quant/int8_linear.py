@@ -21,8 +21,9 @@ scheme, the rows of the call and the device:
   `torch._int_mm` (int8 x int8 -> int32) and one rescale by both scales.
 
 A device or shape without the kernel (checked by running it once at load), and per-group
-scales anywhere but the CPU kernels, fall back to dequantizing on load: a float `Projection`, with activations fake-quantized
-for w8a8 so the numbers match the scheme. `quantized_projection` logs a warning then.
+scales anywhere but the CPU kernels, fall back to dequantizing on load: a float `Projection`,
+with activations fake-quantized for w8a8 so the numbers match the scheme.
+`quantized_projection` logs a warning then.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ unquantized tensors keep the source checkpoint's dtype.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, TypeVar
 
 from common.errors import ModelConfigError
@@ -35,14 +35,14 @@ QMAX = 127
 _E = TypeVar("_E", bound=Enum)
 
 
-class Scheme(str, Enum):
+class Scheme(StrEnum):
     W8A16 = "w8a16"
     """int8 weights, 16-bit (bfloat16) activations."""
     W8A8 = "w8a8"
     """int8 weights and int8 activations (an int8 x int8 -> int32 GEMM)."""
 
 
-class Method(str, Enum):
+class Method(StrEnum):
     """How a static activation scale is chosen from calibration statistics (weights always
     use their absmax; see ranges.py)."""
 
@@ -54,7 +54,7 @@ class Method(str, Enum):
     """The threshold whose int8 histogram is closest in KL divergence to the original one."""
 
 
-class Activations(str, Enum):
+class Activations(StrEnum):
     DYNAMIC = "dynamic"
     """A scale per token, computed from that token's largest magnitude at run time."""
     STATIC = "static"

@@ -71,7 +71,8 @@ class Agreement:
         n, m = max(self.positions, 1), max(self.predicted, 1)
         return {"positions": self.positions, "cosine_mean": self.cos_sum / n,
                 "cosine_min": self.cos_min, "top1_agreement": self.top1_same / n,
-                "kl_mean": self.kl_sum / n, "perplexity_reference": math.exp(self.nll_reference / m),
+                "kl_mean": self.kl_sum / n,
+                "perplexity_reference": math.exp(self.nll_reference / m),
                 "perplexity_model": math.exp(self.nll_model / m)}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings

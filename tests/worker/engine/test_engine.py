@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from common.capabilities import Capabilities
 from common.config import EngineConfig
 from common.errors import InvalidRequestError
-from preprocess.capabilities import Capabilities
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 from worker.engine.request import FinishReason

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.engine.sampler import Sampler, SampleRow, apply_penalties, make_generator
 
 CPU = torch.device("cpu")
@@ -202,7 +202,8 @@ def test_each_row_of_a_mixed_batch_gets_what_it_gets_alone() -> None:
         {"min_p": 0.5},
         {"temperature": 2.0},
         {"prompt": [0, 1, 2], "output": [3], "repetition_penalty": 1.8},
-        {"output": [4, 4, 5], "presence_penalty": 1.5, "frequency_penalty": 1.0, "temperature": 0.0},
+        {"output": [4, 4, 5], "presence_penalty": 1.5, "frequency_penalty": 1.0,
+         "temperature": 0.0},
     ]
     logits = _logits(8, scale=0.5)
     for seed in range(25):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.backends.base import BackendCapacity
 from worker.engine.request import FinishReason, Request, RequestStatus
 from worker.engine.scheduler import Scheduler, SchedulerOutput

@@ -133,7 +133,8 @@ def test_hugepage_copy_is_an_equal_tensor_in_new_memory(k: CpuKernels) -> None:
     assert k.on_hugepages(small) is small
 
 
-@pytest.mark.parametrize(("chunk", "ctx"), [(1, 1), (13, 13), (7, 30), (64, 64), (300, 300), (200, 333)])
+@pytest.mark.parametrize(("chunk", "ctx"),
+                         [(1, 1), (13, 13), (7, 30), (64, 64), (300, 300), (200, 333)])
 def test_prefill_attention_matches_torch_sdpa(k: CpuKernels, chunk: int, ctx: int) -> None:
     g = gen(chunk * 100 + ctx)
     q = torch.randn(chunk, 6, 16, generator=g)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from common.errors import ModelConfigError
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
 from worker.backends.torch_backend import TorchBackend
 from worker.backends.torch_settings import TorchSettings

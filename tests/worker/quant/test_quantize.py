@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from common.errors import ModelConfigError
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 from tests.worker.quant.conftest import W8A8, W8A8_STATIC, W8A16
 from worker.backends.torch_backend import TorchBackend
 from worker.backends.torch_settings import TorchSettings

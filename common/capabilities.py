@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from common.errors import InvalidRequestError
-from preprocess.sampling_params import SamplingParams
+from common.sampling_params import SamplingParams
 
 SAMPLING_FIELDS: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 ALWAYS_HONOURED = frozenset({"max_tokens", "stop"})

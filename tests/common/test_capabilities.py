@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import ErrorCode
-from preprocess.capabilities import (
+from common.capabilities import (
     FIELD_BITS,
     SAMPLING_FIELDS,
     Capabilities,
@@ -13,7 +12,8 @@ from preprocess.capabilities import (
     requested,
     unsupported,
 )
-from preprocess.sampling_params import SamplingParams
+from common.errors import ErrorCode
+from common.sampling_params import SamplingParams
 
 GREEDY_ONLY = Capabilities(frozenset({"stop", "stop_token_ids", "ignore_eos"}))
 

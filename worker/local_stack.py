@@ -4,6 +4,9 @@ Each part is a child process with its output prefixed by its name. `up` waits un
 gateway's grpc.health.v1 check says SERVING (which needs a live worker), prints how to call it,
 and on Ctrl-C or SIGTERM stops the worker and gateway with SIGTERM (they drain), then Redis.
 If any child dies on its own, the others are stopped and `up` exits non-zero.
+
+It starts the services as subprocesses and imports neither the gateway's code nor the engine;
+it lives with the worker's other operator tools (bench, quantize, model builders).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import env
-from common.processes import ChildSet, free_port, wait_for_port
+from worker.processes import ChildSet, free_port, wait_for_port
 
 DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
 HEALTH_SERVICE = ""

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from preprocess.qwen_tokenizer import (
+from worker.checkpoints.qwen_tokenizer import (
     PRETOKENIZE_REGEX,
     QWEN3_ADDED_TOKENS,
     SPECIAL_START_ID,

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from common.processes import free_port
 from gateway.client import GenerationClient, collect, sampling
+from worker.processes import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_ARGS = "--kv-cache-gb 0.05 --max-num-seqs 4 --threads 1"
