@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -12,6 +13,7 @@ import pytest
 
 from common.errors import ErrorCode
 from common.protocol import ReplyEvent
+from preprocess.tokenizer import load_tokenizer
 from protos import npuserve_pb2 as pb
 from tests.gateway.conftest import MAX_LEN, MODEL, StackFactory
 
@@ -295,3 +297,29 @@ async def test_sampling_no_live_worker_can_honour_is_refused_at_admission(
         assert await s.queued() == 0
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (error.details() or "").startswith("logprobs: is not supported")
+
+
+async def test_a_resumed_stream_replays_nothing_and_keeps_characters_split_at_the_handover(
+        gateway_stack: StackFactory, tiny_qwen3: Path) -> None:
+    text = "鬱蔥 ok 🎉👨‍👩‍👧 done"
+    tokenizer = load_tokenizer(tiny_qwen3)
+    ids = tokenizer.encode(text)
+    partial = [n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd")]
+    cjk, emoji = partial[0], partial[-1]
+    assert tokenizer.decode(ids[:cjk + 1]).startswith("鬱") and len(partial) > 2, partial
+    async with gateway_stack() as s:
+        call = s.stub.Generate(gen(request_id="rs", max_tokens=len(ids)))
+        await s.worker.take()
+        events = [ReplyEvent("rs", i, t) for i, t in enumerate(ids)]
+        # The first worker publishes up to the middle of a CJK character and dies; the next
+        # resends the token before the handover (a duplicate), goes on to the middle of an
+        # emoji and drains; the third finishes.
+        await s.worker.send(s.gateway_id, *events[:cjk])
+        await s.worker.send(s.gateway_id, *events[cjk - 1:emoji])
+        last = ReplyEvent("rs", len(ids) - 1, ids[-1], finish_reason="length",
+                          completion_tokens=len(ids))
+        await s.worker.send(s.gateway_id, *events[emoji - 2:-1], last)
+        messages = [m async for m in call]
+    assert [m.index for m in messages] == list(range(len(ids)))
+    assert "".join(m.text for m in messages) == text
+    assert not any("\ufffd" in m.text for m in messages)
