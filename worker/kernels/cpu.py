@@ -4,34 +4,27 @@ Callers guarantee the layouts (contiguous float32 on the CPU, int8 weights where
 backend decides once at load that a model runs on the kernels (`cpu_ops.supports`), and these
 run hundreds of times per step, so they check nothing. Each is pinned against the PyTorch
 operators it replaces by tests/worker/kernels.
+
+Kernels that need scratch memory (the int8 projection's int16 copy of x, attention's scores
+and partial results) take it from the caller: here one buffer per thread, which grows when a
+call asks for more and is reused by every later call, so a steady stream of steps allocates
+none.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import logging
+import threading
 from typing import Any
 
 import torch
 
+from worker.kernels import abi
 from worker.kernels.build import load_library
 
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
-    "npu_linear_f32": (None, [_P, _I, _I, _P, _I, _P, _P]),
-    "npu_linear_i8": (ctypes.c_int, [_P, _I, _I, _P, _P, _I, _I, _P, _P]),
-    "npu_rms_norm": (None, [_P, _P, _F, _I, _I, _P]),
-    "npu_add_rms_norm": (None, [_P, _P, _P, _F, _I, _I, _P]),
-    "npu_silu_mul": (None, [_P, _I, _I, _P]),
-    "npu_causal_softmax": (None, [_P, _I, _I, _I, _F]),
-    "npu_qk_rope_store": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _P, _P, _P, _I,
-                                 _P]),
-    "npu_advise_hugepages": (ctypes.c_int, [_P, _I]),
-    "npu_decode_workspace": (ctypes.c_int64, [_P, _I]),
-    "npu_decode_forward": (ctypes.c_int, [_P, _P]),
-    "npu_decode_attention": (ctypes.c_int, [_P, _I, _I, _I, _I, _P, _I, _P, _I, _P, _I, _F,
-                                            _P]),
-}
+log = logging.getLogger(__name__)
 
 HUGEPAGE_MIN_BYTES = 4 << 20
 """Smallest tensor worth moving onto huge pages (it must span at least one aligned 2 MiB)."""
@@ -41,25 +34,36 @@ MAX_HEAD_DIM = 256
 
 
 class CpuKernels:
-    """The library's functions with their C signatures declared."""
+    """The library's functions with their C signatures declared (abi.SIGNATURES)."""
 
-    npu_linear_f32: Any
-    npu_linear_i8: Any
-    npu_rms_norm: Any
-    npu_add_rms_norm: Any
-    npu_silu_mul: Any
-    npu_causal_softmax: Any
-    npu_qk_rope_store: Any
-    npu_advise_hugepages: Any
-    npu_decode_workspace: Any
-    npu_decode_forward: Any
-    npu_decode_attention: Any
+    cpuk_linear_f32: Any
+    cpuk_linear_i8: Any
+    cpuk_rms_norm: Any
+    cpuk_add_rms_norm: Any
+    cpuk_silu_mul: Any
+    cpuk_causal_softmax: Any
+    cpuk_qk_rope_store: Any
+    cpuk_advise_hugepages: Any
+    cpuk_decode_attention: Any
+    cpuk_decode_workspace: Any
+    cpuk_decode_forward: Any
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
+        for name, fn in abi.bind(lib).items():
             setattr(self, name, fn)
+        self._local = threading.local()
+
+    def _with_scratch(self, fn: Any, *args: Any) -> None:
+        """fn(*args, work, work_bytes) with this thread's scratch, grown (to at least double,
+        so rarely) and called again when fn returns the bytes it needs."""
+        work: torch.Tensor | None = getattr(self._local, "work", None)
+        if work is None:
+            work = self._local.work = torch.empty(0, dtype=torch.uint8)
+        need = fn(*args, work.data_ptr(), work.nbytes)
+        if need:
+            work = self._local.work = torch.empty(max(need, 2 * work.nbytes), dtype=torch.uint8)
+            need = fn(*args, work.data_ptr(), work.nbytes)
+            assert need == 0, f"{fn.__name__} asked for scratch twice"
 
     def on_hugepages(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of t in fresh memory advised for transparent huge pages (best effort: t
@@ -67,7 +71,7 @@ class CpuKernels:
         if t.nbytes < HUGEPAGE_MIN_BYTES:
             return t
         out = torch.empty_like(t, memory_format=torch.contiguous_format)
-        self.npu_advise_hugepages(out.data_ptr(), out.nbytes)
+        self.cpuk_advise_hugepages(out.data_ptr(), out.nbytes)
         return out.copy_(t)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -76,7 +80,7 @@ class CpuKernels:
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n)
-        self.npu_linear_f32(x.data_ptr(), m, k, weight.data_ptr(), n,
+        self.cpuk_linear_f32(x.data_ptr(), m, k, weight.data_ptr(), n,
                             bias.data_ptr() if bias is not None else None, y.data_ptr())
         return y
 
@@ -86,16 +90,26 @@ class CpuKernels:
         m, k = x.shape
         n = qweight.shape[0]
         y = torch.empty(m, n)
-        status = self.npu_linear_i8(x.data_ptr(), m, k, qweight.data_ptr(), scale.data_ptr(),
-                                    group, n, bias.data_ptr() if bias is not None else None,
-                                    y.data_ptr())
-        if status != 0:
-            raise MemoryError(f"int8 projection of {m} rows could not allocate its int16 copy")
+        self._with_scratch(self.cpuk_linear_i8, x.data_ptr(), m, k, qweight.data_ptr(),
+                           scale.data_ptr(), group, n,
+                           bias.data_ptr() if bias is not None else None, y.data_ptr())
         return y
+
+    def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, block_size: int,
+                         tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """q [n, heads, d] against one layer's paged cache [2, kv_heads, slots, d], int32
+        block tables [n, max_blocks] and context lengths [n] -> [n, heads, d]."""
+        n, heads, d = q.shape
+        out = torch.empty_like(q)
+        self._with_scratch(self.cpuk_decode_attention, q.data_ptr(), n, heads, cache.shape[1],
+                           d, cache.data_ptr(), cache.shape[2], tables.data_ptr(),
+                           tables.shape[1], lens.data_ptr(), block_size, d**-0.5,
+                           out.data_ptr())
+        return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
-        self.npu_rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.shape[0], x.shape[1],
+        self.cpuk_rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.shape[0], x.shape[1],
                           out.data_ptr())
         return out
 
@@ -103,19 +117,26 @@ class CpuKernels:
                      eps: float) -> torch.Tensor:
         """residual += delta (in place); returns rms_norm(residual)."""
         out = torch.empty_like(residual)
-        self.npu_add_rms_norm(residual.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps,
+        self.cpuk_add_rms_norm(residual.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps,
                               residual.shape[0], residual.shape[1], out.data_ptr())
         return out
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         t, width = gate_up.shape
         out = torch.empty(t, width // 2)
-        self.npu_silu_mul(gate_up.data_ptr(), t, width // 2, out.data_ptr())
+        self.cpuk_silu_mul(gate_up.data_ptr(), t, width // 2, out.data_ptr())
         return out
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_kernels() -> CpuKernels | None:
-    """The process's kernels, compiled on first use; None where they cannot be built."""
+    """The process's kernels, compiled on first use; None (with a warning) where they cannot
+    be built or the library's ABI is not the one abi.py mirrors."""
     lib = load_library()
-    return CpuKernels(lib) if lib is not None else None
+    if lib is None:
+        return None
+    reason = abi.check(lib)
+    if reason is not None:
+        log.warning("CPU kernels refused, using PyTorch's ops (slower decode): %s", reason)
+        return None
+    return CpuKernels(lib)

@@ -60,7 +60,7 @@ class KernelOps(DecoderOps):
         q = torch.empty(t, heads, d)
         k = torch.empty(t, kv_heads, d)
         q_norm, k_norm = layer.q_norm, layer.k_norm
-        self.k.npu_qk_rope_store(
+        self.k.cpuk_qk_rope_store(
             qkv.data_ptr(), t, heads, kv_heads, d, positions.data_ptr(), cos.data_ptr(),
             sin.data_ptr(), q_norm.data_ptr() if q_norm is not None else None,
             k_norm.data_ptr() if k_norm is not None else None, cfg.rms_norm_eps, q.data_ptr(),
@@ -69,21 +69,13 @@ class KernelOps(DecoderOps):
 
     def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache
                         ) -> PagedDecode:
-        return PagedDecode(tables.to(torch.int32), lens.to(torch.int32))
+        return PagedDecode(tables.to(torch.int32).contiguous(),
+                           lens.to(torch.int32).contiguous())
 
     def decode_attention(self, q: torch.Tensor, cache: KVCache, layer: int,
                          decode: Any) -> torch.Tensor:
-        n, heads, d = q.shape
-        q = q.contiguous()
-        out = torch.empty_like(q)
-        tables = decode.block_tables
-        status = self.k.npu_decode_attention(
-            q.data_ptr(), n, heads, cache.kv_heads, d, cache.data[layer].data_ptr(),
-            cache.num_slots, tables.data_ptr(), tables.shape[1], decode.context_lens.data_ptr(),
-            cache.block_size, d**-0.5, out.data_ptr())
-        if status != 0:
-            raise MemoryError("decode attention could not allocate its score buffers")
-        return out
+        return self.k.decode_attention(q.contiguous(), cache.data[layer], cache.block_size,
+                                       decode.block_tables, decode.context_lens)
 
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                           ) -> torch.Tensor:
@@ -108,6 +100,6 @@ class KernelOps(DecoderOps):
         rows = heads // kv_heads * chunk
         qg = q.transpose(0, 1).reshape(kv_heads, rows, d)  # [KVH, G * chunk, D]
         scores = torch.bmm(qg, k.transpose(1, 2))  # [KVH, G * chunk, ctx]
-        self.k.npu_causal_softmax(scores.data_ptr(), kv_heads * rows, ctx, chunk, d**-0.5)
+        self.k.cpuk_causal_softmax(scores.data_ptr(), kv_heads * rows, ctx, chunk, d**-0.5)
         out = torch.bmm(scores, v)  # [KVH, G * chunk, D]
         return out.view(heads, chunk, d).transpose(0, 1)

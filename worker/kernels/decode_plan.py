@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from worker.kernels.abi import DecodeStep, Layer, Proj
 from worker.model.attention import AttentionMetadata, KVCache, PagedDecode
 from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding
@@ -23,76 +24,79 @@ from worker.model.weights import ModelWeights
 if TYPE_CHECKING:
     from worker.kernels.cpu import CpuKernels
 
-_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+class _Held(list[torch.Tensor]):
+    """Tensors whose memory C points at, kept alive by being listed."""
+
+    def ptr(self, t: torch.Tensor | None) -> int | None:
+        """t's data pointer (None for None), with t held."""
+        if t is None:
+            return None
+        self.append(t)
+        return t.data_ptr()
 
 
-class _Proj(ctypes.Structure):
-    _fields_ = [("weight", _P), ("scale", _P), ("bias", _P), ("out", _I), ("in_", _I),
-                ("group", _I)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [("input_norm", _P), ("post_norm", _P), ("next_norm", _P), ("q_norm", _P),
-                ("k_norm", _P), ("qkv", _Proj), ("o", _Proj), ("gate_up", _Proj),
-                ("down", _Proj), ("cache", _P)]
-
-
-class _Step(ctypes.Structure):
-    _fields_ = [("layers", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I),
-                ("head_dim", _I), ("inter", _I), ("slots", _I), ("block_size", _I),
-                ("eps", ctypes.c_float), ("cos", _P), ("sin", _P), ("n", _I),
-                ("max_blocks", _I), ("positions", _P), ("slot_mapping", _P),
-                ("block_tables", _P), ("context_lens", _P), ("residual", _P), ("out", _P),
-                ("work", _P)]
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return t.data_ptr() if t is not None else None
-
-
-def _proj(projection: object) -> _Proj | None:
+def _proj(projection: object, held: _Held) -> Proj | None:
     operand = getattr(projection, "kernel_operand", lambda: None)()
     if operand is None:
         return None
     weight, scale, bias = operand
     out, in_features = weight.shape
     group = in_features if scale is None else in_features * out // scale.numel()
-    return _Proj(weight.data_ptr(), _ptr(scale), _ptr(bias), out, in_features, group)
+    return Proj(held.ptr(weight), held.ptr(scale), held.ptr(bias), out, in_features, group)
 
 
 class DecodePlan:
+    """The step and layer structs decoder.c reads, and the owners of their pointers.
+
+    C cannot keep a tensor alive, so every tensor whose data_ptr() goes into a struct is held
+    here for as long as the struct holds the pointer: the weights, norms, KV cache and rotary
+    tables for the plan's life (`_held`); the scratch until a larger one replaces it and its
+    pointer together; and a step's inputs and outputs, in the exact dtype and layout C reads
+    (contiguous copies where they were not), until the next step replaces them (`_inputs`).
+    """
+
     def __init__(self, kernels: CpuKernels, cfg: ModelConfig, weights: ModelWeights,
-                 cache: KVCache, rope: RotaryEmbedding, layers: ctypes.Array[_Layer],
-                 max_rows: int) -> None:
+                 cache: KVCache, rope: RotaryEmbedding, layers: ctypes.Array[Layer],
+                 held: _Held, max_rows: int) -> None:
         self.max_rows = max_rows
         self._embed = weights.embed
-        self._fn = kernels.npu_decode_forward
+        self._fn = kernels.cpuk_decode_forward
         self._layers = layers
-        self._rope = rope  # keeps the tables the step points at alive
-        s = self._step = _Step(
+        self._held = held
+        s = self._step = DecodeStep(
             layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
             heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, inter=cfg.intermediate_size, slots=cache.num_slots,
-            block_size=cache.block_size, eps=cfg.rms_norm_eps, cos=rope.cos.data_ptr(),
-            sin=rope.sin.data_ptr())
-        self._work = torch.empty(kernels.npu_decode_workspace(ctypes.byref(s), max_rows))
-        s.work = self._work.data_ptr()
+            block_size=cache.block_size, max_context=min(rope.cos.shape[0], cache.num_slots),
+            eps=cfg.rms_norm_eps, cos=held.ptr(rope.cos), sin=held.ptr(rope.sin))
+        self._inputs: tuple[torch.Tensor, ...] = ()
+        self._work = torch.empty(0, dtype=torch.uint8)
+        self._grow(kernels.cpuk_decode_workspace(ctypes.byref(s), layers, max_rows))
 
     @classmethod
     def build(cls, kernels: CpuKernels, cfg: ModelConfig, weights: ModelWeights,
               cache: KVCache, rope: RotaryEmbedding, max_rows: int) -> DecodePlan | None:
         """The plan, or None when a projection has no kernel the decoder can call (w8a8, or
         a layout only PyTorch takes)."""
-        layers = (_Layer * cfg.num_hidden_layers)()
+        held = _Held()
+        layers = (Layer * cfg.num_hidden_layers)()
         for i, lw in enumerate(weights.layers):
-            projs = [_proj(p) for p in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)]
+            projs = [_proj(p, held) for p in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)]
             if any(p is None for p in projs):
                 return None
             nxt = weights.layers[i + 1].input_norm if i + 1 < len(weights.layers) else weights.norm
-            layers[i] = _Layer(lw.input_norm.data_ptr(), lw.post_norm.data_ptr(), nxt.data_ptr(),
-                               _ptr(lw.q_norm), _ptr(lw.k_norm), *projs,
-                               cache.data[i].data_ptr())
-        return cls(kernels, cfg, weights, cache, rope, layers, max_rows)
+            layers[i] = Layer(held.ptr(lw.input_norm), held.ptr(lw.post_norm), held.ptr(nxt),
+                              held.ptr(lw.q_norm), held.ptr(lw.k_norm), *projs,
+                              held.ptr(cache.data[i]))
+        held.append(cache.data)  # the layers' views point into it
+        return cls(kernels, cfg, weights, cache, rope, layers, held, max_rows)
+
+    def _grow(self, nbytes: int) -> None:
+        """Scratch of nbytes in place of the current one (its pointer replaced with it)."""
+        self._work = torch.empty(nbytes, dtype=torch.uint8)
+        self._step.work = self._work.data_ptr()
+        self._step.work_bytes = nbytes
 
     def covers(self, meta: AttentionMetadata) -> bool:
         """Whether a step is one this plan runs: decodes only, at most max_rows of them."""
@@ -105,15 +109,18 @@ class DecodePlan:
         assert isinstance(decode, PagedDecode)
         residual = F.embedding(ids, self._embed)  # a fresh tensor, updated in place
         out = torch.empty_like(residual)
+        self._inputs = (positions.to(torch.int64).contiguous(),
+                        meta.slot_mapping.to(torch.int64).contiguous(),
+                        decode.block_tables.to(torch.int32).contiguous(),
+                        decode.context_lens.to(torch.int32).contiguous(), residual, out)
         s = self._step
         s.n = ids.shape[0]
         s.max_blocks = decode.block_tables.shape[1]
-        s.positions = positions.data_ptr()
-        s.slot_mapping = meta.slot_mapping.data_ptr()
-        s.block_tables = decode.block_tables.data_ptr()
-        s.context_lens = decode.context_lens.data_ptr()
-        s.residual = residual.data_ptr()
-        s.out = out.data_ptr()
-        if self._fn(ctypes.byref(s), self._layers) != 0:
-            raise MemoryError("the decode step could not allocate its scratch memory")
+        (s.positions, s.slot_mapping, s.block_tables, s.context_lens, s.residual,
+         s.out) = (t.data_ptr() for t in self._inputs)
+        need = self._fn(ctypes.byref(s), self._layers)
+        if need:  # contexts past max_context, or more threads than at build
+            self._grow(need)
+            need = self._fn(ctypes.byref(s), self._layers)
+            assert need == 0, "the decode step asked for scratch twice"
         return out

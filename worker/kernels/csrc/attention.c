@@ -4,11 +4,10 @@
  * sequence in slot block_table[t / block_size] * block_size + t % block_size. Each task is
  * one (sequence, kv head), or a part of its context when there are fewer of those than
  * threads, reading keys and values in place, block by block, so no gathered copy of the
- * context is made. */
+ * context is made. The scores and the parts' partial results live in the caller's scratch. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "kernels.h"
 #include "vec.h"
@@ -36,13 +35,11 @@ ALWAYS_INLINE void block_scores(const v8f *qv, int64_t dv, const float *keys, in
  * one after another, each streaming its part block by block (a 16-token block of one head is
  * 4 KiB for head_dim 64, so the group's later heads read it from L1/L2, not memory). Writes
  * per head the unnormalised output (sum_t e^(s_t - max) v_t), the max and the sum to part,
- * [group][d + 2]. Returns 0, or -1 out of memory. */
-static int attend(const float *qs, int64_t group, int64_t dv, const float *keys,
-                  const float *values, const int32_t *table, int64_t t_begin, int64_t t_end,
-                  int64_t block_size, float scale, float *part) {
+ * [group][d + 2]. scores: t_end - t_begin floats of scratch. */
+static void attend(const float *qs, int64_t group, int64_t dv, const float *keys,
+                   const float *values, const int32_t *table, int64_t t_begin, int64_t t_end,
+                   int64_t block_size, float scale, float *scores, float *part) {
     const int64_t d = dv * 8, len = t_end - t_begin;
-    float *scores = malloc(sizeof(float) * (size_t)len);
-    if (!scores) return -1;
     for (int64_t g = 0; g < group; g++) {
         v8f qv[MAX_DV];
         for (int64_t c = 0; c < dv; c++) qv[c] = vload(qs + g * d + 8 * c);
@@ -85,8 +82,6 @@ static int attend(const float *qs, int64_t group, int64_t dv, const float *keys,
         o[d] = max;
         o[d + 1] = sum;
     }
-    free(scores);
-    return 0;
 }
 
 /* Merge the parts of one head (softmax over their union) into out [d]. */
@@ -105,26 +100,41 @@ static void combine(const float *parts, int64_t nparts, int64_t stride, int64_t 
     for (int64_t c = 0; c < d; c++) out[c] *= inv;
 }
 
+/* Few (sequence, kv head) pairs would leave threads idle: split each context into parts of
+ * at least MIN_PART tokens, merged afterwards (flash-decoding). */
+static int64_t split_count(int64_t pairs, int64_t max_context) {
+    const int64_t threads = omp_get_max_threads();
+    int64_t splits = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / pairs;
+    if (splits > max_context / MIN_PART) splits = max_context / MIN_PART > 0 ? max_context / MIN_PART : 1;
+    return splits;
+}
+
+/* Scratch for n sequences of up to max_context tokens at the current thread count: the
+ * scores, max_context floats per (sequence, kv head), then every part's [group][d + 2]. */
+int64_t cpuk_decode_attention_workspace(int64_t n, int64_t heads, int64_t kv_heads,
+                                        int64_t head_dim, int64_t max_context) {
+    const int64_t pairs = n * kv_heads, splits = split_count(pairs, max_context);
+    return (int64_t)sizeof(float) * (pairs * max_context
+                                     + pairs * splits * (heads / kv_heads) * (head_dim + 2));
+}
+
 /* q: [n, heads, d]; cache: this layer's [2, kv_heads, slots, d]; block_tables: [n,
  * max_blocks]; context_lens: [n]; out: [n, heads, d]. head_dim is a multiple of 8 up to 256
- * (checked by the caller). Returns 0, or -1 when a score buffer could not be allocated. */
-int npu_decode_attention(const float *q, int64_t n, int64_t heads, int64_t kv_heads,
-                         int64_t head_dim, const float *cache, int64_t slots,
-                         const int32_t *block_tables, int64_t max_blocks,
-                         const int32_t *context_lens, int64_t block_size, float scale,
-                         float *out) {
-    const int64_t group = heads / kv_heads, d = head_dim, stride = d + 2;
-    /* Few (sequence, kv head) pairs would leave threads idle: split each context into
-     * parts of at least MIN_PART tokens, merged afterwards (flash-decoding). */
-    const int64_t threads = omp_get_max_threads(), pairs = n * kv_heads;
+ * (checked by the caller). Returns 0, or (computing nothing) the bytes of scratch it needs
+ * when work_bytes is short. */
+int64_t cpuk_decode_attention(const float *q, int64_t n, int64_t heads, int64_t kv_heads,
+                              int64_t head_dim, const float *cache, int64_t slots,
+                              const int32_t *block_tables, int64_t max_blocks,
+                              const int32_t *context_lens, int64_t block_size, float scale,
+                              float *out, void *work, int64_t work_bytes) {
+    const int64_t group = heads / kv_heads, d = head_dim, stride = d + 2, pairs = n * kv_heads;
     int64_t max_ctx = 0;
     for (int64_t s = 0; s < n; s++) max_ctx = context_lens[s] > max_ctx ? context_lens[s] : max_ctx;
-    int64_t splits = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / pairs;
-    if (splits > max_ctx / MIN_PART) splits = max_ctx / MIN_PART > 0 ? max_ctx / MIN_PART : 1;
-    float *parts = malloc(sizeof(float) * (size_t)(pairs * splits * group * stride));
-    if (!parts) return -1;
-    int failed = 0;
-#pragma omp parallel for collapse(3) schedule(dynamic, 1) reduction(| : failed)
+    const int64_t need = cpuk_decode_attention_workspace(n, heads, kv_heads, d, max_ctx);
+    if (need > work_bytes) return need;
+    const int64_t splits = split_count(pairs, max_ctx);
+    float *scores = work, *parts = scores + pairs * max_ctx;
+#pragma omp parallel for collapse(3) schedule(dynamic, 1)
     for (int64_t s = 0; s < n; s++) {
         for (int64_t kh = 0; kh < kv_heads; kh++) {
             for (int64_t p = 0; p < splits; p++) {
@@ -139,23 +149,20 @@ int npu_decode_attention(const float *q, int64_t n, int64_t heads, int64_t kv_he
                     }
                     continue;
                 }
-                failed |= attend(q + first * d, group, d / 8, cache + kh * slots * d,
-                                 cache + (kv_heads + kh) * slots * d,
-                                 block_tables + s * max_blocks, t_begin, t_end, block_size,
-                                 scale, part) != 0;
+                attend(q + first * d, group, d / 8, cache + kh * slots * d,
+                       cache + (kv_heads + kh) * slots * d, block_tables + s * max_blocks,
+                       t_begin, t_end, block_size, scale,
+                       scores + (s * kv_heads + kh) * max_ctx + t_begin, part);
             }
         }
     }
-    if (!failed) {
 #pragma omp parallel for collapse(2) schedule(static) if (pairs * group > 64)
-        for (int64_t pair = 0; pair < pairs; pair++) {
-            for (int64_t g = 0; g < group; g++) {
-                const int64_t s = pair / kv_heads, kh = pair % kv_heads;
-                combine(parts + (pair * splits * group + g) * stride, splits, group * stride, d,
-                        out + (s * heads + kh * group + g) * d);
-            }
+    for (int64_t pair = 0; pair < pairs; pair++) {
+        for (int64_t g = 0; g < group; g++) {
+            const int64_t s = pair / kv_heads, kh = pair % kv_heads;
+            combine(parts + (pair * splits * group + g) * stride, splits, group * stride, d,
+                    out + (s * heads + kh * group + g) * d);
         }
     }
-    free(parts);
-    return failed ? -1 : 0;
+    return 0;
 }

@@ -1,81 +1,84 @@
 /* A whole decode step of the decoder layers in one call: the same kernels, in the same order,
  * as the per-operator path (worker/model/transformer.py with KernelOps), without returning to
  * Python between them. At batch 1 the per-call overhead of some three hundred ctypes calls
- * was a tenth of the step. */
+ * was a tenth of the step.
+ *
+ * The scratch (s->work) holds the step's activations, then the one kernel scratch that the
+ * int8 projections and attention take in turn. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "kernels.h"
 
-/* One projection: float32 weights, or int8 with per-(row, group) scales. */
-typedef struct {
-    const void *weight;
-    const float *scale; /* NULL for float32 weights */
-    const float *bias;  /* or NULL */
-    int64_t out, in, group;
-} npu_proj;
-
-typedef struct {
-    const float *input_norm, *post_norm;
-    const float *next_norm; /* the next layer's input norm; the final norm after the last */
-    const float *q_norm, *k_norm; /* or NULL */
-    npu_proj qkv, o, gate_up, down;
-    float *cache; /* this layer's [2, kv_heads, slots, head_dim] */
-} npu_layer;
-
-typedef struct {
-    int64_t layers, hidden, heads, kv_heads, head_dim, inter, slots, block_size;
-    float eps;
-    const float *cos, *sin; /* [positions, head_dim] */
-    /* per step */
-    int64_t n, max_blocks;
-    const int64_t *positions, *slot_mapping;
-    const int32_t *block_tables, *context_lens;
-    float *residual; /* [n, hidden]: the embeddings in, the residual stream after the last layer out */
-    float *out;      /* [n, hidden]: the final norm's output */
-    float *work;     /* scratch, npu_decode_workspace floats */
-} npu_decode_step;
-
-int64_t npu_decode_workspace(const npu_decode_step *s, int64_t n) {
+/* Floats of the activations for n rows: qkv, q, k, attention out, delta, gate_up, act, x. */
+static int64_t activations(const cpuk_decode_step *s, int64_t n) {
     const int64_t q = s->heads * s->head_dim, kv = s->kv_heads * s->head_dim;
     return n * ((q + 2 * kv) + q + kv + q + s->hidden + 2 * s->inter + s->inter + s->hidden);
 }
 
-static int project(const npu_proj *p, const float *x, int64_t n, float *y) {
-    if (p->scale == NULL) {
-        npu_linear_f32(x, n, p->in, (const float *)p->weight, p->out, p->bias, y);
-        return 0;
+/* Bytes for n rows attending to at most max_context tokens. */
+static int64_t workspace(const cpuk_decode_step *s, const cpuk_layer *layers, int64_t n,
+                         int64_t max_context) {
+    int64_t kernel = cpuk_decode_attention_workspace(n, s->heads, s->kv_heads, s->head_dim,
+                                                     max_context);
+    for (int64_t i = 0; i < s->layers; i++) {
+        const cpuk_proj *projs[] = {&layers[i].qkv, &layers[i].o, &layers[i].gate_up,
+                                    &layers[i].down};
+        for (int p = 0; p < 4; p++) {
+            if (projs[p]->scale == NULL) continue;
+            int64_t b = cpuk_linear_i8_workspace(n, projs[p]->in, projs[p]->group);
+            kernel = b > kernel ? b : kernel;
+        }
     }
-    return npu_linear_i8(x, n, p->in, (const int8_t *)p->weight, p->scale, p->group, p->out,
-                         p->bias, y);
+    return activations(s, n) * (int64_t)sizeof(float) + kernel;
 }
 
-/* Returns 0, or -1 when a kernel could not allocate its scratch memory. */
-int npu_decode_forward(const npu_decode_step *s, const npu_layer *layers) {
+/* Scratch bytes for a step of n rows whose contexts are at most s->max_context tokens. */
+int64_t cpuk_decode_workspace(const cpuk_decode_step *s, const cpuk_layer *layers, int64_t n) {
+    return workspace(s, layers, n, s->max_context);
+}
+
+static void project(const cpuk_proj *p, const float *x, int64_t n, float *y, void *work,
+                    int64_t work_bytes) {
+    if (p->scale == NULL)
+        cpuk_linear_f32(x, n, p->in, (const float *)p->weight, p->out, p->bias, y);
+    else
+        cpuk_linear_i8(x, n, p->in, (const int8_t *)p->weight, p->scale, p->group, p->out,
+                       p->bias, y, work, work_bytes);
+}
+
+/* Returns 0, or (computing nothing) the bytes of scratch the step needs when s->work_bytes
+ * is short. */
+int64_t cpuk_decode_forward(const cpuk_decode_step *s, const cpuk_layer *layers) {
     const int64_t n = s->n, d = s->head_dim, q_size = s->heads * d, kv_size = s->kv_heads * d;
+    int64_t max_ctx = 0;
+    for (int64_t i = 0; i < n; i++) max_ctx = s->context_lens[i] > max_ctx ? s->context_lens[i] : max_ctx;
+    const int64_t need = workspace(s, layers, n, max_ctx);
+    if (need > s->work_bytes) return need;
     float *qkv = s->work, *q = qkv + n * (q_size + 2 * kv_size), *k = q + n * q_size;
     float *attn = k + n * kv_size, *delta = attn + n * q_size, *gate_up = delta + n * s->hidden;
     float *act = gate_up + n * 2 * s->inter, *x = act + n * s->inter;
+    void *work = x + n * s->hidden;
+    const int64_t work_bytes = s->work_bytes - activations(s, n) * (int64_t)sizeof(float);
     const float scale = 1.0f / sqrtf((float)d);
-    int status = 0;
-    npu_rms_norm(s->residual, layers[0].input_norm, s->eps, n, s->hidden, x);
-    for (int64_t i = 0; i < s->layers && status == 0; i++) {
-        const npu_layer *l = &layers[i];
-        status |= project(&l->qkv, x, n, qkv);
-        npu_qk_rope_store(qkv, n, s->heads, s->kv_heads, d, s->positions, s->cos, s->sin,
-                          l->q_norm, l->k_norm, s->eps, q, k, l->cache, s->slots,
-                          s->slot_mapping);
-        status |= npu_decode_attention(q, n, s->heads, s->kv_heads, d, l->cache, s->slots,
-                                       s->block_tables, s->max_blocks, s->context_lens,
-                                       s->block_size, scale, attn);
-        status |= project(&l->o, attn, n, delta);
-        npu_add_rms_norm(s->residual, delta, l->post_norm, s->eps, n, s->hidden, x);
-        status |= project(&l->gate_up, x, n, gate_up);
-        npu_silu_mul(gate_up, n, s->inter, act);
-        status |= project(&l->down, act, n, delta);
-        npu_add_rms_norm(s->residual, delta, l->next_norm, s->eps, n, s->hidden,
-                         i + 1 < s->layers ? x : s->out);
+    cpuk_rms_norm(s->residual, layers[0].input_norm, s->eps, n, s->hidden, x);
+    for (int64_t i = 0; i < s->layers; i++) {
+        const cpuk_layer *l = &layers[i];
+        project(&l->qkv, x, n, qkv, work, work_bytes);
+        cpuk_qk_rope_store(qkv, n, s->heads, s->kv_heads, d, s->positions, s->cos, s->sin,
+                           l->q_norm, l->k_norm, s->eps, q, k, l->cache, s->slots,
+                           s->slot_mapping);
+        cpuk_decode_attention(q, n, s->heads, s->kv_heads, d, l->cache, s->slots,
+                              s->block_tables, s->max_blocks, s->context_lens, s->block_size,
+                              scale, attn, work, work_bytes);
+        project(&l->o, attn, n, delta, work, work_bytes);
+        cpuk_add_rms_norm(s->residual, delta, l->post_norm, s->eps, n, s->hidden, x);
+        project(&l->gate_up, x, n, gate_up, work, work_bytes);
+        cpuk_silu_mul(gate_up, n, s->inter, act);
+        project(&l->down, act, n, delta, work, work_bytes);
+        cpuk_add_rms_norm(s->residual, delta, l->next_norm, s->eps, n, s->hidden,
+                          i + 1 < s->layers ? x : s->out);
     }
-    return status ? -1 : 0;
+    return 0;
 }

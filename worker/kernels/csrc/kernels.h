@@ -1,26 +1,89 @@
-/* The kernels' entry points, for the whole-step decoder (decoder.c) and the ctypes bindings
- * (worker/kernels/cpu.py), which must agree with these signatures. */
+/* The CPU kernels' whole ABI: every function the library exports and every struct passed
+ * across the boundary. worker/kernels/abi.py mirrors it in ctypes and refuses a library whose
+ * CPUK_ABI_VERSION or struct sizes differ from its own; tests/worker/kernels/test_abi.py
+ * parses this file to keep the two in step. Change both together, and bump the version.
+ *
+ * Kernels that need scratch memory take it from the caller (work, work_bytes), so a step
+ * allocates nothing: they return 0, or, having done nothing, the bytes of scratch they need. */
 #ifndef NPUSERVE_KERNELS_H
 #define NPUSERVE_KERNELS_H
 
 #include <stdint.h>
 
-void npu_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
-                    const float *bias, float *y);
-int npu_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
-                  int64_t group, int64_t n, const float *bias, float *y);
-void npu_rms_norm(const float *x, const float *w, float eps, int64_t t, int64_t h, float *out);
-void npu_add_rms_norm(float *residual, const float *delta, const float *w, float eps, int64_t t,
-                      int64_t h, float *out);
-void npu_silu_mul(const float *gate_up, int64_t t, int64_t inter, float *out);
-void npu_qk_rope_store(const float *qkv, int64_t t, int64_t heads, int64_t kv_heads, int64_t d,
-                       const int64_t *positions, const float *cos, const float *sin,
-                       const float *q_norm, const float *k_norm, float eps, float *q_out,
-                       float *k_out, float *cache, int64_t slots, const int64_t *slot_mapping);
-int npu_decode_attention(const float *q, int64_t n, int64_t heads, int64_t kv_heads,
-                         int64_t head_dim, const float *cache, int64_t slots,
-                         const int32_t *block_tables, int64_t max_blocks,
-                         const int32_t *context_lens, int64_t block_size, float scale,
-                         float *out);
+#define CPUK_ABI_VERSION 1
+
+/* One projection: float32 weights, or int8 with per-(row, group) scales. */
+typedef struct {
+    const void *weight;
+    const float *scale; /* NULL for float32 weights */
+    const float *bias;  /* or NULL */
+    int64_t out, in, group;
+} cpuk_proj;
+
+typedef struct {
+    const float *input_norm, *post_norm;
+    const float *next_norm;       /* the next layer's input norm; the final norm after the last */
+    const float *q_norm, *k_norm; /* or NULL */
+    cpuk_proj qkv, o, gate_up, down;
+    float *cache; /* this layer's [2, kv_heads, slots, head_dim] */
+} cpuk_layer;
+
+typedef struct {
+    int64_t layers, hidden, heads, kv_heads, head_dim, inter, slots, block_size;
+    int64_t max_context; /* the longest context cpuk_decode_workspace sizes attention for */
+    float eps;
+    const float *cos, *sin; /* [positions, head_dim] */
+    /* per step */
+    int64_t n, max_blocks;
+    const int64_t *positions, *slot_mapping;
+    const int32_t *block_tables, *context_lens;
+    float *residual; /* [n, hidden]: the embeddings in, the residual stream after the last layer out */
+    float *out;      /* [n, hidden]: the final norm's output */
+    void *work;      /* scratch of work_bytes, cpuk_decode_workspace(s, layers, n) at most */
+    int64_t work_bytes;
+} cpuk_decode_step;
+
+/* The ABI check. */
+int64_t cpuk_abi_version(void);
+int64_t cpuk_sizeof_proj(void);
+int64_t cpuk_sizeof_layer(void);
+int64_t cpuk_sizeof_decode_step(void);
+
+/* linear.c */
+void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
+                     const float *bias, float *y);
+int64_t cpuk_linear_i8_workspace(int64_t m, int64_t k, int64_t group);
+int64_t cpuk_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
+                       int64_t group, int64_t n, const float *bias, float *y, void *work,
+                       int64_t work_bytes);
+
+/* norm.c */
+void cpuk_rms_norm(const float *x, const float *w, float eps, int64_t t, int64_t h, float *out);
+void cpuk_add_rms_norm(float *residual, const float *delta, const float *w, float eps, int64_t t,
+                       int64_t h, float *out);
+void cpuk_silu_mul(const float *gate_up, int64_t t, int64_t inter, float *out);
+void cpuk_causal_softmax(float *scores, int64_t rows, int64_t cols, int64_t chunk, float scale);
+
+/* rope.c */
+void cpuk_qk_rope_store(const float *qkv, int64_t t, int64_t heads, int64_t kv_heads, int64_t d,
+                        const int64_t *positions, const float *cos, const float *sin,
+                        const float *q_norm, const float *k_norm, float eps, float *q_out,
+                        float *k_out, float *cache, int64_t slots, const int64_t *slot_mapping);
+
+/* attention.c */
+int64_t cpuk_decode_attention_workspace(int64_t n, int64_t heads, int64_t kv_heads,
+                                        int64_t head_dim, int64_t max_context);
+int64_t cpuk_decode_attention(const float *q, int64_t n, int64_t heads, int64_t kv_heads,
+                              int64_t head_dim, const float *cache, int64_t slots,
+                              const int32_t *block_tables, int64_t max_blocks,
+                              const int32_t *context_lens, int64_t block_size, float scale,
+                              float *out, void *work, int64_t work_bytes);
+
+/* decoder.c */
+int64_t cpuk_decode_workspace(const cpuk_decode_step *s, const cpuk_layer *layers, int64_t n);
+int64_t cpuk_decode_forward(const cpuk_decode_step *s, const cpuk_layer *layers);
+
+/* memory.c */
+int cpuk_advise_hugepages(void *p, int64_t nbytes);
 
 #endif

@@ -10,7 +10,6 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "kernels.h"
 #include "vec.h"
@@ -124,7 +123,7 @@ ALWAYS_INLINE void store(float out[MAX_WR][MAX_XR], int WR, int R, int64_t i, in
     }
 
 /* x: [m, k]; w: [n, k]; bias: [n] or NULL; y: [m, n]. */
-void npu_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
+void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                     const float *bias, float *y) {
 #define TILE_F32(WR_, R_) tile_f32(x, k, w, j, n, WR_, i, R_, out)
     if (m == 1) {
@@ -204,19 +203,30 @@ static void quantize_x16(const float *x, int64_t m, int64_t k, int16_t *xq, floa
 }
 #endif
 
-/* As npu_linear_f32 with int8 w and scale [n, k / group]; k and group are multiples of 8.
- * Returns 0, or -1 when the int16 copy of x could not be allocated. */
-int npu_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
-                  int64_t group, int64_t n, const float *bias, float *y) {
+/* The integer path, where it is taken, rounds x to int16 into the caller's scratch: m
+ * per-row scales, then the m * k values. */
+int64_t cpuk_linear_i8_workspace(int64_t m, int64_t k, int64_t group) {
 #ifdef __AVX2__
-    if (k % 16 == 0 && group % 16 == 0) {
-        int16_t *xq = malloc(sizeof(int16_t) * (size_t)(m * k));
-        float *xscale = malloc(sizeof(float) * (size_t)m);
-        if (!xq || !xscale) {
-            free(xq);
-            free(xscale);
-            return -1;
-        }
+    if (k % 16 == 0 && group % 16 == 0)
+        return m * (int64_t)sizeof(float) + m * k * (int64_t)sizeof(int16_t);
+#endif
+    (void)m;
+    (void)k;
+    (void)group;
+    return 0;
+}
+
+/* As cpuk_linear_f32 with int8 w and scale [n, k / group]; k and group are multiples of 8.
+ * Returns 0, or (computing nothing) the bytes of scratch it needs when work_bytes is short. */
+int64_t cpuk_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
+                       int64_t group, int64_t n, const float *bias, float *y, void *work,
+                       int64_t work_bytes) {
+    const int64_t need = cpuk_linear_i8_workspace(m, k, group);
+    if (need > work_bytes) return need;
+#ifdef __AVX2__
+    if (need > 0) {
+        float *xscale = work;
+        int16_t *xq = (int16_t *)(xscale + m);
         quantize_x16(x, m, k, xq, xscale);
 #define TILE_X16(WR_, R_) tile_i8_x16(xq, xscale, k, w, scale, group, j, n, WR_, i, R_, out)
         if (m == 1) {
@@ -225,11 +235,10 @@ int npu_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const f
             FOR_TILES(3, TILE_X16)
         }
 #undef TILE_X16
-        free(xq);
-        free(xscale);
         return 0;
     }
 #endif
+    (void)work;
 #define TILE_I8(WR_, R_) tile_i8(x, k, w, scale, group, j, n, WR_, i, R_, out)
     if (m == 1) {
         FOR_TILES(4, TILE_I8)

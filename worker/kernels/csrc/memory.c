@@ -9,7 +9,7 @@
 #define HUGE_PAGE (2 * 1024 * 1024)
 
 /* Advise the 2 MiB-aligned part of [p, p + nbytes); 0 on success (or nothing to advise). */
-int npu_advise_hugepages(void *p, int64_t nbytes) {
+int cpuk_advise_hugepages(void *p, int64_t nbytes) {
 #ifdef MADV_HUGEPAGE
     uintptr_t start = ((uintptr_t)p + HUGE_PAGE - 1) & ~(uintptr_t)(HUGE_PAGE - 1);
     uintptr_t end = ((uintptr_t)p + (uintptr_t)nbytes) & ~(uintptr_t)(HUGE_PAGE - 1);

@@ -19,13 +19,13 @@ ALWAYS_INLINE void norm_row(const float *x, const float *w, float eps, int64_t h
 }
 
 /* x, out: [t, h]; w: [h]. */
-void npu_rms_norm(const float *x, const float *w, float eps, int64_t t, int64_t h, float *out) {
+void cpuk_rms_norm(const float *x, const float *w, float eps, int64_t t, int64_t h, float *out) {
 #pragma omp parallel for schedule(static) if (t > 16)
     for (int64_t i = 0; i < t; i++) norm_row(x + i * h, w, eps, h, out + i * h);
 }
 
 /* residual += delta, then out = rms_norm(residual): the step between every two sublayers. */
-void npu_add_rms_norm(float *residual, const float *delta, const float *w, float eps, int64_t t,
+void cpuk_add_rms_norm(float *residual, const float *delta, const float *w, float eps, int64_t t,
                       int64_t h, float *out) {
 #pragma omp parallel for schedule(static) if (t > 16)
     for (int64_t i = 0; i < t; i++) {
@@ -36,7 +36,7 @@ void npu_add_rms_norm(float *residual, const float *delta, const float *w, float
 }
 
 /* gate_up: [t, 2 * inter] (gate columns, then up) -> out: [t, inter] = silu(gate) * up. */
-void npu_silu_mul(const float *gate_up, int64_t t, int64_t inter, float *out) {
+void cpuk_silu_mul(const float *gate_up, int64_t t, int64_t inter, float *out) {
 #pragma omp parallel for schedule(static) if (t * inter > 32768)
     for (int64_t i = 0; i < t; i++) {
         const float *g = gate_up + i * 2 * inter, *u = g + inter;
@@ -53,7 +53,7 @@ void npu_silu_mul(const float *gate_up, int64_t t, int64_t inter, float *out) {
 /* Causal softmax in place over prefill attention scores: `rows` rows of `cols` context
  * positions, row r belonging to the chunk's query r % chunk, which may attend to positions
  * up to (cols - chunk) + r % chunk. Scores are scaled first; masked positions become 0. */
-void npu_causal_softmax(float *scores, int64_t rows, int64_t cols, int64_t chunk, float scale) {
+void cpuk_causal_softmax(float *scores, int64_t rows, int64_t cols, int64_t chunk, float scale) {
     const int64_t offset = cols - chunk;
 #pragma omp parallel for schedule(static) if (rows * cols > 32768)
     for (int64_t r = 0; r < rows; r++) {

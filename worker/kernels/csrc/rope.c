@@ -28,7 +28,7 @@ ALWAYS_INLINE void head(const float *x, const float *norm, float eps, const floa
 /* qkv: [t, (heads + 2 * kv_heads) * d]; positions, slot_mapping: [t]; cos, sin: [P, d];
  * q_norm, k_norm: [d] or NULL; q_out: [t, heads, d]; k_out: [t, kv_heads, d];
  * cache: [2, kv_heads, slots, d]. */
-void npu_qk_rope_store(const float *qkv, int64_t t, int64_t heads, int64_t kv_heads, int64_t d,
+void cpuk_qk_rope_store(const float *qkv, int64_t t, int64_t heads, int64_t kv_heads, int64_t d,
                        const int64_t *positions, const float *cos, const float *sin,
                        const float *q_norm, const float *k_norm, float eps, float *q_out,
                        float *k_out, float *cache, int64_t slots, const int64_t *slot_mapping) {
