@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from common.config import EngineConfig
 from worker.backends.torch_backend import TorchBackend
+from worker.backends.torch_settings import TorchSettings
 from worker.kernels import abi, build, cpu
 from worker.model.ops import DecoderOps
 
@@ -120,5 +120,5 @@ def test_a_library_of_another_abi_is_refused_and_the_worker_keeps_pytorch_ops(
     with caplog.at_level(logging.WARNING, logger="worker.kernels.cpu"):
         assert cpu.cpu_kernels() is None
     assert "CPU kernels refused" in caplog.text and message in caplog.text
-    backend = TorchBackend(tiny_model_dir("llama"), EngineConfig(kv_cache_gb=0.02))
-    assert backend.ops.name == DecoderOps.name and backend.plan is None
+    backend = TorchBackend(tiny_model_dir("llama"), settings=TorchSettings(kv_cache_gb=0.02))
+    assert backend.runner.ops.name == DecoderOps.name and backend.runner.plan is None
