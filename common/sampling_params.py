@@ -31,7 +31,9 @@ class SamplingParams:
     seed: int | None = None
     """Same seed + same prompt = same output, whatever else shares the batch."""
     stop: tuple[str, ...] = ()
-    """Stop strings; the output ends before the first one and does not contain it."""
+    """Stop strings; the output ends before the first one and does not contain it. Applied to
+    the text by the gateway's output processor: the engine, which deals in token ids, ignores
+    them."""
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation (the token itself is not part of the text)."""
     ignore_eos: bool = False

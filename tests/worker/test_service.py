@@ -256,3 +256,31 @@ def test_a_failed_publish_drops_requests_locally_and_leaves_them_leased(
     assert service.active_ids == [] and not service.engine.has_unfinished()
     assert gateway.client.zrange(gateway.keys.leases(MODEL), 0, -1) == ["r"]
     assert len(gateway.events("r")) == 1
+
+
+def test_a_worker_claims_only_what_its_free_kv_blocks_can_start(
+        tiny_qwen3: Path, redis_url: str, gateway: FakeGateway, engine: Engine) -> None:
+    per_block = engine.backend.kv_cache_bytes() // engine.backend.capacity.num_blocks
+    # 16 blocks of 16 tokens: room for two 100-token prompts, not four.
+    tight = Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=4),
+                                  settings=TorchSettings(kv_cache_gb=16 * per_block / 2**30))
+    assert tight.backend.capacity.num_blocks == 16
+    config = WorkerConfig(model_dir=str(tiny_qwen3), model_name=MODEL, redis=RedisConfig(
+        url=redis_url), worker_id="w1", engine=EngineConfig(max_num_seqs=4))
+    queue = RedisQueue.connect(config.redis, MODEL, "w1", config.lease_ms)
+    service = WorkerService(config, tight, queue)
+    service.start()
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = {f"r{i}": [100 + i] * 100 for i in range(4)}
+    for i, (rid, prompt) in enumerate(prompts.items()):
+        gateway.enqueue(rid, prompt, params, enqueue_ms=now_ms() - 1000 + i)
+    try:
+        service.run_once()
+        assert sorted(service.active_ids) == ["r0", "r1"]
+        assert not tight.scheduler.waiting, "claimed work it could not start"
+        assert gateway.client.zcard(gateway.keys.queue(MODEL)) == 2
+        run_until(service, lambda: all(gateway.finished(rid) for rid in prompts))
+    finally:
+        queue.close()
+    for rid, prompt in prompts.items():
+        assert [e.token_id for e in gateway.events(rid)] == reference(engine, prompt, params)
