@@ -5,7 +5,7 @@ One iteration of `run_once` per engine step:
 1. every heartbeat: renew leases, refresh the registration, reap expired leases;
 2. requests flagged in cancel:{id} or past their deadline leave the batch with a final event;
 3. CLAIM what the backend can start now: up to its free batch slots, within its free KV room,
-   and only requests that fit its context (none while draining);
+   and only requests that fit its context and its capabilities (none while draining);
 4. one engine step; its events, the new token ids and the finished requests' cleanup go to
    Redis in one MULTI;
 5. nothing ran and nothing was claimed: block on wake:{model} for up to IDLE_WAIT_S.
