@@ -3,6 +3,7 @@
 #   make run     Redis + gateway + one CPU worker with the default model
 #   make test    the whole test suite
 #   make lint    ruff, and mypy (strict on common, gateway, preprocess and the engine)
+#   make test-bm1684x   the BM1684X checks on tpu-mlir (sets up its toolchain first)
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -13,7 +14,9 @@ MODEL_DIR ?= models/smollm2-135m-instruct
 TORCH_VERSION := 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup deps redis model run test bench lint proto clean
+TPU_MLIR_VENV ?= .venv-tpu-mlir
+
+.PHONY: setup deps redis model run test bench lint proto clean bm1684x-toolchain test-bm1684x
 
 setup: deps redis model
 	@echo "setup done: $(NPUSERVE) is ready; default model in $(MODEL_DIR)"
@@ -47,6 +50,14 @@ run: setup
 
 test: deps
 	$(PY) -m pytest -q tests
+
+# Sophgo's tpu-mlir (BM1684X compiler and simulator) in its own Python 3.10 venv, ~6 GB.
+bm1684x-toolchain: deps
+	$(NPUSERVE) model tpu-toolchain --venv $(TPU_MLIR_VENV)
+
+# The BM1684X checks on the vendor's compiler and simulator; not part of `make test`.
+test-bm1684x: bm1684x-toolchain
+	NPUSERVE_TPU_MLIR_VENV=$(abspath $(TPU_MLIR_VENV)) $(PY) -m pytest -q -m bm1684x tests
 
 bench: setup
 	$(NPUSERVE) bench engine --model $(MODEL_DIR) --quick --json bench-results/engine.json

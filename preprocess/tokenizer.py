@@ -14,6 +14,11 @@ from typing import Any
 
 from common.errors import InvalidRequestError, ModelConfigError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "generation_config.json")
+"""The files a tokenizer (and its chat template and generation defaults) loads from: what a
+worker publishes for the gateways and what a compiled model directory carries along."""
+
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 """Roles a chat message may have; the chat template decides how each is rendered."""
 

@@ -35,6 +35,7 @@ import redis
 from common.config import WorkerConfig
 from common.errors import ErrorCode, NpuserveError
 from common.protocol import QueuedRequest, ReplyEvent
+from preprocess.tokenizer import TOKENIZER_FILES
 from worker.engine.engine import Engine
 from worker.metrics import WorkerMetrics, rss_bytes
 from worker.redis_queue import Claimed, RedisQueue, StepBatch
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5
 """Longest BLPOP on wake:{model}: bounds both idle latency and how late a stop is seen."""
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json", "generation_config.json")
 _MB = 1 << 20
 
 

@@ -25,13 +25,12 @@ from common.keys import Keys
 from common.protocol import QueuedRequest, ReplyEvent, encode_events
 from gateway.redis_queue import connect
 from gateway.server import Gateway
+from preprocess.tokenizer import TOKENIZER_FILES
 from protos import npuserve_pb2_grpc
 
 MODEL = "tiny-qwen3"
 MAX_LEN = 64
 """The context the stand-in worker publishes: small, so prompts can overflow it cheaply."""
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json", "generation_config.json")
 
 
 @pytest.fixture

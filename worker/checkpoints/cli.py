@@ -23,7 +23,8 @@ def register(subparsers: Any) -> None:
     """Add `model` and its sub-subcommands to the root parser's subparsers."""
     model = subparsers.add_parser(
         "model",
-        help="build local checkpoints: Qwen tokenizer, tiny random models, SmolLM2",
+        help="build local checkpoints (Qwen tokenizer, tiny random models, SmolLM2) and "
+             "compile bmodels for BM1684X",
         description="Build model directories offline, from files shipped in Python packages.",
     )
     sub = model.add_subparsers(dest="model_command", required=True, metavar="KIND")
@@ -66,6 +67,40 @@ def register(subparsers: Any) -> None:
     )
     _add_common(smollm2)
     smollm2.set_defaults(handler=_smollm2)
+
+    toolchain = sub.add_parser(
+        "tpu-toolchain",
+        help="set up Sophgo's tpu-mlir (BM1684X compiler and simulator) in its own venv",
+        description=(
+            "Create a Python 3.10 virtualenv with tpu-mlir and what its converter needs "
+            "(torch, psutil, flatbuffers), and move aside the Ubuntu libraries its wheel "
+            "bundles. Idempotent. Needs python3.10 and GNU parallel; about 6 GB."),
+    )
+    toolchain.add_argument("--venv", type=Path, default=None,
+                           help="where (default: NPUSERVE_TPU_MLIR_VENV, else "
+                                "~/.cache/npuserve/tpu-mlir-<version>)")
+    toolchain.set_defaults(handler=_tpu_toolchain)
+
+    bmodel = sub.add_parser(
+        "bmodel",
+        help="compile a Hugging Face checkpoint into a BM1684X bmodel with tpu-mlir",
+        description=(
+            "Compile a Qwen2/Qwen3/Llama checkpoint with tpu-mlir's llm_convert.py (batch 1, "
+            "static SEQLEN; float32 checkpoints are cast to bfloat16 first), check the nets "
+            "it wrote, and put the config, tokenizer files and a manifest "
+            "(npuserve-bmodel.json) next to the bmodel."),
+    )
+    bmodel.add_argument("--model", type=Path, required=True, help="Hugging Face model directory")
+    bmodel.add_argument("--seqlen", type=int, required=True,
+                        help="static sequence length: prompt + completion of one request")
+    bmodel.add_argument("--quant", choices=("bf16", "w8bf16", "w4bf16"), default="w8bf16",
+                        help="weight quantization (default: w8bf16)")
+    bmodel.add_argument("--sample-on-host", action="store_true",
+                        help="lm_head returns logits, so the host samples with every "
+                             "parameter; without it the chip picks the top-1 token")
+    bmodel.add_argument("--out", type=Path, required=True, help="output directory")
+    bmodel.add_argument("--venv", type=Path, default=None, help="the tpu-mlir toolchain venv")
+    bmodel.set_defaults(handler=_bmodel)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -127,3 +162,26 @@ def _smollm2(args: argparse.Namespace) -> int:
         lambda: extract_smollm2(args.out),
         "SmolLM2-135M-Instruct",
     )
+
+
+def _tpu_toolchain(args: argparse.Namespace) -> int:
+    from worker.checkpoints.tpu_toolchain import ensure_toolchain
+
+    toolchain = ensure_toolchain(args.venv)
+    print(f"tpu-mlir toolchain ready: {toolchain.venv}")
+    return 0
+
+
+def _bmodel(args: argparse.Namespace) -> int:
+    from worker.checkpoints.bmodel import MANIFEST, compile_bmodel
+    from worker.checkpoints.tpu_toolchain import require_toolchain
+
+    start = time.perf_counter()
+    manifest = compile_bmodel(args.model, args.out, seqlen=args.seqlen, quant=args.quant,
+                              sample_on_host=args.sample_on_host,
+                              toolchain=require_toolchain(args.venv))
+    log.info("%s: %d nets, %.1f MiB of device memory, SEQLEN %d, %s (%.0f s); manifest in %s",
+             args.out / manifest["bmodel"], len(manifest["nets"]),
+             manifest["device_mem_bytes"] / 2**20, manifest["seqlen"], manifest["quant"],
+             time.perf_counter() - start, args.out / MANIFEST)
+    return 0
