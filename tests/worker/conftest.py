@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -64,3 +65,20 @@ def gateway(redis_url: str) -> Iterator[FakeGateway]:
     gw = FakeGateway(redis_url)
     yield gw
     gw.client.close()
+
+
+def small_vocab_checkpoint(path: Path, arch: str) -> Path:
+    """A tiny random float32 Qwen2 (2 layers) or Qwen3 (3 layers, head_dim 32) with a
+    1,024-token vocabulary and no tokenizer: the BM1684X simulator is slow over a real one."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=1024, hidden_size=64, intermediate_size=128,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, initializer_range=0.1, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, rope_theta=1e6)
+    config = (Qwen3Config(num_hidden_layers=3, head_dim=32, **common) if arch == "qwen3"
+              else Qwen2Config(num_hidden_layers=2, **common))
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path

@@ -1,8 +1,5 @@
-"""Compiling for the BM1684X with the vendor's own tpu-mlir (make test-bm1684x).
-
-Tiny random checkpoints with a 1,024-token vocabulary (the simulator is slow over a real
-vocabulary), built here in float32 so the bfloat16 cast runs too.
-"""
+"""Compiling for the BM1684X with the vendor's own tpu-mlir (make test-bm1684x), from tiny
+float32 checkpoints with a 1,024-token vocabulary, so the bfloat16 cast runs too."""
 
 from __future__ import annotations
 
@@ -11,25 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.worker.conftest import small_vocab_checkpoint
 from worker.checkpoints.bmodel import MANIFEST, compile_bmodel, required_nets
 from worker.checkpoints.tpu_toolchain import TPU_MLIR_VERSION, require_toolchain
 
 pytestmark = pytest.mark.bm1684x
-
-
-def small_vocab_checkpoint(path: Path, arch: str) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=1024, hidden_size=64, intermediate_size=128,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-6, initializer_range=0.1, tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2, rope_theta=1e6)
-    config = (Qwen3Config(num_hidden_layers=3, head_dim=32, **common) if arch == "qwen3"
-              else Qwen2Config(num_hidden_layers=2, **common))
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return path
 
 
 @pytest.mark.parametrize(("arch", "quant", "layers", "head_dim"), [
