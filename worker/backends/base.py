@@ -85,6 +85,12 @@ class Backend(ABC):
     device: Any = "cpu"
     """Where the backend runs; its str() is what the worker's registration shows."""
 
+    @property
+    def logits_device(self) -> Any:
+        """Where `execute` returns logits: the engine samples, and keeps each request's
+        generator, there."""
+        return self.device
+
     @abstractmethod
     def execute(self, chunks: Sequence[SequenceChunk]) -> StepResult:
         """Run the model over the chunks and write their keys/values to the cache."""

@@ -11,6 +11,7 @@ from typing import Any
 from common.config import EngineConfig
 from common.errors import ModelConfigError
 from worker.backends.base import Backend
+from worker.backends.sophon.settings import SophonSettings
 from worker.backends.torch_settings import TorchSettings
 
 
@@ -25,6 +26,7 @@ class BackendEntry:
 
 BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
     BackendEntry("torch", "worker.backends.torch_backend:TorchBackend", TorchSettings),
+    BackendEntry("sophon", "worker.backends.sophon.backend:SophonBackend", SophonSettings),
 )}
 
 

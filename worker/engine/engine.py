@@ -174,4 +174,4 @@ class Engine:
                 f"({params.max_tokens}); nothing is left to generate")
 
     def _sample_device(self) -> Any:
-        return getattr(self.backend, "device", "cpu")
+        return self.backend.logits_device

@@ -35,7 +35,14 @@ def test_the_torch_backend_takes_its_settings_and_the_engine_limits(tiny_qwen3: 
 
 
 def test_an_unknown_backend_or_foreign_settings_are_refused(tiny_qwen3: Path) -> None:
-    with pytest.raises(ModelConfigError, match="unknown backend 'sophon'; choose one of torch"):
-        backend_entry("sophon")
+    with pytest.raises(ModelConfigError,
+                       match="unknown backend 'ascend'; choose one of torch, sophon"):
+        backend_entry("ascend")
     with pytest.raises(ModelConfigError, match="takes TorchSettings, not EngineConfig"):
         create_backend("torch", tiny_qwen3, settings=EngineConfig())
+
+
+def test_the_sophon_backend_refuses_a_directory_that_is_not_a_compiled_bmodel(
+        tiny_qwen3: Path) -> None:
+    with pytest.raises(ModelConfigError, match="npuserve model bmodel"):
+        create_backend("sophon", tiny_qwen3)

@@ -66,3 +66,34 @@ def test_prefill_and_decode_on_the_simulator_match_transformers(
     assert min(cosines) >= 0.999
     assert [int(o.argmax()) for o in outputs] == [int(r.argmax()) for r in reference]
     assert session.length == len(tokens)
+
+
+def test_the_engine_serves_more_requests_than_slots_each_as_if_alone(
+        compiled: tuple[Path, dict[str, Any], SimulatorRuntime]) -> None:
+    from common.config import EngineConfig
+    from common.sampling_params import SamplingParams
+    from worker.backends.sophon.backend import SophonBackend
+    from worker.backends.sophon.settings import SophonSettings
+    from worker.engine.engine import Engine
+
+    source, manifest, runtime = compiled
+    bmodel_dir = runtime.bmodel.parent
+    settings = SophonSettings(pool_size=2, tpu_mlir_venv=str(require_toolchain().venv))
+    backend = SophonBackend(bmodel_dir, EngineConfig(max_num_seqs=4), settings)
+    try:
+        assert (backend.capacity.max_batch, backend.capacity.block_size) == (2, SEQLEN)
+        engine = Engine(backend)
+        prompts = [PROMPT, PROMPT[:5], PROMPT[3:]]
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        done = engine.generate(prompts, params)
+        # Each request alone in one session of the same bmodel: the pool, the slot a request
+        # is given and the requests sharing steps change nothing.
+        for prompt, completion in zip(prompts, done, strict=True):
+            alone = BmodelSession(runtime, manifest)
+            tokens = [int(alone.prefill(prompt).argmax())]
+            while len(tokens) < 4:
+                tokens.append(int(alone.decode(tokens[-1]).argmax()))
+            assert completion.token_ids == tokens
+        assert engine.scheduler.blocks.num_free_blocks == 2
+    finally:
+        backend.close()

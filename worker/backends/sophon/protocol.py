@@ -56,6 +56,11 @@ class BmodelSession:
         self.length = 0
         """Tokens whose keys and values are in the slot."""
 
+    @property
+    def kv_bytes(self) -> int:
+        """Host memory this slot's keys and values hold."""
+        return sum(k.nbytes + v.nbytes for k, v in zip(self._keys, self._values, strict=True))
+
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         """Start the slot over with `tokens`; returns lm_head's output for the last one."""
         n = len(tokens)

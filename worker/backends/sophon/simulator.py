@@ -47,6 +47,7 @@ class SimulatorRuntime:
     """One bmodel loaded in a simulator process; `run` calls one net."""
 
     def __init__(self, bmodel: Path, toolchain: Toolchain) -> None:
+        self.bmodel = bmodel
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
         self._proc = subprocess.Popen(
