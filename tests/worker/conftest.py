@@ -69,9 +69,11 @@ def gateway(redis_url: str) -> Iterator[FakeGateway]:
 
 def small_vocab_checkpoint(path: Path, arch: str) -> Path:
     """A tiny random float32 Qwen2 (2 layers) or Qwen3 (3 layers, head_dim 32) with a
-    1,024-token vocabulary and no tokenizer: the BM1684X simulator is slow over a real one."""
+    1,024-token byte-level BPE tokenizer trained here: the BM1684X simulator is slow over a
+    real vocabulary."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3Config
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
     torch.manual_seed(0)
     common = dict(vocab_size=1024, hidden_size=64, intermediate_size=128,
@@ -81,4 +83,13 @@ def small_vocab_checkpoint(path: Path, arch: str) -> Path:
     config = (Qwen3Config(num_hidden_layers=3, head_dim=32, **common) if arch == "qwen3"
               else Qwen2Config(num_hidden_layers=2, **common))
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = (Path(__file__).parents[2] / "worker" / "quant" / "eval_prompts.jsonl").read_text()
+    bpe.train_from_iterator([text] * 4, trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(path)
     return path

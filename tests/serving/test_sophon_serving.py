@@ -1,0 +1,91 @@
+"""The whole stack on the BM1684X simulator (make test-bm1684x): a gateway, Redis and a worker
+with the sophon backend (a pool of two slots) serve four concurrent streams, each getting
+exactly the tokens the bmodel gives it alone, and refuse what does not fit SEQLEN."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from gateway.client import GenerationClient, StreamResult, collect, sampling
+from tests.serving.conftest import Service, start_service, wait_until
+from tests.worker.conftest import small_vocab_checkpoint
+from worker.backends.sophon.protocol import BmodelSession
+from worker.backends.sophon.simulator import SimulatorRuntime
+from worker.checkpoints.bmodel import compile_bmodel
+from worker.checkpoints.tpu_toolchain import require_toolchain
+from worker.processes import free_port
+
+pytestmark = [pytest.mark.bm1684x, pytest.mark.timeout(600)]
+MODEL, SEQLEN = "tiny-bm", 64
+PROMPTS = [[5, 77, 301, 12], [999, 400, 8], [64, 123, 7, 512, 42], [11, 22, 33, 44, 55, 66]]
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory
+          ) -> Iterator[tuple[str, Path, dict[str, Any]]]:
+    tmp = tmp_path_factory.mktemp("sophon-stack")
+    toolchain = require_toolchain()
+    manifest = compile_bmodel(small_vocab_checkpoint(tmp / "source", "qwen2"), tmp / "bmodel",
+                              seqlen=SEQLEN, quant="bf16", sample_on_host=True,
+                              toolchain=toolchain)
+    prefix, target = f"bm-{uuid.uuid4().hex[:8]}:", f"127.0.0.1:{free_port()}"
+    common = ["--redis", redis_server, "--prefix", prefix]
+    services: list[Service] = [
+        start_service("gateway", ["gateway", "--listen", target, *common], tmp),
+        start_service("worker", ["worker", "--backend", "sophon", "--model",
+                                 str(tmp / "bmodel"), "--name", MODEL, "--sophon-device", "sim",
+                                 "--pool-size", "2", "--tpu-mlir-venv", str(toolchain.venv),
+                                 *common], tmp)]
+
+    def served() -> bool:
+        try:
+            with GenerationClient(target, timeout=2) as client:
+                return any(m.name == MODEL for m in client.list_models().models)
+        except grpc.RpcError:
+            return False
+
+    try:
+        wait_until(served, 180, "the sophon worker never registered", services)
+        yield target, tmp / "bmodel", manifest
+    finally:
+        for service in services:
+            service.stop()
+
+
+def test_four_streams_share_two_slots_and_each_gets_its_tokens_alone(
+        stack: tuple[str, Path, dict[str, Any]]) -> None:
+    target, bmodel_dir, manifest = stack
+    with GenerationClient(target, timeout=300) as client:
+        def one(prompt: list[int]) -> StreamResult:
+            return collect(client.generate(prompt, model=MODEL, max_tokens=6, ignore_eos=True,
+                                           sampling=sampling(temperature=0)))
+
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(one, PROMPTS))
+    runtime = SimulatorRuntime(bmodel_dir / manifest["bmodel"], require_toolchain())
+    try:
+        for prompt, result in zip(PROMPTS, results, strict=True):
+            alone = BmodelSession(runtime, manifest)
+            expected = [int(alone.prefill(prompt).argmax())]
+            while len(expected) < 6:
+                expected.append(int(alone.decode(expected[-1]).argmax()))
+            assert result.token_ids == expected
+            assert (result.finish_reason, result.completion_tokens) == ("length", 6)
+    finally:
+        runtime.close()
+
+
+def test_a_request_longer_than_seqlen_is_refused_naming_the_limit(
+        stack: tuple[str, Path, dict[str, Any]]) -> None:
+    target, _, _ = stack
+    with GenerationClient(target, timeout=30) as client, pytest.raises(grpc.RpcError) as info:
+        collect(client.generate([5] * 60, model=MODEL, max_tokens=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "64 tokens" in (info.value.details() or "")
