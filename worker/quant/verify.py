@@ -4,7 +4,7 @@ Both models read every evaluation text teacher-forced; at each position the two 
 vectors are compared (cosine similarity, top-1 agreement, KL(reference || model)) and each
 model's log-likelihood of the next token gives its perplexity. Any two model directories
 with one vocabulary can be compared: a quantized model and its source, or a converted model
-and the checkpoint it came from.
+and the checkpoint it came from, a compiled BM1684X bmodel (on Sophgo's simulator) among them.
 """
 
 from __future__ import annotations
@@ -22,15 +22,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.errors import ModelConfigError
-from worker.backends.torch_runner import ModelRunner
 from worker.quant.prompts import EvalText
-from worker.quant.runner import load_runner
+from worker.quant.teacher_forced import BmodelLogits, CheckpointLogits, TeacherForced, open_model
 
 log = logging.getLogger(__name__)
-
-LOGIT_ROWS = 256
-"""Positions whose logits are compared at once: bounds memory at 2 x rows x vocab floats."""
-
 
 @dataclass(slots=True)
 class Agreement:
@@ -102,14 +97,24 @@ def compare(model_dir: str | Path, reference_dir: str | Path, texts: Sequence[Ev
     tokenizer = load_tokenizer(reference_dir)
     encoded = [list(tokenizer(t.text).input_ids) for t in texts]
     longest = max(len(ids) for ids in encoded)
-    ref = load_runner(reference_dir, longest, device=device, threads=threads)
-    ours = load_runner(model_dir, longest, device=device, threads=threads)
-    if ref.model_config.vocab_size != ours.model_config.vocab_size:
-        raise ModelConfigError(f"the models' vocabularies differ ({ours.model_config.vocab_size}"
-                               f" vs {ref.model_config.vocab_size} tokens); compare a model "
-                               "with its own source")
+    ref = CheckpointLogits(reference_dir, longest, device=device, threads=threads)
+    ours = open_model(model_dir, longest, device=device, threads=threads)
+    try:
+        return _compare(ref, ours, str(model_dir), str(reference_dir), texts, encoded,
+                        threshold, progress)
+    finally:
+        if isinstance(ours, BmodelLogits):
+            ours.close()
+
+
+def _compare(ref: TeacherForced, ours: TeacherForced, model: str, reference: str,
+             texts: Sequence[EvalText], encoded: list[list[int]], threshold: float,
+             progress: bool) -> VerifyResult:
+    if ref.vocab_size != ours.vocab_size:
+        raise ModelConfigError(f"the models' vocabularies differ ({ours.vocab_size} vs "
+                               f"{ref.vocab_size} tokens); compare a model with its own source")
     context = min(ref.max_seq_len, ours.max_seq_len)
-    if longest > context:
+    if max(len(ids) for ids in encoded) > context:
         log.warning("texts longer than the models' context of %d tokens are cut to it", context)
         encoded = [ids[:context] for ids in encoded]
     total, rows = Agreement(), []
@@ -119,24 +124,22 @@ def compare(model_dir: str | Path, reference_dir: str | Path, texts: Sequence[Ev
         total.merge(agreement)
         rows.append({"id": text.id, "lang": text.lang, "kind": text.kind, **agreement.summary()})
     overall = total.summary()
-    quant = ours.model_config.quantization
+    quant = ours.quantization
     passed = overall["cosine_mean"] >= threshold
     return VerifyResult(
-        model=str(model_dir), reference=str(reference_dir),
-        quantization=quant.to_dict() if quant is not None else None, threshold=threshold,
+        model=model, reference=reference, quantization=quant, threshold=threshold,
         overall=overall, texts=rows, passed=passed,
-        suggestion=None if passed else next_step(quant.to_dict() if quant else None))
+        suggestion=None if passed else next_step(quant))
 
 
-def _agreement(ref: ModelRunner, ours: ModelRunner, ids: list[int]) -> Agreement:
-    # [T, hidden] each
-    h_ref, h_ours = ref.prefill_hidden_states(ids), ours.prefill_hidden_states(ids)
+def _agreement(ref: TeacherForced, ours: TeacherForced, ids: list[int]) -> Agreement:
     targets = torch.tensor(ids[1:])
     result = Agreement()
-    for start in range(0, len(ids), LOGIT_ROWS):
-        end = min(start + LOGIT_ROWS, len(ids))
-        result.add(ref.logits(h_ref[start:end]).cpu(), ours.logits(h_ours[start:end]).cpu(),
-                   targets[start:end])
+    start = 0
+    for ref_rows, our_rows in zip(ref.logit_rows(ids), ours.logit_rows(ids), strict=True):
+        end = start + ref_rows.shape[0]
+        result.add(ref_rows, our_rows, targets[start:end])
+        start = end
     return result
 
 
@@ -151,6 +154,9 @@ def next_step(quant: dict[str, Any] | None) -> str:
     if quant is None:
         return ("the model is not an npuserve int8 checkpoint: check how it was converted "
                 "(weight names and layout, rope and norm settings, tokenizer)")
+    if "bmodel" in quant:
+        return ("compile it again with finer weights (--quant w8bf16, or bf16) and check that "
+                "the converter saw the same checkpoint (the manifest's source_sha256)")
     group = quant.get("group_size", 0)
     requant = "re-run `npuserve quantize` with"
     if quant.get("activations") == "static":

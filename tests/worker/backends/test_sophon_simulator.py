@@ -97,3 +97,19 @@ def test_the_engine_serves_more_requests_than_slots_each_as_if_alone(
         assert engine.scheduler.blocks.num_free_blocks == 2
     finally:
         backend.close()
+
+
+def test_verify_compares_a_bmodel_on_the_simulator_with_its_source(
+        compiled: tuple[Path, dict[str, Any], SimulatorRuntime]) -> None:
+    from worker.quant.prompts import EvalText
+    from worker.quant.verify import compare
+
+    source, manifest, runtime = compiled
+    texts = [EvalText("en", "The quick brown fox jumps over the lazy dog.", "en", "prose"),
+             EvalText("zh", "通义千问是一个大语言模型。", "zh", "prose")]
+    result = compare(runtime.bmodel.parent, source, texts, threshold=0.98, progress=False)
+    print(f"verify {manifest['quant']}: {result.overall}")
+    assert result.passed and result.overall["cosine_mean"] >= 0.999
+    assert result.overall["top1_agreement"] >= 0.9
+    assert result.quantization == {"bmodel": manifest["quant"], "chip": "bm1684x",
+                                   "seqlen": SEQLEN}
