@@ -15,8 +15,7 @@ import pytest
 
 from gateway.client import GenerationClient, StreamResult, collect, sampling
 from tests.serving.conftest import Service, start_service, wait_until
-from tests.worker.conftest import small_vocab_checkpoint
-from worker.backends.sophon.protocol import BmodelSession
+from tests.worker.conftest import greedy_alone, small_vocab_checkpoint
 from worker.backends.sophon.simulator import SimulatorRuntime
 from worker.checkpoints.bmodel import compile_bmodel
 from worker.checkpoints.tpu_toolchain import require_toolchain
@@ -72,11 +71,7 @@ def test_four_streams_share_two_slots_and_each_gets_its_tokens_alone(
     runtime = SimulatorRuntime(bmodel_dir / manifest["bmodel"], require_toolchain())
     try:
         for prompt, result in zip(PROMPTS, results, strict=True):
-            alone = BmodelSession(runtime, manifest)
-            expected = [int(alone.prefill(prompt).argmax())]
-            while len(expected) < 6:
-                expected.append(int(alone.decode(expected[-1]).argmax()))
-            assert result.token_ids == expected
+            assert result.token_ids == greedy_alone(runtime, manifest, prompt, 6)
             assert (result.finish_reason, result.completion_tokens) == ("length", 6)
     finally:
         runtime.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -93,3 +94,15 @@ def small_vocab_checkpoint(path: Path, arch: str) -> Path:
     PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(path)
     return path
+
+
+def greedy_alone(runtime: Any, manifest: dict[str, Any], prompt: list[int], n: int) -> list[int]:
+    """The first n greedy tokens of `prompt` in a bmodel slot of its own: what a request
+    must get from the sophon backend, whatever shares its pool."""
+    from worker.backends.sophon.protocol import BmodelSession
+
+    alone = BmodelSession(runtime, manifest)
+    tokens = [int(alone.prefill(prompt).argmax())]
+    while len(tokens) < n:
+        tokens.append(int(alone.decode(tokens[-1]).argmax()))
+    return tokens

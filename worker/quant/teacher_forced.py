@@ -29,6 +29,10 @@ class TeacherForced(Protocol):
         """Logits [rows, V] of positions 0..len(ids)-1, LOGIT_ROWS at a time, on the CPU."""
         ...
 
+    def close(self) -> None:
+        """Release what the model holds outside this process."""
+        ...
+
 
 class CheckpointLogits:
     """A Hugging Face or npuserve int8 checkpoint, through the torch backend's runner."""
@@ -46,6 +50,9 @@ class CheckpointLogits:
         for start in range(0, len(ids), LOGIT_ROWS):
             yield self.runner.logits(hidden[start:start + LOGIT_ROWS]).cpu()
 
+    def close(self) -> None:
+        """Nothing outside this process."""
+
 
 class BmodelLogits:
     """A bmodel compiled with --sample-on-host, on the BM1684X C-model simulator."""
@@ -53,7 +60,7 @@ class BmodelLogits:
     def __init__(self, model_dir: Path, venv: Path | None = None) -> None:
         import json
 
-        from worker.backends.sophon.protocol import BmodelSession, bf16_to_f32
+        from worker.backends.sophon.protocol import BmodelSession
         from worker.backends.sophon.simulator import SimulatorRuntime
         from worker.checkpoints.bmodel import MANIFEST
         from worker.checkpoints.tpu_toolchain import require_toolchain
@@ -61,16 +68,15 @@ class BmodelLogits:
         manifest = json.loads((model_dir / MANIFEST).read_text())
         self.runtime = SimulatorRuntime(model_dir / manifest["bmodel"], require_toolchain(venv))
         self.session = BmodelSession(self.runtime, manifest)
-        self._as_f32 = bf16_to_f32
         self.vocab_size = int(manifest["vocab_size"])
         self.max_seq_len = int(manifest["seqlen"])
         self.quantization: dict[str, Any] | None = {
             "bmodel": manifest["quant"], "chip": manifest["chip"], "seqlen": self.max_seq_len}
 
     def logit_rows(self, ids: list[int]) -> Iterator[torch.Tensor]:
-        rows = [self._row(self.session.prefill(ids[:1]))]
+        rows = [torch.from_numpy(self.session.prefill(ids[:1]))]
         for token in ids[1:]:
-            rows.append(self._row(self.session.decode(token)))
+            rows.append(torch.from_numpy(self.session.decode(token)))
             if len(rows) == LOGIT_ROWS:
                 yield torch.stack(rows)
                 rows = []
@@ -79,9 +85,6 @@ class BmodelLogits:
 
     def close(self) -> None:
         self.runtime.close()
-
-    def _row(self, out: Any) -> torch.Tensor:
-        return torch.from_numpy(out if out.dtype.name == "float32" else self._as_f32(out))
 
 
 def open_model(model_dir: str | Path, max_tokens: int, *, device: str = "cpu",

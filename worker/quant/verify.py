@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from common.errors import ModelConfigError
 from worker.quant.prompts import EvalText
-from worker.quant.teacher_forced import BmodelLogits, CheckpointLogits, TeacherForced, open_model
+from worker.quant.teacher_forced import CheckpointLogits, TeacherForced, open_model
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,7 @@ def compare(model_dir: str | Path, reference_dir: str | Path, texts: Sequence[Ev
         return _compare(ref, ours, str(model_dir), str(reference_dir), texts, encoded,
                         threshold, progress)
     finally:
-        if isinstance(ours, BmodelLogits):
-            ours.close()
+        ours.close()
 
 
 def _compare(ref: TeacherForced, ours: TeacherForced, model: str, reference: str,

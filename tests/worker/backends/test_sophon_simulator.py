@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.worker.conftest import small_vocab_checkpoint
+from tests.worker.conftest import greedy_alone, small_vocab_checkpoint
 from worker.backends.sophon.protocol import BmodelSession
 from worker.backends.sophon.simulator import SimulatorRuntime
 from worker.checkpoints.bmodel import compile_bmodel
@@ -89,11 +89,7 @@ def test_the_engine_serves_more_requests_than_slots_each_as_if_alone(
         # Each request alone in one session of the same bmodel: the pool, the slot a request
         # is given and the requests sharing steps change nothing.
         for prompt, completion in zip(prompts, done, strict=True):
-            alone = BmodelSession(runtime, manifest)
-            tokens = [int(alone.prefill(prompt).argmax())]
-            while len(tokens) < 4:
-                tokens.append(int(alone.decode(tokens[-1]).argmax()))
-            assert completion.token_ids == tokens
+            assert completion.token_ids == greedy_alone(runtime, manifest, prompt, 4)
         assert engine.scheduler.blocks.num_free_blocks == 2
     finally:
         backend.close()

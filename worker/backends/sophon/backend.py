@@ -24,7 +24,7 @@ from common.capabilities import Capabilities
 from common.config import EngineConfig
 from common.errors import ModelConfigError
 from worker.backends.base import Backend, BackendCapacity, SequenceChunk, StepResult
-from worker.backends.sophon.protocol import BmodelSession, bf16_to_f32
+from worker.backends.sophon.protocol import BmodelSession
 from worker.backends.sophon.settings import SophonSettings
 from worker.backends.sophon.simulator import SimulatorRuntime
 from worker.checkpoints.bmodel import MANIFEST
@@ -91,7 +91,7 @@ class SophonBackend(Backend):
                     f"{len(chunk.token_ids)} tokens does not follow its slot's "
                     f"{slot.length}; the sophon backend does not chunk prefills")
             if chunk.sample:
-                rows.append(logits if logits.dtype == np.float32 else bf16_to_f32(logits))
+                rows.append(logits)
         if not rows:
             return StepResult(logits=None)
         return StepResult(logits=torch.from_numpy(np.stack(rows)))

@@ -111,6 +111,7 @@ class BmodelSession:
         return self._head(hidden.reshape(1, self._hidden))
 
     def _head(self, hidden: np.ndarray) -> np.ndarray:
-        """lm_head over one hidden state [1, H] -> its output row (logits, or a top-1 id)."""
-        out = self.runtime.run("lm_head", {"hidden_states": hidden})
-        return next(iter(out.values())).reshape(-1)
+        """lm_head over one hidden state [1, H] -> its output row: float32 logits (bfloat16
+        ones widened), or the chip's top-1 id."""
+        row = next(iter(self.runtime.run("lm_head", {"hidden_states": hidden}).values()))
+        return (bf16_to_f32(row) if row.dtype == np.uint16 else row).reshape(-1)
