@@ -67,12 +67,14 @@ class Toolchain:
 
 
 def find_python310() -> Path:
-    """A CPython 3.10: python3.10 on PATH, else one under pyenv."""
-    found = shutil.which("python3.10")
-    if found:
-        return Path(found)
-    for candidate in sorted(glob.glob(str(Path.home() / ".pyenv/versions/3.10*/bin/python3.10"))):
-        return Path(candidate)
+    """A CPython 3.10 that runs: python3.10 on PATH, else one under pyenv. A pyenv shim on
+    PATH counts only if it runs (it fails while 3.10 is not a selected pyenv version)."""
+    candidates = [found] if (found := shutil.which("python3.10")) else []
+    candidates += sorted(glob.glob(str(Path.home() / ".pyenv/versions/3.10*/bin/python3.10")))
+    for candidate in candidates:
+        probe = subprocess.run([candidate, "-c", "import venv"], capture_output=True)
+        if probe.returncode == 0:
+            return Path(candidate)
     raise ModelConfigError(
         "tpu-mlir needs Python 3.10 exactly and none was found; install it (e.g. "
         "`pyenv install 3.10`) or put python3.10 on PATH")
