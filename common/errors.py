@@ -61,6 +61,12 @@ class ResourceExhaustedError(NpuserveError):
     code = ErrorCode.RESOURCE_EXHAUSTED
 
 
+class DeviceError(NpuserveError):
+    """A device call failed for one sequence (its slot is reset; other sequences go on)."""
+
+    code = ErrorCode.INTERNAL
+
+
 class ModelConfigError(NpuserveError, ValueError):
     """A checkpoint uses a feature npuserve does not support, or is malformed."""
 

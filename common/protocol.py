@@ -29,6 +29,9 @@ class QueuedRequest:
     """Absolute wall-clock deadline in ms since the epoch; 0 means none."""
     published_ids: list[int] = field(default_factory=list)
     """Tokens already streamed by an earlier worker (set when a request is resumed)."""
+    device_failures: int = 0
+    """Times a worker's device failed running this request (req:{id} field `failures`, set
+    by workers only): a failed request is re-queued once, then failed."""
 
     @property
     def context_len(self) -> int:
@@ -69,6 +72,7 @@ class QueuedRequest:
             enqueue_ms=int(fields.get("enqueue_ms", "0")),
             deadline_ms=int(fields.get("deadline_ms", "0")),
             published_ids=list(published or []),
+            device_failures=int(fields.get("failures", "0")),
         )
 
 

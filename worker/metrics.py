@@ -14,6 +14,8 @@ import sys
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from worker.backends.base import DeviceStats
+
 log = logging.getLogger(__name__)
 
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -48,6 +50,10 @@ class WorkerMetrics:
         self.finished = Counter("npuserve_worker_requests_finished",
                                 "Requests ended by this worker, by finish reason",
                                 ["reason"], registry=r)
+        self.device_failures = Counter(
+            "npuserve_worker_device_failures",
+            "Requests whose device call failed: retried (handed back) or failed", ["outcome"],
+            registry=r)
         self.weight_bytes = Gauge("npuserve_worker_weight_bytes",
                                   "Bytes of model weights read per decode step", registry=r)
         self.weight_memory_bytes = Gauge(
@@ -59,6 +65,16 @@ class WorkerMetrics:
                                "Resident memory of the worker process", registry=r)
         self.kv_blocks_used = Gauge("npuserve_worker_kv_blocks_used",
                                     "KV cache blocks owned by requests", registry=r)
+        self.device_memory_total = Gauge(
+            "npuserve_worker_device_memory_total_bytes",
+            "Accelerator memory in all, as its driver reports it", ["device"], registry=r)
+        self.device_memory_used = Gauge(
+            "npuserve_worker_device_memory_used_bytes",
+            "Accelerator memory in use (all processes), as its driver reports it", ["device"],
+            registry=r)
+        self.device_utilization = Gauge(
+            "npuserve_worker_device_utilization",
+            "Busy fraction of the accelerator's compute units, 0..1", ["device"], registry=r)
         self.kv_blocks_total = Gauge("npuserve_worker_kv_blocks_total",
                                      "KV cache blocks in all", registry=r)
 
@@ -76,6 +92,11 @@ class WorkerMetrics:
         self.waiting.set(waiting)
         self.kv_blocks_used.set(blocks_used)
         self.kv_blocks_total.set(blocks_total)
+
+    def set_device(self, device: str, stats: DeviceStats) -> None:
+        self.device_memory_total.labels(device).set(stats.memory_total_bytes)
+        self.device_memory_used.labels(device).set(stats.memory_used_bytes)
+        self.device_utilization.labels(device).set(stats.utilization)
 
     def set_memory(self, weight_bytes: int, weight_memory_bytes: int,
                    kv_cache_bytes: int) -> None:

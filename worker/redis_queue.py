@@ -64,12 +64,15 @@ class StepBatch:
     """request id -> (new token ids, length of toks:{id} once they are appended)."""
     finished: list[str] = field(default_factory=list)
     """Requests whose last event is in this batch: their keys and lease are removed."""
+    retry: list[str] = field(default_factory=list)
+    """Requests whose device failed: their `failures` count goes up; the worker then hands
+    them back to the queue (RedisQueue.requeue)."""
 
     def add(self, gateway_id: str, event: ReplyEvent) -> None:
         self.events.setdefault(gateway_id, []).append(event)
 
     def __bool__(self) -> bool:
-        return bool(self.events or self.tokens or self.finished)
+        return bool(self.events or self.tokens or self.finished or self.retry)
 
 
 class RedisQueue:
@@ -174,6 +177,8 @@ class RedisQueue:
             for rid in batch.finished:
                 pipe.delete(k.request(rid), k.tokens(rid), k.cancel(rid))
                 pipe.zrem(k.leases(self.model), rid)
+            for rid in batch.retry:
+                pipe.hincrby(k.request(rid), "failures", 1)
 
         self._multi("publish", build)
 
@@ -205,7 +210,7 @@ class RedisQueue:
             args=[now_ms, k.prefix])))
 
     def requeue(self, ids: Sequence[str]) -> int:
-        """Hand leased requests back with their original score (drain)."""
+        """Hand leased requests back with their original score (drain, device failure)."""
         if not ids:
             return 0
         k = self.keys

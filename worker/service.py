@@ -42,6 +42,8 @@ from worker.redis_queue import Claimed, RedisQueue, StepBatch
 
 log = logging.getLogger(__name__)
 
+MAX_DEVICE_RETRIES = 1
+"""A request whose device call fails is handed back this many times, then failed."""
 IDLE_WAIT_S = 0.5
 """Longest BLPOP on wake:{model}: bounds both idle latency and how late a stop is seen."""
 _MB = 1 << 20
@@ -139,6 +141,8 @@ class WorkerService:
         backend = self.engine.backend
         self.metrics.set_memory(backend.weight_bytes(), backend.weight_memory_bytes(),
                                 backend.kv_cache_bytes())
+        if (stats := backend.device_stats()) is not None:
+            self.metrics.set_device(str(backend.device), stats)
 
     def run_once(self) -> bool:
         """One iteration (see the module docstring); False when there was nothing to do.
@@ -171,6 +175,8 @@ class WorkerService:
         except redis.RedisError:
             self._forget_all()
             raise
+        if batch.retry:
+            self.queue.requeue(batch.retry)
         sched, blocks = self.engine.scheduler, self.engine.scheduler.blocks
         self.metrics.set_load(len(sched.running), len(sched.waiting),
                               blocks.num_blocks - blocks.num_free_blocks, blocks.num_blocks)
@@ -273,6 +279,8 @@ class WorkerService:
         start = time.perf_counter()
         events = self.engine.step()
         self.metrics.observe_step(time.perf_counter() - start, len(events))
+        for rid, what in self.engine.failed.items():
+            self._device_failed(batch, rid, what)
         for ev in events:
             act = self._active.get(ev.request_id)
             if act is None:
@@ -288,6 +296,25 @@ class WorkerService:
             batch.add(act.req.gateway_id, reply)
             ids, _ = batch.tokens.get(ev.request_id, ([], 0))
             batch.tokens[ev.request_id] = ([*ids, ev.token_id], act.completion_tokens)
+
+    def _device_failed(self, batch: StepBatch, rid: str, what: str) -> None:
+        """The device failed running rid (the engine dropped it, its slot was reset): hand
+        it back once, to resume from its published tokens; fail it the second time."""
+        act = self._active.get(rid)
+        if act is None:
+            return
+        if act.req.device_failures < MAX_DEVICE_RETRIES:
+            log.warning("request %s: device failed (%s); handing it back to the queue", rid,
+                        what)
+            batch.retry.append(rid)
+            self._active.pop(rid)
+            self.metrics.device_failures.labels("retried").inc()
+            return
+        self.metrics.device_failures.labels("failed").inc()
+        self._end(batch, act, ReplyEvent(rid, -1, code=ErrorCode.INTERNAL, error=(
+            f"the device failed running this request {act.req.device_failures + 1} times "
+            f"(last: {what}); it was retried once on a fresh slot. Retry later or report "
+            "the failure to the operator")), "error")
 
     def _end(self, batch: StepBatch, act: _Active, event: ReplyEvent, reason: str) -> None:
         """Make event the request's last: finish_reason, usage, keys removed on publish."""

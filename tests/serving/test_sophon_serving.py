@@ -1,6 +1,7 @@
 """The whole stack on the BM1684X simulator (make test-bm1684x): a gateway, Redis and a worker
 with the sophon backend (a pool of two slots) serve four concurrent streams, each getting
-exactly the tokens the bmodel gives it alone, and refuse what does not fit SEQLEN."""
+exactly the tokens the bmodel gives it alone, and refuse what does not fit SEQLEN; a second
+worker with the top-1 head on chip serves greedy requests and refuses sampling ones."""
 
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ import pytest
 
 from gateway.client import GenerationClient, StreamResult, collect, sampling
 from tests.serving.conftest import Service, start_service, wait_until
-from tests.worker.conftest import greedy_alone, small_vocab_checkpoint
+from tests.worker.conftest import compiled_tiny, greedy_alone
 from worker.backends.sophon.simulator import SimulatorRuntime
-from worker.checkpoints.bmodel import compile_bmodel
 from worker.checkpoints.tpu_toolchain import require_toolchain
 from worker.processes import free_port
 
 pytestmark = [pytest.mark.bm1684x, pytest.mark.timeout(600)]
-MODEL, SEQLEN = "tiny-bm", 64
+MODEL, CHIP_MODEL, SEQLEN = "tiny-bm", "tiny-bm-chip", 64
 PROMPTS = [[5, 77, 301, 12], [999, 400, 8], [64, 123, 7, 512, 42], [11, 22, 33, 44, 55, 66]]
 
 
@@ -31,28 +31,30 @@ def stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[tuple[str, Path, dict[str, Any]]]:
     tmp = tmp_path_factory.mktemp("sophon-stack")
     toolchain = require_toolchain()
-    manifest = compile_bmodel(small_vocab_checkpoint(tmp / "source", "qwen2"), tmp / "bmodel",
-                              seqlen=SEQLEN, quant="bf16", sample_on_host=True,
-                              toolchain=toolchain)
+    _, bmodel, manifest = compiled_tiny("qwen2", seqlen=SEQLEN, quant="bf16")
+    _, chip, _ = compiled_tiny("qwen2", seqlen=SEQLEN, quant="bf16", sample_on_host=False)
     prefix, target = f"bm-{uuid.uuid4().hex[:8]}:", f"127.0.0.1:{free_port()}"
     common = ["--redis", redis_server, "--prefix", prefix]
+    sophon = ["--backend", "sophon", "--sophon-device", "sim", "--tpu-mlir-venv",
+              str(toolchain.venv), *common]
     services: list[Service] = [
         start_service("gateway", ["gateway", "--listen", target, *common], tmp),
-        start_service("worker", ["worker", "--backend", "sophon", "--model",
-                                 str(tmp / "bmodel"), "--name", MODEL, "--sophon-device", "sim",
-                                 "--pool-size", "2", "--tpu-mlir-venv", str(toolchain.venv),
-                                 *common], tmp)]
+        start_service("worker", ["worker", "--model", str(bmodel), "--name", MODEL,
+                                 "--pool-size", "2", *sophon], tmp),
+        start_service("chip-worker", ["worker", "--model", str(chip), "--name", CHIP_MODEL,
+                                      "--pool-size", "1", *sophon], tmp)]
 
     def served() -> bool:
         try:
             with GenerationClient(target, timeout=2) as client:
-                return any(m.name == MODEL for m in client.list_models().models)
+                names = {m.name for m in client.list_models().models}
+                return {MODEL, CHIP_MODEL} <= names
         except grpc.RpcError:
             return False
 
     try:
-        wait_until(served, 180, "the sophon worker never registered", services)
-        yield target, tmp / "bmodel", manifest
+        wait_until(served, 180, "the sophon workers never registered", services)
+        yield target, bmodel, manifest
     finally:
         for service in services:
             service.stop()
@@ -84,3 +86,21 @@ def test_a_request_longer_than_seqlen_is_refused_naming_the_limit(
         collect(client.generate([5] * 60, model=MODEL, max_tokens=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "64 tokens" in (info.value.details() or "")
+
+
+def test_a_worker_whose_chip_picks_the_token_serves_greedy_and_refuses_sampling(
+        stack: tuple[str, Path, dict[str, Any]]) -> None:
+    target, bmodel_dir, manifest = stack
+    with GenerationClient(target, timeout=300) as client:
+        greedy = collect(client.generate(PROMPTS[0], model=CHIP_MODEL, max_tokens=4,
+                                         ignore_eos=True, sampling=sampling(temperature=0)))
+        with pytest.raises(grpc.RpcError) as info:
+            collect(client.generate(PROMPTS[0], model=CHIP_MODEL, max_tokens=4,
+                                    sampling=sampling(temperature=0.8)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "temperature" in (info.value.details() or "")
+    runtime = SimulatorRuntime(bmodel_dir / manifest["bmodel"], require_toolchain())
+    try:
+        assert greedy.token_ids == greedy_alone(runtime, manifest, PROMPTS[0], 4)
+    finally:
+        runtime.close()

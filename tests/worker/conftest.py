@@ -96,6 +96,32 @@ def small_vocab_checkpoint(path: Path, arch: str) -> Path:
     return path
 
 
+def compiled_tiny(arch: str, *, seqlen: int, quant: str, sample_on_host: bool = True
+                  ) -> tuple[Path, Path, dict[str, Any]]:
+    """(checkpoint, bmodel dir, manifest) of a small-vocabulary tiny model compiled for the
+    BM1684X, cached under NPUSERVE_TEST_CACHE (default ~/.cache/npuserve/test-bmodels) by the
+    checkpoint recipe and the options; compile_bmodel itself recompiles only when the
+    checkpoint, the options or the tpu-mlir version changed."""
+    import hashlib
+    import inspect
+    import os
+
+    from worker.checkpoints.bmodel import compile_bmodel
+    from worker.checkpoints.tpu_toolchain import require_toolchain
+
+    recipe = hashlib.sha256(inspect.getsource(small_vocab_checkpoint).encode()).hexdigest()
+    root = Path(os.environ.get("NPUSERVE_TEST_CACHE",
+                               Path.home() / ".cache" / "npuserve" / "test-bmodels"))
+    home = root / (f"{arch}-{recipe[:10]}")
+    head = "host" if sample_on_host else "chip"
+    if not (home / "source" / "config.json").is_file():
+        small_vocab_checkpoint(home / "source", arch)
+    out = home / f"{quant}-seq{seqlen}-{head}"
+    manifest = compile_bmodel(home / "source", out, seqlen=seqlen, quant=quant,
+                              sample_on_host=sample_on_host, toolchain=require_toolchain())
+    return home / "source", out, manifest
+
+
 def greedy_alone(runtime: Any, manifest: dict[str, Any], prompt: list[int], n: int) -> list[int]:
     """The first n greedy tokens of `prompt` in a bmodel slot of its own: what a request
     must get from the sophon backend, whatever shares its pool."""

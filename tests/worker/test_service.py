@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +12,9 @@ import pytest
 import redis
 
 from common.config import EngineConfig, RedisConfig, WorkerConfig
+from common.errors import ErrorCode
 from common.sampling_params import SamplingParams
+from worker.backends.base import SequenceChunk, StepResult
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 from worker.redis_queue import RedisQueue
@@ -284,3 +286,69 @@ def test_a_worker_claims_only_what_its_free_kv_blocks_can_start(
         queue.close()
     for rid, prompt in prompts.items():
         assert [e.token_id for e in gateway.events(rid)] == reference(engine, prompt, params)
+
+
+@pytest.fixture
+def failing_device(engine: Engine, monkeypatch: pytest.MonkeyPatch
+                   ) -> Callable[[dict[str, int]], None]:
+    """Make the device call of chosen requests fail, as a backend reports it (the step's other
+    requests still run): rid -> how many of its decode steps fail, from its third token."""
+    def arm(budget: dict[str, int]) -> None:
+        real = engine.backend.execute
+
+        def execute(chunks: Sequence[SequenceChunk]) -> StepResult:
+            failing = {c.request_id for c in chunks if budget.get(c.request_id, 0) > 0
+                       and c.is_decode and c.start_pos >= len(PROMPTS[0]) + 3}
+            for rid in failing:
+                budget[rid] -= 1
+            result = real([c for c in chunks if c.request_id not in failing])
+            result.failed = dict.fromkeys(failing, "net block_cache_1 failed (injected)")
+            return result
+
+        monkeypatch.setattr(engine.backend, "execute", execute)
+
+    return arm
+
+
+def test_a_request_whose_device_call_fails_is_handed_back_once_and_resumes_exactly(
+        make_service: MakeService, gateway: FakeGateway, engine: Engine,
+        failing_device: Callable[[dict[str, int]], None]) -> None:
+    expected = {rid: reference(engine, p, GREEDY) for rid, p in (("flaky", PROMPTS[0]),
+                                                                  ("steady", PROMPTS[1]))}
+    failing_device({"flaky": 1})
+    service = make_service()
+    gateway.enqueue("flaky", PROMPTS[0], GREEDY)
+    gateway.enqueue("steady", PROMPTS[1], GREEDY)
+    run_until(service, lambda: gateway.finished("flaky") and gateway.finished("steady"))
+    for rid, tokens in expected.items():
+        events = gateway.events(rid)
+        assert [e.index for e in events] == list(range(GREEDY.max_tokens)), rid
+        assert [e.token_id for e in events] == tokens, rid
+        assert events[-1].finish_reason == "length"
+    assert service.metrics.device_failures.labels("retried")._value.get() == 1
+    assert not gateway.client.exists(gateway.keys.request("flaky"))
+
+
+def test_a_request_whose_device_call_fails_twice_ends_with_an_internal_error(
+        make_service: MakeService, gateway: FakeGateway, engine: Engine,
+        failing_device: Callable[[dict[str, int]], None]) -> None:
+    failing_device({"doomed": 2})
+    service = make_service()
+    gateway.enqueue("doomed", PROMPTS[0], GREEDY)
+    gateway.enqueue("steady", PROMPTS[1], GREEDY)
+    run_until(service, lambda: gateway.finished("doomed") and gateway.finished("steady"))
+    events = gateway.events("doomed")
+    last = events[-1]
+    assert (last.index, last.finish_reason, last.code) == (-1, "error", ErrorCode.INTERNAL)
+    assert "failed running this request 2 times" in last.error
+    assert "block_cache_1" in last.error and "retried once" in last.error
+    # The first failure came with 4 tokens out, the second after the resumed prefill's one.
+    assert [e.index for e in events[:-1]] == [0, 1, 2, 3, 4]
+    assert last.completion_tokens == 5
+    assert [e.token_id for e in gateway.events("steady")] == reference(engine, PROMPTS[1],
+                                                                         GREEDY)
+    k = gateway.keys
+    assert not gateway.client.exists(k.request("doomed"), k.tokens("doomed"))
+    assert gateway.client.zcard(k.leases(MODEL)) == 0 and gateway.client.zcard(
+        k.queue(MODEL)) == 0
+    assert service.metrics.device_failures.labels("failed")._value.get() == 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -72,6 +72,19 @@ class StepResult:
     """[n, vocab] float32 tensor when the backend's output is LOGITS."""
     token_ids: list[int] | None = None
     """Sampled ids when the backend's output is TOKENS."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Requests whose device call failed this step -> what failed. They have no output row
+    (rows above are for the others), and the backend already reset what they held."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStats:
+    """One reading of an accelerator's own counters (for the worker's metrics)."""
+
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization: float
+    """Busy fraction of the compute units, 0..1, as the vendor's driver reports it."""
 
 
 class Backend(ABC):
@@ -106,6 +119,10 @@ class Backend(ABC):
     def kv_cache_bytes(self) -> int:
         """Bytes of memory the KV cache holds."""
         return 0
+
+    def device_stats(self) -> DeviceStats | None:
+        """The device's memory and utilisation now, where its driver reports them."""
+        return None
 
     def release(self, request_id: str) -> None:  # noqa: B027 -- optional hook, no-op by default
         """Called when a request leaves the device (finished, aborted or preempted)."""

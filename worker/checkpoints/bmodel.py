@@ -119,14 +119,25 @@ def source_digest(model_dir: Path) -> str:
 
 def compile_bmodel(model_dir: Path, out: Path, *, seqlen: int, quant: str,
                    sample_on_host: bool, toolchain: Toolchain) -> dict[str, Any]:
-    """Compile `model_dir` into `out`; returns the manifest written there."""
+    """Compile `model_dir` into `out`; returns the manifest written there. Nothing is done
+    when `out` already holds this checkpoint (by hash) compiled with these options by this
+    tpu-mlir version."""
     if quant not in QUANTS:
         raise ModelConfigError(f"quantization {quant!r} is not one of {', '.join(QUANTS)}")
     config = json.loads((model_dir / "config.json").read_text())
     if seqlen < 2 or seqlen > int(config.get("max_position_embeddings", seqlen)):
         raise ModelConfigError(f"--seqlen {seqlen} must be in [2, the model's "
                                f"max_position_embeddings {config.get('max_position_embeddings')}]")
+    digest = source_digest(model_dir)
+    options = {"seqlen": seqlen, "quant": quant, "sample_on_host": sample_on_host,
+               "tpu_mlir_version": TPU_MLIR_VERSION, "source_sha256": digest}
+    if (current := _up_to_date(out, options)) is not None:
+        log.info("%s is up to date (same checkpoint, options and tpu-mlir %s): not compiling",
+                 out / current["bmodel"], TPU_MLIR_VERSION)
+        return current
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.bmodel"):
+        stale.unlink()
     with tempfile.TemporaryDirectory(prefix="npuserve-bmodel-") as tmp:
         source = _as_bf16(model_dir, Path(tmp), config)
         args = ["-m", str(source), "-s", str(seqlen), "-q", quant, "-c", CHIP,
@@ -153,12 +164,22 @@ def compile_bmodel(model_dir: Path, out: Path, *, seqlen: int, quant: str,
         "sample_on_host": sample_on_host, "tpu_mlir_version": TPU_MLIR_VERSION,
         "num_layers": int(config["num_hidden_layers"]), "vocab_size": int(config["vocab_size"]),
         "device_mem_bytes": info.device_mem_bytes, "source": str(model_dir.resolve()),
-        "source_sha256": source_digest(model_dir),
+        "source_sha256": digest,
         "nets": {name: asdict(net) for name, net in info.nets.items()},
     }
     text = json.dumps(manifest, indent=1)
     (out / MANIFEST).write_text(text + "\n")
     return dict(json.loads(text))  # as a reader of the file sees it (lists, not tuples)
+
+
+def _up_to_date(out: Path, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest in `out` if it was compiled with exactly `options` and its bmodel is there."""
+    try:
+        manifest: dict[str, Any] = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    same = all(manifest.get(k) == v for k, v in options.items())
+    return manifest if same and (out / str(manifest.get("bmodel"))).is_file() else None
 
 
 def _as_bf16(model_dir: Path, tmp: Path, config: dict[str, Any]) -> Path:

@@ -38,6 +38,9 @@ class Engine:
         self.scheduler = Scheduler(backend.capacity)
         self.sampler = Sampler()
         self._eos = frozenset(self.model_config.eos_token_ids)
+        self.failed: dict[str, str] = {}
+        """Requests the last step dropped because their device call failed -> the failure.
+        They are no longer in the engine; the caller decides whether to retry them."""
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
@@ -83,6 +86,7 @@ class Engine:
         return True
 
     def step(self) -> list[TokenEvent]:
+        self.failed = {}
         out = self.scheduler.schedule()
         for req in out.preempted:
             self.backend.release(req.request_id)
@@ -131,6 +135,8 @@ class Engine:
             for c in out.chunks
         ]
         result = self.backend.execute(chunks)
+        if result.failed:
+            self._drop_failed(out, result.failed)
         sampled = [c.request for c in out.chunks if c.sample]
         if self.backend.capacity.output == OutputKind.TOKENS:
             assert result.token_ids is not None
@@ -141,6 +147,17 @@ class Engine:
         rows = [SampleRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sampled]
         s = self.sampler(result.logits, rows)
         return s.token_ids, s.logprobs
+
+    def _drop_failed(self, out: SchedulerOutput, failed: dict[str, str]) -> None:
+        """Take the requests whose device call failed out of the step and the engine."""
+        out.chunks = [c for c in out.chunks if c.request.request_id not in failed]
+        for rid, what in failed.items():
+            req = self.scheduler.get(rid)
+            if req is not None:
+                self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+                self.backend.release(rid)
+            log.error("request %s: device call failed: %s", rid, what)
+        self.failed = dict(failed)
 
     def _event(self, req: Request, logprob: float | None) -> TokenEvent:
         if req.status.finished:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.worker.conftest import small_vocab_checkpoint
-from worker.backends.sophon.protocol import BmodelSession
+from worker.backends.sophon.protocol import BmodelSession, HostRuntime
 from worker.backends.sophon.simulator import SimulatorRuntime
 from worker.checkpoints.bmodel import compile_bmodel
 from worker.checkpoints.tpu_toolchain import require_toolchain
@@ -32,7 +32,7 @@ PROMPT = [5, 77, 301, 12]
 DECODES = 3
 
 
-class Recorder:
+class Recorder(HostRuntime):
     def __init__(self, runtime: SimulatorRuntime) -> None:
         self.runtime = runtime
         self.arrays: dict[str, np.ndarray] = {}

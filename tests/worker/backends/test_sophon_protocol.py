@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from common.errors import InvalidRequestError
-from worker.backends.sophon.protocol import MASKED, BmodelSession
+from worker.backends.sophon.protocol import MASKED, BmodelSession, HostRuntime
 
 SEQLEN, HIDDEN, KVH, D, LAYERS = 8, 4, 2, 3, 2
 
@@ -27,7 +27,7 @@ def manifest() -> dict[str, Any]:
                                      t("history_v", [1, SEQLEN, KVH, D])]}}}
 
 
-class Recorder:
+class Recorder(HostRuntime):
     """Keys and values stamped with the position they belong to: k = 100 + pos, v = 200."""
 
     def __init__(self) -> None:

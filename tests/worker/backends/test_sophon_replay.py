@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from tests.worker.backends.record_sophon_fixture import MANIFEST, RECORDING
-from worker.backends.sophon.protocol import BmodelSession
+from worker.backends.sophon.protocol import BmodelSession, HostRuntime
 
 
-class Replay:
+class Replay(HostRuntime):
     """Answers net calls from the recording, in order, after checking their inputs."""
 
     def __init__(self) -> None:

@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.worker.conftest import greedy_alone, small_vocab_checkpoint
+from tests.worker.conftest import compiled_tiny, greedy_alone
 from worker.backends.sophon.protocol import BmodelSession
 from worker.backends.sophon.simulator import SimulatorRuntime
-from worker.checkpoints.bmodel import compile_bmodel
 from worker.checkpoints.tpu_toolchain import require_toolchain
 
 pytestmark = pytest.mark.bm1684x
@@ -27,12 +26,8 @@ PROMPT = [5, 77, 301, 12, 999, 400, 8, 64, 123, 7, 512, 42]
 def compiled(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
              ) -> Iterator[tuple[Path, dict[str, Any], SimulatorRuntime]]:
     arch, quant = request.param
-    tmp = tmp_path_factory.mktemp(f"bm-{arch}")
-    source = small_vocab_checkpoint(tmp / "source", arch)
-    toolchain = require_toolchain()
-    manifest = compile_bmodel(source, tmp / "bmodel", seqlen=SEQLEN, quant=quant,
-                              sample_on_host=True, toolchain=toolchain)
-    runtime = SimulatorRuntime(tmp / "bmodel" / manifest["bmodel"], toolchain)
+    source, bmodel, manifest = compiled_tiny(arch, seqlen=SEQLEN, quant=quant)
+    runtime = SimulatorRuntime(bmodel / manifest["bmodel"], require_toolchain())
     yield source, manifest, runtime
     runtime.close()
 
@@ -109,3 +104,33 @@ def test_verify_compares_a_bmodel_on_the_simulator_with_its_source(
     assert result.overall["top1_agreement"] >= 0.9
     assert result.quantization == {"bmodel": manifest["quant"], "chip": "bm1684x",
                                    "seqlen": SEQLEN}
+
+
+def test_the_top1_head_on_chip_picks_what_the_host_picks_and_refuses_sampling() -> None:
+    from common.config import EngineConfig
+    from common.errors import InvalidRequestError
+    from common.sampling_params import SamplingParams
+    from worker.backends.sophon.backend import SophonBackend
+    from worker.backends.sophon.settings import SophonSettings
+    from worker.engine.engine import Engine
+
+    _, host_dir, host_manifest = compiled_tiny("qwen2", seqlen=SEQLEN, quant="bf16")
+    _, chip_dir, chip_manifest = compiled_tiny("qwen2", seqlen=SEQLEN, quant="bf16",
+                                               sample_on_host=False)
+    assert chip_manifest["nets"]["lm_head"]["outputs"][0]["shape"] == [1, 1]
+    toolchain = require_toolchain()
+    backend = SophonBackend(chip_dir, EngineConfig(max_num_seqs=2),
+                            SophonSettings(pool_size=2, tpu_mlir_venv=str(toolchain.venv)))
+    host = SimulatorRuntime(host_dir / host_manifest["bmodel"], toolchain)
+    try:
+        engine = Engine(backend)
+        prompts = [PROMPT, PROMPT[:5], PROMPT[3:]]
+        done = engine.generate(prompts, SamplingParams(max_tokens=5, temperature=0.0,
+                                                       ignore_eos=True))
+        for prompt, completion in zip(prompts, done, strict=True):
+            assert completion.token_ids == greedy_alone(host, host_manifest, prompt, 5)
+        with pytest.raises(InvalidRequestError, match="temperature"):
+            engine.add_request(PROMPT, SamplingParams(temperature=0.7))
+    finally:
+        backend.close()
+        host.close()

@@ -32,3 +32,7 @@ def test_a_checkpoint_compiles_into_the_protocols_nets_with_a_manifest(
     assert history["history_k"] == [1, 64, 2, head_dim]  # one slot: the whole sequence
     assert nets["lm_head"]["outputs"][0]["shape"] == [1, 1024]
     assert 0 < manifest["device_mem_bytes"] < 64 << 20
+    built = (out / manifest["bmodel"]).stat().st_mtime_ns
+    again = compile_bmodel(source, out, seqlen=64, quant=quant, sample_on_host=True,
+                           toolchain=require_toolchain())
+    assert again == manifest and (out / manifest["bmodel"]).stat().st_mtime_ns == built

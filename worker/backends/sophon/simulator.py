@@ -20,7 +20,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from common.errors import ModelConfigError
+from common.errors import DeviceError, ModelConfigError
+from worker.backends.sophon.protocol import HostRuntime
 from worker.checkpoints.tpu_toolchain import Toolchain
 
 SERVER = Path(__file__).with_name("sim_server.py")
@@ -43,7 +44,7 @@ def _read(stream: BinaryIO) -> dict[str, np.ndarray]:
         return {name: archive[name] for name in archive.files}
 
 
-class SimulatorRuntime:
+class SimulatorRuntime(HostRuntime):
     """One bmodel loaded in a simulator process; `run` calls one net."""
 
     def __init__(self, bmodel: Path, toolchain: Toolchain) -> None:
@@ -70,7 +71,8 @@ class SimulatorRuntime:
             _write(self._requests, {"__net__": np.array(net), **inputs})
             reply = self._receive()
         if "__error__" in reply:
-            raise ModelConfigError(f"net {net} failed on the simulator:\n{reply['__error__']}")
+            raise DeviceError(f"net {net} failed on the BM1684X simulator: "
+                              f"{str(reply['__error__']).strip().splitlines()[-1]}")
         return reply
 
     def close(self) -> None:
