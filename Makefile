@@ -4,6 +4,7 @@
 #   make test    the whole test suite
 #   make lint    ruff, and mypy (strict on common, gateway, preprocess and the engine)
 #   make test-bm1684x   the BM1684X checks on tpu-mlir (sets up its toolchain first)
+#   make bench-cuda     the torch backend on a GPU against transformers, then its benchmark
 
 SHELL := /bin/bash
 VENV ?= .venv
@@ -16,7 +17,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 TPU_MLIR_VENV ?= .venv-tpu-mlir
 
-.PHONY: setup deps redis model run test bench lint proto clean bm1684x-toolchain test-bm1684x
+.PHONY: setup deps redis model run test bench bench-cuda lint proto clean bm1684x-toolchain test-bm1684x
 
 setup: deps redis model
 	@echo "setup done: $(NPUSERVE) is ready; default model in $(MODEL_DIR)"
@@ -54,6 +55,10 @@ test: deps
 # Sophgo's tpu-mlir (BM1684X compiler and simulator) in its own Python 3.10 venv, ~6 GB.
 bm1684x-toolchain: deps
 	$(NPUSERVE) model tpu-toolchain --venv $(TPU_MLIR_VENV)
+
+# The torch backend on a GPU: parity with transformers, then the engine benchmark (needs CUDA).
+bench-cuda: deps
+	$(PY) -m worker.bench.device_check --device cuda --out bench-cuda
 
 # The BM1684X checks on the vendor's compiler and simulator; not part of `make test`.
 test-bm1684x: bm1684x-toolchain

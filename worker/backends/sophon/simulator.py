@@ -10,6 +10,7 @@ call on a tiny model: it is for correctness, not speed.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import subprocess
@@ -24,6 +25,7 @@ from common.errors import DeviceError, ModelConfigError
 from worker.backends.sophon.protocol import HostRuntime
 from worker.checkpoints.tpu_toolchain import Toolchain
 
+log = logging.getLogger(__name__)
 SERVER = Path(__file__).with_name("sim_server.py")
 
 
@@ -71,6 +73,7 @@ class SimulatorRuntime(HostRuntime):
             _write(self._requests, {"__net__": np.array(net), **inputs})
             reply = self._receive()
         if "__error__" in reply:
+            log.warning("net %s failed on the simulator:\n%s", net, reply["__error__"])
             raise DeviceError(f"net {net} failed on the BM1684X simulator: "
                               f"{str(reply['__error__']).strip().splitlines()[-1]}")
         return reply
