@@ -96,8 +96,8 @@ def small_vocab_checkpoint(path: Path, arch: str) -> Path:
     return path
 
 
-def compiled_tiny(arch: str, *, seqlen: int, quant: str, sample_on_host: bool = True
-                  ) -> tuple[Path, Path, dict[str, Any]]:
+def compiled_tiny(arch: str, *, seqlen: int, quant: str, sample_on_host: bool = True,
+                  decode_batch: int = 1) -> tuple[Path, Path, dict[str, Any]]:
     """(checkpoint, bmodel dir, manifest) of a small-vocabulary tiny model compiled for the
     BM1684X, cached under NPUSERVE_TEST_CACHE (default ~/.cache/npuserve/test-bmodels) by the
     checkpoint recipe and the options; compile_bmodel itself recompiles only when the
@@ -116,9 +116,10 @@ def compiled_tiny(arch: str, *, seqlen: int, quant: str, sample_on_host: bool = 
     head = "host" if sample_on_host else "chip"
     if not (home / "source" / "config.json").is_file():
         small_vocab_checkpoint(home / "source", arch)
-    out = home / f"{quant}-seq{seqlen}-{head}"
+    out = home / f"{quant}-seq{seqlen}-{head}-b{decode_batch}"
     manifest = compile_bmodel(home / "source", out, seqlen=seqlen, quant=quant,
-                              sample_on_host=sample_on_host, toolchain=require_toolchain())
+                              sample_on_host=sample_on_host, toolchain=require_toolchain(),
+                              decode_batch=decode_batch)
     return home / "source", out, manifest
 
 

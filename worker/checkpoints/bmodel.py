@@ -32,6 +32,7 @@ from preprocess.tokenizer import TOKENIZER_FILES
 from worker.checkpoints.tpu_toolchain import TPU_MLIR_VERSION, Toolchain
 
 log = logging.getLogger(__name__)
+BATCHED_CONVERTER = Path(__file__).with_name("llm_convert_batched.py")
 
 QUANTS = ("bf16", "w8bf16", "w4bf16")
 MANIFEST = "npuserve-bmodel.json"
@@ -91,8 +92,8 @@ def required_nets(num_layers: int) -> list[str]:
     return ["embedding", "embedding_cache", "lm_head", *blocks, *caches]
 
 
-def check_nets(info: BmodelInfo, config: dict[str, Any], seqlen: int, sample_on_host: bool
-               ) -> None:
+def check_nets(info: BmodelInfo, config: dict[str, Any], seqlen: int, sample_on_host: bool,
+               decode_batch: int = 1) -> None:
     """Raise ModelConfigError unless the bmodel has the layout the protocol expects."""
     missing = [n for n in required_nets(int(config["num_hidden_layers"])) if n not in info.nets]
     if missing:
@@ -104,6 +105,14 @@ def check_nets(info: BmodelInfo, config: dict[str, Any], seqlen: int, sample_on_
     if info.nets["embedding"].inputs[0].shape != (1, seqlen):
         raise ModelConfigError(
             f"embedding takes {info.nets['embedding'].inputs[0].shape}, not [1, {seqlen}]")
+    decode = {t.name: t.shape for t in info.nets["block_cache_0"].inputs}
+    outputs = [t.name for t in info.nets["block_cache_0"].outputs]
+    if (decode.get("history_k", (0, 0))[:2] != (decode_batch, seqlen)
+            or decode.get("attention_mask", (0,))[-1] != seqlen + 1
+            or outputs != ["output_states", "k_cache", "v_cache"]):
+        raise ModelConfigError(
+            f"block_cache_0 takes {decode} and returns {outputs}: not the decode layout of "
+            f"{decode_batch} sequence(s) of SEQLEN {seqlen} the protocol drives")
 
 
 def source_digest(model_dir: Path) -> str:
@@ -118,18 +127,23 @@ def source_digest(model_dir: Path) -> str:
 
 
 def compile_bmodel(model_dir: Path, out: Path, *, seqlen: int, quant: str,
-                   sample_on_host: bool, toolchain: Toolchain) -> dict[str, Any]:
+                   sample_on_host: bool, toolchain: Toolchain, decode_batch: int = 1
+                   ) -> dict[str, Any]:
     """Compile `model_dir` into `out`; returns the manifest written there. Nothing is done
     when `out` already holds this checkpoint (by hash) compiled with these options by this
-    tpu-mlir version."""
+    tpu-mlir version. With decode_batch B > 1 the decode nets step B sequences at once
+    (llm_convert_batched.py: tpu-mlir's own `-b` output does not work)."""
     if quant not in QUANTS:
         raise ModelConfigError(f"quantization {quant!r} is not one of {', '.join(QUANTS)}")
     config = json.loads((model_dir / "config.json").read_text())
     if seqlen < 2 or seqlen > int(config.get("max_position_embeddings", seqlen)):
         raise ModelConfigError(f"--seqlen {seqlen} must be in [2, the model's "
                                f"max_position_embeddings {config.get('max_position_embeddings')}]")
+    if decode_batch < 1:
+        raise ModelConfigError(f"--decode-batch {decode_batch} must be >= 1")
     digest = source_digest(model_dir)
     options = {"seqlen": seqlen, "quant": quant, "sample_on_host": sample_on_host,
+               "decode_batch": decode_batch,
                "tpu_mlir_version": TPU_MLIR_VERSION, "source_sha256": digest}
     if (current := _up_to_date(out, options)) is not None:
         log.info("%s is up to date (same checkpoint, options and tpu-mlir %s): not compiling",
@@ -144,8 +158,11 @@ def compile_bmodel(model_dir: Path, out: Path, *, seqlen: int, quant: str,
                 "-o", str(out.resolve())]
         if sample_on_host:
             args.append("--do_sample")
-        _run_with_progress(toolchain, toolchain.command("llm_convert.py", *args),
-                           out / "compile.log", cwd=Path(tmp))
+        command = toolchain.command("llm_convert.py", *args)
+        if decode_batch > 1:
+            command = [str(toolchain.bin / "python"), str(BATCHED_CONVERTER), *args,
+                       "-b", str(decode_batch)]
+        _run_with_progress(toolchain, command, out / "compile.log", cwd=Path(tmp))
     bmodels = sorted(out.glob("*.bmodel"), key=lambda p: p.stat().st_mtime)
     if not bmodels:
         raise ModelConfigError(f"llm_convert.py wrote no .bmodel into {out}; see "
@@ -155,13 +172,14 @@ def compile_bmodel(model_dir: Path, out: Path, *, seqlen: int, quant: str,
                                env=toolchain.environment(), check=True, capture_output=True,
                                text=True).stdout
     info = parse_model_info(info_text)
-    check_nets(info, config, seqlen, sample_on_host)
+    check_nets(info, config, seqlen, sample_on_host, decode_batch)
     for name in ("config.json", *TOKENIZER_FILES):
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)
     manifest = {
         "bmodel": bmodel.name, "chip": CHIP, "seqlen": seqlen, "quant": quant,
-        "sample_on_host": sample_on_host, "tpu_mlir_version": TPU_MLIR_VERSION,
+        "sample_on_host": sample_on_host, "decode_batch": decode_batch,
+        "tpu_mlir_version": TPU_MLIR_VERSION,
         "num_layers": int(config["num_hidden_layers"]), "vocab_size": int(config["vocab_size"]),
         "device_mem_bytes": info.device_mem_bytes, "source": str(model_dir.resolve()),
         "source_sha256": digest,

@@ -85,8 +85,9 @@ def register(subparsers: Any) -> None:
         "bmodel",
         help="compile a Hugging Face checkpoint into a BM1684X bmodel with tpu-mlir",
         description=(
-            "Compile a Qwen2/Qwen3/Llama checkpoint with tpu-mlir's llm_convert.py (batch 1, "
-            "static SEQLEN; float32 checkpoints are cast to bfloat16 first), check the nets "
+            "Compile a Qwen2/Qwen3/Llama checkpoint with tpu-mlir's llm_convert.py (prefill "
+            "batch 1, decode batch --decode-batch, static SEQLEN; float32 checkpoints are cast "
+            "to bfloat16 first), check the nets "
             "it wrote, and put the config, tokenizer files and a manifest "
             "(npuserve-bmodel.json) next to the bmodel."),
     )
@@ -98,6 +99,9 @@ def register(subparsers: Any) -> None:
     bmodel.add_argument("--sample-on-host", action="store_true",
                         help="lm_head returns logits, so the host samples with every "
                              "parameter; without it the chip picks the top-1 token")
+    bmodel.add_argument("--decode-batch", type=int, default=1, metavar="B",
+                        help="sequences one decode net call steps (default 1, as Sophgo's "
+                             "demos); a worker's slots then decode B at a time")
     bmodel.add_argument("--out", type=Path, required=True, help="output directory")
     bmodel.add_argument("--venv", type=Path, default=None, help="the tpu-mlir toolchain venv")
     bmodel.set_defaults(handler=_bmodel)
@@ -179,7 +183,8 @@ def _bmodel(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     manifest = compile_bmodel(args.model, args.out, seqlen=args.seqlen, quant=args.quant,
                               sample_on_host=args.sample_on_host,
-                              toolchain=require_toolchain(args.venv))
+                              toolchain=require_toolchain(args.venv),
+                              decode_batch=args.decode_batch)
     log.info("%s: %d nets, %.1f MiB of device memory, SEQLEN %d, %s (%.0f s); manifest in %s",
              args.out / manifest["bmodel"], len(manifest["nets"]),
              manifest["device_mem_bytes"] / 2**20, manifest["seqlen"], manifest["quant"],

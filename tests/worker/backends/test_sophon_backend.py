@@ -30,7 +30,7 @@ GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 CHIP_TOKEN = 7
 
 
-def bmodel_dir(path: Path, sample_on_host: bool = True) -> Path:
+def bmodel_dir(path: Path, sample_on_host: bool = True, decode_batch: int = 1) -> Path:
     """A compiled-model directory as `npuserve model bmodel` writes it, for the recorded net
     table (the bmodel file itself is never opened: the runtime is given)."""
     from transformers import Qwen2Config
@@ -44,6 +44,10 @@ def bmodel_dir(path: Path, sample_on_host: bool = True) -> Path:
     if not sample_on_host:
         manifest["nets"]["lm_head"]["outputs"] = [
             {"name": "token", "shape": [1, 1], "dtype": "int32"}]
+    for name, net in manifest["nets"].items():
+        if name.startswith("block_cache_"):
+            for tensor in net["inputs"] + net["outputs"]:
+                tensor["shape"][0] = decode_batch
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     return path
 
@@ -102,8 +106,8 @@ def test_a_failing_slot_is_reset_and_the_other_slot_runs_on(tmp_path: Path) -> N
     assert [e.request_id for e in events] == ["b"]
     assert list(engine.failed) == ["a"] and "block_cache_1" in engine.failed["a"]
     assert engine.scheduler.get("a") is None
-    slot_a = backend.slots[0]
-    assert slot_a.length == 0
+    group, place = backend.slots[0]
+    assert group.lengths[place] == 0 and backend.slots[1][0].lengths[0] == 3
     # b finishes untouched; a resumes on a fresh slot from what it had published.
     engine.add_request([5, 6, 7], GREEDY, "a", output_ids=[CHIP_TOKEN])
     finished = {e.request_id for events in engine.steps() for e in events
@@ -131,3 +135,25 @@ def test_a_bmodel_with_the_top1_head_on_chip_serves_greedy_and_refuses_the_rest(
         with pytest.raises(InvalidRequestError, match=field):
             engine.add_request([5, 6], params)
     assert GREEDY_ONLY.lacking != 0
+
+
+def test_with_batched_decode_nets_a_step_decodes_the_group_in_one_call_per_layer(
+        tmp_path: Path) -> None:
+    model = bmodel_dir(tmp_path, decode_batch=2)
+    runtime = Shapes(json.loads((model / MANIFEST_NAME).read_text())["nets"])
+    backend = SophonBackend(model, EngineConfig(max_num_seqs=3), SophonSettings(pool_size=3),
+                            runtime=runtime)
+    assert [g.batch for g in backend.groups] == [2, 2] and backend.capacity.max_batch == 4
+    engine = Engine(backend)
+    for rid, prompt in (("a", [5, 6, 7]), ("b", [8, 9]), ("c", [10])):
+        engine.add_request(prompt, GREEDY, rid)
+    engine.step()  # three prefills
+    runtime.calls.clear()
+    assert len(engine.step()) == 3
+    # a and b share the first group (one call per layer), c is alone in the second.
+    assert runtime.calls.count("block_cache_0") == 2
+    assert runtime.calls.count("embedding_cache") == runtime.calls.count("lm_head") == 3
+    runtime.fail.append("block_cache_1")  # the first group's call: a and b fail together
+    events = engine.step()
+    assert [e.request_id for e in events] == ["c"] and set(engine.failed) == {"a", "b"}
+    assert backend.groups[0].lengths == [0, 0] and backend.groups[1].lengths[0] == 3

@@ -11,20 +11,20 @@ import numpy as np
 import pytest
 
 from common.errors import InvalidRequestError
-from worker.backends.sophon.protocol import MASKED, BmodelSession, HostRuntime
+from worker.backends.sophon.protocol import MASKED, BmodelSession, HostRuntime, SlotGroup
 
 SEQLEN, HIDDEN, KVH, D, LAYERS = 8, 4, 2, 3, 2
 
 
-def manifest() -> dict[str, Any]:
+def manifest(batch: int = 1) -> dict[str, Any]:
     def t(name: str, shape: list[int]) -> dict[str, Any]:
         return {"name": name, "shape": shape, "dtype": "bfloat16"}
 
     return {"seqlen": SEQLEN, "num_layers": LAYERS, "nets": {
         "embedding": {"inputs": [t("input_ids", [1, SEQLEN])],
                       "outputs": [t("embedding", [1, SEQLEN, HIDDEN])]},
-        "block_cache_0": {"inputs": [t("history_k", [1, SEQLEN, KVH, D]),
-                                     t("history_v", [1, SEQLEN, KVH, D])]}}}
+        "block_cache_0": {"inputs": [t("history_k", [batch, SEQLEN, KVH, D]),
+                                     t("history_v", [batch, SEQLEN, KVH, D])]}}}
 
 
 class Recorder(HostRuntime):
@@ -40,10 +40,11 @@ class Recorder(HostRuntime):
         if net == "embedding_cache":
             return {"embedding_cache": np.zeros((1, 1, HIDDEN), np.uint16)}
         if net.startswith("block_cache_"):
-            pos = int(inputs["position_ids"][0, 0])
-            return {"output_states": np.full((1, 1, HIDDEN), pos, np.uint16),
-                    "k_cache": np.full((1, 1, KVH, D), 100 + pos, np.uint16),
-                    "v_cache": np.full((1, 1, KVH, D), 200 + pos, np.uint16)}
+            pos = np.asarray(inputs["position_ids"]).reshape(-1, 1, 1, 1).astype(np.uint16)
+            batch = pos.shape[0]
+            return {"output_states": np.broadcast_to(pos[:, :, :, 0], (batch, 1, HIDDEN)).copy(),
+                    "k_cache": np.broadcast_to(100 + pos, (batch, 1, KVH, D)).copy(),
+                    "v_cache": np.broadcast_to(200 + pos, (batch, 1, KVH, D)).copy()}
         if net.startswith("block_"):
             keys = (100 + np.arange(SEQLEN, dtype=np.uint16))[None, :, None, None]
             return {"output_states": np.arange(SEQLEN * HIDDEN, dtype=np.uint16).reshape(
@@ -99,3 +100,35 @@ def test_a_prompt_or_a_sequence_past_seqlen_is_refused_naming_the_limit() -> Non
     session.decode(1)
     with pytest.raises(InvalidRequestError, match="reached this bmodel's SEQLEN of 8"):
         session.decode(2)
+
+
+def test_a_batched_decode_steps_two_slots_in_one_call_each_at_its_own_position() -> None:
+    runtime = Recorder()
+    group = SlotGroup(runtime, manifest(batch=2))
+    group.prefill(0, [11, 12, 13])
+    group.prefill(1, [21, 22])
+    runtime.calls.clear()
+    out = group.decode({0: 14, 1: 23})
+    names = [net for net, _ in runtime.calls]
+    assert names == ["embedding_cache", "embedding_cache", "block_cache_0", "block_cache_1",
+                     "lm_head", "lm_head"]
+    block = runtime.calls[2][1]
+    assert block["position_ids"].tolist() == [[3], [2]]
+    mask = block["attention_mask"].reshape(2, -1)
+    assert mask[0].tolist() == [0, 0, 0] + [int(MASKED)] * (SEQLEN - 3) + [0]
+    assert mask[1].tolist() == [0, 0] + [int(MASKED)] * (SEQLEN - 2) + [0]
+    # Each slot's rows: its prompt's keys, then the decoded token's at its own position.
+    second = runtime.calls[3][1]["history_k"]
+    assert second[0, :4, 0, 0].tolist() == [100, 101, 102, 0]  # row 3 arrives after layer 1
+    assert group.lengths == [4, 3]
+    keys = runtime.calls[2][1]["history_k"]
+    assert keys[1, :3, 1, 2].tolist() == [100, 101, 0]
+    assert out[0].tolist() == [3] * HIDDEN and out[1].tolist() == [2] * HIDDEN
+    runtime.calls.clear()
+    group.decode({1: 24})  # one slot alone: the other's row is masked and left untouched
+    block = runtime.calls[1][1]
+    assert block["position_ids"].tolist() == [[0], [3]]
+    assert block["attention_mask"].reshape(2, -1)[0, :SEQLEN].tolist() == [int(MASKED)] * SEQLEN
+    assert block["history_k"][1, :4, 0, 0].tolist() == [100, 101, 102, 0]
+    assert block["history_k"][0, :4, 0, 0].tolist() == [100, 101, 102, 103]
+    assert group.lengths == [4, 4]

@@ -134,3 +134,53 @@ def test_the_top1_head_on_chip_picks_what_the_host_picks_and_refuses_sampling() 
     finally:
         backend.close()
         host.close()
+
+
+def test_batched_decode_nets_step_two_sequences_exactly_as_two_batch1_steps() -> None:
+    import time
+
+    from common.config import EngineConfig
+    from common.sampling_params import SamplingParams
+    from worker.backends.sophon.backend import SophonBackend
+    from worker.backends.sophon.protocol import SlotGroup
+    from worker.backends.sophon.settings import SophonSettings
+    from worker.engine.engine import Engine
+
+    toolchain = require_toolchain()
+    _, one_dir, one = compiled_tiny("qwen2", seqlen=SEQLEN, quant="bf16")
+    _, two_dir, two = compiled_tiny("qwen2", seqlen=SEQLEN, quant="bf16", decode_batch=2)
+    assert two["decode_batch"] == 2
+    single = SimulatorRuntime(one_dir / one["bmodel"], toolchain)
+    batched = SimulatorRuntime(two_dir / two["bmodel"], toolchain)
+    try:
+        prompts = [PROMPT, PROMPT[3:8]]
+        alone = [BmodelSession(single, one) for _ in prompts]
+        group = SlotGroup(batched, two)
+        tokens = []
+        for place, (session, prompt) in enumerate(zip(alone, prompts, strict=True)):
+            first = session.prefill(prompt)
+            np.testing.assert_array_equal(group.prefill(place, prompt), first)
+            tokens.append(int(first.argmax()))
+        spent = {"batch-1": 0.0, "batched": 0.0}
+        for _ in range(4):
+            start = time.perf_counter()
+            expected = [s.decode(t) for s, t in zip(alone, tokens, strict=True)]
+            spent["batch-1"] += time.perf_counter() - start
+            start = time.perf_counter()
+            got = group.decode(dict(enumerate(tokens)))
+            spent["batched"] += time.perf_counter() - start
+            for place, row in enumerate(expected):
+                np.testing.assert_array_equal(got[place], row)  # bit for bit
+            tokens = [int(row.argmax()) for row in expected]
+        print(f"4 decode steps of 2 sequences on the simulator: two batch-1 calls "
+              f"{spent['batch-1']:.1f}s, one batched call {spent['batched']:.1f}s")
+        backend = SophonBackend(two_dir, EngineConfig(max_num_seqs=2),
+                                SophonSettings(pool_size=2, tpu_mlir_venv=str(toolchain.venv)),
+                                runtime=batched)
+        done = Engine(backend).generate(prompts + [PROMPT[:4]], SamplingParams(
+            max_tokens=4, temperature=0.0, ignore_eos=True))
+        for prompt, completion in zip(prompts + [PROMPT[:4]], done, strict=True):
+            assert completion.token_ids == greedy_alone(single, one, prompt, 4)
+    finally:
+        single.close()
+        batched.close()

@@ -1,8 +1,11 @@
 """The sophon backend: a compiled bmodel, one weight load, a pool of batch-1 KV slots.
 
-Each slot is a `BmodelSession`: one sequence of at most SEQLEN tokens. The scheduler sees one
-KV block of SEQLEN tokens per slot, so the block a request is given *is* its slot; a prompt
-is prefilled whole (no chunking), decodes go one token per slot per step.
+Each slot holds one sequence of at most SEQLEN tokens. The scheduler sees one KV block of
+SEQLEN tokens per slot, so the block a request is given *is* its slot; a prompt is prefilled
+whole (no chunking). Slots come in groups of the decode nets' batch B (`SlotGroup`): a step
+decodes every running slot of a group in one net call per layer, so a bmodel compiled with
+`--decode-batch B` reads its weights once for B sequences where Sophgo's demos read them once
+per sequence.
 
 Sampling: a bmodel compiled with host-side logits (`--sample-on-host`) hands the engine
 logits, so every sampling parameter is honoured. One compiled without it picks its top-1
@@ -36,7 +39,7 @@ from worker.backends.base import (
     SequenceChunk,
     StepResult,
 )
-from worker.backends.sophon.protocol import BmodelSession, Runtime
+from worker.backends.sophon.protocol import Runtime, SlotGroup
 from worker.backends.sophon.settings import SophonSettings
 from worker.checkpoints.bmodel import MANIFEST
 from worker.model.config import ModelConfig
@@ -70,8 +73,16 @@ class SophonBackend(Backend):
         self.runtime = runtime or _open_runtime(bmodel, settings)
         where = ("the BM1684X simulator" if settings.sophon_device == "sim"
                  else f"BM1684X card {settings.sophon_device}")
-        pool = min(settings.pool_size, engine.max_num_seqs)
-        self.slots = [BmodelSession(self.runtime, self.manifest) for _ in range(pool)]
+        wanted = min(settings.pool_size, engine.max_num_seqs)
+        first = SlotGroup(self.runtime, self.manifest)
+        self.groups = [first] + [SlotGroup(self.runtime, self.manifest)
+                                 for _ in range(-(-wanted // first.batch) - 1)]
+        pool = len(self.groups) * first.batch
+        if pool != wanted:
+            log.info("pool of %d slots rounded up to %d: the decode nets step %d at a time",
+                     wanted, pool, first.batch)
+        self.slots = [(g, i) for g in self.groups for i in range(g.batch)]
+        """Slot (= KV block) index -> its group and its place in the group."""
         seqlen = int(self.manifest["seqlen"])
         self.device = (f"bm1684x-sim:{bmodel.name}" if settings.sophon_device == "sim"
                        else f"bm1684x:{settings.sophon_device}")
@@ -82,54 +93,64 @@ class SophonBackend(Backend):
             block_size=seqlen, num_blocks=pool, chunked_prefill=False,
             output=OutputKind.TOKENS if self.on_chip_head else OutputKind.LOGITS)
         log.info("sophon backend on %s: %s, SEQLEN %d, %s, %s, %d slots, %.1f MiB of device "
-                 "memory", where, bmodel.name, seqlen, self.manifest["quant"],
+                 "memory; decode batch %d", where, bmodel.name, seqlen, self.manifest["quant"],
                  "top-1 on chip (greedy only)" if self.on_chip_head else "logits to the host",
-                 pool, self.manifest["device_mem_bytes"] / 2**20)
+                 pool, self.manifest["device_mem_bytes"] / 2**20, first.batch)
 
     @property
     def logits_device(self) -> torch.device:
         return torch.device("cpu")
 
     def execute(self, chunks: Sequence[SequenceChunk]) -> StepResult:
-        rows: list[np.ndarray] = []
+        outputs: dict[str, np.ndarray] = {}
         failed: dict[str, str] = {}
+        decodes: dict[int, dict[int, tuple[str, int]]] = {}
+        """group index -> {place in the group: (request id, token)}"""
         for chunk in chunks:
-            slot = self.slots[chunk.block_table[0]]
+            group, place = self.slots[chunk.block_table[0]]
+            if chunk.start_pos == 0:
+                try:
+                    outputs[chunk.request_id] = group.prefill(place, chunk.token_ids)
+                except DeviceError as exc:
+                    group.reset(place)
+                    failed[chunk.request_id] = str(exc)
+            elif len(chunk.token_ids) == 1 and chunk.start_pos == group.lengths[place]:
+                decodes.setdefault(chunk.block_table[0] // group.batch, {})[place] = (
+                    chunk.request_id, chunk.token_ids[0])
+            else:
+                raise ModelConfigError(
+                    f"request {chunk.request_id}: a chunk at position {chunk.start_pos} of "
+                    f"{len(chunk.token_ids)} tokens does not follow its slot's "
+                    f"{group.lengths[place]}; the sophon backend does not chunk prefills")
+        for index, members in decodes.items():
+            group = self.groups[index]
             try:
-                out = self._run(slot, chunk)
-            except DeviceError as exc:
-                slot.reset()
-                failed[chunk.request_id] = str(exc)
+                rows = group.decode({place: token for place, (_, token) in members.items()})
+            except DeviceError as exc:  # one call for the whole group: every member failed
+                for place, (rid, _) in members.items():
+                    group.reset(place)
+                    failed[rid] = str(exc)
                 continue
-            if chunk.sample:
-                rows.append(out)
+            outputs.update({rid: rows[place] for place, (rid, _) in members.items()})
+        rows_in_order = [outputs[c.request_id] for c in chunks
+                         if c.sample and c.request_id in outputs]
         if self.on_chip_head:
-            return StepResult(token_ids=[int(r[0]) for r in rows], failed=failed)
-        return StepResult(logits=torch.from_numpy(np.stack(rows)) if rows else None,
-                          failed=failed)
+            return StepResult(token_ids=[int(r[0]) for r in rows_in_order], failed=failed)
+        return StepResult(
+            logits=torch.from_numpy(np.stack(rows_in_order)) if rows_in_order else None,
+            failed=failed)
 
     def weight_bytes(self) -> int:
         return int(self.manifest["device_mem_bytes"])
 
     def kv_cache_bytes(self) -> int:
-        return sum(s.kv_bytes for s in self.slots)
+        return sum(g.kv_bytes for g in self.groups)
 
     def device_stats(self) -> DeviceStats | None:
         return self.runtime.device_stats()
 
     def close(self) -> None:
         self.runtime.close()
-
-    @staticmethod
-    def _run(slot: BmodelSession, chunk: SequenceChunk) -> np.ndarray:
-        if chunk.start_pos == 0:
-            return slot.prefill(chunk.token_ids)
-        if len(chunk.token_ids) == 1 and chunk.start_pos == slot.length:
-            return slot.decode(chunk.token_ids[0])
-        raise ModelConfigError(
-            f"request {chunk.request_id}: a chunk at position {chunk.start_pos} of "
-            f"{len(chunk.token_ids)} tokens does not follow its slot's {slot.length}; the "
-            "sophon backend does not chunk prefills")
 
 
 def _open_runtime(bmodel: Path, settings: SophonSettings) -> Runtime:

@@ -98,9 +98,6 @@ class SailRuntime:
         self._buffers.add(id(tensor))
         return tensor
 
-    def zero(self, buffer: Any) -> None:
-        buffer.zeros()
-
     def copy(self, dst: Any, src: Any, dst_offset: int, src_offset: int, count: int) -> None:
         dst.sync_d2d(src, src_offset, dst_offset, count)
 

@@ -44,10 +44,7 @@ class Runtime(Protocol):
         ...
 
     def buffer(self, shape: Sequence[int]) -> Any:
-        """A zeroed bfloat16 buffer that lives as long as the session (KV slots)."""
-        ...
-
-    def zero(self, buffer: Any) -> None:
+        """A zeroed bfloat16 buffer that lives as long as its slots (KV, staging rows)."""
         ...
 
     def copy(self, dst: Any, src: Any, dst_offset: int, src_offset: int, count: int) -> None:
@@ -71,9 +68,6 @@ class HostRuntime:
     def buffer(self, shape: Sequence[int]) -> np.ndarray:
         return np.zeros(tuple(shape), np.uint16)
 
-    def zero(self, buffer: np.ndarray) -> None:
-        buffer.fill(0)
-
     def copy(self, dst: np.ndarray, src: np.ndarray, dst_offset: int, src_offset: int,
              count: int) -> None:
         dst.reshape(-1)[dst_offset:dst_offset + count] = (
@@ -93,8 +87,12 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-class BmodelSession:
-    """One KV slot of a loaded bmodel: prefill a prompt, then decode a token at a time."""
+class SlotGroup:
+    """The KV slots one decode call steps together: B of them, B being the batch the bmodel's
+    decode nets were compiled for (1 as Sophgo's demos compile them, or `--decode-batch`).
+    Each slot holds one sequence of at most SEQLEN tokens; a prompt is prefilled into one
+    slot (batch-1 nets), and any subset of the slots decodes a token each in one call per
+    layer. The slots' keys and values share one [B, SEQLEN, KVH, D] buffer per layer."""
 
     def __init__(self, runtime: Runtime, manifest: Mapping[str, Any]) -> None:
         self.runtime = runtime
@@ -102,24 +100,29 @@ class BmodelSession:
         self.num_layers = int(manifest["num_layers"])
         nets = manifest["nets"]
         history = {t["name"]: t["shape"] for t in nets["block_cache_0"]["inputs"]}
-        kv_shape = tuple(history["history_k"])  # [1, SEQLEN, KVH, D]
+        kv_shape = tuple(history["history_k"])  # [B, SEQLEN, KVH, D]
+        self.batch = int(kv_shape[0])
         self._row = math.prod(kv_shape[2:])
         """Elements of one position's key (or value) in one layer."""
+        self._slot = self.seqlen * self._row
+        """Elements of one slot's keys (or values) in one layer."""
         self._hidden = int(nets["embedding"]["outputs"][0]["shape"][-1])
         self._keys = [runtime.buffer(kv_shape) for _ in range(self.num_layers)]
         self._values = [runtime.buffer(kv_shape) for _ in range(self.num_layers)]
+        self._step_input = runtime.buffer((self.batch, 1, self._hidden))
         self._last_hidden = runtime.buffer((1, self._hidden))
         self.kv_bytes = 2 * self.num_layers * math.prod(kv_shape) * 2
-        """Memory this slot's keys and values hold (bfloat16)."""
-        self.length = 0
-        """Tokens whose keys and values are in the slot."""
+        """Memory the slots' keys and values hold (bfloat16)."""
+        self.lengths = [0] * self.batch
+        """Tokens whose keys and values are in each slot."""
 
-    def reset(self) -> None:
-        """Forget the sequence (after a failed device call): the next use is a prefill."""
-        self.length = 0
+    def reset(self, slot: int) -> None:
+        """Forget a slot's sequence (after a failed device call): its next use is a prefill."""
+        self.lengths[slot] = 0
 
-    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        """Start the slot over with `tokens`; returns lm_head's output for the last one."""
+    def prefill(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
+        """Start `slot` over with `tokens`; returns lm_head's output for the last one. Rows
+        past the prompt keep whatever they held: every mask hides them."""
         n = len(tokens)
         if not 0 < n < self.seqlen:
             raise InvalidRequestError(
@@ -132,7 +135,7 @@ class BmodelSession:
         mask = np.full((self.seqlen, self.seqlen), MASKED, np.uint16)
         causal = np.tril(np.ones((n, n), bool))
         mask[:n, :n][causal] = 0
-        self.length = 0
+        self.lengths[slot] = 0
         rt = self.runtime
         hidden = rt.run("embedding", {"input_ids": ids})["embedding"]
         for i in range(self.num_layers):
@@ -140,35 +143,50 @@ class BmodelSession:
                 "input_states": hidden, "position_ids": positions,
                 "attention_mask": mask.reshape(1, 1, self.seqlen, self.seqlen)})
             hidden = out["output_states"]
-            for cache, name in ((self._keys[i], "k_cache"), (self._values[i], "v_cache")):
-                rt.zero(cache)
-                rt.copy(cache, out[name], 0, 0, n * self._row)
+            rt.copy(self._keys[i], out["k_cache"], slot * self._slot, 0, n * self._row)
+            rt.copy(self._values[i], out["v_cache"], slot * self._slot, 0, n * self._row)
         rt.copy(self._last_hidden, hidden, 0, (n - 1) * self._hidden, self._hidden)
-        self.length = n
+        self.lengths[slot] = n
         return self._head(self._last_hidden)
 
-    def decode(self, token: int) -> np.ndarray:
-        """Feed one token at the next position; returns lm_head's output for it."""
-        p = self.length
-        if p == 0 or p >= self.seqlen:
-            raise InvalidRequestError(
-                "max_tokens", f"the sequence reached this bmodel's SEQLEN of {self.seqlen}")
-        position = np.array([[p]], np.int32)
-        mask = np.zeros((1, 1, 1, self.seqlen + 1), np.uint16)
-        mask[..., p:self.seqlen] = MASKED
-        rt = self.runtime
-        self.length = 0  # until every layer has its row: a failed call leaves no half-step
-        hidden = rt.run("embedding_cache",
-                        {"input_ids": np.array([[token]], np.int32)})["embedding_cache"]
+    def decode(self, tokens: Mapping[int, int]) -> dict[int, np.ndarray]:
+        """Feed each slot in `tokens` its token at its next position, all in one call per
+        layer; returns lm_head's output per slot. Slots not in `tokens` are left as they
+        are (their rows of the call are masked and dropped)."""
+        at = {}
+        for slot in tokens:
+            p = self.lengths[slot]
+            if p == 0 or p >= self.seqlen:
+                raise InvalidRequestError(
+                    "max_tokens", f"the sequence reached this bmodel's SEQLEN of {self.seqlen}")
+            at[slot] = p
+        rt, width = self.runtime, self._hidden
+        positions = np.zeros((self.batch, 1), np.int32)
+        mask = np.full((self.batch, 1, 1, self.seqlen + 1), MASKED, np.uint16)
+        mask[..., self.seqlen] = 0  # each token sees itself
+        for slot, token in tokens.items():
+            positions[slot, 0] = at[slot]
+            mask[slot, ..., :at[slot]] = 0
+            embedded = rt.run("embedding_cache",
+                              {"input_ids": np.array([[token]], np.int32)})["embedding_cache"]
+            rt.copy(self._step_input, embedded, slot * width, 0, width)
+            self.lengths[slot] = 0  # until every layer has its row: no half-written step
+        hidden = self._step_input
         for i in range(self.num_layers):
             out = rt.run(f"block_cache_{i}", {
-                "input_states": hidden, "position_ids": position, "attention_mask": mask,
+                "input_states": hidden, "position_ids": positions, "attention_mask": mask,
                 "history_k": self._keys[i], "history_v": self._values[i]})
             hidden = out["output_states"]
-            rt.copy(self._keys[i], out["k_cache"], p * self._row, 0, self._row)
-            rt.copy(self._values[i], out["v_cache"], p * self._row, 0, self._row)
-        self.length = p + 1
-        return self._head(hidden)
+            for slot, p in at.items():
+                row = slot * self._slot + p * self._row
+                rt.copy(self._keys[i], out["k_cache"], row, slot * self._row, self._row)
+                rt.copy(self._values[i], out["v_cache"], row, slot * self._row, self._row)
+        results = {}
+        for slot, p in at.items():
+            rt.copy(self._last_hidden, hidden, 0, slot * width, width)
+            results[slot] = self._head(self._last_hidden)
+            self.lengths[slot] = p + 1
+        return results
 
     def _head(self, hidden: Any) -> np.ndarray:
         """lm_head over one hidden state [1, H] -> its output row: float32 logits (bfloat16
@@ -176,3 +194,22 @@ class BmodelSession:
         out = self.runtime.run("lm_head", {"hidden_states": hidden})
         row = self.runtime.to_host(next(iter(out.values())))
         return (bf16_to_f32(row) if row.dtype == np.uint16 else row).reshape(-1)
+
+
+class BmodelSession:
+    """One sequence on a loaded bmodel (slot 0 of a group of its own): what a tool that runs
+    one text at a time uses (verify, the tests' references)."""
+
+    def __init__(self, runtime: Runtime, manifest: Mapping[str, Any]) -> None:
+        self.group = SlotGroup(runtime, manifest)
+        self.seqlen = self.group.seqlen
+
+    @property
+    def length(self) -> int:
+        return self.group.lengths[0]
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.group.prefill(0, tokens)
+
+    def decode(self, token: int) -> np.ndarray:
+        return self.group.decode({0: token})[0]
