@@ -124,5 +124,8 @@ class Backend(ABC):
         """The device's memory and utilisation now, where its driver reports them."""
         return None
 
+    def close(self) -> None:  # noqa: B027 -- optional hook, no-op by default
+        """Release what the backend holds outside this process (a simulator, a device)."""
+
     def release(self, request_id: str) -> None:  # noqa: B027 -- optional hook, no-op by default
         """Called when a request leaves the device (finished, aborted or preempted)."""

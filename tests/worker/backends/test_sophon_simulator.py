@@ -184,3 +184,31 @@ def test_batched_decode_nets_step_two_sequences_exactly_as_two_batch1_steps() ->
     finally:
         single.close()
         batched.close()
+
+
+def test_verify_answers_come_from_the_bmodel_on_the_simulator(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from preprocess.tokenizer import load_tokenizer, render_chat
+    from worker.quant.answers import greedy_answers
+
+    _, cached, manifest = compiled_tiny("qwen2", seqlen=SEQLEN, quant="bf16")
+    bmodel_dir = shutil.copytree(cached, tmp_path / "bmodel")
+    config = json.loads((bmodel_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    (bmodel_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    questions = ["What is two plus two?", "Name a colour. " * 30]
+    answers = greedy_answers(bmodel_dir, questions, max_tokens=6)
+    tokenizer = load_tokenizer(bmodel_dir)
+    ids = tokenizer(render_chat(tokenizer, [{"role": "user", "content": questions[0]}]),
+                    add_special_tokens=False).input_ids
+    runtime = SimulatorRuntime(bmodel_dir / manifest["bmodel"], require_toolchain())
+    try:
+        expected = greedy_alone(runtime, manifest, list(ids), 6)
+    finally:
+        runtime.close()
+    eos = 2  # the tiny checkpoints' </s>: generation stops there
+    expected = expected[:expected.index(eos)] if eos in expected else expected
+    assert answers[0] == tokenizer.decode(expected, skip_special_tokens=True).strip()
+    assert "leave no room in a context of 64" in answers[1]
