@@ -1,4 +1,4 @@
-"""The sophon backend: a compiled bmodel, one weight load, a pool of batch-1 KV slots.
+"""The sophon backend: a compiled bmodel, one weight load, a pool of KV slots.
 
 Each slot holds one sequence of at most SEQLEN tokens. The scheduler sees one KV block of
 SEQLEN tokens per slot, so the block a request is given *is* its slot; a prompt is prefilled
