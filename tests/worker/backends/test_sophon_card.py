@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.errors import DeviceError
+from common.errors import DeviceError, ModelConfigError
 from tests.worker.backends import sail_standin
 from tests.worker.backends.record_sophon_fixture import MANIFEST
 from tests.worker.backends.test_sophon_replay import Replay
@@ -63,7 +63,6 @@ def test_a_failed_launch_is_a_device_error_naming_the_net_and_card(
 
 
 def test_without_the_sdk_the_card_path_says_what_to_install() -> None:
-    from common.errors import ModelConfigError
     with pytest.raises(ModelConfigError, match="SOPHON SDK"):
         SailRuntime("qwen2.bmodel", 0)
 
