@@ -28,8 +28,16 @@ class TorchBackend(Backend):
                  settings: TorchSettings | None = None) -> None:
         engine = engine or EngineConfig()
         self.settings = settings = settings or TorchSettings()
-        self.runner = runner = ModelRunner(model_dir, settings, max_model_len=engine.max_model_len,
-                                           max_num_seqs=engine.max_num_seqs)
+        if settings.tensor_parallel > 1:
+            from worker.backends.tensor_parallel import TensorParallelRunner
+
+            runner: ModelRunner = TensorParallelRunner(
+                model_dir, settings, max_model_len=engine.max_model_len,
+                max_num_seqs=engine.max_num_seqs)
+        else:
+            runner = ModelRunner(model_dir, settings, max_model_len=engine.max_model_len,
+                                 max_num_seqs=engine.max_num_seqs)
+        self.runner = runner
         self.model_config = runner.model_config
         self.device = runner.device
         self.capacity = BackendCapacity(
@@ -56,3 +64,6 @@ class TorchBackend(Backend):
 
     def execute(self, chunks: Sequence[SequenceChunk]) -> StepResult:
         return StepResult(logits=self.runner.execute(chunks))
+
+    def close(self) -> None:
+        self.runner.close()

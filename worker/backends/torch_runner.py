@@ -9,7 +9,7 @@ verification use it directly to read every position of a text (`prefill_hidden_s
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from worker.model.config import ModelConfig
 from worker.model.linear import KERNEL_ROWS
 from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
+from worker.model.sharding import Shard
 from worker.model.transformer import compute_logits, forward
 from worker.model.weights import ModelWeights, load_weights
 
@@ -73,33 +74,41 @@ class ModelRunner:
     """Weights, KV cache and forward pass of one model on one device."""
 
     def __init__(self, model_dir: str | Path, settings: TorchSettings | None = None, *,
-                 max_model_len: int | None = None, max_num_seqs: int = 1) -> None:
+                 max_model_len: int | None = None, max_num_seqs: int = 1,
+                 shard: Shard | None = None, num_blocks: int | None = None) -> None:
         """The KV cache gets settings.kv_cache_gb (or its share of free memory), capped at
-        what max_num_seqs sequences of max_model_len tokens can use."""
+        what max_num_seqs sequences of max_model_len tokens can use; `num_blocks` sets it
+        instead (tensor-parallel ranks must agree). `shard`: hold one tensor-parallel rank's
+        part of the model (then `all_reduce` must be set before the first step)."""
         settings = settings or TorchSettings()
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.settings = settings
-        self.model_config = cfg = ModelConfig.from_dir(model_dir)
+        full = ModelConfig.from_dir(model_dir)
+        self.model_config = cfg = shard.config(full) if shard is not None else full
+        """The model as this runner computes it (under tensor parallelism: its rank's heads
+        and MLP share)."""
+        self.all_reduce: Callable[[torch.Tensor], None] | None = None
         self.device = resolve_device(settings.device)
         self.dtype: torch.dtype = getattr(torch, settings.dtype)
         kernels = self._kernels(cfg) if settings.cpu_kernels else None
         self.ops: DecoderOps = KernelOps(kernels) if kernels is not None else DecoderOps()
-        self.weights: ModelWeights = load_weights(model_dir, cfg, self.dtype, self.device,
+        self.weights: ModelWeights = load_weights(model_dir, full, self.dtype, self.device,
                                                   pack=settings.cpu_packed_weights,
-                                                  kernels=kernels)
+                                                  kernels=kernels, shard=shard)
         max_len = min(cfg.max_position_embeddings, max_model_len or 1 << 30)
         self.rope = RotaryEmbedding(cfg, max_len, self.device, self.dtype)
         block_size = settings.block_size or self.ops.default_block_size
         self.cache: KVCache = self.ops.allocate_kv_cache(
-            cfg, self._num_blocks(block_size, max_len, max_num_seqs), block_size, self.dtype,
-            self.device)
+            cfg, num_blocks or self._num_blocks(block_size, max_len, max_num_seqs), block_size,
+            self.dtype, self.device)
         self.max_seq_len = min(max_len, self.cache.num_slots)
         """Longest sequence the runner can hold: the context length or the whole cache."""
         self.plan = (DecodePlan.build(kernels, cfg, self.weights, self.cache, self.rope,
                                       min(max_num_seqs, KERNEL_ROWS))
-                     if kernels is not None else None)
-        """The one-call decode step of the CPU kernels, when they run this model."""
+                     if kernels is not None and shard is None else None)
+        """The one-call decode step of the CPU kernels, when they run this model (not under
+        tensor parallelism: the step has no place for the all-reduces)."""
 
     def _kernels(self, cfg: ModelConfig) -> CpuKernels | None:
         """The compiled CPU kernels, if they can run this model here."""
@@ -193,7 +202,7 @@ class ModelRunner:
         if self.plan is not None and self.plan.covers(meta):
             return self.plan.forward(ids, positions, meta)
         return forward(self.model_config, self.weights, self.rope, ids, positions, self.cache,
-                       meta, self.ops)
+                       meta, self.ops, self.all_reduce)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -208,6 +217,9 @@ class ModelRunner:
         if not step.sample_rows:
             return None
         return self.logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
+
+    def close(self) -> None:
+        """Nothing to release outside this process (a tensor-parallel group has ranks)."""
 
     @torch.inference_mode()
     def prefill_hidden_states(self, ids: Sequence[int]) -> torch.Tensor:

@@ -34,6 +34,12 @@ class TorchSettings:
     cpu_packed_weights: bool = True
     """On CPU, keep a oneDNN-packed second copy of each projection for steps of 3+ tokens:
     2-3x faster batched decode, 20% faster prefill, twice the weight memory."""
+    tensor_parallel: int = 1
+    """Ranks one model is split over (attention heads and MLP), one process and device
+    each: cpu, or consecutive devices from the one given (cuda:0 with 2: cuda:0 and cuda:1)."""
+    tp_timeout_s: float = 120.0
+    """Under tensor parallelism, how long rank 0 waits for the others in a step (or at start,
+    while they load) before it gives up and the worker exits, handing its requests back."""
     cpu_kernels: bool = True
     """On CPU in float32, run decode-time projections, attention and the elementwise steps
     with npuserve's C kernels (compiled for the machine on first use; needs a C compiler,
@@ -48,5 +54,9 @@ class TorchSettings:
             raise InvalidRequestError("kv_cache_gb", "must be > 0")
         if not 0 < self.kv_cache_fraction <= 1:
             raise InvalidRequestError("kv_cache_fraction", "must be in (0, 1]")
+        if self.tensor_parallel < 1:
+            raise InvalidRequestError("tensor_parallel", "must be >= 1")
+        if self.tp_timeout_s <= 0:
+            raise InvalidRequestError("tp_timeout_s", "must be > 0")
         if self.threads is not None and self.threads < 1:
             raise InvalidRequestError("threads", "must be >= 1")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -21,11 +23,13 @@ def forward(
     cache: KVCache,
     meta: AttentionMetadata,
     ops: DecoderOps,
+    all_reduce: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """input_ids, positions: [T] -> final hidden states [T, hidden] (after the last norm).
 
     The residual stream `h` is updated in place; each residual add is fused with the norm
-    that follows it.
+    that follows it. Under tensor parallelism `cfg` and `weights` are one rank's shard and
+    `all_reduce` sums, in place, the partial outputs of the row-parallel o_proj and down.
     """
     eps = cfg.rms_norm_eps
     h = F.embedding(input_ids, weights.embed)  # [T, hidden], a fresh tensor
@@ -37,8 +41,13 @@ def forward(
         q, k = ops.qk_rope_store(cfg, layer, qkv, tables, cache, i, meta.slot_mapping)
         v = qkv[:, cfg.q_size + cfg.kv_size:].view(-1, cfg.num_key_value_heads, cfg.head_dim)
         o = paged_attention(q, k, v, cache, i, meta, ops)  # [T, H, D]
-        x = ops.add_rms_norm(h, layer.o_proj(o.reshape(-1, cfg.q_size)), layer.post_norm, eps)
+        attn = layer.o_proj(o.reshape(-1, cfg.q_size))
+        if all_reduce is not None:
+            all_reduce(attn)
+        x = ops.add_rms_norm(h, attn, layer.post_norm, eps)
         mlp = layer.down(ops.silu_mul(layer.gate_up(x)))
+        if all_reduce is not None:
+            all_reduce(mlp)
         next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else weights.norm
         x = ops.add_rms_norm(h, mlp, next_norm, eps)
     return x

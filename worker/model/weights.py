@@ -18,6 +18,7 @@ from safetensors import safe_open
 from common.errors import ModelConfigError
 from worker.model.config import ModelConfig
 from worker.model.linear import Projection, can_pack
+from worker.model.sharding import Shard
 from worker.quant.int8_linear import (
     FakeQuantInput,
     Int8Projection,
@@ -75,9 +76,12 @@ class ModelWeights:
 
 
 class _TensorSource:
-    """Name -> tensor over one or many safetensors shards."""
+    """Name -> tensor over one or many safetensors files (a tensor-parallel rank's part of it
+    when a Shard is given)."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, config: ModelConfig | None = None,
+                 shard: Shard | None = None) -> None:
+        self._config, self._shard = config, shard
         index = model_dir / "model.safetensors.index.json"
         if index.is_file():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
@@ -99,16 +103,19 @@ class _TensorSource:
         if name not in self._where:
             raise ModelConfigError(f"weight {name!r} is missing from the checkpoint")
         with safe_open(self._where[name], framework="pt") as f:
-            return f.get_tensor(name)
+            if self._shard is None or self._config is None:
+                return f.get_tensor(name)
+            return self._shard.select(name, f.get_tensor(name), self._config).contiguous()
 
 
 def load_weights(
     model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-    pack: bool = True, kernels: CpuKernels | None = None,
+    pack: bool = True, kernels: CpuKernels | None = None, shard: Shard | None = None,
 ) -> ModelWeights:
     """pack: also keep oneDNN-packed copies of the projections on CPU; kernels: the compiled
-    CPU kernels for decode-time projections, float32 on the CPU only (see linear.py)."""
-    src = _TensorSource(Path(model_dir))
+    CPU kernels for decode-time projections, float32 on the CPU only (see linear.py); shard:
+    load only a tensor-parallel rank's part (`config` is the whole model's)."""
+    src = _TensorSource(Path(model_dir), config if shard is not None else None, shard)
     pack = pack and can_pack(device)
     quant = config.quantization
 

@@ -1,0 +1,80 @@
+"""Which part of each weight a tensor-parallel rank holds (Megatron-style).
+
+Attention is split by heads: q/k/v are column-parallel (each rank keeps its heads' rows),
+o_proj is row-parallel (the matching columns), and the MLP likewise: gate/up column-parallel
+over the intermediate size, down row-parallel. So a layer needs exactly two all-reduces, after
+o_proj and after down. When there are fewer KV heads than ranks, each KV head is replicated on
+the ranks whose query heads use it. Norms, the embedding and the lm_head are replicated: the
+lm_head is one matrix read per step, and keeping it whole leaves sampling on rank 0 alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from common.errors import ModelConfigError
+from worker.model.config import ModelConfig
+
+_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROW = ("o_proj", "down_proj")
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    rank: int
+    world: int
+
+    def check(self, cfg: ModelConfig) -> None:
+        """Raise ModelConfigError naming what does not divide among `world` ranks."""
+        w = self.world
+        problems = []
+        if cfg.num_attention_heads % w:
+            problems.append(f"{cfg.num_attention_heads} attention heads")
+        kv = cfg.num_key_value_heads
+        if (kv % w) if kv >= w else (w % kv):
+            problems.append(f"{kv} KV heads")
+        if cfg.intermediate_size % w:
+            problems.append(f"intermediate size {cfg.intermediate_size}")
+        if problems:
+            raise ModelConfigError(
+                f"tensor parallelism over {w} ranks needs each of {', '.join(problems)} to "
+                f"divide evenly (KV heads may also be fewer than the ranks and divide them); "
+                "choose another --tensor-parallel")
+        if cfg.quantization is not None:
+            raise ModelConfigError(
+                "tensor parallelism runs float checkpoints only so far; serve the int8 model "
+                "with --tensor-parallel 1, or its float source")
+
+    def config(self, cfg: ModelConfig) -> ModelConfig:
+        """The model as this rank sees it: its heads and its share of the MLP."""
+        self.check(cfg)
+        return dataclasses.replace(
+            cfg, num_attention_heads=cfg.num_attention_heads // self.world,
+            num_key_value_heads=max(1, cfg.num_key_value_heads // self.world),
+            intermediate_size=cfg.intermediate_size // self.world)
+
+    def select(self, name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+        """This rank's part of the checkpoint tensor `name` of the full model `cfg`."""
+        module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+        if module in _COLUMN:
+            rows = self._rows(module, cfg)
+            return tensor[rows] if tensor.dim() >= 1 else tensor
+        if module in _ROW and name.endswith(".weight"):
+            return tensor[:, self._rows("q_proj" if module == "o_proj" else "gate_proj", cfg)]
+        return tensor
+
+    def _rows(self, module: str, cfg: ModelConfig) -> slice:
+        r, w, d = self.rank, self.world, cfg.head_dim
+        if module == "q_proj":
+            per = cfg.num_attention_heads // w
+            return slice(r * per * d, (r + 1) * per * d)
+        if module in ("k_proj", "v_proj"):
+            kv = cfg.num_key_value_heads
+            head = r * kv // w if kv < w else r * (kv // w)
+            count = 1 if kv < w else kv // w
+            return slice(head * d, (head + count) * d)
+        per = cfg.intermediate_size // w
+        return slice(r * per, (r + 1) * per)
