@@ -66,5 +66,6 @@ def _run(args: argparse.Namespace) -> int:
         service.run(stop)
     finally:
         service.queue.close()
+        service.engine.backend.close()
     log.info("worker %s stopped", service.queue.worker_id)
     return 0
