@@ -43,10 +43,6 @@ class Shard:
                 f"tensor parallelism over {w} ranks needs each of {', '.join(problems)} to "
                 f"divide evenly (KV heads may also be fewer than the ranks and divide them); "
                 "choose another --tensor-parallel")
-        if cfg.quantization is not None:
-            raise ModelConfigError(
-                "tensor parallelism runs float checkpoints only so far; serve the int8 model "
-                "with --tensor-parallel 1, or its float source")
 
     def config(self, cfg: ModelConfig) -> ModelConfig:
         """The model as this rank sees it: its heads and its share of the MLP."""
@@ -57,14 +53,26 @@ class Shard:
             intermediate_size=cfg.intermediate_size // self.world)
 
     def select(self, name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-        """This rank's part of the checkpoint tensor `name` of the full model `cfg`."""
-        module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
-        if module in _COLUMN:
-            rows = self._rows(module, cfg)
-            return tensor[rows] if tensor.dim() >= 1 else tensor
-        if module in _ROW and name.endswith(".weight"):
-            return tensor[:, self._rows("q_proj" if module == "o_proj" else "gate_proj", cfg)]
-        return tensor
+        """This rank's part of the checkpoint tensor `name` of the full model `cfg`: float or
+        int8 weights, their per-channel or per-group scales, biases. A static activation
+        scale stays whole (an upper bound for the rank's share of the input too)."""
+        parts = name.rsplit(".", 2)
+        module, leaf = (parts[-2], parts[-1]) if len(parts) == 3 else ("", "")
+        if module in _COLUMN and leaf in ("weight", "weight_scale", "bias"):
+            return tensor[self._rows(module, cfg)]
+        if module not in _ROW or leaf not in ("weight", "weight_scale"):
+            return tensor
+        cols = self._rows("q_proj" if module == "o_proj" else "gate_proj", cfg)
+        if leaf == "weight":
+            return tensor[:, cols]
+        if tensor.dim() < 2 or tensor.shape[1] == 1:
+            return tensor  # one scale per output row: every rank's columns share it
+        width = (cfg.q_size if module == "o_proj" else cfg.intermediate_size) // tensor.shape[1]
+        if cols.start % width or cols.stop % width:
+            raise ModelConfigError(
+                f"{name}: groups of {width} input columns straddle the {self.world} ranks' "
+                "shares; quantize with a group size that divides each share, or per channel")
+        return tensor[:, cols.start // width:cols.stop // width]
 
     def _rows(self, module: str, cfg: ModelConfig) -> slice:
         r, w, d = self.rank, self.world, cfg.head_dim

@@ -14,6 +14,7 @@ import torch
 from common.config import EngineConfig
 from common.errors import ModelConfigError
 from common.sampling_params import SamplingParams
+from tests.worker.quant.conftest import W8A8, W8A16
 from worker.backends.tensor_parallel import decode, encode
 from worker.backends.torch_backend import TorchBackend
 from worker.backends.torch_runner import ModelRunner
@@ -21,6 +22,7 @@ from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 from worker.model.config import ModelConfig
 from worker.model.sharding import Shard
+from worker.quant.scheme import QuantConfig
 
 pytestmark = pytest.mark.timeout(300)
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [50, 60, 70], [900, 12, 7, 7, 7, 300]]
@@ -99,3 +101,28 @@ def test_a_step_travels_as_integers_and_comes_back_whole() -> None:
     back = decode(encode(chunks))
     assert [(c.token_ids, c.start_pos, c.block_table, c.sample) for c in back] == [
         (c.token_ids, c.start_pos, c.block_table, c.sample) for c in chunks]
+
+
+@pytest.mark.parametrize("quant", [W8A16, W8A8], ids=["w8a16", "w8a8"])
+def test_int8_checkpoints_split_too(tiny_qwen3: Path, tmp_path: Path,
+                                    quant: QuantConfig) -> None:
+    from worker.quant.quantize import quantize_model
+
+    model = tmp_path / "int8"
+    quantize_model(tiny_qwen3, model, quant, progress=False)
+    single, split = engine(model, 1), engine(model, 2)
+    try:
+        for prompt in PROMPTS:
+            runners = [e.backend.runner for e in (single, split)]  # type: ignore[attr-defined]
+            one, two = (r.logits(r.prefill_hidden_states(prompt)) for r in runners)
+            if quant is W8A16:  # int8 weights: only the reduction order differs
+                torch.testing.assert_close(two, one, rtol=1e-3, atol=1e-3)
+            else:  # w8a8 quantizes each rank's share of an activation row on its own scale
+                cosine = torch.nn.functional.cosine_similarity(one, two, dim=-1)
+                assert cosine.min() > 0.999
+                assert (one.argmax(-1) == two.argmax(-1)).float().mean() >= 0.85
+        if quant is W8A16:
+            expected = [c.token_ids for c in single.generate(PROMPTS, GREEDY)]
+            assert [c.token_ids for c in split.generate(PROMPTS, GREEDY)] == expected
+    finally:
+        split.backend.close()
