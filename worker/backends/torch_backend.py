@@ -16,6 +16,7 @@ from common.config import EngineConfig
 from worker.backends.base import Backend, BackendCapacity, SequenceChunk, StepResult
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
+from worker.model.ops import DecoderOps
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class TorchBackend(Backend):
     capabilities = Capabilities()
 
     def __init__(self, model_dir: str | Path, engine: EngineConfig | None = None,
-                 settings: TorchSettings | None = None) -> None:
+                 settings: TorchSettings | None = None, ops: DecoderOps | None = None) -> None:
         engine = engine or EngineConfig()
         self.settings = settings = settings or TorchSettings()
         if settings.tensor_parallel > 1:
@@ -36,7 +37,7 @@ class TorchBackend(Backend):
                 max_num_seqs=engine.max_num_seqs)
         else:
             runner = ModelRunner(model_dir, settings, max_model_len=engine.max_model_len,
-                                 max_num_seqs=engine.max_num_seqs)
+                                 max_num_seqs=engine.max_num_seqs, ops=ops)
         self.runner = runner
         self.model_config = runner.model_config
         self.device = runner.device

@@ -47,6 +47,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def npu_ops() -> DecoderOps:
+    """The op set for the Ascend SoC torch_npu reports (imported only for npu devices)."""
+    import torch_npu
+
+    from worker.model.npu_ops import npu_ops_for
+
+    return npu_ops_for(torch_npu)
+
+
 def free_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -75,11 +84,14 @@ class ModelRunner:
 
     def __init__(self, model_dir: str | Path, settings: TorchSettings | None = None, *,
                  max_model_len: int | None = None, max_num_seqs: int = 1,
-                 shard: Shard | None = None, num_blocks: int | None = None) -> None:
+                 shard: Shard | None = None, num_blocks: int | None = None,
+                 ops: DecoderOps | None = None) -> None:
         """The KV cache gets settings.kv_cache_gb (or its share of free memory), capped at
         what max_num_seqs sequences of max_model_len tokens can use; `num_blocks` sets it
         instead (tensor-parallel ranks must agree). `shard`: hold one tensor-parallel rank's
-        part of the model (then `all_reduce` must be set before the first step)."""
+        part of the model (then `all_reduce` must be set before the first step). `ops`: the
+        op set, chosen by device otherwise (the NPU's on npu, the C kernels' on a CPU in
+        float32 where they can run, PyTorch's elsewhere)."""
         settings = settings or TorchSettings()
         if settings.threads:
             torch.set_num_threads(settings.threads)
@@ -91,8 +103,10 @@ class ModelRunner:
         self.all_reduce: Callable[[torch.Tensor], None] | None = None
         self.device = resolve_device(settings.device)
         self.dtype: torch.dtype = getattr(torch, settings.dtype)
-        kernels = self._kernels(cfg) if settings.cpu_kernels else None
-        self.ops: DecoderOps = KernelOps(kernels) if kernels is not None else DecoderOps()
+        kernels = self._kernels(cfg) if settings.cpu_kernels and ops is None else None
+        self.ops: DecoderOps = ops or (KernelOps(kernels) if kernels is not None
+                                       else npu_ops() if self.device.type == "npu"
+                                       else DecoderOps())
         self.weights: ModelWeights = load_weights(model_dir, full, self.dtype, self.device,
                                                   pack=settings.cpu_packed_weights,
                                                   kernels=kernels, shard=shard)

@@ -1,0 +1,64 @@
+"""The NPU op set on the CPU through a simulation of torch_npu (tests/worker/npu/
+torch_npu_sim.py: the real signatures and conventions, reference arithmetic). The model's
+logits and greedy tokens through it must equal PyTorch's op set's: prefill, chunked prefill
+over the paged cache, and batched decode. Nothing here runs on Ascend hardware."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import EngineConfig
+from common.errors import ModelConfigError
+from common.sampling_params import SamplingParams
+from tests.worker.npu import torch_npu_sim
+from worker.backends.torch_backend import TorchBackend
+from worker.backends.torch_runner import ModelRunner
+from worker.backends.torch_settings import TorchSettings
+from worker.engine.engine import Engine
+from worker.model.npu_ops import NpuOps, npu_ops_for, soc_family
+
+SETTINGS = TorchSettings(kv_cache_gb=0.05, cpu_kernels=False, threads=2)
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [50, 60, 70], list(range(300, 340))]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_prefill_logits_through_the_npu_ops_equal_pytorchs(tiny_model_dir, arch: str) -> None:
+    model: Path = tiny_model_dir(arch)
+    reference = ModelRunner(model, SETTINGS, max_model_len=256)
+    npu = ModelRunner(model, SETTINGS, max_model_len=256, ops=NpuOps(torch_npu_sim))
+    assert npu.block_size == 128 and npu.cache.data.shape[3:] == (128, 2, npu.model_config.head_dim)
+    for prompt in PROMPTS:
+        one, two = (r.logits(r.prefill_hidden_states(prompt)) for r in (reference, npu))
+        torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_decodes_and_chunks_prefills_through_the_npu_ops(tiny_qwen3: Path) -> None:
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    # a 16-token step budget cuts the 40-token prompt into chunks after cached context
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16)
+    expected = [c.token_ids for c in Engine(TorchBackend(tiny_qwen3, config, SETTINGS))
+                .generate(PROMPTS, greedy)]
+    torch_npu_sim.calls.clear()
+    npu = Engine(TorchBackend(tiny_qwen3, config, SETTINGS, ops=NpuOps(torch_npu_sim)))
+    assert [c.token_ids for c in npu.generate(PROMPTS, greedy)] == expected
+    used = set(torch_npu_sim.calls)
+    assert {"_npu_paged_attention", "npu_fused_infer_attention_score", "npu_add_rms_norm",
+            "_npu_reshape_and_cache", "_npu_rotary_embedding", "npu_swiglu"} <= used
+
+
+def test_the_op_set_follows_the_soc_and_refuses_what_it_cannot_run() -> None:
+    assert [soc_family(v) for v in (220, 223, 250, 202)] == ["910b", "910b", "a3", "310p"]
+    with pytest.raises(ModelConfigError, match="SoC version 100"):
+        soc_family(100)
+    assert isinstance(npu_ops_for(torch_npu_sim), NpuOps)
+    torch_npu_sim.SocVersion.value = 202
+    try:
+        with pytest.raises(ModelConfigError, match="310P"):
+            npu_ops_for(torch_npu_sim)
+    finally:
+        torch_npu_sim.SocVersion.value = 223
+    with pytest.raises(ModelConfigError, match="blocks of 128"):
+        NpuOps(torch_npu_sim).kv_cache_shape(2, 4, 16, 2, 32)
