@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+from common.errors import NpuserveError
 
 COMMAND_MODULES = (
     "worker.checkpoints.cli",
@@ -19,6 +22,7 @@ COMMAND_MODULES = (
     "worker.local_stack",
     "gateway.client_cli",
     "worker.quant.cli",
+    "worker.doctor",
 )
 
 
@@ -35,12 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torch_npu installed without CANN breaks `import torch` when torch loads it by itself;
+    # npuserve imports it only for an npu device, where a failure is reported clearly.
+    os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except NpuserveError as exc:  # a user-facing failure: its message says what to fix
+        print(f"npuserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

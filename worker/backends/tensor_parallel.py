@@ -36,7 +36,7 @@ from common.errors import ModelConfigError
 from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
 from worker.backends.torch_runner import ModelRunner, StepInputs
-from worker.backends.torch_settings import TorchSettings
+from worker.backends.torch_settings import TorchSettings, device_indices
 from worker.model.sharding import Shard
 from worker.processes import free_port
 
@@ -69,11 +69,14 @@ def decode(flat: Sequence[int]) -> list[SequenceChunk]:
 
 
 def rank_device(device: str, rank: int) -> str:
-    """Rank r's device: cpu for every rank, else the r-th device from the given index
-    (cuda:2 with 4 ranks: cuda:2..cuda:5)."""
+    """Rank r's device: cpu for every rank; the r-th of a list or range (npu:0-7, cuda:0,2);
+    else the r-th device counted from the one given (cuda:2 with 4 ranks: cuda:2..cuda:5)."""
     kind, _, index = device.partition(":")
     if kind == "cpu":
         return "cpu"
+    listed = device_indices(index)
+    if listed is not None:
+        return f"{kind}:{listed[rank]}"
     return f"{kind}:{int(index or 0) + rank}"
 
 

@@ -38,10 +38,10 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("npu"):
         try:
             import torch_npu  # noqa: F401  (registers the "npu" device with torch)
-        except ImportError as e:
-            raise ModelConfigError(
-                f"device {name!r} needs torch_npu (Ascend CANN); install it or use cpu/cuda"
-            ) from e
+        except Exception as exc:  # ImportError, or the RuntimeError of a CANN-less install
+            from worker.doctor import npu_unavailable
+
+            raise ModelConfigError(npu_unavailable(name, exc)) from None
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ModelConfigError(f"device {name!r} requested but CUDA is not available")
     return torch.device(name)

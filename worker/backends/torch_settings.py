@@ -18,7 +18,8 @@ class TorchSettings:
     """How the torch backend places one model on one device."""
 
     device: str = "cpu"
-    """cpu, cuda[:N] or npu[:N] (Ascend, through torch_npu)."""
+    """cpu, cuda[:N] or npu[:N] (Ascend, through torch_npu); with --tensor-parallel also a
+    range or list, one device per rank (npu:0-7, cuda:0,1)."""
     dtype: str = setting("float32", choices=DTYPES)
     """Compute and weight dtype."""
     block_size: int | None = None
@@ -56,7 +57,31 @@ class TorchSettings:
             raise InvalidRequestError("kv_cache_fraction", "must be in (0, 1]")
         if self.tensor_parallel < 1:
             raise InvalidRequestError("tensor_parallel", "must be >= 1")
+        kind, _, index = self.device.partition(":")
+        if kind not in ("cpu", "cuda", "npu"):
+            raise InvalidRequestError("device", f"{self.device!r}: use cpu, cuda[:N] or npu[:N]")
+        try:
+            listed = device_indices(index)
+        except ValueError:
+            raise InvalidRequestError("device", f"{self.device!r}: the index must be N, a "
+                                      "range N-M or a list N,M") from None
+        if listed is not None and len(listed) != self.tensor_parallel:
+            raise InvalidRequestError(
+                "device", f"{self.device!r} names {len(listed)} devices but "
+                f"--tensor-parallel is {self.tensor_parallel}: name one device per rank")
         if self.tp_timeout_s <= 0:
             raise InvalidRequestError("tp_timeout_s", "must be > 0")
         if self.threads is not None and self.threads < 1:
             raise InvalidRequestError("threads", "must be >= 1")
+
+
+def device_indices(index: str) -> list[int] | None:
+    """"0-7" -> [0..7], "0,2,4" -> [0, 2, 4]; None for a single index (or none)."""
+    if "-" in index:
+        first, _, last = index.partition("-")
+        return list(range(int(first), int(last) + 1))
+    if "," in index:
+        return [int(i) for i in index.split(",")]
+    if index:
+        int(index)
+    return None
