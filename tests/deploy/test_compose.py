@@ -200,3 +200,22 @@ def test_dockerfile_builds_the_model_the_worker_serves() -> None:
 def test_dockerignore_keeps_local_environments_out_of_the_image() -> None:
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert {".venv", "models", ".cache", ".git"} <= ignored
+
+
+def test_the_ascend_tensor_parallel_worker_parses_and_names_a_card_per_rank(
+        compose: dict[str, Any]) -> None:
+    service = compose["worker-ascend-tp8"]
+    assert service["profiles"] == ["ascend"], "it must not start with a plain `up`"
+    args = parse_npuserve(service["command"])
+    assert (args.device, args.tensor_parallel) == ("npu:0-7", 8)
+    assert service["environment"]["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+    assert sum(d.startswith("/dev/davinci") and d[12:].isdigit()
+               for d in service["devices"]) == 8
+    overlay = K8S / "ascend"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert set(kustomization["resources"]) == {"../", "worker-tp8.yaml"}
+    [doc] = list(yaml.safe_load_all((overlay / "worker-tp8.yaml").read_text()))
+    [container] = doc["spec"]["template"]["spec"]["containers"]
+    args = parse_npuserve(container["command"] + container["args"])
+    assert (args.device, args.tensor_parallel) == ("npu:0-7", 8)
+    assert container["resources"]["limits"]["huawei.com/Ascend910"] == 8
