@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from common.config import EngineConfig
+from common.errors import ModelConfigError
 from common.flags import add_flags, from_args
 from worker.backends.torch_settings import TorchSettings
+from worker.model.config import ModelConfig
 
 CANN_HOMES = ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH")
 DEFAULT_CANN = Path("/usr/local/Ascend/ascend-toolkit/latest")
@@ -105,6 +107,9 @@ class MemoryPlan:
     """Free device memory per rank as the device reports it (None: not probed)."""
     kv_budget_bytes: int | None
     max_model_len: int
+    fitting_ranks: int | None = None
+    """The fewest ranks over which weights and activations would fit (None: none found, or
+    they fit already)."""
 
     @property
     def kv_tokens(self) -> int | None:
@@ -117,11 +122,12 @@ class MemoryPlan:
         out = []
         need = self.weight_bytes_per_rank + self.activation_bytes
         if self.free_bytes is not None and need > self.free_bytes:
-            per_rank_ranks = -(-need * self.ranks // max(1, self.free_bytes))
+            more = (f"--tensor-parallel {self.fitting_ranks}" if self.fitting_ranks
+                    else "more devices")
             out.append(
                 f"weights and activations need {need / GIB:.1f} GiB per rank but "
-                f"{self.free_bytes / GIB:.1f} GiB are free: use --tensor-parallel "
-                f"{max(per_rank_ranks, self.ranks + 1)} or an int8 checkpoint (npuserve quantize)")
+                f"{self.free_bytes / GIB:.1f} GiB are free: use {more} or an int8 checkpoint "
+                "(npuserve quantize)")
         if self.kv_tokens is not None and self.kv_tokens < self.max_model_len:
             want = self.max_model_len * self.kv_bytes_per_token_per_rank / GIB
             out.append(
@@ -129,7 +135,7 @@ class MemoryPlan:
                 f"{self.max_model_len}: raise --kv-cache-gb to at least {want:.2f} or lower "
                 "--max-model-len")
         if (self.free_bytes is not None and self.kv_budget_bytes is not None
-                and need + self.kv_budget_bytes > self.free_bytes):
+                and need <= self.free_bytes < need + self.kv_budget_bytes):
             room = (self.free_bytes - need) / GIB
             out.append(f"weights, activations and a KV cache of "
                        f"{self.kv_budget_bytes / GIB:.1f} GiB exceed the "
@@ -141,29 +147,46 @@ class MemoryPlan:
 def memory_plan(model_dir: Path, settings: TorchSettings, engine: EngineConfig,
                 free_bytes: int | None = None) -> MemoryPlan:
     """The plan for `model_dir` on one rank of `settings.tensor_parallel`."""
-    from worker.model.config import ModelConfig
-    from worker.model.sharding import Shard
-
     cfg = ModelConfig.from_dir(model_dir)
     ranks = settings.tensor_parallel
-    rank = Shard(0, ranks).config(cfg) if ranks > 1 else cfg
     size = {"float32": 4, "bfloat16": 2, "float16": 2}[settings.dtype]
-    weight = 1 if cfg.quantization is not None else size  # int8 weights: a byte each
-    h, layers = cfg.hidden_size, cfg.num_hidden_layers
-    per_layer = h * (rank.q_size + 2 * rank.kv_size) + rank.q_size * h + \
-        3 * h * rank.intermediate_size
-    embed = cfg.vocab_size * h
-    replicated = embed * (1 if cfg.tie_word_embeddings else 2) * size + (2 * layers + 1) * h * size
-    weights = layers * per_layer * weight + replicated
-    tokens = engine.max_num_batched_tokens
-    activations = tokens * (4 * h + 2 * rank.intermediate_size + rank.q_size + 2 * rank.kv_size
-                            ) * size + engine.max_num_seqs * cfg.vocab_size * 4
-    kv_token = 2 * layers * rank.num_key_value_heads * rank.head_dim * size
+    weights, activations, kv_token = _per_rank(cfg, ranks, size, engine)
+    fitting = None
+    if free_bytes is not None and weights + activations > free_bytes:
+        for more in range(ranks + 1, cfg.num_attention_heads + 1):
+            try:
+                w, a, _ = _per_rank(cfg, more, size, engine)
+            except ModelConfigError:
+                continue  # heads or the MLP do not divide among `more` ranks
+            if w + a <= free_bytes:
+                fitting = more
+                break
     max_len = min(cfg.max_position_embeddings, engine.max_model_len or 1 << 30)
     budget = (int(settings.kv_cache_gb * GIB) if settings.kv_cache_gb is not None
               else int(free_bytes * settings.kv_cache_fraction) if free_bytes is not None
               else None)
-    return MemoryPlan(ranks, weights, activations, kv_token, free_bytes, budget, max_len)
+    return MemoryPlan(ranks, weights, activations, kv_token, free_bytes, budget, max_len,
+                      fitting)
+
+
+def _per_rank(cfg: ModelConfig, ranks: int, size: int, engine: EngineConfig
+              ) -> tuple[int, int, int]:
+    """(weight bytes, activation bytes, KV bytes per token) of one of `ranks` ranks: layers
+    sharded, embedding and lm_head replicated (as worker.model.sharding does)."""
+    from worker.model.sharding import Shard
+
+    rank = Shard(0, ranks).config(cfg) if ranks > 1 else cfg
+    weight = 1 if cfg.quantization is not None else size  # int8 weights: a byte each
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    per_layer = (h * (rank.q_size + 2 * rank.kv_size) + rank.q_size * h
+                 + 3 * h * rank.intermediate_size)
+    embed = cfg.vocab_size * h
+    replicated = embed * (1 if cfg.tie_word_embeddings else 2) * size + (2 * layers + 1) * h * size
+    tokens = engine.max_num_batched_tokens
+    activations = tokens * (4 * h + 2 * rank.intermediate_size + rank.q_size + 2 * rank.kv_size
+                            ) * size + engine.max_num_seqs * cfg.vocab_size * 4
+    kv_token = 2 * layers * rank.num_key_value_heads * rank.head_dim * size
+    return layers * per_layer * weight + replicated, activations, kv_token
 
 
 def _free_bytes(settings: TorchSettings) -> int | None:
@@ -174,7 +197,9 @@ def _free_bytes(settings: TorchSettings) -> int | None:
     if device.startswith("npu"):
         return int(npu_probe()["free_gib"] * GIB)
     resolved = resolve_device(device)
-    return free_memory_bytes(resolved) if resolved.type in ("cpu", "cuda") else None
+    if resolved.type == "cpu":  # the ranks share the host's memory
+        return free_memory_bytes(resolved) // settings.tensor_parallel
+    return free_memory_bytes(resolved) if resolved.type == "cuda" else None
 
 
 def report(model_dir: Path | None, settings: TorchSettings, engine: EngineConfig) -> dict[str, Any]:
