@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common.errors import ModelConfigError
+from worker.quant.msmodelslim import quant_config, read_description
 from worker.quant.scheme import QuantConfig
 
 # model_type -> (q/k/v projections carry a bias, per-head q/k RMSNorm)
@@ -62,7 +64,10 @@ class ModelConfig:
         raw = json.loads(path.read_text())
         generation = Path(model_dir) / "generation_config.json"
         gen_raw = json.loads(generation.read_text()) if generation.is_file() else {}
-        return cls.from_dict(raw, gen_raw)
+        config = cls.from_dict(raw, gen_raw)
+        if config.quantization is None and (described := read_description(model_dir)):
+            return dataclasses.replace(config, quantization=quant_config(described))
+        return config
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any],

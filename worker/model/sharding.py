@@ -20,6 +20,8 @@ from worker.model.config import ModelConfig
 
 _COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _ROW = ("o_proj", "down_proj")
+_PER_OUTPUT_ROW = ("weight", "weight_scale", "weight_offset", "bias", "quant_bias", "deq_scale")
+"""Tensors with a row per output channel (npuserve's int8 and msmodelslim's layouts)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +60,7 @@ class Shard:
         scale stays whole (an upper bound for the rank's share of the input too)."""
         parts = name.rsplit(".", 2)
         module, leaf = (parts[-2], parts[-1]) if len(parts) == 3 else ("", "")
-        if module in _COLUMN and leaf in ("weight", "weight_scale", "bias"):
+        if module in _COLUMN and leaf in _PER_OUTPUT_ROW:
             return tensor[self._rows(module, cfg)]
         if module not in _ROW or leaf not in ("weight", "weight_scale"):
             return tensor

@@ -8,6 +8,7 @@ memory bandwidth is used best by few large reads.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,7 @@ from worker.quant.int8_linear import (
     dequantize,
     quantized_projection,
 )
+from worker.quant.msmodelslim import SCHEMES, MsModelSlimTensors, read_description
 
 if TYPE_CHECKING:
     from worker.kernels.cpu import CpuKernels
@@ -75,7 +77,7 @@ class ModelWeights:
         return total
 
 
-class _TensorSource:
+class TensorSource:
     """Name -> tensor over one or many safetensors files (a tensor-parallel rank's part of it
     when a Shard is given)."""
 
@@ -99,6 +101,10 @@ class _TensorSource:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def names(self) -> list[str]:
+        """Every tensor of the checkpoint, sorted."""
+        return sorted(self._where)
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise ModelConfigError(f"weight {name!r} is missing from the checkpoint")
@@ -115,14 +121,19 @@ def load_weights(
     """pack: also keep oneDNN-packed copies of the projections on CPU; kernels: the compiled
     CPU kernels for decode-time projections, float32 on the CPU only (see linear.py); shard:
     load only a tensor-parallel rank's part (`config` is the whole model's)."""
-    src = _TensorSource(Path(model_dir), config if shard is not None else None, shard)
+    src = TensorSource(Path(model_dir), config if shard is not None else None, shard)
     pack = pack and can_pack(device)
     quant = config.quantization
+    description = read_description(model_dir) if quant is not None else None
+    tensor: Callable[[str], torch.Tensor] = (
+        MsModelSlimTensors(src.get, description) if description is not None else src.get)
 
     def proj(modules: list[str], bias: bool = False) -> AnyProjection:
         """One projection over HF `modules`, fused by stacking their rows."""
-        if quant is not None:
-            return quantized_projection(quant, src.get, modules, bias, dtype, device, kernels)
+        kept_float = description is not None and not all(
+            description.get(m + ".weight") in SCHEMES for m in modules)
+        if quant is not None and not kept_float:
+            return quantized_projection(quant, tensor, modules, bias, dtype, device, kernels)
         weight = cat(*(m + ".weight" for m in modules))
         return Projection(weight, cat(*(m + ".bias" for m in modules)) if bias else None, pack,
                           kernels)

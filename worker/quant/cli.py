@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import NpuserveError
+from worker.quant.scheme import QuantConfig, Scheme
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ def register(subparsers: Any) -> None:
     q.add_argument("--embeddings", action="store_true",
                    help="store the embedding table in int8 (saves disk; dequantized on load)")
     q.add_argument("--threads", type=int, help="torch threads for calibration")
+    q.add_argument("--format", choices=("npuserve", "msmodelslim"), default="npuserve",
+                   help="npuserve's own layout, or msmodelslim's (what MindIE and vllm-ascend "
+                        "load on Ascend; npuserve reads both everywhere). msmodelslim's w8a8 "
+                        "has static activations: give --activations static --calib FILE")
     q.set_defaults(handler=_quantize)
 
     v = subparsers.add_parser(
@@ -81,7 +86,7 @@ def register(subparsers: Any) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from worker.quant.scheme import Activations, Method, QuantConfig, Scheme
+    from worker.quant.scheme import Activations, Method
 
     if args.activations and args.scheme != "w8a8":
         return _fail("--activations applies to --scheme w8a8 only")
@@ -99,12 +104,37 @@ def _quantize(args: argparse.Namespace) -> int:
         calib = _calibration_ids(args.model, args.calib) if quant.static_activations else []
         from worker.quant.quantize import quantize_model
 
+        if args.format == "msmodelslim":
+            return _msmodelslim(args, quant, calib)
         summary = quantize_model(args.model, args.out, quant, calib=calib, threads=args.threads)
     except NpuserveError as e:
         return _fail(str(e))
     print(f"{summary.out_dir}: {summary.modules} tensors in int8, "
           f"{summary.source_bytes / 1e6:.1f} MB -> {summary.quantized_bytes / 1e6:.1f} MB "
           f"({summary.quantized_bytes / summary.float32_bytes:.1%} of float32)")
+    return 0
+
+
+def _msmodelslim(args: argparse.Namespace, quant: QuantConfig, calib: list[list[int]]) -> int:
+    import tempfile
+
+    from worker.quant import msmodelslim
+    from worker.quant.quantize import quantize_model
+
+    if quant.group_size or quant.lm_head or quant.embeddings:
+        return _fail("--format msmodelslim writes per-channel int8 decoder projections only; "
+                     "drop --group-size, --lm-head and --embeddings")
+    ranges = None
+    if quant.scheme is Scheme.W8A8:
+        if not quant.static_activations:
+            return _fail("msmodelslim's w8a8 quantizes activations with calibrated static "
+                         "scales: add --activations static --calib FILE")
+        with tempfile.TemporaryDirectory() as tmp:
+            quantize_model(args.model, Path(tmp) / "int8", quant, calib=calib,
+                           threads=args.threads)
+            ranges = msmodelslim.static_ranges(Path(tmp) / "int8")
+    out = msmodelslim.write(args.model, args.out, quant.scheme.value.upper(), input_ranges=ranges)
+    print(f"{out}: msmodelslim {quant.scheme.value.upper()} checkpoint")
     return 0
 
 
