@@ -90,6 +90,9 @@ class Group:
 
     def __init__(self, rank: int, world: int, port: int, device: str,
                  timeout: timedelta) -> None:
+        if dist.is_initialized():
+            raise ModelConfigError("this process already runs a tensor-parallel group; one "
+                                   "model split over ranks per worker process")
         dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}",
                                 rank=rank, world_size=world, timeout=timeout)
         self.rank, self.world = rank, world

@@ -49,7 +49,7 @@ def engine(model: Path, ranks: int) -> Engine:
     return Engine(TorchBackend(model, EngineConfig(max_num_seqs=4), settings))
 
 
-@pytest.fixture(scope="module", params=["qwen3", "kv1"])
+@pytest.fixture(params=["qwen3", "kv1"])  # one tensor-parallel group per process at a time
 def pair(request: pytest.FixtureRequest, tiny_qwen3: Path, one_kv_head: Path
          ) -> Iterator[tuple[Path, Engine, Engine]]:
     model = tiny_qwen3 if request.param == "qwen3" else one_kv_head
