@@ -109,7 +109,8 @@ class ModelRunner:
                                        else DecoderOps())
         self.weights: ModelWeights = load_weights(model_dir, full, self.dtype, self.device,
                                                   pack=settings.cpu_packed_weights,
-                                                  kernels=kernels, shard=shard)
+                                                  kernels=kernels, shard=shard,
+                                                  device_int8=self.ops.int8_projection)
         max_len = min(cfg.max_position_embeddings, max_model_len or 1 << 30)
         self.rope = RotaryEmbedding(cfg, max_len, self.device, self.dtype)
         block_size = settings.block_size or self.ops.default_block_size

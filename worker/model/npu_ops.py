@@ -35,6 +35,8 @@ from worker.model.config import ModelConfig
 from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
 from worker.model.weights import LayerWeights
+from worker.quant.int8_linear import Int8Projection
+from worker.quant.scheme import Scheme
 
 BLOCK_SIZE = 128
 """The only block size the 910B paged-attention kernels take."""
@@ -73,6 +75,16 @@ class NpuOps(DecoderOps):
         self.npu = torch_npu
         self._cos_sin: dict[int, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
+
+    def int8_projection(self, scheme: Scheme, qweight: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None, input_scale: float | None,
+                        dtype: torch.dtype) -> Int8Projection | None:
+        """w8a16 through npu_weight_quant_batchmatmul, w8a8 through npu_quant_matmul."""
+        from worker.quant.npu_int8 import NpuW8A8Projection, NpuW8A16Projection
+
+        if scheme is Scheme.W8A8:
+            return NpuW8A8Projection(self.npu, qweight, scale, bias, input_scale)
+        return NpuW8A16Projection(self.npu, qweight, scale, bias, dtype)
 
     def kv_cache_shape(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
                        head_dim: int) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ another layout brings its own set and nothing else changes.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +32,22 @@ from worker.model.config import ModelConfig
 from worker.model.rope import RotaryEmbedding, apply_rope
 from worker.model.weights import LayerWeights
 
+if TYPE_CHECKING:
+    from worker.quant.int8_linear import Int8Projection
+    from worker.quant.scheme import Scheme
+
 
 class DecoderOps:
     name = "torch"
     default_block_size = 16
     """Tokens per KV block when the settings leave it open."""
+
+    def int8_projection(self, scheme: Scheme, qweight: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None, input_scale: float | None,
+                        dtype: torch.dtype) -> Int8Projection | None:
+        """The device's own int8 projection for these tensors, or None: then the loader's
+        (the CPU kernels', PyTorch's int8 matmuls, or dequantized weights)."""
+        return None
 
     def kv_cache_shape(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
                        head_dim: int) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ from worker.model.config import ModelConfig
 from worker.model.linear import Projection, can_pack
 from worker.model.sharding import Shard
 from worker.quant.int8_linear import (
+    DeviceInt8,
     FakeQuantInput,
     Int8Projection,
     dequantize,
@@ -117,6 +118,7 @@ class TensorSource:
 def load_weights(
     model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
     pack: bool = True, kernels: CpuKernels | None = None, shard: Shard | None = None,
+    device_int8: DeviceInt8 | None = None,
 ) -> ModelWeights:
     """pack: also keep oneDNN-packed copies of the projections on CPU; kernels: the compiled
     CPU kernels for decode-time projections, float32 on the CPU only (see linear.py); shard:
@@ -133,7 +135,8 @@ def load_weights(
         kept_float = description is not None and not all(
             description.get(m + ".weight") in SCHEMES for m in modules)
         if quant is not None and not kept_float:
-            return quantized_projection(quant, tensor, modules, bias, dtype, device, kernels)
+            return quantized_projection(quant, tensor, modules, bias, dtype, device, kernels,
+                                        device_int8)
         weight = cat(*(m + ".weight" for m in modules))
         return Projection(weight, cat(*(m + ".bias" for m in modules)) if bias else None, pack,
                           kernels)

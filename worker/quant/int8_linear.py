@@ -218,12 +218,20 @@ def kernel_available(scheme: Scheme, out_features: int, in_features: int,
     return bool(torch.allclose(y, torch.full_like(y, float(in_features)), rtol=1e-2))
 
 
+DeviceInt8 = Callable[[Scheme, torch.Tensor, torch.Tensor, "torch.Tensor | None", "float | None",
+                       torch.dtype], "Int8Projection | None"]
+"""An op set's own int8 projection (scheme, int8 weight, scales, bias, static input scale,
+dtype), or None where it has none."""
+
+
 def quantized_projection(
     quant: QuantConfig, get: Callable[[str], torch.Tensor], modules: list[str], bias: bool,
     dtype: torch.dtype, device: torch.device, kernels: CpuKernels | None = None,
+    device_int8: DeviceInt8 | None = None,
 ) -> Int8Projection | FakeQuantInput | Projection:
-    """The projection for HF `modules` (fused by stacking rows): int8 on a kernel path, or a
-    float Projection dequantized on load where there is none (a warning says so)."""
+    """The projection for HF `modules` (fused by stacking rows): the op set's own int8
+    projection where it has one (`device_int8`, the NPU's), else int8 on a kernel path, else a
+    float Projection dequantized on load (a warning says so)."""
     qweights, scales, input_scales = [], [], []
     for m in modules:
         w, s = get(m + ".weight"), get(m + ".weight_scale").float()
@@ -243,6 +251,9 @@ def quantized_projection(
     b = torch.cat([get(m + ".bias") for m in modules]).to(device, dtype) if bias else None
     # modules fused here read one input, so they share its scale; the largest is the safe one
     input_scale = max(input_scales) if input_scales else None
+    if device_int8 is not None and (
+            own := device_int8(quant.scheme, qweight, scale, b, input_scale, dtype)) is not None:
+        return own
     out_features, in_features = qweight.shape
     grouped = scale.shape[1] > 1
     if (grouped and kernels is not None and quant.scheme is Scheme.W8A16

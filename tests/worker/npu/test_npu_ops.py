@@ -19,6 +19,7 @@ from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 from worker.model.npu_ops import NpuOps, npu_ops_for, soc_family
+from worker.quant.scheme import Activations, QuantConfig, Scheme
 
 SETTINGS = TorchSettings(kv_cache_gb=0.05, cpu_kernels=False, threads=2)
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [50, 60, 70], list(range(300, 340))]
@@ -62,3 +63,28 @@ def test_the_op_set_follows_the_soc_and_refuses_what_it_cannot_run() -> None:
         torch_npu_sim.SocVersion.value = 223
     with pytest.raises(ModelConfigError, match="blocks of 128"):
         NpuOps(torch_npu_sim).kv_cache_shape(2, 4, 16, 2, 32)
+
+
+@pytest.mark.parametrize("quant", [
+    QuantConfig(Scheme.W8A16), QuantConfig(Scheme.W8A16, group_size=32),
+    QuantConfig(Scheme.W8A8, activations=Activations.DYNAMIC)],
+    ids=["w8a16", "w8a16-group32", "w8a8-dynamic"])
+def test_int8_checkpoints_run_on_the_npus_quantized_matmuls(tiny_qwen3: Path, tmp_path: Path,
+                                                             quant: QuantConfig) -> None:
+    from worker.quant.quantize import quantize_model
+
+    model = quantize_model(tiny_qwen3, tmp_path / "int8", quant, progress=False).out_dir
+    torch_npu_sim.calls.clear()
+    npu = ModelRunner(model, SETTINGS, max_model_len=256, ops=NpuOps(torch_npu_sim))
+    kernel = ("npu_quant_matmul" if quant.scheme is Scheme.W8A8
+              else "npu_weight_quant_batchmatmul")
+    reference = ModelRunner(tiny_qwen3, SETTINGS, max_model_len=256)  # the float model
+    for prompt in PROMPTS:
+        one, two = (r.logits(r.prefill_hidden_states(prompt)) for r in (reference, npu))
+        assert torch.nn.functional.cosine_similarity(one, two, dim=-1).min() > 0.99
+    assert kernel in torch_npu_sim.calls
+    if quant.scheme is Scheme.W8A16:  # the same int8 weights as npuserve's own CPU path,
+        cpu = ModelRunner(model, SETTINGS, max_model_len=256)  # which rounds activations
+        for prompt in PROMPTS:
+            one, two = (r.logits(r.prefill_hidden_states(prompt)) for r in (cpu, npu))
+            assert torch.nn.functional.cosine_similarity(one, two, dim=-1).min() > 0.9999

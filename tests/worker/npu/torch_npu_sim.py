@@ -150,3 +150,50 @@ def npu_fused_infer_attention_score(query: torch.Tensor, key: torch.Tensor,
         out[start:q_end] = _attend(q, k, v, scale, kv_len - q.shape[0]).to(out.dtype)
         start = q_end
     return out, torch.zeros(query.shape[0], num_heads, 1)
+
+
+def npu_weight_quant_batchmatmul(x: torch.Tensor, weight: torch.Tensor,
+                                 antiquant_scale: torch.Tensor,
+                                 antiquant_offset: torch.Tensor | None = None,
+                                 quant_scale: Any = None, quant_offset: Any = None,
+                                 bias: torch.Tensor | None = None,
+                                 antiquant_group_size: int = 0) -> torch.Tensor:
+    calls.append("npu_weight_quant_batchmatmul")
+    assert weight.dtype == torch.int8 and weight.shape[0] == x.shape[-1], "weight is [in, out]"
+    assert antiquant_offset is None and quant_scale is None
+    k, n = weight.shape
+    if antiquant_group_size:
+        assert antiquant_scale.shape == (k // antiquant_group_size, n)
+        scale = antiquant_scale.float().repeat_interleave(antiquant_group_size, dim=0)
+    else:
+        assert antiquant_scale.shape == (n,)
+        scale = antiquant_scale.float()[None, :]
+    y = x.float() @ (weight.float() * scale)
+    return (y + bias.float() if bias is not None else y).to(x.dtype)
+
+
+def npu_dynamic_quant(x: torch.Tensor, smooth_scales: Any = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    calls.append("npu_dynamic_quant")
+    scale = x.float().abs().amax(dim=-1).clamp_min(1e-30) / 127  # [M]
+    return (x.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def npu_quantize(x: torch.Tensor, scales: torch.Tensor, zero_points: Any, dtype: Any,
+                 axis: int = -1, div_mode: bool = True) -> torch.Tensor:
+    calls.append("npu_quantize")
+    assert dtype == torch.qint8 and not div_mode, "npuserve multiplies by 1 / scale"
+    return (x.float() * scales.float()).round().clamp(-128, 127).to(torch.int8)
+
+
+def npu_quant_matmul(x1: torch.Tensor, x2: torch.Tensor, scale: torch.Tensor, *,
+                     offset: Any = None, pertoken_scale: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None, output_dtype: Any = None) -> torch.Tensor:
+    calls.append("npu_quant_matmul")
+    assert x1.dtype == torch.int8 and x2.dtype == torch.int8 and x2.shape[0] == x1.shape[1]
+    y = (x1.long() @ x2.long()).double() * scale.double()[None, :]
+    if pertoken_scale is not None:
+        y = y * pertoken_scale.double()[:, None]
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(output_dtype)
