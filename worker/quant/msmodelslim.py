@@ -7,6 +7,8 @@ module M:
 
 - W8A16: `M.weight` int8 [out, in], `M.weight_scale` and `M.weight_offset` [out, 1] (the
   weight is (weight - offset) * scale); the float `M.bias` where the model has one;
+- W8A8_DYNAMIC: the same weight tensors and a float bias (activations quantized per token
+  at run time);
 - W8A8 (static activations): the same weight tensors, and `M.input_scale`, `M.input_offset`
   [1] (x_q = round(x / input_scale + input_offset)), `M.deq_scale` [out] (input_scale *
   weight_scale; float32, or its bits in int64 for float16 models) and `M.quant_bias` int32
@@ -33,7 +35,10 @@ from common.errors import ModelConfigError
 from worker.quant.scheme import QMAX, QuantConfig, Scheme
 
 DESCRIPTION_GLOB = "quant_model_description*.json"
-SCHEMES = ("W8A8", "W8A16")
+SCHEMES = ("W8A8", "W8A8_DYNAMIC", "W8A16")
+"""Quantization types npuserve reads (W8A8_DYNAMIC: per-token activations at run time, so
+only the weight tensors); it writes W8A8 and W8A16."""
+WRITTEN = ("W8A8", "W8A16")
 
 
 def read_description(model_dir: str | Path) -> dict[str, str] | None:
@@ -107,8 +112,8 @@ def write(src: str | Path, out: str | Path, scheme: str, *,
     from worker.model.weights import TensorSource
     from worker.quant.quantize import quantize_tensor
 
-    if scheme not in SCHEMES:
-        raise ModelConfigError(f"msmodelslim scheme {scheme!r}: choose one of {SCHEMES}")
+    if scheme not in WRITTEN:
+        raise ModelConfigError(f"msmodelslim scheme {scheme!r}: choose one of {WRITTEN}")
     src, out = Path(src), Path(out)
     config = ModelConfig.from_dir(src)
     if config.quantization is not None:
