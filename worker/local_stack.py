@@ -1,4 +1,5 @@
-"""`npuserve up`: the whole local stack in one command — Redis, a gateway and one CPU worker.
+"""`npuserve up`: the whole local stack in one command — Redis, a gateway and a worker per
+device (one CPU worker by default).
 
 Each part is a child process with its output prefixed by its name. `up` waits until the
 gateway's grpc.health.v1 check says SERVING (which needs a live worker), prints how to call it,
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import env
+from worker.backends.torch_settings import device_indices
 from worker.processes import ChildSet, free_port, wait_for_port
 
 DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
@@ -46,6 +48,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default=env("MODEL_DIR", DEFAULT_MODEL_DIR),
                    help=f"model directory for the worker (default {DEFAULT_MODEL_DIR}, "
                         "env NPUSERVE_MODEL_DIR)")
+    p.add_argument("--devices", nargs="+", default=["cpu"], metavar="DEVICE",
+                   help="one worker per DEVICE: cpu, cuda:N, npu:N, or a group of devices for "
+                        "one tensor-parallel worker (npu:0-7, cuda:0,1); default: one CPU "
+                        "worker")
     p.add_argument("--redis", default="",
                    help="use this Redis URL instead of starting a throwaway redis-server")
     p.add_argument("--gateway-args", default="",
@@ -93,9 +99,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         code = _start_and_serve(args, model, children, stop, workdir)
     finally:
-        if {"worker", "gateway"} & set(children.children):
-            children.say("stopping worker and gateway")
-        children.terminate(["worker", "gateway"], args.stop_timeout)
+        serving = [n for n in children.children if n.startswith("worker")] + ["gateway"]
+        if set(serving) & set(children.children):
+            children.say("stopping workers and gateway")
+        children.terminate(serving, args.stop_timeout)
         children.terminate(["redis"], 10.0)
         shutil.rmtree(workdir, ignore_errors=True)
     children.say("stopped" if code == 0 else f"stopped (exit {code})")
@@ -124,9 +131,13 @@ def _start_and_serve(args: argparse.Namespace, model: Path, children: ChildSet,
     children.say(f"starting gateway on {args.listen} (redis {shown})")
     children.start("gateway", [*python, "gateway", "--listen", args.listen, "--redis", redis_url,
                                *shlex.split(args.gateway_args)])
-    children.say(f"starting worker: loading {model} on cpu")
-    children.start("worker", [*python, "worker", "--model", str(model), "--backend", "torch",
-                              "--device", "cpu", "--redis", redis_url,
+    for i, device in enumerate(args.devices):
+        name = "worker" if len(args.devices) == 1 else f"worker{i}"
+        ranks = len(device_indices(device.partition(":")[2]) or [device])
+        group = ["--tensor-parallel", str(ranks)] if ranks > 1 else []
+        children.say(f"starting {name}: loading {model} on {device}")
+        children.start(name, [*python, "worker", "--model", str(model), "--backend", "torch",
+                              "--device", device, *group, "--redis", redis_url,
                               *shlex.split(args.worker_args)])
     target = _client_target(args.listen)
     if not _wait_serving(target, children, stop, args.startup_timeout):

@@ -175,3 +175,24 @@ def test_up_without_redis_server_on_path_says_so(tiny_qwen3: Path) -> None:
         check=False, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 1
     assert "redis-server is not on PATH" in done.stdout
+
+
+@pytest.mark.timeout(240)
+def test_up_starts_a_worker_per_device_and_a_tensor_parallel_group(
+        tiny_qwen3: Path, up_factory: list[UpProcess]) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    up = UpProcess(["up", "--model", str(tiny_qwen3), "--listen", target,
+                    "--devices", "cpu", "cpu:0-1", f"--worker-args={WORKER_ARGS}"])
+    up_factory.append(up)
+    up.wait_ready(180)
+    assert "starting worker0: loading" in up.output(), up.output()
+    assert "starting worker1: loading" in up.output() and "on cpu:0-1" in up.output()
+    with GenerationClient(target, timeout=60) as client:
+        deadline = time.monotonic() + 120
+        while not any(len(m.workers) == 2 for m in client.list_models().models):
+            assert time.monotonic() < deadline, up.output()
+            time.sleep(0.5)
+        result = collect(client.generate("hello there", max_tokens=4, ignore_eos=True,
+                                         sampling=sampling(temperature=0)))
+    assert result.completion_tokens == 4
+    assert "tensor parallel over 2 ranks" in up.output()
