@@ -57,7 +57,8 @@ class Keys:
 PRIORITY_SCALE = 10**13
 """score = priority * PRIORITY_SCALE - enqueue_ms: CLAIM scans highest score first, so the
 highest priority leaves first, and within one priority the oldest. Integers below 2^53 stay
-exact in Redis' doubles."""
+exact in Redis' doubles; ENQUEUE places a request arriving in the same millisecond as a queued
+one of its priority 1/32 below it (scripts.TIE_STEP), so arrival order holds there too."""
 
 
 def queue_score(priority: int, enqueue_ms: int) -> int:

@@ -7,14 +7,29 @@ one Redis (or a primary with replicas), not on Redis Cluster.
 
 from __future__ import annotations
 
+TIE_STEP = 1 / 32
+"""Score distance between requests of one priority queued in the same millisecond: scores
+reach 10^14, where a double still tells 1/64 apart, so 32 arrivals fit in a millisecond
+before they borrow from the next."""
+
 ENQUEUE = """
 -- KEYS: queue, req, wake   ARGV: id, score, max_queued, ttl_s, field, value, ...
+-- A request whose score another queued request already has (same priority, same
+-- millisecond) is placed just after it, so arrival order holds within a millisecond too (Redis
+-- orders equal scores by id); the score it got is the one stored in req:{id}.
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 local bound = tonumber(ARGV[3])
 if bound > 0 and redis.call('ZCARD', KEYS[1]) >= bound then return 0 end
+local score = tonumber(ARGV[2])
+local exact = string.format('%.17g', score)  -- Lua's own number-to-string keeps 14 digits
+while redis.call('ZCOUNT', KEYS[1], exact, exact) > 0 do
+  score = score - """ + repr(TIE_STEP) + """
+  exact = string.format('%.17g', score)
+end
 redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('HSET', KEYS[2], 'score', exact)
 redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[1], exact, ARGV[1])
 redis.call('LPUSH', KEYS[3], '1')
 redis.call('LTRIM', KEYS[3], 0, 63)
 return 1

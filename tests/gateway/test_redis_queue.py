@@ -88,3 +88,16 @@ def test_redact_hides_only_the_password() -> None:
     assert redact("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
     assert redact("rediss://:pw@h/2") == "rediss://:***@h/2"
     assert redact("redis://h:6379/0") == "redis://h:6379/0"
+
+
+async def test_requests_of_one_priority_in_the_same_millisecond_leave_in_arrival_order(
+        r: aioredis.Redis, redis_url: str) -> None:
+    queue = RedisQueue(r, KEYS, redis_url, request_ttl_s=60)
+    ids = [f"same-ms-{c}" for c in "zyxwvuts"]  # reverse-alphabetical: Redis's own tie order
+    for rid in ids:
+        await queue.enqueue(request(rid, 3, 1_700_000_000_000), 0)
+    assert await r.zrevrange(KEYS.queue("m"), 0, -1) == ids
+    scores = [float(await r.hget(KEYS.request(rid), "score")) for rid in ids]
+    assert scores == [await r.zscore(KEYS.queue("m"), rid) for rid in ids]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(ids)
+    assert scores[0] - scores[-1] < 1  # all within the millisecond they arrived in
