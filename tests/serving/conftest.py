@@ -163,7 +163,8 @@ def scrape(port: int, metric: str) -> float:
     return 0.0
 
 
-def _served(target: str, expected: dict[str, int]) -> Callable[[], bool]:
+def served(target: str, expected: dict[str, int]) -> Callable[[], bool]:
+    """A condition for wait_until: the gateway lists each model with at least n workers."""
     def check() -> bool:
         try:
             with GenerationClient(target, timeout=2) as client:
@@ -191,9 +192,9 @@ def fleet(redis_server: str, tiny_qwen3: Path,
     try:
         for name, args in starts:
             fl.services.append(start_service(name, args, fl.log_dir))
-        wait_until(_served(fl.gateway, {"tiny": 2, "slot": 1}), 150,
+        wait_until(served(fl.gateway, {"tiny": 2, "slot": 1}), 150,
                    "the fleet did not come up", fl.services)
-        wait_until(_served(fl.tight, {"tiny": 2, "slot": 1}), 30,
+        wait_until(served(fl.tight, {"tiny": 2, "slot": 1}), 30,
                    "the tight gateway did not see the workers", fl.services)
         yield fl
     finally:

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from gateway.client import GenerationClient, StreamResult, collect, sampling
-from tests.serving.conftest import Service, start_service, wait_until
+from tests.serving.conftest import Service, served, start_service, wait_until
 from tests.worker.conftest import compiled_tiny, greedy_alone
 from worker.backends.sophon.simulator import SimulatorRuntime
 from worker.checkpoints.tpu_toolchain import require_toolchain
@@ -44,16 +44,9 @@ def stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory
         start_service("chip-worker", ["worker", "--model", str(chip), "--name", CHIP_MODEL,
                                       "--pool-size", "1", *sophon], tmp)]
 
-    def served() -> bool:
-        try:
-            with GenerationClient(target, timeout=2) as client:
-                names = {m.name for m in client.list_models().models}
-                return {MODEL, CHIP_MODEL} <= names
-        except grpc.RpcError:
-            return False
-
     try:
-        wait_until(served, 180, "the sophon workers never registered", services)
+        wait_until(served(target, {MODEL: 1, CHIP_MODEL: 1}), 180,
+                   "the sophon workers never registered", services)
         yield target, bmodel, manifest
     finally:
         for service in services:

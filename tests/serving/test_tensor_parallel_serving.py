@@ -11,13 +11,12 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from common.config import EngineConfig
 from common.sampling_params import SamplingParams
 from gateway.client import GenerationClient, collect, sampling
-from tests.serving.conftest import Service, Stream, start_service, wait_until
+from tests.serving.conftest import Service, Stream, served, start_service, wait_until
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 from worker.processes import free_port
@@ -55,15 +54,9 @@ def stack(redis_server: str, tiny_qwen3: Path, tmp_path: Path
                 start_service("tp-worker", [*worker, "--tensor-parallel", "2",
                                             "--tp-timeout-s", "5"], tmp_path)]
 
-    def served() -> bool:
-        try:
-            with GenerationClient(target, timeout=2) as client:
-                return any(m.name == MODEL for m in client.list_models().models)
-        except grpc.RpcError:
-            return False
-
     try:
-        wait_until(served, 120, "the tensor-parallel worker never registered", services)
+        wait_until(served(target, {MODEL: 1}), 120,
+                   "the tensor-parallel worker never registered", services)
         yield target, services, worker
     finally:
         for service in services:

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 STOP = -1
 """A chunk count that tells followers to leave."""
+START_TIMEOUT = timedelta(minutes=10)
+"""How long the ranks may take to load their shards and join."""
 FOLLOWER_IDLE_TIMEOUT = timedelta(days=365)
 """Followers wait for rank 0 however long the queue is idle; they leave when it dies."""
 
@@ -86,30 +88,37 @@ def _backend(device: str) -> str:
 
 
 class Group:
-    """This process's membership of the group, and the step channel from rank 0."""
+    """This process's membership of the group, and the step channel from rank 0.
+
+    Joining waits up to START_TIMEOUT for every rank (they load their shards first); the
+    steps then run on a group of their own whose collectives time out after `timeout`."""
 
     def __init__(self, rank: int, world: int, port: int, device: str,
                  timeout: timedelta) -> None:
         if dist.is_initialized():
             raise ModelConfigError("this process already runs a tensor-parallel group; one "
                                    "model split over ranks per worker process")
-        dist.init_process_group(_backend(device), init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=world, timeout=timeout)
+        backend = _backend(device)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=max(timeout, START_TIMEOUT))
+        self.steps = dist.new_group(list(range(world)), timeout=timeout, backend=backend)
         self.rank, self.world = rank, world
-        self.comm_device = torch.device(device if _backend(device) != "gloo" else "cpu")
+        self.comm_device = torch.device(device if backend != "gloo" else "cpu")
 
     def all_reduce(self, t: torch.Tensor) -> None:
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=self.steps)
 
     def send(self, flat: list[int]) -> None:
-        dist.broadcast(torch.tensor([len(flat)], device=self.comm_device), 0)
-        dist.broadcast(torch.tensor(flat, dtype=torch.int64, device=self.comm_device), 0)
+        size = torch.tensor([len(flat)], device=self.comm_device)
+        dist.broadcast(size, 0, group=self.steps)
+        dist.broadcast(torch.tensor(flat, dtype=torch.int64, device=self.comm_device), 0,
+                       group=self.steps)
 
     def receive(self) -> list[int]:
         size = torch.zeros(1, dtype=torch.int64, device=self.comm_device)
-        dist.broadcast(size, 0)
+        dist.broadcast(size, 0, group=self.steps)
         flat = torch.empty(int(size.item()), dtype=torch.int64, device=self.comm_device)
-        dist.broadcast(flat, 0)
+        dist.broadcast(flat, 0, group=self.steps)
         return [int(x) for x in flat.tolist()]
 
     def close(self) -> None:

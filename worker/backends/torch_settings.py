@@ -39,8 +39,9 @@ class TorchSettings:
     """Ranks one model is split over (attention heads and MLP), one process and device
     each: cpu, or consecutive devices from the one given (cuda:0 with 2: cuda:0 and cuda:1)."""
     tp_timeout_s: float = 120.0
-    """Under tensor parallelism, how long rank 0 waits for the others in a step (or at start,
-    while they load) before it gives up and the worker exits, handing its requests back."""
+    """Under tensor parallelism, how long rank 0 waits for the others in a step before it
+    gives up and the worker exits, handing its requests back (at start the ranks get up to
+    10 minutes to load and join)."""
     cpu_kernels: bool = True
     """On CPU in float32, run decode-time projections, attention and the elementwise steps
     with npuserve's C kernels (compiled for the machine on first use; needs a C compiler,

@@ -10,7 +10,8 @@
   `npu_quant_matmul(x_int8, weight, scale, offset=None, pertoken_scale=None, bias=None,
   output_dtype=...)` with the weight [in, out] and the weight scales [out].
 
-The op set (`worker.model.npu_ops.NpuOps`) builds them from the same int8 tensors the loader
+The bias is added after the kernel (Int8Projection.__call__). The op set
+(`worker.model.npu_ops.NpuOps`) builds them from the same int8 tensors the loader
 reads for every backend, so an npuserve or msmodelslim int8 checkpoint runs on the NPU as is.
 """
 
@@ -34,13 +35,9 @@ class NpuW8A16Projection(Int8Projection):
                                 else groups.t()).contiguous().to(dtype)
         self.group_size = 0 if groups.shape[1] == 1 else self.group
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.npu.npu_weight_quant_batchmatmul(  # type: ignore[no-any-return]
-            x, self.weight_t, self.antiquant_scale, bias=self.bias,
-            antiquant_group_size=self.group_size)
-
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # __call__ is the kernel's whole computation
+        return self.npu.npu_weight_quant_batchmatmul(  # type: ignore[no-any-return]
+            x, self.weight_t, self.antiquant_scale, antiquant_group_size=self.group_size)
 
 
 class NpuW8A8Projection(Int8Projection):
@@ -51,7 +48,7 @@ class NpuW8A8Projection(Int8Projection):
         self.weight_t = self.qweight.t().contiguous()  # [in, out]
         self.input_scale = input_scale
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         channel = self.scale.reshape(-1)  # w8a8 scales are per output channel
         if self.input_scale is None:
             xq, token_scale = self.npu.npu_dynamic_quant(x)
@@ -61,8 +58,4 @@ class NpuW8A8Projection(Int8Projection):
             xq = self.npu.npu_quantize(x, inverse, None, torch.qint8, -1, False)
             scale, pertoken = channel * self.input_scale, None
         return self.npu.npu_quant_matmul(  # type: ignore[no-any-return]
-            xq, self.weight_t, scale, pertoken_scale=pertoken, bias=self.bias,
-            output_dtype=x.dtype)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # __call__ is the kernel's whole computation
+            xq, self.weight_t, scale, pertoken_scale=pertoken, output_dtype=x.dtype)
