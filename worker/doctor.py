@@ -2,8 +2,8 @@
 
 It prints the software a worker depends on (Python, torch, transformers; torch_npu and the
 CANN toolkit for Ascend, CUDA devices), then the memory plan of one model under the given
-torch-backend settings: weights per rank (tensor parallelism splits attention and MLP, and
-replicates the embedding and lm_head), a step's activations, and what is left for the KV
+torch-backend settings: weights per rank (tensor parallelism splits attention, MLP,
+embedding and lm_head), a step's activations, and what is left for the KV
 cache, in tokens and full-length sequences. When something does not fit it says which
 setting to change and to what. The worker's NPU start-up failure report uses the same probe.
 
@@ -172,7 +172,8 @@ def memory_plan(model_dir: Path, settings: TorchSettings, engine: EngineConfig,
 def _per_rank(cfg: ModelConfig, ranks: int, size: int, engine: EngineConfig
               ) -> tuple[int, int, int]:
     """(weight bytes, activation bytes, KV bytes per token) of one of `ranks` ranks: layers
-    sharded, embedding and lm_head replicated (as worker.model.sharding does)."""
+    sharded by heads and MLP, embedding and lm_head by vocabulary rows (as
+    worker.model.sharding does)."""
     from worker.model.sharding import Shard
 
     rank = Shard(0, ranks).config(cfg) if ranks > 1 else cfg
@@ -180,13 +181,14 @@ def _per_rank(cfg: ModelConfig, ranks: int, size: int, engine: EngineConfig
     h, layers = cfg.hidden_size, cfg.num_hidden_layers
     per_layer = (h * (rank.q_size + 2 * rank.kv_size) + rank.q_size * h
                  + 3 * h * rank.intermediate_size)
-    embed = cfg.vocab_size * h
-    replicated = embed * (1 if cfg.tie_word_embeddings else 2) * size + (2 * layers + 1) * h * size
+    embed = -(-cfg.vocab_size // ranks) * h  # this rank's vocabulary rows
+    vocab_and_norms = (embed * (1 if cfg.tie_word_embeddings else 2) * size
+                       + (2 * layers + 1) * h * size)
     tokens = engine.max_num_batched_tokens
     activations = tokens * (4 * h + 2 * rank.intermediate_size + rank.q_size + 2 * rank.kv_size
                             ) * size + engine.max_num_seqs * cfg.vocab_size * 4
     kv_token = 2 * layers * rank.num_key_value_heads * rank.head_dim * size
-    return layers * per_layer * weight + replicated, activations, kv_token
+    return layers * per_layer * weight + vocab_and_norms, activations, kv_token
 
 
 def _free_bytes(settings: TorchSettings) -> int | None:

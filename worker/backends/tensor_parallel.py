@@ -5,8 +5,9 @@ Rank 0 lives in the worker process: the engine, the scheduler and Redis stay the
 (`python -m worker.backends.tensor_parallel`), each holding a `ModelRunner` over its shard of
 the weights (`worker.model.sharding`) and its share of the KV cache. Each step rank 0
 broadcasts the step's chunks as one int64 tensor (no pickles on the hot path), every rank
-prepares the same inputs and runs its shard, two all-reduces per layer join them, and rank 0
-alone computes the logits (the lm_head is replicated) for the engine to sample.
+prepares the same inputs and runs its shard, two all-reduces per layer join them (and one
+after the embedding lookup, split by vocabulary rows), and each rank's rows of the logits are
+gathered on rank 0 for the engine to sample.
 
 torch.distributed carries it: gloo on CPU, nccl on CUDA, hccl on Ascend. A rank that dies or
 hangs ends the group: rank 0 checks its followers before every step and its collectives time
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 STOP = -1
 """A chunk count that tells followers to leave."""
+LOGITS = -2
+"""A chunk count that tells followers to compute their vocabulary rows' logits of the hidden
+states broadcast next, for rank 0 to gather."""
 START_TIMEOUT = timedelta(minutes=10)
 """How long the ranks may take to load their shards and join."""
 FOLLOWER_IDLE_TIMEOUT = timedelta(days=365)
@@ -114,6 +118,22 @@ class Group:
         dist.broadcast(torch.tensor(flat, dtype=torch.int64, device=self.comm_device), 0,
                        group=self.steps)
 
+    def share(self, t: torch.Tensor) -> torch.Tensor:
+        """Broadcast rank 0's `t` (the others pass a tensor of its shape and dtype to fill)."""
+        t = t.to(self.comm_device).contiguous()
+        dist.broadcast(t, 0, group=self.steps)
+        return t
+
+    def gather(self, local: torch.Tensor, width: int) -> torch.Tensor | None:
+        """Every rank's [n, <= width] columns, padded to width, stacked on rank 0 as
+        [n, world * width] (None on the others)."""
+        padded = torch.zeros(local.shape[0], width, dtype=local.dtype, device=self.comm_device)
+        padded[:, :local.shape[1]] = local.to(self.comm_device)
+        parts = ([torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0
+                 else None)
+        dist.gather(padded, parts, dst=0, group=self.steps)
+        return torch.cat(parts, dim=1) if parts is not None else None
+
     def receive(self) -> list[int]:
         size = torch.zeros(1, dtype=torch.int64, device=self.comm_device)
         dist.broadcast(size, 0, group=self.steps)
@@ -164,6 +184,13 @@ class TensorParallelRunner(ModelRunner):
         self.group.send(encode(chunks))
         return super().prepare(chunks)
 
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Each rank computes its vocabulary rows' logits; rank 0 gathers the whole row."""
+        self.group.send([LOGITS, hidden.shape[0]])
+        self.group.share(hidden)
+        return vocab_logits(self, hidden)
+
     def close(self) -> None:
         """Tell the followers to leave, wait for them, and leave the group."""
         try:
@@ -179,6 +206,19 @@ class TensorParallelRunner(ModelRunner):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def vocab_logits(runner: ModelRunner, hidden: torch.Tensor) -> torch.Tensor:
+    """This rank's logits [n, its vocabulary rows] gathered into [n, vocab] on rank 0 (an
+    empty tensor on the others)."""
+    group: Group = runner.group  # type: ignore[attr-defined]
+    vocab = runner.full_vocab_size
+    width = -(-vocab // group.world)
+    local = ModelRunner.logits(runner, hidden)
+    full = group.gather(local, width)
+    if full is None:
+        return local[:0]
+    return full[:, :vocab].to(hidden.device)
 
 
 def _watch_parent(pid: int) -> None:
@@ -211,11 +251,17 @@ def main(argv: list[str] | None = None) -> int:
                          num_blocks=spec["num_blocks"])
     group = Group(args.rank, world, spec["port"], settings.device, FOLLOWER_IDLE_TIMEOUT)
     runner.all_reduce = group.all_reduce
+    runner.group = group  # type: ignore[attr-defined]
+    hidden_shape = (runner.model_config.hidden_size,)
     with torch.inference_mode():
         while True:
             flat = group.receive()
             if flat[0] == STOP:
                 break
+            if flat[0] == LOGITS:
+                hidden = torch.empty((flat[1], *hidden_shape), dtype=runner.dtype)
+                vocab_logits(runner, group.share(hidden).to(runner.device))
+                continue
             step = runner.prepare(decode(flat))
             runner.forward(step.ids, step.positions, step.meta)
     group.close()

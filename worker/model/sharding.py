@@ -4,8 +4,9 @@ Attention is split by heads: q/k/v are column-parallel (each rank keeps its head
 o_proj is row-parallel (the matching columns), and the MLP likewise: gate/up column-parallel
 over the intermediate size, down row-parallel. So a layer needs exactly two all-reduces, after
 o_proj and after down. When there are fewer KV heads than ranks, each KV head is replicated on
-the ranks whose query heads use it. Norms, the embedding and the lm_head are replicated: the
-lm_head is one matrix read per step, and keeping it whole leaves sampling on rank 0 alone.
+the ranks whose query heads use it. The embedding and the lm_head are split by vocabulary
+rows (a lookup is summed over the ranks; logits are gathered on rank 0, which samples); the
+norms are replicated.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from worker.model.config import ModelConfig
 
 _COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 _ROW = ("o_proj", "down_proj")
+_VOCAB = ("embed_tokens", "lm_head")
 _PER_OUTPUT_ROW = ("weight", "weight_scale", "weight_offset", "bias", "quant_bias", "deq_scale")
 """Tensors with a row per output channel (npuserve's int8 and msmodelslim's layouts)."""
 
@@ -58,10 +60,12 @@ class Shard:
         """This rank's part of the checkpoint tensor `name` of the full model `cfg`: float or
         int8 weights, their per-channel or per-group scales, biases. A static activation
         scale stays whole (an upper bound for the rank's share of the input too)."""
-        parts = name.rsplit(".", 2)
-        module, leaf = (parts[-2], parts[-1]) if len(parts) == 3 else ("", "")
+        parts = name.split(".")
+        module, leaf = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", "")
         if module in _COLUMN and leaf in _PER_OUTPUT_ROW:
             return tensor[self._rows(module, cfg)]
+        if module in _VOCAB and leaf in ("weight", "weight_scale"):
+            return tensor[self.vocab_rows(cfg.vocab_size)]
         if module not in _ROW or leaf not in ("weight", "weight_scale"):
             return tensor
         cols = self._rows("q_proj" if module == "o_proj" else "gate_proj", cfg)
@@ -75,6 +79,12 @@ class Shard:
                 f"{name}: groups of {width} input columns straddle the {self.world} ranks' "
                 "shares; quantize with a group size that divides each share, or per channel")
         return tensor[:, cols.start // width:cols.stop // width]
+
+    def vocab_rows(self, vocab: int) -> slice:
+        """This rank's rows of the embedding and lm_head: ceil(vocab / world) each, the last
+        rank's fewer when they do not divide."""
+        per = -(-vocab // self.world)
+        return slice(min(vocab, self.rank * per), min(vocab, (self.rank + 1) * per))
 
     def _rows(self, module: str, cfg: ModelConfig) -> slice:
         r, w, d = self.rank, self.world, cfg.head_dim

@@ -32,7 +32,7 @@ def forward(
     `all_reduce` sums, in place, the partial outputs of the row-parallel o_proj and down.
     """
     eps = cfg.rms_norm_eps
-    h = F.embedding(input_ids, weights.embed)  # [T, hidden], a fresh tensor
+    h = embed(weights, input_ids, all_reduce)  # [T, hidden], a fresh tensor
     tables = ops.rope_tables(rope, positions)
     layers = weights.layers
     x = ops.rms_norm(h, layers[0].input_norm, eps)
@@ -51,6 +51,21 @@ def forward(
         next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else weights.norm
         x = ops.add_rms_norm(h, mlp, next_norm, eps)
     return x
+
+
+def embed(weights: ModelWeights, ids: torch.Tensor,
+          all_reduce: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+    """ids [T] -> [T, hidden]. A rank holding some vocabulary rows looks up its own ids and
+    gives zeros for the rest; the ranks' rows sum to the lookup."""
+    rows = weights.vocab_rows
+    if rows is None or all_reduce is None:
+        return F.embedding(ids, weights.embed)
+    local = ids - rows.start
+    mine = (local >= 0) & (local < rows.stop - rows.start)
+    h = F.embedding(local.clamp(0, rows.stop - rows.start - 1), weights.embed)
+    h.mul_(mine.unsqueeze(1).to(h.dtype))
+    all_reduce(h)
+    return h
 
 
 def compute_logits(weights: ModelWeights, hidden: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,8 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor  # [hidden]
     lm_head: AnyProjection  # hidden -> vocab; the embedding matrix again when tied
+    vocab_rows: slice | None = None
+    """Under tensor parallelism, the vocabulary rows embed and lm_head hold (None: all)."""
 
     def nbytes_per_decode_step(self) -> int:
         """Bytes a decode step must read: every layer, the final norm and the lm_head once."""
@@ -180,4 +182,5 @@ def load_weights(
     else:
         tied = config.tie_word_embeddings or "lm_head.weight" not in src
         lm_head = Projection(embed if tied else get("lm_head.weight"), None, pack, kernels)
-    return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head)
+    return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head,
+                        vocab_rows=shard.vocab_rows(config.vocab_size) if shard else None)

@@ -85,6 +85,8 @@ def test_a_rank_holds_its_heads_and_its_share_of_the_mlp(tiny_qwen3: Path,
     runner = ModelRunner(one_kv_head, SETTINGS, shard=Shard(1, 2))
     qkv = runner.weights.layers[0].qkv.weight  # type: ignore[union-attr]
     assert qkv.shape[0] == (2 + 1 + 1) * kv1.head_dim
+    assert runner.weights.embed.shape[0] == kv1.vocab_size // 2  # its vocabulary rows
+    assert runner.weights.vocab_rows == slice(512, 1024)
 
 
 def test_shapes_that_do_not_divide_are_refused_naming_them(tiny_qwen3: Path) -> None:
