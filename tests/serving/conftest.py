@@ -22,6 +22,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,18 @@ def scrape(port: int, metric: str) -> float:
             if line.startswith(metric + " "):
                 return float(line.split()[-1])
     return 0.0
+
+
+@contextmanager
+def serving(target: str, models: dict[str, int], services: Sequence[Service], timeout: float,
+            what: str) -> Iterator[None]:
+    """Wait until the gateway at target lists the models, yield, then stop the services."""
+    try:
+        wait_until(served(target, models), timeout, what, services)
+        yield
+    finally:
+        for service in services:
+            service.stop()
 
 
 def served(target: str, expected: dict[str, int]) -> Callable[[], bool]:

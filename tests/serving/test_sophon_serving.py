@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from gateway.client import GenerationClient, StreamResult, collect, sampling
-from tests.serving.conftest import Service, served, start_service, wait_until
+from tests.serving.conftest import Service, serving, start_service
 from tests.worker.conftest import compiled_tiny, greedy_alone
 from worker.backends.sophon.simulator import SimulatorRuntime
 from worker.checkpoints.tpu_toolchain import require_toolchain
@@ -44,13 +44,9 @@ def stack(redis_server: str, tmp_path_factory: pytest.TempPathFactory
         start_service("chip-worker", ["worker", "--model", str(chip), "--name", CHIP_MODEL,
                                       "--pool-size", "1", *sophon], tmp)]
 
-    try:
-        wait_until(served(target, {MODEL: 1, CHIP_MODEL: 1}), 180,
-                   "the sophon workers never registered", services)
+    with serving(target, {MODEL: 1, CHIP_MODEL: 1}, services, 180,
+                 "the sophon workers never registered"):
         yield target, bmodel, manifest
-    finally:
-        for service in services:
-            service.stop()
 
 
 def test_four_streams_share_two_slots_and_each_gets_its_tokens_alone(

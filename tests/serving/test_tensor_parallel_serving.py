@@ -16,7 +16,7 @@ import pytest
 from common.config import EngineConfig
 from common.sampling_params import SamplingParams
 from gateway.client import GenerationClient, collect, sampling
-from tests.serving.conftest import Service, Stream, served, start_service, wait_until
+from tests.serving.conftest import Service, Stream, serving, start_service, wait_until
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
 from worker.processes import free_port
@@ -54,13 +54,9 @@ def stack(redis_server: str, tiny_qwen3: Path, tmp_path: Path
                 start_service("tp-worker", [*worker, "--tensor-parallel", "2",
                                             "--tp-timeout-s", "5"], tmp_path)]
 
-    try:
-        wait_until(served(target, {MODEL: 1}), 120,
-                   "the tensor-parallel worker never registered", services)
+    with serving(target, {MODEL: 1}, services, 120,
+                 "the tensor-parallel worker never registered"):
         yield target, services, worker
-    finally:
-        for service in services:
-            service.stop()
 
 
 def test_a_model_split_over_two_ranks_streams_the_tokens_of_one(

@@ -189,7 +189,7 @@ class TensorParallelRunner(ModelRunner):
         """Each rank computes its vocabulary rows' logits; rank 0 gathers the whole row."""
         self.group.send([LOGITS, hidden.shape[0]])
         self.group.share(hidden)
-        return vocab_logits(self, hidden)
+        return vocab_logits(self, self.group, hidden)
 
     def close(self) -> None:
         """Tell the followers to leave, wait for them, and leave the group."""
@@ -208,11 +208,10 @@ class TensorParallelRunner(ModelRunner):
                 proc.wait()
 
 
-def vocab_logits(runner: ModelRunner, hidden: torch.Tensor) -> torch.Tensor:
+def vocab_logits(runner: ModelRunner, group: Group, hidden: torch.Tensor) -> torch.Tensor:
     """This rank's logits [n, its vocabulary rows] gathered into [n, vocab] on rank 0 (an
     empty tensor on the others)."""
-    group: Group = runner.group  # type: ignore[attr-defined]
-    vocab = runner.full_vocab_size
+    vocab = runner.model_config.vocab_size  # a rank's config keeps the whole vocabulary
     width = -(-vocab // group.world)
     local = ModelRunner.logits(runner, hidden)
     full = group.gather(local, width)
@@ -251,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
                          num_blocks=spec["num_blocks"])
     group = Group(args.rank, world, spec["port"], settings.device, FOLLOWER_IDLE_TIMEOUT)
     runner.all_reduce = group.all_reduce
-    runner.group = group  # type: ignore[attr-defined]
     hidden_shape = (runner.model_config.hidden_size,)
     with torch.inference_mode():
         while True:
@@ -260,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if flat[0] == LOGITS:
                 hidden = torch.empty((flat[1], *hidden_shape), dtype=runner.dtype)
-                vocab_logits(runner, group.share(hidden).to(runner.device))
+                vocab_logits(runner, group, group.share(hidden).to(runner.device))
                 continue
             step = runner.prepare(decode(flat))
             runner.forward(step.ids, step.positions, step.meta)

@@ -97,7 +97,6 @@ class ModelRunner:
             torch.set_num_threads(settings.threads)
         self.settings = settings
         full = ModelConfig.from_dir(model_dir)
-        self.full_vocab_size = full.vocab_size
         self.model_config = cfg = shard.config(full) if shard is not None else full
         """The model as this runner computes it (under tensor parallelism: its rank's heads
         and MLP share)."""

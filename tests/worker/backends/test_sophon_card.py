@@ -5,7 +5,6 @@ memory, report get_dev_stat, and turn a failed launch into a DeviceError."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -13,15 +12,9 @@ import pytest
 
 from common.errors import DeviceError, ModelConfigError
 from tests.worker.backends import sail_standin
-from tests.worker.backends.record_sophon_fixture import MANIFEST
 from tests.worker.backends.test_sophon_replay import Replay
 from worker.backends.sophon.card import SailRuntime
 from worker.backends.sophon.protocol import BmodelSession
-
-
-@pytest.fixture
-def manifest() -> dict[str, Any]:
-    return dict(json.loads(MANIFEST.read_text()))
 
 
 def test_the_card_path_reproduces_the_simulator_run_with_kv_kept_on_the_device(

@@ -4,14 +4,13 @@ call must carry exactly the inputs the recorded run carried, and gets its record
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pytest
 
-from tests.worker.backends.record_sophon_fixture import MANIFEST, RECORDING
+from tests.worker.backends.record_sophon_fixture import RECORDING
 from worker.backends.sophon.protocol import BmodelSession, HostRuntime
 
 
@@ -38,11 +37,6 @@ class Replay(HostRuntime):
             np.testing.assert_array_equal(np.asarray(inputs[name]).reshape(recorded.shape),
                                           recorded, err_msg=f"{net}.{name}")
         return dict(call["out"])
-
-
-@pytest.fixture
-def manifest() -> dict[str, Any]:
-    return dict(json.loads(MANIFEST.read_text()))
 
 
 def test_prefill_and_decode_send_what_the_simulator_run_received(

@@ -71,8 +71,6 @@ class SophonBackend(Backend):
         self.capabilities = GREEDY_ONLY if self.on_chip_head else Capabilities()
         bmodel = model_dir / self.manifest["bmodel"]
         self.runtime = runtime or _open_runtime(bmodel, settings)
-        where = ("the BM1684X simulator" if settings.sophon_device == "sim"
-                 else f"BM1684X card {settings.sophon_device}")
         wanted = min(settings.pool_size, engine.max_num_seqs)
         first = SlotGroup(self.runtime, self.manifest)
         self.groups = [first] + [SlotGroup(self.runtime, self.manifest)
@@ -92,8 +90,8 @@ class SophonBackend(Backend):
             max_tokens_per_step=max(engine.max_num_batched_tokens, seqlen),
             block_size=seqlen, num_blocks=pool, chunked_prefill=False,
             output=OutputKind.TOKENS if self.on_chip_head else OutputKind.LOGITS)
-        log.info("sophon backend on %s: %s, SEQLEN %d, %s, %s, %d slots, %.1f MiB of device "
-                 "memory; decode batch %d", where, bmodel.name, seqlen, self.manifest["quant"],
+        log.info("sophon backend on %s: SEQLEN %d, %s, %s, %d slots, %.1f MiB of device "
+                 "memory; decode batch %d", self.device, seqlen, self.manifest["quant"],
                  "top-1 on chip (greedy only)" if self.on_chip_head else "logits to the host",
                  pool, self.manifest["device_mem_bytes"] / 2**20, first.batch)
 

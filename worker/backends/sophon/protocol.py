@@ -202,7 +202,6 @@ class BmodelSession:
 
     def __init__(self, runtime: Runtime, manifest: Mapping[str, Any]) -> None:
         self.group = SlotGroup(runtime, manifest)
-        self.seqlen = self.group.seqlen
 
     @property
     def length(self) -> int:
