@@ -149,7 +149,7 @@ def memory_plan(model_dir: Path, settings: TorchSettings, engine: EngineConfig,
     """The plan for `model_dir` on one rank of `settings.tensor_parallel`."""
     cfg = ModelConfig.from_dir(model_dir)
     ranks = settings.tensor_parallel
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}[settings.dtype]
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}[settings.dtype_name()]
     weights, activations, kv_token = _per_rank(cfg, ranks, size, engine)
     fitting = None
     if free_bytes is not None and weights + activations > free_bytes:
@@ -215,7 +215,8 @@ def report(model_dir: Path | None, settings: TorchSettings, engine: EngineConfig
         free = None if "error" in found.get("npu", {}) else _free_bytes(settings)
         plan = memory_plan(model_dir, settings, engine, free)
         found["plan"] = {
-            "ranks": plan.ranks, "device": settings.device, "dtype": settings.dtype,
+            "ranks": plan.ranks, "device": settings.device,
+            "dtype": settings.dtype_name(found.get("npu", {}).get("soc_version")),
             "weights_gib_per_rank": plan.weight_bytes_per_rank / GIB,
             "activations_gib": plan.activation_bytes / GIB,
             "kv_bytes_per_token_per_rank": plan.kv_bytes_per_token_per_rank,

@@ -49,7 +49,7 @@ class TorchBackend(Backend):
             num_blocks=runner.num_blocks,
         )
         log.info("torch backend on %s (%s, %s ops): weights %.1f MiB (%.1f MiB read per step), "
-                 "KV cache %.1f MiB in %d blocks of %d", self.device, settings.dtype,
+                 "KV cache %.1f MiB in %d blocks of %d", self.device, runner.dtype,
                  runner.ops.name, self.weight_memory_bytes() / 2**20,
                  self.weight_bytes() / 2**20, self.kv_cache_bytes() / 2**20, runner.num_blocks,
                  runner.block_size)

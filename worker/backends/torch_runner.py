@@ -102,11 +102,14 @@ class ModelRunner:
         and MLP share)."""
         self.all_reduce: Callable[[torch.Tensor], None] | None = None
         self.device = resolve_device(settings.device)
-        self.dtype: torch.dtype = getattr(torch, settings.dtype)
+        if ops is None and self.device.type == "npu":
+            ops = npu_ops()
+        self.dtype: torch.dtype = (getattr(torch, settings.dtype) if settings.dtype
+                                   else ops.default_dtype if ops is not None else torch.float32)
         kernels = self._kernels(cfg) if settings.cpu_kernels and ops is None else None
         self.ops: DecoderOps = ops or (KernelOps(kernels) if kernels is not None
-                                       else npu_ops() if self.device.type == "npu"
                                        else DecoderOps())
+        self.ops.check_dtype(self.dtype)
         self.weights: ModelWeights = load_weights(model_dir, full, self.dtype, self.device,
                                                   pack=settings.cpu_packed_weights,
                                                   kernels=kernels, shard=shard,
@@ -166,7 +169,7 @@ class ModelRunner:
         return self.weights.resident_bytes()
 
     def kv_cache_bytes(self) -> int:
-        return self.cache.data.nbytes
+        return self.cache.nbytes
 
     def prepare(self, chunks: Sequence[SequenceChunk]) -> StepInputs:
         """Lay the chunks out decodes first (attended as one padded batch), prefill chunks

@@ -20,8 +20,9 @@ class TorchSettings:
     device: str = "cpu"
     """cpu, cuda[:N] or npu[:N] (Ascend, through torch_npu); with --tensor-parallel also a
     range or list, one device per rank (npu:0-7, cuda:0,1)."""
-    dtype: str = setting("float32", choices=DTYPES)
-    """Compute and weight dtype."""
+    dtype: str | None = setting(None, choices=DTYPES)
+    """Compute and weight dtype; unset: the device's own (bfloat16 on Ascend 910B/A2/A3,
+    float16 on Ascend 310P, float32 on CPU and CUDA)."""
     block_size: int | None = None
     """Tokens per KV cache block; unset: the op set's default (16 for PyTorch's ops and the
     CPU kernels)."""
@@ -48,7 +49,7 @@ class TorchSettings:
     else PyTorch's ops run with a warning). Off uses PyTorch's ops throughout."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
+        if self.dtype is not None and self.dtype not in DTYPES:
             raise InvalidRequestError("dtype", f"must be one of {', '.join(DTYPES)}")
         if self.block_size is not None and self.block_size < 1:
             raise InvalidRequestError("block_size", "must be >= 1")
@@ -74,6 +75,19 @@ class TorchSettings:
             raise InvalidRequestError("tp_timeout_s", "must be > 0")
         if self.threads is not None and self.threads < 1:
             raise InvalidRequestError("threads", "must be >= 1")
+
+    def dtype_name(self, soc_version: int | None = None) -> str:
+        """The dtype a worker with these settings computes in: the one set, else the
+        device's (an NPU's by its SoC, as torch_npu reports it: float16 on 310P, bfloat16
+        on the others; both 2 bytes)."""
+        if self.dtype:
+            return self.dtype
+        if self.device.startswith("npu"):
+            from worker.model.npu_ops import soc_family
+
+            return ("float16" if soc_version is not None and soc_family(soc_version) == "310p"
+                    else "bfloat16")
+        return "float32"
 
 
 def device_indices(index: str) -> list[int] | None:

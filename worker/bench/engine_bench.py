@@ -127,7 +127,7 @@ def run(config: BenchConfig) -> Results:
     del engine
     gc.collect()
 
-    model = hf_reference.load_hf_model(config.model_dir, settings.dtype, settings.device)
+    model = hf_reference.load_hf_model(config.model_dir, settings.dtype_name(), settings.device)
     hf_bytes = bandwidth.decode_weight_bytes(model)
     hf_reference.warm_up(model, first_prompt)
     with _bar("transformers sequential", alone_workload.total_output_tokens) as bar:
@@ -150,7 +150,7 @@ def run(config: BenchConfig) -> Results:
         "cpu_count": os.cpu_count(),
         "load_average_1m_start": load_start,
         "load_average_1m_end": os.getloadavg()[0],
-        "dtype": settings.dtype,
+        "dtype": settings.dtype_name(),
         "device": settings.device,
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,

@@ -31,9 +31,14 @@ class KVCache:
         self.num_blocks = num_blocks
         self.kv_heads = kv_heads
         self.num_slots = num_blocks * block_size
+        self.device = device
         if shape is None:
             shape = head_major_shape(num_layers, num_blocks, block_size, kv_heads, head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
 
 
 def head_major_shape(num_layers: int, num_blocks: int, block_size: int, kv_heads: int,

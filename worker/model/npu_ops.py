@@ -18,8 +18,9 @@ KV layout their attention kernels read (vllm-ascend's choices, with their signat
 
 The op set is given the torch_npu module to call, so tests drive it with a simulation of
 that module (same signatures and return conventions, reference arithmetic) on the CPU;
-on a device it is `import torch_npu`. 310P cards (fp16, a 16-aligned NZ cache layout and
-their own kernels) are refused with a clear message: their variant is not written yet.
+on a device it is `import torch_npu`. 310P cards have their own set
+(`worker.model.npu_310p_ops`): float16, the NZ cache layout and their own attention kernels.
+The dtype follows the SoC unless --dtype says otherwise: bfloat16 here.
 """
 
 from __future__ import annotations
@@ -59,17 +60,17 @@ def soc_family(soc_version: int) -> str:
 
 def npu_ops_for(torch_npu: ModuleType) -> NpuOps:
     """The op set for the SoC torch_npu reports."""
-    family = soc_family(int(torch_npu.npu.get_soc_version()))
-    if family == "310p":
-        raise ModelConfigError(
-            "Ascend 310P: its NZ cache layout and kernels are not supported yet; serve on "
-            "910B/A2/A3 cards, or on the CPU")
+    if soc_family(int(torch_npu.npu.get_soc_version())) == "310p":
+        from worker.model.npu_310p_ops import Npu310POps
+
+        return Npu310POps(torch_npu)
     return NpuOps(torch_npu)
 
 
 class NpuOps(DecoderOps):
     name = "torch_npu"
     default_block_size = BLOCK_SIZE
+    default_dtype = torch.bfloat16
 
     def __init__(self, torch_npu: ModuleType) -> None:
         self.npu = torch_npu
@@ -83,7 +84,7 @@ class NpuOps(DecoderOps):
         from worker.quant.npu_int8 import NpuW8A8Projection, NpuW8A16Projection
 
         if scheme is Scheme.W8A8:
-            return NpuW8A8Projection(self.npu, qweight, scale, bias, input_scale)
+            return NpuW8A8Projection(self.npu, qweight, scale, bias, input_scale, dtype)
         return NpuW8A16Projection(self.npu, qweight, scale, bias, dtype)
 
     def kv_cache_shape(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
@@ -95,9 +96,14 @@ class NpuOps(DecoderOps):
 
     def store_kv(self, cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor,
                  slots: torch.Tensor) -> None:
-        self.npu._npu_reshape_and_cache(key=k, value=v, key_cache=cache.data[layer, 0],
-                                        value_cache=cache.data[layer, 1],
+        key_cache, value_cache = self.layer_cache(cache, layer)
+        self.npu._npu_reshape_and_cache(key=k, value=v, key_cache=key_cache,
+                                        value_cache=value_cache,
                                         slot_indices=slots.to(torch.int32))
+
+    def layer_cache(self, cache: KVCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key cache and value cache, as the kernels take them."""
+        return cache.data[layer, 0], cache.data[layer, 1]
 
     def rope_tables(self, rope: RotaryEmbedding, positions: torch.Tensor) -> Any:
         cache = self._cos_sin.get(id(rope))
@@ -140,15 +146,16 @@ class NpuOps(DecoderOps):
 
     def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache
                         ) -> PagedDecode:
-        return PagedDecode(tables.to(torch.int32).to(cache.data.device), lens.to(torch.int32))
+        return PagedDecode(tables.to(torch.int32).to(cache.device), lens.to(torch.int32))
 
     def decode_attention(self, q: torch.Tensor, cache: KVCache, layer: int,
                          decode: Any) -> torch.Tensor:
         n, heads, d = q.shape
         out = torch.empty_like(q)
+        key_cache, value_cache = self.layer_cache(cache, layer)
         self.npu._npu_paged_attention(
-            query=q.contiguous(), key_cache=cache.data[layer, 0],
-            value_cache=cache.data[layer, 1], num_kv_heads=cache.kv_heads, num_heads=heads,
+            query=q.contiguous(), key_cache=key_cache,
+            value_cache=value_cache, num_kv_heads=cache.kv_heads, num_heads=heads,
             scale_value=d ** -0.5, block_table=decode.block_tables,
             context_lens=decode.context_lens, out=out)
         return out
@@ -170,10 +177,11 @@ class NpuOps(DecoderOps):
                 sparse_mode=3)
             return out  # type: ignore[no-any-return]
         table, context_len = context
-        blocks, bs = cache.data.shape[2], cache.data.shape[3]
+        key_cache, value_cache = self.layer_cache(cache, layer)
+        blocks, bs = key_cache.shape[:2]
         out, _ = self.npu.npu_fused_infer_attention_score(
-            q.contiguous(), cache.data[layer, 0].view(blocks, bs, -1),
-            cache.data[layer, 1].view(blocks, bs, -1), atten_mask=self._causal_mask(q.device),
+            q.contiguous(), key_cache.view(blocks, bs, -1),
+            value_cache.view(blocks, bs, -1), atten_mask=self._causal_mask(q.device),
             block_table=table.to(q.device), input_layout="TND", block_size=bs,
             actual_seq_lengths=[chunk], actual_seq_lengths_kv=[context_len],
             num_key_value_heads=cache.kv_heads, num_heads=heads, scale=d ** -0.5,

@@ -41,6 +41,11 @@ class DecoderOps:
     name = "torch"
     default_block_size = 16
     """Tokens per KV block when the settings leave it open."""
+    default_dtype = torch.float32
+    """Compute and weight dtype when the settings leave it open."""
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Refuse, with what to set instead, a dtype the device cannot compute in."""
 
     def int8_projection(self, scheme: Scheme, qweight: torch.Tensor, scale: torch.Tensor,
                         bias: torch.Tensor | None, input_scale: float | None,

@@ -18,10 +18,11 @@ from worker.backends.torch_backend import TorchBackend
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
+from worker.model.npu_310p_ops import Npu310POps
 from worker.model.npu_ops import NpuOps, npu_ops_for, soc_family
 from worker.quant.scheme import Activations, QuantConfig, Scheme
 
-SETTINGS = TorchSettings(kv_cache_gb=0.05, cpu_kernels=False, threads=2)
+SETTINGS = TorchSettings(kv_cache_gb=0.05, cpu_kernels=False, threads=2, dtype="float32")
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [50, 60, 70], list(range(300, 340))]
 
 
@@ -54,13 +55,13 @@ def test_the_op_set_follows_the_soc_and_refuses_what_it_cannot_run() -> None:
     assert [soc_family(v) for v in (220, 223, 250, 202)] == ["910b", "910b", "a3", "310p"]
     with pytest.raises(ModelConfigError, match="SoC version 100"):
         soc_family(100)
-    assert isinstance(npu_ops_for(torch_npu_sim), NpuOps)
+    assert type(npu_ops_for(torch_npu_sim)) is NpuOps
     torch_npu_sim.SocVersion.value = 202
     try:
-        with pytest.raises(ModelConfigError, match="310P"):
-            npu_ops_for(torch_npu_sim)
+        assert isinstance(npu_ops_for(torch_npu_sim), Npu310POps)
     finally:
         torch_npu_sim.SocVersion.value = 223
+    assert NpuOps.default_dtype is torch.bfloat16 and Npu310POps.default_dtype is torch.float16
     with pytest.raises(ModelConfigError, match="blocks of 128"):
         NpuOps(torch_npu_sim).kv_cache_shape(2, 4, 16, 2, 32)
 
