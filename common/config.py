@@ -129,7 +129,14 @@ class WorkerConfig:
     """Registration refresh period in seconds; the registration expires after three missed
     beats."""
     drain_timeout_s: float = setting(30.0, flag="--drain-timeout")
-    """On SIGTERM: seconds to finish running requests before handing the rest back."""
+    """On SIGTERM: seconds to finish running requests before handing the rest back; a step
+    that would not end in time (judged by the last one) is not started."""
+    step_warn_s: float = 30.0
+    """An engine step running longer than this is logged and counted
+    (npuserve_worker_slow_steps); leases stay renewed meanwhile."""
+    step_timeout_s: float = 0.0
+    """An engine step running longer than this means a wedged device or kernel: the worker
+    hands its requests back and exits (status 3) for its supervisor to restart it. 0: never."""
     metrics_port: int = setting(0, env="WORKER_METRICS_PORT")
     """Prometheus /metrics port; 0 disables."""
 
@@ -138,3 +145,6 @@ class WorkerConfig:
             raise InvalidRequestError("lease_ms", "must be >= 1000")
         if self.heartbeat_s <= 0 or self.drain_timeout_s < 0:
             raise InvalidRequestError("heartbeat_s", "heartbeat must be > 0, drain >= 0")
+        if self.step_warn_s <= 0 or self.step_timeout_s < 0:
+            raise InvalidRequestError("step_warn_s", "step_warn_s must be > 0 and "
+                                      "step_timeout_s >= 0")

@@ -120,8 +120,17 @@ return hand_back(KEYS[1], KEYS[2], KEYS[3], ARGV[1], {unpack(ARGV, 2)})
 
 REAP = _HAND_BACK + """
 -- KEYS: leases, queue, wake   ARGV: now_ms, prefix
--- Re-queues every request whose lease expired (its worker died or stalled).
+-- Re-queues every request whose lease expired (its worker died or stalled), and every one
+-- whose worker's registration expired: a dead worker's requests go back within seconds,
+-- without waiting out their leases.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+local held = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
+for _, id in ipairs(held) do
+  local worker = redis.call('HGET', ARGV[2] .. 'req:' .. id, 'worker')
+  if worker and redis.call('EXISTS', ARGV[2] .. 'worker:' .. worker) == 0 then
+    table.insert(expired, id)
+  end
+end
 return hand_back(KEYS[2], KEYS[1], KEYS[3], ARGV[2], expired)
 """
 

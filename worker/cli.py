@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         service.run(stop)
     finally:
-        service.queue.close()
+        service.close()
         service.engine.backend.close()
     log.info("worker %s stopped", service.queue.worker_id)
     return 0

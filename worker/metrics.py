@@ -77,6 +77,12 @@ class WorkerMetrics:
             "Busy fraction of the accelerator's compute units, 0..1", ["device"], registry=r)
         self.kv_blocks_total = Gauge("npuserve_worker_kv_blocks_total",
                                      "KV cache blocks in all", registry=r)
+        self.step_in_progress = Gauge(
+            "npuserve_worker_step_in_progress_seconds",
+            "How long the engine step now running has run (0 between steps)", registry=r)
+        self.slow_steps = Counter(
+            "npuserve_worker_slow_steps",
+            "Engine steps that ran past --step-warn-s", registry=r)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose /metrics over HTTP on a daemon thread."""

@@ -203,7 +203,8 @@ class RedisQueue:
         return self._call("renew", run)
 
     def reap(self, now_ms: int) -> int:
-        """Re-queue every request of the model whose lease expired; returns how many."""
+        """Re-queue every request of the model whose lease or whose worker's registration
+        expired; returns how many."""
         k = self.keys
         return int(self._call("reap", lambda: self._reap(
             keys=[k.leases(self.model), k.queue(self.model), k.wake(self.model)],

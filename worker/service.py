@@ -1,8 +1,9 @@
 """The worker loop: claim what fits, step the engine, publish each step's tokens.
 
-One iteration of `run_once` per engine step:
+Leases, the registration and reaping run on a thread of their own (`worker.liveness`), so a
+step of any length keeps the worker alive. One iteration of `run_once` per engine step:
 
-1. every heartbeat: renew leases, refresh the registration, reap expired leases;
+1. requests the liveness thread found no longer leased to this worker are dropped;
 2. requests flagged in cancel:{id} or past their deadline leave the batch with a final event;
 3. CLAIM what the backend can start now: up to its free batch slots, within its free KV room,
    and only requests that fit its context and its capabilities (none while draining);
@@ -21,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from common.errors import ErrorCode, NpuserveError
 from common.protocol import QueuedRequest, ReplyEvent
 from preprocess.tokenizer import TOKENIZER_FILES
 from worker.engine.engine import Engine
+from worker.liveness import Liveness, StepWatchdog, now_ms
 from worker.metrics import WorkerMetrics, rss_bytes
 from worker.redis_queue import Claimed, RedisQueue, StepBatch
 
@@ -47,11 +49,10 @@ MAX_DEVICE_RETRIES = 1
 IDLE_WAIT_S = 0.5
 """Longest BLPOP on wake:{model}: bounds both idle latency and how late a stop is seen."""
 _MB = 1 << 20
+STUCK_EXIT_STATUS = 3
+"""The worker's exit status when a step outran --step-timeout-s."""
 
-
-def now_ms() -> int:
-    """Wall-clock ms since the epoch: the clock of enqueue_ms, deadlines and leases."""
-    return time.time_ns() // 1_000_000
+__all__ = ["WorkerService", "model_info", "now_ms"]
 
 
 def model_info(model_dir: str | Path, engine: Engine) -> dict[str, str]:
@@ -92,11 +93,22 @@ class WorkerService:
         """Requests this worker runs at once: what its backend declares, within its config."""
         self.draining = False
         self._active: dict[str, _Active] = {}
-        self._beat_s = min(config.heartbeat_s, config.lease_ms / 3000)
-        self._next_beat = 0.0
+        self._held: tuple[str, ...] = ()
+        """The ids of _active as the liveness thread reads them (replaced, never mutated)."""
+        self._lost: set[str] = set()
+        self._lost_lock = threading.Lock()
+        beat_s = min(config.heartbeat_s, config.lease_ms / 3000)
+        self._stats_every_s = beat_s
+        self._next_stats = 0.0
         self._started_ms = now_ms()
-        self._info = model_info(config.model_dir, engine)
         self._failures = 0
+        self.exit: Callable[[int], object] = os._exit
+        """How a worker with a stuck step ends its process (replaced in tests)."""
+        self.watchdog = StepWatchdog(config.step_warn_s, config.step_timeout_s, self.metrics,
+                                     self._stuck)
+        self.liveness = Liveness(queue, beat_s, model_info(config.model_dir, engine),
+                                 self._registration, lambda: list(self._held), self._lose,
+                                 self.watchdog)
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> WorkerService:
@@ -115,10 +127,12 @@ class WorkerService:
         return list(self._active)
 
     def start(self) -> None:
-        """Publish the model's info, register, and log memory use."""
-        if self.queue.ensure_model_info(self._info):
-            log.info("published model:%s (sha %s)", self.queue.model, self._info["sha"][:12])
-        self.heartbeat()
+        """Publish the model's info, register, start the liveness thread, log memory use."""
+        info = self.liveness.info
+        if self.queue.ensure_model_info(info):
+            log.info("published model:%s (sha %s)", self.queue.model, info["sha"][:12])
+        self.liveness.start()
+        self._refresh_stats()
         backend = self.engine.backend
         log.info("worker %s serving %s: weights %.1f MiB (%.1f MiB read per step), KV cache "
                  "%.1f MiB, RSS %.1f MiB, capacity %d, max_len %d", self.queue.worker_id,
@@ -126,23 +140,48 @@ class WorkerService:
                  backend.weight_bytes() / _MB, backend.kv_cache_bytes() / _MB,
                  rss_bytes() / _MB, self.capacity, self.engine.max_len)
 
-    def heartbeat(self) -> None:
-        """Renew leases, refresh the registration, re-queue requests of dead workers."""
-        self._next_beat = time.monotonic() + self._beat_s
-        now = now_ms()
-        for rid in self.queue.renew(self.active_ids, now):
-            log.warning("lost the lease on %s (reaped or deleted); dropping it", rid)
-            self.engine.abort(rid)
-            self._active.pop(rid, None)
-        self.queue.register(self._registration(), max(1, math.ceil(3 * self._beat_s)), now)
-        if reaped := self.queue.reap(now):
-            log.warning("re-queued %d requests whose worker stopped renewing", reaped)
-        self.queue.ensure_model_info(self._info)
+    def close(self) -> None:
+        """Stop the liveness thread and close the Redis connections."""
+        self.liveness.stop()
+        self.queue.close()
+
+    def _refresh_stats(self) -> None:
+        """Memory and device gauges (on the engine thread: device calls stay on one thread)."""
+        self._next_stats = time.monotonic() + self._stats_every_s
         backend = self.engine.backend
         self.metrics.set_memory(backend.weight_bytes(), backend.weight_memory_bytes(),
                                 backend.kv_cache_bytes())
         if (stats := backend.device_stats()) is not None:
             self.metrics.set_device(str(backend.device), stats)
+
+    def _lose(self, ids: list[str]) -> None:
+        """Liveness thread: these requests are no longer leased to this worker."""
+        with self._lost_lock:
+            self._lost.update(ids)
+
+    def _drop_lost(self) -> None:
+        with self._lost_lock:
+            lost, self._lost = self._lost, set()
+        for rid in lost:
+            if self._active.pop(rid, None) is not None:
+                log.warning("lost the lease on %s (reaped or deleted); dropping it", rid)
+                self.engine.abort(rid)
+
+    def _sync_held(self) -> None:
+        self._held = tuple(self._active)
+
+    def _stuck(self, age_s: float) -> None:
+        """Liveness thread, a step past --step-timeout-s: hand everything back, leave."""
+        log.error("an engine step has run for %.1fs, past --step-timeout-s %.1f: the device "
+                  "or a kernel is wedged; handing %d requests back and exiting", age_s,
+                  self.config.step_timeout_s, len(self._held))
+        self.liveness.halt()
+        try:
+            self.queue.requeue(list(self._held))
+            self.queue.unregister()
+        except redis.RedisError as exc:
+            log.error("could not hand the requests back (%s); their leases will expire", exc)
+        self.exit(STUCK_EXIT_STATUS)
 
     def run_once(self) -> bool:
         """One iteration (see the module docstring); False when there was nothing to do.
@@ -150,8 +189,9 @@ class WorkerService:
         Redis is read before any local state changes, so a failing read leaves nothing to
         undo; if the publish fails, every request is dropped locally and stays leased: REAP
         hands it to a worker that resumes it from toks:{id}, exactly where it stopped."""
-        if time.monotonic() >= self._next_beat:
-            self.heartbeat()
+        self._drop_lost()
+        if time.monotonic() >= self._next_stats:
+            self._refresh_stats()
         drops = self._due_drops()
         in_engine = len(self.engine.scheduler.running) + len(self.engine.scheduler.waiting)
         admit = 0 if self.draining else self.capacity - (in_engine - len(drops))
@@ -167,6 +207,7 @@ class WorkerService:
         claimed_ms = now_ms()
         for c in claimed:
             self._admit(c, claimed_ms, batch)
+        self._sync_held()  # before the step, however long, the new leases are renewed
         stepped = self.engine.has_unfinished()
         if stepped:
             self._step(batch)
@@ -175,6 +216,8 @@ class WorkerService:
         except redis.RedisError:
             self._forget_all()
             raise
+        finally:
+            self._sync_held()
         if batch.retry:
             self.queue.requeue(batch.retry)
         sched, blocks = self.engine.scheduler, self.engine.scheduler.blocks
@@ -197,6 +240,7 @@ class WorkerService:
                 self.shutdown(drain=False)
             except Exception:
                 log.exception("could not hand requests back; their leases will expire")
+                self.liveness.stop()
             raise
         self.shutdown(drain=True)
 
@@ -209,12 +253,15 @@ class WorkerService:
         if self._active:
             log.info("draining %d requests (up to %.1fs)", len(self._active),
                      max(0.0, deadline - time.monotonic()))
-        while self._active and time.monotonic() < deadline:
+        # a step is started only if it should end in time, judged by the last one
+        while self._active and time.monotonic() + self.watchdog.last_s < deadline:
             self._guarded_once()
+        self.liveness.stop()  # no renewal or registration after this point
         ids = self.active_ids
         for rid in ids:
             self.engine.abort(rid)
         self._active.clear()
+        self._sync_held()
         if ids:
             log.info("handed %d unfinished requests back to the queue", self.queue.requeue(ids))
         self.queue.unregister()
@@ -277,7 +324,11 @@ class WorkerService:
 
     def _step(self, batch: StepBatch) -> None:
         start = time.perf_counter()
-        events = self.engine.step()
+        self.watchdog.started()
+        try:
+            events = self.engine.step()
+        finally:
+            self.watchdog.finished()
         self.metrics.observe_step(time.perf_counter() - start, len(events))
         for rid, what in self.engine.failed.items():
             self._device_failed(batch, rid, what)
@@ -334,6 +385,7 @@ class WorkerService:
         for rid in self.active_ids:
             self.engine.abort(rid)
         self._active.clear()
+        self._sync_held()
 
     def _registration(self) -> dict[str, str]:
         return {

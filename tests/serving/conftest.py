@@ -123,20 +123,28 @@ class Stream(threading.Thread):
         self.code: grpc.StatusCode | None = None
         self.details = ""
         self.first_token = threading.Event()
+        self.arrivals: list[float] = []
+        """When each message carrying tokens arrived (time.monotonic)."""
         self.start()
 
     def run(self) -> None:
         try:
             for message in self.call:
-                if message.token_ids and self.first_token_at is None:
-                    self.first_token_at = time.monotonic()
-                    self.first_token.set()
+                if message.token_ids:
+                    self.arrivals.append(time.monotonic())
+                    if self.first_token_at is None:
+                        self.first_token_at = time.monotonic()
+                        self.first_token.set()
                 self.result.add(message)
         except grpc.RpcError as exc:
             self.code, self.details = exc.code(), exc.details() or ""
 
     def wait_first_token(self, timeout: float = 60.0) -> None:
         assert self.first_token.wait(timeout), f"no token within {timeout}s ({self.code})"
+
+    def longest_stall(self) -> float:
+        """The longest wait between two messages carrying tokens, in seconds."""
+        return max((b - a for a, b in zip(self.arrivals, self.arrivals[1:])), default=0.0)
 
     def finish(self, timeout: float = 60.0) -> StreamResult:
         self.join(timeout)

@@ -2,9 +2,10 @@
 (SIGKILL, then its lease expires) mid-stream continues on another worker and the client sees
 exactly the tokens and the text of an uninterrupted run.
 
-Its own fleet: one gateway and two workers of model "resume" with short leases, so that a
-killed worker's requests are reaped within seconds. Each test interrupts whichever worker
-holds the request, then starts a replacement.
+Its own fleet: one gateway and two workers of model "resume" with heartbeats every 0.3 s and
+leases of a minute: a killed worker's requests must go back when its registration expires
+(about a second), not when their leases would. Each test interrupts whichever worker holds
+the request, then starts a replacement.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.timeout(300)
 MODEL = "resume"
 PROMPT = [1000, 2000, 3000, 4000, 5000]
 MAX_TOKENS = 160
+LEASE_MS = 60_000
 GREEDY = pb.SamplingParameters(temperature=0)
 SEEDED = pb.SamplingParameters(temperature=0.7, top_k=8, seed=1234, repetition_penalty=1.1,
                                presence_penalty=0.5, frequency_penalty=0.3)
@@ -48,7 +50,7 @@ class ResumeFleet:
     def start_worker(self) -> None:
         worker_id = f"resume-{uuid.uuid4().hex[:6]}"
         args = self.fleet.worker_args(self.tiny_qwen3, MODEL, "--worker-id", worker_id,
-                                      "--max-num-seqs", "4", "--lease-ms", "2000",
+                                      "--max-num-seqs", "4", "--lease-ms", str(LEASE_MS),
                                       "--heartbeat", "0.3", "--drain-timeout", "0")
         self.workers[worker_id] = start_service(worker_id, args, self.fleet.log_dir)
         self.fleet.services.append(self.workers[worker_id])
@@ -147,6 +149,8 @@ def test_a_request_handed_back_mid_stream_continues_exactly(
     assert (result.finish_reason, result.completion_tokens) == (
         "stop", len(reference.token_ids))
     assert result.indices == sorted(set(result.indices))
+    # the survivor re-queues a dead worker's request once its registration expires
+    assert stream.longest_stall() < 15, f"stalled {stream.longest_stall():.1f}s"
 
 
 def stop_string_near_the_end(whole: StreamResult) -> str:

@@ -1,10 +1,11 @@
 """A stand-in gateway for worker tests: enqueues and cancels exactly as a gateway does (the
-shared Lua scripts, QueuedRequest.to_fields, keys.queue_score) and reads its reply stream."""
+shared Lua scripts, QueuedRequest.to_fields, keys.queue_score) and reads its reply stream;
+and in-process worker services over one shared engine of the tiny random Qwen3."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,14 @@ import pytest
 import redis
 
 from common import scripts
+from common.config import EngineConfig, RedisConfig, WorkerConfig
 from common.keys import Keys, queue_score
 from common.protocol import QueuedRequest, ReplyEvent, decode_events
 from common.sampling_params import SamplingParams
+from worker.backends.torch_settings import TorchSettings
+from worker.engine.engine import Engine
+from worker.redis_queue import RedisQueue
+from worker.service import WorkerService
 
 MODEL = "tiny"
 
@@ -66,6 +72,42 @@ def gateway(redis_url: str) -> Iterator[FakeGateway]:
     gw = FakeGateway(redis_url)
     yield gw
     gw.client.close()
+
+
+MakeService = Callable[..., WorkerService]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3: Path) -> Engine:
+    return Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=4),
+                                 settings=TorchSettings(kv_cache_gb=0.05))
+
+
+@pytest.fixture
+def make_service(engine: Engine, tiny_qwen3: Path, redis_url: str
+                 ) -> Iterator[MakeService]:
+    """`(capacity=4, worker_id="w1", drain_s=0.0, **WorkerConfig fields)` -> a started
+    WorkerService of model MODEL over the shared engine; closed after the test."""
+    made: list[WorkerService] = []
+
+    def make(capacity: int = 4, worker_id: str = "w1", drain_s: float = 0.0,
+             **config: Any) -> WorkerService:
+        cfg = WorkerConfig(model_dir=str(tiny_qwen3), model_name=MODEL,
+                           engine=EngineConfig(max_num_seqs=capacity),
+                           redis=RedisConfig(url=redis_url), worker_id=worker_id,
+                           drain_timeout_s=drain_s, **config)
+        queue = RedisQueue.connect(cfg.redis, MODEL, worker_id, cfg.lease_ms)
+        service = WorkerService(cfg, engine, queue)
+        service.start()
+        made.append(service)
+        return service
+
+    yield make
+    for service in made:
+        for rid in service.active_ids:
+            engine.abort(rid)
+        service.close()
+    assert not engine.has_unfinished()
 
 
 def small_vocab_checkpoint(path: Path, arch: str) -> Path:

@@ -29,6 +29,7 @@ ANY = {"max_len": 1 << 30, "room": 1 << 30}
 @pytest.fixture
 def queue(redis_url: str) -> Iterator[RedisQueue]:
     q = RedisQueue.connect(RedisConfig(url=redis_url), MODEL, "w1", lease_ms=10_000)
+    q.register({"model": MODEL}, ttl_s=600, now_ms=0)  # a live worker: REAP spares its leases
     yield q
     q.close()
 
@@ -149,6 +150,23 @@ def test_reap_requeues_expired_leases_with_their_original_score(
     assert queue.reap(now_ms=20_000) == 1
     assert gateway.client.zscore(queue.keys.queue(MODEL), "r") == score
     assert gateway.client.zcard(queue.keys.leases(MODEL)) == 0
+
+
+def test_reap_requeues_the_requests_of_a_worker_whose_registration_expired(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    """A dead worker's requests go back as soon as its registration is gone, long before
+    their leases would expire; a live worker's stay leased."""
+    gateway.enqueue("mine", [1], P, enqueue_ms=1000)
+    gateway.enqueue("theirs", [2], P, enqueue_ms=2000)
+    queue.claim(1, now_ms=1000, **ANY)
+    dead = RedisQueue(queue.client, queue.keys, MODEL, "w2", lease_ms=10_000)
+    dead.register({"model": MODEL}, ttl_s=600, now_ms=0)
+    dead.claim(1, now_ms=1000, **ANY)
+    assert queue.reap(now_ms=2000) == 0
+    gateway.client.delete(queue.keys.worker("w2"))  # its registration expired
+    assert queue.reap(now_ms=2000) == 1
+    assert gateway.client.zrange(queue.keys.queue(MODEL), 0, -1) == ["theirs"]
+    assert gateway.client.zrange(queue.keys.leases(MODEL), 0, -1) == ["mine"]
 
 
 def test_requeue_hands_requests_back(queue: RedisQueue, gateway: FakeGateway) -> None:

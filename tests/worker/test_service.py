@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,47 +21,15 @@ from worker.redis_queue import RedisQueue
 from worker.service import WorkerService, now_ms
 
 if TYPE_CHECKING:
-    from tests.worker.conftest import FakeGateway
+    from tests.worker.conftest import FakeGateway, MakeService
 
 MODEL = "tiny"
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
 PROMPTS = [[1, 2, 3, 4], [50, 60, 70], [9000, 12, 7, 7, 7]]
 
-MakeService = Callable[..., WorkerService]
-
 ANY = {"max_len": 1 << 30, "room": 1 << 30}
 """claim() limits that let every request through."""
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_qwen3: Path) -> Engine:
-    return Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=4),
-                                 settings=TorchSettings(kv_cache_gb=0.05))
-
-
-@pytest.fixture
-def make_service(engine: Engine, tiny_qwen3: Path, redis_url: str
-                 ) -> Iterator[MakeService]:
-    made: list[WorkerService] = []
-
-    def make(capacity: int = 4, worker_id: str = "w1", drain_s: float = 0.0) -> WorkerService:
-        config = WorkerConfig(model_dir=str(tiny_qwen3), model_name=MODEL,
-                              engine=EngineConfig(max_num_seqs=capacity),
-                              redis=RedisConfig(url=redis_url), worker_id=worker_id,
-                              drain_timeout_s=drain_s)
-        queue = RedisQueue.connect(config.redis, MODEL, worker_id, config.lease_ms)
-        service = WorkerService(config, engine, queue)
-        service.start()
-        made.append(service)
-        return service
-
-    yield make
-    for service in made:
-        for rid in service.active_ids:
-            engine.abort(rid)
-        service.queue.close()
-    assert not engine.has_unfinished()
 
 
 def run_until(service: WorkerService, done: Callable[[], bool], timeout_s: float = 30.0) -> None:
@@ -283,7 +251,7 @@ def test_a_worker_claims_only_what_its_free_kv_blocks_can_start(
         assert gateway.client.zcard(gateway.keys.queue(MODEL)) == 2
         run_until(service, lambda: all(gateway.finished(rid) for rid in prompts))
     finally:
-        queue.close()
+        service.close()
     for rid, prompt in prompts.items():
         assert [e.token_id for e in gateway.events(rid)] == reference(engine, prompt, params)
 

@@ -1,0 +1,137 @@
+"""A worker's liveness does not depend on how long its steps take: leases and registration
+are renewed from their own thread through a step many times longer than the registration's
+lifetime; a slow step is logged and counted; a step past --step-timeout-s hands everything
+back and ends the process; a drain does not start a step it cannot finish in time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import pytest
+
+from common.sampling_params import SamplingParams
+from worker.backends.base import SequenceChunk, StepResult
+from worker.engine.engine import Engine
+from worker.liveness import now_ms
+from worker.redis_queue import RedisQueue
+
+if TYPE_CHECKING:
+    from tests.worker.conftest import FakeGateway, MakeService
+
+MODEL = "tiny"
+PROMPT = [1, 2, 3, 4]
+SHORT = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+LONG = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+FAST = {"heartbeat_s": 0.2, "lease_ms": 1500}
+"""Beats every 0.2 s: the registration lives 1 s and a lease 1.5 s unless renewed."""
+
+
+@pytest.fixture
+def slow_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch
+               ) -> Callable[[float, int], threading.Event]:
+    """`(seconds, count)`: the next `count` steps each take `seconds` longer; the returned
+    event is set while the first of them runs."""
+    def arm(seconds: float, count: int) -> threading.Event:
+        real = engine.backend.execute
+        inside = threading.Event()
+        left = [count]
+
+        def execute(chunks: Sequence[SequenceChunk]) -> StepResult:
+            if left[0] > 0:
+                left[0] -= 1
+                inside.set()
+                time.sleep(seconds)
+            return real(chunks)
+
+        monkeypatch.setattr(engine.backend, "execute", execute)
+        return inside
+
+    return arm
+
+
+def watch(condition: Callable[[], bool], until: threading.Event) -> Iterator[bool]:
+    """Sample condition every 50 ms until `until` is set."""
+    while not until.is_set():
+        yield condition()
+        time.sleep(0.05)
+
+
+def test_a_step_longer_than_the_registration_and_the_lease_keeps_the_worker_alive(
+        make_service: MakeService, gateway: FakeGateway, engine: Engine,
+        slow_steps: Callable[[float, int], threading.Event]) -> None:
+    service = make_service(step_warn_s=1.0, **FAST)
+    peer = RedisQueue(gateway.client, gateway.keys, MODEL, "w2", lease_ms=1500)
+    expected = engine.generate([PROMPT], SHORT)[0].token_ids
+    gateway.enqueue("r", PROMPT, SHORT)
+    inside = slow_steps(3.0, 1)  # 3x the registration's lifetime, 2x the lease
+    done = threading.Event()
+    c, k = gateway.client, gateway.keys
+    samples: list[bool] = []
+    ages: list[int] = []
+
+    def alive() -> bool:
+        reg = c.hgetall(k.worker("w1"))
+        ages.append(int(reg.get("step_age_ms", "0")))
+        lease = c.zscore(k.leases(MODEL), "r")
+        reaped = peer.reap(now_ms())  # what any other worker does every beat
+        return bool(reg) and lease is not None and lease > now_ms() and reaped == 0
+
+    def observe() -> None:
+        inside.wait(10)
+        samples.extend(watch(alive, done))
+
+    observer = threading.Thread(target=observe)
+    observer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not gateway.finished("r"):
+            assert time.monotonic() < deadline
+            service.run_once()
+    finally:
+        done.set()
+        observer.join()
+    assert len(samples) >= 40 and all(samples), "the registration or the lease lapsed"
+    assert max(ages) >= 2000, "the registration reports the step in progress"
+    assert [e.token_id for e in gateway.events("r")] == expected
+    assert service.metrics.slow_steps._value.get() == 1
+
+
+def test_a_step_past_the_timeout_hands_everything_back_and_exits(
+        make_service: MakeService, gateway: FakeGateway,
+        slow_steps: Callable[[float, int], threading.Event]) -> None:
+    service = make_service(step_timeout_s=0.5, **FAST)
+    exited = threading.Event()
+    statuses: list[int] = []
+    service.exit = lambda status: (statuses.append(status), exited.set())
+    gateway.enqueue("r", PROMPT, LONG)
+    service.run_once()  # claimed, prefilled
+    slow_steps(2.0, 1)
+    stepping = threading.Thread(target=service.run_once)
+    stepping.start()
+    try:
+        assert exited.wait(5), "the watchdog never fired"
+        c, k = gateway.client, gateway.keys
+        assert statuses == [3]
+        assert c.zrange(k.queue(MODEL), 0, -1) == ["r"]  # handed back, to resume elsewhere
+        assert not c.exists(k.worker("w1"))
+    finally:
+        stepping.join()
+        service.liveness.stop()
+
+
+def test_a_drain_starts_no_step_it_cannot_finish_in_time(
+        make_service: MakeService, gateway: FakeGateway,
+        slow_steps: Callable[[float, int], threading.Event]) -> None:
+    service = make_service(drain_s=1.0, **FAST)
+    gateway.enqueue("r", PROMPT, LONG)
+    service.run_once()
+    slow_steps(0.7, 100)
+    service.run_once()  # one 0.7 s step: the drain now knows a step's length
+    start = time.monotonic()
+    service.shutdown(drain=True)
+    took = time.monotonic() - start
+    assert took < 1.0, f"the drain took {took:.2f}s of its 1.0s"
+    assert gateway.client.zrange(gateway.keys.queue(MODEL), 0, -1) == ["r"]
