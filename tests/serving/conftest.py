@@ -17,6 +17,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import itertools
 import threading
 import time
 import urllib.request
@@ -144,7 +145,7 @@ class Stream(threading.Thread):
 
     def longest_stall(self) -> float:
         """The longest wait between two messages carrying tokens, in seconds."""
-        return max((b - a for a, b in zip(self.arrivals, self.arrivals[1:])), default=0.0)
+        return max((b - a for a, b in itertools.pairwise(self.arrivals)), default=0.0)
 
     def finish(self, timeout: float = 60.0) -> StreamResult:
         self.join(timeout)
