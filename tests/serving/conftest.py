@@ -14,10 +14,10 @@ Every process logs to a file; a failure to start shows the tail of each log.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import subprocess
 import sys
-import itertools
 import threading
 import time
 import urllib.request
