@@ -96,6 +96,22 @@ class GatewayConfig:
     """max_tokens when a request leaves it at 0."""
     max_tokens_limit: int = 8192
     """Largest max_tokens a request may ask for."""
+    max_stop_strings: int = 16
+    """Most stop strings one request may give."""
+    max_stop_chars: int = 256
+    """Longest stop string, in characters."""
+    max_stop_token_ids: int = 256
+    """Most stop token ids one request may give."""
+    max_prompt_bytes: int = 2 << 20
+    """Largest prompt, in UTF-8 bytes of text (a chat: all its contents together)."""
+    max_chat_messages: int = 1024
+    """Most messages in one chat request."""
+    max_message_bytes: int = 4 << 20
+    """Largest gRPC message the gateway receives or sends."""
+    allow_special_tokens: bool = False
+    """Let prompt text and chat contents spell the model's control tokens (<|im_start|>,
+    ...) and have them tokenized as such; off, they are tokenized as the text they are, so
+    a user cannot fake a system turn. For gateways whose every caller is trusted."""
     request_ttl_s: int = setting(3600, flag="--request-ttl")
     """Lifetime in seconds of a request's keys in Redis when nothing else removes them."""
     metrics_port: int = setting(0, env="GATEWAY_METRICS_PORT")
@@ -103,7 +119,9 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_queued_per_model", "max_streams", "default_max_tokens",
-                     "max_tokens_limit", "request_ttl_s"):
+                     "max_tokens_limit", "request_ttl_s", "max_stop_strings", "max_stop_chars",
+                     "max_stop_token_ids", "max_prompt_bytes", "max_chat_messages",
+                     "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(name, "must be >= 1")
 

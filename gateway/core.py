@@ -59,7 +59,7 @@ class GatewayCore:
             gateway_id=self.gateway_id, registry=self.registry,
             queue=RedisQueue(self._redis, self.keys, url, request_ttl_s=config.request_ttl_s),
             relay=self.relay,
-            limits=Limits(config.default_max_tokens, config.max_tokens_limit),
+            limits=Limits.from_config(config),
             max_streams=config.max_streams, max_queued_per_model=config.max_queued_per_model)
         self._health_task: asyncio.Task[None] | None = None
 

@@ -27,13 +27,17 @@ class GrpcFrontend:
     """One grpc.aio server bound to `listen`, serving the core's GatewayService."""
 
     def __init__(self, core: GatewayCore, listen: str,
-                 credentials: grpc.ServerCredentials | None = None) -> None:
+                 credentials: grpc.ServerCredentials | None = None,
+                 max_message_bytes: int = 4 << 20) -> None:
         self.core = core
         self.listen = listen
         self.credentials = credentials
         self.port = 0
         self.health = health.aio.HealthServicer()
-        self._server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        self._server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", max_message_bytes)])
         npuserve_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(core.service), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

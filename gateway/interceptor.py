@@ -2,6 +2,10 @@
 
 gateway.failures turns an exception into a neutral ErrorCode and a client message (the
 request id and a logged traceback for bugs); the code's name is the gRPC status code's.
+
+A request whose bytes do not parse (not the message the method takes, or a string field
+that is not UTF-8) gets INVALID_ARGUMENT with a plain message, and the gateway logs such
+requests once a minute with their count, not a traceback each.
 """
 
 from __future__ import annotations
@@ -13,12 +17,35 @@ from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from gateway import context as request_context
 from gateway import metrics
 from gateway.failures import describe
 
 log = logging.getLogger(__name__)
+
+UNDECODABLE_LOG_INTERVAL_S = 60.0
+
+
+class Undecodable:
+    """Stands for a request whose bytes did not parse, so the handler can answer it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, UnicodeDecodeError, ValueError) as exc:
+            return Undecodable(str(exc) or type(exc).__name__)
+
+    return parse
 
 
 def status_for(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
@@ -36,6 +63,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, prefix: str = "/npuserve.") -> None:
         self._prefix = prefix
+        self._undecodable = 0
+        self._undecodable_logged = -UNDECODABLE_LOG_INTERVAL_S
 
     async def intercept_service(
         self,
@@ -49,17 +78,35 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer)
         return handler
 
+    async def _refuse_undecodable(self, request: Undecodable,
+                                  context: grpc.aio.ServicerContext[Any, Any],
+                                  method: str) -> NoReturn:
+        self._undecodable += 1
+        now = time.monotonic()
+        if now - self._undecodable_logged >= UNDECODABLE_LOG_INTERVAL_S:
+            log.warning("%d undecodable %s requests refused since the last report (latest: "
+                        "%s)", self._undecodable, _short(method), request.reason)
+            self._undecodable, self._undecodable_logged = 0, now
+        metrics.RPCS.labels(_short(method), grpc.StatusCode.INVALID_ARGUMENT.name).inc()
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request is not a valid {_short(method)} message (protobuf "
+                            "bytes of the method's request type, strings in UTF-8): "
+                            f"{request.reason}")
+        raise AssertionError("context.abort returned")
+
     def _unary(self, behavior: Any, method: str) -> Callable[..., Awaitable[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, Undecodable):
+                await self._refuse_undecodable(request, context, method)
             request_context.begin()
             try:
                 response = await behavior(request, context)
@@ -75,6 +122,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _stream(self, behavior: Any, method: str) -> Callable[..., AsyncIterator[Any]]:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]
                        ) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await self._refuse_undecodable(request, context, method)
             request_context.begin()
             started = time.monotonic()
             try:

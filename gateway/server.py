@@ -33,7 +33,8 @@ class Gateway:
         self.config = config
         self.core = GatewayCore(config, health_interval_s=health_interval_s,
                                 relay_block_ms=relay_block_ms, outage_grace_s=outage_grace_s)
-        self.grpc = GrpcFrontend(self.core, config.listen, credentials)
+        self.grpc = GrpcFrontend(self.core, config.listen, credentials,
+                                 config.max_message_bytes)
         self._metrics_server: WSGIServer | None = None
 
     @property

@@ -31,6 +31,7 @@ from gateway.admission import (
     StreamLimiter,
     check_capabilities,
     check_fields,
+    check_prompt_size,
     check_request_id,
     prepare,
     tokenize,
@@ -214,8 +215,10 @@ class GatewayService:
 
     async def tokenize(self, model_name: str, prompt: PromptInput) -> TokenizeResult:
         """Tokenize with the model's tokenizer (and chat template)."""
+        check_prompt_size(prompt, self.limits)
         model = await self.registry.resolve(model_name)
-        return await asyncio.to_thread(tokenize, prompt, model.tokenizer)
+        return await asyncio.to_thread(tokenize, prompt, model.tokenizer,
+                                       trusted=self.limits.allow_special_tokens)
 
     async def list_models(self) -> list[ModelListing]:
         """The models of live workers, with their workers and queue depths."""

@@ -86,21 +86,6 @@ def render_chat(
     return str(text)
 
 
-def apply_chat_template(
-    tokenizer: Any,
-    messages: Sequence[Mapping[str, str]],
-    add_generation_prompt: bool = True,
-    **template_kwargs: Any,
-) -> list[int]:
-    """Render `messages` with the model's chat template and return the prompt token ids.
-
-    The template writes any BOS itself, so the tokenizer adds no special tokens of its own.
-    Errors as for `render_chat`.
-    """
-    text = render_chat(tokenizer, messages, add_generation_prompt, **template_kwargs)
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 def _as_id_list(value: object) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return [value]

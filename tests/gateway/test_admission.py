@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from common.config import GatewayConfig
 from common.errors import InvalidRequestError, ResourceExhaustedError
 from common.sampling_params import SamplingParams
 from gateway.admission import (
@@ -109,3 +110,24 @@ def test_the_stream_limiter_refuses_past_its_bound_and_names_it() -> None:
         limiter.acquire()
     limiter.release()
     limiter.acquire()
+
+
+def test_stop_strings_stop_ids_and_the_prompt_are_bounded_naming_the_flag() -> None:
+    limits = Limits(max_stop_strings=2, max_stop_chars=5, max_stop_token_ids=3,
+                    max_prompt_bytes=10, max_chat_messages=2)
+    check_fields(inp(stop=("a", "bcdef"), stop_token_ids=(1, 2, 3)), limits)
+    refusals = [
+        (inp(stop=("a", "b", "c")), r"stop: 3 stop strings; at most 2 .*--max-stop-strings"),
+        (inp(stop=("abcdef",)), r"stop: a stop string of 6 characters; at most 5 "
+                                r".*--max-stop-chars"),
+        (inp(stop_token_ids=(1, 2, 3, 4)), r"stop_token_ids: 4 ids; at most 3"),
+        (inp(PromptInput(text="é" * 6)), r"text: the prompt is 12 bytes .*--max-prompt-bytes"),
+        (inp(PromptInput(messages=[{"role": "user", "content": "x"}] * 3)),
+         r"messages: 3 messages; at most 2 .*--max-chat-messages"),
+        (inp(PromptInput(messages=[{"role": "user", "content": "0123456789x"}])),
+         r"messages: the prompt is 11 bytes"),
+    ]
+    for request, message in refusals:
+        with pytest.raises(InvalidRequestError, match=message):
+            check_fields(request, limits)
+    assert Limits.from_config(GatewayConfig(max_stop_strings=7)).max_stop_strings == 7

@@ -64,3 +64,32 @@ async def test_an_unexpected_exception_is_internal_with_the_request_id_and_logge
     assert seen[0] in details and "secret" not in details
     assert any(seen[0] in r.getMessage() and r.exc_info for r in caplog.records)
     assert list(ok.models) == []
+
+
+@pytest.mark.anyio
+async def test_undecodable_requests_get_invalid_argument_and_one_log_line(
+        gateway_stack: StackFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Bytes that are not the method's message, and a string field that is not UTF-8, are
+    the client's fault: INVALID_ARGUMENT with a plain message, no traceback, one log line for
+    the lot; the gateway then serves well-formed requests as before."""
+    garbage = [b"\xff\xff\xff\xff", b"\x0a\x02\xff\xfe", b"\x12\x03a\xc3(", b"\x0a"]
+    async with gateway_stack() as s:
+        with caplog.at_level(logging.INFO):
+            for method, stream in (("Generate", True), ("Tokenize", False), ("Cancel", False)):
+                path = f"/npuserve.v1.Generation/{method}"
+                call = (s.channel.unary_stream(path) if stream
+                        else s.channel.unary_unary(path))
+                for raw in garbage:
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        if stream:
+                            async for _ in call(raw):
+                                pass
+                        else:
+                            await call(raw)
+                    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raw
+                    if method == "Generate":  # some of the bytes parse as other messages
+                        assert "not a valid Generate" in (info.value.details() or "")
+        ok = await s.stub.ListModels(pb.ListModelsRequest())
+    assert len(ok.models) == 1
+    reports = [r for r in caplog.records if "undecodable" in r.getMessage()]
+    assert len(reports) == 1 and not any(r.exc_info for r in caplog.records)

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from common.errors import InvalidRequestError, ModelConfigError
-from preprocess.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer, render_chat
+from preprocess.control_tokens import encode_chat
+from preprocess.tokenizer import eos_token_ids, load_tokenizer, render_chat
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
 
@@ -28,7 +29,7 @@ def fresh_qwen(qwen_tokenizer_dir: Path) -> Any:
 
 def test_chat_prompt_is_chatml_ending_with_the_assistant_header(qwen: Any) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]
-    ids = apply_chat_template(qwen, messages)
+    ids = encode_chat(qwen, messages)
     assert qwen.decode(ids) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n"
         "<|im_start|>user\n你好<|im_end|>\n"
@@ -38,7 +39,7 @@ def test_chat_prompt_is_chatml_ending_with_the_assistant_header(qwen: Any) -> No
 
 
 def test_without_generation_prompt_the_conversation_ends_after_the_last_turn(qwen: Any) -> None:
-    ids = apply_chat_template(
+    ids = encode_chat(
         qwen, [{"role": "user", "content": "hi"}], add_generation_prompt=False
     )
     assert qwen.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n"
@@ -51,7 +52,7 @@ def test_template_arguments_reach_the_template(qwen: Any) -> None:
 
 def test_prompt_ids_are_the_rendered_text_encoded_without_extra_special_tokens(qwen: Any) -> None:
     messages = [{"role": "user", "content": "2+2=?"}, {"role": "assistant", "content": "4"}]
-    ids = apply_chat_template(qwen, messages, add_generation_prompt=False)
+    ids = encode_chat(qwen, messages, add_generation_prompt=False)
     assert ids == qwen.encode(render_chat(qwen, messages, False), add_special_tokens=False)
 
 
@@ -70,20 +71,20 @@ def test_malformed_messages_are_refused_naming_the_field(
     qwen: Any, messages: Any, message: str
 ) -> None:
     with pytest.raises(InvalidRequestError, match="^messages: .*" + re.escape(message)) as info:
-        apply_chat_template(qwen, messages)
+        encode_chat(qwen, messages)
     assert info.value.field == "messages"
 
 
 def test_model_without_a_chat_template_is_a_request_error(fresh_qwen: Any) -> None:
     fresh_qwen.chat_template = None
     with pytest.raises(InvalidRequestError, match="no chat template; send a plain prompt"):
-        apply_chat_template(fresh_qwen, [{"role": "user", "content": "hi"}])
+        encode_chat(fresh_qwen, [{"role": "user", "content": "hi"}])
 
 
 def test_conversation_the_template_rejects_is_a_request_error(fresh_qwen: Any) -> None:
     fresh_qwen.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
     with pytest.raises(InvalidRequestError, match="rejected by the chat template: Conversation"):
-        apply_chat_template(fresh_qwen, [{"role": "user", "content": "hi"}])
+        encode_chat(fresh_qwen, [{"role": "user", "content": "hi"}])
 
 
 def test_directory_without_tokenizer_is_a_model_config_error(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ import pytest
 from common.config import EngineConfig
 from common.sampling_params import SamplingParams
 from gateway.client import GenerationClient, StreamResult, collect, sampling
-from preprocess.tokenizer import apply_chat_template, load_tokenizer
+from preprocess.control_tokens import encode_chat
+from preprocess.tokenizer import load_tokenizer
 from protos import npuserve_pb2 as pb
 from tests.serving.conftest import Fleet, Stream, scrape, start_service, text_of, wait_until
 from worker.backends.torch_settings import TorchSettings
@@ -83,7 +84,7 @@ def test_streamed_generate_returns_the_engines_greedy_tokens_with_usage(
 def test_chat_renders_the_models_template(client: GenerationClient, engine: Engine,
                                          tokenizer: Any) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"}]
-    ids = apply_chat_template(tokenizer, messages)
+    ids = encode_chat(tokenizer, messages)
     result = collect(client.chat(messages, model="tiny", max_tokens=MAX_TOKENS, sampling=GREEDY))
     [expected] = greedy(engine, [ids])
     assert result.prompt_tokens == len(ids)

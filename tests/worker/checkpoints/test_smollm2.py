@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from preprocess.tokenizer import apply_chat_template, eos_token_ids, load_tokenizer
+from preprocess.control_tokens import encode_chat
+from preprocess.tokenizer import eos_token_ids, load_tokenizer
 from worker.checkpoints.atomic import is_complete_model
 from worker.checkpoints.smollm2 import find_smollm2_gguf
 
@@ -35,7 +36,7 @@ def test_extracted_checkpoint_loads_chats_and_answers_correctly(smollm2_dir: Pat
     assert eos_token_ids(smollm2_dir) == [2]  # <|im_end|>
     for text in ("Hello, world! 12345", "你好，世界 🎉", "  spaces\n\nand lines"):
         assert tokenizer.decode(tokenizer.encode(text)) == text
-    prompt = apply_chat_template(
+    prompt = encode_chat(
         tokenizer, [{"role": "user", "content": "What is the capital of France?"}]
     )
     assert tokenizer.decode(prompt).startswith("<|im_start|>system\n")
