@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidRequestError
@@ -66,6 +67,22 @@ class RedisConfig:
     """Redis URL (redis://[:password@]host:port/db, or rediss:// for TLS)."""
     prefix: str = setting("npuserve:", env="REDIS_PREFIX")
     """Prefix of every key, so several deployments can share one Redis."""
+    password_file: str = setting("", flag="--redis-password-file",
+                                 env="REDIS_PASSWORD_FILE")
+    """File holding the Redis password (e.g. a mounted secret); else NPUSERVE_REDIS_PASSWORD
+    is used if set. Never put the password in --redis, where `ps` shows it."""
+
+    def password(self) -> str | None:
+        """The Redis password: --redis-password-file's first line, or NPUSERVE_REDIS_PASSWORD,
+        or None (then the URL's, if any)."""
+        if self.password_file:
+            try:
+                lines = Path(self.password_file).read_text().splitlines()
+            except OSError as exc:
+                raise InvalidRequestError("redis_password_file", f"cannot read "
+                                          f"{self.password_file}: {exc.strerror}") from None
+            return lines[0] if lines else ""
+        return os.environ.get("NPUSERVE_REDIS_PASSWORD") or None
 
     @staticmethod
     def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +125,14 @@ class GatewayConfig:
     """Most messages in one chat request."""
     max_message_bytes: int = 4 << 20
     """Largest gRPC message the gateway receives or sends."""
+    tls_cert: str = ""
+    """PEM certificate chain of the gateway's gRPC port; with --tls-key, serve TLS only."""
+    tls_key: str = ""
+    """PEM private key of --tls-cert."""
+    tls_client_ca: str = ""
+    """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
+    reflection: bool = True
+    """Serve gRPC server reflection (grpcurl and similar tools list the API with it)."""
     allow_special_tokens: bool = False
     """Let prompt text and chat contents spell the model's control tokens (<|im_start|>,
     ...) and have them tokenized as such; off, they are tokenized as the text they are, so
@@ -116,6 +141,8 @@ class GatewayConfig:
     """Lifetime in seconds of a request's keys in Redis when nothing else removes them."""
     metrics_port: int = setting(0, env="GATEWAY_METRICS_PORT")
     """Prometheus /metrics port; 0 disables."""
+    metrics_host: str = setting("127.0.0.1", env="GATEWAY_METRICS_HOST")
+    """Address /metrics binds: loopback unless a scraper elsewhere needs it (0.0.0.0)."""
 
     def __post_init__(self) -> None:
         for name in ("max_queued_per_model", "max_streams", "default_max_tokens",
@@ -157,6 +184,8 @@ class WorkerConfig:
     hands its requests back and exits (status 3) for its supervisor to restart it. 0: never."""
     metrics_port: int = setting(0, env="WORKER_METRICS_PORT")
     """Prometheus /metrics port; 0 disables."""
+    metrics_host: str = setting("127.0.0.1", env="WORKER_METRICS_HOST")
+    """Address /metrics binds: loopback unless a scraper elsewhere needs it (0.0.0.0)."""
 
     def __post_init__(self) -> None:
         if self.lease_ms < 1000:

@@ -12,6 +12,7 @@
 | worker:{id}             | HASH   | a worker's registration; expires unless heartbeated       |
 | workers                 | ZSET   | worker ids; score = last heartbeat (ms)                   |
 | model:{model}           | HASH   | tokenizer files and limits, published by its workers      |
+| gateway:{id}            | HASH   | a gateway's registration; expires unless heartbeated      |
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ class Keys:
     def model(self, model: str) -> str:
         return f"{self.prefix}model:{model}"
 
+    def gateway(self, gateway_id: str) -> str:
+        return f"{self.prefix}gateway:{gateway_id}"
+
+
+GATEWAY_TTL_S = 6
+"""A gateway's registration lives this long past its last heartbeat (it beats every second):
+workers then drop its queued and running requests, which nobody would read."""
+REPLIES_TTL_S = 300
+"""A reply stream lives this long past its gateway's last heartbeat (or, once its gateway is
+gone, past the first event a worker adds to it)."""
 
 PRIORITY_SCALE = 10**13
 """score = priority * PRIORITY_SCALE - enqueue_ms: CLAIM scans highest score first, so the

@@ -45,8 +45,9 @@ CLAIM = """
 --    another worker (skipped, so it blocks no one);
 --  * the KV room is counted down by each request's prompt, already published tokens and one
 --    more; the first request that does not fit ends the claim (it is not overtaken);
---  * cancelled or expired requests are removed and returned too, marked, so their streams
---    get a final event (not counted in n).
+--  * cancelled or expired requests, and those whose gateway's registration expired (nobody
+--    reads their streams), are removed and returned too, marked, so their streams get a
+--    final event (not counted in n).
 -- At most `scan` queued ids are examined, which bounds the script's time.
 local out = {}
 local n, now, taken = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
@@ -61,11 +62,14 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[1], id)
   else
     local deadline = tonumber(redis.call('HGET', req, 'deadline_ms') or '0') or 0
+    local gateway = redis.call('HGET', req, 'gateway') or ''
     local dropped = ''
     if redis.call('EXISTS', ARGV[5] .. 'cancel:' .. id) == 1 then
       dropped = 'cancelled'
     elseif deadline > 0 and deadline <= now then
       dropped = 'deadline'
+    elseif redis.call('EXISTS', ARGV[5] .. 'gateway:' .. gateway) == 0 then
+      dropped = 'orphaned'
     end
     if dropped ~= '' then
       redis.call('ZREM', KEYS[1], id)
@@ -88,7 +92,7 @@ end
 return out
 """
 """[[id, [field, value, ...], [published token, ...], dropped], ...] where dropped is '' for a
-claimed request, or 'cancelled' / 'deadline' for one removed instead of run."""
+claimed request, or 'cancelled' / 'deadline' / 'orphaned' for one removed instead of run."""
 
 _HAND_BACK = """
 -- Puts leased requests back in the queue with their original score; returns how many.

@@ -93,14 +93,18 @@ def collect(stream: Iterable[pb.GenerateResponse]) -> StreamResult:
 
 
 class GenerationClient:
-    """Blocking client over one insecure channel; safe to share between threads."""
+    """Blocking client over one channel; safe to share between threads."""
 
     def __init__(self, target: str, timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
-        """`timeout` is the default per-call deadline in seconds (None: no deadline)."""
+                 options: Sequence[tuple[str, Any]] = (),
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        """`timeout` is the default per-call deadline in seconds (None: no deadline);
+        `credentials` (gateway.tls.channel_credentials) make the channel TLS."""
         self.target = target
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(target, options=list(options))
+        self.channel = (grpc.insecure_channel(target, options=list(options))
+                        if credentials is None
+                        else grpc.secure_channel(target, credentials, options=list(options)))
         self.stub = pb_grpc.GenerationStub(self.channel)
 
     def __enter__(self) -> Self:

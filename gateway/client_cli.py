@@ -59,6 +59,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--timeout", type=float, default=None,
                    help="deadline of each call in seconds (default 300, 5 with --health; "
                         "0 for none)")
+    p.add_argument("--tls-ca", default=env("CLIENT_TLS_CA", ""),
+                   help="connect over TLS, trusting this PEM CA bundle (NPUSERVE_CLIENT_TLS_CA)")
+    p.add_argument("--tls-cert", default=env("CLIENT_TLS_CERT", ""),
+                   help="client certificate for a gateway that requires one (mutual TLS; "
+                        "NPUSERVE_CLIENT_TLS_CERT)")
+    p.add_argument("--tls-key", default=env("CLIENT_TLS_KEY", ""),
+                   help="key of --tls-cert (NPUSERVE_CLIENT_TLS_KEY)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print request id, usage and timings to stderr at the end")
     p.set_defaults(handler=_run)
@@ -69,8 +76,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from gateway.client import GenerationClient, sampling
 
+    credentials = _credentials(args)
     if args.health:
-        return _health(args.target, args.service, args.timeout or 5.0)
+        return _health(args.target, args.service, args.timeout or 5.0, credentials)
     if not args.chat and args.prompt is None:
         print("npuserve client: PROMPT is required (or use --chat)", file=sys.stderr)
         return EXIT_ERROR
@@ -81,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
         "model": args.model, "max_tokens": args.max_tokens, "priority": args.priority,
         "sampling": sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)}
     timeout = 300.0 if args.timeout is None else args.timeout or None
-    client = GenerationClient(args.target, timeout=timeout)
+    client = GenerationClient(args.target, timeout=timeout, credentials=credentials)
     stream: Any = None
     try:
         if args.raw:
@@ -116,12 +124,21 @@ def _run(args: argparse.Namespace) -> int:
         client.close()
 
 
-def _health(target: str, service: str, timeout: float) -> int:
+def _credentials(args: argparse.Namespace) -> Any:
+    """TLS channel credentials when any --tls-* flag is given; None for plaintext."""
+    if not (args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    from gateway.tls import channel_credentials
+
+    return channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+
+
+def _health(target: str, service: str, timeout: float, credentials: Any = None) -> int:
     import grpc
 
     from gateway.client import GenerationClient
 
-    with GenerationClient(target) as client:
+    with GenerationClient(target, credentials=credentials) as client:
         try:
             status = client.health(service, timeout=timeout)
         except grpc.RpcError as exc:

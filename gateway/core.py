@@ -49,9 +49,10 @@ class GatewayCore:
         self.serving = False
         self._health_interval_s = health_interval_s
         self._listeners: list[HealthListener] = []
-        url = config.redis.url
-        self._redis = connect(url)
-        self._relay_redis = connect(url, read_timeout_s=relay_block_ms / 1000 + 5)
+        url, password = config.redis.url, config.redis.password()
+        self._redis = connect(url, password=password)
+        self._relay_redis = connect(url, read_timeout_s=relay_block_ms / 1000 + 5,
+                                    password=password)
         self.registry = ModelRegistry(self._redis, self.keys, url)
         self.relay = ReplyRelay(self._relay_redis, self.keys, self.gateway_id, url,
                                 block_ms=relay_block_ms, outage_grace_s=outage_grace_s)
@@ -62,14 +63,21 @@ class GatewayCore:
             limits=Limits.from_config(config),
             max_streams=config.max_streams, max_queued_per_model=config.max_queued_per_model)
         self._health_task: asyncio.Task[None] | None = None
+        self._info = {"host": socket.gethostname(), "pid": str(os.getpid()),
+                      "listen": config.listen}
 
     def on_health(self, listener: HealthListener) -> None:
         """Call `listener(serving)` now-ish and on every change of the health state."""
         self._listeners.append(listener)
 
     async def start(self) -> None:
-        """Start the reply reader and the health loop (front ends start after this)."""
+        """Register, start the reply reader and the health loop (front ends start after
+        this)."""
         await self._set_serving(False, force=True)
+        try:
+            await self._register()
+        except UnavailableError as exc:  # the health loop keeps trying
+            log.warning("could not register yet: %s", exc)
         await self.relay.start()
         self._health_task = asyncio.create_task(self._health_loop(), name="health")
 
@@ -82,11 +90,16 @@ class GatewayCore:
         await self._set_serving(False)
 
     async def stop(self) -> None:
-        """After the front ends stopped: finish cancellations, stop the relay, close Redis."""
+        """After the front ends stopped: finish cancellations, stop the relay, unregister,
+        close Redis."""
         await self.begin_shutdown()
         await self.service.drain()
         await self.registry.close()
         await self.relay.stop()
+        try:
+            await self.service.queue.unregister_gateway(self.gateway_id)
+        except UnavailableError as exc:
+            log.warning("could not unregister (it expires by itself): %s", exc)
         await self._redis.aclose()
         await self._relay_redis.aclose()
 
@@ -97,9 +110,14 @@ class GatewayCore:
         for listener in self._listeners:
             await listener(serving)
 
+    async def _register(self) -> None:
+        """The gateway's heartbeat: while its registration lives, workers serve its requests."""
+        await self.service.queue.register_gateway(self.gateway_id, self._info)
+
     async def _health_loop(self) -> None:
         while True:
             try:
+                await self._register()
                 await self.registry.refresh()
                 self.registry.prefetch()
                 now = bool(self.registry.served())

@@ -28,7 +28,7 @@ class GrpcFrontend:
 
     def __init__(self, core: GatewayCore, listen: str,
                  credentials: grpc.ServerCredentials | None = None,
-                 max_message_bytes: int = 4 << 20) -> None:
+                 max_message_bytes: int = 4 << 20, *, serve_reflection: bool = True) -> None:
         self.core = core
         self.listen = listen
         self.credentials = credentials
@@ -41,8 +41,9 @@ class GrpcFrontend:
         npuserve_pb2_grpc.add_GenerationServicer_to_server(
             GenerationServicer(core.service), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
+        if serve_reflection:
+            reflection.enable_server_reflection(
+                [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
         core.on_health(self._set_health)
 
     async def start(self) -> int:

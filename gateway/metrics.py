@@ -45,7 +45,7 @@ RELAY_RECONNECTS = Counter(
     "npuserve_gateway_relay_reconnects_total", "Failed reads of the reply stream (Redis down).")
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> WSGIServer | None:
+def serve_metrics(port: int, host: str = "127.0.0.1") -> WSGIServer | None:
     """Expose /metrics on `port` from a background thread; 0 disables. Returns the HTTP
     server (call its shutdown() to stop it)."""
     if not port:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -19,8 +18,9 @@ from redis.backoff import ConstantBackoff
 
 from common import scripts
 from common.errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
-from common.keys import Keys, queue_score
+from common.keys import GATEWAY_TTL_S, REPLIES_TTL_S, Keys, queue_score
 from common.protocol import QueuedRequest, ReplyEvent, encode_events
+from common.redis_credentials import redact, refused_credentials
 
 CONNECT_TIMEOUT_S = 0.8
 """Per connection attempt; with one retry an unreachable Redis fails an RPC within ~2 s."""
@@ -29,21 +29,14 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, O
 """What "Redis is unreachable" looks like from redis-py."""
 
 
-def redact(url: str) -> str:
-    """The URL with any password replaced by ***, fit for logs and client messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def connect(url: str, *, read_timeout_s: float = 2.0) -> aioredis.Redis:
-    """A client that fails fast: short connect timeout, one quick retry, decoded strings."""
+def connect(url: str, *, read_timeout_s: float = 2.0,
+            password: str | None = None) -> aioredis.Redis:
+    """A client that fails fast: short connect timeout, one quick retry, decoded strings;
+    `password` (RedisConfig.password()) overrides the URL's."""
+    extra: dict[str, Any] = {} if password is None else {"password": password}
     return aioredis.Redis.from_url(
         url,
+        **extra,
         decode_responses=True,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=read_timeout_s,
@@ -69,6 +62,8 @@ async def unavailable_on_error(url: str) -> AsyncIterator[None]:
     re-raise a cancellation redis-py swallowed)."""
     try:
         yield
+    except redis.exceptions.AuthenticationError as exc:
+        raise UnavailableError(refused_credentials(url, exc)) from exc
     except REDIS_DOWN as exc:
         raise UnavailableError(
             f"Redis at {redact(url)} is unreachable ({exc}); retry once it is back"
@@ -149,3 +144,17 @@ class RedisQueue:
                 pipe.zcard(self._keys.queue(model))
             counts = await pipe.execute()
         return {model: int(n) for model, n in zip(models, counts, strict=True)}
+
+    async def register_gateway(self, gateway_id: str, info: dict[str, str]) -> None:
+        """Heartbeat: the registration (workers drop the requests of a gateway whose
+        registration expired) and the reply stream's TTL, both refreshed."""
+        async with unavailable_on_error(self._url):
+            pipe = self._r.pipeline(transaction=True)
+            pipe.hset(self._keys.gateway(gateway_id), mapping=cast(dict[Any, Any], info))
+            pipe.expire(self._keys.gateway(gateway_id), GATEWAY_TTL_S)
+            pipe.expire(self._keys.replies(gateway_id), REPLIES_TTL_S)
+            await pipe.execute()
+
+    async def unregister_gateway(self, gateway_id: str) -> None:
+        async with unavailable_on_error(self._url):
+            await self._r.delete(self._keys.gateway(gateway_id))

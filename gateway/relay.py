@@ -22,8 +22,9 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 from common.errors import AlreadyExistsError, UnavailableError
 from common.keys import Keys
 from common.protocol import ReplyEvent, decode_events
+from common.redis_credentials import redact
 from gateway import metrics
-from gateway.redis_queue import REDIS_DOWN, raise_if_cancelling, redact
+from gateway.redis_queue import REDIS_DOWN, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,11 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 
 from common.config import GatewayConfig
+from common.redis_credentials import redact
 from gateway import metrics
 from gateway.core import GatewayCore
 from gateway.grpc_frontend import GrpcFrontend
-from gateway.redis_queue import redact
+from gateway.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,11 @@ class Gateway:
         self.config = config
         self.core = GatewayCore(config, health_interval_s=health_interval_s,
                                 relay_block_ms=relay_block_ms, outage_grace_s=outage_grace_s)
+        if credentials is None:
+            credentials = server_credentials(config.tls_cert, config.tls_key,
+                                             config.tls_client_ca)
         self.grpc = GrpcFrontend(self.core, config.listen, credentials,
-                                 config.max_message_bytes)
+                                 config.max_message_bytes, serve_reflection=config.reflection)
         self._metrics_server: WSGIServer | None = None
 
     @property
@@ -50,7 +54,8 @@ class Gateway:
         """Start the core, then the front ends; returns the gRPC port."""
         await self.core.start()
         port = await self.grpc.start()
-        self._metrics_server = metrics.serve_metrics(self.config.metrics_port)
+        self._metrics_server = metrics.serve_metrics(self.config.metrics_port,
+                                                      self.config.metrics_host)
         log.info("gateway %s listening on %s (port %d), Redis %s", self.gateway_id,
                  self.config.listen, port, redact(self.config.redis.url))
         return port

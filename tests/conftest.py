@@ -178,3 +178,17 @@ def redis_url(redis_server: str) -> str:
     client.flushall()
     client.close()
     return redis_server
+
+
+@pytest.fixture
+def user_url(redis_url: str) -> Iterator[str]:
+    """A Redis ACL user `npuserve-test` with password 'secret' on the session's Redis; the
+    URL names the user, not the password. Removed after the test."""
+    import redis
+
+    admin = redis.Redis.from_url(redis_url)
+    admin.acl_setuser("npuserve-test", enabled=True, passwords=["+secret"], keys=["*"],
+                      channels=["*"], commands=["+@all"])
+    yield redis_url.replace("redis://", "redis://npuserve-test@")
+    admin.acl_deluser("npuserve-test")
+    admin.close()

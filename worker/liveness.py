@@ -3,9 +3,10 @@ worker keeps renewing its leases and its registration, so a slow step never make
 worker look dead (no gateway refuses its model, no other worker re-runs its requests).
 
 Every beat: renew the leases of the requests the worker holds (those no longer its own are
-handed to the engine thread to drop), refresh the registration, re-queue the requests of
-dead workers (an expired lease, or a worker whose registration expired), keep the model's
-info published, and look at the step in progress (`StepWatchdog`).
+handed to the engine thread to drop, as are those whose gateway's registration expired),
+refresh the registration, re-queue the requests of dead workers (an expired lease, or a
+worker whose registration expired), keep the model's info published, and look at the step
+in progress (`StepWatchdog`).
 """
 
 from __future__ import annotations
@@ -77,13 +78,14 @@ class Liveness:
     def __init__(self, queue: RedisQueue, period_s: float, info: dict[str, str],
                  registration: Callable[[], dict[str, str]],
                  held: Callable[[], list[str]], on_lost: Callable[[list[str]], None],
-                 watchdog: StepWatchdog) -> None:
+                 on_orphaned: Callable[[list[str]], None], watchdog: StepWatchdog) -> None:
         self.queue = queue
         self.period_s = period_s
         self.info = info
         self.registration = registration
         self.held = held
         self.on_lost = on_lost
+        self.on_orphaned = on_orphaned
         self.watchdog = watchdog
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,8 +95,11 @@ class Liveness:
         if self._stop.is_set():  # the watchdog ended the worker
             return
         now = now_ms()
-        if lost := self.queue.renew(self.held(), now):
+        held = self.held()
+        if lost := self.queue.renew(held, now):
             self.on_lost(lost)
+        if orphaned := self.queue.orphans(held):
+            self.on_orphaned(orphaned)
         registration = {**self.registration(),
                         "step_age_ms": str(int(self.watchdog.age_s() * 1000))}
         self.queue.register(registration, max(1, math.ceil(3 * self.period_s)), now)

@@ -1,7 +1,7 @@
 """Prometheus metrics of one worker, on a registry of its own (so tests can make several).
 
     metrics = WorkerMetrics()
-    metrics.serve(9400)          # /metrics on 0.0.0.0:9400
+    metrics.serve(9400)          # /metrics on 127.0.0.1:9400
     metrics.observe_step(0.012, tokens=8)
 """
 
@@ -84,7 +84,7 @@ class WorkerMetrics:
             "npuserve_worker_slow_steps",
             "Engine steps that ran past --step-warn-s", registry=r)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Expose /metrics over HTTP on a daemon thread."""
         start_http_server(port, addr=addr, registry=self.registry)
         log.info("metrics on http://%s:%d/metrics", addr, port)

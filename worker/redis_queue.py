@@ -25,8 +25,10 @@ from tenacity import (
 
 from common import scripts
 from common.config import RedisConfig
-from common.keys import Keys
+from common.errors import UnavailableError
+from common.keys import REPLIES_TTL_S, Keys
 from common.protocol import ReplyEvent, encode_events
+from common.redis_credentials import redact, refused_credentials
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,18 @@ class RedisQueue:
 
         Retries stop at half a lease: past that, a lease renewed a third of a lease ago
         could expire, and another worker may already be resuming the request."""
-        client = redis.Redis.from_url(config.url, decode_responses=True, socket_timeout=5.0,
+        password = config.password()
+        extra = {} if password is None else {"password": password}
+        client = redis.Redis.from_url(config.url, **extra, decode_responses=True,
+                                      socket_timeout=5.0,
                                       socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
+        try:
+            client.ping()
+        except redis.AuthenticationError as exc:
+            raise UnavailableError(refused_credentials(config.url, exc)) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("Redis at %s is not reachable yet (%s); the worker keeps retrying",
+                        redact(config.url), exc)
         return cls(client, Keys(config.prefix), model, worker_id, lease_ms,
                    retry_s=lease_ms / 2000)
 
@@ -169,6 +181,9 @@ class RedisQueue:
             for gateway, payload in payloads.items():
                 pipe.xadd(k.replies(gateway), {"e": payload}, maxlen=REPLIES_MAXLEN,
                           approximate=True)
+                # a live gateway keeps its stream's TTL fresh; one recreated after its
+                # gateway is gone still expires
+                pipe.expire(k.replies(gateway), REPLIES_TTL_S, nx=True)
             for rid, (ids, total) in batch.tokens.items():
                 if ids and rid not in done:
                     pipe.rpush(k.tokens(rid), *ids)
@@ -201,6 +216,25 @@ class RedisQueue:
             return [rid for rid in ids if rid not in set(mine)]
 
         return self._call("renew", run)
+
+    def orphans(self, ids: Sequence[str]) -> list[str]:
+        """Which of these requests belong to a gateway whose registration expired: nobody
+        reads their streams any more."""
+        if not ids:
+            return []
+
+        def run() -> list[str]:
+            pipe = self.client.pipeline(transaction=False)
+            for rid in ids:
+                pipe.hget(self.keys.request(rid), "gateway")
+            gateways = pipe.execute()
+            known = sorted({g for g in gateways if g})
+            for g in known:
+                pipe.exists(self.keys.gateway(g))
+            alive = {g for g, n in zip(known, pipe.execute(), strict=True) if n}
+            return [rid for rid, g in zip(ids, gateways, strict=True) if g and g not in alive]
+
+        return self._call("orphans", run)
 
     def reap(self, now_ms: int) -> int:
         """Re-queue every request of the model whose lease or whose worker's registration

@@ -4,7 +4,8 @@ Leases, the registration and reaping run on a thread of their own (`worker.liven
 step of any length keeps the worker alive. One iteration of `run_once` per engine step:
 
 1. requests the liveness thread found no longer leased to this worker are dropped;
-2. requests flagged in cancel:{id} or past their deadline leave the batch with a final event;
+2. requests flagged in cancel:{id}, past their deadline, or whose gateway's registration
+   expired (nobody reads their stream) leave the batch with a final event;
 3. CLAIM what the backend can start now: up to its free batch slots, within its free KV room,
    and only requests that fit its context and its capabilities (none while draining);
 4. one engine step; its events, the new token ids and the finished requests' cleanup go to
@@ -44,6 +45,8 @@ from worker.redis_queue import Claimed, RedisQueue, StepBatch
 
 log = logging.getLogger(__name__)
 
+ORPHANED = "orphaned"
+"""Why a request whose gateway stopped heartbeating is ended (CLAIM marks queued ones so)."""
 MAX_DEVICE_RETRIES = 1
 """A request whose device call fails is handed back this many times, then failed."""
 IDLE_WAIT_S = 0.5
@@ -96,6 +99,7 @@ class WorkerService:
         self._held: tuple[str, ...] = ()
         """The ids of _active as the liveness thread reads them (replaced, never mutated)."""
         self._lost: set[str] = set()
+        self._orphaned: set[str] = set()
         self._lost_lock = threading.Lock()
         beat_s = min(config.heartbeat_s, config.lease_ms / 3000)
         self._stats_every_s = beat_s
@@ -108,7 +112,7 @@ class WorkerService:
                                      self._stuck)
         self.liveness = Liveness(queue, beat_s, model_info(config.model_dir, engine),
                                  self._registration, lambda: list(self._held), self._lose,
-                                 self.watchdog)
+                                 self._orphan, self.watchdog)
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> WorkerService:
@@ -159,6 +163,11 @@ class WorkerService:
         with self._lost_lock:
             self._lost.update(ids)
 
+    def _orphan(self, ids: list[str]) -> None:
+        """Liveness thread: these requests' gateway stopped heartbeating."""
+        with self._lost_lock:
+            self._orphaned.update(ids)
+
     def _drop_lost(self) -> None:
         with self._lost_lock:
             lost, self._lost = self._lost, set()
@@ -203,7 +212,7 @@ class WorkerService:
         batch = StepBatch()
         for rid, reason in drops.items():
             self.engine.abort(rid)
-            self._end(batch, self._active[rid], ReplyEvent(rid, -1), reason)
+            self._end(batch, self._active[rid], *_final_event(rid, reason))
         claimed_ms = now_ms()
         for c in claimed:
             self._admit(c, claimed_ms, batch)
@@ -288,10 +297,13 @@ class WorkerService:
         return max(0, free * bs - pending)
 
     def _due_drops(self) -> dict[str, str]:
-        """Running requests to end now: id -> "cancelled" or "deadline"."""
+        """Running requests to end now: id -> "cancelled", "deadline" or ORPHANED."""
         flagged, now = self.queue.cancelled(self.active_ids), now_ms()
         late = {rid: "deadline" for rid, a in self._active.items() if 0 < a.req.deadline_ms <= now}
-        return late | dict.fromkeys(flagged, "cancelled")
+        with self._lost_lock:
+            orphaned, self._orphaned = self._orphaned, set()
+        return (dict.fromkeys((r for r in orphaned if r in self._active), ORPHANED) | late
+                | dict.fromkeys(flagged, "cancelled"))
 
     def _admit(self, c: Claimed, claimed_ms: int, batch: StepBatch) -> None:
         try:
@@ -307,7 +319,7 @@ class WorkerService:
             return
         act = _Active(req, claimed_ms, len(req.published_ids))
         if c.dropped:
-            self._end(batch, act, ReplyEvent(req.request_id, -1), c.dropped)
+            self._end(batch, act, *_final_event(req.request_id, c.dropped))
             return
         if act.completion_tokens >= req.params.max_tokens:
             self._end(batch, act, ReplyEvent(req.request_id, -1), "length")
@@ -396,3 +408,12 @@ class WorkerService:
             "started_ms": str(self._started_ms),
             **self.engine.backend.capabilities.to_fields(),
         }
+
+
+def _final_event(request_id: str, reason: str) -> tuple[ReplyEvent, str]:
+    """The last event of a request ended without running to its end, and its finish reason."""
+    if reason == ORPHANED:
+        return ReplyEvent(request_id, -1, code=ErrorCode.UNAVAILABLE, error=(
+            "the gateway this request came through stopped heartbeating, so nobody reads its "
+            "stream; the request was dropped. Send it again")), "error"
+    return ReplyEvent(request_id, -1), reason

@@ -11,8 +11,9 @@ import redis.asyncio as aioredis
 from common.errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
 from common.keys import PRIORITY_SCALE, Keys
 from common.protocol import QueuedRequest, decode_events
+from common.redis_credentials import redact
 from common.sampling_params import SamplingParams
-from gateway.redis_queue import RedisQueue, connect, redact
+from gateway.redis_queue import RedisQueue, connect
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys()

@@ -10,9 +10,11 @@ import time
 import grpc
 import grpc.aio
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from common.keys import GATEWAY_TTL_S, REPLIES_TTL_S
 from protos import npuserve_pb2 as pb
 from tests.gateway.conftest import MODEL, StackFactory
 
@@ -54,6 +56,16 @@ async def test_reflection_lists_the_generation_and_health_services(
     assert {"npuserve.v1.Generation", "grpc.health.v1.Health"} <= names
 
 
+async def test_reflection_can_be_turned_off(gateway_stack: StackFactory) -> None:
+    async with gateway_stack(serve=False, reflection=False) as s:
+        stub = reflection_pb2_grpc.ServerReflectionStub(s.channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.ServerReflectionInfo(iter([request])):
+                pass
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
 async def test_without_redis_rpcs_fail_fast_with_unavailable_naming_the_url(
         gateway_stack: StackFactory) -> None:
     with socket.socket() as sock:
@@ -76,3 +88,18 @@ async def test_without_redis_rpcs_fail_fast_with_unavailable_naming_the_url(
             assert f"127.0.0.1:{closed.rsplit(':', 1)[1]}" in details and "unreachable" in details
             assert "hunter2" not in details
         await wait_for_health(s.channel, NOT_SERVING)
+
+
+async def test_a_gateway_registers_keeps_its_stream_alive_and_unregisters(
+        gateway_stack: StackFactory, redis_url: str) -> None:
+    """Workers serve a gateway's requests while its registration lives (GATEWAY_TTL_S after
+    its last heartbeat); its reply stream expires REPLIES_TTL_S after it."""
+    async with gateway_stack(serve=False) as s:
+        key = s.keys.gateway(s.gateway_id)
+        assert await s.r.hget(key, "pid") is not None
+        await s.r.xadd(s.keys.replies(s.gateway_id), {"e": "[]"})
+        await asyncio.sleep(0.3)  # a few heartbeats at the tests' 0.1 s interval
+        assert 0 < await s.r.ttl(key) <= GATEWAY_TTL_S
+        assert 0 < await s.r.ttl(s.keys.replies(s.gateway_id)) <= REPLIES_TTL_S
+    with redis.Redis.from_url(redis_url) as r:
+        assert not r.exists(key, s.keys.replies(s.gateway_id))

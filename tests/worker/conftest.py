@@ -32,6 +32,11 @@ class FakeGateway:
         self.gateway_id = gateway_id
         self._enqueue = self.client.register_script(scripts.ENQUEUE)
         self._cancel = self.client.register_script(scripts.CANCEL)
+        self.register()
+
+    def register(self) -> None:
+        """A live gateway's registration (no TTL here: tests delete it to kill the gateway)."""
+        self.client.hset(self.keys.gateway(self.gateway_id), "pid", "0")
 
     def enqueue(self, request_id: str, prompt: list[int], params: SamplingParams, *,
                 priority: int = 0, deadline_ms: int = 0, enqueue_ms: int | None = None,

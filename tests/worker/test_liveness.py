@@ -13,13 +13,14 @@ from typing import TYPE_CHECKING
 import pytest
 
 from common.sampling_params import SamplingParams
+from tests.worker.conftest import FakeGateway
 from worker.backends.base import SequenceChunk, StepResult
 from worker.engine.engine import Engine
 from worker.liveness import now_ms
 from worker.redis_queue import RedisQueue
 
 if TYPE_CHECKING:
-    from tests.worker.conftest import FakeGateway, MakeService
+    from tests.worker.conftest import MakeService
 
 MODEL = "tiny"
 PROMPT = [1, 2, 3, 4]
@@ -135,3 +136,35 @@ def test_a_drain_starts_no_step_it_cannot_finish_in_time(
     took = time.monotonic() - start
     assert took < 1.0, f"the drain took {took:.2f}s of its 1.0s"
     assert gateway.client.zrange(gateway.keys.queue(MODEL), 0, -1) == ["r"]
+
+
+def test_the_requests_of_a_dead_gateway_are_dropped_running_and_queued(
+        make_service: MakeService, gateway: FakeGateway, engine: Engine, redis_url: str
+) -> None:
+    """Once a gateway's registration expires nobody reads its stream: its running request
+    ends within a beat, its queued one is never run; another gateway's request is served."""
+    service = make_service(capacity=1, **FAST)
+    gateway.enqueue("running", PROMPT, LONG)
+    service.run_once()
+    assert service.active_ids == ["running"]
+    gateway.enqueue("queued", PROMPT, LONG)
+    gateway.client.delete(gateway.keys.gateway("gw1"))  # gw1's registration expired
+    deadline = time.monotonic() + 5
+    while service.active_ids:
+        assert time.monotonic() < deadline, "the orphaned request kept running"
+        service.run_once()
+    last = gateway.events("running")[-1]
+    assert (last.finish_reason, last.code.name) == ("error", "UNAVAILABLE")
+    assert "stopped heartbeating" in last.error
+    other = FakeGateway(redis_url, gateway_id="gw2")
+    other.enqueue("alive", PROMPT, SHORT)
+    deadline = time.monotonic() + 30
+    while not other.finished("alive"):
+        assert time.monotonic() < deadline
+        service.run_once()
+    assert gateway.finished("queued") and [e.index for e in gateway.events("queued")] == [-1]
+    k = gateway.keys
+    assert not gateway.client.exists(k.request("running"), k.request("queued"))
+    assert not engine.has_unfinished()
+    other.client.close()
+
