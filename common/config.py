@@ -176,6 +176,10 @@ class WorkerConfig:
     drain_timeout_s: float = setting(30.0, flag="--drain-timeout")
     """On SIGTERM: seconds to finish running requests before handing the rest back; a step
     that would not end in time (judged by the last one) is not started."""
+    stream_retention_s: float = 60.0
+    """How long a finished request's tokens and final event stay in Redis, so that a client
+    whose gateway died can resume the stream at another gateway (Resume); 0 removes them
+    at once."""
     step_warn_s: float = 30.0
     """An engine step running longer than this is logged and counted
     (npuserve_worker_slow_steps); leases stay renewed meanwhile."""

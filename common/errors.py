@@ -79,6 +79,12 @@ class ModelNotFoundError(NpuserveError):
     code = ErrorCode.NOT_FOUND
 
 
+class RequestNotFoundError(NpuserveError):
+    """A request id no gateway knows (never sent, or finished longer ago than it is kept)."""
+
+    code = ErrorCode.NOT_FOUND
+
+
 class AlreadyExistsError(NpuserveError):
     """A request with this request_id is still in flight."""
 

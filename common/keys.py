@@ -4,7 +4,9 @@
 | ----------------------- | ------ | --------------------------------------------------------- |
 | q:{model}               | ZSET   | queued request ids; score = priority * 1e13 - enqueue_ms  |
 | req:{id}                | HASH   | the request: payload (JSON), model, gateway, score, ...   |
+|                         |        | once finished, `final` (its last event), kept a while     |
 | toks:{id}               | LIST   | tokens already published, so a re-queued request resumes  |
+|                         |        | (and a client resumes its stream at another gateway)      |
 | lease:{model}           | ZSET   | claimed request ids; score = lease expiry (ms)            |
 | replies:{gateway}       | STREAM | token events for every request of one gateway             |
 | cancel:{id}             | STRING | present (with a TTL) once a running request is cancelled  |

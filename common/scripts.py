@@ -13,11 +13,15 @@ reach 10^14, where a double still tells 1/64 apart, so 32 arrivals fit in a mill
 before they borrow from the next."""
 
 ENQUEUE = """
--- KEYS: queue, req, wake   ARGV: id, score, max_queued, ttl_s, field, value, ...
+-- KEYS: queue, req, wake, toks   ARGV: id, score, max_queued, ttl_s, field, value, ...
 -- A request whose score another queued request already has (same priority, same
 -- millisecond) is placed just after it, so arrival order holds within a millisecond too (Redis
--- orders equal scores by id); the score it got is the one stored in req:{id}.
-if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+-- orders equal scores by id); the score it got is the one stored in req:{id}. The id of a
+-- finished request kept for resumption (its `final` field set) may be used again.
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  if redis.call('HEXISTS', KEYS[2], 'final') == 0 then return -1 end
+  redis.call('DEL', KEYS[2], KEYS[4])
+end
 local bound = tonumber(ARGV[3])
 if bound > 0 and redis.call('ZCARD', KEYS[1]) >= bound then return 0 end
 local score = tonumber(ARGV[2])
@@ -74,7 +78,10 @@ for _, id in ipairs(ids) do
     if dropped ~= '' then
       redis.call('ZREM', KEYS[1], id)
       table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1), dropped})
-      redis.call('DEL', req, toks, ARGV[5] .. 'cancel:' .. id)
+      -- the worker publishes the final event and keeps the keys for the retention
+      redis.call('DEL', ARGV[5] .. 'cancel:' .. id)
+      redis.call('EXPIRE', req, 60)
+      redis.call('EXPIRE', toks, 60)
     elseif (tonumber(redis.call('HGET', req, 'ctx') or '0') or 0) <= max_len
         and bit.band(tonumber(redis.call('HGET', req, 'needs') or '0') or 0, lacks) == 0 then
       local need = (tonumber(redis.call('HGET', req, 'plen') or '0') or 0)
@@ -145,9 +152,21 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   redis.call('DEL', KEYS[2], KEYS[3])
   return 1
 end
-if redis.call('EXISTS', KEYS[2]) == 1 then
+if redis.call('EXISTS', KEYS[2]) == 1 and redis.call('HEXISTS', KEYS[2], 'final') == 0 then
   redis.call('SET', KEYS[4], '1', 'EX', tonumber(ARGV[2]))
   return 2
 end
 return 0
+"""
+
+ADOPT = """
+-- KEYS: req, toks   ARGV: gateway_id
+-- A client resumes a request at this gateway: an unfinished one's events go to this gateway's
+-- stream from now on. Returns {fields, published tokens}, or nil for an unknown id (never
+-- seen, or finished longer ago than the retention).
+if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
+if redis.call('HEXISTS', KEYS[1], 'final') == 0 then
+  redis.call('HSET', KEYS[1], 'gateway', ARGV[1])
+end
+return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """

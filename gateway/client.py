@@ -153,6 +153,14 @@ class GenerationClient:
             pb.ListModelsRequest(), timeout=self._deadline(timeout))
         return response
 
+    def resume(self, request_id: str, next_index: int, *, timeout: float | None = None
+               ) -> Iterator[pb.GenerateResponse]:
+        """The rest of a stream whose gateway went away, from completion index `next_index`
+        (the number of tokens received), at this client's gateway."""
+        return self.stub.Resume(  # type: ignore[no-any-return]
+            pb.ResumeRequest(request_id=request_id, next_index=next_index),
+            timeout=self._deadline(timeout))
+
     def cancel(self, request_id: str, timeout: float | None = None) -> bool:
         """Cancel a request by id; True when it was queued or running."""
         response = self.stub.Cancel(pb.CancelRequest(request_id=request_id),

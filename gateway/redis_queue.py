@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -19,7 +20,7 @@ from redis.backoff import ConstantBackoff
 from common import scripts
 from common.errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
 from common.keys import GATEWAY_TTL_S, REPLIES_TTL_S, Keys, queue_score
-from common.protocol import QueuedRequest, ReplyEvent, encode_events
+from common.protocol import QueuedRequest, ReplyEvent, decode_events, encode_events
 from common.redis_credentials import redact, refused_credentials
 
 CONNECT_TIMEOUT_S = 0.8
@@ -71,6 +72,17 @@ async def unavailable_on_error(url: str) -> AsyncIterator[None]:
     raise_if_cancelling()
 
 
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """A request a client resumes at this gateway."""
+
+    request: QueuedRequest
+    tokens: list[int]
+    """Every token published so far."""
+    final: ReplyEvent | None
+    """Its last event (token-less) when it already finished."""
+
+
 class RedisQueue:
     """Enqueue and cancel requests with the shared Lua scripts (common.scripts)."""
 
@@ -83,6 +95,7 @@ class RedisQueue:
         self._cancel_ttl_s = cancel_ttl_s
         self._enqueue = client.register_script(scripts.ENQUEUE)
         self._cancel = client.register_script(scripts.CANCEL)
+        self._adopt = client.register_script(scripts.ADOPT)
 
     async def enqueue(self, request: QueuedRequest, max_queued: int) -> None:
         """Queue `request` with score priority-then-FIFO.
@@ -96,7 +109,7 @@ class RedisQueue:
         for name, value in fields.items():
             argv += [name, value]
         keys = [self._keys.queue(request.model), self._keys.request(request.request_id),
-                self._keys.wake(request.model)]
+                self._keys.wake(request.model), self._keys.tokens(request.request_id)]
         async with unavailable_on_error(self._url):
             result = int(await self._enqueue(keys=keys, args=argv))
         if result == 0:
@@ -135,6 +148,30 @@ class RedisQueue:
             async with unavailable_on_error(self._url):
                 await self._r.xadd(self._keys.replies(gateway), {"e": encode_events([final])})
         return result != 0
+
+    async def adopt(self, request_id: str, gateway_id: str) -> Adopted | None:
+        """Take over the stream of a request another gateway streamed (ADOPT): the request,
+        the tokens published so far and, once it finished, its final event; None for an id
+        that is unknown or finished longer ago than the workers keep it."""
+        keys = [self._keys.request(request_id), self._keys.tokens(request_id)]
+        async with unavailable_on_error(self._url):
+            raw: Any = await self._adopt(keys=keys, args=[gateway_id])
+        if raw is None:
+            return None
+        flat, toks = raw
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        final = decode_events(fields["final"])[0] if "final" in fields else None
+        return Adopted(QueuedRequest.from_fields(fields, []), [int(t) for t in toks], final)
+
+    async def published(self, request_id: str, start: int) -> tuple[list[int], ReplyEvent | None]:
+        """Tokens published from index `start` on, and the final event once the request
+        finished (what a resumed stream polls for until its own stream delivers)."""
+        async with unavailable_on_error(self._url):
+            pipe = self._r.pipeline(transaction=False)
+            pipe.lrange(self._keys.tokens(request_id), start, -1)
+            pipe.hget(self._keys.request(request_id), "final")
+            toks, final = await pipe.execute()
+        return [int(t) for t in toks], decode_events(final)[0] if final else None
 
     async def queue_depths(self, models: list[str]) -> dict[str, int]:
         """ZCARD of each model's queue."""

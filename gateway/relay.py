@@ -32,10 +32,11 @@ log = logging.getLogger(__name__)
 class Subscription:
     """The ordered, de-duplicated events of one request, for the stream that awaits them."""
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, start: int = 0) -> None:
+        """`start`: the first completion index wanted (a resumed stream's)."""
         self.request_id = request_id
         self.queue: asyncio.Queue[ReplyEvent | Exception] = asyncio.Queue()
-        self.next_index = 0
+        self.next_index = start
         self.finished = False
         self._early: dict[int, ReplyEvent] = {}
         self._final: ReplyEvent | None = None
@@ -100,13 +101,14 @@ class ReplyRelay:
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
 
-    def subscribe(self, request_id: str) -> Subscription:
-        """Start collecting events for `request_id`; subscribe before enqueueing."""
+    def subscribe(self, request_id: str, start: int = 0) -> Subscription:
+        """Start collecting events for `request_id` from completion index `start`; subscribe
+        before enqueueing (or adopting)."""
         if request_id in self._subs:
             raise AlreadyExistsError(
                 f"request_id {request_id!r} is already in flight on this gateway; "
                 "use a new id, or Cancel that request first")
-        sub = self._subs[request_id] = Subscription(request_id)
+        sub = self._subs[request_id] = Subscription(request_id, start)
         return sub
 
     def unsubscribe(self, request_id: str) -> None:

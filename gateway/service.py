@@ -21,6 +21,7 @@ from common.errors import (
     ErrorCode,
     InvalidRequestError,
     RemoteError,
+    RequestNotFoundError,
     UnavailableError,
 )
 from common.protocol import QueuedRequest, ReplyEvent
@@ -55,6 +56,19 @@ class _Progress:
     queue_wait_ms: float = 0.0
     first_token_at: float | None = None
     end: str = "disconnected"
+
+
+FOLLOW_INTERVAL_S = 0.1
+"""How often a resumed stream polls the request's published tokens and final event."""
+
+
+def _request_deadline(deadline_ms: int, started: float, timeout_s: float | None
+                      ) -> float | None:
+    """The earlier of a queued request's own deadline and the RPC's (time.monotonic())."""
+    deadlines = [started + timeout_s] if timeout_s is not None else []
+    if deadline_ms > 0:
+        deadlines.append(time.monotonic() + deadline_ms / 1000 - time.time())
+    return min(deadlines, default=None)
 
 
 def _loop_time(monotonic_deadline: float) -> float:
@@ -122,6 +136,76 @@ class GatewayService:
         finally:
             self.streams.release()
             metrics.STREAMS_ACTIVE.dec()
+
+    async def resume(self, request_id: str, next_index: int, *, started: float,
+                     timeout_s: float | None) -> AsyncIterator[Chunk]:
+        """Continue the stream of a request another gateway streamed (that gateway died):
+        its events come here from now on, and every chunk from completion index
+        `next_index` on is yielded exactly once, with the text continuing exactly where the
+        client's ends. Ends and fails as `generate`."""
+        if not request_id:
+            raise InvalidRequestError("request_id", "is required: the id of the request to "
+                                      "resume")
+        check_request_id(request_id)
+        self.streams.acquire()
+        metrics.STREAMS_ACTIVE.inc()
+        try:
+            sub = self.relay.subscribe(request_id, start=next_index)  # before adopting
+            streaming = ""  # the model, once the stream is under way
+            try:
+                adopted = await self.queue.adopt(request_id, self.gateway_id)
+                if adopted is None:
+                    raise RequestNotFoundError(
+                        f"request {request_id!r} is unknown: never sent, or finished longer "
+                        "ago than the workers keep finished streams (--stream-retention-s)")
+                req, tokens = adopted.request, adopted.tokens
+                if next_index > len(tokens):
+                    raise InvalidRequestError(
+                        "next_index", f"request {request_id} has {len(tokens)} tokens so far; "
+                        f"ask for at most {len(tokens)}")
+                model = await self.registry.resolve(req.model)
+                output = OutputProcessor(model.tokenizer, req.prompt_ids, req.params.stop)
+                for token in tokens[:next_index]:  # the state the client's stream broke in
+                    output.add(token)
+                inp = GenerationInput(req.model, PromptInput(token_ids=req.prompt_ids),
+                                      req.params, req.priority, request_id)
+                progress = _Progress(model.meta.name, started, len(req.prompt_ids))
+                deadline = _request_deadline(req.deadline_ms, started, timeout_s)
+                follow = asyncio.create_task(self._follow_published(sub, request_id),
+                                             name=f"follow {request_id}")
+                streaming = req.model
+                try:
+                    async for chunk in self._relay(sub, output, inp, progress, deadline):
+                        yield chunk
+                finally:
+                    follow.cancel()
+                    await asyncio.gather(follow, return_exceptions=True)
+            finally:
+                self.relay.unsubscribe(request_id)
+                if streaming and not sub.finished:  # the client left: as for Generate
+                    self._spawn_cancel(streaming, request_id)
+        finally:
+            self.streams.release()
+            metrics.STREAMS_ACTIVE.dec()
+
+    async def _follow_published(self, sub: Subscription, request_id: str) -> None:
+        """Offer a resumed stream what the workers published: until its worker sends the
+        events here, they went to the dead gateway's stream, and the request may even have
+        finished there."""
+        while not sub.finished:
+            try:
+                start = sub.next_index
+                tokens, final = await self.queue.published(request_id, start)
+            except UnavailableError as exc:
+                log.warning("resumed %s: %s", request_id, exc)
+            else:
+                last = final.index if final is not None and final.index >= 0 else None
+                for i, token in enumerate(tokens, start):
+                    if last is None or i < last:
+                        sub.offer(ReplyEvent(request_id, i, token))
+                if final is not None:
+                    sub.offer(final)
+            await asyncio.sleep(FOLLOW_INTERVAL_S)
 
     async def _enqueue(self, inp: GenerationInput, model: str, admitted: Admitted,
                        deadline: float | None) -> None:

@@ -66,6 +66,17 @@ class GenerationServicer:
         """The models of live workers, their workers and queue depths."""
         return convert.list_models_response(await self._service.list_models())
 
+    async def Resume(self, request: pb.ResumeRequest, context: Context
+                     ) -> AsyncIterator[pb.GenerateResponse]:
+        """Continue the stream of a request whose gateway went away."""
+        started = time.monotonic()
+        if request.request_id:  # the logs name the request (an empty id is refused)
+            bind_request_id(request.request_id)
+        chunks = self._service.resume(request.request_id, request.next_index, started=started,
+                                      timeout_s=context.time_remaining())
+        async for chunk in chunks:
+            yield convert.chunk_response(chunk)
+
     async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.CancelResponse:
         """Cancel a queued or running request by id, on whichever gateway it streams."""
         return convert.cancel_response(await self._service.cancel(request.request_id))

@@ -212,6 +212,14 @@ class CancelRequest(_message.Message):
     request_id: str
     def __init__(self, request_id: _Optional[str] = ...) -> None: ...
 
+class ResumeRequest(_message.Message):
+    __slots__ = ("request_id", "next_index")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    next_index: int
+    def __init__(self, request_id: _Optional[str] = ..., next_index: _Optional[int] = ...) -> None: ...
+
 class CancelResponse(_message.Message):
     __slots__ = ("cancelled",)
     CANCELLED_FIELD_NUMBER: _ClassVar[int]

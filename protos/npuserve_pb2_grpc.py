@@ -60,6 +60,11 @@ class GenerationStub:
                 request_serializer=protos_dot_npuserve__pb2.CancelRequest.SerializeToString,
                 response_deserializer=protos_dot_npuserve__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/npuserve.v1.Generation/Resume',
+                request_serializer=protos_dot_npuserve__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=protos_dot_npuserve__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -101,6 +106,15 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """Continue the stream of a request whose gateway went away, at any gateway: every message
+        from `next_index` on, exactly once, while the request runs or for a while after it
+        finished (the workers' --stream-retention-s).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +142,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=protos_dot_npuserve__pb2.CancelRequest.FromString,
                     response_serializer=protos_dot_npuserve__pb2.CancelResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=protos_dot_npuserve__pb2.ResumeRequest.FromString,
+                    response_serializer=protos_dot_npuserve__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +285,33 @@ class Generation:
             '/npuserve.v1.Generation/Cancel',
             protos_dot_npuserve__pb2.CancelRequest.SerializeToString,
             protos_dot_npuserve__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/npuserve.v1.Generation/Resume',
+            protos_dot_npuserve__pb2.ResumeRequest.SerializeToString,
+            protos_dot_npuserve__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

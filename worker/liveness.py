@@ -3,7 +3,8 @@ worker keeps renewing its leases and its registration, so a slow step never make
 worker look dead (no gateway refuses its model, no other worker re-runs its requests).
 
 Every beat: renew the leases of the requests the worker holds (those no longer its own are
-handed to the engine thread to drop, as are those whose gateway's registration expired),
+handed to the engine thread to drop, as are those whose gateway's registration expired;
+a request resumed at another gateway has its events sent there from then on),
 refresh the registration, re-queue the requests of dead workers (an expired lease, or a
 worker whose registration expired), keep the model's info published, and look at the step
 in progress (`StepWatchdog`).
@@ -78,14 +79,15 @@ class Liveness:
     def __init__(self, queue: RedisQueue, period_s: float, info: dict[str, str],
                  registration: Callable[[], dict[str, str]],
                  held: Callable[[], list[str]], on_lost: Callable[[list[str]], None],
-                 on_orphaned: Callable[[list[str]], None], watchdog: StepWatchdog) -> None:
+                 on_gateways: Callable[[dict[str, tuple[str, bool]]], None],
+                 watchdog: StepWatchdog) -> None:
         self.queue = queue
         self.period_s = period_s
         self.info = info
         self.registration = registration
         self.held = held
         self.on_lost = on_lost
-        self.on_orphaned = on_orphaned
+        self.on_gateways = on_gateways
         self.watchdog = watchdog
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,8 +100,8 @@ class Liveness:
         held = self.held()
         if lost := self.queue.renew(held, now):
             self.on_lost(lost)
-        if orphaned := self.queue.orphans(held):
-            self.on_orphaned(orphaned)
+        if gateways := self.queue.gateways(held):
+            self.on_gateways(gateways)
         registration = {**self.registration(),
                         "step_age_ms": str(int(self.watchdog.age_s() * 1000))}
         self.queue.register(registration, max(1, math.ceil(3 * self.period_s)), now)

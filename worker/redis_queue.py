@@ -8,6 +8,7 @@ stops renewing them, any worker's REAP puts them back in the queue.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -65,7 +66,11 @@ class StepBatch:
     tokens: dict[str, tuple[list[int], int]] = field(default_factory=dict)
     """request id -> (new token ids, length of toks:{id} once they are appended)."""
     finished: list[str] = field(default_factory=list)
-    """Requests whose last event is in this batch: their keys and lease are removed."""
+    """Requests whose last event is in this batch: their lease is removed, and their keys
+    too, or kept for the retention with the final event (see `finals`)."""
+    finals: dict[str, ReplyEvent] = field(default_factory=dict)
+    """The last event of finished requests, kept with their tokens so that a client whose
+    gateway died can resume the stream at another (RedisQueue.retention_s)."""
     retry: list[str] = field(default_factory=list)
     """Requests whose device failed: their `failures` count goes up; the worker then hands
     them back to the queue (RedisQueue.requeue)."""
@@ -81,20 +86,22 @@ class RedisQueue:
     """One worker's view of the queue of one model."""
 
     def __init__(self, client: redis.Redis, keys: Keys, model: str, worker_id: str,
-                 lease_ms: int, retry_s: float = 5.0) -> None:
+                 lease_ms: int, retry_s: float = 5.0, retention_s: float = 60.0) -> None:
         self.client = client
         self.keys = keys
         self.model = model
         self.worker_id = worker_id
         self.lease_ms = lease_ms
         self.retry_s = retry_s
+        self.retention_s = retention_s
+        """How long a finished request's tokens and final event stay (0: removed at once)."""
         self._claim = client.register_script(scripts.CLAIM)
         self._requeue = client.register_script(scripts.REQUEUE)
         self._reap = client.register_script(scripts.REAP)
 
     @classmethod
-    def connect(cls, config: RedisConfig, model: str, worker_id: str, lease_ms: int
-                ) -> RedisQueue:
+    def connect(cls, config: RedisConfig, model: str, worker_id: str, lease_ms: int,
+                retention_s: float = 60.0) -> RedisQueue:
         """A client whose own retries are off, so tenacity alone decides (and logs) them.
 
         Retries stop at half a lease: past that, a lease renewed a third of a lease ago
@@ -112,7 +119,7 @@ class RedisQueue:
             log.warning("Redis at %s is not reachable yet (%s); the worker keeps retrying",
                         redact(config.url), exc)
         return cls(client, Keys(config.prefix), model, worker_id, lease_ms,
-                   retry_s=lease_ms / 2000)
+                   retry_s=lease_ms / 2000, retention_s=retention_s)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         retrying = Retrying(
@@ -167,7 +174,8 @@ class RedisQueue:
         return {rid for rid, flag in zip(ids, flags, strict=True) if flag is not None}
 
     def publish(self, batch: StepBatch) -> None:
-        """One MULTI: an XADD per gateway, appended tokens, finished requests removed.
+        """One MULTI: an XADD per gateway, appended tokens, finished requests removed (or kept
+        for `retention_s` with their final event, for resumption).
 
         Safe to retry when a reply was lost: LTRIM to the known length undoes a second
         RPUSH, and gateways drop events whose index they already forwarded."""
@@ -176,6 +184,7 @@ class RedisQueue:
         k = self.keys
         payloads = {gw: encode_events(events) for gw, events in batch.events.items()}
         done = set(batch.finished)
+        keep = max(0, math.ceil(self.retention_s))
 
         def build(pipe: Pipeline) -> None:
             for gateway, payload in payloads.items():
@@ -185,12 +194,19 @@ class RedisQueue:
                 # gateway is gone still expires
                 pipe.expire(k.replies(gateway), REPLIES_TTL_S, nx=True)
             for rid, (ids, total) in batch.tokens.items():
-                if ids and rid not in done:
+                if ids and (rid not in done or keep):
                     pipe.rpush(k.tokens(rid), *ids)
                     pipe.ltrim(k.tokens(rid), 0, total - 1)
                     pipe.expire(k.tokens(rid), TOKENS_TTL_S)
             for rid in batch.finished:
-                pipe.delete(k.request(rid), k.tokens(rid), k.cancel(rid))
+                final = batch.finals.get(rid)
+                if final is not None and keep:
+                    pipe.hset(k.request(rid), "final", encode_events([final]))
+                    pipe.expire(k.request(rid), keep)
+                    pipe.expire(k.tokens(rid), keep)
+                    pipe.delete(k.cancel(rid))
+                else:
+                    pipe.delete(k.request(rid), k.tokens(rid), k.cancel(rid))
                 pipe.zrem(k.leases(self.model), rid)
             for rid in batch.retry:
                 pipe.hincrby(k.request(rid), "failures", 1)
@@ -217,13 +233,14 @@ class RedisQueue:
 
         return self._call("renew", run)
 
-    def orphans(self, ids: Sequence[str]) -> list[str]:
-        """Which of these requests belong to a gateway whose registration expired: nobody
-        reads their streams any more."""
+    def gateways(self, ids: Sequence[str]) -> dict[str, tuple[str, bool]]:
+        """Each request's gateway (it changes when a client resumes the stream at another)
+        and whether that gateway's registration lives: when it expired, nobody reads the
+        request's stream any more."""
         if not ids:
-            return []
+            return {}
 
-        def run() -> list[str]:
+        def run() -> dict[str, tuple[str, bool]]:
             pipe = self.client.pipeline(transaction=False)
             for rid in ids:
                 pipe.hget(self.keys.request(rid), "gateway")
@@ -232,9 +249,9 @@ class RedisQueue:
             for g in known:
                 pipe.exists(self.keys.gateway(g))
             alive = {g for g, n in zip(known, pipe.execute(), strict=True) if n}
-            return [rid for rid, g in zip(ids, gateways, strict=True) if g and g not in alive]
+            return {rid: (g, g in alive) for rid, g in zip(ids, gateways, strict=True) if g}
 
-        return self._call("orphans", run)
+        return self._call("gateways", run)
 
     def reap(self, now_ms: int) -> int:
         """Re-queue every request of the model whose lease or whose worker's registration

@@ -100,6 +100,7 @@ class WorkerService:
         """The ids of _active as the liveness thread reads them (replaced, never mutated)."""
         self._lost: set[str] = set()
         self._orphaned: set[str] = set()
+        self._moved: dict[str, str] = {}
         self._lost_lock = threading.Lock()
         beat_s = min(config.heartbeat_s, config.lease_ms / 3000)
         self._stats_every_s = beat_s
@@ -112,7 +113,7 @@ class WorkerService:
                                      self._stuck)
         self.liveness = Liveness(queue, beat_s, model_info(config.model_dir, engine),
                                  self._registration, lambda: list(self._held), self._lose,
-                                 self._orphan, self.watchdog)
+                                 self._gateways, self.watchdog)
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> WorkerService:
@@ -122,7 +123,8 @@ class WorkerService:
         name = config.model_name or Path(config.model_dir).resolve().name
         worker_id = config.worker_id or (
             f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-        queue = RedisQueue.connect(config.redis, name, worker_id, config.lease_ms)
+        queue = RedisQueue.connect(config.redis, name, worker_id, config.lease_ms,
+                                   config.stream_retention_s)
         return cls(config, engine, queue)
 
     @property
@@ -163,10 +165,14 @@ class WorkerService:
         with self._lost_lock:
             self._lost.update(ids)
 
-    def _orphan(self, ids: list[str]) -> None:
-        """Liveness thread: these requests' gateway stopped heartbeating."""
+    def _gateways(self, found: dict[str, tuple[str, bool]]) -> None:
+        """Liveness thread: the held requests' gateways, and whether each is alive."""
         with self._lost_lock:
-            self._orphaned.update(ids)
+            for rid, (gateway, alive) in found.items():
+                if alive:
+                    self._moved[rid] = gateway
+                else:
+                    self._orphaned.add(rid)
 
     def _drop_lost(self) -> None:
         with self._lost_lock:
@@ -302,6 +308,12 @@ class WorkerService:
         late = {rid: "deadline" for rid, a in self._active.items() if 0 < a.req.deadline_ms <= now}
         with self._lost_lock:
             orphaned, self._orphaned = self._orphaned, set()
+            moved, self._moved = self._moved, {}
+        for rid, gateway in moved.items():
+            if (act := self._active.get(rid)) is not None and act.req.gateway_id != gateway:
+                log.info("request %s resumed at gateway %s: its events go there now", rid,
+                         gateway)
+                act.req.gateway_id = gateway
         return (dict.fromkeys((r for r in orphaned if r in self._active), ORPHANED) | late
                 | dict.fromkeys(flagged, "cancelled"))
 
@@ -385,7 +397,12 @@ class WorkerService:
         event.prompt_tokens = len(act.req.prompt_ids)
         event.completion_tokens = act.completion_tokens
         batch.add(act.req.gateway_id, event)
-        batch.finished.append(act.req.request_id)
+        rid = act.req.request_id
+        if event.token_id >= 0:  # kept with the others, for a stream resumed elsewhere
+            ids, _ = batch.tokens.get(rid, ([], 0))
+            batch.tokens[rid] = ([*ids, event.token_id], act.completion_tokens)
+        batch.finished.append(rid)
+        batch.finals[rid] = event
         self._active.pop(act.req.request_id, None)
         self.metrics.finished.labels(reason).inc()
         log.debug("request %s ended: %s after %d tokens", act.req.request_id, reason,

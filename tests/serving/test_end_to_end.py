@@ -171,8 +171,11 @@ def test_client_disconnect_frees_the_slot(fleet: Fleet, client: GenerationClient
     assert blocker.code == grpc.StatusCode.CANCELLED
     assert waiting.finish(30).completion_tokens == 3
     with fleet.redis() as r:
-        wait_until(lambda: not r.exists(f"{fleet.prefix}req:gone-blocker"), 10,
+        # ended: only its last event is kept, for the stream retention
+        wait_until(lambda: r.hexists(f"{fleet.prefix}req:gone-blocker", "final"), 10,
                    "the disconnected request was never cleaned up")
+        assert not r.exists(f"{fleet.prefix}cancel:gone-blocker")
+        assert "gone-blocker" not in r.zrange(f"{fleet.prefix}lease:slot", 0, -1)
 
 
 def test_request_whose_deadline_passes_while_queued_never_runs(

@@ -1,6 +1,8 @@
-"""A gateway that dies (SIGKILL) stops costing anything: within seconds of its registration
-expiring, the worker ends its running request and drops its queued one instead of generating
-for nobody, its reply stream is left to expire, and another gateway serves as before."""
+"""A gateway that dies (SIGKILL) loses nothing and stops costing anything: its client resumes
+the stream at another gateway and gets every token exactly once, the text identical to an
+uninterrupted run (also after the request finished); requests nobody resumes are ended
+within seconds of the gateway's registration expiring instead of generating for nobody, and
+its reply stream is left to expire."""
 
 from __future__ import annotations
 
@@ -10,44 +12,111 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from common.keys import GATEWAY_TTL_S, REPLIES_TTL_S
 from common.protocol import decode_events
-from gateway.client import GenerationClient, collect
+from gateway.client import GenerationClient, StreamResult, collect
+from gateway.output import OutputProcessor
+from preprocess.tokenizer import load_tokenizer
 from protos import npuserve_pb2 as pb
-from tests.serving.conftest import Fleet, Stream, served, start_service, wait_until
+from tests.serving.conftest import Fleet, Service, Stream, served, start_service, wait_until
+from tests.serving.test_resume import stop_string_near_the_end
 from worker.processes import free_port
 
 pytestmark = pytest.mark.timeout(300)
 MODEL = "orphans"
 DOOMED = "gw-doomed"
+PROMPT = [1000, 2000, 3000, 4000, 5000]
 
 
 @pytest.fixture(scope="module")
-def two_gateways(redis_server: str, tiny_qwen3: Path,
-                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Fleet, str]]:
+def orphans_fleet(redis_server: str, tiny_qwen3: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """One gateway that stays, and one worker running one request at a time."""
     fl = Fleet(redis_server, f"orphans-{uuid.uuid4().hex[:8]}:", f"127.0.0.1:{free_port()}",
                "", 0, tmp_path_factory.mktemp("orphans"))
-    doomed = f"127.0.0.1:{free_port()}"
     try:
         fl.services.append(start_service("gateway", fl.gateway_args(fl.gateway), fl.log_dir))
-        fl.services.append(start_service("doomed", fl.gateway_args(
-            doomed, "--gateway-id", DOOMED), fl.log_dir))
         fl.services.append(start_service("worker", fl.worker_args(
             tiny_qwen3, MODEL, "--max-num-seqs", "1", "--heartbeat", "0.5",
             "--no-cpu-kernels", "--worker-id", "orphans-w"), fl.log_dir))
-        for target in (fl.gateway, doomed):
-            wait_until(served(target, {MODEL: 1}), 150, "the fleet did not come up",
-                       fl.services)
-        yield fl, doomed
+        wait_until(served(fl.gateway, {MODEL: 1}), 150, "the fleet did not come up",
+                   fl.services)
+        yield fl
     finally:
         for service in fl.services:
             service.stop()
 
 
-def test_a_dead_gateways_requests_stop_within_seconds(two_gateways: tuple[Fleet, str]) -> None:
-    fl, doomed = two_gateways
+def start_doomed(fl: Fleet, gateway_id: str) -> tuple[Service, str]:
+    """A second gateway, to be killed; returns it and its address."""
+    target = f"127.0.0.1:{free_port()}"
+    service = start_service(gateway_id, fl.gateway_args(target, "--gateway-id", gateway_id),
+                            fl.log_dir)
+    fl.services.append(service)
+    wait_until(served(target, {MODEL: 1}), 60, f"{gateway_id} did not come up", fl.services)
+    return service, target
+
+
+def kill(fl: Fleet, service: Service) -> float:
+    service.proc.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    service.proc.wait(10)
+    fl.services.remove(service)
+    return killed
+
+
+def test_a_stream_resumes_at_another_gateway_exactly(orphans_fleet: Fleet,
+                                                     tiny_qwen3: Path) -> None:
+    fl = orphans_fleet
+    tokenizer = load_tokenizer(tiny_qwen3)
+    greedy = {"model": MODEL, "max_tokens": 300, "ignore_eos": True,
+              "sampling": pb.SamplingParameters(temperature=0)}
+    with GenerationClient(fl.gateway, timeout=120) as survivor:
+        whole = collect(survivor.generate(PROMPT, **greedy))
+        stop = stop_string_near_the_end(whole)
+        reference = collect(survivor.generate(PROMPT, stop=[stop], **greedy))
+        assert reference.finish_reason == "stop"
+        doomed, target = start_doomed(fl, "gw-doomed-resume")
+        received = StreamResult()
+        with GenerationClient(target, timeout=120) as client:
+            stream = client.generate(PROMPT, stop=[stop], request_id="resumed-1", **greedy)
+            for message in stream:
+                received.add(message)
+                if len(received.token_ids) >= 40:
+                    break
+            kill(fl, doomed)
+            with pytest.raises(grpc.RpcError):  # what was in flight, then the broken stream
+                for message in stream:
+                    received.add(message)
+        assert 40 <= len(received.token_ids) < len(reference.token_ids)
+        rest = collect(survivor.resume("resumed-1", len(received.token_ids)))
+        joined = received.token_ids + rest.token_ids
+        assert joined == reference.token_ids, "tokens lost or repeated"
+        assert received.text + rest.text == reference.text
+        assert rest.indices[0] == len(received.token_ids)
+        assert (rest.finish_reason, rest.completion_tokens) == (
+            "stop", len(reference.token_ids))
+        # finished, it can still be read again from any point, for the retention
+        again = collect(survivor.resume("resumed-1", 10))
+        output = OutputProcessor(tokenizer, PROMPT, [stop])
+        prefix = "".join(output.add(t) for t in reference.token_ids[:10])
+        assert again.token_ids == reference.token_ids[10:]
+        assert again.text == reference.text[len(prefix):]
+        with pytest.raises(grpc.RpcError) as info:
+            collect(survivor.resume("never-sent", 0))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as info:
+            collect(survivor.resume("resumed-1", 10_000))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ask for at most" in (info.value.details() or "")
+
+
+def test_a_dead_gateways_requests_stop_within_seconds(orphans_fleet: Fleet) -> None:
+    fl = orphans_fleet
+    gateway, doomed = start_doomed(fl, DOOMED)
     with GenerationClient(doomed, timeout=120) as client:
         running = Stream(client.stub.Generate(pb.GenerateRequest(
             model=MODEL, token_ids=pb.TokenIds(ids=[5, 6, 7]), max_tokens=2000,
@@ -59,14 +128,11 @@ def test_a_dead_gateways_requests_stop_within_seconds(two_gateways: tuple[Fleet,
         with fl.redis() as r:
             wait_until(lambda: r.exists(f"{fl.prefix}req:orphan-queued") == 1, 10,
                        "the second request was never queued", fl.services)
-        gateway = next(s for s in fl.services if s.name == "doomed")
-        gateway.proc.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        gateway.proc.wait(10)
-        fl.services.remove(gateway)
+        killed = kill(fl, gateway)
     p = fl.prefix
     with fl.redis() as r:
-        wait_until(lambda: not r.exists(f"{p}req:orphan-running", f"{p}req:orphan-queued"),
+        wait_until(lambda: all(r.hexists(f"{p}req:{rid}", "final")
+                               for rid in ("orphan-running", "orphan-queued")),
                    GATEWAY_TTL_S + 10, "the dead gateway's requests were not dropped",
                    fl.services)
         dropped_after = time.monotonic() - killed

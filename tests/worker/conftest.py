@@ -50,7 +50,8 @@ class FakeGateway:
         if published:
             self.client.rpush(self.keys.tokens(request_id), *published)
         k = self.keys
-        result = self._enqueue(keys=[k.queue(model), k.request(request_id), k.wake(model)],
+        result = self._enqueue(keys=[k.queue(model), k.request(request_id), k.wake(model),
+                                     k.tokens(request_id)],
                                args=[request_id, score, 0, 3600, *flat])
         assert result == 1
 
@@ -70,6 +71,16 @@ class FakeGateway:
 
     def finished(self, request_id: str) -> bool:
         return any(e.finish_reason for e in self.events(request_id))
+
+    def retained(self, request_id: str) -> bool:
+        """Finished, and kept (request with its final event, tokens) for resumption only:
+        no lease, no cancel flag, expiring within the retention."""
+        k, c = self.keys, self.client
+        return (c.hexists(k.request(request_id), "final")
+                and 0 < c.ttl(k.request(request_id)) <= 60
+                and not c.exists(k.cancel(request_id))
+                and not any(request_id in c.zrange(key, 0, -1) for key in c.keys(
+                    k.leases("*"))))
 
 
 @pytest.fixture
@@ -101,7 +112,8 @@ def make_service(engine: Engine, tiny_qwen3: Path, redis_url: str
                            engine=EngineConfig(max_num_seqs=capacity),
                            redis=RedisConfig(url=redis_url), worker_id=worker_id,
                            drain_timeout_s=drain_s, **config)
-        queue = RedisQueue.connect(cfg.redis, MODEL, worker_id, cfg.lease_ms)
+        queue = RedisQueue.connect(cfg.redis, MODEL, worker_id, cfg.lease_ms,
+                                   cfg.stream_retention_s)
         service = WorkerService(cfg, engine, queue)
         service.start()
         made.append(service)

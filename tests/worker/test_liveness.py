@@ -63,11 +63,12 @@ def watch(condition: Callable[[], bool], until: threading.Event) -> Iterator[boo
 def test_a_step_longer_than_the_registration_and_the_lease_keeps_the_worker_alive(
         make_service: MakeService, gateway: FakeGateway, engine: Engine,
         slow_steps: Callable[[float, int], threading.Event]) -> None:
-    service = make_service(step_warn_s=1.0, **FAST)
-    peer = RedisQueue(gateway.client, gateway.keys, MODEL, "w2", lease_ms=1500)
+    # beats every 0.5 s: the registration lives 2 s and a lease 3 s unless renewed
+    service = make_service(step_warn_s=1.0, heartbeat_s=0.5, lease_ms=3000)
+    peer = RedisQueue(gateway.client, gateway.keys, MODEL, "w2", lease_ms=3000)
     expected = engine.generate([PROMPT], SHORT)[0].token_ids
     gateway.enqueue("r", PROMPT, SHORT)
-    inside = slow_steps(3.0, 1)  # 3x the registration's lifetime, 2x the lease
+    inside = slow_steps(6.0, 1)  # 3x the registration's lifetime, 2x the lease
     done = threading.Event()
     c, k = gateway.client, gateway.keys
     samples: list[bool] = []
@@ -94,8 +95,9 @@ def test_a_step_longer_than_the_registration_and_the_lease_keeps_the_worker_aliv
     finally:
         done.set()
         observer.join()
-    assert len(samples) >= 40 and all(samples), "the registration or the lease lapsed"
-    assert max(ages) >= 2000, "the registration reports the step in progress"
+    assert len(samples) >= 20 and all(samples), (
+        f"the registration or the lease lapsed in {samples.count(False)} of {len(samples)}")
+    assert max(ages) >= 4000, "the registration reports the step in progress"
     assert [e.token_id for e in gateway.events("r")] == expected
     assert service.metrics.slow_steps._value.get() == 1
 
@@ -163,8 +165,7 @@ def test_the_requests_of_a_dead_gateway_are_dropped_running_and_queued(
         assert time.monotonic() < deadline
         service.run_once()
     assert gateway.finished("queued") and [e.index for e in gateway.events("queued")] == [-1]
-    k = gateway.keys
-    assert not gateway.client.exists(k.request("running"), k.request("queued"))
+    assert gateway.retained("running") and gateway.retained("queued")
     assert not engine.has_unfinished()
     other.client.close()
 

@@ -74,8 +74,14 @@ def test_a_request_streams_the_engines_greedy_tokens_in_order_with_usage(
     assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", 4, 8)
     assert not any(e.finish_reason for e in events[:-1])
     k = gateway.keys
-    assert not gateway.client.exists(k.request("r1"), k.tokens("r1"))
+    assert gateway.retained("r1")  # for a client that resumes at another gateway
+    assert gateway.client.lrange(k.tokens("r1"), 0, -1) == [str(e.token_id) for e in events]
     assert gateway.client.zcard(k.leases(MODEL)) == 0
+    assert gateway.cancel("r1") == 0  # finished: nothing to cancel
+    gateway.enqueue("r1", PROMPTS[1], GREEDY)  # a finished id may be used again, afresh
+    run_until(service, lambda: len([e for e in gateway.events("r1") if e.finish_reason]) == 2)
+    again = gateway.events("r1")[len(events):]
+    assert [e.token_id for e in again] == reference(engine, PROMPTS[1], GREEDY)
 
 
 def test_several_requests_run_concurrently_in_one_batch(
@@ -116,7 +122,7 @@ def test_cancelling_a_running_request_frees_its_slot_within_one_step(
     last = gateway.events("long")[-1]
     assert (last.index, last.finish_reason, last.completion_tokens) == (-1, "cancelled", 1)
     assert gateway.events("next")[0].index == 0
-    assert not gateway.client.exists(gateway.keys.request("long"), gateway.keys.cancel("long"))
+    assert gateway.retained("long")
 
 
 def test_a_queued_request_past_its_deadline_is_never_run(
@@ -127,7 +133,7 @@ def test_a_queued_request_past_its_deadline_is_never_run(
     assert service.active_ids == []
     [final] = gateway.events("late")
     assert (final.index, final.token_id, final.finish_reason) == (-1, -1, "deadline")
-    assert not gateway.client.exists(gateway.keys.request("late"))
+    assert gateway.retained("late")
 
 
 def test_a_request_flagged_cancelled_then_handed_back_gets_a_cancelled_final(
@@ -144,8 +150,7 @@ def test_a_request_flagged_cancelled_then_handed_back_gets_a_cancelled_final(
     assert service.active_ids == []
     [final] = gateway.events("flagged")
     assert (final.index, final.finish_reason) == (-1, "cancelled")
-    c, k = gateway.client, gateway.keys
-    assert not c.exists(k.request("flagged"), k.tokens("flagged"), k.cancel("flagged"))
+    assert gateway.retained("flagged")
 
 
 def test_a_running_request_past_its_deadline_ends_with_a_deadline_event(
@@ -180,7 +185,7 @@ def test_an_out_of_vocabulary_token_gets_an_error_and_the_worker_serves_the_othe
     [bad] = gateway.events("bad")
     assert (bad.index, bad.finish_reason, bad.token_id) == (-1, "error", -1)
     assert "outside the vocabulary" in bad.error
-    assert not gateway.client.exists(gateway.keys.request("bad"))
+    assert gateway.retained("bad")
     assert [e.token_id for e in gateway.events("good")] == reference(engine, PROMPTS[0], GREEDY)
 
 
@@ -294,7 +299,7 @@ def test_a_request_whose_device_call_fails_is_handed_back_once_and_resumes_exact
         assert [e.token_id for e in events] == tokens, rid
         assert events[-1].finish_reason == "length"
     assert service.metrics.device_failures.labels("retried")._value.get() == 1
-    assert not gateway.client.exists(gateway.keys.request("flaky"))
+    assert gateway.retained("flaky")
 
 
 def test_a_request_whose_device_call_fails_twice_ends_with_an_internal_error(
@@ -316,7 +321,7 @@ def test_a_request_whose_device_call_fails_twice_ends_with_an_internal_error(
     assert [e.token_id for e in gateway.events("steady")] == reference(engine, PROMPTS[1],
                                                                          GREEDY)
     k = gateway.keys
-    assert not gateway.client.exists(k.request("doomed"), k.tokens("doomed"))
+    assert gateway.retained("doomed")
     assert gateway.client.zcard(k.leases(MODEL)) == 0 and gateway.client.zcard(
         k.queue(MODEL)) == 0
     assert service.metrics.device_failures.labels("failed")._value.get() == 1
