@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "gateway.client_cli",
     "worker.quant.cli",
     "worker.doctor",
+    "worker.chaos",
 )
 
 

@@ -100,8 +100,10 @@ class WorkerService:
         """The ids of _active as the liveness thread reads them (replaced, never mutated)."""
         self._lost: set[str] = set()
         self._orphaned: set[str] = set()
-        self._moved: dict[str, str] = {}
-        self._lost_lock = threading.Lock()
+        self._gateway_of: dict[str, str] = {}
+        """Held requests' live gateways, as the liveness thread last read them."""
+        self._liveness_lock = threading.Lock()
+        """Guards what the liveness thread reports: _lost, _orphaned, _gateway_of."""
         beat_s = min(config.heartbeat_s, config.lease_ms / 3000)
         self._stats_every_s = beat_s
         self._next_stats = 0.0
@@ -162,20 +164,20 @@ class WorkerService:
 
     def _lose(self, ids: list[str]) -> None:
         """Liveness thread: these requests are no longer leased to this worker."""
-        with self._lost_lock:
+        with self._liveness_lock:
             self._lost.update(ids)
 
     def _gateways(self, found: dict[str, tuple[str, bool]]) -> None:
         """Liveness thread: the held requests' gateways, and whether each is alive."""
-        with self._lost_lock:
+        with self._liveness_lock:
             for rid, (gateway, alive) in found.items():
                 if alive:
-                    self._moved[rid] = gateway
+                    self._gateway_of[rid] = gateway
                 else:
                     self._orphaned.add(rid)
 
     def _drop_lost(self) -> None:
-        with self._lost_lock:
+        with self._liveness_lock:
             lost, self._lost = self._lost, set()
         for rid in lost:
             if self._active.pop(rid, None) is not None:
@@ -306,10 +308,10 @@ class WorkerService:
         """Running requests to end now: id -> "cancelled", "deadline" or ORPHANED."""
         flagged, now = self.queue.cancelled(self.active_ids), now_ms()
         late = {rid: "deadline" for rid, a in self._active.items() if 0 < a.req.deadline_ms <= now}
-        with self._lost_lock:
+        with self._liveness_lock:
             orphaned, self._orphaned = self._orphaned, set()
-            moved, self._moved = self._moved, {}
-        for rid, gateway in moved.items():
+            current, self._gateway_of = self._gateway_of, {}
+        for rid, gateway in current.items():
             if (act := self._active.get(rid)) is not None and act.req.gateway_id != gateway:
                 log.info("request %s resumed at gateway %s: its events go there now", rid,
                          gateway)
@@ -318,6 +320,16 @@ class WorkerService:
                 | dict.fromkeys(flagged, "cancelled"))
 
     def _admit(self, c: Claimed, claimed_ms: int, batch: StepBatch) -> None:
+        if (mine := self._active.get(c.request_id)) is not None:
+            # still running here: reaped while this worker's registration lapsed (a Redis
+            # outage, a stalled beat) and claimed back by this worker itself
+            if c.dropped:
+                self.engine.abort(c.request_id)
+                self._end(batch, mine, *_final_event(c.request_id, c.dropped))
+            else:
+                log.warning("request %s: claimed back while still running here; it goes on",
+                            c.request_id)
+            return
         try:
             req = QueuedRequest.from_fields(c.fields, c.published)
         except (KeyError, ValueError, TypeError) as exc:

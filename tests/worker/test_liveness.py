@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import pytest
@@ -53,13 +53,6 @@ def slow_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch
     return arm
 
 
-def watch(condition: Callable[[], bool], until: threading.Event) -> Iterator[bool]:
-    """Sample condition every 50 ms until `until` is set."""
-    while not until.is_set():
-        yield condition()
-        time.sleep(0.05)
-
-
 def test_a_step_longer_than_the_registration_and_the_lease_keeps_the_worker_alive(
         make_service: MakeService, gateway: FakeGateway, engine: Engine,
         slow_steps: Callable[[float, int], threading.Event]) -> None:
@@ -81,9 +74,11 @@ def test_a_step_longer_than_the_registration_and_the_lease_keeps_the_worker_aliv
         reaped = peer.reap(now_ms())  # what any other worker does every beat
         return bool(reg) and lease is not None and lease > now_ms() and reaped == 0
 
-    def observe() -> None:
+    def observe() -> None:  # while the slow step runs (the request then finishes)
         inside.wait(10)
-        samples.extend(watch(alive, done))
+        while service.watchdog.age_s() > 0 and not done.is_set():
+            samples.append(alive())
+            time.sleep(0.05)
 
     observer = threading.Thread(target=observe)
     observer.start()
@@ -169,3 +164,25 @@ def test_the_requests_of_a_dead_gateway_are_dropped_running_and_queued(
     assert not engine.has_unfinished()
     other.client.close()
 
+
+
+def test_a_worker_that_claims_back_its_own_running_request_keeps_running_it(
+        make_service: MakeService, gateway: FakeGateway, engine: Engine) -> None:
+    """Its registration lapsed (a Redis outage) and a reap put its request back in the
+    queue: the worker claims it again while still running it, and simply goes on."""
+    service = make_service(**FAST)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = engine.generate([PROMPT], params)[0].token_ids
+    gateway.enqueue("r", PROMPT, params)
+    service.run_once()
+    service.run_once()
+    service.liveness.stop()  # as if its beats stalled
+    gateway.client.delete(gateway.keys.worker("w1"))
+    peer = RedisQueue(gateway.client, gateway.keys, MODEL, "w2", lease_ms=1500)
+    assert peer.reap(now_ms()) == 1
+    deadline = time.monotonic() + 30
+    while not gateway.finished("r"):
+        assert time.monotonic() < deadline
+        service.run_once()
+    events = gateway.events("r")
+    assert [e.token_id for e in events] == expected and events[-1].finish_reason == "length"

@@ -1,0 +1,392 @@
+"""`npuserve chaos`: a bounded load and fault run against a throwaway stack of its own.
+
+It starts a redis-server (append-only file, fsync always, so a restart keeps every write), two
+gateways and N workers of one model, records every prompt's greedy completion on the calm
+stack, then for `--duration` seconds keeps `--concurrency` greedy streams going, alternating
+gateways, while it injects faults in turn every `--fault-every` seconds: a worker SIGKILLed, a
+worker drained (SIGTERM), Redis restarted, a gateway SIGKILLed (each restarted a second
+later). A stream whose gateway breaks resumes at the other one (`Resume`); one refused before
+it got a token is resumed or sent again. At the end it prints and writes (JSON and a plot)
+the tokens expected and received, and those lost, duplicated and mismatched against the calm
+run, the streams' longest stalls, and the faults' times. It stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.processes import ChildSet, free_port, wait_for_port
+
+FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill")
+MODEL = "chaos"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "chaos", help="a bounded load run with injected faults, counting lost tokens",
+        description=__doc__.split("\n\n")[1] if __doc__ else None)
+    p.add_argument("--model", default="models/smollm2-135m-instruct",
+                   help="model directory the workers serve")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load (default 60)")
+    p.add_argument("--concurrency", type=int, default=4, help="streams kept going")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--prompts", type=int, default=12, help="distinct prompts, reused")
+    p.add_argument("--fault-every", type=float, default=8.0, help="seconds between faults")
+    p.add_argument("--faults", default=",".join(FAULTS),
+                   help=f"comma-separated, in turn: {', '.join(FAULTS)}")
+    p.add_argument("--out", default="chaos-results", help="directory for the JSON and plot")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run)
+
+
+@dataclass
+class Outcome:
+    """One request as the client saw it."""
+
+    request_id: str
+    prompt: int
+    tokens: dict[int, int] = field(default_factory=dict)
+    duplicated: int = 0
+    arrivals: list[float] = field(default_factory=list)
+    resumes: int = 0
+    finish: str = ""
+    error: str = ""
+
+    def stall(self) -> float:
+        return max((b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)),
+                   default=0.0)
+
+
+class Client:
+    """The few calls the run makes, over the generated stubs (the gateway's own client is a
+    layer above this one)."""
+
+    def __init__(self, target: str) -> None:
+        import grpc
+
+        from protos import npuserve_pb2_grpc
+
+        self.channel = grpc.insecure_channel(target)
+        self.stub = npuserve_pb2_grpc.GenerationStub(self.channel)
+
+    def generate(self, prompt: list[int], **fields: Any) -> Any:
+        from protos import npuserve_pb2 as pb
+
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), **fields)
+        return self.stub.Generate(request, timeout=120)
+
+    def resume(self, request_id: str, next_index: int) -> Any:
+        from protos import npuserve_pb2 as pb
+
+        return self.stub.Resume(pb.ResumeRequest(request_id=request_id, next_index=next_index),
+                                timeout=120)
+
+    def list_models(self, timeout: float) -> Any:
+        from protos import npuserve_pb2 as pb
+
+        return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class Stack:
+    """Redis, two gateways and the workers, as child processes logging to one file."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, log: Any) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.children = ChildSet(out=log)
+        self.redis_port = free_port()
+        self.gateways = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+        self.prefix = "chaos:"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def start_redis(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("npuserve chaos: redis-server is not on PATH (make setup)")
+        self.children.start("redis", [
+            binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir",
+            str(self.workdir), "--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+        wait_for_port("127.0.0.1", self.redis_port, 10)
+
+    def start(self, name: str) -> None:
+        python = [sys.executable, "-m", "common.cli"]
+        common = ["--redis", self.redis_url, "--prefix", self.prefix]
+        if name.startswith("gateway"):
+            listen = self.gateways[int(name[-1])]
+            self.children.start(name, [*python, "gateway", "--listen", listen,
+                                       "--gateway-id", name, *common])
+        else:
+            self.children.start(name, [*python, "worker", "--model", self.args.model,
+                                       "--name", MODEL, "--worker-id", name, "--heartbeat",
+                                       "0.5", "--kv-cache-gb", "0.2", "--threads", "1",
+                                       "--drain-timeout", "2", *common])
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        child = self.children.get(name)
+        if child is not None and child.proc.poll() is None:
+            child.proc.send_signal(sig)
+            child.proc.wait(60)
+
+    def stop(self) -> None:
+        names = list(self.children.children)
+        self.children.terminate([n for n in names if n != "redis"], 30)
+        self.children.terminate(["redis"], 10)
+
+
+def _stream(client: Any, outcome: Outcome, messages: Any) -> None:
+    for message in messages:
+        now = time.monotonic()
+        for k, token in enumerate(message.token_ids):
+            index = message.index + k
+            if index in outcome.tokens:
+                outcome.duplicated += 1
+            outcome.tokens[index] = token
+            outcome.arrivals.append(now)
+        if message.finish_reason:
+            outcome.finish = str(message.finish_reason)
+
+
+def _run_one(clients: list[Any], outcome: Outcome, prompt: list[int], first: int,
+             max_tokens: int, deadline: float) -> None:
+    """One request to its end, resuming at the other gateway when its stream breaks."""
+    import grpc
+
+    from protos import npuserve_pb2 as pb
+
+    g, sent = first, False
+    while time.monotonic() < deadline:
+        client = clients[g]
+        try:
+            if not sent:
+                sent = True
+                _stream(client, outcome, client.generate(
+                    prompt, model=MODEL, max_tokens=max_tokens, ignore_eos=True,
+                    sampling=pb.SamplingParameters(temperature=0),
+                    request_id=outcome.request_id))
+            else:
+                outcome.resumes += 1
+                _stream(client, outcome, client.resume(outcome.request_id, len(outcome.tokens)))
+            return
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.NOT_FOUND and not outcome.tokens:
+                sent = False  # it never reached Redis (or no worker serves the model yet):
+                time.sleep(0.2)  # send it again, to this gateway
+                continue
+            if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS,
+                            grpc.StatusCode.NOT_FOUND):
+                outcome.error = f"{code.name}: {exc.details()}"
+                return
+            g = 1 - g
+            time.sleep(0.5)
+    outcome.error = "gave up: no gateway served it in time"
+
+
+def _run(args: argparse.Namespace) -> int:
+    faults = [f for f in args.faults.split(",") if f]
+    if unknown := set(faults) - set(FAULTS):
+        print(f"npuserve chaos: unknown faults {sorted(unknown)}; use {', '.join(FAULTS)}",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(10, 5000) for _ in range(rng.randrange(4, 16))]
+               for _ in range(args.prompts)]
+    workdir = Path(tempfile.mkdtemp(prefix="npuserve-chaos-"))
+    log_path = out / "chaos.log"
+    with open(log_path, "w") as log:
+        stack = Stack(args, workdir, log)
+        try:
+            return _experiment(args, stack, prompts, faults, out)
+        finally:
+            stack.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _experiment(args: argparse.Namespace, stack: Stack, prompts: list[list[int]],
+                faults: list[str], out: Path) -> int:
+    from protos import npuserve_pb2 as pb
+
+    say = stack.children.say
+    print(f"chaos: starting Redis, 2 gateways and {args.workers} workers (log: {out})")
+    stack.start_redis()
+    workers = [f"worker{i}" for i in range(args.workers)]
+    for name in ["gateway0", "gateway1", *workers]:
+        stack.start(name)
+    clients = [Client(target) for target in stack.gateways]
+    _wait_serving(clients, args.workers, stack)
+    print(f"chaos: reference run of {len(prompts)} prompts on the calm stack")
+    reference = [[t for m in clients[0].generate(
+        p, model=MODEL, max_tokens=args.max_tokens, ignore_eos=True,
+        sampling=pb.SamplingParameters(temperature=0)) for t in m.token_ids] for p in prompts]
+    start = time.monotonic()
+    stop_load = start + args.duration
+    events: list[tuple[float, str]] = []
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    counter = iter(range(1 << 30))
+
+    def load(slot: int) -> None:
+        while time.monotonic() < stop_load:
+            n = next(counter)
+            outcome = Outcome(f"chaos-{n}", n % len(prompts))
+            with lock:
+                outcomes.append(outcome)
+            _run_one(clients, outcome, prompts[outcome.prompt], n % 2, args.max_tokens,
+                     stop_load + 120)
+
+    load_done = threading.Event()
+
+    def inject() -> None:
+        """Faults in turn. This thread lives until the load ends: the processes it restarts
+        are tied to it (they get SIGTERM when the thread that started them exits)."""
+        k = 0
+        while time.monotonic() + args.fault_every < stop_load and faults:
+            time.sleep(args.fault_every)
+            fault = faults[k % len(faults)]
+            target = _inject(stack, fault, k, workers)
+            events.append((time.monotonic() - start, f"{fault} {target}"))
+            print(f"chaos: {time.monotonic() - start:5.1f}s {fault} {target}")
+            say(f"injected {fault} {target}", "chaos")
+            k += 1
+        load_done.wait()
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(args.concurrency)]
+    injector = threading.Thread(target=inject)
+    for t in [*threads, injector]:
+        t.start()
+    for t in threads:
+        t.join()
+    load_done.set()
+    injector.join()
+    for client in clients:
+        client.close()
+    report = _report(args, outcomes, reference, events, start)
+    (out / "chaos.json").write_text(json.dumps(report, indent=2))
+    _plot(report, outcomes, start, out / "chaos.png")
+    s = report["summary"]
+    print(f"chaos: {s['requests']} requests, {s['tokens_expected']} tokens expected, "
+          f"{s['tokens_received']} received; lost {s['lost']}, duplicated "
+          f"{s['duplicated']}, mismatched {s['mismatched']}; {s['errors']} errors; longest "
+          f"stall {s['longest_stall_s']:.1f}s (p99 {s['stall_p99_s']:.1f}s); "
+          f"{s['resumes']} resumes. Results: {out / 'chaos.json'}, {out / 'chaos.png'}")
+    clean = s["lost"] == s["duplicated"] == s["mismatched"] == s["errors"] == 0
+    return 0 if clean else 1
+
+
+def _inject(stack: Stack, fault: str, k: int, workers: list[str]) -> str:
+    if fault == "redis-restart":
+        stack.signal("redis", signal.SIGTERM)
+        time.sleep(1.0)
+        stack.start_redis()
+        return "redis"
+    if fault == "gateway-kill":
+        name = f"gateway{k % 2}"
+        stack.signal(name, signal.SIGKILL)
+    else:
+        name = workers[k % len(workers)]
+        stack.signal(name, signal.SIGKILL if fault == "worker-kill" else signal.SIGTERM)
+    time.sleep(1.0)
+    stack.start(name)
+    return name
+
+
+def _wait_serving(clients: list[Any], workers: int, stack: Stack) -> None:
+    import grpc
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if failed := stack.children.failed():
+            raise SystemExit(f"npuserve chaos: {failed.name} exited while starting")
+        try:
+            if all(any(m.name == MODEL and len(m.workers) >= workers
+                       for m in c.list_models(timeout=2).models) for c in clients):
+                return
+        except grpc.RpcError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    raise SystemExit("npuserve chaos: the stack did not come up within 300 s")
+
+
+def _report(args: argparse.Namespace, outcomes: list[Outcome], reference: list[list[int]],
+            events: list[tuple[float, str]], start: float) -> dict[str, Any]:
+    lost = duplicated = mismatched = expected = received = 0
+    stalls = []
+    for o in outcomes:
+        ref = reference[o.prompt]
+        expected += len(ref)
+        received += len(o.tokens)
+        duplicated += o.duplicated
+        lost += sum(1 for i in range(len(ref)) if i not in o.tokens)
+        mismatched += sum(1 for i, t in o.tokens.items() if i >= len(ref) or ref[i] != t)
+        stalls.append(o.stall())
+    stalls.sort()
+    p99 = stalls[min(len(stalls) - 1, int(0.99 * len(stalls)))] if stalls else 0.0
+    return {
+        "config": {k: v for k, v in vars(args).items() if k != "handler"},
+        "summary": {
+            "requests": len(outcomes), "tokens_expected": expected,
+            "tokens_received": received, "lost": lost, "duplicated": duplicated,
+            "mismatched": mismatched, "errors": sum(1 for o in outcomes if o.error),
+            "resumes": sum(o.resumes for o in outcomes),
+            "longest_stall_s": stalls[-1] if stalls else 0.0, "stall_p99_s": p99,
+        },
+        "faults": [{"at_s": round(t, 2), "fault": f} for t, f in events],
+        "errors": [{"request_id": o.request_id, "error": o.error} for o in outcomes
+                   if o.error],
+        "requests": [{**{k: v for k, v in asdict(o).items() if k not in ("tokens", "arrivals")},
+                      "received": len(o.tokens), "stall_s": round(o.stall(), 3),
+                      "first_s": round(o.arrivals[0] - start, 3) if o.arrivals else None}
+                     for o in outcomes],
+    }
+
+
+def _plot(report: dict[str, Any], outcomes: list[Outcome], start: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    times = sorted(t - start for o in outcomes for t in o.arrivals)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    if times:
+        width = 0.5
+        bins = [i * width for i in range(int(times[-1] / width) + 2)]
+        top.hist(times, bins=bins, color="tab:blue")
+    top.set_ylabel(f"tokens per {0.5:g} s")
+    s = report["summary"]
+    top.set_title(f"npuserve chaos: lost {s['lost']}, duplicated {s['duplicated']}, "
+                  f"mismatched {s['mismatched']}, errors {s['errors']} "
+                  f"({s['tokens_received']} tokens, {s['requests']} requests)")
+    for ax in (top, bottom):
+        for fault in report["faults"]:
+            ax.axvline(fault["at_s"], color="tab:red", linestyle="--", linewidth=1)
+    for fault in report["faults"]:
+        top.annotate(fault["fault"], (fault["at_s"], 0), rotation=90, fontsize=7,
+                     xytext=(2, 5), textcoords="offset points", color="tab:red")
+    starts = [(o.arrivals[0] - start, o.stall()) for o in outcomes if o.arrivals]
+    bottom.scatter([a for a, _ in starts], [b for _, b in starts], s=8)
+    bottom.set_ylabel("longest stall of the stream (s)")
+    bottom.set_xlabel("seconds since the load started (first token of each stream)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
