@@ -183,8 +183,8 @@ def tokenize(prompt: PromptInput, tokenizer: Any, *, trusted: bool = False) -> T
     """
     if prompt.messages is not None:
         text = render_chat(tokenizer, prompt.messages)
-        if not trusted and any(spells_control_token(tokenizer, str(m.get("content", "")))
-                               for m in prompt.messages):
+        if not trusted and spells_control_token(
+                tokenizer, (str(m.get("content", "")) for m in prompt.messages)):
             ids = encode_chat(tokenizer, prompt.messages)
             return TokenizeResult(ids, [tokenizer.decode([i]) for i in ids])
     elif prompt.text is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from common.errors import InvalidRequestError
@@ -30,8 +30,10 @@ def control_token_strings(tokenizer: Any) -> frozenset[str]:
     return frozenset(str(t) for t in tokenizer.added_tokens_decoder.values() if t.special)
 
 
-def spells_control_token(tokenizer: Any, text: str) -> bool:
-    return any(s in text for s in control_token_strings(tokenizer))
+def spells_control_token(tokenizer: Any, texts: Iterable[str]) -> bool:
+    """Whether any of the texts spells one of the tokenizer's control tokens."""
+    spellings = control_token_strings(tokenizer)
+    return any(s in text for text in texts for s in spellings)
 
 
 def encode_text(tokenizer: Any, text: str, *, trusted: bool = False) -> list[int]:
@@ -45,7 +47,7 @@ def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, str]], *,
     tokenized as text. Errors as for `render_chat`."""
     text = render_chat(tokenizer, messages, **template_kwargs)
     contents = [str(m.get("content", "")) for m in messages]
-    if trusted or not any(spells_control_token(tokenizer, c) for c in contents):
+    if trusted or not spells_control_token(tokenizer, contents):
         return list(tokenizer.encode(text, add_special_tokens=False))
     nonce = secrets.token_hex(8)
     marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
@@ -121,10 +122,16 @@ class Stack:
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("npuserve chaos: redis-server is not on PATH (make setup)")
-        self.children.start("redis", [
-            binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir",
-            str(self.workdir), "--appendonly", "yes", "--appendfsync", "always", "--save", ""])
-        wait_for_port("127.0.0.1", self.redis_port, 10)
+        for _attempt in range(2):  # a child forked beside busy threads can hang before exec
+            child = self.children.start("redis", [
+                binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir",
+                str(self.workdir), "--appendonly", "yes", "--appendfsync", "always",
+                "--save", ""])
+            if wait_for_port("127.0.0.1", self.redis_port, 10, child):
+                return
+            child.proc.kill()
+            child.proc.wait()
+        raise RuntimeError(f"redis-server did not listen on port {self.redis_port}")
 
     def start(self, name: str) -> None:
         python = [sys.executable, "-m", "common.cli"]
@@ -139,7 +146,7 @@ class Stack:
                                        "0.5", "--kv-cache-gb", "0.2", "--threads", "1",
                                        "--drain-timeout", "2", *common])
 
-    def signal(self, name: str, sig: signal.Signals) -> None:
+    def send(self, name: str, sig: signal.Signals) -> None:
         child = self.children.get(name)
         if child is not None and child.proc.poll() is None:
             child.proc.send_signal(sig)
@@ -201,6 +208,9 @@ def _run_one(clients: list[Any], outcome: Outcome, prompt: list[int], first: int
 
 
 def _run(args: argparse.Namespace) -> int:
+    # The run forks children while its gRPC client threads stream: gRPC's fork handlers
+    # would run in a child that only execs (and can hang it), so they are turned off.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     faults = [f for f in args.faults.split(",") if f]
     if unknown := set(faults) - set(FAULTS):
         print(f"npuserve chaos: unknown faults {sorted(unknown)}; use {', '.join(FAULTS)}",
@@ -255,6 +265,7 @@ def _experiment(args: argparse.Namespace, stack: Stack, prompts: list[list[int]]
                      stop_load + 120)
 
     load_done = threading.Event()
+    failed_restarts: list[str] = []
 
     def inject() -> None:
         """Faults in turn. This thread lives until the load ends: the processes it restarts
@@ -263,7 +274,11 @@ def _experiment(args: argparse.Namespace, stack: Stack, prompts: list[list[int]]
         while time.monotonic() + args.fault_every < stop_load and faults:
             time.sleep(args.fault_every)
             fault = faults[k % len(faults)]
-            target = _inject(stack, fault, k, workers)
+            try:
+                target = _inject(stack, fault, k, workers)
+            except (RuntimeError, OSError) as exc:  # reported, and the run fails
+                failed_restarts.append(f"{fault}: {exc}")
+                target = f"FAILED ({exc})"
             events.append((time.monotonic() - start, f"{fault} {target}"))
             print(f"chaos: {time.monotonic() - start:5.1f}s {fault} {target}")
             say(f"injected {fault} {target}", "chaos")
@@ -289,22 +304,24 @@ def _experiment(args: argparse.Namespace, stack: Stack, prompts: list[list[int]]
           f"{s['duplicated']}, mismatched {s['mismatched']}; {s['errors']} errors; longest "
           f"stall {s['longest_stall_s']:.1f}s (p99 {s['stall_p99_s']:.1f}s); "
           f"{s['resumes']} resumes. Results: {out / 'chaos.json'}, {out / 'chaos.png'}")
+    if failed_restarts:
+        print(f"chaos: the run is void, a restart failed: {'; '.join(failed_restarts)}")
     clean = s["lost"] == s["duplicated"] == s["mismatched"] == s["errors"] == 0
-    return 0 if clean else 1
+    return 0 if clean and not failed_restarts else 1
 
 
 def _inject(stack: Stack, fault: str, k: int, workers: list[str]) -> str:
     if fault == "redis-restart":
-        stack.signal("redis", signal.SIGTERM)
+        stack.send("redis", signal.SIGTERM)
         time.sleep(1.0)
         stack.start_redis()
         return "redis"
     if fault == "gateway-kill":
         name = f"gateway{k % 2}"
-        stack.signal(name, signal.SIGKILL)
+        stack.send(name, signal.SIGKILL)
     else:
         name = workers[k % len(workers)]
-        stack.signal(name, signal.SIGKILL if fault == "worker-kill" else signal.SIGTERM)
+        stack.send(name, signal.SIGKILL if fault == "worker-kill" else signal.SIGTERM)
     time.sleep(1.0)
     stack.start(name)
     return name

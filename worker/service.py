@@ -55,9 +55,6 @@ _MB = 1 << 20
 STUCK_EXIT_STATUS = 3
 """The worker's exit status when a step outran --step-timeout-s."""
 
-__all__ = ["WorkerService", "model_info", "now_ms"]
-
-
 def model_info(model_dir: str | Path, engine: Engine) -> dict[str, str]:
     """model:{name} fields: tokenizer files (`file:<name>`), the vocabulary and a sha of the
     files. Context limits are per worker (its registration), not per model."""

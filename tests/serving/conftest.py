@@ -198,6 +198,24 @@ def served(target: str, expected: dict[str, int]) -> Callable[[], bool]:
     return check
 
 
+@contextmanager
+def one_of_each(redis_url: str, model_dir: Path, model: str, log_dir: Path,
+                *worker_flags: str) -> Iterator[Fleet]:
+    """A fleet of its own: one gateway and one worker of `model`, stopped on exit."""
+    fl = Fleet(redis_url, f"{model}-{uuid.uuid4().hex[:8]}:", f"127.0.0.1:{free_port()}",
+               "", 0, log_dir)
+    try:
+        fl.services.append(start_service("gateway", fl.gateway_args(fl.gateway), log_dir))
+        fl.services.append(start_service("worker", fl.worker_args(
+            model_dir, model, *worker_flags), log_dir))
+        wait_until(served(fl.gateway, {model: 1}), 150, f"the {model} fleet did not come up",
+                   fl.services)
+        yield fl
+    finally:
+        for service in fl.services:
+            service.stop()
+
+
 @pytest.fixture(scope="module")
 def fleet(redis_server: str, tiny_qwen3: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:

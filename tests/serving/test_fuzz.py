@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +20,7 @@ from hypothesis import strategies as st
 from gateway.client import GenerationClient, collect
 from protos import npuserve_pb2 as pb
 from protos import npuserve_pb2_grpc
-from tests.serving.conftest import Fleet, served, start_service, wait_until
-from worker.processes import free_port
+from tests.serving.conftest import Fleet, one_of_each
 
 pytestmark = pytest.mark.timeout(600)
 MODEL = "fuzz"
@@ -78,18 +76,9 @@ requests = st.one_of(generates, chats, tokenizes, cancels, raw)
 @pytest.fixture(scope="module")
 def fuzz_fleet(redis_server: str, tiny_qwen3: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    fl = Fleet(redis_server, f"fuzz-{uuid.uuid4().hex[:8]}:", f"127.0.0.1:{free_port()}",
-               "", 0, tmp_path_factory.mktemp("fuzz"))
-    try:
-        fl.services.append(start_service("gateway", fl.gateway_args(fl.gateway), fl.log_dir))
-        fl.services.append(start_service("worker", fl.worker_args(
-            tiny_qwen3, MODEL, "--max-num-seqs", "8", "--max-model-len", "256"), fl.log_dir))
-        wait_until(served(fl.gateway, {MODEL: 1}), 150, "the fuzz fleet did not come up",
-                   fl.services)
+    with one_of_each(redis_server, tiny_qwen3, MODEL, tmp_path_factory.mktemp("fuzz"),
+                     "--max-num-seqs", "8", "--max-model-len", "256") as fl:
         yield fl
-    finally:
-        for service in fl.services:
-            service.stop()
 
 
 class Tally:

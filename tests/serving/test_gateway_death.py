@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,15 @@ from gateway.client import GenerationClient, StreamResult, collect
 from gateway.output import OutputProcessor
 from preprocess.tokenizer import load_tokenizer
 from protos import npuserve_pb2 as pb
-from tests.serving.conftest import Fleet, Service, Stream, served, start_service, wait_until
+from tests.serving.conftest import (
+    Fleet,
+    Service,
+    Stream,
+    one_of_each,
+    served,
+    start_service,
+    wait_until,
+)
 from tests.serving.test_resume import stop_string_near_the_end
 from worker.processes import free_port
 
@@ -35,19 +42,10 @@ PROMPT = [1000, 2000, 3000, 4000, 5000]
 def orphans_fleet(redis_server: str, tiny_qwen3: Path,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     """One gateway that stays, and one worker running one request at a time."""
-    fl = Fleet(redis_server, f"orphans-{uuid.uuid4().hex[:8]}:", f"127.0.0.1:{free_port()}",
-               "", 0, tmp_path_factory.mktemp("orphans"))
-    try:
-        fl.services.append(start_service("gateway", fl.gateway_args(fl.gateway), fl.log_dir))
-        fl.services.append(start_service("worker", fl.worker_args(
-            tiny_qwen3, MODEL, "--max-num-seqs", "1", "--heartbeat", "0.5",
-            "--no-cpu-kernels", "--worker-id", "orphans-w"), fl.log_dir))
-        wait_until(served(fl.gateway, {MODEL: 1}), 150, "the fleet did not come up",
-                   fl.services)
+    with one_of_each(redis_server, tiny_qwen3, MODEL, tmp_path_factory.mktemp("orphans"),
+                     "--max-num-seqs", "1", "--heartbeat", "0.5", "--no-cpu-kernels",
+                     "--worker-id", "orphans-w") as fl:
         yield fl
-    finally:
-        for service in fl.services:
-            service.stop()
 
 
 def start_doomed(fl: Fleet, gateway_id: str) -> tuple[Service, str]:

@@ -17,8 +17,9 @@ from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk, StepResult
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
+from worker.liveness import now_ms
 from worker.redis_queue import RedisQueue
-from worker.service import WorkerService, now_ms
+from worker.service import WorkerService
 
 if TYPE_CHECKING:
     from tests.worker.conftest import FakeGateway, MakeService

@@ -21,20 +21,25 @@ class KVCache:
     The default layout (`head_major_shape`) is [layers, 2, kv_heads, slots, head_dim], so that
     gathering a batch's context gives [KVH, n, ctx, D] directly: attention then batches over
     (kv head, sequence) with no further copy of the keys or values. An op set with another
-    layout passes its own `shape` and is the only code that reads or writes `data`.
+    layout passes its own `shape` and is the only code that reads or writes `data`; one whose
+    kernels want a tensor per layer subclasses it (worker.model.npu_310p_ops.NzKVCache).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, *,
                  shape: tuple[int, ...] | None = None) -> None:
+        self._geometry(num_blocks, block_size, kv_heads, device)
+        if shape is None:
+            shape = head_major_shape(num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.data = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _geometry(self, num_blocks: int, block_size: int, kv_heads: int,
+                  device: torch.device) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_heads = kv_heads
         self.num_slots = num_blocks * block_size
         self.device = device
-        if shape is None:
-            shape = head_major_shape(num_layers, num_blocks, block_size, kv_heads, head_dim)
-        self.data = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:

@@ -50,11 +50,7 @@ class NzKVCache(KVCache):
     def __init__(self, npu: ModuleType, num_layers: int, num_blocks: int, block_size: int,
                  kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> None:
-        self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.kv_heads = kv_heads
-        self.num_slots = num_blocks * block_size
-        self.device = device
+        self._geometry(num_blocks, block_size, kv_heads, device)
         shape = (num_blocks, kv_heads * head_dim // FRACTAL, block_size, FRACTAL)
         self.layers = [
             (npu.npu_format_cast(torch.zeros(shape, dtype=dtype, device=device),
