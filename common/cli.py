@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "worker.cli",
     "worker.local_stack",
     "gateway.client_cli",
+    "gateway.keys_cli",
     "worker.quant.cli",
     "worker.doctor",
     "worker.chaos",

@@ -64,7 +64,9 @@ def env(name: str, default: str) -> str:
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str = setting("redis://127.0.0.1:6379/0", flag="--redis", env="REDIS_URL")
-    """Redis URL (redis://[:password@]host:port/db, or rediss:// for TLS)."""
+    """Redis URL: redis://[user@]host:port/db, rediss://... for TLS (?ssl_ca_certs=FILE),
+    unix:///path.sock, or redis+sentinel://[user@]host:port,host:port/SERVICE[/db] for the
+    master a set of sentinels names (common.redis_client)."""
     prefix: str = setting("npuserve:", env="REDIS_PREFIX")
     """Prefix of every key, so several deployments can share one Redis."""
     password_file: str = setting("", flag="--redis-password-file",
@@ -83,6 +85,12 @@ class RedisConfig:
                                           f"{self.password_file}: {exc.strerror}") from None
             return lines[0] if lines else ""
         return os.environ.get("NPUSERVE_REDIS_PASSWORD") or None
+
+    @staticmethod
+    def sentinel_password() -> str | None:
+        """The sentinels' own password (their requirepass), NPUSERVE_REDIS_SENTINEL_PASSWORD;
+        None asks them without one. Only used with a redis+sentinel:// URL."""
+        return env("REDIS_SENTINEL_PASSWORD", "") or None
 
     @staticmethod
     def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -131,6 +139,11 @@ class GatewayConfig:
     """PEM private key of --tls-cert."""
     tls_client_ca: str = ""
     """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
+    api_keys: str = ""
+    """TOML file of API keys (hashed; `npuserve keys add`), re-read when it changes or on
+    SIGHUP: every call must then present one ('authorization: Bearer <key>'), and carries
+    its key's tenant, role and limits. Empty: no authentication (use mutual TLS or a
+    trusted network)."""
     reflection: bool = True
     """Serve gRPC server reflection (grpcurl and similar tools list the API with it)."""
     allow_special_tokens: bool = False

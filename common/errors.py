@@ -23,6 +23,10 @@ class ErrorCode(StrEnum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     """A configured limit was reached; the message names it."""
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    """No API key, or one the gateway does not know."""
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    """The API key is valid but its role or limits do not allow what was asked."""
     UNAVAILABLE = "UNAVAILABLE"
     """Retryable: Redis or every worker of the model is gone for now."""
     CANCELLED = "CANCELLED"
@@ -59,6 +63,18 @@ class ResourceExhaustedError(NpuserveError):
     """A configured limit was reached; the message names it."""
 
     code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class UnauthenticatedError(NpuserveError):
+    """The call carries no API key, or one the gateway does not know."""
+
+    code = ErrorCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(NpuserveError):
+    """The caller's API key does not allow what the request asks (its role or its limits)."""
+
+    code = ErrorCode.PERMISSION_DENIED
 
 
 class DeviceError(NpuserveError):

@@ -15,6 +15,8 @@
 | workers                 | ZSET   | worker ids; score = last heartbeat (ms)                   |
 | model:{model}           | HASH   | tokenizer files and limits, published by its workers      |
 | gateway:{id}            | HASH   | a gateway's registration; expires unless heartbeated      |
+| kstreams:{key}          | ZSET   | an API key's open streams, fleet-wide; score = expiry (ms) |
+| ktokens:{key}:{minute}  | STRING | tokens an API key was charged in one minute (unix min)    |
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class Keys:
 
     def gateway(self, gateway_id: str) -> str:
         return f"{self.prefix}gateway:{gateway_id}"
+
+    def key_streams(self, key_name: str) -> str:
+        return f"{self.prefix}kstreams:{key_name}"
+
+    def key_tokens(self, key_name: str, minute: int) -> str:
+        return f"{self.prefix}ktokens:{key_name}:{minute}"
 
 
 GATEWAY_TTL_S = 6

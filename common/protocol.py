@@ -32,6 +32,9 @@ class QueuedRequest:
     device_failures: int = 0
     """Times a worker's device failed running this request (req:{id} field `failures`, set
     by workers only): a failed request is re-queued once, then failed."""
+    tenant: str = ""
+    """The tenant of the API key that sent it ("" without API keys); request_id starts
+    with it."""
 
     @property
     def context_len(self) -> int:
@@ -54,6 +57,7 @@ class QueuedRequest:
             "plen": str(len(self.prompt_ids)),
             "ctx": str(self.context_len),
             "needs": str(field_mask(requested(self.params))),
+            "tenant": self.tenant,
         }
 
     @classmethod
@@ -73,6 +77,7 @@ class QueuedRequest:
             deadline_ms=int(fields.get("deadline_ms", "0")),
             published_ids=list(published or []),
             device_failures=int(fields.get("failures", "0")),
+            tenant=fields.get("tenant", ""),
         )
 
 

@@ -170,3 +170,28 @@ if redis.call('HEXISTS', KEYS[1], 'final') == 0 then
 end
 return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
 """
+
+STREAM_SLOT = """
+-- KEYS: kstreams   ARGV: member, ttl_ms, limit
+-- Takes one of an API key's stream slots (fleet-wide) unless `limit` are held; a slot not
+-- renewed within ttl_ms (its gateway died) is free again. Returns 1, or 0 at the limit.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+RENEW_STREAM_SLOTS = """
+-- KEYS: kstreams   ARGV: ttl_ms, member, ...
+-- Keeps a gateway's open slots of one API key alive (a slot already freed stays free).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""

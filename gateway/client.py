@@ -92,20 +92,54 @@ def collect(stream: Iterable[pb.GenerateResponse]) -> StreamResult:
     return result
 
 
+class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+    def __init__(self, details: grpc.ClientCallDetails,
+                 metadata: list[tuple[str, str | bytes]]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = details.wait_for_ready
+        self.compression = details.compression
+
+
+class _BearerKey(grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+                 grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Sends the API key with every call, as 'authorization: Bearer <key>' metadata."""
+
+    def __init__(self, api_key: str) -> None:
+        self._header = ("authorization", f"Bearer {api_key}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> _CallDetails:
+        return _CallDetails(details, [*(details.metadata or ()), self._header])
+
+    def intercept_unary_unary(self, continuation: Any, details: grpc.ClientCallDetails,
+                              request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: grpc.ClientCallDetails,
+                               request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
 class GenerationClient:
     """Blocking client over one channel; safe to share between threads."""
 
     def __init__(self, target: str, timeout: float | None = None,
                  options: Sequence[tuple[str, Any]] = (),
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 api_key: str | None = None) -> None:
         """`timeout` is the default per-call deadline in seconds (None: no deadline);
-        `credentials` (gateway.tls.channel_credentials) make the channel TLS."""
+        `credentials` (gateway.tls.channel_credentials) make the channel TLS; `api_key` is
+        sent with every call."""
         self.target = target
         self.timeout = timeout
         self.channel = (grpc.insecure_channel(target, options=list(options))
                         if credentials is None
                         else grpc.secure_channel(target, credentials, options=list(options)))
-        self.stub = pb_grpc.GenerationStub(self.channel)
+        calls = self.channel if not api_key else grpc.intercept_channel(
+            self.channel, _BearerKey(api_key))
+        self.stub = pb_grpc.GenerationStub(calls)
 
     def __enter__(self) -> Self:
         return self
@@ -161,9 +195,11 @@ class GenerationClient:
             pb.ResumeRequest(request_id=request_id, next_index=next_index),
             timeout=self._deadline(timeout))
 
-    def cancel(self, request_id: str, timeout: float | None = None) -> bool:
-        """Cancel a request by id; True when it was queued or running."""
-        response = self.stub.Cancel(pb.CancelRequest(request_id=request_id),
+    def cancel(self, request_id: str, timeout: float | None = None, *, tenant: str = ""
+               ) -> bool:
+        """Cancel a request by id (another tenant's: admin keys only); True when it was
+        queued or running."""
+        response = self.stub.Cancel(pb.CancelRequest(request_id=request_id, tenant=tenant),
                                     timeout=self._deadline(timeout))
         return bool(response.cancelled)
 

@@ -11,11 +11,14 @@ error prints its status code name and the server's message and exits 1, never a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from common.config import env
+from common.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from gateway.client import StreamResult
@@ -66,6 +69,9 @@ def register(subparsers: Any) -> None:
                         "NPUSERVE_CLIENT_TLS_CERT)")
     p.add_argument("--tls-key", default=env("CLIENT_TLS_KEY", ""),
                    help="key of --tls-cert (NPUSERVE_CLIENT_TLS_KEY)")
+    p.add_argument("--api-key-file", default=env("API_KEY_FILE", ""),
+                   help="file holding the API key to send (NPUSERVE_API_KEY_FILE); else "
+                   "NPUSERVE_API_KEY, if set. Never on the command line, where `ps` shows it")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print request id, usage and timings to stderr at the end")
     p.set_defaults(handler=_run)
@@ -89,7 +95,8 @@ def _run(args: argparse.Namespace) -> int:
         "model": args.model, "max_tokens": args.max_tokens, "priority": args.priority,
         "sampling": sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)}
     timeout = 300.0 if args.timeout is None else args.timeout or None
-    client = GenerationClient(args.target, timeout=timeout, credentials=credentials)
+    client = GenerationClient(args.target, timeout=timeout, credentials=credentials,
+                              api_key=_api_key(args.api_key_file))
     stream: Any = None
     try:
         if args.raw:
@@ -122,6 +129,18 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         client.close()
+
+
+def _api_key(path: str) -> str | None:
+    """The key in `path` (its first line), else NPUSERVE_API_KEY, else None."""
+    if not path:
+        return os.environ.get("NPUSERVE_API_KEY") or None
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise InvalidRequestError("api_key_file", f"cannot read {path}: {exc.strerror}"
+                                  ) from None
+    return lines[0].strip() if lines and lines[0].strip() else None
 
 
 def _credentials(args: argparse.Namespace) -> Any:

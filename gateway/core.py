@@ -23,6 +23,8 @@ from common.config import GatewayConfig
 from common.errors import UnavailableError
 from common.keys import Keys
 from gateway.admission import Limits
+from gateway.api_keys import KeyStore
+from gateway.key_limits import KeyLimiter
 from gateway.models import ModelRegistry
 from gateway.redis_queue import RedisQueue, connect
 from gateway.relay import ReplyRelay
@@ -61,7 +63,9 @@ class GatewayCore:
             queue=RedisQueue(self._redis, self.keys, url, request_ttl_s=config.request_ttl_s),
             relay=self.relay,
             limits=Limits.from_config(config),
-            max_streams=config.max_streams, max_queued_per_model=config.max_queued_per_model)
+            max_streams=config.max_streams, max_queued_per_model=config.max_queued_per_model,
+            api_keys=KeyStore(config.api_keys),
+            key_limits=KeyLimiter(self._redis, self.keys, self.gateway_id, url))
         self._health_task: asyncio.Task[None] | None = None
         self._info = {"host": socket.gethostname(), "pid": str(os.getpid()),
                       "listen": config.listen}
@@ -116,8 +120,10 @@ class GatewayCore:
 
     async def _health_loop(self) -> None:
         while True:
+            self.service.api_keys.reload_if_changed()
             try:
                 await self._register()
+                await self.service.key_limits.renew()
                 await self.registry.refresh()
                 self.registry.prefetch()
                 now = bool(self.registry.served())

@@ -43,6 +43,15 @@ RELAY_OUT_OF_ORDER = Counter(
     "npuserve_gateway_relay_out_of_order_total", "Reply events held back for an earlier one.")
 RELAY_RECONNECTS = Counter(
     "npuserve_gateway_relay_reconnects_total", "Failed reads of the reply stream (Redis down).")
+AUTH_FAILURES = Counter(
+    "npuserve_gateway_auth_failures_total", "Calls refused for their API key, by reason "
+    "(missing, unknown).", ["reason"])
+KEY_LIMITED = Counter(
+    "npuserve_gateway_key_limited_total", "Requests refused by a per-key limit, by key name "
+    "and limit (max_streams, tokens_per_minute).", ["key", "limit"])
+KEY_TOKENS = Counter(
+    "npuserve_gateway_key_tokens_total", "Prompt and completion tokens charged to API keys.",
+    ["key"])
 
 
 def serve_metrics(port: int, host: str = "127.0.0.1") -> WSGIServer | None:

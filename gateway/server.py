@@ -81,6 +81,7 @@ async def serve(config: GatewayConfig, *, grace_s: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.core.service.api_keys.reload)
     await stopping.wait()
     log.info("gateway %s: shutting down (grace %.0f s)", gateway.gateway_id, grace_s)
     await gateway.stop(grace_s)

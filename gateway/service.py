@@ -11,10 +11,12 @@ within a step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from common.errors import (
     DeadlineExceededError,
@@ -37,6 +39,9 @@ from gateway.admission import (
     prepare,
     tokenize,
 )
+from gateway.api_keys import OPEN, Caller, KeyStore
+from gateway.context import bind_request_id
+from gateway.key_limits import KeyLimiter
 from gateway.models import ModelRegistry
 from gateway.output import OutputProcessor
 from gateway.redis_queue import RedisQueue
@@ -53,6 +58,8 @@ class _Progress:
     model: str
     started: float
     prompt_tokens: int
+    client_id: str
+    """The request id as the client knows it (the fleet-wide one adds its tenant)."""
     queue_wait_ms: float = 0.0
     first_token_at: float | None = None
     end: str = "disconnected"
@@ -81,7 +88,8 @@ class GatewayService:
 
     def __init__(self, *, gateway_id: str, registry: ModelRegistry, queue: RedisQueue,
                  relay: ReplyRelay, limits: Limits, max_streams: int,
-                 max_queued_per_model: int) -> None:
+                 max_queued_per_model: int, api_keys: KeyStore,
+                 key_limits: KeyLimiter) -> None:
         self.gateway_id = gateway_id
         self.registry = registry
         self.queue = queue
@@ -89,11 +97,18 @@ class GatewayService:
         self.limits = limits
         self.streams = StreamLimiter(max_streams)
         self.max_queued_per_model = max_queued_per_model
+        self.api_keys = api_keys
+        self.key_limits = key_limits
         self._cleanups: set[asyncio.Task[None]] = set()
 
-    async def generate(self, inp: GenerationInput, *, started: float,
+    def authenticate(self, presented_key: str | None) -> Caller:
+        """The caller a call's API key names (every call is OPEN without a key file)."""
+        return self.api_keys.authenticate(presented_key)
+
+    async def generate(self, inp: GenerationInput, *, caller: Caller = OPEN, started: float,
                        timeout_s: float | None) -> AsyncIterator[Chunk]:
-        """Admit, enqueue and relay one request; `inp.request_id` must already be set.
+        """Admit, enqueue and relay one request; `inp.request_id` must already be set (the
+        caller's own id: it is scoped to the caller's tenant here).
 
         `started` is the RPC's arrival (time.monotonic()), `timeout_s` what is left of its
         deadline. Ends after the chunk with a finish_reason; raises DeadlineExceededError
@@ -102,25 +117,31 @@ class GatewayService:
         """
         self.streams.acquire()
         metrics.STREAMS_ACTIVE.inc()
+        slot: str | None = None
         try:
             check_fields(inp, self.limits)
+            caller.check_priority(inp.priority)
+            client_id = inp.request_id
+            inp = dataclasses.replace(inp, request_id=bind_request_id(caller.scope(client_id)))
+            slot = await self.key_limits.admit(caller)
             model = await self.registry.resolve(inp.model)
             admitted = await asyncio.to_thread(
                 prepare, inp, model.meta, model.tokenizer, self.limits)
             check_capabilities(admitted.params, model.workers)
-            progress = _Progress(model.meta.name, started, len(admitted.prompt_ids))
+            progress = _Progress(model.meta.name, started, len(admitted.prompt_ids), client_id)
             deadline = None if timeout_s is None else started + timeout_s
             if deadline is not None and deadline <= time.monotonic():
                 raise DeadlineExceededError("the deadline passed before the request was queued")
             sub = self.relay.subscribe(inp.request_id)
             try:
-                await self._enqueue(inp, progress.model, admitted, deadline)
+                await self._enqueue(inp, progress.model, admitted, deadline, caller.tenant)
             except BaseException as exc:
                 self.relay.unsubscribe(inp.request_id)
                 if isinstance(exc, asyncio.CancelledError):  # it may be queued already
                     self._spawn_cancel(progress.model, inp.request_id)
                 raise
             metrics.PROMPT_TOKENS.labels(progress.model).inc(progress.prompt_tokens)
+            self._spawn(self.key_limits.charge(caller, progress.prompt_tokens), "charge")
             output = OutputProcessor(model.tokenizer, admitted.prompt_ids, admitted.params.stop)
             try:
                 async for chunk in self._relay(sub, output, inp, progress, deadline):
@@ -132,36 +153,40 @@ class GatewayService:
                 self.relay.unsubscribe(inp.request_id)
                 if not sub.finished:
                     self._spawn_cancel(progress.model, inp.request_id)
+                self._spawn(self.key_limits.charge(caller, sub.next_index), "charge")
                 metrics.REQUESTS.labels(progress.model, progress.end).inc()
         finally:
-            self.streams.release()
-            metrics.STREAMS_ACTIVE.dec()
+            self._release(caller, slot)
 
-    async def resume(self, request_id: str, next_index: int, *, started: float,
-                     timeout_s: float | None) -> AsyncIterator[Chunk]:
+    async def resume(self, request_id: str, next_index: int, *, caller: Caller = OPEN,
+                     started: float, timeout_s: float | None) -> AsyncIterator[Chunk]:
         """Continue the stream of a request another gateway streamed (that gateway died):
         its events come here from now on, and every chunk from completion index
         `next_index` on is yielded exactly once, with the text continuing exactly where the
-        client's ends. Ends and fails as `generate`."""
+        client's ends. A caller resumes only its own tenant's requests. Ends and fails as
+        `generate`."""
         if not request_id:
             raise InvalidRequestError("request_id", "is required: the id of the request to "
                                       "resume")
         check_request_id(request_id)
+        client_id, request_id = request_id, bind_request_id(caller.scope(request_id))
         self.streams.acquire()
         metrics.STREAMS_ACTIVE.inc()
+        slot: str | None = None
         try:
+            slot = await self.key_limits.admit(caller)
             sub = self.relay.subscribe(request_id, start=next_index)  # before adopting
             streaming = ""  # the model, once the stream is under way
             try:
                 adopted = await self.queue.adopt(request_id, self.gateway_id)
                 if adopted is None:
                     raise RequestNotFoundError(
-                        f"request {request_id!r} is unknown: never sent, or finished longer "
+                        f"request {client_id!r} is unknown: never sent, or finished longer "
                         "ago than the workers keep finished streams (--stream-retention-s)")
                 req, tokens = adopted.request, adopted.tokens
                 if next_index > len(tokens):
                     raise InvalidRequestError(
-                        "next_index", f"request {request_id} has {len(tokens)} tokens so far; "
+                        "next_index", f"request {client_id} has {len(tokens)} tokens so far; "
                         f"ask for at most {len(tokens)}")
                 model = await self.registry.resolve(req.model)
                 output = OutputProcessor(model.tokenizer, req.prompt_ids, req.params.stop)
@@ -169,7 +194,7 @@ class GatewayService:
                     output.add(token)
                 inp = GenerationInput(req.model, PromptInput(token_ids=req.prompt_ids),
                                       req.params, req.priority, request_id)
-                progress = _Progress(model.meta.name, started, len(req.prompt_ids))
+                progress = _Progress(model.meta.name, started, len(req.prompt_ids), client_id)
                 deadline = _request_deadline(req.deadline_ms, started, timeout_s)
                 follow = asyncio.create_task(self._follow_published(sub, request_id),
                                              name=f"follow {request_id}")
@@ -184,9 +209,11 @@ class GatewayService:
                 self.relay.unsubscribe(request_id)
                 if streaming and not sub.finished:  # the client left: as for Generate
                     self._spawn_cancel(streaming, request_id)
+                if streaming:
+                    self._spawn(self.key_limits.charge(caller, sub.next_index - next_index),
+                                "charge")
         finally:
-            self.streams.release()
-            metrics.STREAMS_ACTIVE.dec()
+            self._release(caller, slot)
 
     async def _follow_published(self, sub: Subscription, request_id: str) -> None:
         """Offer a resumed stream what the workers published: until its worker sends the
@@ -208,14 +235,14 @@ class GatewayService:
             await asyncio.sleep(FOLLOW_INTERVAL_S)
 
     async def _enqueue(self, inp: GenerationInput, model: str, admitted: Admitted,
-                       deadline: float | None) -> None:
+                       deadline: float | None, tenant: str) -> None:
         now = time.time()
         deadline_ms = 0 if deadline is None else int(
             (now + deadline - time.monotonic()) * 1000)
         request = QueuedRequest(
             request_id=inp.request_id, model=model, gateway_id=self.gateway_id,
             prompt_ids=admitted.prompt_ids, params=admitted.params, priority=inp.priority,
-            enqueue_ms=int(now * 1000), deadline_ms=deadline_ms)
+            enqueue_ms=int(now * 1000), deadline_ms=deadline_ms, tenant=tenant)
         await self.queue.enqueue(request, self.max_queued_per_model)
 
     async def _relay(self, sub: Subscription, output: OutputProcessor, inp: GenerationInput,
@@ -251,7 +278,7 @@ class GatewayService:
     def _chunk(self, event: ReplyEvent, output: OutputProcessor, sub: Subscription,
                inp: GenerationInput, progress: _Progress) -> Chunk:
         now = time.monotonic()
-        chunk = Chunk(request_id=inp.request_id,
+        chunk = Chunk(request_id=progress.client_id,
                       index=event.index if event.index >= 0 else sub.next_index)
         finish, completion_tokens = event.finish_reason, event.completion_tokens
         if event.token_id >= 0:
@@ -282,13 +309,25 @@ class GatewayService:
         return chunk
 
     def _spawn_cancel(self, model: str, request_id: str) -> None:
-        async def cancel() -> None:
-            try:
-                await self.queue.cancel(model, request_id)
-            except UnavailableError as exc:
-                log.warning("could not cancel %s: %s", request_id, exc)
+        self._spawn(self.queue.cancel(model, request_id), f"cancel {request_id}")
 
-        task = asyncio.get_running_loop().create_task(cancel(), name=f"cancel {request_id}")
+    def _release(self, caller: Caller, slot: str | None) -> None:
+        """A stream ended: free its gateway-wide and its API key's slot."""
+        self.streams.release()
+        metrics.STREAMS_ACTIVE.dec()
+        if slot is not None:
+            self._spawn(self.key_limits.release(caller, slot), f"release {caller.name}")
+
+    def _spawn(self, work: Coroutine[Any, Any, Any], what: str) -> None:
+        """Run a stream's cleanup (cancel, charge, release) in the background, so it survives
+        the stream's own cancellation; `drain` waits for them at shutdown."""
+        async def run() -> None:
+            try:
+                await work
+            except UnavailableError as exc:
+                log.warning("%s failed: %s", what, exc)
+
+        task = asyncio.get_running_loop().create_task(run(), name=what)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
@@ -316,12 +355,15 @@ class GatewayService:
                                          self.registry.workers(name), depths[name]))
         return listings
 
-    async def cancel(self, request_id: str) -> bool:
-        """Cancel a queued or running request by id; False when it is unknown or done."""
+    async def cancel(self, request_id: str, tenant: str = "", *,
+                     caller: Caller = OPEN) -> bool:
+        """Cancel a queued or running request of the caller's tenant (an admin: of `tenant`)
+        by id; False when it is unknown or done, or another tenant's."""
         if not request_id:
             raise InvalidRequestError("request_id", "is required: the id of the request to cancel")
         check_request_id(request_id)
-        return await self.queue.cancel_by_id(request_id)
+        return await self.queue.cancel_by_id(
+            caller.scope(request_id, caller.tenant_for_cancel(tenant)))
 
 
 def _worker_error(request_id: str, event: ReplyEvent) -> RemoteError:

@@ -49,7 +49,8 @@ async def test_an_unexpected_exception_is_internal_with_the_request_id_and_logge
         caplog: pytest.LogCaptureFixture) -> None:
     seen: list[str] = []
 
-    async def broken(self: GatewayService, request_id: str) -> bool:
+    async def broken(self: GatewayService, request_id: str, tenant: str = "",
+                     **_: object) -> bool:
         seen.append(REQUEST_ID.get())
         raise RuntimeError("secret internals")
 

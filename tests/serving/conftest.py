@@ -185,11 +185,12 @@ def serving(target: str, models: dict[str, int], services: Sequence[Service], ti
             service.stop()
 
 
-def served(target: str, expected: dict[str, int]) -> Callable[[], bool]:
+def served(target: str, expected: dict[str, int], api_key: str | None = None
+           ) -> Callable[[], bool]:
     """A condition for wait_until: the gateway lists each model with at least n workers."""
     def check() -> bool:
         try:
-            with GenerationClient(target, timeout=2) as client:
+            with GenerationClient(target, timeout=2, api_key=api_key) as client:
                 models = {m.name: len(m.workers) for m in client.list_models().models}
         except grpc.RpcError:  # the gateway may not listen yet
             return False
@@ -200,16 +201,19 @@ def served(target: str, expected: dict[str, int]) -> Callable[[], bool]:
 
 @contextmanager
 def one_of_each(redis_url: str, model_dir: Path, model: str, log_dir: Path,
-                *worker_flags: str) -> Iterator[Fleet]:
-    """A fleet of its own: one gateway and one worker of `model`, stopped on exit."""
+                *worker_flags: str, gateway_flags: Sequence[str] = (),
+                api_key: str | None = None) -> Iterator[Fleet]:
+    """A fleet of its own: one gateway and one worker of `model`, stopped on exit (`api_key`:
+    the one to check it with, for a gateway given --api-keys)."""
     fl = Fleet(redis_url, f"{model}-{uuid.uuid4().hex[:8]}:", f"127.0.0.1:{free_port()}",
                "", 0, log_dir)
     try:
-        fl.services.append(start_service("gateway", fl.gateway_args(fl.gateway), log_dir))
+        fl.services.append(start_service("gateway", fl.gateway_args(
+            fl.gateway, *gateway_flags), log_dir))
         fl.services.append(start_service("worker", fl.worker_args(
             model_dir, model, *worker_flags), log_dir))
-        wait_until(served(fl.gateway, {model: 1}), 150, f"the {model} fleet did not come up",
-                   fl.services)
+        wait_until(served(fl.gateway, {model: 1}, api_key), 150,
+                   f"the {model} fleet did not come up", fl.services)
         yield fl
     finally:
         for service in fl.services:
