@@ -3,18 +3,39 @@ to fix when Redis refuses npuserve's credentials."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+import re
+
+SECRET_OPTIONS = ("password", "sentinel_password", "ssl_password")
+"""Query-string options whose values are secrets."""
+_SECRET_QUERY = re.compile(rf"([?&](?:{'|'.join(SECRET_OPTIONS)})=)[^&#]*", re.IGNORECASE)
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ***, fit for logs and client messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL with any password replaced by ***, fit for logs and client messages.
+
+    Works on every form npuserve takes (redis://, rediss://, unix://, redis+sentinel:// with
+    several hosts) and on malformed ones, never raising: a password holding characters a
+    URL should have escaped ('/', '?', '#', '@') is redacted too."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _SECRET_QUERY.sub(r"\1***", url)
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        userinfo, host = authority.rsplit("@", 1)
+        rest = _hide_password(userinfo) + "@" + host + rest[len(authority):]
+    elif "@" in rest:
+        # the authority ended early: a raw '/', '?' or '#' in a password, or an '@' further
+        # on (in a path or an option); a port (digits after the colon) means the latter
+        userinfo, tail = rest.rsplit("@", 1)
+        before, colon, after = authority.partition(":")
+        if colon and not after.isdigit():
+            rest = f"{before}:***@{tail}"
+    return _SECRET_QUERY.sub(r"\1***", f"{scheme}://{rest}")
+
+
+def _hide_password(userinfo: str) -> str:
+    user, colon, _ = userinfo.partition(":")
+    return f"{user}:***" if colon else userinfo
 
 
 def refused_credentials(url: str, exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from common import scripts
 from common.errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
 from common.keys import GATEWAY_TTL_S, REPLIES_TTL_S, Keys, queue_score
 from common.protocol import QueuedRequest, ReplyEvent, decode_events, encode_events
+from common.redis_client import connect_async
 from common.redis_credentials import redact, refused_credentials
 
 CONNECT_TIMEOUT_S = 0.8
@@ -33,11 +34,11 @@ REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, O
 def connect(url: str, *, read_timeout_s: float = 2.0,
             password: str | None = None) -> aioredis.Redis:
     """A client that fails fast: short connect timeout, one quick retry, decoded strings;
-    `password` (RedisConfig.password()) overrides the URL's."""
-    extra: dict[str, Any] = {} if password is None else {"password": password}
-    return aioredis.Redis.from_url(
+    `password` (RedisConfig.password()) overrides the URL's. Any URL form of
+    common.redis_client, a sentinel URL among them."""
+    return connect_async(
         url,
-        **extra,
+        password=password,
         decode_responses=True,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=read_timeout_s,

@@ -5,8 +5,10 @@ Workers append one stream entry per engine step holding events of many requests.
 carries its index in the completion, so the relay delivers index k only after k-1, holds
 early ones back, and drops duplicates (a request resumed on another worker re-sends tokens).
 A token-less final event (index -1) is delivered once all `completion_tokens` tokens before it
-have been. When Redis goes away the reader reconnects by itself with exponential backoff;
-after `outage_grace_s` without Redis the waiting streams fail with UNAVAILABLE.
+have been. When Redis goes away the reader reconnects by itself with exponential backoff (at
+most half a second apart, so a Sentinel failover is over for it soon after the new master
+takes writes); after `outage_grace_s` without Redis the waiting streams fail with
+UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class ReplyRelay:
         while True:
             retrying = AsyncRetrying(
                 retry=retry_if_exception_type(REDIS_DOWN),
-                wait=wait_exponential_jitter(multiplier=0.05, max=2.0, jitter=0.1),
+                wait=wait_exponential_jitter(multiplier=0.05, max=0.5, jitter=0.1),
                 before_sleep=self._on_outage,
                 reraise=True,
             )

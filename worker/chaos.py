@@ -171,9 +171,10 @@ def _stream(client: Any, outcome: Outcome, messages: Any) -> None:
             outcome.finish = str(message.finish_reason)
 
 
-def _run_one(clients: list[Any], outcome: Outcome, prompt: list[int], first: int,
-             max_tokens: int, deadline: float) -> None:
-    """One request to its end, resuming at the other gateway when its stream breaks."""
+def run_one(clients: list[Any], outcome: Outcome, prompt: list[int], first: int,
+            max_tokens: int, deadline: float, model: str = MODEL) -> None:
+    """One greedy request to its end through `clients` (two: the gateways, or one twice),
+    resuming at the other when its stream breaks, sending it again when it never got in."""
     import grpc
 
     from protos import npuserve_pb2 as pb
@@ -185,7 +186,7 @@ def _run_one(clients: list[Any], outcome: Outcome, prompt: list[int], first: int
             if not sent:
                 sent = True
                 _stream(client, outcome, client.generate(
-                    prompt, model=MODEL, max_tokens=max_tokens, ignore_eos=True,
+                    prompt, model=model, max_tokens=max_tokens, ignore_eos=True,
                     sampling=pb.SamplingParameters(temperature=0),
                     request_id=outcome.request_id))
             else:
@@ -261,8 +262,8 @@ def _experiment(args: argparse.Namespace, stack: Stack, prompts: list[list[int]]
             outcome = Outcome(f"chaos-{n}", n % len(prompts))
             with lock:
                 outcomes.append(outcome)
-            _run_one(clients, outcome, prompts[outcome.prompt], n % 2, args.max_tokens,
-                     stop_load + 120)
+            run_one(clients, outcome, prompts[outcome.prompt], n % 2, args.max_tokens,
+                    stop_load + 120)
 
     load_done = threading.Event()
     failed_restarts: list[str] = []
@@ -344,8 +345,9 @@ def _wait_serving(clients: list[Any], workers: int, stack: Stack) -> None:
     raise SystemExit("npuserve chaos: the stack did not come up within 300 s")
 
 
-def _report(args: argparse.Namespace, outcomes: list[Outcome], reference: list[list[int]],
-            events: list[tuple[float, str]], start: float) -> dict[str, Any]:
+def tally(outcomes: list[Outcome], reference: list[list[int]]) -> dict[str, Any]:
+    """Tokens expected, received, lost, duplicated and mismatched against the calm run's
+    completions (`reference`, by prompt), errors, resumes and the streams' stalls."""
     lost = duplicated = mismatched = expected = received = 0
     stalls = []
     for o in outcomes:
@@ -359,14 +361,19 @@ def _report(args: argparse.Namespace, outcomes: list[Outcome], reference: list[l
     stalls.sort()
     p99 = stalls[min(len(stalls) - 1, int(0.99 * len(stalls)))] if stalls else 0.0
     return {
+        "requests": len(outcomes), "tokens_expected": expected,
+        "tokens_received": received, "lost": lost, "duplicated": duplicated,
+        "mismatched": mismatched, "errors": sum(1 for o in outcomes if o.error),
+        "resumes": sum(o.resumes for o in outcomes),
+        "longest_stall_s": stalls[-1] if stalls else 0.0, "stall_p99_s": p99,
+    }
+
+
+def _report(args: argparse.Namespace, outcomes: list[Outcome], reference: list[list[int]],
+            events: list[tuple[float, str]], start: float) -> dict[str, Any]:
+    return {
         "config": {k: v for k, v in vars(args).items() if k != "handler"},
-        "summary": {
-            "requests": len(outcomes), "tokens_expected": expected,
-            "tokens_received": received, "lost": lost, "duplicated": duplicated,
-            "mismatched": mismatched, "errors": sum(1 for o in outcomes if o.error),
-            "resumes": sum(o.resumes for o in outcomes),
-            "longest_stall_s": stalls[-1] if stalls else 0.0, "stall_p99_s": p99,
-        },
+        "summary": tally(outcomes, reference),
         "faults": [{"at_s": round(t, 2), "fault": f} for t, f in events],
         "errors": [{"request_id": o.request_id, "error": o.error} for o in outcomes
                    if o.error],

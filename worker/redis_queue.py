@@ -29,6 +29,7 @@ from common.config import RedisConfig
 from common.errors import UnavailableError
 from common.keys import REPLIES_TTL_S, Keys
 from common.protocol import ReplyEvent, encode_events
+from common.redis_client import connect_sync
 from common.redis_credentials import redact, refused_credentials
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ REPLIES_MAXLEN = 100_000
 CLAIM_SCAN = 256
 """Queued ids one claim examines at most: past this many requests too long for the worker,
 it claims nothing this round, which bounds the script's time in Redis."""
+RETRY_MAX_WAIT_S = 0.5
+"""Longest pause between two attempts: a Sentinel failover (about 2 s) is noticed within
+half a second of the new master taking writes, not a doubled backoff later."""
 TOKENS_TTL_S = 3600
 """toks:{id} outlives its last append by this much, so a request whose hash expired while
 queued leaves nothing behind."""
@@ -106,11 +110,9 @@ class RedisQueue:
 
         Retries stop at half a lease: past that, a lease renewed a third of a lease ago
         could expire, and another worker may already be resuming the request."""
-        password = config.password()
-        extra = {} if password is None else {"password": password}
-        client = redis.Redis.from_url(config.url, **extra, decode_responses=True,
-                                      socket_timeout=5.0,
-                                      socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
+        client = connect_sync(config.url, password=config.password(),
+                              decode_responses=True, socket_timeout=5.0,
+                              socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
         try:
             client.ping()
         except redis.AuthenticationError as exc:
@@ -124,7 +126,7 @@ class RedisQueue:
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         retrying = Retrying(
             retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
-            wait=wait_exponential(multiplier=0.05, max=2.0),
+            wait=wait_exponential(multiplier=0.05, max=RETRY_MAX_WAIT_S),
             stop=stop_after_delay(self.retry_s),
             before_sleep=lambda state: log.warning(
                 "redis %s failed (%r); retry %d in %.2fs", what,

@@ -1,0 +1,188 @@
+"""Every Redis client npuserve opens is built here, from one URL, sync or asyncio alike.
+
+URL forms (`--redis`, NPUSERVE_REDIS_URL):
+
+- `redis://[USER@]HOST[:PORT][/DB]`: plain TCP;
+- `rediss://[USER@]HOST[:PORT][/DB][?ssl_ca_certs=CA.pem]`: TLS, with the options redis-py
+  reads from the query string: `ssl_ca_certs`, `ssl_certfile` and `ssl_keyfile` (a client
+  certificate), `ssl_cert_reqs=none|optional|required`, `ssl_check_hostname=false`;
+- `unix:///PATH/redis.sock[?db=N]`: a local socket;
+- `redis+sentinel://[USER@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB][?...]`: the current master
+  of SERVICE, as the sentinels at those addresses name it (port 26379 when left out);
+  `rediss+sentinel://` speaks TLS to the sentinels and to the master, with the same options.
+
+The password (`RedisConfig.password()`: `--redis-password-file` or NPUSERVE_REDIS_PASSWORD)
+goes to the data connections, with the URL's user; it never needs to be in the URL.
+Sentinels are asked without a password unless NPUSERVE_REDIS_SENTINEL_PASSWORD gives theirs
+(`RedisConfig.sentinel_password()`).
+
+A client of a sentinel URL asks the sentinels for the master on every new connection; a
+connection that finds the master gone (a connection error) or demoted (READONLY) is dropped,
+and the caller's retry reconnects to whichever server the sentinels promoted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+import redis.asyncio as aioredis
+import redis.asyncio.sentinel as aiosentinel
+import redis.sentinel
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+from common.config import RedisConfig
+from common.errors import InvalidRequestError
+
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+"""Sentinel URL schemes -> whether they use TLS."""
+SENTINEL_PORT = 26379
+SENTINEL_TIMEOUT_S = 1.0
+"""Reply timeout of one question to one sentinel: a hung sentinel costs this, then the next
+one is asked."""
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """A parsed `redis+sentinel://` URL."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    """The master's name in the sentinels' configuration (`sentinel monitor NAME ...`)."""
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    """A password written in the URL (better given by file or environment)."""
+    tls: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Query-string connection options (ssl_ca_certs, ...), typed as redis-py types them."""
+
+
+def is_sentinel(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in SENTINEL_SCHEMES
+
+
+def _bad(url: str, why: str) -> InvalidRequestError:
+    from common.redis_credentials import redact
+
+    return InvalidRequestError("redis", f"{why} in {redact(url)!r}; a sentinel URL reads "
+                               "redis+sentinel://[USER@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]")
+
+
+def _host_port(url: str, item: str) -> tuple[str, int]:
+    if item.startswith("["):  # [IPv6]:port
+        host, _, rest = item[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
+    if not host:
+        raise _bad(url, f"sentinel address {item!r} has no host")
+    try:
+        number = int(port) if port else SENTINEL_PORT
+    except ValueError:
+        raise _bad(url, f"sentinel address {item!r} has a bad port") from None
+    if not 0 < number < 65536:
+        raise _bad(url, f"sentinel address {item!r} has a bad port")
+    return unquote(host), number
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """Split a sentinel URL into its parts; InvalidRequestError naming what is wrong."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+        raise _bad(url, "not a sentinel URL")
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at:
+        userinfo, hosts = "", parts.netloc
+    user, colon, password = userinfo.partition(":")
+    sentinels = tuple(_host_port(url, h) for h in hosts.split(",") if h)
+    if not sentinels:
+        raise _bad(url, "no sentinel address")
+    path = [unquote(p) for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise _bad(url, "the path must be /SERVICE or /SERVICE/DB")
+    options: dict[str, Any] = {}
+    for name, values in parse_qs(parts.query).items():
+        parser = cast(Callable[[str], Any] | None, URL_QUERY_ARGUMENT_PARSERS.get(name))
+        try:
+            options[name] = parser(values[0]) if parser else values[0]
+        except (TypeError, ValueError):
+            raise _bad(url, f"option {name} has a bad value") from None
+    try:
+        db = int(path[1]) if len(path) == 2 else int(options.pop("db", 0))
+    except ValueError:
+        raise _bad(url, "the database must be a number") from None
+    return SentinelTarget(sentinels, path[0], db, unquote(user) or None,
+                          unquote(password) if colon else None,
+                          SENTINEL_SCHEMES[scheme.lower()], options)
+
+
+def _sentinel_args(target: SentinelTarget, password: str | None, options: dict[str, Any]
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(keyword arguments of the master's connections, those of the sentinels')."""
+    sentinel_password = RedisConfig.sentinel_password()
+    ssl = {k: v for k, v in target.options.items() if k.startswith("ssl_")}
+    master: dict[str, Any] = {**target.options, **options, "db": target.db}
+    if target.username:
+        master["username"] = target.username
+    if password is not None or target.password is not None:
+        master["password"] = password if password is not None else target.password
+    sentinels: dict[str, Any] = {
+        "socket_connect_timeout": options.get("socket_connect_timeout", SENTINEL_TIMEOUT_S),
+        "socket_timeout": SENTINEL_TIMEOUT_S, "decode_responses": True}
+    if sentinel_password is not None:
+        sentinels["password"] = sentinel_password
+    if target.tls:
+        master["ssl"] = True
+        sentinels.update(ssl, ssl=True)
+    return master, sentinels
+
+
+class _SentinelRedis(redis.Redis):
+    """A master's client that also closes its connections to the sentinels."""
+
+    def close(self) -> None:
+        super().close()
+        cast(Any, self.connection_pool).sentinel_manager.close()
+
+
+class _AsyncSentinelRedis(aioredis.Redis):
+    """The asyncio master's client that also closes its connections to the sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        await cast(Any, self.connection_pool).sentinel_manager.aclose()
+
+
+def connect_sync(url: str, *, password: str | None = None, **options: Any) -> redis.Redis:
+    """A synchronous client of `url` (any form above); `password` overrides the URL's;
+    `options` are redis-py connection options (timeouts, retry, decode_responses)."""
+    if not is_sentinel(url):
+        extra: dict[str, Any] = {} if password is None else {"password": password}
+        return redis.Redis.from_url(url, **extra, **options)
+    target = parse_sentinel_url(url)
+    master, sentinels = _sentinel_args(target, password, options)
+    manager: Any = redis.sentinel.Sentinel
+    client: redis.Redis = manager(list(target.sentinels), sentinel_kwargs=sentinels
+                                  ).master_for(target.service, redis_class=_SentinelRedis,
+                                               **master)
+    return client
+
+
+def connect_async(url: str, *, password: str | None = None,
+                  **options: Any) -> aioredis.Redis:
+    """The asyncio client of `url`, as `connect_sync` builds the synchronous one."""
+    if not is_sentinel(url):
+        extra: dict[str, Any] = {} if password is None else {"password": password}
+        return aioredis.Redis.from_url(url, **extra, **options)
+    target = parse_sentinel_url(url)
+    master, sentinels = _sentinel_args(target, password, options)
+    manager: Any = aiosentinel.Sentinel
+    client: aioredis.Redis = manager(list(target.sentinels), sentinel_kwargs=sentinels
+                                     ).master_for(target.service,
+                                                  redis_class=_AsyncSentinelRedis, **master)
+    return client
