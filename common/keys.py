@@ -1,22 +1,28 @@
 """Every Redis key npuserve uses, in one place, under one configurable prefix.
 
-| key                     | type   | holds                                                     |
-| ----------------------- | ------ | --------------------------------------------------------- |
-| q:{model}               | ZSET   | queued request ids; score = priority * 1e13 - enqueue_ms  |
-| req:{id}                | HASH   | the request: payload (JSON), model, gateway, score, ...   |
-|                         |        | once finished, `final` (its last event), kept a while     |
-| toks:{id}               | LIST   | tokens already published, so a re-queued request resumes  |
-|                         |        | (and a client resumes its stream at another gateway)      |
-| lease:{model}           | ZSET   | claimed request ids; score = lease expiry (ms)            |
-| replies:{gateway}       | STREAM | token events for every request of one gateway             |
-| cancel:{id}             | STRING | present (with a TTL) once a running request is cancelled  |
-| wake:{model}            | LIST   | a nudge per enqueue, so idle workers block instead of poll |
-| worker:{id}             | HASH   | a worker's registration; expires unless heartbeated       |
-| workers                 | ZSET   | worker ids; score = last heartbeat (ms)                   |
-| model:{model}           | HASH   | tokenizer files and limits, published by its workers      |
-| gateway:{id}            | HASH   | a gateway's registration; expires unless heartbeated      |
-| kstreams:{key}          | ZSET   | an API key's open streams, fleet-wide; score = expiry (ms) |
-| ktokens:{key}:{minute}  | STRING | tokens an API key was charged in one minute (unix min)    |
+Names in braces are Redis Cluster hash tags: every key of one model's queue and of the
+requests queued for it hashes to one slot ({model}), so each script and transaction touches
+one slot; so do an API key's counters ({key}) and a gateway's registration and reply stream
+({gateway}). Different models, gateways and API keys spread over a cluster's shards.
+
+| key                        | type   | holds                                                    |
+| -------------------------- | ------ | -------------------------------------------------------- |
+| q:{model}                  | ZSET   | queued request ids; score = priority * 1e13 - enqueue_ms |
+| req:{model}:ID             | HASH   | the request: payload (JSON), model, gateway, score, ...  |
+|                            |        | once finished, `final` (its last event), kept a while    |
+| toks:{model}:ID            | LIST   | tokens already published, so a re-queued request resumes |
+|                            |        | (and a client resumes its stream at another gateway)     |
+| cancel:{model}:ID          | STRING | present (with a TTL) once a running request is cancelled |
+| rid:ID                     | STRING | the model of request ID (Cancel and Resume name only ID) |
+| lease:{model}              | ZSET   | claimed request ids; score = lease expiry (ms)           |
+| wake:{model}               | LIST   | a nudge per enqueue, so idle workers block, not poll     |
+| replies:{gateway}          | STREAM | token events for every request of one gateway            |
+| gateway:{gateway}          | HASH   | a gateway's registration; expires unless heartbeated     |
+| worker:ID                  | HASH   | a worker's registration; expires unless heartbeated      |
+| workers                    | ZSET   | worker ids; score = last heartbeat (ms)                  |
+| model:NAME                 | HASH   | tokenizer files and limits, published by its workers     |
+| kstreams:{key}             | ZSET   | an API key's open streams, fleet-wide; score = expiry    |
+| ktokens:{key}:MINUTE       | STRING | tokens an API key was charged in one minute (unix min)   |
 """
 
 from __future__ import annotations
@@ -29,25 +35,31 @@ class Keys:
     prefix: str = "npuserve:"
 
     def queue(self, model: str) -> str:
-        return f"{self.prefix}q:{model}"
+        return f"{self.prefix}q:{{{model}}}"
 
-    def request(self, request_id: str) -> str:
-        return f"{self.prefix}req:{request_id}"
+    def request(self, model: str, request_id: str) -> str:
+        return f"{self.prefix}req:{{{model}}}:{request_id}"
 
-    def tokens(self, request_id: str) -> str:
-        return f"{self.prefix}toks:{request_id}"
+    def tokens(self, model: str, request_id: str) -> str:
+        return f"{self.prefix}toks:{{{model}}}:{request_id}"
+
+    def cancel(self, model: str, request_id: str) -> str:
+        return f"{self.prefix}cancel:{{{model}}}:{request_id}"
+
+    def request_model(self, request_id: str) -> str:
+        return f"{self.prefix}rid:{request_id}"
 
     def leases(self, model: str) -> str:
-        return f"{self.prefix}lease:{model}"
-
-    def replies(self, gateway_id: str) -> str:
-        return f"{self.prefix}replies:{gateway_id}"
-
-    def cancel(self, request_id: str) -> str:
-        return f"{self.prefix}cancel:{request_id}"
+        return f"{self.prefix}lease:{{{model}}}"
 
     def wake(self, model: str) -> str:
-        return f"{self.prefix}wake:{model}"
+        return f"{self.prefix}wake:{{{model}}}"
+
+    def replies(self, gateway_id: str) -> str:
+        return f"{self.prefix}replies:{{{gateway_id}}}"
+
+    def gateway(self, gateway_id: str) -> str:
+        return f"{self.prefix}gateway:{{{gateway_id}}}"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}worker:{worker_id}"
@@ -58,14 +70,16 @@ class Keys:
     def model(self, model: str) -> str:
         return f"{self.prefix}model:{model}"
 
-    def gateway(self, gateway_id: str) -> str:
-        return f"{self.prefix}gateway:{gateway_id}"
-
     def key_streams(self, key_name: str) -> str:
-        return f"{self.prefix}kstreams:{key_name}"
+        return f"{self.prefix}kstreams:{{{key_name}}}"
 
     def key_tokens(self, key_name: str, minute: int) -> str:
-        return f"{self.prefix}ktokens:{key_name}:{minute}"
+        return f"{self.prefix}ktokens:{{{key_name}}}:{minute}"
+
+    def request_keys(self, model: str, request_id: str) -> list[str]:
+        """req, toks and cancel of one request: what CLAIM, REAP and REQUEUE take per id."""
+        return [self.request(model, request_id), self.tokens(model, request_id),
+                self.cancel(model, request_id)]
 
 
 GATEWAY_TTL_S = 6

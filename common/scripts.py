@@ -1,8 +1,11 @@
 """The multi-step queue operations, each one atomic Lua script.
 
-Scripts take explicit KEYS where the key is known up front; per-request keys reached while
-popping (req:, toks:, cancel:) are built inside the script from the prefix, so npuserve runs on
-one Redis (or a primary with replicas), not on Redis Cluster.
+Every key a script touches is passed in KEYS, and all of them carry one hash tag (the
+model's, or an API key's), so each script runs within one Redis Cluster slot. Where a
+script works on requests it cannot know in advance (CLAIM pops what is queued, REAP what is
+leased), the caller first reads the candidate ids and passes each one's keys; the script
+checks each candidate is still where it was read before acting on it. Liveness of gateways
+and workers (keys in other slots) is read by the caller and passed as ARGV.
 """
 
 from __future__ import annotations
@@ -41,58 +44,62 @@ return 1
 """1 queued, 0 queue full, -1 the id is already in flight."""
 
 CLAIM = """
--- KEYS: queue, leases
--- ARGV: n, now_ms, lease_ms, worker_id, prefix, max_len, room, scan, lacks
--- Leases up to n requests, highest score first, that this worker can start now:
+-- KEYS: queue, leases, then req, toks, cancel of each candidate
+-- ARGV: n, now_ms, lease_ms, worker_id, max_len, room, lacks, n_dead, dead gateway..., id...
+-- Leases up to n of the candidate ids (the queue's head, highest score first, as the caller
+-- read it), skipping any no longer queued, that this worker can start now:
 --  * a request whose prompt + max_tokens (ctx) exceeds max_len, or that asks for a sampling
 --    feature this worker's backend lacks (its `needs` mask meets `lacks`), stays queued for
 --    another worker (skipped, so it blocks no one);
 --  * the KV room is counted down by each request's prompt, already published tokens and one
 --    more; the first request that does not fit ends the claim (it is not overtaken);
---  * cancelled or expired requests, and those whose gateway's registration expired (nobody
+--  * cancelled or expired requests, and those of a gateway the caller found dead (nobody
 --    reads their streams), are removed and returned too, marked, so their streams get a
 --    final event (not counted in n).
--- At most `scan` queued ids are examined, which bounds the script's time.
 local out = {}
 local n, now, taken = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
-local max_len, room, lacks = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[9])
-local ids = redis.call('ZREVRANGE', KEYS[1], 0, tonumber(ARGV[8]) - 1)
-for _, id in ipairs(ids) do
+local max_len, room, lacks = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local n_dead = tonumber(ARGV[8])
+local dead = {}
+for i = 9, 8 + n_dead do dead[ARGV[i]] = true end
+for i = 9 + n_dead, #ARGV do
   if taken >= n then break end
-  local req = ARGV[5] .. 'req:' .. id
-  local toks = ARGV[5] .. 'toks:' .. id
-  local fields = redis.call('HGETALL', req)
-  if #fields == 0 then
-    redis.call('ZREM', KEYS[1], id)
-  else
-    local deadline = tonumber(redis.call('HGET', req, 'deadline_ms') or '0') or 0
-    local gateway = redis.call('HGET', req, 'gateway') or ''
-    local dropped = ''
-    if redis.call('EXISTS', ARGV[5] .. 'cancel:' .. id) == 1 then
-      dropped = 'cancelled'
-    elseif deadline > 0 and deadline <= now then
-      dropped = 'deadline'
-    elseif redis.call('EXISTS', ARGV[5] .. 'gateway:' .. gateway) == 0 then
-      dropped = 'orphaned'
-    end
-    if dropped ~= '' then
+  local id = ARGV[i]
+  local base = 3 + 3 * (i - 9 - n_dead)
+  local req, toks, cancel = KEYS[base], KEYS[base + 1], KEYS[base + 2]
+  if redis.call('ZSCORE', KEYS[1], id) then
+    local fields = redis.call('HGETALL', req)
+    if #fields == 0 then
       redis.call('ZREM', KEYS[1], id)
-      table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1), dropped})
-      -- the worker publishes the final event and keeps the keys for the retention
-      redis.call('DEL', ARGV[5] .. 'cancel:' .. id)
-      redis.call('EXPIRE', req, 60)
-      redis.call('EXPIRE', toks, 60)
-    elseif (tonumber(redis.call('HGET', req, 'ctx') or '0') or 0) <= max_len
-        and bit.band(tonumber(redis.call('HGET', req, 'needs') or '0') or 0, lacks) == 0 then
-      local need = (tonumber(redis.call('HGET', req, 'plen') or '0') or 0)
-                   + redis.call('LLEN', toks) + 1
-      if need > room then break end
-      room = room - need
-      redis.call('ZREM', KEYS[1], id)
-      redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), id)
-      redis.call('HSET', req, 'worker', ARGV[4])
-      table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1), ''})
-      taken = taken + 1
+    else
+      local deadline = tonumber(redis.call('HGET', req, 'deadline_ms') or '0') or 0
+      local dropped = ''
+      if redis.call('EXISTS', cancel) == 1 then
+        dropped = 'cancelled'
+      elseif deadline > 0 and deadline <= now then
+        dropped = 'deadline'
+      elseif dead[redis.call('HGET', req, 'gateway') or ''] then
+        dropped = 'orphaned'
+      end
+      if dropped ~= '' then
+        redis.call('ZREM', KEYS[1], id)
+        table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1), dropped})
+        -- the worker publishes the final event and keeps the keys for the retention
+        redis.call('DEL', cancel)
+        redis.call('EXPIRE', req, 60)
+        redis.call('EXPIRE', toks, 60)
+      elseif (tonumber(redis.call('HGET', req, 'ctx') or '0') or 0) <= max_len
+          and bit.band(tonumber(redis.call('HGET', req, 'needs') or '0') or 0, lacks) == 0 then
+        local need = (tonumber(redis.call('HGET', req, 'plen') or '0') or 0)
+                     + redis.call('LLEN', toks) + 1
+        if need > room then break end
+        room = room - need
+        redis.call('ZREM', KEYS[1], id)
+        redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), id)
+        redis.call('HSET', req, 'worker', ARGV[4])
+        table.insert(out, {id, fields, redis.call('LRANGE', toks, 0, -1), ''})
+        taken = taken + 1
+      end
     end
   end
 end
@@ -102,47 +109,53 @@ return out
 claimed request, or 'cancelled' / 'deadline' / 'orphaned' for one removed instead of run."""
 
 _HAND_BACK = """
--- Puts leased requests back in the queue with their original score; returns how many.
-local function hand_back(queue, leases, wake, prefix, ids)
-  local done = 0
-  for _, id in ipairs(ids) do
-    redis.call('ZREM', leases, id)
-    local req = prefix .. 'req:' .. id
-    local score = redis.call('HGET', req, 'score')
-    if score then
-      redis.call('HDEL', req, 'worker')
-      redis.call('ZADD', queue, score, id)
-      done = done + 1
-    end
-  end
-  if done > 0 then
-    redis.call('LPUSH', wake, '1')
-    redis.call('LTRIM', wake, 0, 63)
-  end
-  return done
+-- Puts a leased request back in the queue with its original score; true when it was.
+local function hand_back(queue, leases, req, id)
+  redis.call('ZREM', leases, id)
+  local score = redis.call('HGET', req, 'score')
+  if not score then return false end
+  redis.call('HDEL', req, 'worker')
+  redis.call('ZADD', queue, score, id)
+  return true
+end
+local function wake_workers(wake)
+  redis.call('LPUSH', wake, '1')
+  redis.call('LTRIM', wake, 0, 63)
 end
 """
 
 REQUEUE = _HAND_BACK + """
--- KEYS: queue, leases, wake   ARGV: prefix, id, ...
--- Hands a draining worker's requests back.
-return hand_back(KEYS[1], KEYS[2], KEYS[3], ARGV[1], {unpack(ARGV, 2)})
+-- KEYS: queue, leases, wake, then req of each id   ARGV: id, ...
+-- Hands a draining worker's requests back; returns how many.
+local done = 0
+for i, id in ipairs(ARGV) do
+  if hand_back(KEYS[1], KEYS[2], KEYS[3 + i], id) then done = done + 1 end
+end
+if done > 0 then wake_workers(KEYS[3]) end
+return done
 """
 
 REAP = _HAND_BACK + """
--- KEYS: leases, queue, wake   ARGV: now_ms, prefix
--- Re-queues every request whose lease expired (its worker died or stalled), and every one
--- whose worker's registration expired: a dead worker's requests go back within seconds,
--- without waiting out their leases.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local held = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
-for _, id in ipairs(held) do
-  local worker = redis.call('HGET', ARGV[2] .. 'req:' .. id, 'worker')
-  if worker and redis.call('EXISTS', ARGV[2] .. 'worker:' .. worker) == 0 then
-    table.insert(expired, id)
+-- KEYS: leases, queue, wake, then req of each candidate
+-- ARGV: now_ms, n_dead, dead worker..., id...
+-- Re-queues each candidate still leased whose lease expired (its worker died or stalled),
+-- or whose worker the caller found without a registration: a dead worker's requests go
+-- back within seconds, without waiting out their leases. Returns how many.
+local now, n_dead = tonumber(ARGV[1]), tonumber(ARGV[2])
+local dead = {}
+for i = 3, 2 + n_dead do dead[ARGV[i]] = true end
+local done = 0
+for i = 3 + n_dead, #ARGV do
+  local id = ARGV[i]
+  local req = KEYS[4 + i - 3 - n_dead]
+  local expiry = redis.call('ZSCORE', KEYS[1], id)
+  if expiry and (tonumber(expiry) <= now
+                 or dead[redis.call('HGET', req, 'worker') or '']) then
+    if hand_back(KEYS[2], KEYS[1], req, id) then done = done + 1 end
   end
 end
-return hand_back(KEYS[2], KEYS[1], KEYS[3], ARGV[2], expired)
+if done > 0 then wake_workers(KEYS[3]) end
+return done
 """
 
 CANCEL = """

@@ -104,15 +104,24 @@ class RedisQueue:
         Raises ResourceExhaustedError when the model's queue holds `max_queued` requests,
         AlreadyExistsError when the request id is still in flight.
         """
+        rid, model = request.request_id, request.model
         score = queue_score(request.priority, request.enqueue_ms)
         fields = request.to_fields(score)
-        argv: list[Any] = [request.request_id, score, max_queued, self._request_ttl_s]
+        argv: list[Any] = [rid, score, max_queued, self._request_ttl_s]
         for name, value in fields.items():
             argv += [name, value]
-        keys = [self._keys.queue(request.model), self._keys.request(request.request_id),
-                self._keys.wake(request.model), self._keys.tokens(request.request_id)]
+        keys = [self._keys.queue(model), self._keys.request(model, rid),
+                self._keys.wake(model), self._keys.tokens(model, rid)]
         async with unavailable_on_error(self._url):
-            result = int(await self._enqueue(keys=keys, args=argv))
+            # the id's model first, so a Cancel or Resume naming the id finds the request
+            before = cast(str | None, await self._r.set(
+                self._keys.request_model(rid), model, ex=self._request_ttl_s, get=True))
+            if before and before != model and await self._in_flight(before, rid):
+                await self._r.set(self._keys.request_model(rid), before,
+                                  ex=self._request_ttl_s)
+                result = -1
+            else:
+                result = int(await self._enqueue(keys=keys, args=argv))
         if result == 0:
             raise ResourceExhaustedError(
                 f"the queue of model {request.model!r} is full (--max-queued {max_queued}: at "
@@ -124,10 +133,21 @@ class RedisQueue:
                 "or Cancel that request first"
             )
 
+    async def _in_flight(self, model: str, request_id: str) -> bool:
+        """Whether request_id is queued or running for `model` (not finished or gone)."""
+        key = self._keys.request(model, request_id)
+        exists, final = await self._r.exists(key), await self._r.hexists(key, "final")
+        return bool(exists) and not final
+
+    async def model_of(self, request_id: str) -> str | None:
+        """The model a request id was sent to (None: unknown, or long gone)."""
+        async with unavailable_on_error(self._url):
+            model = await self._r.get(self._keys.request_model(request_id))
+        return str(model) if model else None
+
     async def cancel(self, model: str, request_id: str) -> int:
         """Run CANCEL: 1 removed from the queue, 2 running and flagged, 0 unknown or done."""
-        keys = [self._keys.queue(model), self._keys.request(request_id),
-                self._keys.tokens(request_id), self._keys.cancel(request_id)]
+        keys = [self._keys.queue(model), *self._keys.request_keys(model, request_id)]
         async with unavailable_on_error(self._url):
             return int(await self._cancel(keys=keys, args=[request_id, self._cancel_ttl_s]))
 
@@ -138,11 +158,12 @@ class RedisQueue:
         event, so that stream ends; a running one is flagged and its worker sends that event.
         Returns True when the request was queued or running.
         """
-        async with unavailable_on_error(self._url):
-            fields = await self._r.hmget(self._keys.request(request_id), ["model", "gateway"])
-        model, gateway = (str(f) if f else "" for f in fields)
-        if not model:
+        model = await self.model_of(request_id)
+        if model is None:
             return False
+        async with unavailable_on_error(self._url):
+            gateway = cast(str | None, await self._r.hget(
+                self._keys.request(model, request_id), "gateway"))
         result = await self.cancel(model, request_id)
         if result == 1 and gateway:
             final = ReplyEvent(request_id=request_id, index=-1, finish_reason="cancelled")
@@ -154,7 +175,10 @@ class RedisQueue:
         """Take over the stream of a request another gateway streamed (ADOPT): the request,
         the tokens published so far and, once it finished, its final event; None for an id
         that is unknown or finished longer ago than the workers keep it."""
-        keys = [self._keys.request(request_id), self._keys.tokens(request_id)]
+        model = await self.model_of(request_id)
+        if model is None:
+            return None
+        keys = [self._keys.request(model, request_id), self._keys.tokens(model, request_id)]
         async with unavailable_on_error(self._url):
             raw: Any = await self._adopt(keys=keys, args=[gateway_id])
         if raw is None:
@@ -164,13 +188,14 @@ class RedisQueue:
         final = decode_events(fields["final"])[0] if "final" in fields else None
         return Adopted(QueuedRequest.from_fields(fields, []), [int(t) for t in toks], final)
 
-    async def published(self, request_id: str, start: int) -> tuple[list[int], ReplyEvent | None]:
+    async def published(self, model: str, request_id: str, start: int
+                        ) -> tuple[list[int], ReplyEvent | None]:
         """Tokens published from index `start` on, and the final event once the request
         finished (what a resumed stream polls for until its own stream delivers)."""
         async with unavailable_on_error(self._url):
             pipe = self._r.pipeline(transaction=False)
-            pipe.lrange(self._keys.tokens(request_id), start, -1)
-            pipe.hget(self._keys.request(request_id), "final")
+            pipe.lrange(self._keys.tokens(model, request_id), start, -1)
+            pipe.hget(self._keys.request(model, request_id), "final")
             toks, final = await pipe.execute()
         return [int(t) for t in toks], decode_events(final)[0] if final else None
 

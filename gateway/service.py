@@ -196,7 +196,7 @@ class GatewayService:
                                       req.params, req.priority, request_id)
                 progress = _Progress(model.meta.name, started, len(req.prompt_ids), client_id)
                 deadline = _request_deadline(req.deadline_ms, started, timeout_s)
-                follow = asyncio.create_task(self._follow_published(sub, request_id),
+                follow = asyncio.create_task(self._follow_published(sub, req.model, request_id),
                                              name=f"follow {request_id}")
                 streaming = req.model
                 try:
@@ -215,14 +215,14 @@ class GatewayService:
         finally:
             self._release(caller, slot)
 
-    async def _follow_published(self, sub: Subscription, request_id: str) -> None:
+    async def _follow_published(self, sub: Subscription, model: str, request_id: str) -> None:
         """Offer a resumed stream what the workers published: until its worker sends the
         events here, they went to the dead gateway's stream, and the request may even have
         finished there."""
         while not sub.finished:
             try:
                 start = sub.next_index
-                tokens, final = await self.queue.published(request_id, start)
+                tokens, final = await self.queue.published(model, request_id, start)
             except UnavailableError as exc:
                 log.warning("resumed %s: %s", request_id, exc)
             else:

@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 REPLIES_MAXLEN = 100_000
 """Approximate cap on each gateway's reply stream; a live gateway reads far behind this."""
-CLAIM_SCAN = 256
-"""Queued ids one claim examines at most: past this many requests too long for the worker,
-it claims nothing this round, which bounds the script's time in Redis."""
+CLAIM_SCAN = 64
+"""Queued ids one claim examines at most (the queue's head): past this many requests the
+worker cannot run, it claims nothing this round, which bounds the script's time in Redis."""
 RETRY_MAX_WAIT_S = 0.5
 """Longest pause between two attempts: a Sentinel failover (about 2 s) is noticed within
 half a second of the new master taking writes, not a doubled backoff later."""
@@ -92,6 +92,8 @@ class RedisQueue:
     def __init__(self, client: redis.Redis, keys: Keys, model: str, worker_id: str,
                  lease_ms: int, retry_s: float = 5.0, retention_s: float = 60.0) -> None:
         self.client = client
+        self.cluster = isinstance(client, redis.RedisCluster)
+        """Redis Cluster: a MULTI stays within one hash slot (see `_multi`)."""
         self.keys = keys
         self.model = model
         self.worker_id = worker_id
@@ -136,15 +138,24 @@ class RedisQueue:
         )
         return retrying(fn)
 
-    def _multi(self, what: str, build: Callable[[Pipeline], object]) -> list[Any]:
-        """Run build's commands in one MULTI; the pipeline is rebuilt for every attempt, since
-        redis-py empties it when execute() fails."""
-        def run() -> list[Any]:
-            pipe = self.client.pipeline(transaction=True)
-            build(pipe)
-            return pipe.execute()
+    def _multi(self, what: str, *groups: tuple[Callable[[Pipeline], object], bool]) -> None:
+        """Run the groups' commands in one MULTI; on a cluster, where a MULTI stays within one
+        slot, each group in turn as a pipeline of its own, in a MULTI when its flag says so
+        (its commands then share a hash tag). The pipelines are rebuilt for every attempt,
+        since redis-py empties them when execute() fails."""
+        def run() -> None:
+            if not self.cluster:
+                pipe = self.client.pipeline(transaction=True)
+                for build, _ in groups:
+                    build(pipe)
+                pipe.execute()
+                return
+            for build, atomic in groups:
+                pipe = self.client.pipeline(transaction=atomic)
+                build(pipe)
+                pipe.execute()
 
-        return self._call(what, run)
+        self._call(what, run)
 
     def claim(self, n: int, now_ms: int, *, max_len: int, room: int, lacks: int = 0
               ) -> list[Claimed]:
@@ -152,15 +163,44 @@ class RedisQueue:
         max_tokens within `max_len`, prompts (with tokens already published) within `room`
         free KV tokens, and asking for no sampling field in the `lacks` mask (FIELD_BITS).
         Requests this worker cannot run stay queued for another."""
-        raw: Any = self._call("claim", lambda: self._claim(
-            keys=[self.keys.queue(self.model), self.keys.leases(self.model)],
-            args=[n, now_ms, self.lease_ms, self.worker_id, self.keys.prefix, max_len, room,
-                  CLAIM_SCAN, lacks]))
+        raw: Any = self._call("claim", lambda: self._claim_head(
+            n, now_ms, max_len=max_len, room=room, lacks=lacks))
         out = []
         for rid, flat, toks, dropped in raw:
             fields = dict(zip(flat[::2], flat[1::2], strict=True))
             out.append(Claimed(rid, fields, [int(t) for t in toks], dropped))
         return out
+
+    def _claim_head(self, n: int, now_ms: int, *, max_len: int, room: int, lacks: int
+                    ) -> Any:
+        """Read the queue's head and its requests' gateways, then run CLAIM on it."""
+        k, model = self.keys, self.model
+        ids = cast(list[str], self.client.zrevrange(k.queue(model), 0, CLAIM_SCAN - 1))
+        if not ids:
+            return []
+        dead = self._dead(k.gateway, self._fields(ids, "gateway"))
+        keys = [k.queue(model), k.leases(model)]
+        for rid in ids:
+            keys += k.request_keys(model, rid)
+        return self._claim(keys=keys, args=[n, now_ms, self.lease_ms, self.worker_id, max_len,
+                                            room, lacks, len(dead), *dead, *ids])
+
+    def _fields(self, ids: Sequence[str], name: str) -> list[str | None]:
+        """One field of each request's hash (None where it is gone)."""
+        pipe = self.client.pipeline(transaction=False)
+        for rid in ids:
+            pipe.hget(self.keys.request(self.model, rid), name)
+        return cast(list[str | None], pipe.execute())
+
+    def _dead(self, key: Callable[[str], str], names: Sequence[str | None]) -> list[str]:
+        """Which of these gateways or workers (`key` names their registration) have none."""
+        known = sorted({name for name in names if name})
+        if not known:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for name in known:
+            pipe.exists(key(name))
+        return [name for name, n in zip(known, pipe.execute(), strict=True) if not n]
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block on the model's wake list for up to timeout_s; True if nudged."""
@@ -172,12 +212,15 @@ class RedisQueue:
         if not ids:
             return set()
         flags = self._call("cancelled", lambda: self.client.mget(
-            [self.keys.cancel(rid) for rid in ids]))
+            [self.keys.cancel(self.model, rid) for rid in ids]))
         return {rid for rid, flag in zip(ids, flags, strict=True) if flag is not None}
 
     def publish(self, batch: StepBatch) -> None:
         """One MULTI: an XADD per gateway, appended tokens, finished requests removed (or kept
-        for `retention_s` with their final event, for resumption).
+        for `retention_s` with their final event, for resumption). On a cluster the XADDs go
+        first, then the model's MULTI: a failure between them leaves events the gateways
+        have but toks:{model}:ID lacks, and the worker resuming the request sends those
+        tokens again, which the gateways drop as duplicates.
 
         Safe to retry when a reply was lost: LTRIM to the known length undoes a second
         RPUSH, and gateways drop events whose index they already forwarded."""
@@ -188,32 +231,41 @@ class RedisQueue:
         done = set(batch.finished)
         keep = max(0, math.ceil(self.retention_s))
 
-        def build(pipe: Pipeline) -> None:
+        model = self.model
+
+        def replies(pipe: Pipeline) -> None:
             for gateway, payload in payloads.items():
                 pipe.xadd(k.replies(gateway), {"e": payload}, maxlen=REPLIES_MAXLEN,
                           approximate=True)
                 # a live gateway keeps its stream's TTL fresh; one recreated after its
                 # gateway is gone still expires
                 pipe.expire(k.replies(gateway), REPLIES_TTL_S, nx=True)
+            for rid in batch.finished:  # the id's model outlives the request no longer
+                if batch.finals.get(rid) is not None and keep:
+                    pipe.expire(k.request_model(rid), keep)
+                else:
+                    pipe.delete(k.request_model(rid))
+
+        def requests(pipe: Pipeline) -> None:
             for rid, (ids, total) in batch.tokens.items():
                 if ids and (rid not in done or keep):
-                    pipe.rpush(k.tokens(rid), *ids)
-                    pipe.ltrim(k.tokens(rid), 0, total - 1)
-                    pipe.expire(k.tokens(rid), TOKENS_TTL_S)
+                    pipe.rpush(k.tokens(model, rid), *ids)
+                    pipe.ltrim(k.tokens(model, rid), 0, total - 1)
+                    pipe.expire(k.tokens(model, rid), TOKENS_TTL_S)
             for rid in batch.finished:
                 final = batch.finals.get(rid)
                 if final is not None and keep:
-                    pipe.hset(k.request(rid), "final", encode_events([final]))
-                    pipe.expire(k.request(rid), keep)
-                    pipe.expire(k.tokens(rid), keep)
-                    pipe.delete(k.cancel(rid))
+                    pipe.hset(k.request(model, rid), "final", encode_events([final]))
+                    pipe.expire(k.request(model, rid), keep)
+                    pipe.expire(k.tokens(model, rid), keep)
+                    pipe.delete(k.cancel(model, rid))
                 else:
-                    pipe.delete(k.request(rid), k.tokens(rid), k.cancel(rid))
-                pipe.zrem(k.leases(self.model), rid)
+                    pipe.delete(*k.request_keys(model, rid))
+                pipe.zrem(k.leases(model), rid)
             for rid in batch.retry:
-                pipe.hincrby(k.request(rid), "failures", 1)
+                pipe.hincrby(k.request(model, rid), "failures", 1)
 
-        self._multi("publish", build)
+        self._multi("publish", (replies, False), (requests, True))
 
     def renew(self, ids: Sequence[str], now_ms: int) -> list[str]:
         """Extend the leases of requests still ours; return those that are not (reaped and
@@ -222,10 +274,7 @@ class RedisQueue:
             return []
 
         def run() -> list[str]:
-            pipe = self.client.pipeline(transaction=False)
-            for rid in ids:
-                pipe.hget(self.keys.request(rid), "worker")
-            owners = pipe.execute()
+            owners = self._fields(ids, "worker")
             mine = [rid for rid, w in zip(ids, owners, strict=True) if w == self.worker_id]
             if mine:
                 expiry = now_ms + self.lease_ms
@@ -243,50 +292,55 @@ class RedisQueue:
             return {}
 
         def run() -> dict[str, tuple[str, bool]]:
-            pipe = self.client.pipeline(transaction=False)
-            for rid in ids:
-                pipe.hget(self.keys.request(rid), "gateway")
-            gateways = pipe.execute()
-            known = sorted({g for g in gateways if g})
-            for g in known:
-                pipe.exists(self.keys.gateway(g))
-            alive = {g for g, n in zip(known, pipe.execute(), strict=True) if n}
-            return {rid: (g, g in alive) for rid, g in zip(ids, gateways, strict=True) if g}
+            gateways = self._fields(ids, "gateway")
+            dead = set(self._dead(self.keys.gateway, gateways))
+            return {rid: (g, g not in dead) for rid, g in zip(ids, gateways, strict=True) if g}
 
         return self._call("gateways", run)
 
     def reap(self, now_ms: int) -> int:
         """Re-queue every request of the model whose lease or whose worker's registration
         expired; returns how many."""
-        k = self.keys
-        return int(self._call("reap", lambda: self._reap(
-            keys=[k.leases(self.model), k.queue(self.model), k.wake(self.model)],
-            args=[now_ms, k.prefix])))
+        return int(self._call("reap", lambda: self._reap_leases(now_ms)))
+
+    def _reap_leases(self, now_ms: int) -> int:
+        k, model = self.keys, self.model
+        leases = cast(list[tuple[str, float]],
+                      self.client.zrange(k.leases(model), 0, -1, withscores=True))
+        expired = [rid for rid, expiry in leases if expiry <= now_ms]
+        held = [rid for rid, expiry in leases if expiry > now_ms]
+        owners = self._fields(held, "worker") if held else []
+        dead = self._dead(k.worker, owners)
+        ids = expired + [rid for rid, w in zip(held, owners, strict=True) if w in dead]
+        if not ids:
+            return 0
+        keys = [k.leases(model), k.queue(model), k.wake(model),
+                *(k.request(model, rid) for rid in ids)]
+        return int(self._reap(keys=keys, args=[now_ms, len(dead), *dead, *ids]))
 
     def requeue(self, ids: Sequence[str]) -> int:
         """Hand leased requests back with their original score (drain, device failure)."""
         if not ids:
             return 0
-        k = self.keys
-        return int(self._call("requeue", lambda: self._requeue(
-            keys=[k.queue(self.model), k.leases(self.model), k.wake(self.model)],
-            args=[k.prefix, *ids])))
+        k, model = self.keys, self.model
+        keys = [k.queue(model), k.leases(model), k.wake(model),
+                *(k.request(model, rid) for rid in ids)]
+        return int(self._call("requeue", lambda: self._requeue(keys=keys, args=list(ids))))
 
     def register(self, info: dict[str, str], ttl_s: int, now_ms: int) -> None:
         """Write the whole registration (so it survives a Redis restart) and heartbeat."""
         key = self.keys.worker(self.worker_id)
 
-        def build(pipe: Pipeline) -> None:
-            pipe.hset(key, mapping=cast(dict[Any, Any], info))
-            pipe.expire(key, ttl_s)
-            pipe.zadd(self.keys.workers(), {self.worker_id: now_ms})
-
-        self._multi("register", build)
+        self._multi("register",
+                    (lambda pipe: (pipe.hset(key, mapping=cast(dict[Any, Any], info)),
+                                   pipe.expire(key, ttl_s)), True),
+                    (lambda pipe: pipe.zadd(self.keys.workers(), {self.worker_id: now_ms}),
+                     False))
 
     def unregister(self) -> None:
-        self._multi("unregister", lambda pipe: (
-            pipe.delete(self.keys.worker(self.worker_id)),
-            pipe.zrem(self.keys.workers(), self.worker_id)))
+        self._multi("unregister",
+                    (lambda pipe: pipe.delete(self.keys.worker(self.worker_id)), False),
+                    (lambda pipe: pipe.zrem(self.keys.workers(), self.worker_id), False))
 
     def ensure_model_info(self, info: dict[str, str]) -> bool:
         """Publish model:{name} unless it already holds this sha; True if written."""
@@ -297,8 +351,8 @@ class RedisQueue:
         if current is not None:
             log.warning("model:%s had tokenizer sha %s; replacing it with ours (%s)",
                         self.model, current, info["sha"])
-        self._multi("model info", lambda pipe: (
-            pipe.delete(key), pipe.hset(key, mapping=cast(dict[Any, Any], info))))
+        self._multi("model info", (lambda pipe: (
+            pipe.delete(key), pipe.hset(key, mapping=cast(dict[Any, Any], info))), True))
         return True
 
     def close(self) -> None:

@@ -87,7 +87,7 @@ class FakeWorker:
         while time.monotonic() < deadline:
             popped = await self.r.zpopmax(self.keys.queue(model))
             if popped:
-                fields = await self.r.hgetall(self.keys.request(popped[0][0]))
+                fields = await self.r.hgetall(self.keys.request(model, popped[0][0]))
                 return QueuedRequest.from_fields(fields)
             await asyncio.sleep(0.02)
         raise AssertionError(f"nothing was queued for {model}")

@@ -35,9 +35,9 @@ async def test_enqueue_orders_by_priority_then_fifo_and_stores_the_request(
     order = [rid for rid, _ in await r.zrevrange(KEYS.queue("m"), 0, -1, withscores=True)]
     assert order == ["urgent", "old", "new", "low"]
     assert await r.zscore(KEYS.queue("m"), "urgent") == 7 * PRIORITY_SCALE - 3_000
-    stored = QueuedRequest.from_fields(await r.hgetall(KEYS.request("old")))
+    stored = QueuedRequest.from_fields(await r.hgetall(KEYS.request("m", "old")))
     assert stored == request("old", 1, 1_000)
-    assert 0 < await r.ttl(KEYS.request("old")) <= 60
+    assert 0 < await r.ttl(KEYS.request("m", "old")) <= 60
     assert await r.llen(KEYS.wake("m")) == 4
 
 
@@ -61,12 +61,12 @@ async def test_cancel_by_id_dequeues_and_tells_the_owning_gateway_or_flags_a_run
     await queue.enqueue(request("running"), 10)
     await r.zrem(KEYS.queue("m"), "running")  # what a worker's claim does
     assert await queue.cancel_by_id("queued") is True
-    assert not await r.exists(KEYS.request("queued"))
+    assert not await r.exists(KEYS.request("m", "queued"))
     [(_, fields)] = await r.xrange(KEYS.replies("gw"))
     [final] = decode_events(fields["e"])
     assert (final.request_id, final.index, final.finish_reason) == ("queued", -1, "cancelled")
     assert await queue.cancel_by_id("running") is True
-    assert await r.exists(KEYS.cancel("running"))
+    assert await r.exists(KEYS.cancel("m", "running"))
     assert await queue.cancel_by_id("never-seen") is False
     assert await r.xlen(KEYS.replies("gw")) == 1
 
@@ -98,7 +98,7 @@ async def test_requests_of_one_priority_in_the_same_millisecond_leave_in_arrival
     for rid in ids:
         await queue.enqueue(request(rid, 3, 1_700_000_000_000), 0)
     assert await r.zrevrange(KEYS.queue("m"), 0, -1) == ids
-    scores = [float(await r.hget(KEYS.request(rid), "score")) for rid in ids]
+    scores = [float(await r.hget(KEYS.request("m", rid), "score")) for rid in ids]
     assert scores == [await r.zscore(KEYS.queue("m"), rid) for rid in ids]
     assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(ids)
     assert scores[0] - scores[-1] < 1  # all within the millisecond they arrived in

@@ -154,7 +154,7 @@ async def test_a_full_queue_is_resource_exhausted_naming_the_bound_and_a_disconn
         assert "--max-queued 1" in (error.details() or "") and MODEL in (error.details() or "")
         first.cancel()
         await until(lambda: _equals(s.queued(), 0))
-        assert not await s.r.exists(s.keys.request("first"))
+        assert not await s.r.exists(s.keys.request(MODEL, "first"))
 
 
 async def test_too_many_streams_is_resource_exhausted_and_a_duplicate_id_already_exists(
@@ -191,12 +191,12 @@ async def test_a_deadline_that_passes_in_the_queue_is_deadline_exceeded_and_dequ
         started = time.time()
         call = s.stub.Generate(gen(request_id="late"), timeout=0.6)
         await until(lambda: _equals(s.queued(), 1))
-        deadline_ms = int(await s.r.hget(s.keys.request("late"), "deadline_ms") or 0)
+        deadline_ms = int(await s.r.hget(s.keys.request(MODEL, "late"), "deadline_ms") or 0)
         assert started * 1000 < deadline_ms <= (started + 0.7) * 1000
         error = await failure(call)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await until(lambda: _equals(s.queued(), 0))
-        assert not await s.r.exists(s.keys.request("late"))
+        assert not await s.r.exists(s.keys.request(MODEL, "late"))
 
 
 async def test_a_running_request_past_its_deadline_ends_and_its_worker_is_told_to_drop_it(
@@ -209,7 +209,7 @@ async def test_a_running_request_past_its_deadline_ends_and_its_worker_is_told_t
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call.read()
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await until(lambda: s.r.exists(s.keys.cancel("slow")))
+        await until(lambda: s.r.exists(s.keys.cancel(MODEL, "slow")))
 
 
 async def test_a_worker_deadline_event_ends_the_rpc_with_deadline_exceeded(
@@ -265,7 +265,7 @@ async def test_a_stop_string_ends_the_stream_at_once_and_tells_the_worker_to_sto
         await s.worker.send(s.gateway_id, ReplyEvent("st", 0, out[0]), ReplyEvent("st", 1, out[1]))
         messages = [m async for m in call]
         assert await call.code() == grpc.StatusCode.OK
-        await until(lambda: s.r.exists(s.keys.cancel("st")))
+        await until(lambda: s.r.exists(s.keys.cancel(MODEL, "st")))
     assert "".join(m.text for m in messages) == " one "
     assert messages[-1].finish_reason == pb.FINISH_REASON_STOP
     assert messages[-1].usage.completion_tokens == 2

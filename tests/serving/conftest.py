@@ -100,7 +100,7 @@ class Fleet:
 
     def queued(self, model: str) -> int:
         with self.redis() as r:
-            return int(r.zcard(f"{self.prefix}q:{model}"))
+            return int(r.zcard(f"{self.prefix}q:{{{model}}}"))
 
     def gateway_args(self, listen: str, *extra: str, prefix: str | None = None) -> list[str]:
         return ["gateway", "--listen", listen, "--redis", self.redis_url,

@@ -172,10 +172,10 @@ def test_client_disconnect_frees_the_slot(fleet: Fleet, client: GenerationClient
     assert waiting.finish(30).completion_tokens == 3
     with fleet.redis() as r:
         # ended: only its last event is kept, for the stream retention
-        wait_until(lambda: r.hexists(f"{fleet.prefix}req:gone-blocker", "final"), 10,
+        wait_until(lambda: r.hexists(f"{fleet.prefix}req:{{slot}}:gone-blocker", "final"), 10,
                    "the disconnected request was never cleaned up")
         assert not r.exists(f"{fleet.prefix}cancel:gone-blocker")
-        assert "gone-blocker" not in r.zrange(f"{fleet.prefix}lease:slot", 0, -1)
+        assert "gone-blocker" not in r.zrange(f"{fleet.prefix}lease:{{slot}}", 0, -1)
 
 
 def test_request_whose_deadline_passes_while_queued_never_runs(
@@ -193,7 +193,7 @@ def test_request_whose_deadline_passes_while_queued_never_runs(
     # The slot worker generated the blocker's tokens and the last request's, nothing else.
     assert scrape(fleet.slot_metrics, tokens) - before == ran + after.completion_tokens
     with fleet.redis() as r:
-        assert not r.exists(f"{fleet.prefix}req:deadline-late")
+        assert not r.exists(f"{fleet.prefix}req:{{slot}}:deadline-late")
 
 
 def collect_error(stream: Any) -> grpc.RpcError:

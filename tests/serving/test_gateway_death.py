@@ -124,22 +124,22 @@ def test_a_dead_gateways_requests_stop_within_seconds(orphans_fleet: Fleet) -> N
             model=MODEL, token_ids=pb.TokenIds(ids=[8, 9]), max_tokens=2000,
             ignore_eos=True, request_id="orphan-queued"), timeout=120))
         with fl.redis() as r:
-            wait_until(lambda: r.exists(f"{fl.prefix}req:orphan-queued") == 1, 10,
+            wait_until(lambda: r.exists(f"{fl.prefix}req:{{{MODEL}}}:orphan-queued") == 1, 10,
                        "the second request was never queued", fl.services)
         killed = kill(fl, gateway)
     p = fl.prefix
     with fl.redis() as r:
-        wait_until(lambda: all(r.hexists(f"{p}req:{rid}", "final")
+        wait_until(lambda: all(r.hexists(f"{p}req:{{{MODEL}}}:{rid}", "final")
                                for rid in ("orphan-running", "orphan-queued")),
                    GATEWAY_TTL_S + 10, "the dead gateway's requests were not dropped",
                    fl.services)
         dropped_after = time.monotonic() - killed
-        finals = {e.request_id: e for _, f in r.xrange(f"{p}replies:{DOOMED}")
+        finals = {e.request_id: e for _, f in r.xrange(f"{p}replies:{{{DOOMED}}}")
                   for e in decode_events(f["e"]) if e.finish_reason}
         assert finals["orphan-running"].finish_reason == "error", "it ended on its own"
         assert finals["orphan-running"].code.name == "UNAVAILABLE"
         assert finals["orphan-queued"].index == -1  # dropped before it ran
-        assert 0 < r.ttl(f"{p}replies:{DOOMED}") <= REPLIES_TTL_S
+        assert 0 < r.ttl(f"{p}replies:{{{DOOMED}}}") <= REPLIES_TTL_S
         wait_until(lambda: r.hget(f"{p}worker:orphans-w", "running") == "0", 5,
                    "the worker still reports a running request", fl.services)
     print(f"the dead gateway's requests were dropped {dropped_after:.1f}s after its SIGKILL")

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
+from common.keys import Keys
 from gateway.client import GenerationClient, StreamResult, collect
 from preprocess.tokenizer import load_tokenizer
 from protos import npuserve_pb2 as pb
@@ -102,7 +103,8 @@ def interrupt(rf: ResumeFleet, request_id: str, sig: signal.Signals, after: int)
     returns how many tokens that worker had published (the resume point). The other worker is
     paused meanwhile, so the point can be read before anyone resumes the request."""
     with rf.fleet.redis() as r:
-        req, toks = f"{rf.fleet.prefix}req:{request_id}", f"{rf.fleet.prefix}toks:{request_id}"
+        keys = Keys(rf.fleet.prefix)
+        req, toks = keys.request(MODEL, request_id), keys.tokens(MODEL, request_id)
         deadline = time.monotonic() + 60
         while r.llen(toks) < after:
             assert time.monotonic() < deadline, "the request never got going"

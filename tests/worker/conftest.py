@@ -48,17 +48,17 @@ class FakeGateway:
         score = queue_score(priority, enqueue_ms)
         flat = [x for kv in req.to_fields(score).items() for x in kv]
         if published:
-            self.client.rpush(self.keys.tokens(request_id), *published)
+            self.client.rpush(self.keys.tokens(model, request_id), *published)
         k = self.keys
-        result = self._enqueue(keys=[k.queue(model), k.request(request_id), k.wake(model),
-                                     k.tokens(request_id)],
+        self.client.set(k.request_model(request_id), model)
+        result = self._enqueue(keys=[k.queue(model), k.request(model, request_id),
+                                     k.wake(model), k.tokens(model, request_id)],
                                args=[request_id, score, 0, 3600, *flat])
         assert result == 1
 
     def cancel(self, request_id: str, model: str = MODEL) -> int:
         k = self.keys
-        return int(self._cancel(keys=[k.queue(model), k.request(request_id),
-                                      k.tokens(request_id), k.cancel(request_id)],
+        return int(self._cancel(keys=[k.queue(model), *k.request_keys(model, request_id)],
                                 args=[request_id, 60]))
 
     def entries(self) -> list[list[ReplyEvent]]:
@@ -72,13 +72,13 @@ class FakeGateway:
     def finished(self, request_id: str) -> bool:
         return any(e.finish_reason for e in self.events(request_id))
 
-    def retained(self, request_id: str) -> bool:
+    def retained(self, request_id: str, model: str = MODEL) -> bool:
         """Finished, and kept (request with its final event, tokens) for resumption only:
         no lease, no cancel flag, expiring within the retention."""
         k, c = self.keys, self.client
-        return (c.hexists(k.request(request_id), "final")
-                and 0 < c.ttl(k.request(request_id)) <= 60
-                and not c.exists(k.cancel(request_id))
+        return (c.hexists(k.request(model, request_id), "final")
+                and 0 < c.ttl(k.request(model, request_id)) <= 60
+                and not c.exists(k.cancel(model, request_id))
                 and not any(request_id in c.zrange(key, 0, -1) for key in c.keys(
                     k.leases("*"))))
 

@@ -111,5 +111,5 @@ def test_sigterm_drains_hands_unfinished_requests_back_and_exits_zero(
     assert c.zcard(k.leases("tiny")) == 0
     for rid in ("a", "b"):
         published = [str(e.token_id) for e in gateway.events(rid)]
-        assert published and c.lrange(k.tokens(rid), 0, -1) == published
+        assert published and c.lrange(k.tokens("tiny", rid), 0, -1) == published
         assert not any(e.finish_reason for e in gateway.events(rid))

@@ -44,7 +44,7 @@ def test_claim_takes_the_highest_priority_first_then_the_oldest_and_leases_them(
     assert claimed[0].fields["prompt"] == "[3]" and claimed[0].published == []
     leases = gateway.client.zrange(queue.keys.leases(MODEL), 0, -1, withscores=True)
     assert leases == [("old", 15000.0), ("urgent", 15000.0)]
-    assert gateway.client.hget(queue.keys.request("old"), "worker") == "w1"
+    assert gateway.client.hget(queue.keys.request(MODEL, "old"), "worker") == "w1"
     assert gateway.client.zrange(queue.keys.queue(MODEL), 0, -1) == ["new"]
 
 
@@ -116,8 +116,8 @@ def test_publish_writes_one_entry_per_gateway_appends_tokens_and_removes_finishe
     assert [[e.token_id for e in entry] for entry in gateway.entries()] == [[11]]
     k, c = queue.keys, gateway.client
     assert len(c.xrange(k.replies("gw2"))) == 1
-    assert c.lrange(k.tokens("a"), 0, -1) == ["11"]
-    assert not c.exists(k.request("b"), k.tokens("b"))
+    assert c.lrange(k.tokens(MODEL, "a"), 0, -1) == ["11"]
+    assert not c.exists(k.request(MODEL, "b"), k.tokens(MODEL, "b"))
     assert c.zrange(k.leases(MODEL), 0, -1) == ["a"]
 
 
@@ -125,7 +125,7 @@ def test_publishing_a_batch_twice_does_not_duplicate_resume_tokens(
         queue: RedisQueue, gateway: FakeGateway) -> None:
     queue.publish(_batch())
     queue.publish(_batch())
-    assert gateway.client.lrange(queue.keys.tokens("a"), 0, -1) == ["11"]
+    assert gateway.client.lrange(queue.keys.tokens(MODEL, "a"), 0, -1) == ["11"]
 
 
 def test_renew_extends_own_leases_and_reports_requests_no_longer_ours(
@@ -134,8 +134,8 @@ def test_renew_extends_own_leases_and_reports_requests_no_longer_ours(
         gateway.enqueue(rid, [1], P)
     queue.claim(3, now_ms=1000, **ANY)
     c, k = gateway.client, queue.keys
-    c.hset(k.request("stolen"), "worker", "w2")
-    c.delete(k.request("gone"))
+    c.hset(k.request(MODEL, "stolen"), "worker", "w2")
+    c.delete(k.request(MODEL, "gone"))
     assert sorted(queue.renew(["mine", "stolen", "gone"], now_ms=50_000)) == ["gone", "stolen"]
     assert c.zscore(k.leases(MODEL), "mine") == 60_000
     assert c.zscore(k.leases(MODEL), "stolen") == 11_000
@@ -174,7 +174,7 @@ def test_requeue_hands_requests_back(queue: RedisQueue, gateway: FakeGateway) ->
     queue.claim(1, now_ms=time.time_ns() // 10**6, **ANY)
     assert queue.requeue(["r"]) == 1
     assert gateway.client.zrange(queue.keys.queue(MODEL), 0, -1) == ["r"]
-    assert not gateway.client.hexists(queue.keys.request("r"), "worker")
+    assert not gateway.client.hexists(queue.keys.request(MODEL, "r"), "worker")
 
 
 def test_register_sets_a_ttl_and_unregister_removes_everything(

@@ -76,7 +76,7 @@ def test_a_request_streams_the_engines_greedy_tokens_in_order_with_usage(
     assert not any(e.finish_reason for e in events[:-1])
     k = gateway.keys
     assert gateway.retained("r1")  # for a client that resumes at another gateway
-    assert gateway.client.lrange(k.tokens("r1"), 0, -1) == [str(e.token_id) for e in events]
+    assert gateway.client.lrange(k.tokens(MODEL, "r1"), 0, -1) == [str(e.token_id) for e in events]
     assert gateway.client.zcard(k.leases(MODEL)) == 0
     assert gateway.cancel("r1") == 0  # finished: nothing to cancel
     gateway.enqueue("r1", PROMPTS[1], GREEDY)  # a finished id may be used again, afresh
@@ -212,7 +212,7 @@ def test_shutdown_hands_unfinished_requests_back_and_unregisters(
     assert c.zrange(k.queue(MODEL), 0, -1) == ["long"]
     assert c.zcard(k.leases(MODEL)) == 0
     published = [str(e.token_id) for e in gateway.events("long")]
-    assert c.lrange(k.tokens("long"), 0, -1) == published
+    assert c.lrange(k.tokens(MODEL, "long"), 0, -1) == published
     assert not c.exists(k.worker("w1")) and c.zscore(k.workers(), "w1") is None
 
 
