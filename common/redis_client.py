@@ -9,7 +9,9 @@ URL forms (`--redis`, NPUSERVE_REDIS_URL):
 - `unix:///PATH/redis.sock[?db=N]`: a local socket;
 - `redis+sentinel://[USER@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB][?...]`: the current master
   of SERVICE, as the sentinels at those addresses name it (port 26379 when left out);
-  `rediss+sentinel://` speaks TLS to the sentinels and to the master, with the same options.
+  `rediss+sentinel://` speaks TLS to the sentinels and to the master, with the same options;
+- `redis+cluster://[USER@]HOST:PORT[,HOST:PORT...][?...]`: a Redis Cluster, found from any
+  of these nodes (`rediss+cluster://` for TLS; common.redis_cluster).
 
 The password (`RedisConfig.password()`: `--redis-password-file` or NPUSERVE_REDIS_PASSWORD)
 goes to the data connections, with the URL's user; it never needs to be in the URL.
@@ -36,6 +38,7 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
 from common.config import RedisConfig
 from common.errors import InvalidRequestError
+from common.redis_cluster import cluster_async, cluster_sync, is_cluster
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 """Sentinel URL schemes -> whether they use TLS."""
@@ -161,6 +164,8 @@ class _AsyncSentinelRedis(aioredis.Redis):
 def connect_sync(url: str, *, password: str | None = None, **options: Any) -> redis.Redis:
     """A synchronous client of `url` (any form above); `password` overrides the URL's;
     `options` are redis-py connection options (timeouts, retry, decode_responses)."""
+    if is_cluster(url):
+        return cast(redis.Redis, cluster_sync(url, password=password, **options))
     if not is_sentinel(url):
         extra: dict[str, Any] = {} if password is None else {"password": password}
         return redis.Redis.from_url(url, **extra, **options)
@@ -176,6 +181,8 @@ def connect_sync(url: str, *, password: str | None = None, **options: Any) -> re
 def connect_async(url: str, *, password: str | None = None,
                   **options: Any) -> aioredis.Redis:
     """The asyncio client of `url`, as `connect_sync` builds the synchronous one."""
+    if is_cluster(url):
+        return cast(aioredis.Redis, cluster_async(url, password=password, **options))
     if not is_sentinel(url):
         extra: dict[str, Any] = {} if password is None else {"password": password}
         return aioredis.Redis.from_url(url, **extra, **options)

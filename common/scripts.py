@@ -208,3 +208,13 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return 1
 """
+
+REGISTER_GATEWAY = """
+-- KEYS: gateway, replies   ARGV: ttl_s, replies_ttl_s, field, value, ...
+-- A gateway's heartbeat: its registration, written whole with its TTL in one step (so a
+-- registration never outlives its gateway), and its reply stream's TTL refreshed.
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+return 1
+"""

@@ -97,6 +97,7 @@ class RedisQueue:
         self._enqueue = client.register_script(scripts.ENQUEUE)
         self._cancel = client.register_script(scripts.CANCEL)
         self._adopt = client.register_script(scripts.ADOPT)
+        self._register = client.register_script(scripts.REGISTER_GATEWAY)
 
     async def enqueue(self, request: QueuedRequest, max_queued: int) -> None:
         """Queue `request` with score priority-then-FIFO.
@@ -211,12 +212,11 @@ class RedisQueue:
     async def register_gateway(self, gateway_id: str, info: dict[str, str]) -> None:
         """Heartbeat: the registration (workers drop the requests of a gateway whose
         registration expired) and the reply stream's TTL, both refreshed."""
+        fields = [x for item in info.items() for x in item]
         async with unavailable_on_error(self._url):
-            pipe = self._r.pipeline(transaction=True)
-            pipe.hset(self._keys.gateway(gateway_id), mapping=cast(dict[Any, Any], info))
-            pipe.expire(self._keys.gateway(gateway_id), GATEWAY_TTL_S)
-            pipe.expire(self._keys.replies(gateway_id), REPLIES_TTL_S)
-            await pipe.execute()
+            await self._register(keys=[self._keys.gateway(gateway_id),
+                                       self._keys.replies(gateway_id)],
+                                 args=[GATEWAY_TTL_S, REPLIES_TTL_S, *fields])
 
     async def unregister_gateway(self, gateway_id: str) -> None:
         async with unavailable_on_error(self._url):
