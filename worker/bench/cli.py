@@ -9,6 +9,7 @@ from typing import Any
 
 from common.flags import add_flags, from_args
 from worker.backends.torch_settings import TorchSettings
+from worker.bench import redis_cost
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def register(subparsers: Any) -> None:
                                         "apply to the transformers phases too)"),
               TorchSettings, BENCH_SETTINGS)
     engine.set_defaults(handler=_engine)
+    redis_cost.register(sub)
 
 
 def _engine(args: argparse.Namespace) -> int:
