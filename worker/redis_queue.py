@@ -27,10 +27,11 @@ from tenacity import (
 from common import scripts
 from common.config import RedisConfig
 from common.errors import UnavailableError
-from common.keys import REPLIES_TTL_S, Keys
+from common.keys import REPLIES_TTL_S, Keys, queue_score
 from common.protocol import ReplyEvent, encode_events
 from common.redis_client import connect_sync
 from common.redis_credentials import redact, refused_credentials
+from worker.published import Published
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class RedisQueue:
         self.retry_s = retry_s
         self.retention_s = retention_s
         """How long a finished request's tokens and final event stay (0: removed at once)."""
+        self.disrupted = False
+        """Set when a call failed to reach Redis (from any thread): a failover may have lost
+        acknowledged writes, which the worker then checks and writes back (`repair`)."""
         self._claim = client.register_script(scripts.CLAIM)
         self._requeue = client.register_script(scripts.REQUEUE)
         self._reap = client.register_script(scripts.REAP)
@@ -126,6 +130,13 @@ class RedisQueue:
                    retry_s=lease_ms / 2000, retention_s=retention_s)
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
+        def attempt() -> T:
+            try:
+                return fn()
+            except (redis.ConnectionError, redis.TimeoutError):
+                self.disrupted = True
+                raise
+
         retrying = Retrying(
             retry=retry_if_exception_type((redis.ConnectionError, redis.TimeoutError)),
             wait=wait_exponential(multiplier=0.05, max=RETRY_MAX_WAIT_S),
@@ -136,7 +147,7 @@ class RedisQueue:
                 state.next_action.sleep if state.next_action else 0.0),
             reraise=True,
         )
-        return retrying(fn)
+        return retrying(attempt)
 
     def _multi(self, what: str, *groups: tuple[Callable[[Pipeline], object], bool]) -> None:
         """Run the groups' commands in one MULTI; on a cluster, where a MULTI stays within one
@@ -266,6 +277,86 @@ class RedisQueue:
                 pipe.hincrby(k.request(model, rid), "failures", 1)
 
         self._multi("publish", (replies, False), (requests, True))
+
+    def repair(self, entries: Sequence[Published], now_ms: int) -> list[str]:
+        """Compare Redis with what this worker published and write back what is missing
+        (after an outage: the replica a failover promoted may lack acknowledged writes):
+
+        - a request it runs whose hash is gone (its enqueue or claim was lost): the hash,
+          leased to this worker, and its id's model;
+        - a request it runs or finished whose toks:{model}:ID is short: the list rewritten,
+          and the events of the missing tokens sent again to its gateway;
+        - a request it finished whose final event is missing: the final event written, its
+          lease removed (or, without retention, its keys deleted), the event sent again.
+
+        Requests now leased to another worker are left to it. Returns the ids repaired."""
+        if not entries:
+            return []
+        k, model, me = self.keys, self.model, self.worker_id
+        keep = max(0, math.ceil(self.retention_s))
+
+        def check() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for entry in entries:
+                rid = entry.request.request_id
+                pipe.hmget(k.request(model, rid), ["id", "worker", "final"])
+                pipe.llen(k.tokens(model, rid))
+            return pipe.execute()
+
+        state = self._call("repair check", check)
+        fixes: list[tuple[Published, bool, int]] = []
+        for entry, (found, worker, final), length in zip(
+                entries, state[::2], state[1::2], strict=True):
+            length, done = int(length), entry.final is not None
+            if found is None:  # lost with the master, or (finished, no retention) deleted
+                if not done or keep:
+                    fixes.append((entry, True, length))
+            elif worker not in (me, None):
+                continue
+            elif length < len(entry.tokens) or (done and final is None):
+                fixes.append((entry, False, length))
+        if not fixes:
+            return []
+
+        def replies(pipe: Pipeline) -> None:
+            for entry, recreate, start in fixes:
+                gateway = entry.request.gateway_id
+                pipe.xadd(k.replies(gateway), {"e": encode_events(entry.events(start))},
+                          maxlen=REPLIES_MAXLEN, approximate=True)
+                pipe.expire(k.replies(gateway), REPLIES_TTL_S, nx=True)
+                if recreate:
+                    pipe.set(k.request_model(entry.request.request_id), model,
+                             ex=keep if entry.final is not None else TOKENS_TTL_S)
+
+        def requests(pipe: Pipeline) -> None:
+            for entry, recreate, _ in fixes:
+                req = entry.request
+                rid, toks = req.request_id, k.tokens(model, req.request_id)
+                if recreate:
+                    fields = req.to_fields(queue_score(req.priority, req.enqueue_ms))
+                    fields.update(worker=me, failures=str(req.device_failures))
+                    pipe.hset(k.request(model, rid), mapping=cast(dict[Any, Any], fields))
+                    pipe.expire(k.request(model, rid), TOKENS_TTL_S)
+                    if entry.final is None:
+                        pipe.zadd(k.leases(model), {rid: now_ms + self.lease_ms})
+                if entry.final is not None and not keep:
+                    pipe.delete(*k.request_keys(model, rid))
+                    pipe.zrem(k.leases(model), rid)
+                    continue
+                pipe.delete(toks)
+                if entry.tokens:
+                    pipe.rpush(toks, *entry.tokens)
+                if entry.final is None:
+                    pipe.expire(toks, TOKENS_TTL_S)
+                    continue
+                pipe.hset(k.request(model, rid), "final", encode_events([entry.final]))
+                pipe.expire(k.request(model, rid), keep)
+                pipe.expire(toks, keep)
+                pipe.delete(k.cancel(model, rid))
+                pipe.zrem(k.leases(model), rid)
+
+        self._multi("repair", (replies, False), (requests, True))
+        return [entry.request.request_id for entry, _, _ in fixes]
 
     def renew(self, ids: Sequence[str], now_ms: int) -> list[str]:
         """Extend the leases of requests still ours; return those that are not (reaped and

@@ -41,6 +41,7 @@ from preprocess.tokenizer import TOKENIZER_FILES
 from worker.engine.engine import Engine
 from worker.liveness import Liveness, StepWatchdog, now_ms
 from worker.metrics import WorkerMetrics, rss_bytes
+from worker.published import PublishLog
 from worker.redis_queue import Claimed, RedisQueue, StepBatch
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class WorkerService:
         """Held requests' live gateways, as the liveness thread last read them."""
         self._liveness_lock = threading.Lock()
         """Guards what the liveness thread reports: _lost, _orphaned, _gateway_of."""
+        self.published = PublishLog()
+        """What this worker published, to write back what a Redis failover lost."""
         beat_s = min(config.heartbeat_s, config.lease_ms / 3000)
         self._stats_every_s = beat_s
         self._next_stats = 0.0
@@ -177,9 +180,24 @@ class WorkerService:
         with self._liveness_lock:
             lost, self._lost = self._lost, set()
         for rid in lost:
+            self.published.forget(rid)
             if self._active.pop(rid, None) is not None:
                 log.warning("lost the lease on %s (reaped or deleted); dropping it", rid)
                 self.engine.abort(rid)
+
+    def _repair(self) -> None:
+        """After a Redis outage: write back what a failover lost of the requests this worker
+        runs or just finished (RedisQueue.repair); a request whose lost hash it wrote back
+        is still its own, whatever the liveness thread read before."""
+        self.queue.disrupted = False
+        entries = [e for rid, e in self.published.entries.items()
+                   if rid in self._active or e.final is not None]
+        if repaired := self.queue.repair(entries, now_ms()):
+            log.warning("after a Redis outage, wrote back %d requests' tokens, events or "
+                        "keys that Redis had lost (a failover to a replica behind its master)",
+                        len(repaired))
+            with self._liveness_lock:
+                self._lost.difference_update(repaired)
 
     def _sync_held(self) -> None:
         self._held = tuple(self._active)
@@ -203,6 +221,8 @@ class WorkerService:
         Redis is read before any local state changes, so a failing read leaves nothing to
         undo; if the publish fails, every request is dropped locally and stays leased: REAP
         hands it to a worker that resumes it from toks:{id}, exactly where it stopped."""
+        if self.queue.disrupted:
+            self._repair()
         self._drop_lost()
         if time.monotonic() >= self._next_stats:
             self._refresh_stats()
@@ -232,7 +252,10 @@ class WorkerService:
             raise
         finally:
             self._sync_held()
+        self.published.record(batch.events)
         if batch.retry:
+            for rid in batch.retry:
+                self.published.forget(rid)
             self.queue.requeue(batch.retry)
         sched, blocks = self.engine.scheduler, self.engine.scheduler.blocks
         self.metrics.set_load(len(sched.running), len(sched.waiting),
@@ -354,6 +377,7 @@ class WorkerService:
                                              error=str(exc)), "error")
             return
         self._active[req.request_id] = act
+        self.published.start(req)
 
     def _step(self, batch: StepBatch) -> None:
         start = time.perf_counter()
@@ -422,6 +446,7 @@ class WorkerService:
                   "elsewhere from their published tokens)", len(self._active))
         for rid in self.active_ids:
             self.engine.abort(rid)
+            self.published.forget(rid)
         self._active.clear()
         self._sync_held()
 
