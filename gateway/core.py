@@ -66,6 +66,7 @@ class GatewayCore:
             max_streams=config.max_streams, max_queued_per_model=config.max_queued_per_model,
             api_keys=KeyStore(config.api_keys),
             key_limits=KeyLimiter(self._redis, self.keys, self.gateway_id, url))
+        self.relay.on_reconnect = self._restore_lost
         self._health_task: asyncio.Task[None] | None = None
         self._info = {"host": socket.gethostname(), "pid": str(os.getpid()),
                       "listen": config.listen}
@@ -113,6 +114,14 @@ class GatewayCore:
         self.serving = serving
         for listener in self._listeners:
             await listener(serving)
+
+    async def _restore_lost(self) -> None:
+        """Redis is back after an outage: queue again what a failover lost of this gateway's
+        newest requests (RedisQueue.restore_lost)."""
+        try:
+            await self.service.queue.restore_lost(self.relay.waiting)
+        except UnavailableError as exc:
+            log.warning("could not look for requests lost in the Redis outage: %s", exc)
 
     async def _register(self) -> None:
         """The gateway's heartbeat: while its registration lives, workers serve its requests."""

@@ -7,7 +7,10 @@ UnavailableError naming the (password-redacted) URL within about a second, never
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -24,9 +27,14 @@ from common.protocol import QueuedRequest, ReplyEvent, decode_events, encode_eve
 from common.redis_client import connect_async
 from common.redis_credentials import redact, refused_credentials
 
+log = logging.getLogger(__name__)
+
 CONNECT_TIMEOUT_S = 0.8
 """Per connection attempt; with one retry an unreachable Redis fails an RPC within ~2 s."""
 
+RECENT_S = 10.0
+"""How long the gateway remembers a request it queued, to queue it again should a failover
+lose it (Redis replicates asynchronously: the replica promoted may lack the newest writes)."""
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 """What "Redis is unreachable" looks like from redis-py."""
 
@@ -98,6 +106,8 @@ class RedisQueue:
         self._cancel = client.register_script(scripts.CANCEL)
         self._adopt = client.register_script(scripts.ADOPT)
         self._register = client.register_script(scripts.REGISTER_GATEWAY)
+        self._recent: OrderedDict[str, tuple[float, QueuedRequest]] = OrderedDict()
+        """Requests queued in the last RECENT_S seconds, oldest first (`restore_lost`)."""
 
     async def enqueue(self, request: QueuedRequest, max_queued: int) -> None:
         """Queue `request` with score priority-then-FIFO.
@@ -123,6 +133,8 @@ class RedisQueue:
                 result = -1
             else:
                 result = int(await self._enqueue(keys=keys, args=argv))
+        if result == 1:
+            self._remember(request)
         if result == 0:
             raise ResourceExhaustedError(
                 f"the queue of model {request.model!r} is full (--max-queued {max_queued}: at "
@@ -145,6 +157,44 @@ class RedisQueue:
         async with unavailable_on_error(self._url):
             model = await self._r.get(self._keys.request_model(request_id))
         return str(model) if model else None
+
+    def _remember(self, request: QueuedRequest) -> None:
+        self._recent[request.request_id] = (time.monotonic(), request)
+        self._recent.move_to_end(request.request_id)
+        self._forget_old()
+
+    def _forget_old(self) -> None:
+        old = time.monotonic() - RECENT_S
+        while self._recent and next(iter(self._recent.values()))[0] < old:
+            self._recent.popitem(last=False)
+
+    async def restore_lost(self, waiting: Callable[[str], bool]) -> int:
+        """After an outage: queue again the requests this gateway queued in the last
+        RECENT_S seconds that Redis no longer has while their streams still wait with
+        nothing heard (`waiting`): a failover to a replica that never got their enqueue.
+        A request a worker took before the failover is its to write back. Returns how
+        many were queued again."""
+        self._forget_old()
+        lost = [req for _, req in self._recent.values() if waiting(req.request_id)]
+        if not lost:
+            return 0
+        async with unavailable_on_error(self._url):
+            pipe = self._r.pipeline(transaction=False)
+            for req in lost:
+                pipe.exists(self._keys.request(req.model, req.request_id))
+            found = await pipe.execute()
+        restored = 0
+        for req, exists in zip(lost, found, strict=True):
+            if not exists:
+                try:
+                    await self.enqueue(req, 0)
+                    restored += 1
+                except AlreadyExistsError:  # a worker wrote it back meanwhile
+                    pass
+        if restored:
+            log.warning("queued %d requests again that Redis had lost (a failover to a replica "
+                        "that never got them)", restored)
+        return restored
 
     async def cancel(self, model: str, request_id: str) -> int:
         """Run CANCEL: 1 removed from the queue, 2 running and flagged, 0 unknown or done."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -42,6 +43,8 @@ class Subscription:
         self.finished = False
         self._early: dict[int, ReplyEvent] = {}
         self._final: ReplyEvent | None = None
+        self.heard = False
+        """Whether any event of the request arrived (delivered or held back)."""
 
     async def get(self) -> ReplyEvent:
         """The next event in order; raises what the relay failed the stream with."""
@@ -52,6 +55,7 @@ class Subscription:
 
     def offer(self, event: ReplyEvent) -> None:
         """Accept one event from the stream, in whatever order it arrived."""
+        self.heard = True
         if self.finished or self._seen(event):
             metrics.RELAY_DUPLICATES.inc()
             return
@@ -102,6 +106,9 @@ class ReplyRelay:
         self._last_id = "0-0"
         self._task: asyncio.Task[None] | None = None
         self._down_since: float | None = None
+        self.on_reconnect: Callable[[], Coroutine[Any, Any, object]] | None = None
+        """Run (in a task of its own) each time Redis is back after an outage."""
+        self._reconnects: set[asyncio.Task[object]] = set()
 
     def subscribe(self, request_id: str, start: int = 0) -> Subscription:
         """Start collecting events for `request_id` from completion index `start`; subscribe
@@ -116,6 +123,12 @@ class ReplyRelay:
     def unsubscribe(self, request_id: str) -> None:
         """Stop collecting; later events for the id are dropped."""
         self._subs.pop(request_id, None)
+
+    def waiting(self, request_id: str) -> bool:
+        """Whether a stream of this gateway waits for the request and has heard nothing of
+        it yet."""
+        sub = self._subs.get(request_id)
+        return sub is not None and not sub.heard and not sub.finished
 
     async def start(self) -> None:
         """Start the reader task after the stream's newest entry, so that a gateway id reused
@@ -155,6 +168,27 @@ class ReplyRelay:
             if self._down_since is not None:
                 log.info("reply stream %s: Redis is back", self._stream)
                 self._down_since = None
+                await self._rewind()
+                if self.on_reconnect is not None:
+                    task: asyncio.Task[object] = asyncio.create_task(
+                        self.on_reconnect(), name="after an outage")
+                    self._reconnects.add(task)
+                    task.add_done_callback(self._reconnects.discard)
+
+    async def _rewind(self) -> None:
+        """After an outage: if the stream ends before the last entry read (a failover to a
+        replica that never got the newest entries), read on from its end, so entries the
+        new master adds are not skipped should their ids fall below the lost ones'."""
+        try:
+            newest: Any = await self._r.xrevrange(self._stream, count=1)
+        except REDIS_DOWN:
+            return
+        end = str(newest[0][0]) if newest else "0-0"
+        if _entry_id(end) < _entry_id(self._last_id):
+            log.warning("reply stream %s: it ends at %s, before %s, the last entry read: "
+                        "Redis lost its newest entries; reading on from its end",
+                        self._stream, end, self._last_id)
+            self._last_id = end
 
     async def _read_once(self) -> None:
         reply: Any = await self._r.xread({self._stream: self._last_id}, count=256,
@@ -191,3 +225,8 @@ class ReplyRelay:
                 "while streaming; the request's outcome is unknown")
             for sub in self._subs.values():
                 sub.fail(error)
+
+
+def _entry_id(entry: str) -> tuple[int, int]:
+    ms, _, seq = entry.partition("-")
+    return int(ms), int(seq or 0)
