@@ -74,11 +74,13 @@ class Client:
     """The few calls the run makes, over the generated stubs (the gateway's own client is a
     layer above this one)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, timeout: float = 120.0) -> None:
         import grpc
 
         from protos import npuserve_pb2_grpc
 
+        self.timeout = timeout
+        """Deadline of each Generate and Resume call, in seconds."""
         self.channel = grpc.insecure_channel(target)
         self.stub = npuserve_pb2_grpc.GenerationStub(self.channel)
 
@@ -86,13 +88,13 @@ class Client:
         from protos import npuserve_pb2 as pb
 
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), **fields)
-        return self.stub.Generate(request, timeout=120)
+        return self.stub.Generate(request, timeout=self.timeout)
 
     def resume(self, request_id: str, next_index: int) -> Any:
         from protos import npuserve_pb2 as pb
 
         return self.stub.Resume(pb.ResumeRequest(request_id=request_id, next_index=next_index),
-                                timeout=120)
+                                timeout=self.timeout)
 
     def list_models(self, timeout: float) -> Any:
         from protos import npuserve_pb2 as pb
