@@ -96,7 +96,8 @@ def test_compose_commands_parse_with_npuserve_argparse(compose: dict[str, Any],
                                                        service: str) -> None:
     args = parse_npuserve(compose[service]["command"])
     assert args.command == service
-    assert args.redis == "redis://redis:6379/0"
+    assert args.redis == f"redis://npuserve-{service}@redis:6379/0"  # its ACL user
+    assert args.redis_password_file == f"/run/secrets/npuserve/{service}"
     test = compose[service]["healthcheck"]["test"]
     if test[1] == "npuserve":
         parse_npuserve(test[1:])
@@ -170,7 +171,48 @@ def test_k8s_worker_grace_covers_drain_and_requests_resources(k8s: list[dict[str
 def test_k8s_kustomization_lists_every_manifest() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == manifests
+    assert set(kustomization["resources"]) == manifests | {"../redis"}  # the ACL ConfigMap
+    acl = yaml.safe_load((REPO / "deploy" / "redis" / "kustomization.yaml").read_text())
+    [generator] = acl["configMapGenerator"]
+    for name in generator["files"]:
+        assert (REPO / "deploy" / "redis" / name).is_file()
+
+
+def acl_users() -> set[str]:
+    template = (REPO / "deploy" / "redis" / "users.acl.template").read_text()
+    return set(re.findall(r"^user (\S+) @[A-Z]+@", template, re.MULTILINE))
+
+
+def test_compose_redis_admits_only_its_acl_users_with_drawn_passwords(
+        compose: dict[str, Any]) -> None:
+    redis = compose["redis"]
+    assert redis["command"][-2:] == ["--aclfile", "/acl/users.acl"]
+    assert {"npuserve-gateway", "npuserve-worker", "npuserve-admin"} <= acl_users()
+    init = "\n".join(compose["redis-secrets"]["command"])
+    assert "render-acl.sh" in init and "/dev/urandom" in init
+    assert redis["depends_on"]["redis-secrets"]["condition"] == \
+        "service_completed_successfully"
+    for name, service in compose.items():
+        text = yaml.safe_dump(service)
+        assert "requirepass" not in text and not re.search(r"redis://[^@/]*:[^@/]*@", text), \
+            f"{name} has a Redis password in its configuration"
+
+
+def test_k8s_redis_users_and_passwords_come_from_the_secret(
+        k8s: list[dict[str, Any]]) -> None:
+    [redis] = deployment(k8s, "redis")["spec"]["template"]["spec"]["containers"]
+    assert redis["args"][-2:] == ["--aclfile", "/acl/users.acl"]
+    for component in ("gateway", "worker"):
+        spec = deployment(k8s, component)["spec"]["template"]["spec"]
+        [c] = spec["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert env["NPUSERVE_REDIS_URL"] == \
+            f"redis://npuserve-{component}@npuserve-redis:6379/0"
+        [mount] = [m for m in c["volumeMounts"] if m["name"] == "redis-password"]
+        assert env["NPUSERVE_REDIS_PASSWORD_FILE"] == mount["mountPath"] + "/password"
+        [volume] = [v for v in spec["volumes"] if v["name"] == "redis-password"]
+        assert volume["secret"]["items"] == [{"key": component, "path": "password"}]
+        assert f"npuserve-{component}" in acl_users()
 
 
 def test_dockerfile_installs_the_pinned_cpu_torch() -> None:
