@@ -10,6 +10,8 @@ idle rate: commands, by name, and Redis CPU. Then `redis-benchmark` against the 
 measures what it answers per second on this machine, plain and pipelined. The capacity of
 one Redis in tokens per second follows two ways: one core's worth of CPU over the CPU per
 token, and the benchmark's pipelined operations per second over the commands per token.
+With `--replicas N` the server has N replicas (as a Sentinel-managed primary does): the
+primary's CPU then includes feeding them, and each replica's own CPU per token is shown.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ def register(sub: Any) -> None:
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--replicas", type=int, default=0,
+                   help="replicas of the server (as under Sentinel): their cost to it, and "
+                   "their own CPU per token")
     p.add_argument("--bench-requests", type=int, default=200_000,
                    help="requests per redis-benchmark test (0: skip the benchmark)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON here")
@@ -101,6 +106,16 @@ def _run(args: argparse.Namespace) -> int:
                                                "--dir", str(workdir)])
         if not wait_for_port("127.0.0.1", port, 10, redis_child):
             raise RuntimeError("redis-server did not start")
+        replicas = []
+        for i in range(args.replicas):
+            replica_port = free_port()
+            child = children.start(f"replica{i}", [
+                binary, "--port", str(replica_port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(workdir), "--dbfilename", f"r{i}.rdb",
+                "--replicaof", "127.0.0.1", str(port)])
+            if not wait_for_port("127.0.0.1", replica_port, 10, child):
+                raise RuntimeError("a replica did not start")
+            replicas.append(redis.Redis(port=replica_port, decode_responses=True))
         children.start("gateway", [*python, "gateway", "--listen", target, "--redis", url])
         children.start("worker", [*python, "worker", "--model", args.model, "--name", MODEL,
                                   "--redis", url, "--max-num-seqs", str(args.concurrency),
@@ -136,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
                 with lock:
                     tokens[0] += len(result.token_ids)
 
+        replicas_before = [snapshot(c)[1] for c in replicas]
         before, start = snapshot(r), time.monotonic()
         threads = [threading.Thread(target=stream) for _ in range(args.concurrency)]
         for t in threads:
@@ -144,6 +160,8 @@ def _run(args: argparse.Namespace) -> int:
             t.join()
         seconds = time.monotonic() - start
         calls, cpu = delta(before, snapshot(r))
+        replica_cpu = [snapshot(c)[1] - b for c, b in zip(replicas, replicas_before,
+                                                            strict=True)]
         client.close()
         scale = seconds / IDLE_S
         net = {k: n - idle_calls.get(k, 0) * scale for k, n in calls.items()}
@@ -159,6 +177,8 @@ def _run(args: argparse.Namespace) -> int:
             "tokens_per_s": round(tokens[0] / seconds, 1),
             "redis_ops_per_token": round(ops, 2), "redis_calls_per_token": per_token,
             "redis_cpu_us_per_token": round(cpu_per_token * 1e6, 1),
+            "replicas": args.replicas,
+            "replica_cpu_us_per_token": [round(c / tokens[0] * 1e6, 1) for c in replica_cpu],
             "idle_ops_per_s": round(sum(idle_calls.values()) / IDLE_S, 1),
             "idle_cpu_ms_per_s": round(idle_cpu / IDLE_S * 1e3, 2),
             "benchmark_requests_per_s": bench,
@@ -187,7 +207,9 @@ def _table(res: dict[str, Any]) -> str:
         "a time)",
         f"Redis per generated token: {res['redis_ops_per_token']} commands, "
         f"{res['redis_cpu_us_per_token']} us of CPU (net of the idle fleet's "
-        f"{res['idle_ops_per_s']} commands and {res['idle_cpu_ms_per_s']} ms CPU per second)",
+        f"{res['idle_ops_per_s']} commands and {res['idle_cpu_ms_per_s']} ms CPU per second)"
+        + (f"; with {res['replicas']} replicas, each replica "
+           f"{res['replica_cpu_us_per_token']} us" if res["replicas"] else ""),
         "  " + ", ".join(f"{k} {v}" for k, v in res["redis_calls_per_token"].items()),
     ]
     for name, rates in res["benchmark_requests_per_s"].items():
