@@ -16,6 +16,7 @@ one slot; so do an API key's counters ({key}) and a gateway's registration and r
 | rid:ID                     | STRING | the model of request ID (Cancel and Resume name only ID) |
 | lease:{model}              | ZSET   | claimed request ids; score = lease expiry (ms)           |
 | wake:{model}               | LIST   | a nudge per enqueue, so idle workers block, not poll     |
+| reaper:{model}             | STRING | which worker reaps the model's leases this heartbeat     |
 | replies:{gateway}          | STREAM | token events for every request of one gateway            |
 | gateway:{gateway}          | HASH   | a gateway's registration; expires unless heartbeated     |
 | worker:ID                  | HASH   | a worker's registration; expires unless heartbeated      |
@@ -54,6 +55,9 @@ class Keys:
 
     def wake(self, model: str) -> str:
         return f"{self.prefix}wake:{{{model}}}"
+
+    def reaper(self, model: str) -> str:
+        return f"{self.prefix}reaper:{{{model}}}"
 
     def replies(self, gateway_id: str) -> str:
         return f"{self.prefix}replies:{{{gateway_id}}}"

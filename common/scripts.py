@@ -45,7 +45,7 @@ return 1
 
 CLAIM = """
 -- KEYS: queue, leases, then req, toks, cancel of each candidate
--- ARGV: n, now_ms, lease_ms, worker_id, max_len, room, lacks, n_dead, dead gateway..., id...
+-- ARGV: n, now_ms, lease_ms, worker_id, max_len, room, lacks, id...
 -- Leases up to n of the candidate ids (the queue's head, highest score first, as the caller
 -- read it), skipping any no longer queued, that this worker can start now:
 --  * a request whose prompt + max_tokens (ctx) exceeds max_len, or that asks for a sampling
@@ -53,19 +53,16 @@ CLAIM = """
 --    another worker (skipped, so it blocks no one);
 --  * the KV room is counted down by each request's prompt, already published tokens and one
 --    more; the first request that does not fit ends the claim (it is not overtaken);
---  * cancelled or expired requests, and those of a gateway the caller found dead (nobody
---    reads their streams), are removed and returned too, marked, so their streams get a
---    final event (not counted in n).
+--  * cancelled or expired requests are removed and returned too, marked, so their streams
+--    get a final event (not counted in n). (Requests of a dead gateway are leased; the
+--    worker, which checks their gateways after the claim, ends them at once.)
 local out = {}
 local n, now, taken = tonumber(ARGV[1]), tonumber(ARGV[2]), 0
 local max_len, room, lacks = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local n_dead = tonumber(ARGV[8])
-local dead = {}
-for i = 9, 8 + n_dead do dead[ARGV[i]] = true end
-for i = 9 + n_dead, #ARGV do
+for i = 8, #ARGV do
   if taken >= n then break end
   local id = ARGV[i]
-  local base = 3 + 3 * (i - 9 - n_dead)
+  local base = 3 + 3 * (i - 8)
   local req, toks, cancel = KEYS[base], KEYS[base + 1], KEYS[base + 2]
   if redis.call('ZSCORE', KEYS[1], id) then
     local fields = redis.call('HGETALL', req)
@@ -78,8 +75,6 @@ for i = 9 + n_dead, #ARGV do
         dropped = 'cancelled'
       elseif deadline > 0 and deadline <= now then
         dropped = 'deadline'
-      elseif dead[redis.call('HGET', req, 'gateway') or ''] then
-        dropped = 'orphaned'
       end
       if dropped ~= '' then
         redis.call('ZREM', KEYS[1], id)
@@ -92,7 +87,7 @@ for i = 9 + n_dead, #ARGV do
           and bit.band(tonumber(redis.call('HGET', req, 'needs') or '0') or 0, lacks) == 0 then
         local need = (tonumber(redis.call('HGET', req, 'plen') or '0') or 0)
                      + redis.call('LLEN', toks) + 1
-        if need > room then break end
+        if need > room then return {out, 1} end
         room = room - need
         redis.call('ZREM', KEYS[1], id)
         redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), id)
@@ -103,10 +98,12 @@ for i = 9 + n_dead, #ARGV do
     end
   end
 end
-return out
+return {out, 0}
 """
-"""[[id, [field, value, ...], [published token, ...], dropped], ...] where dropped is '' for a
-claimed request, or 'cancelled' / 'deadline' / 'orphaned' for one removed instead of run."""
+"""[[[id, [field, value, ...], [published token, ...], dropped], ...], full] where dropped is
+'' for a claimed request, or 'cancelled' / 'deadline' for one removed instead of run, and
+full is 1 when a request did not fit the room left (the claim ends there: none overtakes
+it)."""
 
 _HAND_BACK = """
 -- Puts a leased request back in the queue with its original score; true when it was.

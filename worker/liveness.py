@@ -105,7 +105,7 @@ class Liveness:
         registration = {**self.registration(),
                         "step_age_ms": str(int(self.watchdog.age_s() * 1000))}
         self.queue.register(registration, max(1, math.ceil(3 * self.period_s)), now)
-        if reaped := self.queue.reap(now):
+        if reaped := self.queue.reap(now, turn_ms=max(1, int(self.period_s * 1000))):
             log.warning("re-queued %d requests whose worker stopped renewing", reaped)
         self.queue.ensure_model_info(self.info)
 

@@ -40,7 +40,8 @@ REPLIES_MAXLEN = 100_000
 """Approximate cap on each gateway's reply stream; a live gateway reads far behind this."""
 CLAIM_SCAN = 64
 """Queued ids one claim examines at most (the queue's head): past this many requests the
-worker cannot run, it claims nothing this round, which bounds the script's time in Redis."""
+worker cannot run, it claims nothing this round, which bounds the script's time in Redis.
+A claim of n reads the first 4n + 4 first, and the rest only when those did not give n."""
 RETRY_MAX_WAIT_S = 0.5
 """Longest pause between two attempts: a Sentinel failover (about 2 s) is noticed within
 half a second of the new master taking writes, not a doubled backoff later."""
@@ -59,7 +60,8 @@ class Claimed:
     """Tokens an earlier worker already streamed (non-empty for a resumed request)."""
     dropped: str = ""
     """'cancelled' or 'deadline' when CLAIM removed the request instead of leasing it (it was
-    flagged while running, then handed back): only its final event is left to send."""
+    flagged while running, then handed back), 'orphaned' when its gateway's registration
+    expired: only its final event is left to send."""
 
 
 @dataclass(slots=True)
@@ -174,27 +176,47 @@ class RedisQueue:
         max_tokens within `max_len`, prompts (with tokens already published) within `room`
         free KV tokens, and asking for no sampling field in the `lacks` mask (FIELD_BITS).
         Requests this worker cannot run stay queued for another."""
-        raw: Any = self._call("claim", lambda: self._claim_head(
+        out = self._call("claim", lambda: self._claim_head(
             n, now_ms, max_len=max_len, room=room, lacks=lacks))
-        out = []
-        for rid, flat, toks, dropped in raw:
-            fields = dict(zip(flat[::2], flat[1::2], strict=True))
-            out.append(Claimed(rid, fields, [int(t) for t in toks], dropped))
+        leased = [c for c in out if not c.dropped]
+        dead = set(self._call("claim", lambda: self._dead(
+            self.keys.gateway, [c.fields.get("gateway") for c in leased])))
+        for c in leased:  # nobody reads their streams: ended at once, never run
+            if c.fields.get("gateway") in dead:
+                c.dropped = "orphaned"
         return out
 
     def _claim_head(self, n: int, now_ms: int, *, max_len: int, room: int, lacks: int
-                    ) -> Any:
-        """Read the queue's head and its requests' gateways, then run CLAIM on it."""
+                    ) -> list[Claimed]:
+        """Read the queue's head, then run CLAIM on it: the first 4n + 4 ids, then, if they
+        gave fewer than n and none stopped the claim for room, the rest of CLAIM_SCAN."""
         k, model = self.keys, self.model
-        ids = cast(list[str], self.client.zrevrange(k.queue(model), 0, CLAIM_SCAN - 1))
-        if not ids:
-            return []
-        dead = self._dead(k.gateway, self._fields(ids, "gateway"))
-        keys = [k.queue(model), k.leases(model)]
-        for rid in ids:
-            keys += k.request_keys(model, rid)
-        return self._claim(keys=keys, args=[n, now_ms, self.lease_ms, self.worker_id, max_len,
-                                            room, lacks, len(dead), *dead, *ids])
+        out: list[Claimed] = []
+        start, window = 0, min(CLAIM_SCAN, 4 * n + 4)
+        while start < CLAIM_SCAN:
+            ids = cast(list[str], self.client.zrevrange(k.queue(model), start,
+                                                        start + window - 1))
+            if not ids:
+                break
+            keys = [k.queue(model), k.leases(model)]
+            for rid in ids:
+                keys += k.request_keys(model, rid)
+            taken = sum(1 for c in out if not c.dropped)
+            raw, full = cast(tuple[list[Any], int], self._claim(keys=keys, args=[
+                n - taken, now_ms, self.lease_ms, self.worker_id, max_len, room, lacks, *ids]))
+            for rid, flat, toks, dropped in raw:
+                fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                claimed = Claimed(rid, fields, [int(t) for t in toks], dropped)
+                out.append(claimed)
+                if not dropped:
+                    room -= int(fields.get("plen", 0)) + len(toks) + 1
+            if full or len(ids) < window or sum(1 for c in out if not c.dropped) >= n:
+                break
+            # what this window left queued (unfit, or taken meanwhile) is behind us; the
+            # ids it removed moved the rest up
+            start += len(ids) - len(raw)
+            window = CLAIM_SCAN - start
+        return out
 
     def _fields(self, ids: Sequence[str], name: str) -> list[str | None]:
         """One field of each request's hash (None where it is gone)."""
@@ -389,10 +411,17 @@ class RedisQueue:
 
         return self._call("gateways", run)
 
-    def reap(self, now_ms: int) -> int:
+    def reap(self, now_ms: int, turn_ms: int = 0) -> int:
         """Re-queue every request of the model whose lease or whose worker's registration
-        expired; returns how many."""
-        return int(self._call("reap", lambda: self._reap_leases(now_ms)))
+        expired; returns how many. With `turn_ms`, only if no worker of the model reaped in
+        the last `turn_ms` (one reap per heartbeat serves the whole fleet)."""
+        def run() -> int:
+            if turn_ms and not self.client.set(self.keys.reaper(self.model), self.worker_id,
+                                               nx=True, px=turn_ms):
+                return 0
+            return self._reap_leases(now_ms)
+
+        return int(self._call("reap", run))
 
     def _reap_leases(self, now_ms: int) -> int:
         k, model = self.keys, self.model

@@ -169,6 +169,43 @@ def test_reap_requeues_the_requests_of_a_worker_whose_registration_expired(
     assert gateway.client.zrange(queue.keys.leases(MODEL), 0, -1) == ["mine"]
 
 
+def test_one_worker_reaps_per_turn(queue: RedisQueue, gateway: FakeGateway) -> None:
+    """With a turn, a heartbeat's reap is done by whichever worker of the model comes first;
+    the others skip it until the turn is over."""
+    other = RedisQueue(queue.client, queue.keys, MODEL, "w2", lease_ms=10_000)
+    gateway.enqueue("r", [1], P)
+    queue.claim(1, now_ms=1000, **ANY)
+    assert other.reap(now_ms=20_000, turn_ms=300) == 1
+    queue.claim(1, now_ms=1000, **ANY)
+    assert queue.reap(now_ms=20_000, turn_ms=300) == 0  # not its turn yet
+    time.sleep(0.35)
+    assert queue.reap(now_ms=20_000, turn_ms=300) == 1
+
+
+def test_a_claim_looks_past_a_head_it_cannot_run(queue: RedisQueue,
+                                                  gateway: FakeGateway) -> None:
+    """The first window of candidates (4n + 4) holds only requests too long for this
+    worker: the claim reads on, up to CLAIM_SCAN, and takes the first that fits."""
+    for i in range(10):
+        gateway.enqueue(f"long{i}", list(range(30)), P, priority=5)
+    gateway.enqueue("short", [1], P, priority=1)
+    claimed = queue.claim(1, now_ms=time.time_ns() // 10**6, max_len=20, room=1000)
+    assert [c.request_id for c in claimed] == ["short"]
+    assert gateway.client.zcard(queue.keys.queue(MODEL)) == 10
+
+
+def test_a_claim_does_not_overtake_a_request_that_does_not_fit_the_room(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    for i in range(8):  # past the first window: too long for this worker (ctx 64)
+        gateway.enqueue(f"unfit{i}", list(range(60)), P, priority=5)
+    gateway.enqueue("big", list(range(50)), P, priority=3)
+    gateway.enqueue("small", [1], P, priority=1)
+    claimed = queue.claim(1, now_ms=time.time_ns() // 10**6, max_len=60, room=10)
+    assert claimed == []  # "big" waits for room; "small" does not jump it
+    assert [c.request_id for c in queue.claim(
+        1, now_ms=time.time_ns() // 10**6, max_len=60, room=100)] == ["big"]
+
+
 def test_requeue_hands_requests_back(queue: RedisQueue, gateway: FakeGateway) -> None:
     gateway.enqueue("r", [1], P)
     queue.claim(1, now_ms=time.time_ns() // 10**6, **ANY)
