@@ -20,7 +20,9 @@ Sentinels are asked without a password unless NPUSERVE_REDIS_SENTINEL_PASSWORD g
 
 A client of a sentinel URL asks the sentinels for the master on every new connection; a
 connection that finds the master gone (a connection error) or demoted (READONLY) is dropped,
-and the caller's retry reconnects to whichever server the sentinels promoted.
+and the caller's retry reconnects to whichever server the sentinels promoted. Reads do not
+fail on a demoted master, so gateways and workers also ask the sentinels every heartbeat
+(`master_moved`).
 """
 
 from __future__ import annotations
@@ -198,3 +200,27 @@ def connect_async(url: str, *, password: str | None = None,
                                      ).master_for(target.service,
                                                   redis_class=_AsyncSentinelRedis, **master)
     return client
+
+
+def master_moved(client: redis.Redis) -> bool:
+    """For a client of a sentinel URL: ask the sentinels which server is master now; True
+    when it is not the one the client's connections went to. Those connections are then
+    dropped (idle ones at once, busy ones when released), so the next command reaches the
+    new master even though none of the client's commands failed: a failover while its
+    connections were idle, or away from a master that was only slow and still answers.
+    False for any other client. Raises MasterNotFoundError (a ConnectionError) while no
+    sentinel names a master."""
+    pool: Any = client.connection_pool
+    if not isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        return False
+    before, sentinels = pool.master_address, cast(Any, pool)
+    return before is not None and sentinels.get_master_address() != before
+
+
+async def master_moved_async(client: aioredis.Redis) -> bool:
+    """`master_moved` for an asyncio client."""
+    pool: Any = client.connection_pool
+    if not isinstance(pool, aiosentinel.SentinelConnectionPool):
+        return False
+    before, sentinels = pool.master_address, cast(Any, pool)
+    return before is not None and await sentinels.get_master_address() != before

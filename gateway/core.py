@@ -22,11 +22,12 @@ from collections.abc import Awaitable, Callable
 from common.config import GatewayConfig
 from common.errors import UnavailableError
 from common.keys import Keys
+from common.redis_client import master_moved_async
 from gateway.admission import Limits
 from gateway.api_keys import KeyStore
 from gateway.key_limits import KeyLimiter
 from gateway.models import ModelRegistry
-from gateway.redis_queue import RedisQueue, connect
+from gateway.redis_queue import RedisQueue, connect, unavailable_on_error
 from gateway.relay import ReplyRelay
 from gateway.service import GatewayService
 
@@ -115,6 +116,16 @@ class GatewayCore:
         for listener in self._listeners:
             await listener(serving)
 
+    async def _check_master(self) -> None:
+        """With Sentinel: reads do not fail on a demoted master, so ask the sentinels each
+        beat whether the master moved; if so, the clients reconnect to the new one and the
+        reply reader does what it does after an outage."""
+        async with unavailable_on_error(self.config.redis.url):
+            moved = [await master_moved_async(c) for c in (self._redis, self._relay_redis)]
+        if any(moved):
+            log.warning("the sentinels name another Redis master; reconnecting to it")
+            self.relay.notice_failover()
+
     async def _restore_lost(self) -> None:
         """Redis is back after an outage: queue again what a failover lost of this gateway's
         newest requests (RedisQueue.restore_lost)."""
@@ -131,6 +142,7 @@ class GatewayCore:
         while True:
             self.service.api_keys.reload_if_changed()
             try:
+                await self._check_master()
                 await self._register()
                 await self.service.key_limits.renew()
                 await self.registry.refresh()

@@ -168,12 +168,22 @@ class ReplyRelay:
             if self._down_since is not None:
                 log.info("reply stream %s: Redis is back", self._stream)
                 self._down_since = None
-                await self._rewind()
-                if self.on_reconnect is not None:
-                    task: asyncio.Task[object] = asyncio.create_task(
-                        self.on_reconnect(), name="after an outage")
-                    self._reconnects.add(task)
-                    task.add_done_callback(self._reconnects.discard)
+                await self._after_outage()
+
+    def notice_failover(self) -> None:
+        """The master moved though the reader's connection did not fail (a failover away
+        from a master that was only slow): do what a reconnection does."""
+        task = asyncio.create_task(self._after_outage(), name="after a failover")
+        self._reconnects.add(task)
+        task.add_done_callback(self._reconnects.discard)
+
+    async def _after_outage(self) -> None:
+        await self._rewind()
+        if self.on_reconnect is not None:
+            task: asyncio.Task[object] = asyncio.create_task(
+                self.on_reconnect(), name="after an outage")
+            self._reconnects.add(task)
+            task.add_done_callback(self._reconnects.discard)
 
     async def _rewind(self) -> None:
         """After an outage: if the stream ends before the last entry read (a failover to a

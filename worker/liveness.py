@@ -78,7 +78,7 @@ class Liveness:
 
     def __init__(self, queue: RedisQueue, period_s: float, info: dict[str, str],
                  registration: Callable[[], dict[str, str]],
-                 held: Callable[[], list[str]], on_lost: Callable[[list[str]], None],
+                 held: Callable[[], list[str]], on_lost: Callable[[list[str], int], None],
                  on_gateways: Callable[[dict[str, tuple[str, bool]]], None],
                  watchdog: StepWatchdog) -> None:
         self.queue = queue
@@ -96,10 +96,11 @@ class Liveness:
         self.watchdog.check()
         if self._stop.is_set():  # the watchdog ended the worker
             return
+        self.queue.check_master()
         now = now_ms()
         held = self.held()
         if lost := self.queue.renew(held, now):
-            self.on_lost(lost)
+            self.on_lost(lost, now)
         if gateways := self.queue.gateways(held):
             self.on_gateways(gateways)
         registration = {**self.registration(),

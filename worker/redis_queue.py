@@ -29,7 +29,7 @@ from common.config import RedisConfig
 from common.errors import UnavailableError
 from common.keys import REPLIES_TTL_S, Keys, queue_score
 from common.protocol import ReplyEvent, encode_events
-from common.redis_client import connect_sync
+from common.redis_client import connect_sync, master_moved
 from common.redis_credentials import redact, refused_credentials
 from worker.published import Published
 
@@ -382,20 +382,38 @@ class RedisQueue:
 
     def renew(self, ids: Sequence[str], now_ms: int) -> list[str]:
         """Extend the leases of requests still ours; return those that are not (reaped and
-        claimed elsewhere, or deleted), which this worker must drop without publishing."""
+        queued again or claimed elsewhere), which this worker must drop without publishing.
+
+        A request whose hash is gone altogether is not dropped: Redis lost it (a failover to
+        a replica that lacked it, or its hash outlived by a long generation), and `repair`
+        writes it back, leased to this worker, at the next step."""
         if not ids:
             return []
 
         def run() -> list[str]:
-            owners = self._fields(ids, "worker")
-            mine = [rid for rid, w in zip(ids, owners, strict=True) if w == self.worker_id]
+            pipe = self.client.pipeline(transaction=False)
+            for rid in ids:
+                pipe.hmget(self.keys.request(self.model, rid), ["id", "worker"])
+            found = cast(list[list[str | None]], pipe.execute())
+            mine = [rid for rid, (_, w) in zip(ids, found, strict=True) if w == self.worker_id]
+            if any(present is None for present, _ in found):
+                self.disrupted = True
             if mine:
                 expiry = now_ms + self.lease_ms
                 self.client.zadd(self.keys.leases(self.model), dict.fromkeys(mine, expiry),
                                  xx=True)
-            return [rid for rid in ids if rid not in set(mine)]
+            return [rid for rid, (present, w) in zip(ids, found, strict=True)
+                    if present is not None and w != self.worker_id]
 
         return self._call("renew", run)
+
+    def check_master(self) -> None:
+        """With Sentinel: whether the master moved though no call of this worker failed
+        (reads do not fail on a demoted master); if so, its connections go to the new one
+        and what a failover may have lost is checked (`repair`)."""
+        if self._call("master", lambda: master_moved(self.client)):
+            log.warning("the sentinels name another Redis master; reconnecting to it")
+            self.disrupted = True
 
     def gateways(self, ids: Sequence[str]) -> dict[str, tuple[str, bool]]:
         """Each request's gateway (it changes when a client resumes the stream at another)

@@ -96,7 +96,9 @@ class WorkerService:
         self._active: dict[str, _Active] = {}
         self._held: tuple[str, ...] = ()
         """The ids of _active as the liveness thread reads them (replaced, never mutated)."""
-        self._lost: set[str] = set()
+        self._lost: dict[str, int] = {}
+        """Requests the liveness thread found no longer leased to this worker, and when it
+        read that (ms): a request this worker claimed back since then stays."""
         self._orphaned: set[str] = set()
         self._gateway_of: dict[str, str] = {}
         """Held requests' live gateways, as the liveness thread last read them."""
@@ -162,10 +164,10 @@ class WorkerService:
         if (stats := backend.device_stats()) is not None:
             self.metrics.set_device(str(backend.device), stats)
 
-    def _lose(self, ids: list[str]) -> None:
+    def _lose(self, ids: list[str], read_ms: int) -> None:
         """Liveness thread: these requests are no longer leased to this worker."""
         with self._liveness_lock:
-            self._lost.update(ids)
+            self._lost.update(dict.fromkeys(ids, read_ms))
 
     def _gateways(self, found: dict[str, tuple[str, bool]]) -> None:
         """Liveness thread: the held requests' gateways, and whether each is alive."""
@@ -178,11 +180,16 @@ class WorkerService:
 
     def _drop_lost(self) -> None:
         with self._liveness_lock:
-            lost, self._lost = self._lost, set()
-        for rid in lost:
+            lost, self._lost = self._lost, {}
+        for rid, read_ms in lost.items():
+            act = self._active.get(rid)
+            if act is not None and act.claimed_ms >= read_ms:
+                continue  # claimed (back) after the liveness thread read its owner
             self.published.forget(rid)
-            if self._active.pop(rid, None) is not None:
-                log.warning("lost the lease on %s (reaped or deleted); dropping it", rid)
+            if act is not None:
+                del self._active[rid]
+                log.warning("lost the lease on %s (reaped and taken by another); dropping it",
+                            rid)
                 self.engine.abort(rid)
 
     def _repair(self) -> None:
@@ -197,7 +204,8 @@ class WorkerService:
                         "keys that Redis had lost (a failover to a replica behind its master)",
                         len(repaired))
             with self._liveness_lock:
-                self._lost.difference_update(repaired)
+                for rid in repaired:
+                    self._lost.pop(rid, None)
 
     def _sync_held(self) -> None:
         self._held = tuple(self._active)
@@ -349,6 +357,7 @@ class WorkerService:
             else:
                 log.warning("request %s: claimed back while still running here; it goes on",
                             c.request_id)
+                mine.claimed_ms = claimed_ms
             return
         try:
             req = QueuedRequest.from_fields(c.fields, c.published)

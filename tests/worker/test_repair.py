@@ -119,3 +119,25 @@ def test_nothing_is_written_when_nothing_was_lost(make_service: MakeService,
     service.queue.disrupted = True
     service.run_once()
     assert len(gateway.entries()) == entries
+
+
+def test_a_request_claimed_back_is_not_dropped_by_a_report_read_before(
+        make_service: MakeService, gateway: FakeGateway, reference: list[int]) -> None:
+    """A failover (or a lapsed registration) re-queues a request its worker still runs; the
+    heartbeat reads it as no longer this worker's just before the worker claims it back:
+    that stale report must not drop it (it would then sit leased and unrun until its lease
+    expired)."""
+    service = make_service(stream_retention_s=60.0)
+    gateway.enqueue("r", PROMPT, GREEDY)
+    k = gateway.keys
+    run_until(service, lambda: gateway.client.llen(k.tokens(MODEL, "r")) >= 3)
+    service.queue.requeue(["r"])  # what REAP does to a worker whose registration lapsed
+    read_ms = int(gateway.client.time()[0]) * 1000 - 1
+    assert service.queue.renew(["r"], read_ms) == ["r"]  # the heartbeat's read...
+    service.run_once()  # ...then the worker claims it back, and goes on with it
+    service._lose(["r"], read_ms)  # the heartbeat delivers what it read before
+    service.run_once()
+    assert service.active_ids == ["r"]
+    run_until(service, lambda: gateway.finished("r"))
+    got = received(gateway.events("r"))
+    assert [got[i] for i in range(len(reference))] == reference
