@@ -9,6 +9,11 @@ later). A stream whose gateway breaks resumes at the other one (`Resume`); one r
 it got a token is resumed or sent again. At the end it prints and writes (JSON and a plot)
 the tokens expected and received, and those lost, duplicated and mismatched against the calm
 run, the streams' longest stalls, and the faults' times. It stops by itself.
+
+With `--sentinel`, Redis is a master, a replica and three sentinels (no append-only file:
+the replica is the copy), reached through a redis+sentinel:// URL, and the Redis fault is a
+failover: the current master SIGKILLed, the sentinels promote the replica, and the old
+master comes back as the new one's replica for the next round.
 """
 
 from __future__ import annotations
@@ -29,8 +34,12 @@ from typing import Any
 
 from worker.processes import ChildSet, free_port, wait_for_port
 
-FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill")
+FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill", "redis-failover")
+PLAIN_FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill")
+SENTINEL_FAULTS = ("worker-kill", "drain", "redis-failover", "gateway-kill")
 MODEL = "chaos"
+SERVICE = "chaos"
+"""The master's name in the sentinels' configuration (--sentinel)."""
 
 
 def register(subparsers: Any) -> None:
@@ -45,8 +54,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--prompts", type=int, default=12, help="distinct prompts, reused")
     p.add_argument("--fault-every", type=float, default=8.0, help="seconds between faults")
-    p.add_argument("--faults", default=",".join(FAULTS),
-                   help=f"comma-separated, in turn: {', '.join(FAULTS)}")
+    p.add_argument("--faults", default="",
+                   help=f"comma-separated, in turn, of {', '.join(FAULTS)} (default: "
+                   f"{','.join(PLAIN_FAULTS)}; with --sentinel {','.join(SENTINEL_FAULTS)})")
+    p.add_argument("--sentinel", action="store_true",
+                   help="Redis as a master, a replica and three sentinels: redis-failover "
+                   "replaces redis-restart")
     p.add_argument("--out", default="chaos-results", help="directory for the JSON and plot")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_run)
@@ -115,25 +128,101 @@ class Stack:
         self.redis_port = free_port()
         self.gateways = [f"127.0.0.1:{free_port()}" for _ in range(2)]
         self.prefix = "chaos:"
+        self.nodes = {"redis": self.redis_port, "redis-b": free_port()}
+        """--sentinel: the two data nodes (either may be the master) and their ports."""
+        self.sentinels = [free_port() for _ in range(3)] if args.sentinel else []
 
     @property
     def redis_url(self) -> str:
+        if self.sentinels:
+            hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinels)
+            return f"redis+sentinel://{hosts}/{SERVICE}/0"
         return f"redis://127.0.0.1:{self.redis_port}/0"
 
     def start_redis(self) -> None:
+        """The plain Redis; with --sentinel, both data nodes and the sentinels."""
+        if not self.sentinels:
+            self._start_node("redis", self.redis_port, "--appendonly", "yes",
+                             "--appendfsync", "always")
+            return
+        self._start_node("redis", self.nodes["redis"])
+        self._start_node("redis-b", self.nodes["redis-b"], "--replicaof", "127.0.0.1",
+                         str(self.nodes["redis"]))
+        for i, port in enumerate(self.sentinels):
+            conf = self.workdir / f"sentinel{i}.conf"
+            conf.write_text(f"sentinel monitor {SERVICE} 127.0.0.1 {self.nodes['redis']} 2\n"
+                            f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                            f"sentinel failover-timeout {SERVICE} 3000\n")
+            self._start_node(f"sentinel{i}", port, config=conf)
+        self._await_sentinels(lambda s: any(
+            r["port"] in self.nodes.values() and r.get("master-link-status") == "ok"
+            for r in s.sentinel_slaves(SERVICE)) and len(s.sentinel_sentinels(SERVICE)) >= 2,
+            "the sentinels never saw the replica and each other")
+
+    def _start_node(self, name: str, port: int, *options: str, config: Path | None = None
+                    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("npuserve chaos: redis-server is not on PATH (make setup)")
+        head = [binary, str(config), "--sentinel"] if config else [
+            binary, "--dbfilename", f"{name}.rdb", "--save", ""]
         for _attempt in range(2):  # a child forked beside busy threads can hang before exec
-            child = self.children.start("redis", [
-                binary, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--dir",
-                str(self.workdir), "--appendonly", "yes", "--appendfsync", "always",
-                "--save", ""])
-            if wait_for_port("127.0.0.1", self.redis_port, 10, child):
+            child = self.children.start(name, [
+                *head, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.workdir),
+                *options])
+            if wait_for_port("127.0.0.1", port, 10, child):
                 return
             child.proc.kill()
             child.proc.wait()
-        raise RuntimeError(f"redis-server did not listen on port {self.redis_port}")
+        raise RuntimeError(f"{name} did not listen on port {port}")
+
+    def _await_sentinels(self, ready: Any, what: str, timeout: float = 30.0) -> None:
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            clients = [redis.Redis(port=p, socket_timeout=1, decode_responses=True)
+                       for p in self.sentinels]
+            try:
+                if all(ready(c) for c in clients):
+                    return
+            except redis.RedisError:
+                pass
+            finally:
+                for c in clients:
+                    c.close()
+            time.sleep(0.2)
+        raise RuntimeError(what)
+
+    def master(self) -> str:
+        """--sentinel: the data node the sentinels name master."""
+        import redis
+
+        for port in self.sentinels:
+            try:
+                with redis.Redis(port=port, socket_timeout=1) as s:
+                    _, master = s.sentinel_get_master_addr_by_name(SERVICE)
+                return next(n for n, p in self.nodes.items() if p == int(master))
+            except (redis.RedisError, StopIteration, TypeError):
+                continue
+        raise RuntimeError("no sentinel names a master")
+
+    def fail_over(self) -> str:
+        """SIGKILL the master; once the sentinels promoted the replica, start the old master
+        again as its replica. Returns the node killed."""
+        old = self.master()
+        self.send(old, signal.SIGKILL)
+        new = next(n for n in self.nodes if n != old)
+        self._await_sentinels(lambda s: s.sentinel_get_master_addr_by_name(SERVICE)[1]
+                              == self.nodes[new], f"the sentinels never promoted {new}")
+        time.sleep(1.0)  # as the other faults' restarts: not before the promotion settled
+        self._start_node(old, self.nodes[old], "--replicaof", "127.0.0.1",
+                         str(self.nodes[new]))
+        self._await_sentinels(lambda s: any(
+            r["port"] == self.nodes[old] and r.get("master-link-status") == "ok"
+            and not r["is_sdown"] for r in s.sentinel_slaves(SERVICE)),
+            f"the sentinels never saw {old} back as a replica")
+        return old
 
     def start(self, name: str) -> None:
         python = [sys.executable, "-m", "common.cli"]
@@ -156,8 +245,9 @@ class Stack:
 
     def stop(self) -> None:
         names = list(self.children.children)
-        self.children.terminate([n for n in names if n != "redis"], 30)
-        self.children.terminate(["redis"], 10)
+        redis_names = [n for n in names if n.startswith(("redis", "sentinel"))]
+        self.children.terminate([n for n in names if n not in redis_names], 30)
+        self.children.terminate(redis_names, 10)
 
 
 def _stream(client: Any, outcome: Outcome, messages: Any) -> None:
@@ -214,10 +304,15 @@ def _run(args: argparse.Namespace) -> int:
     # The run forks children while its gRPC client threads stream: gRPC's fork handlers
     # would run in a child that only execs (and can hang it), so they are turned off.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    faults = [f for f in args.faults.split(",") if f]
+    faults = [f for f in args.faults.split(",") if f] or list(
+        SENTINEL_FAULTS if args.sentinel else PLAIN_FAULTS)
     if unknown := set(faults) - set(FAULTS):
         print(f"npuserve chaos: unknown faults {sorted(unknown)}; use {', '.join(FAULTS)}",
               file=sys.stderr)
+        return 2
+    if ("redis-restart" if args.sentinel else "redis-failover") in faults:
+        print("npuserve chaos: redis-failover needs --sentinel, and redis-restart does not "
+              "go with it", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +409,8 @@ def _experiment(args: argparse.Namespace, stack: Stack, prompts: list[list[int]]
 
 
 def _inject(stack: Stack, fault: str, k: int, workers: list[str]) -> str:
+    if fault == "redis-failover":
+        return stack.fail_over()
     if fault == "redis-restart":
         stack.send("redis", signal.SIGTERM)
         time.sleep(1.0)
