@@ -47,6 +47,10 @@ class EngineConfig:
     running streams when a long prompt arrives."""
     max_model_len: int | None = None
     """Cap on prompt + completion tokens; unset means the model's context length."""
+    enable_prefix_caching: bool = True
+    """Keep the KV blocks of computed prompts and outputs, and start requests whose tokens
+    begin with the same full blocks after them (automatic prefix caching); on where the
+    backend can (torch), always off where it cannot (sophon)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):

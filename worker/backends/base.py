@@ -41,6 +41,11 @@ class BackendCapacity:
     mixed_batches: bool = True
     """Whether prefill chunks and decodes may share one step."""
     output: OutputKind = OutputKind.LOGITS
+    prefix_caching: bool = False
+    """Whether requests may share the cached KV blocks of a common prefix: needs a paged
+    cache read through block tables and a prefill that can start after cached context (a
+    backend sets it from EngineConfig.enable_prefix_caching where it can, else leaves it
+    False)."""
 
 
 @dataclass(slots=True)

@@ -47,12 +47,15 @@ class TorchBackend(Backend):
             max_tokens_per_step=engine.max_num_batched_tokens,
             block_size=runner.block_size,
             num_blocks=runner.num_blocks,
+            # every op set reads the paged cache through block tables, and a prefill chunk
+            # after cached context is what chunked prefill already runs
+            prefix_caching=engine.enable_prefix_caching,
         )
         log.info("torch backend on %s (%s, %s ops): weights %.1f MiB (%.1f MiB read per step), "
-                 "KV cache %.1f MiB in %d blocks of %d", self.device, runner.dtype,
-                 runner.ops.name, self.weight_memory_bytes() / 2**20,
+                 "KV cache %.1f MiB in %d blocks of %d, prefix caching %s", self.device,
+                 runner.dtype, runner.ops.name, self.weight_memory_bytes() / 2**20,
                  self.weight_bytes() / 2**20, self.kv_cache_bytes() / 2**20, runner.num_blocks,
-                 runner.block_size)
+                 runner.block_size, "on" if engine.enable_prefix_caching else "off")
 
     def weight_bytes(self) -> int:
         return self.runner.weight_bytes()

@@ -25,7 +25,7 @@ from worker.backends.registry import create_backend
 from worker.engine.outputs import Completion, TokenEvent
 from worker.engine.request import Request, RequestStatus
 from worker.engine.sampler import Sampler, SampleRow, make_generator, skip_draws
-from worker.engine.scheduler import Scheduler, SchedulerOutput
+from worker.engine.scheduler import PrefixCacheStats, Scheduler, SchedulerOutput
 from worker.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,16 @@ class Engine:
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
                        backend: str = "torch", settings: Any = None) -> Engine:
         return cls(create_backend(backend, model_dir, config, settings))
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Whether requests re-use the cached KV blocks of a common prefix."""
+        return self.scheduler.blocks.caching
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prompt tokens admitted and, of those, found cached, since the engine started."""
+        return self.scheduler.stats
 
     @property
     def max_len(self) -> int:

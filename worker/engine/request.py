@@ -53,6 +53,13 @@ class Request:
     num_computed_tokens: int = 0
     """Tokens whose keys/values are in the cache."""
     block_ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    """Tokens found in the prefix cache at the latest admission, so not computed."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache hashes of the full blocks of token_ids, computed as they are needed."""
+    num_registered_blocks: int = 0
+    """Leading blocks of block_ids already offered to the prefix cache (found there at
+    admission, or registered once full)."""
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     generator: Any = None

@@ -8,6 +8,11 @@ than one budget). When the KV cache cannot grow, the most recently admitted requ
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
 from its prompt and the tokens it already produced.
 
+With prefix caching (`BackendCapacity.prefix_caching`), admission first looks up the longest
+run of cached full blocks that starts the request's tokens (see `BlockManager`): those tokens
+count as computed and only the rest is prefilled, in chunks as usual. A preempted request
+frees its blocks like any other and finds again, when it resumes, whatever is still cached.
+
 No torch, Redis or gRPC here.
 """
 
@@ -35,6 +40,18 @@ class ScheduledChunk:
 
 
 @dataclass(slots=True)
+class PrefixCacheStats:
+    """Counters since the scheduler started; the hit rate is cached_tokens / prompt_tokens."""
+
+    prompt_tokens: int = 0
+    """Tokens admitted requests needed in the KV cache before their next token: the prompt,
+    and the tokens already generated of a preempted or resumed request. Counted at every
+    admission."""
+    cached_tokens: int = 0
+    """Of those, tokens found in the prefix cache rather than computed."""
+
+
+@dataclass(slots=True)
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
@@ -47,7 +64,9 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, capacity: BackendCapacity) -> None:
         self.capacity = capacity
-        self.blocks = BlockManager(capacity.num_blocks, capacity.block_size)
+        self.blocks = BlockManager(capacity.num_blocks, capacity.block_size,
+                                   caching=capacity.prefix_caching)
+        self.stats = PrefixCacheStats()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
@@ -87,11 +106,16 @@ class Scheduler:
             return out
         while self.waiting and budget > 0 and len(self.running) < self.capacity.max_batch:
             req = self.waiting[0]
-            n = self._chunk_size(req, budget)
-            if n == 0 or not self.blocks.can_grow(req, req.num_computed_tokens + n):
+            admission = self._admission(req, budget)
+            if admission is None:
                 break
+            cached, n = admission
             self.waiting.popleft()
-            self.blocks.grow(req, req.num_computed_tokens + n)
+            num_cached = len(cached) * self.blocks.block_size
+            self.blocks.allocate(req, num_cached + n, cached)
+            req.num_computed_tokens = req.num_cached_tokens = num_cached
+            self.stats.prompt_tokens += req.num_tokens
+            self.stats.cached_tokens += num_cached
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, n))
@@ -110,6 +134,7 @@ class Scheduler:
             req = chunk.request
             sample = chunk.sample
             req.num_computed_tokens += chunk.num_tokens
+            self.blocks.cache_full_blocks(req)
             if not sample:
                 continue
             token = next(tokens)
@@ -135,19 +160,28 @@ class Scheduler:
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
 
-    def _chunk_size(self, req: Request, budget: int) -> int:
-        remaining = req.num_tokens - req.num_computed_tokens
+    def _chunk_size(self, req: Request, budget: int, computed: int | None = None) -> int:
+        """Tokens the request can feed this step after `computed` (its own count if None)."""
+        remaining = req.num_tokens - (req.num_computed_tokens if computed is None else computed)
         n = min(remaining, budget)
         if n < remaining and not self.capacity.chunked_prefill:
             return 0
         return n
 
+    def _admission(self, req: Request, budget: int) -> tuple[list[int], int] | None:
+        """For a waiting request: its cached prefix blocks and the tokens to feed after them
+        this step, or None if it cannot start now (no budget left for it, or no KV room)."""
+        cached = self.blocks.cached_prefix(req)
+        num_cached = len(cached) * self.blocks.block_size
+        n = self._chunk_size(req, budget, num_cached)
+        if n == 0 or not self.blocks.can_allocate(num_cached + n, cached):
+            return None
+        return cached, n
+
     def _can_admit_head(self, budget: int) -> bool:
         if not self.waiting or len(self.running) >= self.capacity.max_batch:
             return False
-        req = self.waiting[0]
-        n = self._chunk_size(req, budget)
-        return n > 0 and self.blocks.can_grow(req, n)
+        return self._admission(self.waiting[0], budget) is not None
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)

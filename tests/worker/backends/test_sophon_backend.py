@@ -123,6 +123,7 @@ def test_a_bmodel_with_the_top1_head_on_chip_serves_greedy_and_refuses_the_rest(
                             runtime=runtime)
     assert backend.capacity.output == OutputKind.TOKENS
     assert backend.capabilities == GREEDY_ONLY
+    assert EngineConfig().enable_prefix_caching and not backend.capacity.prefix_caching
     engine = Engine(backend)
     [done] = engine.generate([[5, 6, 7]], GREEDY)
     assert done.token_ids == [CHIP_TOKEN] * GREEDY.max_tokens

@@ -147,3 +147,71 @@ def test_prompt_over_the_budget_waits_when_the_backend_cannot_chunk() -> None:
     s = Scheduler(capacity(chunked_prefill=False, max_tokens_per_step=8))
     s.add(request("a", 9))
     assert s.schedule().chunks == []
+
+
+def shared(rid: str, prefix_len: int, own: list[int], max_tokens: int = 8) -> Request:
+    return Request(rid, list(range(10, 10 + prefix_len)) + own,
+                   SamplingParams(max_tokens=max_tokens), frozenset({EOS}), 256)
+
+
+def test_a_cached_prefix_is_skipped_and_only_the_rest_is_prefilled() -> None:
+    s = Scheduler(capacity(prefix_caching=True))
+    s.add(shared("a", 16, [90, 91], max_tokens=1))
+    run_step(s)
+    b = shared("b", 16, [80, 81, 82])
+    s.add(b)
+    out = run_step(s)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("b", 3)]
+    assert b.num_cached_tokens == 16 and b.num_computed_tokens == 19
+    assert s.stats.prompt_tokens == 18 + 19 and s.stats.cached_tokens == 16
+
+
+def test_a_cached_prefix_is_chunked_after_like_any_prompt() -> None:
+    s = Scheduler(capacity(prefix_caching=True, max_tokens_per_step=8))
+    s.add(shared("a", 16, [], max_tokens=1))
+    while s.has_unfinished():
+        run_step(s)
+    s.add(shared("b", 12, list(range(40, 52))))  # 12 of its 24 tokens cached
+    shapes = []
+    for _ in range(2):
+        out = s.schedule()
+        shapes.append([(c.request.request_id, c.num_tokens, c.sample) for c in out.chunks])
+        s.update(out, [7] * sum(c.sample for c in out.chunks))
+    assert shapes == [[("b", 8, False)], [("b", 4, True)]]
+
+
+def test_a_preempted_request_resumes_after_its_still_cached_blocks() -> None:
+    s = Scheduler(capacity(prefix_caching=True, num_blocks=4))
+    a = request("a", 6, max_tokens=6)
+    b = Request("b", list(range(100, 106)), SamplingParams(max_tokens=6), frozenset(), 256)
+    s.add(a)
+    s.add(b)
+    for _ in range(3):
+        run_step(s)
+    out = run_step(s)  # a's 9th token needs a third block: b is preempted
+    assert out.preempted == [b] and b.num_tokens == 9
+    cached_before = s.stats.cached_tokens
+    while a.status == RequestStatus.RUNNING:
+        run_step(s)
+    out = run_step(s)
+    # b's two full blocks were cached; a's third block took the second (a prefix's tail is
+    # evicted first), so b resumes after its first block
+    assert out.chunks[0].request is b and out.chunks[0].num_tokens == 5
+    assert s.stats.cached_tokens - cached_before == 4
+    while s.has_unfinished():
+        run_step(s)
+    assert b.num_output_tokens == 6 and s.blocks.num_free_blocks == 4
+
+
+def test_unmixed_backends_admit_a_cached_prefix_too() -> None:
+    s = Scheduler(capacity(prefix_caching=True, mixed_batches=False, chunked_prefill=False,
+                           max_tokens_per_step=8))
+    s.add(shared("a", 8, [90], max_tokens=1))  # 9 tokens do not fit a step of 8
+    assert s.schedule().chunks == []
+    s2 = Scheduler(capacity(prefix_caching=True, mixed_batches=False, chunked_prefill=False,
+                            max_tokens_per_step=9))
+    s2.add(shared("a", 8, [90], max_tokens=1))
+    run_step(s2)
+    s2.add(shared("b", 8, [91, 92, 93, 94, 95, 96, 97, 98]))  # 16 tokens, 8 of them cached
+    out = run_step(s2)
+    assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("b", 8)]

@@ -2,10 +2,11 @@
 
 Each slot holds one sequence of at most SEQLEN tokens. The scheduler sees one KV block of
 SEQLEN tokens per slot, so the block a request is given *is* its slot; a prompt is prefilled
-whole (no chunking). Slots come in groups of the decode nets' batch B (`SlotGroup`): a step
-decodes every running slot of a group in one net call per layer, so a bmodel compiled with
-`--decode-batch B` reads its weights once for B sequences where Sophgo's demos read them once
-per sequence.
+whole (no chunking), never after cached context, so the capacity leaves prefix caching off
+whatever EngineConfig asks. Slots come in groups of the decode nets' batch B (`SlotGroup`): a
+step decodes every running slot of a group in one net call per layer, so a bmodel compiled
+with `--decode-batch B` reads its weights once for B sequences where Sophgo's demos read
+them once per sequence.
 
 Sampling: a bmodel compiled with host-side logits (`--sample-on-host`) hands the engine
 logits, so every sampling parameter is honoured. One compiled without it picks its top-1
@@ -90,6 +91,8 @@ class SophonBackend(Backend):
             max_tokens_per_step=max(engine.max_num_batched_tokens, seqlen),
             block_size=seqlen, num_blocks=pool, chunked_prefill=False,
             output=OutputKind.TOKENS if self.on_chip_head else OutputKind.LOGITS)
+        if engine.enable_prefix_caching:
+            log.info("prefix caching off: each request prefills its own static KV slot")
         log.info("sophon backend on %s: SEQLEN %d, %s, %s, %d slots, %.1f MiB of device "
                  "memory; decode batch %d", self.device, seqlen, self.manifest["quant"],
                  "top-1 on chip (greedy only)" if self.on_chip_head else "logits to the host",
