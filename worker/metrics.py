@@ -11,10 +11,14 @@ import logging
 import os
 import resource
 import sys
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from worker.backends.base import DeviceStats
+
+if TYPE_CHECKING:
+    from worker.engine.scheduler import PrefixCacheStats
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,15 @@ class WorkerMetrics:
         self.step_in_progress = Gauge(
             "npuserve_worker_step_in_progress_seconds",
             "How long the engine step now running has run (0 between steps)", registry=r)
+        self.prompt_tokens = Counter(
+            "npuserve_worker_prompt_tokens",
+            "Tokens admitted requests needed in the KV cache: prompts, and the tokens already "
+            "generated of preempted or resumed requests (counted at each admission)", registry=r)
+        self.prompt_tokens_cached = Counter(
+            "npuserve_worker_prompt_tokens_cached",
+            "Of npuserve_worker_prompt_tokens_total, those found in the prefix cache instead "
+            "of computed (the hit rate is the ratio of the two)", registry=r)
+        self._prompt_seen = (0, 0)
         self.slow_steps = Counter(
             "npuserve_worker_slow_steps",
             "Engine steps that ran past --step-warn-s", registry=r)
@@ -92,6 +105,13 @@ class WorkerMetrics:
     def observe_step(self, seconds: float, tokens: int) -> None:
         self.step_seconds.observe(seconds)
         self.generated_tokens.inc(tokens)
+
+    def count_prompt_tokens(self, stats: PrefixCacheStats) -> None:
+        """Bring the prompt-token counters up to the engine's totals."""
+        total, cached = self._prompt_seen
+        self.prompt_tokens.inc(max(0, stats.prompt_tokens - total))
+        self.prompt_tokens_cached.inc(max(0, stats.cached_tokens - cached))
+        self._prompt_seen = (stats.prompt_tokens, stats.cached_tokens)
 
     def set_load(self, running: int, waiting: int, blocks_used: int, blocks_total: int) -> None:
         self.running.set(running)

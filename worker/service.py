@@ -396,6 +396,7 @@ class WorkerService:
         finally:
             self.watchdog.finished()
         self.metrics.observe_step(time.perf_counter() - start, len(events))
+        self.metrics.count_prompt_tokens(self.engine.prefix_cache_stats)
         for rid, what in self.engine.failed.items():
             self._device_failed(batch, rid, what)
         for ev in events:

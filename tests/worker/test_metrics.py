@@ -7,6 +7,7 @@ import urllib.request
 
 from prometheus_client import generate_latest
 
+from worker.engine.scheduler import PrefixCacheStats
 from worker.metrics import WorkerMetrics, rss_bytes
 
 
@@ -33,6 +34,15 @@ def test_observations_show_up_under_their_names() -> None:
     assert _sample(m, "npuserve_worker_weight_memory_bytes") == 1500
     assert _sample(m, "npuserve_worker_kv_cache_bytes") == 2000
     assert (_sample(m, "npuserve_worker_rss_bytes") or 0) > 10 << 20
+
+
+def test_prompt_token_counters_follow_the_engines_totals() -> None:
+    m = WorkerMetrics()
+    m.count_prompt_tokens(PrefixCacheStats(prompt_tokens=600, cached_tokens=0))
+    m.count_prompt_tokens(PrefixCacheStats(prompt_tokens=1200, cached_tokens=512))
+    m.count_prompt_tokens(PrefixCacheStats(prompt_tokens=1200, cached_tokens=512))
+    assert _sample(m, "npuserve_worker_prompt_tokens_total") == 1200
+    assert _sample(m, "npuserve_worker_prompt_tokens_cached_total") == 512
 
 
 def test_each_instance_has_its_own_registry() -> None:
