@@ -210,7 +210,7 @@ def master_moved(client: redis.Redis) -> bool:
     connections were idle, or away from a master that was only slow and still answers.
     False for any other client. Raises MasterNotFoundError (a ConnectionError) while no
     sentinel names a master."""
-    pool: Any = client.connection_pool
+    pool: Any = getattr(client, "connection_pool", None)  # a cluster client has none
     if not isinstance(pool, redis.sentinel.SentinelConnectionPool):
         return False
     before, sentinels = pool.master_address, cast(Any, pool)
@@ -219,7 +219,7 @@ def master_moved(client: redis.Redis) -> bool:
 
 async def master_moved_async(client: aioredis.Redis) -> bool:
     """`master_moved` for an asyncio client."""
-    pool: Any = client.connection_pool
+    pool: Any = getattr(client, "connection_pool", None)  # a cluster client has none
     if not isinstance(pool, aiosentinel.SentinelConnectionPool):
         return False
     before, sentinels = pool.master_address, cast(Any, pool)
