@@ -44,6 +44,19 @@ def register(subparsers: Any) -> None:
     engine.add_argument("--requests", type=int, help="workload size (default 64; quick 32)")
     engine.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     engine.add_argument(
+        "--shared-prefix", action="store_true",
+        help="run the shared-prefix workload instead: requests of --prefix-tokens shared and "
+        "--own-tokens own prompt tokens, --output-tokens out, with prefix caching on and off "
+        "(time to first token of a hit and a miss, batched throughput, equal outputs); "
+        "--requests defaults to 8",
+    )
+    engine.add_argument("--prefix-tokens", type=int, default=512,
+                        help="shared-prefix workload: the shared prompt's tokens (default 512)")
+    engine.add_argument("--own-tokens", type=int, default=64,
+                        help="shared-prefix workload: each request's own tokens (default 64)")
+    engine.add_argument("--output-tokens", type=int, default=64,
+                        help="shared-prefix workload: output tokens per request (default 64)")
+    engine.add_argument(
         "--quantized", metavar="DIR",
         help="a quantized copy of --model (npuserve quantize): also time its batch-1 decode, "
         "alternating with the float model's, and report the speed-up",
@@ -58,6 +71,8 @@ def register(subparsers: Any) -> None:
 def _engine(args: argparse.Namespace) -> int:
     from worker.bench import engine_bench, report
 
+    if args.shared_prefix:
+        return _shared_prefix(args)
     preset = engine_bench.QUICK if args.quick else engine_bench.FULL
     requests = preset["requests"] if args.requests is None else args.requests
     max_batch = preset["max_batch"] if args.max_batch is None else args.max_batch
@@ -83,4 +98,34 @@ def _engine(args: argparse.Namespace) -> int:
         report.plot(results, args.plot)
         log.info("wrote %s", args.plot)
     print(report.format_table(results))
+    return 0
+
+
+def _shared_prefix(args: argparse.Namespace) -> int:
+    from worker.bench import prefix_bench, report
+
+    if args.plot or args.quantized:
+        print("--plot and --quantized go with the mixed workload, not --shared-prefix",
+              file=sys.stderr)
+        return 2
+    config = prefix_bench.PrefixBenchConfig(
+        model_dir=args.model,
+        requests=8 if args.requests is None else args.requests,
+        max_batch=16 if args.max_batch is None else args.max_batch,
+        prefix_tokens=args.prefix_tokens,
+        own_tokens=args.own_tokens,
+        output_tokens=args.output_tokens,
+        seed=args.seed,
+        backend=from_args(TorchSettings, args),
+    )
+    if (min(config.requests, config.max_batch, config.own_tokens, config.output_tokens) < 1
+            or config.prefix_tokens < 0):
+        print("--requests, --max-batch, --own-tokens and --output-tokens must be >= 1, "
+              "--prefix-tokens >= 0", file=sys.stderr)
+        return 2
+    results = prefix_bench.run(config)
+    if args.json:
+        report.write_json(results, args.json)
+        log.info("wrote %s", args.json)
+    print(prefix_bench.format_table(results))
     return 0

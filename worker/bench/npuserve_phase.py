@@ -21,13 +21,15 @@ def _greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def load_engine(model_dir: str, settings: TorchSettings, *, max_batch: int) -> Engine:
+def load_engine(model_dir: str, settings: TorchSettings, *, max_batch: int,
+                prefix_caching: bool = True) -> Engine:
     """npuserve's engine for the checkpoint on the torch backend, sized for `max_batch`
     concurrent requests."""
     from common.config import EngineConfig
     from worker.engine.engine import Engine
 
-    config = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=512)
+    config = EngineConfig(max_num_seqs=max_batch, max_num_batched_tokens=512,
+                          enable_prefix_caching=prefix_caching)
     return Engine.from_model_dir(model_dir, config, backend="torch", settings=settings)
 
 

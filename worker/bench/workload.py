@@ -86,9 +86,7 @@ def make_workload(
     """Build the workload; the same arguments always give the same requests."""
     if num_requests < 1:
         raise ValueError(f"num_requests must be >= 1, got {num_requests}")
-    allowed = [i for i in range(vocab_size) if i not in excluded_ids]
-    if not allowed:
-        raise ValueError("every token id of the vocabulary is excluded")
+    allowed = _allowed(vocab_size, excluded_ids)
     rng = random.Random(seed)
     prompt_lens = _spread(rng, num_requests, *prompt_len_range)
     output_lens = _spread(rng, num_requests, *output_len_range)
@@ -97,6 +95,35 @@ def make_workload(
         for p, o in zip(prompt_lens, output_lens, strict=True)
     ]
     return Workload(requests=requests, seed=seed)
+
+
+def make_shared_prefix_workload(
+    num_requests: int,
+    vocab_size: int,
+    excluded_ids: set[int],
+    *,
+    prefix_len: int,
+    own_len: int,
+    output_len: int,
+    seed: int = 0,
+) -> Workload:
+    """Requests whose prompts are one shared prefix (a system prompt) of prefix_len random
+    tokens and own_len tokens of their own, each asking output_len tokens."""
+    if num_requests < 1 or prefix_len < 0 or own_len < 1 or output_len < 1:
+        raise ValueError("need >= 1 request, >= 0 prefix tokens, >= 1 own and output token")
+    allowed = _allowed(vocab_size, excluded_ids)
+    rng = random.Random(seed)
+    prefix = rng.choices(allowed, k=prefix_len)
+    requests = [BenchRequest(prefix + rng.choices(allowed, k=own_len), output_len)
+                for _ in range(num_requests)]
+    return Workload(requests=requests, seed=seed)
+
+
+def _allowed(vocab_size: int, excluded_ids: set[int]) -> list[int]:
+    allowed = [i for i in range(vocab_size) if i not in excluded_ids]
+    if not allowed:
+        raise ValueError("every token id of the vocabulary is excluded")
+    return allowed
 
 
 def _ids(value: object) -> set[int]:
@@ -176,10 +203,16 @@ def model_vocab_size(model_dir: str | Path) -> int:
     raise ValueError(f"{model_dir}/config.json has no vocab_size")
 
 
-def workload_for_model(model_dir: str | Path, num_requests: int, *, seed: int = 0) -> Workload:
-    """The workload for a checkpoint: its usable vocabulary minus special and added tokens."""
+def usable_vocab(model_dir: str | Path) -> tuple[int, set[int]]:
+    """A checkpoint's vocabulary bound for prompts, and the special or added ids to avoid."""
     vocab = model_vocab_size(model_dir)
     regular = regular_vocab_size(model_dir)
     if regular is not None:
         vocab = min(vocab, regular)
-    return make_workload(num_requests, vocab, special_token_ids(model_dir), seed=seed)
+    return vocab, special_token_ids(model_dir)
+
+
+def workload_for_model(model_dir: str | Path, num_requests: int, *, seed: int = 0) -> Workload:
+    """The workload for a checkpoint: its usable vocabulary minus special and added tokens."""
+    vocab, excluded = usable_vocab(model_dir)
+    return make_workload(num_requests, vocab, excluded, seed=seed)

@@ -10,6 +10,7 @@ import pytest
 from worker.bench.workload import (
     OUTPUT_LEN_RANGE,
     PROMPT_LEN_RANGE,
+    make_shared_prefix_workload,
     make_workload,
     special_token_ids,
     workload_for_model,
@@ -90,3 +91,15 @@ def test_special_ids_come_from_config_and_tokenizer_files(tmp_path: Path) -> Non
     w = workload_for_model(tmp_path, 8, seed=0)
     used = {t for r in w.requests for t in r.prompt_ids}
     assert used <= set(range(5, 50))  # below the tokenizer's 50 ordinary ids, not the 64 rows
+
+
+def test_shared_prefix_prompts_start_with_the_same_tokens_and_then_differ() -> None:
+    w = make_shared_prefix_workload(4, 500, SPECIALS, prefix_len=32, own_len=8, output_len=5,
+                                    seed=1)
+    assert w == make_shared_prefix_workload(4, 500, SPECIALS, prefix_len=32, own_len=8,
+                                            output_len=5, seed=1)
+    prompts = [r.prompt_ids for r in w.requests]
+    assert all(len(p) == 40 and p[:32] == prompts[0][:32] for p in prompts)
+    assert len({tuple(p[32:]) for p in prompts}) == 4
+    assert all(r.max_new_tokens == 5 for r in w.requests)
+    assert not SPECIALS & {t for p in prompts for t in p}
