@@ -75,6 +75,23 @@ def test_the_engine_decodes_and_chunks_prefills_through_the_310p_ops(tiny_qwen3:
     assert "npu_swiglu" not in used  # not built for the 310P (the simulation would refuse)
 
 
+def test_a_cached_prefix_is_read_in_place_by_the_310p_ops(tiny_qwen3: Path,
+                                                          on_310p: None) -> None:
+    """Prefix caching: the second and third prompts start after the first's cached block of
+    128 tokens, a prefill chunk after cached context through the paged kernel."""
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    shared = list(range(1000, 1140))
+    prompts = [shared + [7 * i + j for j in range(5)] for i in range(1, 4)]
+    off = EngineConfig(max_num_seqs=4, enable_prefix_caching=False)
+    reference = Engine(TorchBackend(tiny_qwen3, off, FP32))
+    expected = [reference.generate([p], greedy)[0].token_ids for p in prompts]
+    npu = Engine(TorchBackend(tiny_qwen3, EngineConfig(max_num_seqs=4), FP32,
+                              ops=Npu310POps(torch_npu_sim)))
+    assert npu.backend.capacity.block_size == 128
+    assert [npu.generate([p], greedy)[0].token_ids for p in prompts] == expected
+    assert npu.prefix_cache_stats.cached_tokens == 2 * 128
+
+
 def test_the_310p_cache_is_the_910b_cache_in_nz(tiny_qwen3: Path, on_310p: None) -> None:
     """The same prompt through both sets: every used block of the NZ cache converts to the
     910B's [128, kv_heads, head_dim] block and back."""

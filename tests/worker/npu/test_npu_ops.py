@@ -51,6 +51,22 @@ def test_the_engine_decodes_and_chunks_prefills_through_the_npu_ops(tiny_qwen3: 
             "_npu_reshape_and_cache", "_npu_rotary_embedding", "npu_swiglu"} <= used
 
 
+def test_a_cached_prefix_is_read_in_place_by_the_npu_ops(tiny_qwen3: Path) -> None:
+    """Prefix caching: the second and third prompts start after the first's cached block of
+    128 tokens, a prefill chunk after cached context through the paged kernel."""
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    shared = list(range(1000, 1140))
+    prompts = [shared + [7 * i + j for j in range(5)] for i in range(1, 4)]
+    off = EngineConfig(max_num_seqs=4, enable_prefix_caching=False)
+    reference = Engine(TorchBackend(tiny_qwen3, off, SETTINGS))
+    expected = [reference.generate([p], greedy)[0].token_ids for p in prompts]
+    npu = Engine(TorchBackend(tiny_qwen3, EngineConfig(max_num_seqs=4), SETTINGS,
+                              ops=NpuOps(torch_npu_sim)))
+    assert npu.backend.capacity.block_size == 128
+    assert [npu.generate([p], greedy)[0].token_ids for p in prompts] == expected
+    assert npu.prefix_cache_stats.cached_tokens == 2 * 128
+
+
 def test_the_op_set_follows_the_soc_and_refuses_what_it_cannot_run() -> None:
     assert [soc_family(v) for v in (220, 223, 250, 202)] == ["910b", "910b", "a3", "310p"]
     with pytest.raises(ModelConfigError, match="SoC version 100"):
