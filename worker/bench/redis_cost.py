@@ -84,11 +84,17 @@ def redis_benchmark(port: int, requests: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def _tokens(stream: Any) -> int:
+    """Tokens a Generate stream carried, read to its end (raises grpc.RpcError on failure)."""
+    return sum(len(message.token_ids) for message in stream)
+
+
 def _run(args: argparse.Namespace) -> int:
+    import grpc
     import redis
 
-    from gateway.client import GenerationClient, collect
     from protos import npuserve_pb2 as pb
+    from worker.chaos import Client
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -122,20 +128,20 @@ def _run(args: argparse.Namespace) -> int:
                                   "--kv-cache-gb", "0.5"])
         greedy = {"model": MODEL, "max_tokens": args.max_tokens, "ignore_eos": True,
                   "sampling": pb.SamplingParameters(temperature=0)}
-        client = GenerationClient(target, timeout=300)
+        client = Client(target, timeout=300)
         deadline = time.monotonic() + 300
         while True:
             if failed := children.failed():
                 raise RuntimeError(f"{failed.name} exited; see {workdir / 'stack.log'}")
             try:
-                if any(m.name == MODEL for m in client.list_models().models):
+                if any(m.name == MODEL for m in client.list_models(timeout=2).models):
                     break
-            except Exception:  # noqa: BLE001 -- not listening yet
+            except grpc.RpcError:  # not listening yet
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError("the stack did not come up within 300 s")
             time.sleep(0.5)
-        collect(client.generate([1, 2, 3], **{**greedy, "max_tokens": 4}))  # warm
+        _tokens(client.generate([1, 2, 3], **{**greedy, "max_tokens": 4}))  # warm
         r = redis.Redis(port=port, decode_responses=True)
         r.config_resetstat()
         idle0 = snapshot(r)
@@ -147,9 +153,9 @@ def _run(args: argparse.Namespace) -> int:
 
         def stream() -> None:
             for n in todo:
-                result = collect(client.generate([10 + n % 50, 20, 30, 40], **greedy))
+                generated = _tokens(client.generate([10 + n % 50, 20, 30, 40], **greedy))
                 with lock:
-                    tokens[0] += len(result.token_ids)
+                    tokens[0] += generated
 
         replicas_before = [snapshot(c)[1] for c in replicas]
         before, start = snapshot(r), time.monotonic()
