@@ -67,6 +67,8 @@ class _Progress:
 
 FOLLOW_INTERVAL_S = 0.1
 """How often a resumed stream polls the request's published tokens and final event."""
+FOLLOW_STOP_S = 2.0
+"""How long an ended resumed stream waits for its poll to stop."""
 
 
 def _request_deadline(deadline_ms: int, started: float, timeout_s: float | None
@@ -204,7 +206,12 @@ class GatewayService:
                         yield chunk
                 finally:
                     follow.cancel()
-                    await asyncio.gather(follow, return_exceptions=True)
+                    # bounded: the stream has ended, and a poll stuck in Redis must not
+                    # hold its RPC open (the task ends by itself once the stream finished)
+                    done, _ = await asyncio.wait({follow}, timeout=FOLLOW_STOP_S)
+                    if not done:
+                        log.warning("resumed %s: its follower did not stop within %.0f s",
+                                    request_id, FOLLOW_STOP_S)
             finally:
                 self.relay.unsubscribe(request_id)
                 if streaming and not sub.finished:  # the client left: as for Generate

@@ -112,6 +112,10 @@ def self_signed(directory: Path) -> Path:
     return directory
 
 
+SYNC_AT_ONCE = ("--repl-diskless-sync-delay", "0")
+"""A master starts a replica's full sync at once, not after 5 s of waiting for others."""
+
+
 @dataclass
 class SentinelGroup:
     """A master, one replica and three sentinels watching them as `service`."""
@@ -152,13 +156,21 @@ class SentinelGroup:
     def replace_replica(self, timeout: float = 30.0) -> None:
         """After a failover: the promoted replica is the master; start a server on the dead
         master's port as its replica, and wait until every sentinel sees it in sync."""
-        import redis
 
         if self.master_port() == self.replica.port:
             self.master.kill()
             self.master, self.replica = self.replica, start_redis(
                 "replica", self.master.workdir.parent / f"replica-{self.master.port}",
-                "--replicaof", "127.0.0.1", str(self.replica.port), port=self.master.port)
+                *SYNC_AT_ONCE, "--replicaof", "127.0.0.1", str(self.replica.port),
+                port=self.master.port)
+        self.wait_in_sync(timeout)
+
+    def wait_in_sync(self, timeout: float = 30.0) -> None:
+        """Until the replica is in sync with the master and every sentinel has seen it so
+        (a failover can promote only such a replica); its first sync can take a while on a
+        loaded machine."""
+        import redis
+
         deadline = time.monotonic() + timeout
         while True:
             ready = 0
@@ -170,7 +182,8 @@ class SentinelGroup:
             if ready == len(self.sentinels):
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the sentinels never saw the new replica\n{self.tails()}")
+                raise TimeoutError(f"the sentinels never saw the replica in sync\n"
+                                   f"{self.tails()}")
             time.sleep(0.2)
 
 
@@ -181,9 +194,9 @@ def start_sentinel_group(workdir: Path, service: str = "npuserve", *,
     after `down_after_ms` without a reply. Waits until the sentinels see the replica."""
     import redis
 
-    master = start_redis("master", workdir / "master", *master_options)
-    replica = start_redis("replica", workdir / "replica", "--replicaof", "127.0.0.1",
-                          str(master.port))
+    master = start_redis("master", workdir / "master", *SYNC_AT_ONCE, *master_options)
+    replica = start_redis("replica", workdir / "replica", *SYNC_AT_ONCE, "--replicaof",
+                          "127.0.0.1", str(master.port))
     group = SentinelGroup(service, master, replica)
     conf = (f"sentinel monitor {service} 127.0.0.1 {master.port} 2\n"
             f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
@@ -202,6 +215,7 @@ def start_sentinel_group(workdir: Path, service: str = "npuserve", *,
                     others = c.sentinel_sentinels(service)
                 ready += len(others) >= 2 and any(r["port"] == replica.port for r in replicas)
             if ready == len(group.sentinels):
+                group.wait_in_sync(60)
                 return group
             if time.monotonic() > deadline:
                 raise TimeoutError("the sentinels did not find the replica and each other")
