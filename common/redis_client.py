@@ -27,20 +27,19 @@ fail on a demoted master, so gateways and workers also ask the sentinels every h
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
 import redis.asyncio.sentinel as aiosentinel
 import redis.sentinel
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
 from common.config import RedisConfig
 from common.errors import InvalidRequestError
 from common.redis_cluster import cluster_async, cluster_sync, is_cluster
+from common.redis_url import parse_multi_host
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 """Sentinel URL schemes -> whether they use TLS."""
@@ -80,52 +79,21 @@ def _bad(url: str, why: str) -> InvalidRequestError:
                                "redis+sentinel://[USER@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]")
 
 
-def _host_port(url: str, item: str) -> tuple[str, int]:
-    if item.startswith("["):  # [IPv6]:port
-        host, _, rest = item[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    else:
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
-    if not host:
-        raise _bad(url, f"sentinel address {item!r} has no host")
-    try:
-        number = int(port) if port else SENTINEL_PORT
-    except ValueError:
-        raise _bad(url, f"sentinel address {item!r} has a bad port") from None
-    if not 0 < number < 65536:
-        raise _bad(url, f"sentinel address {item!r} has a bad port")
-    return unquote(host), number
-
-
 def parse_sentinel_url(url: str) -> SentinelTarget:
     """Split a sentinel URL into its parts; InvalidRequestError naming what is wrong."""
     scheme, sep, _ = url.partition("://")
     if not sep or scheme.lower() not in SENTINEL_SCHEMES:
         raise _bad(url, "not a sentinel URL")
-    parts = urlsplit(url)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if not at:
-        userinfo, hosts = "", parts.netloc
-    user, colon, password = userinfo.partition(":")
-    sentinels = tuple(_host_port(url, h) for h in hosts.split(",") if h)
-    if not sentinels:
-        raise _bad(url, "no sentinel address")
-    path = [unquote(p) for p in parts.path.split("/") if p]
+    parsed = parse_multi_host(url, default_port=SENTINEL_PORT, what="sentinel address",
+                              bad=lambda why: _bad(url, why))
+    path, options = parsed.path, parsed.options
     if not path or len(path) > 2:
         raise _bad(url, "the path must be /SERVICE or /SERVICE/DB")
-    options: dict[str, Any] = {}
-    for name, values in parse_qs(parts.query).items():
-        parser = cast(Callable[[str], Any] | None, URL_QUERY_ARGUMENT_PARSERS.get(name))
-        try:
-            options[name] = parser(values[0]) if parser else values[0]
-        except (TypeError, ValueError):
-            raise _bad(url, f"option {name} has a bad value") from None
     try:
         db = int(path[1]) if len(path) == 2 else int(options.pop("db", 0))
     except ValueError:
         raise _bad(url, "the database must be a number") from None
-    return SentinelTarget(sentinels, path[0], db, unquote(user) or None,
-                          unquote(password) if colon else None,
+    return SentinelTarget(tuple(parsed.hosts), path[0], db, parsed.username, parsed.password,
                           SENTINEL_SCHEMES[scheme.lower()], options)
 
 

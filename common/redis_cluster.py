@@ -12,16 +12,14 @@ single model's queue lives on one shard; many models, gateways and API keys spre
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any
 
 import redis.asyncio.cluster as aiocluster
 import redis.cluster
-from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.exceptions import RedisClusterException
 
 from common.errors import InvalidRequestError, UnavailableError
+from common.redis_url import parse_multi_host
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 """Cluster URL schemes -> whether they use TLS."""
@@ -48,39 +46,18 @@ def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
     scheme, sep, _ = url.partition("://")
     if not sep or scheme.lower() not in CLUSTER_SCHEMES:
         raise _bad(url, "not a cluster URL")
-    parts = urlsplit(url)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if not at:
-        userinfo, hosts = "", parts.netloc
-    nodes = []
-    for item in (h for h in hosts.split(",") if h):
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
-        try:
-            number = int(port) if port else DEFAULT_PORT
-        except ValueError:
-            raise _bad(url, f"node address {item!r} has a bad port") from None
-        if not host or not 0 < number < 65536:
-            raise _bad(url, f"node address {item!r} is not HOST:PORT")
-        nodes.append((unquote(host), number))
-    if not nodes:
-        raise _bad(url, "no node address")
-    if parts.path.strip("/") not in ("", "0"):
+    parsed = parse_multi_host(url, default_port=DEFAULT_PORT, what="node address",
+                              bad=lambda why: _bad(url, why))
+    if parsed.path not in ([], ["0"]):
         raise _bad(url, "a cluster has only database 0")
-    options: dict[str, Any] = {}
-    user, colon, password = userinfo.partition(":")
-    if user:
-        options["username"] = unquote(user)
-    if colon:
-        options["password"] = unquote(password)
-    for name, values in parse_qs(parts.query).items():
-        parser = cast(Callable[[str], Any] | None, URL_QUERY_ARGUMENT_PARSERS.get(name))
-        try:
-            options[name] = parser(values[0]) if parser else values[0]
-        except (TypeError, ValueError):
-            raise _bad(url, f"option {name} has a bad value") from None
+    options = dict(parsed.options)
+    if parsed.username:
+        options["username"] = parsed.username
+    if parsed.password is not None:
+        options["password"] = parsed.password
     if CLUSTER_SCHEMES[scheme.lower()]:
         options["ssl"] = True
-    return nodes, options
+    return parsed.hosts, options
 
 
 def _options(url: str, password: str | None, options: dict[str, Any]

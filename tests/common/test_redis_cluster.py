@@ -23,7 +23,7 @@ def test_nodes_user_password_and_tls_options() -> None:
 @pytest.mark.parametrize(("url", "message"), [
     ("redis+cluster://", "no node address"),
     ("redis+cluster://h:x", "bad port"),
-    ("redis+cluster://h:70000", "is not HOST:PORT"),
+    ("redis+cluster://h:70000", "has a bad port"),
     ("redis+cluster://h:1/2", "only database 0"),
     ("redis://h:1", "not a cluster URL"),
 ])
