@@ -143,7 +143,7 @@ class GatewayService:
                     self._spawn_cancel(progress.model, inp.request_id)
                 raise
             metrics.PROMPT_TOKENS.labels(progress.model).inc(progress.prompt_tokens)
-            self._spawn(self.key_limits.charge(caller, progress.prompt_tokens), "charge")
+            self._charge(caller, progress.prompt_tokens)
             output = OutputProcessor(model.tokenizer, admitted.prompt_ids, admitted.params.stop)
             try:
                 async for chunk in self._relay(sub, output, inp, progress, deadline):
@@ -155,7 +155,7 @@ class GatewayService:
                 self.relay.unsubscribe(inp.request_id)
                 if not sub.finished:
                     self._spawn_cancel(progress.model, inp.request_id)
-                self._spawn(self.key_limits.charge(caller, sub.next_index), "charge")
+                self._charge(caller, sub.next_index)
                 metrics.REQUESTS.labels(progress.model, progress.end).inc()
         finally:
             self._release(caller, slot)
@@ -217,8 +217,7 @@ class GatewayService:
                 if streaming and not sub.finished:  # the client left: as for Generate
                     self._spawn_cancel(streaming, request_id)
                 if streaming:
-                    self._spawn(self.key_limits.charge(caller, sub.next_index - next_index),
-                                "charge")
+                    self._charge(caller, sub.next_index - next_index)
         finally:
             self._release(caller, slot)
 
@@ -324,6 +323,11 @@ class GatewayService:
         metrics.STREAMS_ACTIVE.dec()
         if slot is not None:
             self._spawn(self.key_limits.release(caller, slot), f"release {caller.name}")
+
+    def _charge(self, caller: Caller, tokens: int) -> None:
+        """Count a stream's tokens against its API key (nothing to do without keys)."""
+        if caller.name and tokens > 0:
+            self._spawn(self.key_limits.charge(caller, tokens), f"charge {caller.name}")
 
     def _spawn(self, work: Coroutine[Any, Any, Any], what: str) -> None:
         """Run a stream's cleanup (cancel, charge, release) in the background, so it survives

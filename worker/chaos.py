@@ -28,11 +28,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from worker.processes import ChildSet, free_port, wait_for_port
+from worker.resumable_load import Client, Outcome, run_one, tally
 
 FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill", "redis-failover")
 PLAIN_FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill")
@@ -63,59 +64,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", default="chaos-results", help="directory for the JSON and plot")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_run)
-
-
-@dataclass
-class Outcome:
-    """One request as the client saw it."""
-
-    request_id: str
-    prompt: int
-    tokens: dict[int, int] = field(default_factory=dict)
-    duplicated: int = 0
-    arrivals: list[float] = field(default_factory=list)
-    resumes: int = 0
-    finish: str = ""
-    error: str = ""
-
-    def stall(self) -> float:
-        return max((b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)),
-                   default=0.0)
-
-
-class Client:
-    """The few calls the run makes, over the generated stubs (the gateway's own client is a
-    layer above this one)."""
-
-    def __init__(self, target: str, timeout: float = 120.0) -> None:
-        import grpc
-
-        from protos import npuserve_pb2_grpc
-
-        self.timeout = timeout
-        """Deadline of each Generate and Resume call, in seconds."""
-        self.channel = grpc.insecure_channel(target)
-        self.stub = npuserve_pb2_grpc.GenerationStub(self.channel)
-
-    def generate(self, prompt: list[int], **fields: Any) -> Any:
-        from protos import npuserve_pb2 as pb
-
-        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), **fields)
-        return self.stub.Generate(request, timeout=self.timeout)
-
-    def resume(self, request_id: str, next_index: int) -> Any:
-        from protos import npuserve_pb2 as pb
-
-        return self.stub.Resume(pb.ResumeRequest(request_id=request_id, next_index=next_index),
-                                timeout=self.timeout)
-
-    def list_models(self, timeout: float) -> Any:
-        from protos import npuserve_pb2 as pb
-
-        return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout)
-
-    def close(self) -> None:
-        self.channel.close()
 
 
 class Stack:
@@ -250,56 +198,6 @@ class Stack:
         self.children.terminate(redis_names, 10)
 
 
-def _stream(client: Any, outcome: Outcome, messages: Any) -> None:
-    for message in messages:
-        now = time.monotonic()
-        for k, token in enumerate(message.token_ids):
-            index = message.index + k
-            if index in outcome.tokens:
-                outcome.duplicated += 1
-            outcome.tokens[index] = token
-            outcome.arrivals.append(now)
-        if message.finish_reason:
-            outcome.finish = str(message.finish_reason)
-
-
-def run_one(clients: list[Any], outcome: Outcome, prompt: list[int], first: int,
-            max_tokens: int, deadline: float, model: str = MODEL) -> None:
-    """One greedy request to its end through `clients` (two: the gateways, or one twice),
-    resuming at the other when its stream breaks, sending it again when it never got in."""
-    import grpc
-
-    from protos import npuserve_pb2 as pb
-
-    g, sent = first, False
-    while time.monotonic() < deadline:
-        client = clients[g]
-        try:
-            if not sent:
-                sent = True
-                _stream(client, outcome, client.generate(
-                    prompt, model=model, max_tokens=max_tokens, ignore_eos=True,
-                    sampling=pb.SamplingParameters(temperature=0),
-                    request_id=outcome.request_id))
-            else:
-                outcome.resumes += 1
-                _stream(client, outcome, client.resume(outcome.request_id, len(outcome.tokens)))
-            return
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.NOT_FOUND and not outcome.tokens:
-                sent = False  # it never reached Redis (or no worker serves the model yet):
-                time.sleep(0.2)  # send it again, to this gateway
-                continue
-            if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ALREADY_EXISTS,
-                            grpc.StatusCode.NOT_FOUND):
-                outcome.error = f"{code.name}: {exc.details()}"
-                return
-            g = 1 - g
-            time.sleep(0.5)
-    outcome.error = "gave up: no gateway served it in time"
-
-
 def _run(args: argparse.Namespace) -> int:
     # The run forks children while its gRPC client threads stream: gRPC's fork handlers
     # would run in a child that only execs (and can hang it), so they are turned off.
@@ -360,7 +258,7 @@ def _experiment(args: argparse.Namespace, stack: Stack, prompts: list[list[int]]
             with lock:
                 outcomes.append(outcome)
             run_one(clients, outcome, prompts[outcome.prompt], n % 2, args.max_tokens,
-                    stop_load + 120)
+                    stop_load + 120, MODEL)
 
     load_done = threading.Event()
     failed_restarts: list[str] = []
@@ -442,30 +340,6 @@ def _wait_serving(clients: list[Any], workers: int, stack: Stack) -> None:
             pass  # not listening yet
         time.sleep(0.5)
     raise SystemExit("npuserve chaos: the stack did not come up within 300 s")
-
-
-def tally(outcomes: list[Outcome], reference: list[list[int]]) -> dict[str, Any]:
-    """Tokens expected, received, lost, duplicated and mismatched against the calm run's
-    completions (`reference`, by prompt), errors, resumes and the streams' stalls."""
-    lost = duplicated = mismatched = expected = received = 0
-    stalls = []
-    for o in outcomes:
-        ref = reference[o.prompt]
-        expected += len(ref)
-        received += len(o.tokens)
-        duplicated += o.duplicated
-        lost += sum(1 for i in range(len(ref)) if i not in o.tokens)
-        mismatched += sum(1 for i, t in o.tokens.items() if i >= len(ref) or ref[i] != t)
-        stalls.append(o.stall())
-    stalls.sort()
-    p99 = stalls[min(len(stalls) - 1, int(0.99 * len(stalls)))] if stalls else 0.0
-    return {
-        "requests": len(outcomes), "tokens_expected": expected,
-        "tokens_received": received, "lost": lost, "duplicated": duplicated,
-        "mismatched": mismatched, "errors": sum(1 for o in outcomes if o.error),
-        "resumes": sum(o.resumes for o in outcomes),
-        "longest_stall_s": stalls[-1] if stalls else 0.0, "stall_p99_s": p99,
-    }
 
 
 def _report(args: argparse.Namespace, outcomes: list[Outcome], reference: list[list[int]],

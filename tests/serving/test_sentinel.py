@@ -29,7 +29,7 @@ import redis
 from protos import npuserve_pb2 as pb
 from tests.redis_servers import SentinelGroup, start_sentinel_group
 from tests.serving.conftest import Fleet, one_of_each
-from worker.chaos import Client, Outcome, run_one, tally
+from worker.resumable_load import Client, Outcome, run_one, tally
 
 pytestmark = pytest.mark.timeout(180)
 MODEL = "ha"

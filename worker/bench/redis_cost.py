@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     import redis
 
     from protos import npuserve_pb2 as pb
-    from worker.chaos import Client
+    from worker.resumable_load import Client
 
     binary = shutil.which("redis-server")
     if binary is None:
