@@ -14,6 +14,7 @@ UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -56,6 +57,12 @@ class Subscription:
     def offer(self, event: ReplyEvent) -> None:
         """Accept one event from the stream, in whatever order it arrived."""
         self.heard = True
+        if event.finish_reason and 0 <= event.index < self.next_index and not self.finished:
+            # the last token was delivered before (a stream resumed after it), its end not:
+            # the end alone, without the token
+            event = dataclasses.replace(
+                event, index=-1, token_id=-1, logprob=None,
+                completion_tokens=event.completion_tokens or event.index + 1)
         if self.finished or self._seen(event):
             metrics.RELAY_DUPLICATES.inc()
             return

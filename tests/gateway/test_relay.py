@@ -124,3 +124,18 @@ async def test_the_reader_fails_waiting_streams_in_an_outage_and_reconnects_when
             await r.aclose()
     finally:
         stop_redis(proc)
+
+
+def test_a_stream_resumed_after_its_last_token_still_gets_the_end() -> None:
+    """A client that received every token but not the end (its gateway died just then)
+    resumes from the token count: the final event, which carries the last token, is
+    delivered as the end alone."""
+    sub = Subscription("r", start=3)
+    sub.offer(ReplyEvent("r", 2, 7, finish_reason="length", completion_tokens=3))
+    event = sub.queue.get_nowait()
+    assert isinstance(event, ReplyEvent)
+    assert (event.index, event.token_id, event.finish_reason, event.completion_tokens) == (
+        -1, -1, "length", 3)
+    assert sub.finished and sub.queue.empty()
+    sub.offer(ReplyEvent("r", 2, 7, finish_reason="length", completion_tokens=3))
+    assert sub.queue.empty()  # once
