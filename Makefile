@@ -1,5 +1,6 @@
 # npuserve — set up, run and test on a fresh machine.
-#   make setup   virtualenv, CPU torch, dependencies, redis-server, default model (idempotent)
+#   make setup   virtualenv, CPU torch, dependencies, redis-server, promtool, default model
+#                (idempotent)
 #   make run     Redis + gateway + one CPU worker with the default model
 #   make test    the whole test suite
 #   make lint    ruff, and mypy (strict on common, gateway, preprocess and the engine)
@@ -17,9 +18,9 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 TPU_MLIR_VENV ?= .venv-tpu-mlir
 
-.PHONY: setup deps redis model run test bench bench-cuda lint proto clean bm1684x-toolchain test-bm1684x
+.PHONY: setup deps redis promtool model run test bench bench-cuda lint proto clean bm1684x-toolchain test-bm1684x
 
-setup: deps redis model
+setup: deps redis promtool model
 	@echo "setup done: $(NPUSERVE) is ready; default model in $(MODEL_DIR)"
 
 deps: $(VENV)/.deps-stamp
@@ -41,6 +42,14 @@ redis:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
 	@redis-server --version
 
+# Prometheus' promtool checks the metrics, alert rules and their unit tests in `make test`.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+		echo "installing promtool (Debian package prometheus)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends prometheus; }
+	@promtool --version 2>&1 | head -1
+
 model: $(MODEL_DIR)/config.json
 
 $(MODEL_DIR)/config.json: | deps
@@ -49,7 +58,7 @@ $(MODEL_DIR)/config.json: | deps
 run: setup
 	$(NPUSERVE) up --model $(MODEL_DIR)
 
-test: deps
+test: deps promtool
 	$(PY) -m pytest -q tests
 
 # Sophgo's tpu-mlir (BM1684X compiler and simulator) in its own Python 3.10 venv, ~6 GB.

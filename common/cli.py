@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
+from common.config import env
 from common.errors import NpuserveError
+from common.logs import FORMATS, configure
 
 COMMAND_MODULES = (
     "worker.checkpoints.cli",
@@ -33,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="npuserve",
         description="Serve Qwen-family LLMs on CPUs, GPUs, Ascend NPUs and Sophgo TPUs.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"),
+                        help="logging level (default INFO, env NPUSERVE_LOG_LEVEL)")
+    parser.add_argument("--log-format", choices=FORMATS, default=env("LOG_FORMAT", "text"),
+                        help="text, or json: one JSON object per line with the request id "
+                             "and fields (default text, env NPUSERVE_LOG_FORMAT)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -45,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     # npuserve imports it only for an npu device, where a failure is reported clearly.
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(args.log_level, args.log_format)
     try:
         return int(args.handler(args) or 0)
     except NpuserveError as exc:  # a user-facing failure: its message says what to fix

@@ -156,8 +156,13 @@ class GatewayConfig:
     a user cannot fake a system turn. For gateways whose every caller is trusted."""
     request_ttl_s: int = setting(3600, flag="--request-ttl")
     """Lifetime in seconds of a request's keys in Redis when nothing else removes them."""
+    shutdown_grace_s: float = setting(25.0, flag="--shutdown-grace",
+                                      env="GATEWAY_SHUTDOWN_GRACE_S")
+    """On SIGTERM: health turns NOT_SERVING at once and running streams get this many
+    seconds to finish before they are cancelled. Keep it below the supervisor's kill
+    timeout (Kubernetes' terminationGracePeriodSeconds, compose's stop_grace_period)."""
     metrics_port: int = setting(0, env="GATEWAY_METRICS_PORT")
-    """Prometheus /metrics port; 0 disables."""
+    """Port of Prometheus /metrics and the probe /readyz; 0 disables."""
     metrics_host: str = setting("127.0.0.1", env="GATEWAY_METRICS_HOST")
     """Address /metrics binds: loopback unless a scraper elsewhere needs it (0.0.0.0)."""
 
@@ -168,6 +173,8 @@ class GatewayConfig:
                      "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(name, "must be >= 1")
+        if self.shutdown_grace_s < 0:
+            raise InvalidRequestError("shutdown_grace_s", "must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,8 +210,12 @@ class WorkerConfig:
     step_timeout_s: float = 0.0
     """An engine step running longer than this means a wedged device or kernel: the worker
     hands its requests back and exits (status 3) for its supervisor to restart it. 0: never."""
+    liveness_timeout_s: float = setting(120.0, flag="--liveness-timeout")
+    """/livez (on the metrics port) fails once the engine loop or the heartbeat thread has
+    not gone round for this long: a wedged worker, for its supervisor to restart. A step
+    counts from its start, so keep it above the longest prefill step."""
     metrics_port: int = setting(0, env="WORKER_METRICS_PORT")
-    """Prometheus /metrics port; 0 disables."""
+    """Port of Prometheus /metrics and the probes /livez and /readyz; 0 disables."""
     metrics_host: str = setting("127.0.0.1", env="WORKER_METRICS_HOST")
     """Address /metrics binds: loopback unless a scraper elsewhere needs it (0.0.0.0)."""
 
@@ -213,6 +224,8 @@ class WorkerConfig:
             raise InvalidRequestError("lease_ms", "must be >= 1000")
         if self.heartbeat_s <= 0 or self.drain_timeout_s < 0:
             raise InvalidRequestError("heartbeat_s", "heartbeat must be > 0, drain >= 0")
+        if self.liveness_timeout_s <= 0:
+            raise InvalidRequestError("liveness_timeout_s", "must be > 0")
         if self.step_warn_s <= 0 or self.step_timeout_s < 0:
             raise InvalidRequestError("step_warn_s", "step_warn_s must be > 0 and "
                                       "step_timeout_s >= 0")

@@ -93,6 +93,8 @@ REPLIES_TTL_S = 300
 """A reply stream lives this long past its gateway's last heartbeat (or, once its gateway is
 gone, past the first event a worker adds to it)."""
 
+MAX_PRIORITY = 9
+"""Priorities run 0 (lowest) to MAX_PRIORITY."""
 PRIORITY_SCALE = 10**13
 """score = priority * PRIORITY_SCALE - enqueue_ms: CLAIM scans highest score first, so the
 highest priority leaves first, and within one priority the oldest. Integers below 2^53 stay

@@ -14,13 +14,13 @@ from typing import Any
 
 from common.capabilities import unsupported
 from common.errors import InvalidRequestError, ResourceExhaustedError
+from common.keys import MAX_PRIORITY
 from common.sampling_params import SamplingParams
 from gateway.models import ModelMeta
 from gateway.types import GenerationInput, PromptInput, TokenizeResult, WorkerInfo
 from preprocess.control_tokens import encode_chat, encode_text, spells_control_token
 from preprocess.tokenizer import render_chat
 
-MAX_PRIORITY = 9
 MAX_REQUEST_ID_LEN = 128
 _SAMPLING_FIELDS = frozenset({"temperature", "top_k", "top_p", "min_p", "repetition_penalty",
                               "presence_penalty", "frequency_penalty", "seed"})

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InvalidRequestError, PermissionDeniedError, UnauthenticatedError
+from common.keys import MAX_PRIORITY
 from gateway import metrics
-from gateway.admission import MAX_PRIORITY
 
 log = logging.getLogger(__name__)
 

@@ -2,15 +2,14 @@
 
 It lives with the gateway core, not in any front end: each front end sets it when a call
 arrives (`begin`), the core binds the client's own id once the request is parsed, and every
-log line and internal-error message quotes it.
+log line (common.logs) and internal-error message quotes it.
 """
 
 from __future__ import annotations
 
 import uuid
-from contextvars import ContextVar
 
-REQUEST_ID: ContextVar[str] = ContextVar("npuserve_request_id", default="")
+from common.logs import REQUEST_ID
 
 
 def new_request_id() -> str:

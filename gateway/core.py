@@ -5,9 +5,11 @@ Redis clients, the single reply reader of this gateway's stream, the model regis
 and output processing (GatewayService), and the health state. Front ends only translate their
 protocol to GatewayService calls and map the neutral ErrorCode of a failure to their statuses.
 
-Health is serving only while at least one live worker serves a model, re-checked every
-`health_interval_s`; not serving while Redis is unreachable and from the start of shutdown.
-Front ends subscribe to changes with `on_health`.
+Health is serving only while at least one live worker that claims new requests (not
+draining) serves a model, re-checked every `health_interval_s`; not serving while Redis is
+unreachable and from the start of shutdown. Each model has a health of its own too (serving
+while it has such a worker). Front ends subscribe to changes with `on_health`. Each check also
+refreshes the fleet gauges (queue depth, leases, workers: gateway.fleet_metrics).
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from common.config import GatewayConfig
 from common.errors import UnavailableError
 from common.keys import Keys
+from common.metrics_http import Probe
 from common.redis_client import master_moved_async
+from gateway import metrics
 from gateway.admission import Limits
 from gateway.api_keys import KeyStore
+from gateway.fleet_metrics import FleetMetrics
 from gateway.key_limits import KeyLimiter
 from gateway.models import ModelRegistry
 from gateway.redis_queue import RedisQueue, connect, unavailable_on_error
@@ -33,7 +40,15 @@ from gateway.service import GatewayService
 
 log = logging.getLogger(__name__)
 
-HealthListener = Callable[[bool], Awaitable[None]]
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What a front end reports: overall, and per model name."""
+
+    serving: bool = False
+    models: dict[str, bool] = field(default_factory=dict)
+
+
+HealthListener = Callable[[Health], Awaitable[None]]
 
 
 def default_gateway_id() -> str:
@@ -49,7 +64,8 @@ class GatewayCore:
         self.config = config
         self.gateway_id = config.gateway_id or default_gateway_id()
         self.keys = Keys(config.redis.prefix)
-        self.serving = False
+        self.health = Health()
+        self._health_at = time.monotonic()
         self._health_interval_s = health_interval_s
         self._listeners: list[HealthListener] = []
         url, password = config.redis.url, config.redis.password()
@@ -68,18 +84,40 @@ class GatewayCore:
             api_keys=KeyStore(config.api_keys),
             key_limits=KeyLimiter(self._redis, self.keys, self.gateway_id, url))
         self.relay.on_reconnect = self._restore_lost
+        self.fleet = FleetMetrics(self.registry, self.service.queue)
         self._health_task: asyncio.Task[None] | None = None
         self._info = {"host": socket.gethostname(), "pid": str(os.getpid()),
                       "listen": config.listen}
 
+    @property
+    def serving(self) -> bool:
+        return self.health.serving
+
+    def probes(self) -> dict[str, Probe]:
+        """/readyz: SERVING; /livez: the health loop went round lately (the event loop is
+        not wedged; a Redis outage does not fail it)."""
+        limit = max(30.0, 10 * self._health_interval_s)
+
+        def readyz() -> tuple[bool, str]:
+            accepting = [m for m, ok in self.health.models.items() if ok]
+            return self.serving, ("SERVING: " + ", ".join(accepting) if self.serving else
+                                  "NOT_SERVING: no worker accepts requests, Redis is "
+                                  "unreachable, or the gateway is shutting down")
+
+        def livez() -> tuple[bool, str]:
+            age = time.monotonic() - self._health_at
+            return age <= limit, f"health loop went round {age:.1f}s ago (limit {limit:.0f}s)"
+
+        return {"/readyz": readyz, "/livez": livez}
+
     def on_health(self, listener: HealthListener) -> None:
-        """Call `listener(serving)` now-ish and on every change of the health state."""
+        """Call `listener(health)` now-ish and on every change of the health state."""
         self._listeners.append(listener)
 
     async def start(self) -> None:
         """Register, start the reply reader and the health loop (front ends start after
         this)."""
-        await self._set_serving(False, force=True)
+        await self._set_health(Health(), force=True)
         try:
             await self._register()
         except UnavailableError as exc:  # the health loop keeps trying
@@ -93,7 +131,7 @@ class GatewayCore:
             self._health_task.cancel()
             await asyncio.gather(self._health_task, return_exceptions=True)
             self._health_task = None
-        await self._set_serving(False)
+        await self._set_health(Health(models=dict.fromkeys(self.health.models, False)))
 
     async def stop(self) -> None:
         """After the front ends stopped: finish cancellations, stop the relay, unregister,
@@ -109,12 +147,16 @@ class GatewayCore:
         await self._redis.aclose()
         await self._relay_redis.aclose()
 
-    async def _set_serving(self, serving: bool, *, force: bool = False) -> None:
-        if serving == self.serving and not force:
+    async def _set_health(self, health: Health, *, force: bool = False) -> None:
+        if health == self.health and not force:
             return
-        self.serving = serving
+        if health.serving != self.health.serving:
+            log.info("health: %s", "SERVING" if health.serving else
+                     "NOT_SERVING (no worker accepting requests)")
+        self.health = health
+        metrics.SERVING.set(health.serving)
         for listener in self._listeners:
-            await listener(serving)
+            await listener(health)
 
     async def _check_master(self) -> None:
         """With Sentinel: reads do not fail on a demoted master, so ask the sentinels each
@@ -140,6 +182,7 @@ class GatewayCore:
 
     async def _health_loop(self) -> None:
         while True:
+            self._health_at = time.monotonic()
             self.service.api_keys.reload_if_changed()
             try:
                 await self._check_master()
@@ -147,12 +190,14 @@ class GatewayCore:
                 await self.service.key_limits.renew()
                 await self.registry.refresh()
                 self.registry.prefetch()
-                now = bool(self.registry.served())
+                accepting = set(self.registry.accepting())
+                models = {m: m in accepting for m in {*self.health.models,
+                                                      *self.registry.served()}}
+                now = Health(bool(accepting), models)
+                await self.fleet.update()
             except UnavailableError as exc:
-                now = False
+                now = Health(models=dict.fromkeys(self.health.models, False))
                 if self.serving:
                     log.warning("health: %s", exc)
-            if now != self.serving:
-                log.info("health: %s", "SERVING" if now else "NOT_SERVING (no live worker)")
-                await self._set_serving(now)
+            await self._set_health(now)
             await asyncio.sleep(self._health_interval_s)

@@ -13,7 +13,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.core import GatewayCore
+from gateway.core import GatewayCore, Health
 from gateway.interceptor import ErrorInterceptor
 from gateway.servicer import GenerationServicer
 from protos import npuserve_pb2, npuserve_pb2_grpc
@@ -33,7 +33,7 @@ class GrpcFrontend:
         self.listen = listen
         self.credentials = credentials
         self.port = 0
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self._server = grpc.aio.server(
             interceptors=[ErrorInterceptor()],
             options=[("grpc.max_receive_message_length", max_message_bytes),
@@ -54,7 +54,7 @@ class GrpcFrontend:
             self.port = self._server.add_secure_port(self.listen, self.credentials)
         if not self.port:
             raise OSError(f"cannot listen on {self.listen}")
-        await self._set_health(self.core.serving)
+        await self._set_health(self.core.health)
         await self._server.start()
         log.info("gRPC on %s (port %d, %s)", self.listen, self.port,
                  "TLS" if self.credentials is not None else "plaintext")
@@ -69,8 +69,26 @@ class GrpcFrontend:
         """Until the server stops."""
         await self._server.wait_for_termination()
 
-    async def _set_health(self, serving: bool) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set(health.OVERALL_HEALTH, status)
-        await self.health.set(SERVICE_NAME, status)
+    async def _set_health(self, state: Health) -> None:
+        """The server ("") and npuserve.v1.Generation follow the overall health; each model
+        seen has a service of its own name (`grpc_health_probe -service <model>`)."""
+        await self.health.set(health.OVERALL_HEALTH, _status(state.serving))
+        await self.health.set(SERVICE_NAME, _status(state.serving))
+        for model, serving in state.models.items():
+            await self.health.set(model, _status(serving))
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return (health_pb2.HealthCheckResponse.SERVING if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 with `List` (every service's status), which the library leaves
+    UNIMPLEMENTED."""
+
+    async def List(self, request: health_pb2.HealthListRequest,
+                   context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self._server_status.items()})

@@ -99,7 +99,8 @@ class ModelRegistry:
                             id=worker_id, model=reg["model"], backend=reg.get("backend", ""),
                             device=reg.get("device", ""), capacity=_int(reg.get("capacity")),
                             running=_int(reg.get("running")), max_len=_int(reg.get("max_len")),
-                            capabilities=Capabilities.from_fields(reg)))
+                            capabilities=Capabilities.from_fields(reg),
+                            draining=reg.get("draining") == "1"))
                 names = sorted(workers)
                 pipe = self._r.pipeline(transaction=False)
                 for name in names:
@@ -116,6 +117,11 @@ class ModelRegistry:
     def served(self) -> list[str]:
         """Names of the models with at least one live worker, as of the last refresh."""
         return sorted(self._workers)
+
+    def accepting(self) -> list[str]:
+        """Names of the models with a live worker that claims new requests (not draining)."""
+        return sorted(name for name, workers in self._workers.items()
+                      if any(not w.draining for w in workers))
 
     def workers(self, name: str) -> list[WorkerInfo]:
         """The live workers of model `name`, as of the last refresh."""

@@ -22,7 +22,14 @@ from redis.backoff import ConstantBackoff
 
 from common import scripts
 from common.errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
-from common.keys import GATEWAY_TTL_S, REPLIES_TTL_S, Keys, queue_score
+from common.keys import (
+    GATEWAY_TTL_S,
+    MAX_PRIORITY,
+    PRIORITY_SCALE,
+    REPLIES_TTL_S,
+    Keys,
+    queue_score,
+)
 from common.protocol import QueuedRequest, ReplyEvent, decode_events, encode_events
 from common.redis_client import connect_async
 from common.redis_credentials import redact, refused_credentials
@@ -92,6 +99,18 @@ class Adopted:
     """Its last event (token-less) when it already finished."""
 
 
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One model's queue as Redis holds it now."""
+
+    depth: int
+    """Requests queued and not yet claimed."""
+    leased: int
+    """Requests claimed by a worker and not finished."""
+    oldest_enqueue_ms: int | None
+    """When the longest-waiting queued request was queued (None: the queue is empty)."""
+
+
 class RedisQueue:
     """Enqueue and cancel requests with the shared Lua scripts (common.scripts)."""
 
@@ -108,6 +127,28 @@ class RedisQueue:
         self._register = client.register_script(scripts.REGISTER_GATEWAY)
         self._recent: OrderedDict[str, tuple[float, QueuedRequest]] = OrderedDict()
         """Requests queued in the last RECENT_S seconds, oldest first (`restore_lost`)."""
+
+    async def queue_stats(self, models: list[str]) -> dict[str, QueueStats]:
+        """Depth, leases and the oldest waiter of each model's queue, in one round trip.
+        Scores order by priority first, so the oldest request is the head of some priority's
+        band (score in ((p-1)*SCALE, p*SCALE]): one ranged read per priority finds it."""
+        pipe = self._r.pipeline(transaction=False)
+        for model in models:
+            queue = self._keys.queue(model)
+            pipe.zcard(queue)
+            pipe.zcard(self._keys.leases(model))
+            for p in range(MAX_PRIORITY + 1):
+                pipe.zrevrangebyscore(queue, p * PRIORITY_SCALE, f"({(p - 1) * PRIORITY_SCALE}",
+                                      start=0, num=1, withscores=True)
+        async with unavailable_on_error(self._url):
+            replies = await pipe.execute()
+        stats, per_model = {}, 2 + MAX_PRIORITY + 1
+        for i, model in enumerate(models):
+            depth, leased, *heads = replies[i * per_model:(i + 1) * per_model]
+            enqueued = [p * PRIORITY_SCALE - int(head[0][1])
+                        for p, head in enumerate(heads) if head]
+            stats[model] = QueueStats(int(depth), int(leased), min(enqueued, default=None))
+        return stats
 
     async def enqueue(self, request: QueuedRequest, max_queued: int) -> None:
         """Queue `request` with score priority-then-FIFO.
@@ -249,15 +290,6 @@ class RedisQueue:
             pipe.hget(self._keys.request(model, request_id), "final")
             toks, final = await pipe.execute()
         return [int(t) for t in toks], decode_events(final)[0] if final else None
-
-    async def queue_depths(self, models: list[str]) -> dict[str, int]:
-        """ZCARD of each model's queue."""
-        async with unavailable_on_error(self._url):
-            pipe = self._r.pipeline(transaction=False)
-            for model in models:
-                pipe.zcard(self._keys.queue(model))
-            counts = await pipe.execute()
-        return {model: int(n) for model, n in zip(models, counts, strict=True)}
 
     async def register_gateway(self, gateway_id: str, info: dict[str, str]) -> None:
         """Heartbeat: the registration (workers drop the requests of a gateway whose

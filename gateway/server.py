@@ -3,7 +3,10 @@
     gateway = Gateway(config)            # the core and a gRPC front end on config.listen
     port = await gateway.start()
     ...
-    await gateway.stop(grace_s=10)
+    await gateway.stop(grace_s=25)
+
+The metrics port also answers /readyz (200 while SERVING) and /livez (200 while the health
+loop goes round: the event loop is not wedged).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 
 from common.config import GatewayConfig
+from common.metrics_http import serve_http
 from common.redis_credentials import redact
-from gateway import metrics
 from gateway.core import GatewayCore
 from gateway.grpc_frontend import GrpcFrontend
 from gateway.tls import server_credentials
@@ -54,13 +57,14 @@ class Gateway:
         """Start the core, then the front ends; returns the gRPC port."""
         await self.core.start()
         port = await self.grpc.start()
-        self._metrics_server = metrics.serve_metrics(self.config.metrics_port,
-                                                      self.config.metrics_host)
+        if self.config.metrics_port:
+            self._metrics_server = serve_http(self.config.metrics_host, self.config.metrics_port,
+                                              probes=self.core.probes())
         log.info("gateway %s listening on %s (port %d), Redis %s", self.gateway_id,
                  self.config.listen, port, redact(self.config.redis.url))
         return port
 
-    async def stop(self, grace_s: float = 10.0) -> None:
+    async def stop(self, grace_s: float = 25.0) -> None:
         """Report NOT_SERVING, give running streams `grace_s` to finish, then clean up."""
         await self.core.begin_shutdown()
         await self.grpc.stop(grace_s)
@@ -73,8 +77,9 @@ class Gateway:
         await self.grpc.wait()
 
 
-async def serve(config: GatewayConfig, *, grace_s: float = 10.0) -> None:
-    """Run a gateway until SIGINT or SIGTERM, then shut it down gracefully."""
+async def serve(config: GatewayConfig) -> None:
+    """Run a gateway until SIGINT or SIGTERM, then shut it down gracefully: NOT_SERVING at
+    once, then up to config.shutdown_grace_s for running streams."""
     gateway = Gateway(config)
     await gateway.start()
     stopping = asyncio.Event()
@@ -83,5 +88,7 @@ async def serve(config: GatewayConfig, *, grace_s: float = 10.0) -> None:
         loop.add_signal_handler(sig, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.core.service.api_keys.reload)
     await stopping.wait()
-    log.info("gateway %s: shutting down (grace %.0f s)", gateway.gateway_id, grace_s)
+    grace_s = config.shutdown_grace_s
+    log.info("gateway %s: shutting down (grace %.0f s, --shutdown-grace)", gateway.gateway_id,
+             grace_s)
     await gateway.stop(grace_s)

@@ -22,10 +22,12 @@ from common.errors import (
     DeadlineExceededError,
     ErrorCode,
     InvalidRequestError,
+    NpuserveError,
     RemoteError,
     RequestNotFoundError,
     UnavailableError,
 )
+from common.logs import fields
 from common.protocol import QueuedRequest, ReplyEvent
 from gateway import metrics
 from gateway.admission import (
@@ -62,7 +64,25 @@ class _Progress:
     """The request id as the client knows it (the fleet-wide one adds its tenant)."""
     queue_wait_ms: float = 0.0
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    completion_tokens: int = 0
     end: str = "disconnected"
+
+    def log(self, tenant: str, relayed: int, *, resumed: bool) -> None:
+        """The one line per finished stream (its end, usage and timings); the request id
+        comes with the task's log context. `relayed`: tokens relayed, for a stream that
+        ended without a final event."""
+        now = time.monotonic()
+        first = self.first_token_at
+        self.completion_tokens = max(self.completion_tokens, relayed)
+        log.info("request finished", extra=fields(
+            model=self.model, **({"tenant": tenant} if tenant else {}),
+            **({"resumed": True} if resumed else {}), prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens, queue_wait_ms=round(self.queue_wait_ms, 1),
+            ttft_ms=None if first is None else round((first - self.started) * 1e3, 1),
+            total_ms=round((now - self.started) * 1e3, 1), finish_reason=self.end))
+        metrics.REQUESTS.labels(self.model, self.end).inc()
+        metrics.REQUEST_COMPLETION_TOKENS.labels(self.model).observe(self.completion_tokens)
 
 
 FOLLOW_INTERVAL_S = 0.1
@@ -117,32 +137,42 @@ class GatewayService:
         when the deadline passes and, after relaying an error event, RemoteError with the
         worker's ErrorCode and message.
         """
-        self.streams.acquire()
+        with metrics.counting_rejections():
+            self.streams.acquire()
         metrics.STREAMS_ACTIVE.inc()
         slot: str | None = None
+        resolved = ""
         try:
-            check_fields(inp, self.limits)
-            caller.check_priority(inp.priority)
-            client_id = inp.request_id
-            inp = dataclasses.replace(inp, request_id=bind_request_id(caller.scope(client_id)))
-            slot = await self.key_limits.admit(caller)
-            model = await self.registry.resolve(inp.model)
-            admitted = await asyncio.to_thread(
-                prepare, inp, model.meta, model.tokenizer, self.limits)
-            check_capabilities(admitted.params, model.workers)
-            progress = _Progress(model.meta.name, started, len(admitted.prompt_ids), client_id)
-            deadline = None if timeout_s is None else started + timeout_s
-            if deadline is not None and deadline <= time.monotonic():
-                raise DeadlineExceededError("the deadline passed before the request was queued")
-            sub = self.relay.subscribe(inp.request_id)
             try:
-                await self._enqueue(inp, progress.model, admitted, deadline, caller.tenant)
-            except BaseException as exc:
-                self.relay.unsubscribe(inp.request_id)
-                if isinstance(exc, asyncio.CancelledError):  # it may be queued already
-                    self._spawn_cancel(progress.model, inp.request_id)
+                check_fields(inp, self.limits)
+                caller.check_priority(inp.priority)
+                client_id = inp.request_id
+                inp = dataclasses.replace(
+                    inp, request_id=bind_request_id(caller.scope(client_id)))
+                slot = await self.key_limits.admit(caller)
+                model = await self.registry.resolve(inp.model)
+                resolved = model.meta.name
+                admitted = await asyncio.to_thread(
+                    prepare, inp, model.meta, model.tokenizer, self.limits)
+                check_capabilities(admitted.params, model.workers)
+                progress = _Progress(resolved, started, len(admitted.prompt_ids), client_id)
+                deadline = None if timeout_s is None else started + timeout_s
+                if deadline is not None and deadline <= time.monotonic():
+                    raise DeadlineExceededError(
+                        "the deadline passed before the request was queued")
+                sub = self.relay.subscribe(inp.request_id)
+                try:
+                    await self._enqueue(inp, progress.model, admitted, deadline, caller.tenant)
+                except BaseException as exc:
+                    self.relay.unsubscribe(inp.request_id)
+                    if isinstance(exc, asyncio.CancelledError):  # it may be queued already
+                        self._spawn_cancel(progress.model, inp.request_id)
+                    raise
+            except NpuserveError as exc:
+                metrics.REJECTED.labels(resolved, exc.code.value.lower()).inc()
                 raise
             metrics.PROMPT_TOKENS.labels(progress.model).inc(progress.prompt_tokens)
+            metrics.REQUEST_PROMPT_TOKENS.labels(progress.model).observe(progress.prompt_tokens)
             self._charge(caller, progress.prompt_tokens)
             output = OutputProcessor(model.tokenizer, admitted.prompt_ids, admitted.params.stop)
             try:
@@ -156,7 +186,7 @@ class GatewayService:
                 if not sub.finished:
                     self._spawn_cancel(progress.model, inp.request_id)
                 self._charge(caller, sub.next_index)
-                metrics.REQUESTS.labels(progress.model, progress.end).inc()
+                progress.log(caller.tenant, sub.next_index, resumed=False)
         finally:
             self._release(caller, slot)
 
@@ -218,6 +248,7 @@ class GatewayService:
                     self._spawn_cancel(streaming, request_id)
                 if streaming:
                     self._charge(caller, sub.next_index - next_index)
+                    progress.log(caller.tenant, sub.next_index, resumed=True)
         finally:
             self._release(caller, slot)
 
@@ -299,12 +330,17 @@ class GatewayService:
                 progress.first_token_at = now
                 metrics.TIME_TO_FIRST_TOKEN.labels(progress.model).observe(
                     now - progress.started)
+            elif progress.last_token_at is not None:
+                metrics.INTER_TOKEN_LATENCY.labels(progress.model).observe(
+                    now - progress.last_token_at)
+            progress.last_token_at = now
         if finish:
             chunk.text += output.finish()
             chunk.finish_reason = finish
             chunk.error = event.error
             chunk.prompt_tokens = event.prompt_tokens or progress.prompt_tokens
             chunk.completion_tokens = completion_tokens or sub.next_index
+            progress.completion_tokens = chunk.completion_tokens
             first = progress.first_token_at
             chunk.timings = Timings(
                 queue_wait_ms=progress.queue_wait_ms,
@@ -358,12 +394,12 @@ class GatewayService:
         """The models of live workers, with their workers and queue depths."""
         await self.registry.refresh()
         names = self.registry.served()
-        depths = await self.queue.queue_depths(names)
+        stats = await self.queue.queue_stats(names)
         listings = []
         for name in names:
             meta = self.registry.meta(name)
             listings.append(ModelListing(name, meta.max_len if meta else 0,
-                                         self.registry.workers(name), depths[name]))
+                                         self.registry.workers(name), stats[name].depth))
         return listings
 
     async def cancel(self, request_id: str, tenant: str = "", *,

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from gateway import convert
+from gateway import convert, metrics
 from gateway.api_keys import Caller, bearer
 from gateway.context import bind_request_id
 from gateway.service import GatewayService
@@ -45,23 +45,26 @@ class GenerationServicer:
                        ) -> AsyncIterator[pb.GenerateResponse]:
         """Stream a completion of a text or token-id prompt."""
         started = time.monotonic()
-        caller = self._caller(context)
-        async for message in self._stream(convert.generate_input(request), caller, context,
-                                          started):
+        with metrics.counting_rejections():
+            caller = self._caller(context)
+            inp = convert.generate_input(request)
+        async for message in self._stream(inp, caller, context, started):
             yield message
 
     async def Chat(self, request: pb.ChatRequest, context: Context
                    ) -> AsyncIterator[pb.GenerateResponse]:
         """Stream a reply to chat messages rendered with the model's template."""
         started = time.monotonic()
-        caller = self._caller(context)
-        async for message in self._stream(convert.chat_input(request), caller, context,
-                                          started):
+        with metrics.counting_rejections():
+            caller = self._caller(context)
+            inp = convert.chat_input(request)
+        async for message in self._stream(inp, caller, context, started):
             yield message
 
     async def _stream(self, inp: GenerationInput, caller: Caller, context: Context,
                       started: float) -> AsyncIterator[pb.GenerateResponse]:
-        inp = dataclasses.replace(inp, request_id=bind_request_id(inp.request_id))
+        with metrics.counting_rejections():
+            inp = dataclasses.replace(inp, request_id=bind_request_id(inp.request_id))
         chunks = self._service.generate(inp, caller=caller, started=started,
                                         timeout_s=context.time_remaining())
         async for chunk in chunks:

@@ -90,6 +90,8 @@ class WorkerInfo:
     running: int = 0
     max_len: int = 0
     capabilities: Capabilities = field(default_factory=Capabilities)
+    draining: bool = False
+    """Stopping: it finishes what it runs and claims nothing new."""
 
 
 @dataclass(frozen=True, slots=True)

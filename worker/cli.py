@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     service = WorkerService.from_config(config)
     if config.metrics_port:
-        service.metrics.serve(config.metrics_port, config.metrics_host)
+        service.metrics.serve(config.metrics_port, config.metrics_host, service.probes())
     try:
         service.run(stop)
     finally:

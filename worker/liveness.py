@@ -90,9 +90,23 @@ class Liveness:
         self.on_gateways = on_gateways
         self.watchdog = watchdog
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._beat_at = self._attempt_at = time.monotonic()
+        self.registered = False
+        """Whether the last beat refreshed the registration."""
+
+    def beat_age_s(self) -> float:
+        """Seconds since a beat last succeeded (Redis answered)."""
+        return time.monotonic() - self._beat_at
+
+    def attempt_age_s(self) -> float:
+        """Seconds since the thread last tried to beat: what shows a wedged thread, apart
+        from an unreachable Redis."""
+        return time.monotonic() - self._attempt_at
 
     def beat(self) -> None:
+        self._attempt_at = time.monotonic()
         self.watchdog.check()
         if self._stop.is_set():  # the watchdog ended the worker
             return
@@ -106,9 +120,11 @@ class Liveness:
         registration = {**self.registration(),
                         "step_age_ms": str(int(self.watchdog.age_s() * 1000))}
         self.queue.register(registration, max(1, math.ceil(3 * self.period_s)), now)
+        self.registered = True
         if reaped := self.queue.reap(now, turn_ms=max(1, int(self.period_s * 1000))):
             log.warning("re-queued %d requests whose worker stopped renewing", reaped)
         self.queue.ensure_model_info(self.info)
+        self._beat_at = time.monotonic()
 
     def start(self) -> None:
         """Beat once now (the registration exists before the first claim), then every
@@ -117,25 +133,36 @@ class Liveness:
         self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
         self._thread.start()
 
+    def beat_soon(self) -> None:
+        """Beat now rather than at the end of the period (the registration changed: a
+        drain began)."""
+        self._wake.set()
+
     def halt(self) -> None:
         """No beat after the current one (callable from the liveness thread itself)."""
         self._stop.set()
+        self._wake.set()
 
     def stop(self) -> None:
         """Halt and wait for the thread."""
-        self._stop.set()
+        self.halt()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
         failures = 0
-        while not self._stop.wait(self.period_s if failures == 0 else
-                                  min(self.period_s, 0.1 * 2 ** failures)):
+        while True:
+            self._wake.wait(self.period_s if failures == 0 else
+                            min(self.period_s, 0.1 * 2 ** failures))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.beat()
                 failures = 0
             except redis.RedisError as exc:
                 failures += 1
+                self.registered = False
                 log.error("heartbeat failed (%s); retrying", exc)
             except Exception:  # a bug here must not silently stop the heartbeat
                 failures += 1

@@ -36,6 +36,7 @@ import redis
 
 from common.config import WorkerConfig
 from common.errors import ErrorCode, NpuserveError
+from common.metrics_http import Probe
 from common.protocol import QueuedRequest, ReplyEvent
 from preprocess.tokenizer import TOKENIZER_FILES
 from worker.engine.engine import Engine
@@ -89,7 +90,8 @@ class WorkerService:
         self.config = config
         self.engine = engine
         self.queue = queue
-        self.metrics = metrics or WorkerMetrics()
+        self.metrics = metrics or WorkerMetrics(model=queue.model, backend=config.backend,
+                                                device=str(engine.backend.device))
         self.capacity = min(engine.backend.capacity.max_batch, config.engine.max_num_seqs)
         """Requests this worker runs at once: what its backend declares, within its config."""
         self.draining = False
@@ -118,6 +120,9 @@ class WorkerService:
         self.liveness = Liveness(queue, beat_s, model_info(config.model_dir, engine),
                                  self._registration, lambda: list(self._held), self._lose,
                                  self._gateways, self.watchdog)
+        self._loop_at = time.monotonic()
+        """When the engine loop last went round (the start of a step counts)."""
+        self.metrics.track_ages(self.engine_loop_age_s, self.liveness.beat_age_s)
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> WorkerService:
@@ -130,6 +135,31 @@ class WorkerService:
         queue = RedisQueue.connect(config.redis, name, worker_id, config.lease_ms,
                                    config.stream_retention_s)
         return cls(config, engine, queue)
+
+    def engine_loop_age_s(self) -> float:
+        return time.monotonic() - self._loop_at
+
+    def probes(self) -> dict[str, Probe]:
+        """/livez: the engine loop and the heartbeat thread go round (a Redis outage does
+        not fail it: both keep retrying); /readyz: registered and claiming work."""
+        limit = self.config.liveness_timeout_s
+
+        def livez() -> tuple[bool, str]:
+            loop, beat = self.engine_loop_age_s(), self.liveness.attempt_age_s()
+            step = self.watchdog.age_s()
+            text = (f"engine loop went round {loop:.1f}s ago (a step has run {step:.1f}s), "
+                    f"heartbeat thread {beat:.1f}s ago; limit {limit:.0f}s "
+                    "(--liveness-timeout)")
+            return loop <= limit and beat <= limit, text
+
+        def readyz() -> tuple[bool, str]:
+            if self.draining:
+                return False, "draining: claims no new requests"
+            if not self.liveness.registered:
+                return False, "not registered in Redis yet (or Redis unreachable)"
+            return True, f"serving {self.queue.model}: {len(self._active)} running"
+
+        return {"/livez": livez, "/readyz": readyz}
 
     @property
     def active_ids(self) -> list[str]:
@@ -162,7 +192,7 @@ class WorkerService:
         self.metrics.set_memory(backend.weight_bytes(), backend.weight_memory_bytes(),
                                 backend.kv_cache_bytes())
         if (stats := backend.device_stats()) is not None:
-            self.metrics.set_device(str(backend.device), stats)
+            self.metrics.set_device(stats)
 
     def _lose(self, ids: list[str], read_ms: int) -> None:
         """Liveness thread: these requests are no longer leased to this worker."""
@@ -229,6 +259,7 @@ class WorkerService:
         Redis is read before any local state changes, so a failing read leaves nothing to
         undo; if the publish fails, every request is dropped locally and stays leased: REAP
         hands it to a worker that resumes it from toks:{id}, exactly where it stopped."""
+        self._loop_at = time.monotonic()
         if self.queue.disrupted:
             self._repair()
         self._drop_lost()
@@ -294,6 +325,8 @@ class WorkerService:
         (toks:{id} holds what was published, so the next worker resumes exactly), and
         remove the registration."""
         self.draining = True
+        self.metrics.draining.set(1)
+        self.liveness.beat_soon()  # gateways stop counting this worker as accepting
         deadline = time.monotonic() + (self.config.drain_timeout_s if drain else 0.0)
         if self._active:
             log.info("draining %d requests (up to %.1fs)", len(self._active),
@@ -301,6 +334,7 @@ class WorkerService:
         # a step is started only if it should end in time, judged by the last one
         while self._active and time.monotonic() + self.watchdog.last_s < deadline:
             self._guarded_once()
+            self._loop_at = time.monotonic()
         self.liveness.stop()  # no renewal or registration after this point
         ids = self.active_ids
         for rid in ids:
@@ -395,7 +429,8 @@ class WorkerService:
             events = self.engine.step()
         finally:
             self.watchdog.finished()
-        self.metrics.observe_step(time.perf_counter() - start, len(events))
+        self.metrics.observe_step(self.engine.last_step, time.perf_counter() - start,
+                                  len(events))
         self.metrics.count_prompt_tokens(self.engine.prefix_cache_stats)
         for rid, what in self.engine.failed.items():
             self._device_failed(batch, rid, what)
@@ -466,7 +501,7 @@ class WorkerService:
             "device": str(self.engine.backend.device), "capacity": str(self.capacity),
             "running": str(len(self._active)), "max_len": str(self.engine.max_len),
             "pid": str(os.getpid()), "host": socket.gethostname(),
-            "started_ms": str(self._started_ms),
+            "started_ms": str(self._started_ms), "draining": "1" if self.draining else "0",
             **self.engine.backend.capabilities.to_fields(),
         }
 

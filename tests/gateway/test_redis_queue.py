@@ -13,7 +13,7 @@ from common.keys import PRIORITY_SCALE, Keys
 from common.protocol import QueuedRequest, decode_events
 from common.redis_credentials import redact
 from common.sampling_params import SamplingParams
-from gateway.redis_queue import RedisQueue, connect
+from gateway.redis_queue import QueueStats, RedisQueue, connect
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys()
@@ -51,7 +51,21 @@ async def test_a_full_queue_and_a_duplicate_id_are_refused(
     with pytest.raises(ResourceExhaustedError,
                        match=r"queue of model 'm' is full \(--max-queued 2: "):
         await queue.enqueue(request("c"), 2)
-    assert await queue.queue_depths(["m", "other"]) == {"m": 2, "other": 0}
+    stats = await queue.queue_stats(["m", "other"])
+    assert (stats["m"].depth, stats["other"].depth) == (2, 0)
+
+
+async def test_queue_stats_find_the_oldest_waiter_whatever_its_priority(
+        r: aioredis.Redis, redis_url: str) -> None:
+    queue = RedisQueue(r, KEYS, redis_url)
+    await queue.enqueue(request("new-urgent", 9, 5_000), 10)
+    await queue.enqueue(request("old-low", 0, 2_000), 10)
+    await queue.enqueue(request("older-mid", 4, 1_500), 10)
+    await queue.enqueue(request("newest-low", 0, 7_000), 10)
+    await r.zadd(KEYS.leases("m"), {"claimed": 99_999})
+    stats = await queue.queue_stats(["m", "empty"])
+    assert stats["m"] == QueueStats(depth=4, leased=1, oldest_enqueue_ms=1_500)
+    assert stats["empty"] == QueueStats(depth=0, leased=0, oldest_enqueue_ms=None)
 
 
 async def test_cancel_by_id_dequeues_and_tells_the_owning_gateway_or_flags_a_running_one(

@@ -45,6 +45,31 @@ async def test_health_is_serving_only_while_a_live_worker_serves_a_model(
         await wait_for_health(s.channel, NOT_SERVING)
 
 
+async def test_a_draining_worker_does_not_count_and_each_model_has_its_own_health(
+        gateway_stack: StackFactory) -> None:
+    async with gateway_stack(serve=False) as s:
+        await s.worker.register()
+        await wait_for_health(s.channel, SERVING)
+        await wait_for_health(s.channel, SERVING, MODEL)
+        await s.r.hset(s.keys.worker("w1"), "draining", "1")
+        await wait_for_health(s.channel, NOT_SERVING)
+        await wait_for_health(s.channel, NOT_SERVING, MODEL)
+        reply = await health_pb2_grpc.HealthStub(s.channel).List(health_pb2.HealthListRequest())
+        assert {name: st.status for name, st in reply.statuses.items()} == {
+            "": NOT_SERVING, "npuserve.v1.Generation": NOT_SERVING, MODEL: NOT_SERVING}
+        await s.r.hset(s.keys.worker("w1"), "draining", "0")
+        await wait_for_health(s.channel, SERVING, MODEL)
+
+
+async def test_shutdown_reports_not_serving_before_streams_end(
+        gateway_stack: StackFactory) -> None:
+    async with gateway_stack() as s:
+        await wait_for_health(s.channel, SERVING)
+        await s.gateway.core.begin_shutdown()
+        await wait_for_health(s.channel, NOT_SERVING)
+        await wait_for_health(s.channel, NOT_SERVING, MODEL)
+
+
 async def test_reflection_lists_the_generation_and_health_services(
         gateway_stack: StackFactory) -> None:
     async with gateway_stack(serve=False) as s:

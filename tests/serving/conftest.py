@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.client import GenerationClient, StreamResult
 from gateway.output import OutputProcessor
@@ -164,13 +165,14 @@ def text_of(tokenizer: Any, prompt: Sequence[int], completion: Sequence[int],
     return text + output.finish()
 
 
-def scrape(port: int, metric: str) -> float:
-    """The value of an unlabelled (or fully labelled) sample on a Prometheus /metrics page."""
+def scrape(port: int, metric: str, **labels: str) -> float:
+    """The sum of a metric's samples on a Prometheus /metrics page whose labels include
+    `labels` (0 when there is none)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
-        for line in page.read().decode().splitlines():
-            if line.startswith(metric + " "):
-                return float(line.split()[-1])
-    return 0.0
+        text = page.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == metric and labels.items() <= sample.labels.items())
 
 
 @contextmanager

@@ -90,6 +90,8 @@ class DeviceStats:
     memory_used_bytes: int
     utilization: float
     """Busy fraction of the compute units, 0..1, as the vendor's driver reports it."""
+    temperature_c: float | None = None
+    """The chip's temperature, where the driver reports one."""
 
 
 class Backend(ABC):

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from common.capabilities import Capabilities
 from common.config import EngineConfig
-from worker.backends.base import Backend, BackendCapacity, SequenceChunk, StepResult
+from worker.backends.base import (
+    Backend,
+    BackendCapacity,
+    DeviceStats,
+    SequenceChunk,
+    StepResult,
+)
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.model.ops import DecoderOps
@@ -65,6 +71,23 @@ class TorchBackend(Backend):
 
     def kv_cache_bytes(self) -> int:
         return self.runner.kv_cache_bytes()
+
+    def device_stats(self) -> DeviceStats | None:
+        """CUDA: memory from the driver; utilisation and temperature through NVML where
+        `pynvml` is installed (NaN and None otherwise). The CPU has no device counters (the
+        process metrics cover it)."""
+        if getattr(self.device, "type", "") != "cuda":
+            return None
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        utilization, temperature = float("nan"), None
+        try:
+            utilization = torch.cuda.utilization(self.device) / 100.0
+            temperature = float(torch.cuda.temperature(self.device))
+        except (ModuleNotFoundError, RuntimeError) as exc:  # pynvml missing or NVML refused
+            log.debug("no NVML readings: %s", exc)
+        return DeviceStats(total, total - free, utilization, temperature)
 
     def execute(self, chunks: Sequence[SequenceChunk]) -> StepResult:
         return StepResult(logits=self.runner.execute(chunks))

@@ -25,7 +25,7 @@ from worker.backends.registry import create_backend
 from worker.engine.outputs import Completion, TokenEvent
 from worker.engine.request import Request, RequestStatus
 from worker.engine.sampler import Sampler, SampleRow, make_generator, skip_draws
-from worker.engine.scheduler import PrefixCacheStats, Scheduler, SchedulerOutput
+from worker.engine.scheduler import PrefixCacheStats, Scheduler, SchedulerOutput, StepStats
 from worker.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class Engine:
         self.failed: dict[str, str] = {}
         """Requests the last step dropped because their device call failed -> the failure.
         They are no longer in the engine; the caller decides whether to retry them."""
+        self.last_step = StepStats()
+        """What the last step ran."""
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
@@ -98,6 +100,7 @@ class Engine:
     def step(self) -> list[TokenEvent]:
         self.failed = {}
         out = self.scheduler.schedule()
+        self.last_step = out.stats()
         for req in out.preempted:
             self.backend.release(req.request_id)
             log.info("preempted %s (KV cache full); it will resume", req.request_id)

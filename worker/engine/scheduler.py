@@ -51,6 +51,25 @@ class PrefixCacheStats:
     """Of those, tokens found in the prefix cache rather than computed."""
 
 
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What one step ran, for the worker's metrics."""
+
+    num_seqs: int = 0
+    prompt_tokens: int = 0
+    """Tokens of prefill chunks: prompts, and the recomputed tokens of resumed requests."""
+    decode_seqs: int = 0
+    """Sequences fed one token after their output so far."""
+    preempted: int = 0
+
+    @property
+    def phase(self) -> str:
+        """"prefill", "decode" or "mixed"."""
+        if not self.decode_seqs:
+            return "prefill"
+        return "mixed" if self.prompt_tokens else "decode"
+
+
 @dataclass(slots=True)
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
@@ -59,6 +78,13 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+    def stats(self) -> StepStats:
+        """Call before the step's update (it advances the requests' computed tokens)."""
+        decode = sum(1 for c in self.chunks if c.num_tokens == 1 and c.sample
+                     and c.request.num_output_tokens > 0)
+        return StepStats(len(self.chunks), self.num_tokens - decode, decode,
+                         len(self.preempted))
 
 
 class Scheduler:
