@@ -55,8 +55,11 @@ model: $(MODEL_DIR)/config.json
 $(MODEL_DIR)/config.json: | deps
 	$(NPUSERVE) model smollm2 $(MODEL_DIR)
 
+# METRICS_PORT=9400: Prometheus /metrics of the gateway on 9400, of the worker on 9401.
+METRICS_PORT ?= 9400
+
 run: setup
-	$(NPUSERVE) up --model $(MODEL_DIR)
+	$(NPUSERVE) up --model $(MODEL_DIR) --metrics-port $(METRICS_PORT)
 
 test: deps promtool
 	$(PY) -m pytest -q tests

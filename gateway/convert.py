@@ -114,7 +114,8 @@ def list_models_response(models: list[ModelListing]) -> pb.ListModelsResponse:
         pb.ModelInfo(
             name=m.name, max_context=m.max_context, queued=m.queued,
             workers=[pb.WorkerInfo(id=w.id, backend=w.backend, device=w.device,
-                                   capacity=w.capacity, running=w.running)
+                                   capacity=w.capacity, running=w.running,
+                                   draining=w.draining)
                      for w in m.workers],
         )
         for m in models

@@ -187,18 +187,20 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., max_context: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., queued: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "backend", "device", "capacity", "running")
+    __slots__ = ("id", "backend", "device", "capacity", "running", "draining")
     ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     id: str
     backend: str
     device: str
     capacity: int
     running: int
-    def __init__(self, id: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., capacity: _Optional[int] = ..., running: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, id: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., capacity: _Optional[int] = ..., running: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

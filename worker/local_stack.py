@@ -59,6 +59,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--worker-args", default="",
                    help="extra arguments for `npuserve worker`, one shell-quoted string: "
                         "--worker-args=\"--max-num-seqs 8\"")
+    p.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", "0")),
+                   help="expose Prometheus /metrics (and the probes) on loopback: the gateway "
+                        "on this port, worker i on this port + 1 + i; 0 (the default) "
+                        "exposes none (env NPUSERVE_METRICS_PORT)")
     p.add_argument("--startup-timeout", type=float, default=300.0,
                    help="seconds to wait for the stack to become SERVING (default 300)")
     p.add_argument("--stop-timeout", type=float, default=45.0,
@@ -129,20 +133,23 @@ def _start_and_serve(args: argparse.Namespace, model: Path, children: ChildSet,
         redis_url = f"redis://127.0.0.1:{port}/0"
     shown = re.sub(r"//[^/@]*@", "//***@", redis_url)  # never print a password
     children.say(f"starting gateway on {args.listen} (redis {shown})")
+    metrics = ["--metrics-port", str(args.metrics_port)] if args.metrics_port else []
     children.start("gateway", [*python, "gateway", "--listen", args.listen, "--redis", redis_url,
-                               *shlex.split(args.gateway_args)])
+                               *metrics, *shlex.split(args.gateway_args)])
     for i, device in enumerate(args.devices):
         name = "worker" if len(args.devices) == 1 else f"worker{i}"
         ranks = len(device_indices(device.partition(":")[2]) or [device])
         group = ["--tensor-parallel", str(ranks)] if ranks > 1 else []
         children.say(f"starting {name}: loading {model} on {device}")
+        metrics = (["--metrics-port", str(args.metrics_port + 1 + i)] if args.metrics_port
+                   else [])
         children.start(name, [*python, "worker", "--model", str(model), "--backend", "torch",
-                              "--device", device, *group, "--redis", redis_url,
+                              "--device", device, *group, "--redis", redis_url, *metrics,
                               *shlex.split(args.worker_args)])
     target = _client_target(args.listen)
     if not _wait_serving(target, children, stop, args.startup_timeout):
         return 0 if stop.is_set() and children.failed() is None else 1
-    _banner(children, target, args.listen)
+    _banner(children, target, args.listen, args.metrics_port, len(args.devices))
     while not stop.wait(0.2):
         if (dead := children.failed()) is not None:
             children.say(f"{dead.name} exited with code {dead.proc.returncode}; "
@@ -188,15 +195,20 @@ def _wait_serving(target: str, children: ChildSet, stop: threading.Event,
     return False
 
 
-def _banner(children: ChildSet, target: str, listen: str) -> None:
+def _banner(children: ChildSet, target: str, listen: str, metrics_port: int,
+            workers: int) -> None:
     where = target if target.split(":")[0] == listen.split(":")[0] else (
         f"{target} (listening on {listen})")
     request = ('{"text": "' + EXAMPLE_PROMPT + '", "max_tokens": 64}')
+    metrics = [f"  metrics: http://127.0.0.1:{metrics_port + i}/metrics"
+               + (" (gateway)" if i == 0 else f" (worker {i - 1})")
+               for i in range(1 + workers)] if metrics_port else []
     children.say("\n".join([
         f"npuserve is ready: gRPC on {where}",
         f"  npuserve client --target {target} \"{EXAMPLE_PROMPT}\"",
         f"  npuserve client --target {target} --chat",
         f"  grpcurl -plaintext -d '{request}' {target} npuserve.v1.Generation/Generate",
+        *metrics,
         "Ctrl-C stops everything.",
     ]))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf import json_format
 
 from common.errors import InvalidRequestError
 from common.sampling_params import SamplingParams
@@ -54,4 +55,9 @@ def test_listings_and_cancel_replies() -> None:
     reply = convert.list_models_response([ModelListing(
         "m", 64, [WorkerInfo("w", "m", "torch", "cpu", capacity=2, running=1)], 5)])
     assert reply.models[0].queued == 5 and reply.models[0].workers[0].running == 1
+    idle = convert.list_models_response([ModelListing("m", 64, [WorkerInfo(
+        "w", "m", "torch", "cpu", capacity=2, draining=True)], 0)])
+    assert idle.models[0].HasField("queued")  # JSON shows "queued": 0
+    assert json_format.MessageToDict(idle)["models"][0]["queued"] == 0
+    assert idle.models[0].workers[0].draining
     assert convert.cancel_response(True).cancelled

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,13 +112,17 @@ def up_factory() -> Iterator[list[UpProcess]]:
 @pytest.mark.timeout(240)
 def test_up_serves_a_client_and_stops_every_child_on_sigint(
         tiny_qwen3: Path, up_factory: list[UpProcess]) -> None:
-    target = f"127.0.0.1:{free_port()}"
+    target, metrics = f"127.0.0.1:{free_port()}", free_port()
     up = UpProcess(["up", "--model", str(tiny_qwen3), "--listen", target,
-                    f"--worker-args={WORKER_ARGS}"])
+                    "--metrics-port", str(metrics), f"--worker-args={WORKER_ARGS}"])
     up_factory.append(up)
     up.wait_ready(180)
     assert READY in up.output()
     assert f"npuserve client --target {target}" in up.output()
+    for port, who in ((metrics, "gateway"), (metrics + 1, "worker 0")):
+        assert f"metrics: http://127.0.0.1:{port}/metrics ({who})" in up.output()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+            assert b"npuserve_build_info" in page.read()
     children = up.children()
     assert set(children) == {"redis", "gateway", "worker"}, up.output()
 
