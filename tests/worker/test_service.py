@@ -326,3 +326,23 @@ def test_a_request_whose_device_call_fails_twice_ends_with_an_internal_error(
     assert gateway.client.zcard(k.leases(MODEL)) == 0 and gateway.client.zcard(
         k.queue(MODEL)) == 0
     assert service.metrics.device_failures.labels("failed")._value.get() == 1
+
+
+def test_livez_fails_once_the_engine_loop_stops_going_round_and_readyz_while_draining(
+        make_service: MakeService, gateway: FakeGateway) -> None:
+    service = make_service(liveness_timeout_s=5.0)
+    probes = service.probes()
+    service.run_once()
+    assert probes["/livez"]()[0] and probes["/readyz"]() == (True, f"serving {MODEL}: 0 running")
+    service._loop_at -= 6.0  # what a loop stuck outside any step for 6 s looks like
+    age = service.metrics.registry.get_sample_value(
+        "npuserve_worker_engine_loop_age_seconds",
+        {"model": MODEL, "backend": "torch", "device": "cpu"})
+    assert age is not None and age >= 6.0
+    ok, why = probes["/livez"]()
+    assert not ok and "engine loop went round 6." in why and "--liveness-timeout" in why
+    service.run_once()
+    assert probes["/livez"]()[0]
+    service.shutdown()
+    assert probes["/readyz"]() == (False, "draining: claims no new requests")
+    assert service._registration()["draining"] == "1"
