@@ -102,6 +102,8 @@ class ReplyEvent:
     completion_tokens: int = 0
     queue_ms: int = -1
     """Time from enqueue to the first claim, on index 0."""
+    top_logprobs: list[tuple[int, float]] | None = None
+    """With top_logprobs: the most likely (token id, log-probability) at this position."""
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"id": self.request_id, "i": self.index}
@@ -117,6 +119,8 @@ class ReplyEvent:
             out["err"] = self.error
         if self.queue_ms >= 0:
             out["qw"] = self.queue_ms
+        if self.top_logprobs is not None:
+            out["tl"] = [[t, lp] for t, lp in self.top_logprobs]
         return out
 
     @classmethod
@@ -133,6 +137,8 @@ class ReplyEvent:
             prompt_tokens=int(raw.get("pt", 0)),  # type: ignore[call-overload]
             completion_tokens=int(raw.get("ct", 0)),  # type: ignore[call-overload]
             queue_ms=int(raw.get("qw", -1)),  # type: ignore[call-overload]
+            top_logprobs=None if "tl" not in raw else [
+                (int(t), float(lp)) for t, lp in raw["tl"]],  # type: ignore[attr-defined]
         )
 
 

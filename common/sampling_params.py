@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from common.errors import InvalidRequestError
 
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives a request may ask for per position (OpenAI's limit)."""
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -40,6 +43,9 @@ class SamplingParams:
     """Keep generating past the model's EOS token (benchmarks use this for fixed lengths)."""
     logprobs: bool = False
     """Return the log-probability of each chosen token."""
+    top_logprobs: int = 0
+    """With logprobs: also the this-many most likely tokens at each position, with their
+    log-probabilities (0 to MAX_TOP_LOGPROBS)."""
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +69,11 @@ class SamplingParams:
         _finite_in("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         if self.seed is not None and not (0 <= self.seed < 2**63):
             raise InvalidRequestError("seed", f"must be in [0, 2^63), got {self.seed}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError("top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], "
+                                      f"got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequestError("top_logprobs", "needs logprobs: set logprobs too")
         for s in self.stop:
             if not s:
                 raise InvalidRequestError("stop", "stop strings must be non-empty")

@@ -48,6 +48,7 @@ def sampling_params(s: pb.SamplingParameters, req: pb.GenerateRequest | pb.ChatR
         stop_token_ids=tuple(req.stop_token_ids),
         ignore_eos=req.ignore_eos,
         logprobs=req.logprobs,
+        top_logprobs=req.top_logprobs,
     )
 
 
@@ -89,7 +90,11 @@ def chunk_response(chunk: Chunk) -> pb.GenerateResponse:
     """One stream message; the last one carries finish_reason, usage and timings."""
     out = pb.GenerateResponse(request_id=chunk.request_id, text=chunk.text,
                               token_ids=chunk.token_ids, index=max(chunk.index, 0),
-                              logprobs=chunk.logprobs)
+                              logprobs=chunk.logprobs, tokens=chunk.tokens,
+                              top_logprobs=[pb.TopLogprobs(token_ids=[t for t, _, _ in top],
+                                                           logprobs=[lp for _, lp, _ in top],
+                                                           tokens=[s for _, _, s in top])
+                                            for top in chunk.top_logprobs])
     if chunk.finish_reason:
         out.finish_reason = FINISH_REASONS.get(chunk.finish_reason,
                                                pb.FINISH_REASON_UNSPECIFIED)

@@ -31,6 +31,10 @@ class OutputProcessor:
             return ""
         return self._cut("" if stop_token else self._detokenizer.add(token_id))
 
+    def piece(self, token_id: int) -> str:
+        """The text of `token_id` on its own (IncrementalDetokenizer.piece)."""
+        return self._detokenizer.piece(token_id)
+
     def finish(self) -> str:
         """The request ended: the rest of the text, with U+FFFD for a character cut short."""
         if self.stopped:

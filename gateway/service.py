@@ -325,6 +325,10 @@ class GatewayService:
             chunk.token_ids.append(event.token_id)
             if inp.params.logprobs and event.logprob is not None:
                 chunk.logprobs.append(event.logprob)
+                chunk.tokens.append(output.piece(event.token_id))
+                if inp.params.top_logprobs and event.top_logprobs is not None:
+                    chunk.top_logprobs.append([(t, lp, output.piece(t))
+                                               for t, lp in event.top_logprobs])
             metrics.GENERATED_TOKENS.labels(progress.model).inc()
             if progress.first_token_at is None:
                 progress.first_token_at = now

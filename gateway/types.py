@@ -61,6 +61,10 @@ class Chunk:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+    """With logprobs: the text of each of token_ids on its own."""
+    top_logprobs: list[list[tuple[int, float, str]]] = field(default_factory=list)
+    """With top_logprobs: per token, the most likely (id, log-probability, text) there."""
     finish_reason: str = ""
     """stop, length, cancelled, deadline or error; set on the last chunk only."""
     error: str = ""

@@ -33,6 +33,7 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
     ) -> None:
         self._decode = _fast_decoder(tokenizer, skip_special_tokens)
+        self._decode_one = _fast_decoder(tokenizer, False)
         self._ids: list[int] = list((prompt_ids or [])[-PROMPT_CONTEXT:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -45,6 +46,11 @@ class IncrementalDetokenizer:
         if len(self._chunks) > 1:
             self._chunks = ["".join(self._chunks)]
         return self._chunks[0] if self._chunks else ""
+
+    def piece(self, token_id: int) -> str:
+        """The text of `token_id` on its own, special tokens included (a piece of a
+        multi-byte character decodes to U+FFFD): what log-probabilities are shown against."""
+        return self._decode_one([token_id])
 
     def add(self, token_id: int) -> str:
         """Append `token_id` and return the newly completed text (often "")."""

@@ -440,7 +440,8 @@ class WorkerService:
                 log.warning("engine event for unknown request %s", ev.request_id)
                 continue
             act.completion_tokens = ev.index + 1
-            reply = ReplyEvent(ev.request_id, ev.index, ev.token_id, ev.logprob)
+            reply = ReplyEvent(ev.request_id, ev.index, ev.token_id, ev.logprob,
+                               top_logprobs=ev.top_logprobs)
             if ev.index == 0 and act.req.enqueue_ms > 0:
                 reply.queue_ms = max(0, act.claimed_ms - act.req.enqueue_ms)
             if ev.finish_reason is not None:

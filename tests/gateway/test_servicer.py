@@ -46,6 +46,37 @@ async def until(predicate_coro: object, timeout_s: float = 3.0) -> None:
     raise AssertionError("condition not reached")
 
 
+async def test_top_logprobs_reach_the_client_with_each_tokens_text(
+        gateway_stack: StackFactory) -> None:
+    async with gateway_stack() as s:
+        call = s.stub.Generate(gen(request_id="r-top", logprobs=True, top_logprobs=2,
+                                   max_tokens=2))
+        q = await s.worker.take()
+        assert (q.params.logprobs, q.params.top_logprobs) == (True, 2)
+        out = (await s.stub.Tokenize(pb.TokenizeRequest(model=MODEL, text=" one two"))
+               ).token_ids
+        await s.worker.send(s.gateway_id, ReplyEvent(
+            "r-top", 0, out[0], -0.5, top_logprobs=[(out[0], -0.5), (out[1], -1.5)]))
+        await s.worker.send(s.gateway_id, ReplyEvent(
+            "r-top", 1, out[1], -0.25, top_logprobs=[(out[1], -0.25), (out[0], -3.0)],
+            finish_reason="length", completion_tokens=2))
+        messages = [m async for m in call]
+    assert [list(m.tokens) for m in messages] == [[" one"], [" two"]]
+    first = messages[0].top_logprobs[0]
+    assert (list(first.token_ids), list(first.tokens)) == ([out[0], out[1]], [" one", " two"])
+    assert list(first.logprobs) == [-0.5, -1.5]
+    assert list(messages[1].top_logprobs[0].logprobs) == [-0.25, -3.0]
+
+
+async def test_top_logprobs_without_logprobs_is_refused(gateway_stack: StackFactory) -> None:
+    async with gateway_stack() as s:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in s.stub.Generate(gen(top_logprobs=3)):
+                pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "top_logprobs: needs logprobs" in (info.value.details() or "")
+
+
 async def test_generate_relays_each_event_then_a_final_message_with_usage_and_timings(
         gateway_stack: StackFactory) -> None:
     async with gateway_stack() as s:

@@ -24,7 +24,13 @@ from worker.backends.base import Backend, OutputKind, SequenceChunk
 from worker.backends.registry import create_backend
 from worker.engine.outputs import Completion, TokenEvent
 from worker.engine.request import Request, RequestStatus
-from worker.engine.sampler import Sampler, SampleRow, make_generator, skip_draws
+from worker.engine.sampler import (
+    Sampler,
+    SampleResult,
+    SampleRow,
+    make_generator,
+    skip_draws,
+)
 from worker.engine.scheduler import PrefixCacheStats, Scheduler, SchedulerOutput, StepStats
 from worker.model.config import ModelConfig
 
@@ -106,9 +112,11 @@ class Engine:
             log.info("preempted %s (KV cache full); it will resume", req.request_id)
         if not out.chunks:
             return []
-        tokens, logprobs = self._execute(out)
-        advanced = self.scheduler.update(out, tokens)
-        return [self._event(req, lp) for req, lp in zip(advanced, logprobs, strict=True)]
+        s = self._execute(out)
+        advanced = self.scheduler.update(out, s.token_ids)
+        top = s.top or [None] * len(advanced)
+        return [self._event(req, lp, t)
+                for req, lp, t in zip(advanced, s.logprobs, top, strict=True)]
 
     def steps(self) -> Iterator[list[TokenEvent]]:
         """Step until every request has finished, yielding each step's events."""
@@ -138,7 +146,7 @@ class Engine:
                 progress(len(events))
         return [results[rid] for rid in ids]
 
-    def _execute(self, out: SchedulerOutput) -> tuple[list[int], list[float | None]]:
+    def _execute(self, out: SchedulerOutput) -> SampleResult:
         chunks = [
             SequenceChunk(c.request.request_id,
                           c.request.token_ids[c.request.num_computed_tokens:
@@ -153,13 +161,12 @@ class Engine:
         sampled = [c.request for c in out.chunks if c.sample]
         if self.backend.capacity.output == OutputKind.TOKENS:
             assert result.token_ids is not None
-            return result.token_ids, [None] * len(sampled)
+            return SampleResult(result.token_ids, [None] * len(sampled))
         if not sampled:
-            return [], []
+            return SampleResult([], [])
         assert result.logits is not None
         rows = [SampleRow(r.params, r.prompt_ids, r.output_ids, r.generator) for r in sampled]
-        s = self.sampler(result.logits, rows)
-        return s.token_ids, s.logprobs
+        return self.sampler(result.logits, rows)
 
     def _drop_failed(self, out: SchedulerOutput, failed: dict[str, str]) -> None:
         """Take the requests whose device call failed out of the step and the engine."""
@@ -172,11 +179,12 @@ class Engine:
             log.error("request %s: device call failed: %s", rid, what)
         self.failed = dict(failed)
 
-    def _event(self, req: Request, logprob: float | None) -> TokenEvent:
+    def _event(self, req: Request, logprob: float | None,
+               top: list[tuple[int, float]] | None) -> TokenEvent:
         if req.status.finished:
             self.backend.release(req.request_id)
         return TokenEvent(req.request_id, req.num_output_tokens - 1, req.token_ids[-1], logprob,
-                          req.finish_reason)
+                          req.finish_reason, top)
 
     def _validate(self, prompt_ids: Sequence[int], output_ids: Sequence[int],
                   params: SamplingParams, request_id: str) -> None:

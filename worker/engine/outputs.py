@@ -16,6 +16,8 @@ class TokenEvent:
     logprob: float | None
     finish_reason: FinishReason | None
     """Set on the request's last event; STOP means this token is EOS or a stop token."""
+    top_logprobs: list[tuple[int, float]] | None = None
+    """With top_logprobs: the most likely (token id, log-probability) at this position."""
 
 
 @dataclass(slots=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,6 +49,9 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float | None]
     """Log-probability of the chosen token under the raw logits; None where not asked for."""
+    top: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    """The row's top_logprobs most likely (token id, log-probability), most likely first;
+    None where not asked for (empty: no row asked)."""
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -105,15 +108,24 @@ class Sampler:
             tokens[_index(sampled, x.device)] = chosen
 
         logprobs: list[float | None] = [None] * len(rows)
+        top: list[list[tuple[int, float]] | None] = []
         asked = [i for i, r in enumerate(rows) if r.params.logprobs]
         if asked:
             # vLLM v1's default: the chosen token under the model's own distribution, before
             # any penalty, temperature or filter.
             raw = _take(logits.float(), asked)  # [A, V]
-            picked = raw.gather(1, tokens[_index(asked, x.device)].unsqueeze(1)).squeeze(1)
-            for i, lp in zip(asked, (picked - raw.logsumexp(dim=-1)).tolist(), strict=True):
+            norm = raw.logsumexp(dim=-1, keepdim=True)  # [A, 1]
+            picked = raw.gather(1, tokens[_index(asked, x.device)].unsqueeze(1))  # [A, 1]
+            for i, lp in zip(asked, (picked - norm).squeeze(1).tolist(), strict=True):
                 logprobs[i] = lp
-        return SampleResult(tokens.tolist(), logprobs)
+            k = max(rows[i].params.top_logprobs for i in asked)
+            if k:
+                values, ids = (raw - norm).topk(k, dim=-1)  # [A, k] each
+                top = [None] * len(rows)
+                for i, v, t in zip(asked, values.tolist(), ids.tolist(), strict=True):
+                    n = rows[i].params.top_logprobs
+                    top[i] = list(zip(t[:n], v[:n], strict=True)) if n else None
+        return SampleResult(tokens.tolist(), logprobs, top)
 
     def _sample(self, x: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
         """Draw one token per row of penalised logits `x` ([S, V]); returns [S] token ids."""

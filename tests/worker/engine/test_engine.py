@@ -200,3 +200,20 @@ def test_abort_frees_the_requests_blocks_at_once(tiny_engine: Engine) -> None:
     assert not tiny_engine.has_unfinished()
     assert tiny_engine.scheduler.blocks.num_free_blocks == tiny_engine.backend.capacity.num_blocks
     assert not tiny_engine.abort(rid)
+
+
+def test_token_events_carry_top_logprobs_only_for_requests_that_ask(tiny_engine: Engine) -> None:
+    asks = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=True,
+                          top_logprobs=4)
+    plain = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    tiny_engine.add_request([1, 2, 3], asks, "asks")
+    tiny_engine.add_request([1, 2, 3], plain, "plain")
+    events = [e for step in tiny_engine.steps() for e in step]
+    for e in events:
+        if e.request_id == "plain":
+            assert e.top_logprobs is None and e.logprob is None
+        else:
+            assert e.top_logprobs is not None and len(e.top_logprobs) == 4
+            assert e.top_logprobs[0][0] == e.token_id  # greedy: the most likely one
+            assert e.top_logprobs[0][1] == pytest.approx(e.logprob, abs=1e-6)
+    assert sorted(e.request_id for e in events) == ["asks"] * 3 + ["plain"] * 3

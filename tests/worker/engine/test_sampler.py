@@ -227,6 +227,27 @@ def test_logprobs_are_log_softmax_of_raw_logits_and_none_when_not_asked() -> Non
         assert result.logprobs[i] == pytest.approx(float(raw[i, result.token_ids[i]]), abs=1e-5)
 
 
+def test_top_logprobs_are_the_most_likely_tokens_of_the_raw_distribution() -> None:
+    logits = _logits(11, rows=3)
+    rows = [_row(seed=1, temperature=0.9, logprobs=True, top_logprobs=5),
+            _row(temperature=0.0, logprobs=True),
+            _row(temperature=0.0, repetition_penalty=2.0, prompt=[0], logprobs=True,
+                 top_logprobs=2)]
+    result = Sampler()(logits, rows)
+    raw = torch.log_softmax(logits, dim=-1)
+    assert result.top[1] is None
+    for i, k in ((0, 5), (2, 2)):
+        top = result.top[i]
+        assert top is not None and len(top) == k
+        values, ids = raw[i].topk(k)
+        assert [t for t, _ in top] == ids.tolist()
+        assert [lp for _, lp in top] == pytest.approx(values.tolist(), abs=1e-5)
+    # the greedy row's choice is its most likely raw token: first among its alternatives
+    assert result.top[2] is not None and result.top[2][0][1] >= result.logprobs[2]
+    none_asked = Sampler()(logits, [_row(temperature=0.0, logprobs=True) for _ in range(3)])
+    assert none_asked.top == []
+
+
 def test_greedy_fast_path_matches_the_general_path() -> None:
     logits = _logits(10, rows=8)
     fast = Sampler()(logits, [_row(temperature=0.0) for _ in range(8)])
