@@ -24,6 +24,7 @@ from worker.backends.registry import BACKENDS
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "kubernetes"
+BASE = K8S / "base"
 MODEL_IN_IMAGE = "/app/models/smollm2-135m-instruct"
 
 
@@ -72,7 +73,7 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def k8s() -> list[dict[str, Any]]:
     docs = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(BASE.glob("*.yaml")):
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
     return docs
 
@@ -169,9 +170,9 @@ def test_k8s_worker_grace_covers_drain_and_requests_resources(k8s: list[dict[str
 
 
 def test_k8s_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    manifests = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(kustomization["resources"]) == manifests | {"../redis"}  # the ACL ConfigMap
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    manifests = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == manifests | {"../../redis"}  # the ACL ConfigMap
     acl = yaml.safe_load((REPO / "deploy" / "redis" / "kustomization.yaml").read_text())
     [generator] = acl["configMapGenerator"]
     for name in generator["files"]:
@@ -253,9 +254,10 @@ def test_the_ascend_tensor_parallel_worker_parses_and_names_a_card_per_rank(
     assert service["environment"]["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
     assert sum(d.startswith("/dev/davinci") and d[12:].isdigit()
                for d in service["devices"]) == 8
-    overlay = K8S / "ascend"
+    overlay = K8S / "overlays" / "ascend"
     kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
-    assert set(kustomization["resources"]) == {"../", "worker-tp8.yaml"}
+    assert set(kustomization["resources"]) == {"../../base", "worker-tp8.yaml"}
+    assert kustomization["namespace"] == "npuserve"  # beside the base's config and Secret
     [doc] = list(yaml.safe_load_all((overlay / "worker-tp8.yaml").read_text()))
     [container] = doc["spec"]["template"]["spec"]["containers"]
     args = parse_npuserve(container["command"] + container["args"])
