@@ -12,6 +12,7 @@ from common.config import EngineConfig
 from common.errors import ModelConfigError
 from worker.backends.base import Backend
 from worker.backends.sophon.settings import SophonSettings
+from worker.backends.synthetic_settings import SyntheticSettings
 from worker.backends.torch_settings import TorchSettings
 
 
@@ -27,6 +28,8 @@ class BackendEntry:
 BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
     BackendEntry("torch", "worker.backends.torch_backend:TorchBackend", TorchSettings),
     BackendEntry("sophon", "worker.backends.sophon.backend:SophonBackend", SophonSettings),
+    # no model: a fixed step time and deterministic tokens, for load tests of the serving path
+    BackendEntry("synthetic", "worker.backends.synthetic:SyntheticBackend", SyntheticSettings),
 )}
 
 
