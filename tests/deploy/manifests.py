@@ -171,7 +171,8 @@ def validate(doc: dict[str, Any]) -> None:
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{name} (Kubernetes {version}): {exc.path}: {exc.message}")
+            where = ".".join(map(str, exc.path))
+            pytest.fail(f"{name} (Kubernetes {version}): {where}: {exc.message}")
         except kubernetes_validate.SchemaNotFoundError:
             pytest.fail(f"{name}: no schema for {doc.get('apiVersion')} {kind} in Kubernetes "
                         f"{version}")

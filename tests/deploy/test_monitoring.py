@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from tests import promtool
+from tests.deploy.promql import exported_names, fleet_gauges_outside_max, metric_names
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "monitoring"
@@ -29,55 +29,7 @@ ALERTS = MONITORING / "prometheus" / "alerts.yml"
 ALERTS_TEST = MONITORING / "prometheus" / "alerts_test.yml"
 DASHBOARD = MONITORING / "grafana" / "npuserve.json"
 
-MADE_BY_PROMETHEUS = {"up"}
-"""Series Prometheus makes itself for every target."""
-FLEET_GAUGES = ("npuserve_queue_depth", "npuserve_queue_oldest_age_seconds",
-                "npuserve_requests_leased", "npuserve_requests_running", "npuserve_workers",
-                "npuserve_workers_accepting", "npuserve_worker_slots")
-"""Read from Redis by every gateway, which all report the same value."""
-SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
-                   "summary": ("", "_sum", "_count"), "info": ("_info",), "gauge": ("",),
-                   "unknown": ("",)}
-PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
-                   "unless", "bool", "offset", "atan2", "inf", "nan"}
 GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__range"}
-
-
-@functools.cache
-def exported_names() -> frozenset[str]:
-    """Every sample name the gateway's default registry and a worker's registry (with
-    device readings, so the device series exist) can expose."""
-    from prometheus_client import REGISTRY
-
-    import gateway.metrics  # noqa: F401 -- registers the gateway's metrics
-    from worker.backends.base import DeviceStats
-    from worker.metrics import WorkerMetrics
-
-    worker = WorkerMetrics(model="m", backend="torch", device="cpu")
-    worker.set_device(DeviceStats(1, 1, 0.5, 50.0))
-    names: set[str] = set()
-    for registry in (REGISTRY, worker.registry):
-        for family in registry.collect():
-            names.update(family.name + s for s in SAMPLE_SUFFIXES[family.type])
-            names.update(s.name for s in family.samples)
-    return frozenset(names)
-
-
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects: identifiers that are not functions
-    (followed by "("), keywords, label names (in matchers and by/on/... lists) or parts
-    of numbers and durations."""
-    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    e = re.sub(r"'(?:[^'\\]|\\.)*'", "''", e)
-    e = re.sub(r"\{[^}]*\}", "{}", e)
-    e = re.sub(r"\[[^\]]*\]", "[]", e)
-    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
-    names = set()
-    for m in re.finditer(r"(?<![\w:.$])[A-Za-z_:][\w:]*", e):
-        rest = e[m.end():].lstrip()
-        if m.group() not in PROMQL_KEYWORDS and not rest.startswith("("):
-            names.add(m.group())
-    return names
 
 
 def test_metric_names_finds_selectors_and_skips_the_rest() -> None:
@@ -170,7 +122,7 @@ def test_every_metric_queried_is_exported_by_the_code(source: str) -> None:
         exprs = [(r["alert"], r["expr"]) for r in alert_rules()]
     else:
         exprs = dashboard_exprs()
-    known = exported_names() | MADE_BY_PROMETHEUS
+    known = exported_names()
     missing = {f"{where}: {name}" for where, expr in exprs for name in metric_names(expr)
                if name not in known}
     assert not missing, "queried but exported by nothing:\n" + "\n".join(sorted(missing))
@@ -184,11 +136,7 @@ def test_fleet_gauges_are_taken_with_max_never_summed_over_gateways(source: str)
     else:
         exprs = [e for e in dashboard_exprs() if not e[0].startswith("$")]
     for where, expr in exprs:
-        for name in FLEET_GAUGES:
-            uses = len(re.findall(rf"\b{name}\b(?!_)", expr))
-            under_max = len(re.findall(rf"\bmax(?:\s+by\s*\([^)]*\))?\s*\(\s*{name}\b(?!_)",
-                                       expr))
-            assert uses == under_max, f"{where}: {name} outside max(...): {expr}"
+        assert not fleet_gauges_outside_max(expr), f"{where}: {expr}"
 
 
 def test_dashboard_is_a_grafana_dashboard_with_its_variables() -> None:
