@@ -4,6 +4,9 @@ No container runs here, so these tests check what can go stale silently: every n
 command line in them parses with npuserve's own argparse (a renamed flag fails here), every
 NPUSERVE_* variable they set is one the code reads, grace periods cover the worker's drain,
 and the image installs the pinned CPU torch and builds the model the worker is pointed at.
+The compose file's monitoring profile scrapes the metrics ports it opens, its Prometheus
+configuration passes `promtool check config`, and Grafana gets the datasource and dashboard.
+(deploy/kubernetes has its own tests in test_kubernetes.py.)
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ import yaml
 from common.cli import build_parser
 from common.config import GatewayConfig, WorkerConfig
 from common.flags import env_names
+from tests import promtool
 from worker.backends.registry import BACKENDS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -263,3 +269,123 @@ def test_the_ascend_tensor_parallel_worker_parses_and_names_a_card_per_rank(
     args = parse_npuserve(container["command"] + container["args"])
     assert (args.device, args.tensor_parallel) == ("npu:0-7", 8)
     assert container["resources"]["limits"]["huawei.com/Ascend910"] == 8
+
+
+MONITORING = REPO / "deploy" / "monitoring"
+
+
+def bind_mounts(service: dict[str, Any]) -> list[tuple[Path, str]]:
+    """(host path, container path) of a service's bind mounts (./... volumes)."""
+    out = []
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        if source.startswith("./"):
+            out.append(((REPO / source).resolve(), target))
+    return out
+
+
+def test_compose_gateway_and_worker_serve_metrics_to_the_network(
+        compose: dict[str, Any]) -> None:
+    for name, prefix in (("gateway", "GATEWAY"), ("worker", "WORKER")):
+        env = compose[name]["environment"]
+        assert compose_default(env[f"NPUSERVE_{prefix}_METRICS_PORT"]) == "9400"
+        assert env[f"NPUSERVE_{prefix}_METRICS_HOST"] == "0.0.0.0", name
+    worker_check = " ".join(compose["worker"]["healthcheck"]["test"])
+    assert "/livez" in worker_check and "/metrics" not in worker_check
+
+
+def test_compose_gateway_shutdown_grace_ends_before_it_is_killed(
+        compose: dict[str, Any]) -> None:
+    grace = float(compose_default(
+        compose["gateway"]["environment"]["NPUSERVE_GATEWAY_SHUTDOWN_GRACE_S"]))
+    assert grace == GatewayConfig().shutdown_grace_s
+    assert seconds(compose["gateway"]["stop_grace_period"]) >= grace + 5
+
+
+def test_compose_monitoring_profile_is_opt_in(compose: dict[str, Any]) -> None:
+    assert compose["prometheus"]["profiles"] == ["monitoring"]
+    assert compose["grafana"]["profiles"] == ["monitoring"]
+    for name in ("redis", "gateway", "worker"):
+        assert "profiles" not in compose[name], f"{name} must start with a plain `up`"
+    for name in ("prometheus", "grafana"):
+        # No authentication in front of either: reachable from this host only.
+        assert all(str(p).startswith("127.0.0.1:") for p in compose[name]["ports"]), name
+
+
+def test_compose_bind_mounts_exist(compose: dict[str, Any]) -> None:
+    for name, service in compose.items():
+        for source, _ in bind_mounts(service):
+            assert source.exists(), f"{name} mounts {source}, which does not exist"
+
+
+def test_compose_prometheus_scrapes_the_services_by_dns_and_loads_the_alerts(
+        compose: dict[str, Any]) -> None:
+    mounts = dict((t, s) for s, t in bind_mounts(compose["prometheus"]))
+    config_dir = mounts["/etc/prometheus"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in compose["prometheus"]["command"]
+    config = yaml.safe_load((config_dir / "prometheus.yml").read_text())
+    assert [(config_dir / f).resolve() for f in config["rule_files"]] == [
+        MONITORING / "prometheus" / "alerts.yml"]
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    for job, service, prefix in (("npuserve-gateway", "gateway", "GATEWAY"),
+                                 ("npuserve-worker", "worker", "WORKER")):
+        [sd] = jobs[job]["dns_sd_configs"]
+        assert sd["names"] == [service] and sd["type"] == "A"
+        port = compose_default(compose[service]["environment"][f"NPUSERVE_{prefix}_METRICS_PORT"])
+        assert sd["port"] == int(port)
+    # The alert rules' `up` rules match these job names.
+    rules = {r["alert"]: r["expr"] for g in yaml.safe_load(
+        (MONITORING / "prometheus" / "alerts.yml").read_text())["groups"] for r in g["rules"]}
+    for alert, job in (("NpuserveGatewayDown", "npuserve-gateway"),
+                       ("NpuserveWorkerDown", "npuserve-worker")):
+        [pattern] = re.findall(r'job=~"([^"]+)"', rules[alert])
+        assert re.fullmatch(pattern, job), (alert, job)
+
+
+def test_compose_prometheus_config_passes_promtool() -> None:
+    """`promtool check config` also checks the rule files the configuration loads."""
+    out = promtool.run("check", "config", MONITORING / "prometheus" / "prometheus.yml")
+    assert "is valid prometheus config file syntax" in out
+    assert "SUCCESS: 1 rule files found" in out
+
+
+def test_compose_grafana_provisions_the_datasource_and_the_dashboard(
+        compose: dict[str, Any]) -> None:
+    grafana = compose["grafana"]
+    mounts = dict((t, s) for s, t in bind_mounts(grafana))
+    provisioning = mounts["/etc/grafana/provisioning"]
+    assert provisioning == MONITORING / "grafana" / "provisioning"
+    [source] = yaml.safe_load(
+        (provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["isDefault"]
+    assert source["url"] == "http://prometheus:9090"  # the service's name and port
+    assert any(str(p).endswith(":9090") for p in compose["prometheus"]["ports"])
+    [provider] = yaml.safe_load(
+        (provisioning / "dashboards" / "npuserve.yml").read_text())["providers"]
+    dashboards = [t for t, s in mounts.items() if s == MONITORING / "grafana" / "npuserve.json"]
+    assert [str(Path(t).parent) for t in dashboards] == [provider["options"]["path"]]
+    home = grafana["environment"].get("GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH")
+    assert home in dashboards
+
+
+def compose_command() -> list[str] | None:
+    """Docker Compose v2 (`docker compose`) or v1 (`docker-compose`), where installed."""
+    if docker := shutil.which("docker"):
+        done = subprocess.run([docker, "compose", "version"], capture_output=True, timeout=60)
+        if done.returncode == 0:
+            return [docker, "compose"]
+    if legacy := shutil.which("docker-compose"):
+        return [legacy]
+    return None
+
+
+def test_compose_file_passes_docker_compose_config_with_every_profile() -> None:
+    """Compose's own schema check (needs no daemon), where Docker Compose is installed."""
+    command = compose_command()
+    if command is None:
+        pytest.skip("Docker Compose is not installed here")
+    done = subprocess.run([*command, "--profile", "monitoring", "--profile", "ascend",
+                           "config", "--services"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert {"gateway", "worker", "prometheus", "grafana"} <= set(done.stdout.split())
