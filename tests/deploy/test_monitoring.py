@@ -210,3 +210,10 @@ def test_every_dashboard_query_parses(tmp_path: Path) -> None:
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     assert f"SUCCESS: {len(rules)} rules found" in promtool.run("check", "rules", path)
+
+
+def test_the_readme_lists_every_alert() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Alerts"):readme.index("### Dashboard")]
+    missing = [r["alert"] for r in alert_rules() if f"`{r['alert']}`" not in section]
+    assert not missing, f"README's Monitoring: Alerts does not list {missing}"
