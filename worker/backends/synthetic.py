@@ -9,7 +9,7 @@ tokenizes and detokenizes with DIR's tokenizer; the weights are never read).
 
 It samples nothing, so like an on-chip-sampling device it honours greedy decoding only
 (temperature 0); requests asking for more are refused at admission, never served as if.
-No torch here; the KV cache is bookkeeping only, so it never runs short of memory.
+No torch here; the KV cache is bookkeeping only (`synthetic_kv_tokens` of it).
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ class SyntheticBackend(Backend):
             max_seq_len=max_seq_len,
             max_tokens_per_step=engine.max_num_batched_tokens,
             block_size=BLOCK_SIZE,
-            # every running sequence may reach the full context: preemption never happens
-            num_blocks=engine.max_num_seqs * -(-max_seq_len // BLOCK_SIZE),
+            # bookkeeping only, but every block is an object the engine's garbage collections
+            # walk: as many as the setting asks, not max_num_seqs full contexts' worth
+            num_blocks=max(-(-settings.synthetic_kv_tokens // BLOCK_SIZE),
+                           -(-max_seq_len // BLOCK_SIZE)),
             output=OutputKind.TOKENS,
             prefix_caching=engine.enable_prefix_caching,
         )

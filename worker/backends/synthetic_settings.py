@@ -25,8 +25,14 @@ class SyntheticSettings:
     the model's vocabulary, EOS ids skipped), a deterministic function of the previous token
     and the position."""
 
+    synthetic_kv_tokens: int = 1 << 18
+    """Synthetic backend (no model): tokens its KV cache holds (bookkeeping only, no
+    memory): the scheduler preempts past it as on a device."""
+
     def __post_init__(self) -> None:
         if self.synthetic_step_ms < 0:
             raise InvalidRequestError("synthetic_step_ms", "must be >= 0")
         if self.synthetic_vocab < 1:
             raise InvalidRequestError("synthetic_vocab", "must be >= 1")
+        if self.synthetic_kv_tokens < 1:
+            raise InvalidRequestError("synthetic_kv_tokens", "must be >= 1")

@@ -82,17 +82,19 @@ def test_it_honours_greedy_decoding_only(tiny_qwen3: Path) -> None:
                                                  stop_token_ids=(FIRST_ID,)))
 
 
-def test_a_full_batch_of_full_length_sequences_fits_without_preemption(
+def test_its_kv_cache_holds_the_tokens_asked_and_at_least_one_full_context(
         tiny_qwen3: Path) -> None:
-    backend = create_backend("synthetic", tiny_qwen3,
-                             EngineConfig(max_num_seqs=4, max_model_len=100))
-    c = backend.capacity
-    assert c.max_seq_len == 100
-    assert c.num_blocks * c.block_size >= 4 * 100
-    assert backend.weight_bytes() == 0
+    engine = EngineConfig(max_num_seqs=4, max_model_len=100)
+    c = create_backend("synthetic", tiny_qwen3, engine,
+                       SyntheticSettings(synthetic_kv_tokens=1000)).capacity
+    assert (c.max_seq_len, c.num_blocks * c.block_size) == (100, 1008)
+    c = create_backend("synthetic", tiny_qwen3, engine,
+                       SyntheticSettings(synthetic_kv_tokens=10)).capacity
+    assert c.num_blocks * c.block_size >= 100
 
 
-@pytest.mark.parametrize("bad", [{"synthetic_step_ms": -1.0}, {"synthetic_vocab": 0}])
+@pytest.mark.parametrize("bad", [{"synthetic_step_ms": -1.0}, {"synthetic_vocab": 0},
+                                 {"synthetic_kv_tokens": 0}])
 def test_bad_settings_are_refused_by_name(bad: dict[str, float]) -> None:
     with pytest.raises(InvalidRequestError, match=next(iter(bad))):
         SyntheticSettings(**bad)  # type: ignore[arg-type]
