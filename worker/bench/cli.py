@@ -9,7 +9,7 @@ from typing import Any
 
 from common.flags import add_flags, from_args
 from worker.backends.torch_settings import TorchSettings
-from worker.bench import redis_cost
+from worker.bench import redis_cost, serve_bench
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def register(subparsers: Any) -> None:
               TorchSettings, BENCH_SETTINGS)
     engine.set_defaults(handler=_engine)
     redis_cost.register(sub)
+    serve_bench.register(sub)
 
 
 def _engine(args: argparse.Namespace) -> int:
