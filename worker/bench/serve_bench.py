@@ -18,7 +18,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ from worker.bench.serve_stats import compare, summarize
 from worker.bench.serve_workload import LENGTH_DISTRIBUTIONS, Workload, WorkloadSpec, calibrate
 
 DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
+KV_CACHE_GB = 1.0
+"""The torch worker's KV cache unless --worker-args sets --kv-cache-gb."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +102,8 @@ def register(sub: Any) -> None:
                        help="the worker's --max-num-seqs (default: 16, or the largest "
                        "concurrency if more)")
     stack.add_argument("--worker-args", default="",
-                       help="more `npuserve worker` flags, one shell-quoted string")
+                       help="more `npuserve worker` flags, one shell-quoted string (a torch "
+                       f"worker gets --kv-cache-gb {KV_CACHE_GB:g} unless they set it)")
     stack.add_argument("--gateway-args", default="",
                        help="more `npuserve gateway` flags, one shell-quoted string")
     add_flags(stack, SyntheticSettings)
@@ -117,7 +120,6 @@ class Plan:
     load: LoadPlan
     worker_argv: list[str]
     """`npuserve worker` flags after --model: the backend and its settings, the batch."""
-    replays: list[Any] = field(default_factory=list)
 
 
 def plan_from_args(args: argparse.Namespace, target: str) -> Plan:
@@ -139,6 +141,10 @@ def plan_from_args(args: argparse.Namespace, target: str) -> Plan:
     biggest = int(max(values)) if label == "concurrency" else 0
     max_batch = args.max_batch or max(16, biggest)
     argv = ["--backend", args.backend, "--max-num-seqs", str(max_batch)]
+    if args.backend == "torch" and "--kv-cache-gb" not in args.worker_args:
+        # as `bench engine`: a fixed budget rather than a share of free memory, which the
+        # worker and the engine compared with it would each take
+        argv += ["--kv-cache-gb", str(KV_CACHE_GB)]
     if args.backend == "synthetic":
         settings = from_args(SyntheticSettings, args)
         for name in SyntheticSettings.__dataclass_fields__:
@@ -164,9 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.target or args.compare_engine:
         results["worker_args"] = plan.worker_argv
     try:
-        results |= _stack_phase(args, plan)
-        if args.compare_engine:
-            results |= run_engine(plan, args.model, results["levels"])
+        results |= _against_a_stack(args, plan)
     except (RuntimeError, ConnectionError) as exc:
         print(f"npuserve bench serve: {exc}", file=sys.stderr)
         return 1
@@ -182,14 +186,15 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stack_phase(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
+def _against_a_stack(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
     """The levels against --target, or against a stack started for them."""
     import grpc
 
+    engine_model = args.model if args.compare_engine else None
     try:
         if args.target:
             print(f"npuserve bench serve: load on {args.target}", file=sys.stderr)
-            return run_stack(plan, args.compare_engine)
+            return run_levels(plan, engine_model)
         from worker.bench.serve_stack import StackSpec, local_stack
 
         biggest = int(max(plan.values)) if plan.label == "concurrency" else 512
@@ -199,15 +204,17 @@ def _stack_phase(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
               f"worker of {args.model}", file=sys.stderr)
         with local_stack(spec) as target:
             plan.load = LoadPlan(**{**_fields(plan.load), "target": target})
-            return run_stack(plan, args.compare_engine)
+            return run_levels(plan, engine_model)
     except grpc.RpcError as exc:
         raise ConnectionError(f"{plan.load.target or 'the gateway'}: {exc.code().name}: "
                               f"{exc.details()}") from exc
 
 
-def run_stack(plan: Plan, keep_replays: bool) -> dict[str, Any]:
-    """Every level against plan.load.target; with keep_replays, what the engine will rerun."""
-    from worker.bench.serve_engine import Replay
+def run_levels(plan: Plan, engine_model: str | None) -> dict[str, Any]:
+    """Every level against plan.load.target; with engine_model, each level's finished
+    requests then go through the engine in this process, while the stack idles, so the
+    two runs of a level are minutes apart at most on a machine whose speed drifts."""
+    from worker.bench import serve_engine
 
     tokenizer = Tokenizer(plan.load.target, plan.load.model)
     try:
@@ -218,51 +225,48 @@ def run_stack(plan: Plan, keep_replays: bool) -> dict[str, Any]:
         workload = Workload(plan.workload, per_word)
         warm = LoadPlan(**{**_fields(plan.load), "max_requests": 2, "duration_s": 60})
         asyncio.run(run_level(warm, workload, -1, "concurrency", 1))
-        levels = []
+        engine = None
+        if engine_model is not None:
+            engine = serve_engine.load_engine(worker_config(engine_model, plan.worker_argv))
+            serve_engine.warm_up(engine, tokenizer.ids(workload.request(-1, 0).prompt))
+        levels, engine_levels, comparison = [], [], []
         for k, value in enumerate(plan.values):
             with Progress(f"stack {plan.label} {value:g}", plan.load.max_requests) as on_done:
                 run = asyncio.run(run_level(plan.load, workload, k, plan.label, value, on_done))
             levels.append(summarize(run))
-            if keep_replays:
-                done = [r for r in run.records if r.ok]
-                first = min((r.sent for r in run.records), default=0.0)
-                plan.replays.append(Replay(
-                    [tokenizer.ids(workload.request(k, r.index).prompt) for r in done],
-                    [r.output_tokens for r in done], [r.sent - first for r in done]))
+            if engine is None:
+                continue
+            done = [r for r in run.records if r.ok]
+            first = min((r.sent for r in run.records), default=0.0)
+            work = serve_engine.Replay(
+                [tokenizer.ids(workload.request(k, r.index).prompt) for r in done],
+                [r.output_tokens for r in done], [r.sent - first for r in done])
+            with Progress(f"engine {plan.label} {value:g}", len(done)) as on_done:
+                run = serve_engine.replay(engine, work, plan.label, value,
+                                          plan.load.hard_cap_s, on_done)
+            engine_levels.append(summarize(run))
+            comparison.append({plan.label: value, **compare(levels[-1], engine_levels[-1])})
     finally:
         tokenizer.close()
-    return {"served": served,
-            "workload": {**_fields(plan.workload), "tokens_per_word": per_word},
-            "duration_s": plan.load.duration_s, "hard_cap_s": plan.load.hard_cap_s,
-            "levels": levels}
+    results = {"served": served,
+               "workload": {**_fields(plan.workload), "tokens_per_word": per_word},
+               "duration_s": plan.load.duration_s, "hard_cap_s": plan.load.hard_cap_s,
+               "levels": levels}
+    if engine is not None:
+        results |= {"engine_levels": engine_levels, "comparison": comparison,
+                    **_worst(comparison)}
+    return results
 
 
-def run_engine(plan: Plan, model_dir: str, stack_levels: list[dict[str, Any]]
-               ) -> dict[str, Any]:
-    """The same requests through the engine in this process, level by level."""
-    from worker.bench import serve_engine
+def _worst(comparison: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over the levels: the lowest throughput ratio, the most latency added."""
 
-    config = worker_config(model_dir, plan.worker_argv)
-    engine = serve_engine.load_engine(config)
-    serve_engine.warm_up(engine, next((r.prompts[0] for r in plan.replays if r.prompts), [1]))
-    levels, comparison = [], []
-    for value, work, stack in zip(plan.values, plan.replays, stack_levels, strict=True):
-        with Progress(f"engine {plan.label} {value:g}", len(work.prompts)) as on_done:
-            run = serve_engine.replay(engine, work, plan.label, value, plan.load.hard_cap_s,
-                                      on_done)
-        levels.append(summarize(run))
-        comparison.append({plan.label: value, **compare(stack, levels[-1])})
-    ratios = [c["stack_over_engine_throughput"] for c in comparison
-              if c["stack_over_engine_throughput"] is not None]
+    def pick(key: str, choose: Any) -> Any:
+        return choose((c[key] for c in comparison if c[key] is not None), default=None)
 
-
-    def worst(key: str) -> float | None:
-        return max((c[key] for c in comparison if c[key] is not None), default=None)
-
-    return {"engine_levels": levels, "comparison": comparison,
-            "stack_over_engine_throughput": min(ratios, default=None),
-            "added_itl_p50_ms": worst("added_itl_p50_ms"),
-            "added_itl_p99_ms": worst("added_itl_p99_ms")}
+    return {"stack_over_engine_throughput": pick("stack_over_engine_throughput", min),
+            "added_itl_p50_ms": pick("added_itl_p50_ms", max),
+            "added_itl_p99_ms": pick("added_itl_p99_ms", max)}
 
 
 def worker_config(model_dir: str, worker_argv: list[str]) -> Any:

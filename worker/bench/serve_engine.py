@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from worker.bench.serve_load import OnDone
+from worker.bench.serve_load import OnDone, frozen_heap
 from worker.bench.serve_stats import LevelRun, RequestRecord
 
 if TYPE_CHECKING:
@@ -55,6 +55,12 @@ def warm_up(engine: Engine, prompt: Sequence[int]) -> None:
 def replay(engine: Engine, work: Replay, label: str, value: float, hard_cap_s: float,
            on_done: OnDone | None = None) -> LevelRun:
     """Run `work` closed-loop ("concurrency") or at its offsets ("rate")."""
+    with frozen_heap():
+        return _replay(engine, work, label, value, hard_cap_s, on_done)
+
+
+def _replay(engine: Engine, work: Replay, label: str, value: float, hard_cap_s: float,
+            on_done: OnDone | None) -> LevelRun:
     from common.sampling_params import SamplingParams
 
     n = len(work.prompts)
@@ -99,4 +105,5 @@ def replay(engine: Engine, work: Replay, label: str, value: float, hard_cap_s: f
                     on_done(record)
                 if closed and added < n:
                     add()
-    return LevelRun(label, value, records[:added], clock() - start)
+    sent_until = max((r.sent for r in records[:added]), default=None)
+    return LevelRun(label, value, records[:added], clock() - start, sent_until)

@@ -12,9 +12,11 @@ engine and no gateway code here (the worker layer may not import the gateway).
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,12 +80,31 @@ async def run_level(plan: LoadPlan, workload: Workload, level: int, label: str, 
                     on_done: OnDone | None = None) -> LevelRun:
     """One level: `label` "concurrency" (value: streams in flight) or "rate" (value:
     requests per second, Poisson)."""
+    with frozen_heap():
+        return await _level(plan, workload, level, label, value, on_done)
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Within: what exists now (the imports, earlier levels' records, an engine) is left out
+    of garbage collections; a full one walking it would stall every stream at once."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+async def _level(plan: LoadPlan, workload: Workload, level: int, label: str, value: float,
+                 on_done: OnDone | None) -> LevelRun:
     import grpc
 
     from protos import npuserve_pb2_grpc
 
     records: list[RequestRecord] = []
     numbers = itertools.count()
+    sent_until = 0.0
     # a local subchannel pool per channel: each is a connection of its own
     channels = [grpc.aio.insecure_channel(plan.target,
                                           options=[("grpc.use_local_subchannel_pool", 1)])
@@ -94,8 +115,10 @@ async def run_level(plan: LoadPlan, workload: Workload, level: int, label: str, 
         stop_sending = start + plan.duration_s
 
         async def send(number: int) -> None:
+            nonlocal sent_until
             req = workload.request(level, number)
             record = RequestRecord(number, time.perf_counter())
+            sent_until = record.sent
             records.append(record)
             try:
                 await stream_one(stubs[number % len(stubs)], generate_request(req, plan.model),
@@ -145,7 +168,7 @@ async def run_level(plan: LoadPlan, workload: Workload, level: int, label: str, 
         for channel in channels:
             await channel.close()
     records.sort(key=lambda r: r.index)
-    return LevelRun(label, value, records, wall)
+    return LevelRun(label, value, records, wall, sent_until or None)
 
 
 class Tokenizer:

@@ -30,6 +30,8 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
 
     tput.plot(x, [lv["output_tokens_per_s"] for lv in stack], "o-", color=SHADES["p50"],
               label="stack")
+    tput.plot(x, [_nan(lv["steady_output_tokens_per_s"]) for lv in stack], "o:",
+              color=SHADES["p99"], label="stack, steady (no ramp up or drain)")
     if engine:
         tput.plot(x, [lv["output_tokens_per_s"] for lv in engine], "s--", color=ENGINE,
                   label="engine in-process")

@@ -53,7 +53,7 @@ def machine() -> dict[str, Any]:
 def format_table(results: dict[str, Any]) -> str:
     """The levels as a table, the engine's beside them and the comparison, if run."""
     label = results["mode"]
-    head = (f"{label:>11}  {'req/s':>7}  {'out tok/s':>9}  {'TTFT p50/p99 ms':>17}  "
+    head = (f"{label:>11}  {'req/s':>7}  {'out tok/s':>9}  {'steady':>9}  {'TTFT p50/p99 ms':>17}  "
             f"{'ITL p50/p99 ms':>15}  {'E2E p50/p99 ms':>17}  errors")
     lines = [f"{results['target']}: {_served(results)}, levels of {results['duration_s']:g} s"]
     for title, key in (("stack", "levels"), ("engine in-process, same requests",
@@ -89,7 +89,8 @@ def _row(label: str, level: dict[str, Any]) -> str:
     if level["unfinished"]:
         errors += f"; {level['unfinished']} unfinished"
     return (f"{level[label]:>11g}  {_num(level['requests_per_s'], '.2f'):>7}  "
-            f"{_num(level['output_tokens_per_s'], ',.1f'):>9}  {pair('ttft_ms'):>17}  "
+            f"{_num(level['output_tokens_per_s'], ',.1f'):>9}  "
+            f"{_num(level['steady_output_tokens_per_s'], ',.1f'):>9}  {pair('ttft_ms'):>17}  "
             f"{pair('itl_ms'):>15}  {pair('e2e_ms'):>17}  {errors}")
 
 

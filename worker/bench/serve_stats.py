@@ -5,7 +5,9 @@ request to its first token; inter-token latency (ITL), every gap between two con
 streamed messages of a request (the gateway sends one message per token); time per output
 token (TPOT), a request's (E2E - TTFT) / (tokens - 1); end-to-end latency (E2E), from sending
 to the last message. Throughput counts the finished requests' output tokens over the level's
-wall time, from its first request sent to its last one finished.
+wall time, from its first request sent to its last one finished; the steady throughput, the
+tokens of every request that arrived while the load was at its level (from the first request
+finished to the last one sent) over that time, leaving out the ramp up and the drain.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ class RequestRecord:
 
     index: int
     sent: float
-    first: float | None = None
-    last: float | None = None
-    gaps: list[float] = field(default_factory=list)
-    """Seconds between consecutive messages after the first."""
+    times: list[float] = field(default_factory=list)
+    """When each message carrying tokens arrived."""
+    sizes: list[int] = field(default_factory=list)
+    """Tokens each of those messages carried (one, unless the gateway held text back)."""
     output_tokens: int = 0
     prompt_tokens: int = 0
     """As the gateway counted them (its last message's usage)."""
@@ -42,16 +44,27 @@ class RequestRecord:
     """The gateway's figure: from receiving the call to relaying the first token."""
 
     @property
+    def first(self) -> float | None:
+        return self.times[0] if self.times else None
+
+    @property
+    def last(self) -> float | None:
+        return self.times[-1] if self.times else None
+
+    @property
+    def gaps(self) -> list[float]:
+        """Seconds between consecutive messages."""
+        t = self.times
+        return [b - a for a, b in zip(t, t[1:], strict=False)]
+
+    @property
     def ok(self) -> bool:
-        return not self.error and not self.unfinished and self.last is not None
+        return not self.error and not self.unfinished and bool(self.times)
 
     def message(self, now: float, tokens: int) -> None:
         """A message with `tokens` token ids arrived at `now`."""
-        if self.first is None:
-            self.first = now
-        elif self.last is not None:
-            self.gaps.append(now - self.last)
-        self.last = now
+        self.times.append(now)
+        self.sizes.append(tokens)
         self.output_tokens += tokens
 
 
@@ -64,6 +77,8 @@ class LevelRun:
     value: float
     records: list[RequestRecord]
     wall_s: float
+    sent_until: float | None = None
+    """When the level sent its last request (perf_counter seconds)."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -109,6 +124,7 @@ def summarize(run: LevelRun) -> dict[str, Any]:
         "requests_per_s": _rate(len(done), run.wall_s, 3),
         "output_tokens": out_tokens,
         "output_tokens_per_s": _rate(out_tokens, run.wall_s, 2),
+        "steady_output_tokens_per_s": steady_rate(run),
         "mean_prompt_tokens": round(sum(r.prompt_tokens for r in done) / len(done), 1)
         if done else None,
         "mean_output_tokens": round(out_tokens / len(done), 1) if done else None,
@@ -119,6 +135,18 @@ def summarize(run: LevelRun) -> dict[str, Any]:
         "queue_wait_ms": distribution_ms(queue_wait),
         "gateway_ttft_ms": distribution_ms(gateway_ttft),
     }
+
+
+def steady_rate(run: LevelRun, least_s: float = 1.0) -> float | None:
+    """Output tokens per second that arrived from the first request finished to the last
+    one sent, or None if that is under `least_s` seconds."""
+    ends = [r.last for r in run.records if r.ok and r.last is not None]
+    if not ends or run.sent_until is None or run.sent_until - min(ends) < least_s:
+        return None
+    lo, hi = min(ends), run.sent_until
+    tokens = sum(n for r in run.records for t, n in zip(r.times, r.sizes, strict=True)
+                 if lo <= t <= hi)
+    return round(tokens / (hi - lo), 2)
 
 
 def _rate(count: float, seconds: float, digits: int) -> float | None:

@@ -77,6 +77,19 @@ def test_a_level_counts_finished_requests_and_their_latencies_and_errors_by_stat
     assert level["mean_prompt_tokens"] == 15.0
 
 
+def test_the_steady_throughput_counts_tokens_between_the_first_finish_and_the_last_send(
+) -> None:
+    records = [_record(0, 0.0, [0.5, 1.0]),  # finishes first, at 1.0
+               _record(1, 0.0, [1.5, 2.0, 2.5, 3.5]),
+               _record(2, 2.0, [2.2, 2.9], unfinished=True),  # cut, its tokens still came
+               _record(3, 3.0, [])]  # the last one sent, at 3.0
+    run = LevelRun("concurrency", 2, records, wall_s=4.0, sent_until=3.0)
+    # from 1.0 to 3.0: 1.0, 1.5, 2.0, 2.5 and 2.2, 2.9
+    assert summarize(run)["steady_output_tokens_per_s"] == 3.0
+    run.sent_until = 1.5
+    assert summarize(run)["steady_output_tokens_per_s"] is None  # under a second
+
+
 def test_the_comparison_is_the_throughput_ratio_and_the_latency_added() -> None:
     def level(tok_s: float, itl: float) -> dict[str, object]:
         return {"output_tokens_per_s": tok_s,
