@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from worker.bench.serve_report import served_text
+
 SHADES = {"p50": "#08519c", "p90": "#3182bd", "p99": "#9ecae1"}
 ENGINE = "#636363"
 
@@ -39,17 +41,18 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
             ratio = c["stack_over_engine_throughput"]
             if ratio is not None:
                 tput.annotate(f"{ratio:.2f}x", (i, stack[i]["output_tokens_per_s"] or 0),
-                              textcoords="offset points", xytext=(0, 8), ha="center",
-                              fontsize=8)
+                              textcoords="offset points", xytext=(0, -16), ha="center",
+                              fontsize=8, color=SHADES["p50"])
     for i, lv in enumerate(stack):
         bad = lv["error_count"] + lv["unfinished"]
         if bad:
             tput.annotate(f"{bad} failed", (i, lv["output_tokens_per_s"] or 0), color="red",
-                          textcoords="offset points", xytext=(0, -14), ha="center",
+                          textcoords="offset points", xytext=(0, -28), ha="center",
                           fontsize=8)
     tput.set_ylabel("output tokens / s")
     tput.set_ylim(bottom=0)
-    tput.set_title("Throughput")
+    tput.set_title("Throughput" + (" (labels: stack / engine)" if engine else ""))
+    tput.margins(x=0.1)
     tput.legend(fontsize=8)
 
     for ax, metric, title in ((ttft, "ttft_ms", "Time to first token"),
@@ -62,10 +65,7 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
         ax.set_xticks(x, [f"{lv[label]:g}" for lv in stack])
         ax.set_xlabel("streams in flight" if label == "concurrency" else "requests / s (Poisson)")
     m = results["machine"]
-    served = "; ".join(f"{m['name']} on " + ", ".join(
-        f"{w['backend']} {w['device']}, batch {w['capacity']}" for w in m["workers"])
-        for m in results["served"])
-    fig.suptitle(f"npuserve bench serve: {served} ({results['target']})\n"
+    fig.suptitle(f"npuserve bench serve: {served_text(results)} ({results['target']})\n"
                  f"{m['cpu']}, {m['cores']} cores; {_workload(results)}", fontsize=10)
     fig.tight_layout()
     out = Path(path)
@@ -89,6 +89,7 @@ def _percentiles(ax: Any, x: list[int], stack: list[dict[str, Any]],
         ax.set_ylim(bottom=0)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
+    ax.margins(x=0.1)
 
 
 def _nan(value: float | None) -> float:

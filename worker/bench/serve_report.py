@@ -55,7 +55,7 @@ def format_table(results: dict[str, Any]) -> str:
     label = results["mode"]
     head = (f"{label:>11}  {'req/s':>7}  {'out tok/s':>9}  {'steady':>9}  {'TTFT p50/p99 ms':>17}  "
             f"{'ITL p50/p99 ms':>15}  {'E2E p50/p99 ms':>17}  errors")
-    lines = [f"{results['target']}: {_served(results)}, levels of {results['duration_s']:g} s"]
+    lines = [f"{results['target']}: {served_text(results)}, levels of {results['duration_s']:g} s"]
     for title, key in (("stack", "levels"), ("engine in-process, same requests",
                                              "engine_levels")):
         if key not in results:
@@ -73,11 +73,15 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _served(results: dict[str, Any]) -> str:
-    """What the target served, as ListModels said."""
-    return "; ".join(
-        f"{m['name']} on " + ", ".join(f"{w['backend']} {w['device']} (batch {w['capacity']})"
-                                       for w in m["workers"]) for m in results["served"])
+def served_text(results: dict[str, Any]) -> str:
+    """What the target served, as ListModels said: model on backend device (batch N)."""
+
+    def worker(w: dict[str, Any]) -> str:
+        where = w["backend"] if w["device"] == w["backend"] else f"{w['backend']} {w['device']}"
+        return f"{where} (batch {w['capacity']})"
+
+    return "; ".join(f"{m['name']} on " + ", ".join(worker(w) for w in m["workers"])
+                     for m in results["served"])
 
 
 def _row(label: str, level: dict[str, Any]) -> str:
