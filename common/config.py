@@ -115,6 +115,9 @@ class GatewayConfig:
     redis: RedisConfig = RedisConfig()
     listen: str = setting("0.0.0.0:50051", env="GATEWAY_LISTEN")
     """host:port the gRPC server binds."""
+    http_listen: str = setting("", env="GATEWAY_HTTP_LISTEN")
+    """host:port of the OpenAI-compatible HTTP API and the chat page (e.g. 0.0.0.0:8000),
+    served beside gRPC by the same process; empty: no HTTP API."""
     gateway_id: str = ""
     """Name of this gateway's reply stream; empty picks a unique one at start."""
     max_queued_per_model: int = setting(1024, flag="--max-queued", env="MAX_QUEUED")

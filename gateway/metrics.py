@@ -64,6 +64,12 @@ REJECTED = Counter(
     "queued, by model (empty when the request named no served model) and reason (the error "
     "code: invalid_argument, resource_exhausted, not_found, permission_denied, unavailable, "
     "...).", ["model", "reason"])
+HTTP_REQUESTS = Counter(
+    "npuserve_gateway_http_requests_total", "HTTP requests answered, by path (other: any "
+    "path the gateway does not serve) and status code.", ["path", "status"])
+HTTP_DURATION = Histogram(
+    "npuserve_gateway_http_request_duration_seconds", "HTTP request to the end of its "
+    "response (a stream's last event).", ["path"], buckets=LATENCY_BUCKETS)
 SERVING = Gauge(
     "npuserve_gateway_serving", "1 while this gateway reports SERVING (Redis reachable and an "
     "accepting worker), else 0.")

@@ -23,6 +23,7 @@ from common.metrics_http import serve_http
 from common.redis_credentials import redact
 from gateway.core import GatewayCore
 from gateway.grpc_frontend import GrpcFrontend
+from gateway.http_frontend import HttpFrontend
 from gateway.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Gateway:
                                              config.tls_client_ca)
         self.grpc = GrpcFrontend(self.core, config.listen, credentials,
                                  config.max_message_bytes, serve_reflection=config.reflection)
+        self.http = (HttpFrontend(self.core, config.http_listen, config)
+                     if config.http_listen else None)
         self._metrics_server: WSGIServer | None = None
 
     @property
@@ -53,10 +56,17 @@ class Gateway:
         """The gRPC port, once started."""
         return self.grpc.port
 
+    @property
+    def http_port(self) -> int:
+        """The HTTP port, once started (0 without an HTTP front end)."""
+        return self.http.port if self.http is not None else 0
+
     async def start(self) -> int:
         """Start the core, then the front ends; returns the gRPC port."""
         await self.core.start()
         port = await self.grpc.start()
+        if self.http is not None:
+            await self.http.start()
         if self.config.metrics_port:
             self._metrics_server = serve_http(self.config.metrics_host, self.config.metrics_port,
                                               probes=self.core.probes())
@@ -67,7 +77,8 @@ class Gateway:
     async def stop(self, grace_s: float = 25.0) -> None:
         """Report NOT_SERVING, give running streams `grace_s` to finish, then clean up."""
         await self.core.begin_shutdown()
-        await self.grpc.stop(grace_s)
+        await asyncio.gather(self.grpc.stop(grace_s),
+                             *([self.http.stop(grace_s)] if self.http is not None else []))
         await self.core.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

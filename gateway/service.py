@@ -287,7 +287,7 @@ class GatewayService:
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can drop a cancellation.
             try:
-                async with asyncio.timeout(None if deadline is None else _loop_time(deadline)):
+                async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
                     event = await sub.get()
             except TimeoutError:
                 progress.end = "deadline"
@@ -319,7 +319,8 @@ class GatewayService:
                       index=event.index if event.index >= 0 else sub.next_index)
         finish, completion_tokens = event.finish_reason, event.completion_tokens
         if event.token_id >= 0:
-            chunk.text = output.add(event.token_id, stop_token=finish == "stop")
+            chunk.stop_token = finish == "stop"
+            chunk.text = output.add(event.token_id, stop_token=chunk.stop_token)
             if output.stopped:  # a stop string: the stream ends here; the worker is cancelled
                 finish, completion_tokens = "stop", event.index + 1
             chunk.token_ids.append(event.token_id)
@@ -393,6 +394,17 @@ class GatewayService:
         model = await self.registry.resolve(model_name)
         return await asyncio.to_thread(tokenize, prompt, model.tokenizer,
                                        trusted=self.limits.allow_special_tokens)
+
+    async def detokenize(self, model_name: str, token_ids: list[int]) -> str:
+        """The text of `token_ids` with the model's tokenizer (special tokens kept)."""
+        model = await self.registry.resolve(model_name)
+        vocab = model.meta.vocab_size
+        for i, t in enumerate(token_ids):
+            if not 0 <= t < vocab:
+                raise InvalidRequestError(f"tokens[{i}]", f"token id {t} is not in the "
+                                          f"model's vocabulary [0, {vocab})")
+        text: str = await asyncio.to_thread(model.tokenizer.decode, token_ids)
+        return text
 
     async def list_models(self) -> list[ModelListing]:
         """The models of live workers, with their workers and queue depths."""

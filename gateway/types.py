@@ -67,6 +67,9 @@ class Chunk:
     """With top_logprobs: per token, the most likely (id, log-probability, text) there."""
     finish_reason: str = ""
     """stop, length, cancelled, deadline or error; set on the last chunk only."""
+    stop_token: bool = False
+    """The chunk's token is the stop token that ended the request (EOS or stop_token_ids):
+    not part of the text."""
     error: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -11,8 +11,10 @@ import grpc
 import grpc.aio
 import pytest
 
-from common.errors import ErrorCode
+from common.errors import DeadlineExceededError, ErrorCode
 from common.protocol import ReplyEvent
+from common.sampling_params import SamplingParams
+from gateway.types import GenerationInput, PromptInput
 from preprocess.tokenizer import load_tokenizer
 from protos import npuserve_pb2 as pb
 from tests.gateway.conftest import MAX_LEN, MODEL, StackFactory
@@ -44,6 +46,21 @@ async def until(predicate_coro: object, timeout_s: float = 3.0) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError("condition not reached")
+
+
+async def test_the_services_own_deadline_ends_a_request_nobody_answers(
+        gateway_stack: StackFactory) -> None:
+    """Front ends without a transport deadline (HTTP) rely on the service's own."""
+    async with gateway_stack() as s:
+        service = s.gateway.core.service
+        await service.tokenize(MODEL, PromptInput(text="warm the tokenizer"))
+        started = time.monotonic()
+        stream = service.generate(GenerationInput(MODEL, PromptInput(text="hi"),
+                                                  SamplingParams(max_tokens=4)),
+                                  started=started, timeout_s=0.5)
+        with pytest.raises(DeadlineExceededError, match="before the first token"):
+            await asyncio.wait_for(anext(stream), 5)
+        assert 0.5 <= time.monotonic() - started < 2
 
 
 async def test_top_logprobs_reach_the_client_with_each_tokens_text(
