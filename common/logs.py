@@ -30,11 +30,17 @@ def fields(**values: Any) -> dict[str, Any]:
     return {_FIELDS: values}
 
 
-class _RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not hasattr(record, "request_id"):
-            record.request_id = REQUEST_ID.get()
-        return True
+_make_record = logging.getLogRecordFactory()
+
+
+def _record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    """Every record carries `request_id`, whichever handler formats it."""
+    record = _make_record(*args, **kwargs)
+    record.request_id = REQUEST_ID.get()
+    return record
+
+
+logging.setLogRecordFactory(_record)
 
 
 class TextFormatter(logging.Formatter):
@@ -82,7 +88,6 @@ def configure(level: str = "INFO", fmt: str = "text") -> None:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(_RequestIdFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

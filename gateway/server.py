@@ -19,6 +19,7 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 
 from common.config import GatewayConfig
+from common.gc_tuning import freeze_heap
 from common.metrics_http import serve_http
 from common.redis_credentials import redact
 from gateway.core import GatewayCore
@@ -93,6 +94,7 @@ async def serve(config: GatewayConfig) -> None:
     once, then up to config.shutdown_grace_s for running streams."""
     gateway = Gateway(config)
     await gateway.start()
+    freeze_heap()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

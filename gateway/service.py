@@ -298,7 +298,7 @@ class GatewayService:
                     f"request {inp.request_id}: the deadline passed {where}") from None
             if event.queue_ms >= 0:
                 progress.queue_wait_ms = float(event.queue_ms)
-                metrics.QUEUE_WAIT.labels(progress.model).observe(event.queue_ms / 1000)
+                metrics.series(progress.model).queue_wait.observe(event.queue_ms / 1000)
             if event.finish_reason == "deadline":
                 progress.end = "deadline"
                 raise DeadlineExceededError(
@@ -330,14 +330,13 @@ class GatewayService:
                 if inp.params.top_logprobs and event.top_logprobs is not None:
                     chunk.top_logprobs.append([(t, lp, output.piece(t))
                                                for t, lp in event.top_logprobs])
-            metrics.GENERATED_TOKENS.labels(progress.model).inc()
+            series = metrics.series(progress.model)
+            series.generated.inc()
             if progress.first_token_at is None:
                 progress.first_token_at = now
-                metrics.TIME_TO_FIRST_TOKEN.labels(progress.model).observe(
-                    now - progress.started)
+                series.ttft.observe(now - progress.started)
             elif progress.last_token_at is not None:
-                metrics.INTER_TOKEN_LATENCY.labels(progress.model).observe(
-                    now - progress.last_token_at)
+                series.itl.observe(now - progress.last_token_at)
             progress.last_token_at = now
         if finish:
             chunk.text += output.finish()
@@ -352,7 +351,7 @@ class GatewayService:
                 time_to_first_token_ms=0.0 if first is None else (first - progress.started) * 1e3,
                 total_ms=(now - progress.started) * 1e3,
             )
-            metrics.REQUEST_DURATION.labels(progress.model).observe(now - progress.started)
+            metrics.series(progress.model).duration.observe(now - progress.started)
         return chunk
 
     def _spawn_cancel(self, model: str, request_id: str) -> None:

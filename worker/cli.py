@@ -17,6 +17,7 @@ from typing import Any
 
 from common.config import WorkerConfig
 from common.flags import add_flags, from_args
+from common.gc_tuning import freeze_heap
 from worker.backends.registry import BACKENDS, backend_entry
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     service = WorkerService.from_config(config)
+    freeze_heap()
     if config.metrics_port:
         service.metrics.serve(config.metrics_port, config.metrics_host, service.probes())
     try:
