@@ -18,9 +18,9 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 TPU_MLIR_VENV ?= .venv-tpu-mlir
 
-.PHONY: setup deps redis promtool model run test bench bench-cuda lint proto clean bm1684x-toolchain test-bm1684x
+.PHONY: setup deps redis promtool chromium model run test bench bench-cuda lint proto clean bm1684x-toolchain test-bm1684x
 
-setup: deps redis promtool model
+setup: deps redis promtool chromium model
 	@echo "setup done: $(NPUSERVE) is ready; default model in $(MODEL_DIR)"
 
 deps: $(VENV)/.deps-stamp
@@ -50,6 +50,14 @@ promtool:
 			--no-install-recommends prometheus; }
 	@promtool --version 2>&1 | head -1
 
+# Headless Chromium and its driver: `make test` drives the gateway's chat page with them.
+chromium:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+		echo "installing chromium and chromium-driver (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium chromium-driver; }
+	@chromium --version 2>/dev/null | head -1
+
 model: $(MODEL_DIR)/config.json
 
 $(MODEL_DIR)/config.json: | deps
@@ -61,7 +69,7 @@ METRICS_PORT ?= 9400
 run: setup
 	$(NPUSERVE) up --model $(MODEL_DIR) --metrics-port $(METRICS_PORT)
 
-test: deps promtool
+test: deps promtool chromium
 	$(PY) -m pytest -q tests
 
 # Sophgo's tpu-mlir (BM1684X compiler and simulator) in its own Python 3.10 venv, ~6 GB.

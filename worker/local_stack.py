@@ -45,6 +45,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--listen", default=env("GATEWAY_LISTEN", "0.0.0.0:50051"),
                    help="gateway host:port (default 0.0.0.0:50051, env NPUSERVE_GATEWAY_LISTEN)")
+    p.add_argument("--http-listen", default=env("GATEWAY_HTTP_LISTEN", "0.0.0.0:8000"),
+                   help="host:port of the gateway's OpenAI-compatible HTTP API and chat page "
+                        "(default 0.0.0.0:8000; empty: none; env NPUSERVE_GATEWAY_HTTP_LISTEN)")
     p.add_argument("--model", default=env("MODEL_DIR", DEFAULT_MODEL_DIR),
                    help=f"model directory for the worker (default {DEFAULT_MODEL_DIR}, "
                         "env NPUSERVE_MODEL_DIR)")
@@ -134,8 +137,9 @@ def _start_and_serve(args: argparse.Namespace, model: Path, children: ChildSet,
     shown = re.sub(r"//[^/@]*@", "//***@", redis_url)  # never print a password
     children.say(f"starting gateway on {args.listen} (redis {shown})")
     metrics = ["--metrics-port", str(args.metrics_port)] if args.metrics_port else []
+    http = ["--http-listen", args.http_listen] if args.http_listen else []
     children.start("gateway", [*python, "gateway", "--listen", args.listen, "--redis", redis_url,
-                               *metrics, *shlex.split(args.gateway_args)])
+                               *http, *metrics, *shlex.split(args.gateway_args)])
     for i, device in enumerate(args.devices):
         name = "worker" if len(args.devices) == 1 else f"worker{i}"
         ranks = len(device_indices(device.partition(":")[2]) or [device])
@@ -149,7 +153,8 @@ def _start_and_serve(args: argparse.Namespace, model: Path, children: ChildSet,
     target = _client_target(args.listen)
     if not _wait_serving(target, children, stop, args.startup_timeout):
         return 0 if stop.is_set() and children.failed() is None else 1
-    _banner(children, target, args.listen, args.metrics_port, len(args.devices))
+    _banner(children, target, args.listen, args.http_listen, args.metrics_port,
+            len(args.devices))
     while not stop.wait(0.2):
         if (dead := children.failed()) is not None:
             children.say(f"{dead.name} exited with code {dead.proc.returncode}; "
@@ -195,11 +200,19 @@ def _wait_serving(target: str, children: ChildSet, stop: threading.Event,
     return False
 
 
-def _banner(children: ChildSet, target: str, listen: str, metrics_port: int,
-            workers: int) -> None:
+def _banner(children: ChildSet, target: str, listen: str, http_listen: str,
+            metrics_port: int, workers: int) -> None:
     where = target if target.split(":")[0] == listen.split(":")[0] else (
         f"{target} (listening on {listen})")
     request = ('{"text": "' + EXAMPLE_PROMPT + '", "max_tokens": 64}')
+    http: list[str] = []
+    if http_listen:
+        base = f"http://{_client_target(http_listen)}"
+        body = ('{"messages": [{"role": "user", "content": "' + EXAMPLE_PROMPT + '"}], '
+                '"max_tokens": 64}')
+        http = [f"  chat page: {base}/chat",
+                f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+                f"-d '{body}'"]
     metrics = [f"  metrics: http://127.0.0.1:{metrics_port + i}/metrics"
                + (" (gateway)" if i == 0 else f" (worker {i - 1})")
                for i in range(1 + workers)] if metrics_port else []
@@ -208,6 +221,7 @@ def _banner(children: ChildSet, target: str, listen: str, metrics_port: int,
         f"  npuserve client --target {target} \"{EXAMPLE_PROMPT}\"",
         f"  npuserve client --target {target} --chat",
         f"  grpcurl -plaintext -d '{request}' {target} npuserve.v1.Generation/Generate",
+        *http,
         *metrics,
         "Ctrl-C stops everything.",
     ]))

@@ -6,6 +6,7 @@ children through /proc, and checks that none of them outlives it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -112,13 +113,17 @@ def up_factory() -> Iterator[list[UpProcess]]:
 @pytest.mark.timeout(240)
 def test_up_serves_a_client_and_stops_every_child_on_sigint(
         tiny_qwen3: Path, up_factory: list[UpProcess]) -> None:
-    target, metrics = f"127.0.0.1:{free_port()}", free_port()
+    target, metrics, http = f"127.0.0.1:{free_port()}", free_port(), free_port()
     up = UpProcess(["up", "--model", str(tiny_qwen3), "--listen", target,
+                    "--http-listen", f"127.0.0.1:{http}",
                     "--metrics-port", str(metrics), f"--worker-args={WORKER_ARGS}"])
     up_factory.append(up)
     up.wait_ready(180)
     assert READY in up.output()
     assert f"npuserve client --target {target}" in up.output()
+    assert f"chat page: http://127.0.0.1:{http}/chat" in up.output()
+    with urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/models", timeout=5) as page:
+        assert json.load(page)["data"][0]["max_model_len"] > 0
     for port, who in ((metrics, "gateway"), (metrics + 1, "worker 0")):
         assert f"metrics: http://127.0.0.1:{port}/metrics ({who})" in up.output()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
@@ -151,7 +156,7 @@ def test_up_serves_a_client_and_stops_every_child_on_sigint(
 def test_up_stops_the_others_and_fails_when_a_child_dies(
         tiny_qwen3: Path, up_factory: list[UpProcess]) -> None:
     target = f"127.0.0.1:{free_port()}"
-    up = UpProcess(["up", "--model", str(tiny_qwen3), "--listen", target,
+    up = UpProcess(["up", "--model", str(tiny_qwen3), "--listen", target, "--http-listen", "",
                     "--worker-args=--no-such-flag"])
     up_factory.append(up)
     code = up.proc.wait(timeout=100)
@@ -186,7 +191,7 @@ def test_up_without_redis_server_on_path_says_so(tiny_qwen3: Path) -> None:
 def test_up_starts_a_worker_per_device_and_a_tensor_parallel_group(
         tiny_qwen3: Path, up_factory: list[UpProcess]) -> None:
     target = f"127.0.0.1:{free_port()}"
-    up = UpProcess(["up", "--model", str(tiny_qwen3), "--listen", target,
+    up = UpProcess(["up", "--model", str(tiny_qwen3), "--listen", target, "--http-listen", "",
                     "--devices", "cpu", "cpu:0-1", f"--worker-args={WORKER_ARGS}"])
     up_factory.append(up)
     up.wait_ready(180)
