@@ -66,6 +66,7 @@ class GatewayCore:
         self.keys = Keys(config.redis.prefix)
         self.health = Health()
         self._health_at = time.monotonic()
+        self._fleet_logged = -1e9
         self._health_interval_s = health_interval_s
         self._listeners: list[HealthListener] = []
         url, password = config.redis.url, config.redis.password()
@@ -180,6 +181,17 @@ class GatewayCore:
         """The gateway's heartbeat: while its registration lives, workers serve its requests."""
         await self.service.queue.register_gateway(self.gateway_id, self._info)
 
+    async def _update_fleet(self) -> None:
+        """The fleet gauges; a failure to read them (Redis down, a user whose ACL lacks a
+        command) never stops the health loop: it is logged, at most once a minute."""
+        try:
+            await self.fleet.update()
+        except Exception as exc:  # noqa: BLE001 -- gauges are best effort; health is not
+            now = time.monotonic()
+            if now - self._fleet_logged >= 60:
+                self._fleet_logged = now
+                log.warning("could not read the fleet gauges (queue depth, leases): %s", exc)
+
     async def _health_loop(self) -> None:
         while True:
             self._health_at = time.monotonic()
@@ -194,10 +206,10 @@ class GatewayCore:
                 models = {m: m in accepting for m in {*self.health.models,
                                                       *self.registry.served()}}
                 now = Health(bool(accepting), models)
-                await self.fleet.update()
             except UnavailableError as exc:
                 now = Health(models=dict.fromkeys(self.health.models, False))
                 if self.serving:
                     log.warning("health: %s", exc)
             await self._set_health(now)
+            await self._update_fleet()
             await asyncio.sleep(self._health_interval_s)
