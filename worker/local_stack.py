@@ -13,6 +13,7 @@ it lives with the worker's other operator tools (bench, quantize, model builders
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import shutil
@@ -31,7 +32,12 @@ from worker.processes import ChildSet, free_port, wait_for_port
 DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
 HEALTH_SERVICE = ""
 """grpc.health.v1 service `up` waits on: the server's overall status."""
-EXAMPLE_PROMPT = "你好，介绍一下你自己"
+DEMO_KV_TOKENS = 16 * 1024
+"""The KV cache a CPU worker of `up` gets unless --worker-args sizes it: 16 requests of 1,024
+tokens at once (or fewer, longer ones), not a share of the machine's memory."""
+EXAMPLE_PROMPT = "What is the capital of France?"
+"""What the banner suggests asking: the default model, SmolLM2-135M, answers English (a Qwen
+model is needed for Chinese)."""
 
 
 def register(subparsers: Any) -> None:
@@ -72,6 +78,16 @@ def register(subparsers: Any) -> None:
                    help="seconds the gateway and worker get to drain on stop before SIGKILL "
                         "(default 45: the worker's drain timeout is 30)")
     p.set_defaults(handler=_run)
+
+
+def kv_cache_gb(model_dir: Path, tokens: int = DEMO_KV_TOKENS) -> float:
+    """GiB of a float32 KV cache holding `tokens` tokens of the model in model_dir (read
+    from its config.json, without loading anything)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    per_token = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * 4
+    return float(max(per_token * tokens / (1 << 30), 0.01))
 
 
 def _client_target(listen: str) -> str:
@@ -145,10 +161,12 @@ def _start_and_serve(args: argparse.Namespace, model: Path, children: ChildSet,
         ranks = len(device_indices(device.partition(":")[2]) or [device])
         group = ["--tensor-parallel", str(ranks)] if ranks > 1 else []
         children.say(f"starting {name}: loading {model} on {device}")
-        metrics = (["--metrics-port", str(args.metrics_port + 1 + i)] if args.metrics_port
-                   else [])
+        extra = (["--metrics-port", str(args.metrics_port + 1 + i)] if args.metrics_port
+                 else [])
+        if device.startswith("cpu") and "--kv-cache-gb" not in args.worker_args:
+            extra += ["--kv-cache-gb", f"{kv_cache_gb(model):.3f}"]
         children.start(name, [*python, "worker", "--model", str(model), "--backend", "torch",
-                              "--device", device, *group, "--redis", redis_url, *metrics,
+                              "--device", device, *group, "--redis", redis_url, *extra,
                               *shlex.split(args.worker_args)])
     target = _client_target(args.listen)
     if not _wait_serving(target, children, stop, args.startup_timeout):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -113,21 +114,34 @@ class RedisQueue:
 
     @classmethod
     def connect(cls, config: RedisConfig, model: str, worker_id: str, lease_ms: int,
-                retention_s: float = 60.0) -> RedisQueue:
+                retention_s: float = 60.0, *, wait_s: float = 0.0) -> RedisQueue:
         """A client whose own retries are off, so tenacity alone decides (and logs) them.
 
         Retries stop at half a lease: past that, a lease renewed a third of a lease ago
-        could expire, and another worker may already be resuming the request."""
+        could expire, and another worker may already be resuming the request. `wait_s` > 0:
+        Redis must answer within that long (a worker checks before it loads its model),
+        else UnavailableError says what to do; 0: an unreachable Redis is only logged."""
         client = connect_sync(config.url, password=config.password(),
                               decode_responses=True, socket_timeout=5.0,
                               socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
-        try:
-            client.ping()
-        except redis.AuthenticationError as exc:
-            raise UnavailableError(refused_credentials(config.url, exc)) from None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("Redis at %s is not reachable yet (%s); the worker keeps retrying",
-                        redact(config.url), exc)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.AuthenticationError as exc:
+                raise UnavailableError(refused_credentials(config.url, exc)) from None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if wait_s <= 0:
+                    log.warning("Redis at %s is not reachable yet (%s); the worker keeps "
+                                "retrying", redact(config.url), exc)
+                    break
+                if time.monotonic() >= deadline:
+                    raise UnavailableError(
+                        f"Redis at {redact(config.url)} is unreachable ({exc}): start "
+                        "redis-server there, or point --redis (NPUSERVE_REDIS_URL) at a "
+                        "running one") from None
+                time.sleep(0.5)
         return cls(client, Keys(config.prefix), model, worker_id, lease_ms,
                    retry_s=lease_ms / 2000, retention_s=retention_s)
 

@@ -54,6 +54,9 @@ MAX_DEVICE_RETRIES = 1
 IDLE_WAIT_S = 0.5
 """Longest BLPOP on wake:{model}: bounds both idle latency and how late a stop is seen."""
 _MB = 1 << 20
+REDIS_WAIT_S = 15.0
+"""How long a starting worker waits for Redis before it gives up, without loading its model
+(Redis starting beside it has that long)."""
 STUCK_EXIT_STATUS = 3
 """The worker's exit status when a step outran --step-timeout-s."""
 
@@ -126,14 +129,20 @@ class WorkerService:
 
     @classmethod
     def from_config(cls, config: WorkerConfig) -> WorkerService:
-        """Load the model and connect to Redis (nothing is published until start())."""
-        engine = Engine.from_model_dir(config.model_dir, config.engine, backend=config.backend,
-                                       settings=config.backend_settings)
+        """Connect to Redis, then load the model (nothing is published until start()). A
+        Redis that does not answer within REDIS_WAIT_S fails before the model loads."""
         name = config.model_name or Path(config.model_dir).resolve().name
         worker_id = config.worker_id or (
             f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
         queue = RedisQueue.connect(config.redis, name, worker_id, config.lease_ms,
-                                   config.stream_retention_s)
+                                   config.stream_retention_s, wait_s=REDIS_WAIT_S)
+        try:
+            engine = Engine.from_model_dir(config.model_dir, config.engine,
+                                           backend=config.backend,
+                                           settings=config.backend_settings)
+        except BaseException:
+            queue.close()
+            raise
         return cls(config, engine, queue)
 
     def engine_loop_age_s(self) -> float:

@@ -8,6 +8,7 @@ reach the terminal. The real gateway is exercised in tests/serving.
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -81,12 +82,49 @@ def test_no_server_prints_unavailable_and_exits_nonzero(capsys: pytest.CaptureFi
     assert main(["client", "--target", target, "--timeout", "5", "hi"]) == 1
     err = capsys.readouterr().err
     assert "UNAVAILABLE" in err and target in err
+    assert f"is a gateway running at {target}?" in err
     assert "Traceback" not in err
 
 
 def test_prompt_is_required_without_chat(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["client", "--target", "127.0.0.1:1"]) == 1
     assert "PROMPT is required" in capsys.readouterr().err
+
+
+def test_an_empty_prompt_is_refused_like_the_server_does(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    assert main(["client", "--target", "127.0.0.1:1", "  "]) == 1
+    assert "PROMPT is empty" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert main(["client", "--target", "127.0.0.1:1", "-"]) == 1
+    assert "PROMPT is empty" in capsys.readouterr().err
+
+
+def test_the_prompt_comes_from_stdin_and_json_carries_the_whole_reply(
+        server: tuple[str, ScriptedGeneration], capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    target, servicer = server
+    monkeypatch.setattr("sys.stdin", io.StringIO("Say hi\nfrom stdin\n"))
+    code = main(["client", "--target", target, "--raw", "--json", "--stop", "END",
+                 "--stop", "STOP", "--top-k", "5", "--logprobs", "2", "-"])
+    assert code == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert reply["text"] == "Hello, world" and reply["finish_reason"] == "length"
+    assert reply["usage"] == {"prompt_tokens": 4, "completion_tokens": 3}
+    assert reply["token_ids"] == [10, 11, 12]
+    [request] = servicer.requests
+    assert request.text == "Say hi\nfrom stdin\n" and list(request.stop) == ["END", "STOP"]
+    assert request.sampling.top_k == 5 and request.logprobs and request.top_logprobs == 2
+
+
+def test_an_unavailable_gateway_is_not_blamed_on_the_connection(
+        server: tuple[str, ScriptedGeneration], capsys: pytest.CaptureFixture[str]) -> None:
+    target, servicer = server
+    servicer.fail_with = (grpc.StatusCode.UNAVAILABLE, "Redis at redis://127.0.0.1:1/0 is "
+                          "unreachable (Error 111 connecting to 127.0.0.1:1)")
+    assert main(["client", "--target", target, "--raw", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "Redis at" in err and "is a gateway running" not in err
 
 
 def test_streams_text_and_sends_the_flags(server: tuple[str, ScriptedGeneration],

@@ -206,3 +206,16 @@ def test_up_starts_a_worker_per_device_and_a_tensor_parallel_group(
                                          sampling=sampling(temperature=0)))
     assert result.completion_tokens == 4
     assert "tensor parallel over 2 ranks" in up.output()
+
+
+def test_a_cpu_worker_gets_a_kv_cache_sized_for_the_demo_batch(tiny_qwen3: Path) -> None:
+    from worker.local_stack import DEMO_KV_TOKENS, kv_cache_gb
+
+    cfg = json.loads((tiny_qwen3 / "config.json").read_text())
+    per_token = (2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"]
+                 * 4)
+    assert kv_cache_gb(tiny_qwen3) == pytest.approx(
+        max(per_token * DEMO_KV_TOKENS / (1 << 30), 0.01))
+    smol = REPO_ROOT / "models" / "smollm2-135m-instruct"
+    if (smol / "config.json").is_file():  # 30 layers, 3 KV heads of 64: 45 KiB a token
+        assert kv_cache_gb(smol) == pytest.approx(0.703, abs=0.001)

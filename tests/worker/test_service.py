@@ -346,3 +346,24 @@ def test_livez_fails_once_the_engine_loop_stops_going_round_and_readyz_while_dra
     service.shutdown()
     assert probes["/readyz"]() == (False, "draining: claims no new requests")
     assert service._registration()["draining"] == "1"
+
+
+def test_a_worker_checks_redis_before_it_loads_its_model(
+        tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.errors import UnavailableError
+    from worker import service as service_module
+    from worker.processes import free_port
+
+    def never(*args: object, **kwargs: object) -> Engine:
+        raise AssertionError("the model was loaded before Redis answered")
+
+    monkeypatch.setattr(service_module, "REDIS_WAIT_S", 0.5)
+    monkeypatch.setattr(Engine, "from_model_dir", never)
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"
+    config = WorkerConfig(model_dir=str(tiny_qwen3), redis=RedisConfig(url=url))
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match="is unreachable .*start redis-server there, or "
+                       r"point --redis \(NPUSERVE_REDIS_URL\)") as info:
+        WorkerService.from_config(config)
+    assert time.monotonic() - started < 5
+    assert "secret" not in str(info.value) and "\n" not in str(info.value)
