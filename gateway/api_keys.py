@@ -254,8 +254,9 @@ class KeyStore:
         if not presented:
             self._refused("missing")
             raise UnauthenticatedError(
-                "this gateway needs an API key: send it as the metadata 'authorization: "
-                "Bearer <key>' (npuserve client: NPUSERVE_API_KEY or --api-key-file)")
+                "this gateway needs an API key: send 'Authorization: Bearer <key>' (gRPC "
+                "metadata or HTTP header; npuserve client: NPUSERVE_API_KEY or "
+                "--api-key-file)")
         caller = self._keys.get(hash_key(presented))
         if caller is None:
             self._refused("unknown")

@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ import openai
 import pytest
 
 from common.protocol import QueuedRequest, ReplyEvent
-from protos import npuserve_pb2 as pb
+from gateway.types import PromptInput
 from tests.gateway.conftest import MODEL, Stack, StackFactory
 
 pytestmark = pytest.mark.anyio
@@ -32,7 +33,8 @@ async def http_stack(gateway_stack: StackFactory, **config: Any
 
 
 async def token_ids(s: Stack, text: str) -> list[int]:
-    return list((await s.stub.Tokenize(pb.TokenizeRequest(model=MODEL, text=text))).token_ids)
+    """As the gateway tokenizes (without an API key, whatever the gateway needs)."""
+    return (await s.gateway.core.service.tokenize(MODEL, PromptInput(text=text))).token_ids
 
 
 async def answer(s: Stack, text: str, *, finish: str = "stop", top: bool = False
@@ -273,3 +275,35 @@ def test_the_sync_openai_client_streams_too(gateway_stack: StackFactory) -> None
             return text
 
     assert asyncio.run(run()) == " sync works"
+
+
+async def test_api_keys_guard_the_api_but_not_health_metrics_or_the_page(
+        gateway_stack: StackFactory, tmp_path: Path) -> None:
+    from gateway.api_keys import Caller, Role, append_key, hash_key, new_key
+
+    key, path = new_key(), tmp_path / "keys.toml"
+    append_key(path, Caller("web", "acme", Role.CALLER, max_priority=5), hash_key(key))
+    async with http_stack(gateway_stack, api_keys=str(path)) as (s, base):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            for path_ in ("/v1/models", "/tokenize"):
+                denied = await http.request("GET" if path_ == "/v1/models" else "POST",
+                                            path_, json={"prompt": "x"})
+                assert denied.status_code == 401, denied.text
+                assert denied.json()["error"]["type"] == "authentication_error"
+                assert denied.headers["www-authenticate"] == "Bearer"
+            forged = await http.get("/v1/models",
+                                    headers={"Authorization": f"Bearer {new_key()}"})
+            assert forged.status_code == 401 and "not valid" in forged.text
+            for open_ in ("/metrics", "/chat"):
+                assert (await http.get(open_)).status_code == 200
+            keyed = {"Authorization": f"Bearer {key}"}
+            assert (await http.get("/v1/models", headers=keyed)).status_code == 200
+            too_high = await http.post("/v1/completions", headers=keyed, json={
+                "model": MODEL, "prompt": "x", "priority": 9})
+            assert too_high.status_code == 403 and "max_priority" in too_high.text
+        client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key)
+        call = asyncio.create_task(client.completions.create(model=MODEL, prompt="hi"))
+        request = await answer(s, " welcome")
+        assert request.tenant == "acme" and request.request_id.startswith("acme/")
+        assert (await call).choices[0].text == " welcome"
+        await client.close()
