@@ -82,14 +82,20 @@ def _text(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if not text or " " in text else text
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler configure() installs (and replaces on a second call)."""
+
+
 def configure(level: str = "INFO", fmt: str = "text") -> None:
-    """Log to stderr at `level` in `fmt` ("text" or "json"), replacing earlier handlers."""
+    """Log to stderr at `level` in `fmt` ("text" or "json"). As logging.basicConfig, it
+    adds no handler to a root logger that has one of someone else's (a test runner's)."""
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(old)
-    root.addHandler(handler)
+    if not root.handlers:
+        handler = _Handler()
+        handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+        root.addHandler(handler)
     root.setLevel(level.upper())

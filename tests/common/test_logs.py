@@ -15,9 +15,11 @@ from common.logs import REQUEST_ID, configure, fields
 
 @pytest.fixture
 def stream() -> Iterator[io.StringIO]:
-    """configure() replaces the root logger's handlers: put pytest's back afterwards."""
+    """A root logger without pytest's handlers (configure() adds none beside a foreign
+    one), put back afterwards."""
     root = logging.getLogger()
     saved, level = list(root.handlers), root.level
+    root.handlers[:] = []
     out = io.StringIO()
     configure("INFO", "text")
     root.handlers[0].setStream(out)  # type: ignore[attr-defined]
@@ -40,6 +42,7 @@ def test_text_lines_carry_the_request_id_and_fields(stream: io.StringIO) -> None
 
 
 def test_json_lines_are_objects_with_fields_and_tracebacks(stream: io.StringIO) -> None:
+    logging.getLogger().handlers[:] = []  # pytest's, added for the test's call
     configure("DEBUG", "json")
     logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
     log = logging.getLogger("t")
@@ -60,6 +63,14 @@ def test_json_lines_are_objects_with_fields_and_tracebacks(stream: io.StringIO) 
     assert "request_id" not in lines[2]
     assert lines[1]["completion_tokens"] == 3 and lines[1]["level"] == "INFO"
     assert lines[2]["exc"].endswith("ValueError: boom") and lines[2]["ts"].endswith("Z")
+
+
+def test_a_foreign_handler_is_kept_and_none_added_beside_it(stream: io.StringIO) -> None:
+    root = logging.getLogger()
+    foreign = logging.NullHandler()
+    root.handlers[:] = [foreign]
+    configure("WARNING", "json")
+    assert root.handlers == [foreign] and root.level == logging.WARNING
 
 
 def test_an_unknown_format_is_refused(stream: io.StringIO) -> None:

@@ -50,9 +50,11 @@ def test_what_does_not_fit_is_said_with_the_setting_to_change(tiny_qwen3: Path) 
     assert "memory plan, 1 rank(s) of cpu in float32" in text and "fits" in text
 
 
-def test_a_worker_on_an_npu_without_torch_npu_says_what_to_install(tiny_qwen3: Path) -> None:
+def test_a_worker_on_an_npu_without_torch_npu_says_what_to_install(
+        tiny_qwen3: Path, redis_url: str) -> None:
+    """With Redis reachable (a worker checks it first), the device is what fails."""
     run = subprocess.run([sys.executable, "-m", "common.cli", "worker", "--model",
-                          str(tiny_qwen3), "--device", "npu:0", "--redis", "redis://127.0.0.1:1"],
+                          str(tiny_qwen3), "--device", "npu:0", "--redis", redis_url],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
