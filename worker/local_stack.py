@@ -57,26 +57,32 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", default=env("MODEL_DIR", DEFAULT_MODEL_DIR),
                    help=f"model directory for the worker (default {DEFAULT_MODEL_DIR}, "
                         "env NPUSERVE_MODEL_DIR)")
-    p.add_argument("--devices", nargs="+", default=["cpu"], metavar="DEVICE",
+    p.add_argument("--devices", nargs="+", default=env("UP_DEVICES", "cpu").split(),
+                   metavar="DEVICE",
                    help="one worker per DEVICE: cpu, cuda:N, npu:N, or a group of devices for "
                         "one tensor-parallel worker (npu:0-7, cuda:0,1); default: one CPU "
-                        "worker")
-    p.add_argument("--redis", default="",
-                   help="use this Redis URL instead of starting a throwaway redis-server")
-    p.add_argument("--gateway-args", default="",
-                   help="extra arguments for `npuserve gateway`, one shell-quoted string")
-    p.add_argument("--worker-args", default="",
+                        "worker (env NPUSERVE_UP_DEVICES, space-separated)")
+    p.add_argument("--redis", default=env("UP_REDIS_URL", ""),
+                   help="use this Redis URL instead of starting a throwaway redis-server "
+                        "(env NPUSERVE_UP_REDIS_URL)")
+    p.add_argument("--gateway-args", default=env("UP_GATEWAY_ARGS", ""),
+                   help="extra arguments for `npuserve gateway`, one shell-quoted string "
+                        "(env NPUSERVE_UP_GATEWAY_ARGS)")
+    p.add_argument("--worker-args", default=env("UP_WORKER_ARGS", ""),
                    help="extra arguments for `npuserve worker`, one shell-quoted string: "
-                        "--worker-args=\"--max-num-seqs 8\"")
+                        "--worker-args=\"--max-num-seqs 8\" (env NPUSERVE_UP_WORKER_ARGS)")
     p.add_argument("--metrics-port", type=int, default=int(env("METRICS_PORT", "0")),
                    help="expose Prometheus /metrics (and the probes) on loopback: the gateway "
                         "on this port, worker i on this port + 1 + i; 0 (the default) "
                         "exposes none (env NPUSERVE_METRICS_PORT)")
-    p.add_argument("--startup-timeout", type=float, default=300.0,
-                   help="seconds to wait for the stack to become SERVING (default 300)")
-    p.add_argument("--stop-timeout", type=float, default=45.0,
+    p.add_argument("--startup-timeout", type=float,
+                   default=float(env("UP_STARTUP_TIMEOUT", "300")),
+                   help="seconds to wait for the stack to become SERVING (default 300, env "
+                        "NPUSERVE_UP_STARTUP_TIMEOUT)")
+    p.add_argument("--stop-timeout", type=float, default=float(env("UP_STOP_TIMEOUT", "45")),
                    help="seconds the gateway and worker get to drain on stop before SIGKILL "
-                        "(default 45: the worker's drain timeout is 30)")
+                        "(default 45: the worker's drain timeout is 30; env "
+                        "NPUSERVE_UP_STOP_TIMEOUT)")
     p.set_defaults(handler=_run)
 
 
