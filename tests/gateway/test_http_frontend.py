@@ -307,3 +307,26 @@ async def test_api_keys_guard_the_api_but_not_health_metrics_or_the_page(
         assert request.tenant == "acme" and request.request_id.startswith("acme/")
         assert (await call).choices[0].text == " welcome"
         await client.close()
+
+
+async def test_concurrent_streams_each_get_their_own_reply(gateway_stack: StackFactory) -> None:
+    async with http_stack(gateway_stack) as (s, base):
+        client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused")
+
+        async def ask(i: int) -> str:
+            stream = await client.completions.create(
+                model=MODEL, prompt=f"p{i}", stream=True, extra_body={"request_id": f"c{i}"})
+            return "".join([c.choices[0].text async for c in stream if c.choices])
+
+        calls = [asyncio.create_task(ask(i)) for i in range(6)]
+        for _ in range(6):  # answer them in whatever order they were queued
+            request = await s.worker.take()
+            await s.worker.send(s.gateway_id, *[
+                ReplyEvent(request.request_id, i, t) for i, t in
+                enumerate(await token_ids(s, f" reply to {request.request_id}"))])
+            await s.worker.send(s.gateway_id, ReplyEvent(
+                request.request_id, -1, finish_reason="length", completion_tokens=len(
+                    await token_ids(s, f" reply to {request.request_id}"))))
+        replies = await asyncio.gather(*calls)
+        await client.close()
+    assert replies == [f" reply to c{i}" for i in range(6)]
