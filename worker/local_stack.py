@@ -228,12 +228,13 @@ def _banner(children: ChildSet, target: str, listen: str, http_listen: str,
             metrics_port: int, workers: int) -> None:
     where = target if target.split(":")[0] == listen.split(":")[0] else (
         f"{target} (listening on {listen})")
-    request = ('{"text": "' + EXAMPLE_PROMPT + '", "max_tokens": 64}')
+    request = ('{"text": "' + EXAMPLE_PROMPT + '", "max_tokens": 64, '
+               '"sampling": {"temperature": 0}}')
     http: list[str] = []
     if http_listen:
         base = f"http://{_client_target(http_listen)}"
         body = ('{"messages": [{"role": "user", "content": "' + EXAMPLE_PROMPT + '"}], '
-                '"max_tokens": 64}')
+                '"max_tokens": 64, "temperature": 0}')
         http = [f"  chat page: {base}/chat",
                 f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
                 f"-d '{body}'"]
@@ -242,7 +243,7 @@ def _banner(children: ChildSet, target: str, listen: str, http_listen: str,
                for i in range(1 + workers)] if metrics_port else []
     children.say("\n".join([
         f"npuserve is ready: gRPC on {where}",
-        f"  npuserve client --target {target} \"{EXAMPLE_PROMPT}\"",
+        f"  npuserve client --target {target} --temperature 0 \"{EXAMPLE_PROMPT}\"",
         f"  npuserve client --target {target} --chat",
         f"  grpcurl -plaintext -d '{request}' {target} npuserve.v1.Generation/Generate",
         *http,

@@ -46,7 +46,8 @@ def test_a_key_is_known_by_its_hash_only(tmp_path: Path) -> None:
     assert caller == Caller("web", "acme", Role.CALLER, 3, 100, DEFAULT_CALLER_MAX_PRIORITY)
     with pytest.raises(UnauthenticatedError, match="not valid"):
         store.authenticate(key + "x")
-    with pytest.raises(UnauthenticatedError, match="Authorization: Bearer <key>.*gRPC metadata or HTTP header"):
+    with pytest.raises(UnauthenticatedError,
+                       match="Authorization: Bearer <key>.*gRPC metadata or HTTP header"):
         store.authenticate(None)
 
 
