@@ -85,7 +85,7 @@ async def completions(request: Request, kind: Kind, service: GatewayService,
                            else CompletionRequest)
         inputs = body.generation_inputs(context.bind_request_id(body.request_id))
         limit = timeout_s(request, body)
-    model = (await service.registry.resolve(body.model, tokenizer=False)).meta.name
+        model = (await service.registry.resolve(body.model, tokenizer=False)).meta.name
     logprobs = bool(inputs[0].params.logprobs)
     include_usage = bool(body.stream and body.stream_options and
                          body.stream_options.include_usage)
