@@ -27,6 +27,7 @@ fail on a demoted master, so gateways and workers also ask the sentinels every h
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -37,8 +38,9 @@ import redis.asyncio.sentinel as aiosentinel
 import redis.sentinel
 
 from common.config import RedisConfig
-from common.errors import InvalidRequestError
+from common.errors import InvalidRequestError, UnavailableError
 from common.redis_cluster import cluster_async, cluster_sync, is_cluster
+from common.redis_credentials import redact, refused_credentials
 from common.redis_url import parse_multi_host
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
@@ -192,3 +194,24 @@ async def master_moved_async(client: aioredis.Redis) -> bool:
         return False
     before, sentinels = pool.master_address, cast(Any, pool)
     return before is not None and await sentinels.get_master_address() != before
+
+
+def ping_within(client: redis.Redis, url: str, wait_s: float) -> Exception | None:
+    """PING until Redis answers. Refused credentials raise UnavailableError at once; an
+    unreachable Redis raises it after `wait_s`, saying what to do, or with `wait_s` 0 is
+    returned (the caller decides to retry later). None once Redis answered."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.ping()
+            return None
+        except redis.AuthenticationError as exc:
+            raise UnavailableError(refused_credentials(url, exc)) from None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if wait_s <= 0:
+                return exc
+            if time.monotonic() >= deadline:
+                raise UnavailableError(
+                    f"Redis at {redact(url)} is unreachable ({exc}): start redis-server "
+                    "there, or point --redis (NPUSERVE_REDIS_URL) at a running one") from None
+            time.sleep(0.5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -27,11 +26,10 @@ from tenacity import (
 
 from common import scripts
 from common.config import RedisConfig
-from common.errors import UnavailableError
 from common.keys import REPLIES_TTL_S, Keys, queue_score
 from common.protocol import ReplyEvent, encode_events
-from common.redis_client import connect_sync, master_moved
-from common.redis_credentials import redact, refused_credentials
+from common.redis_client import connect_sync, master_moved, ping_within
+from common.redis_credentials import redact
 from worker.published import Published
 
 log = logging.getLogger(__name__)
@@ -124,24 +122,9 @@ class RedisQueue:
         client = connect_sync(config.url, password=config.password(),
                               decode_responses=True, socket_timeout=5.0,
                               socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.AuthenticationError as exc:
-                raise UnavailableError(refused_credentials(config.url, exc)) from None
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if wait_s <= 0:
-                    log.warning("Redis at %s is not reachable yet (%s); the worker keeps "
-                                "retrying", redact(config.url), exc)
-                    break
-                if time.monotonic() >= deadline:
-                    raise UnavailableError(
-                        f"Redis at {redact(config.url)} is unreachable ({exc}): start "
-                        "redis-server there, or point --redis (NPUSERVE_REDIS_URL) at a "
-                        "running one") from None
-                time.sleep(0.5)
+        if (down := ping_within(client, config.url, wait_s)) is not None:
+            log.warning("Redis at %s is not reachable yet (%s); the worker keeps retrying",
+                        redact(config.url), down)
         return cls(client, Keys(config.prefix), model, worker_id, lease_ms,
                    retry_s=lease_ms / 2000, retention_s=retention_s)
 

@@ -20,8 +20,6 @@ deadline, error (with its ErrorCode) and an already-complete resume end with an 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import socket
@@ -38,10 +36,11 @@ from common.config import WorkerConfig
 from common.errors import ErrorCode, NpuserveError
 from common.metrics_http import Probe
 from common.protocol import QueuedRequest, ReplyEvent
-from preprocess.tokenizer import TOKENIZER_FILES
 from worker.engine.engine import Engine
 from worker.liveness import Liveness, StepWatchdog, now_ms
 from worker.metrics import WorkerMetrics, rss_bytes
+from worker.model_info import model_info
+from worker.probes import worker_probes
 from worker.published import PublishLog
 from worker.redis_queue import Claimed, RedisQueue, StepBatch
 
@@ -59,23 +58,6 @@ REDIS_WAIT_S = 15.0
 (Redis starting beside it has that long)."""
 STUCK_EXIT_STATUS = 3
 """The worker's exit status when a step outran --step-timeout-s."""
-
-def model_info(model_dir: str | Path, engine: Engine) -> dict[str, str]:
-    """model:{name} fields: tokenizer files (`file:<name>`), the vocabulary and a sha of the
-    files. Context limits are per worker (its registration), not per model."""
-    digest = hashlib.sha256()
-    info: dict[str, str] = {}
-    for name in TOKENIZER_FILES:
-        path = Path(model_dir) / name
-        if path.is_file():
-            text = path.read_text(encoding="utf-8")
-            info[f"file:{name}"] = text
-            digest.update(f"{name}\0{len(text)}\0".encode() + text.encode())
-    cfg = engine.model_config
-    info.update(vocab_size=str(cfg.vocab_size),
-                eos_token_ids=json.dumps(list(cfg.eos_token_ids)), sha=digest.hexdigest())
-    return info
-
 
 @dataclass(slots=True)
 class _Active:
@@ -149,26 +131,8 @@ class WorkerService:
         return time.monotonic() - self._loop_at
 
     def probes(self) -> dict[str, Probe]:
-        """/livez: the engine loop and the heartbeat thread go round (a Redis outage does
-        not fail it: both keep retrying); /readyz: registered and claiming work."""
-        limit = self.config.liveness_timeout_s
-
-        def livez() -> tuple[bool, str]:
-            loop, beat = self.engine_loop_age_s(), self.liveness.attempt_age_s()
-            step = self.watchdog.age_s()
-            text = (f"engine loop went round {loop:.1f}s ago (a step has run {step:.1f}s), "
-                    f"heartbeat thread {beat:.1f}s ago; limit {limit:.0f}s "
-                    "(--liveness-timeout)")
-            return loop <= limit and beat <= limit, text
-
-        def readyz() -> tuple[bool, str]:
-            if self.draining:
-                return False, "draining: claims no new requests"
-            if not self.liveness.registered:
-                return False, "not registered in Redis yet (or Redis unreachable)"
-            return True, f"serving {self.queue.model}: {len(self._active)} running"
-
-        return {"/livez": livez, "/readyz": readyz}
+        """/livez and /readyz of this worker (worker.probes)."""
+        return worker_probes(self)
 
     @property
     def active_ids(self) -> list[str]:

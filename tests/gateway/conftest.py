@@ -47,7 +47,7 @@ async def r(redis_url: str) -> AsyncIterator[aioredis.Redis]:
 
 
 def model_info(model_dir: Path) -> dict[str, str]:
-    """model:{name} as a worker publishes it (worker.service.model_info, without an engine)."""
+    """model:{name} as a worker publishes it (worker.model_info.model_info, without an engine)."""
     digest = hashlib.sha256()
     info: dict[str, str] = {}
     for name in TOKENIZER_FILES:
