@@ -148,24 +148,27 @@ class RedisQueue:
         )
         return retrying(attempt)
 
-    def _multi(self, what: str, *groups: tuple[Callable[[Pipeline], object], bool]) -> None:
+    def _multi(self, what: str, *groups: tuple[Callable[[Pipeline], object], bool]
+               ) -> list[Any]:
         """Run the groups' commands in one MULTI; on a cluster, where a MULTI stays within one
         slot, each group in turn as a pipeline of its own, in a MULTI when its flag says so
         (its commands then share a hash tag). The pipelines are rebuilt for every attempt,
-        since redis-py empties them when execute() fails."""
-        def run() -> None:
+        since redis-py empties them when execute() fails. Returns the replies, ending with
+        those of the last group."""
+        def run() -> list[Any]:
             if not self.cluster:
                 pipe = self.client.pipeline(transaction=True)
                 for build, _ in groups:
                     build(pipe)
-                pipe.execute()
-                return
+                return pipe.execute()
+            replies: list[Any] = []
             for build, atomic in groups:
                 pipe = self.client.pipeline(transaction=atomic)
                 build(pipe)
-                pipe.execute()
+                replies = pipe.execute()
+            return replies
 
-        self._call(what, run)
+        return self._call(what, run)
 
     def claim(self, n: int, now_ms: int, *, max_len: int, room: int, lacks: int = 0
               ) -> list[Claimed]:
@@ -245,23 +248,23 @@ class RedisQueue:
             [self.keys.cancel(self.model, rid) for rid in ids]))
         return {rid for rid, flag in zip(ids, flags, strict=True) if flag is not None}
 
-    def publish(self, batch: StepBatch) -> None:
+    def publish(self, batch: StepBatch, running: Sequence[str] = ()) -> set[str]:
         """One MULTI: an XADD per gateway, appended tokens, finished requests removed (or kept
         for `retention_s` with their final event, for resumption). On a cluster the XADDs go
         first, then the model's MULTI: a failure between them leaves events the gateways
         have but toks:{model}:ID lacks, and the worker resuming the request sends those
-        tokens again, which the gateways drop as duplicates.
+        tokens again, which the gateways drop as duplicates. The model's MULTI ends with a
+        GET of each `running` request's cancel flag (GETs, not an MGET, which redis-py's
+        cluster pipelines refuse): returns those flagged, as `cancelled` would.
 
         Safe to retry when a reply was lost: LTRIM to the known length undoes a second
         RPUSH, and gateways drop events whose index they already forwarded."""
-        if not batch:
-            return
+        if not batch and not running:
+            return set()
         k = self.keys
         payloads = {gw: encode_events(events) for gw, events in batch.events.items()}
         done = set(batch.finished)
-        keep = max(0, math.ceil(self.retention_s))
-
-        model = self.model
+        keep, model = max(0, math.ceil(self.retention_s)), self.model
 
         def replies(pipe: Pipeline) -> None:
             for gateway, payload in payloads.items():
@@ -294,8 +297,12 @@ class RedisQueue:
                 pipe.zrem(k.leases(model), rid)
             for rid in batch.retry:
                 pipe.hincrby(k.request(model, rid), "failures", 1)
+            for rid in running:
+                pipe.get(k.cancel(model, rid))
 
-        self._multi("publish", (replies, False), (requests, True))
+        out = self._multi("publish", (replies, False), (requests, True))
+        flags = out[len(out) - len(running):]
+        return {rid for rid, flag in zip(running, flags, strict=True) if flag is not None}
 
     def repair(self, entries: Sequence[Published], now_ms: int) -> list[str]:
         """Compare Redis with what this worker published and write back what is missing

@@ -121,6 +121,19 @@ def test_publish_writes_one_entry_per_gateway_appends_tokens_and_removes_finishe
     assert c.zrange(k.leases(MODEL), 0, -1) == ["a"]
 
 
+def test_publish_reads_the_running_requests_cancel_flags_in_the_same_round_trip(
+        queue: RedisQueue, gateway: FakeGateway) -> None:
+    gateway.enqueue("a", [1], P)
+    gateway.enqueue("b", [1], P)
+    queue.claim(2, now_ms=time.time_ns() // 10**6, **ANY)
+    assert gateway.cancel("b") == 2
+    assert queue.publish(_batch(), ["a"]) == set()
+    assert queue.publish(StepBatch(), ["a", "c"]) == set()
+    assert gateway.cancel("a") == 2
+    assert queue.publish(StepBatch(), ["a"]) == {"a"}
+    assert queue.publish(StepBatch()) == set()
+
+
 def test_publishing_a_batch_twice_does_not_duplicate_resume_tokens(
         queue: RedisQueue, gateway: FakeGateway) -> None:
     queue.publish(_batch())
