@@ -12,10 +12,11 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 """CPUK_ABI_VERSION of the header this module mirrors."""
 
-_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_P, _I, _F, _C, _S = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
+                      ctypes.c_char_p)
 
 
 class Proj(ctypes.Structure):
@@ -55,6 +56,8 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "cpuk_sizeof_proj": (_I, []),
     "cpuk_sizeof_layer": (_I, []),
     "cpuk_sizeof_decode_step": (_I, []),
+    "cpuk_set_prefetch": (None, [_I]),
+    "cpuk_get_prefetch": (_I, []),
     "cpuk_linear_f32": (None, [_P, _I, _I, _P, _I, _P, _P]),
     "cpuk_linear_i8_workspace": (_I, [_I, _I, _I]),
     "cpuk_linear_i8": (_I, [_P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I]),
@@ -70,8 +73,10 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "cpuk_decode_workspace": (_I, [_P, _P, _I]),
     "cpuk_decode_forward": (_I, [_P, _P]),
     "cpuk_advise_hugepages": (_C, [_P, _I]),
+    "cpuk_isa": (_S, []),
 }
-"""(restype, argtypes) of every exported function; pointers of any type are c_void_p."""
+"""(restype, argtypes) of every exported function; pointers of any type are c_void_p, but
+`const char *` (a C string) is c_char_p."""
 
 
 def bind(lib: ctypes.CDLL) -> dict[str, Any]:

@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define CPUK_ABI_VERSION 1
+#define CPUK_ABI_VERSION 2
 
 /* One projection: float32 weights, or int8 with per-(row, group) scales. */
 typedef struct {
@@ -50,6 +50,9 @@ int64_t cpuk_sizeof_layer(void);
 int64_t cpuk_sizeof_decode_step(void);
 
 /* linear.c */
+void cpuk_set_prefetch(int64_t all_levels); /* 1: prefetch weights into every cache level
+                                               (the default); 0: non-temporal, into L1 */
+int64_t cpuk_get_prefetch(void);
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y);
 int64_t cpuk_linear_i8_workspace(int64_t m, int64_t k, int64_t group);
@@ -85,5 +88,8 @@ int64_t cpuk_decode_forward(const cpuk_decode_step *s, const cpuk_layer *layers)
 
 /* memory.c */
 int cpuk_advise_hugepages(void *p, int64_t nbytes);
+
+/* isa.c */
+const char *cpuk_isa(void); /* the vector extensions the library was compiled to use */
 
 #endif

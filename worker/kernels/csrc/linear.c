@@ -4,9 +4,15 @@
  * W is [n, k] row-major, float32 or int8 with float32 scales per output channel and group of
  * `group` columns. Each thread takes a contiguous range of W's rows and reads every weight
  * from memory once, a small tile of rows at a time, and multiplies it with every row of x
- * (x stays in L1/L2) before moving on. int8 weights move a quarter of the bytes; on AVX2
- * they are multiplied in integers with x rounded to int16 (below), elsewhere widened to
- * float32 in registers. */
+ * (x stays in L1/L2) before moving on. float32 runs on the widest vectors the CPU has (16
+ * lanes with AVX-512, where the 32 registers also hold a 4 x 4 tile; 8 otherwise). int8
+ * weights move a quarter of the bytes; on AVX2 they are multiplied in integers with x
+ * rounded to int16 (below), elsewhere widened to float32 in registers.
+ *
+ * Weights are prefetched a few tiles ahead. Where the prefetched lines go is a property of
+ * the machine, not of the code: on a Zen 3 non-temporal prefetches (into L1 only) were the
+ * fastest, on a Sapphire Rapids Xeon they run 2-4x slower than prefetches into every level,
+ * so it is a setting (cpuk_set_prefetch) that worker/kernels/dispatch.py times per machine. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -21,6 +27,41 @@
                             them this far ahead (the rows are too short for the hardware
                             prefetcher to ramp up on its own) */
 
+#ifdef __AVX512F__
+#define VW 16
+#define WR_ROWS 4 /* weight rows per tile for several x rows: 16 accumulators + 4 weights */
+#else
+#define VW 8
+#define WR_ROWS 3 /* 12 accumulators and 3 weight vectors fill the sixteen AVX2 registers */
+#endif
+typedef float vwf __attribute__((vector_size(VW * 4), aligned(4)));
+
+ALWAYS_INLINE vwf vw_splat(float x) { return (vwf){0} + x; }
+
+ALWAYS_INLINE float vw_hsum(vwf v) {
+#if VW == 16
+    v8f lo, hi;
+    __builtin_memcpy(&lo, &v, sizeof lo);
+    __builtin_memcpy(&hi, (const char *)&v + sizeof lo, sizeof hi);
+    return hsum(lo + hi);
+#else
+    return hsum(v);
+#endif
+}
+
+static int prefetch_all_levels = 1; /* 1: prefetcht0; 0: prefetchnta */
+
+void cpuk_set_prefetch(int64_t all_levels) { prefetch_all_levels = all_levels != 0; }
+
+int64_t cpuk_get_prefetch(void) { return prefetch_all_levels; }
+
+/* __builtin_prefetch takes its locality as a constant: T0 is one after inlining. */
+#define PREFETCH(p, T0)                                                                       \
+    do {                                                                                      \
+        if (T0) __builtin_prefetch((p), 0, 3);                                                \
+        else __builtin_prefetch((p), 0, 0);                                                   \
+    } while (0)
+
 /* Weight row pointers of the tile starting at row j; rows past n repeat the last real one
  * (computed, never stored). */
 ALWAYS_INLINE void tile_rows(const char *w, int64_t row_bytes, int64_t j, int64_t n, int WR,
@@ -28,18 +69,48 @@ ALWAYS_INLINE void tile_rows(const char *w, int64_t row_bytes, int64_t j, int64_
     for (int q = 0; q < WR; q++) rows[q] = w + (j + q < n ? j + q : n - 1) * row_bytes;
 }
 
-/* Dot products of the tile's WR weight rows with R rows of x over columns [c0, c1), added
- * into acc. WR, R and INT8 are constants after inlining, so acc stays in registers. */
-ALWAYS_INLINE void tile(const char *const rows[MAX_WR], int WR, int64_t k, const float *const *xs,
-                        int R, int64_t c0, int64_t c1, int INT8, v8f acc[MAX_WR][MAX_XR]) {
-    const int64_t size = INT8 ? 1 : 4;
-    const char *ahead = rows[0] + PREFETCH_TILES * WR * k * size;
+/* float32: dot products of the tile's WR weight rows with R rows of x, VW columns at a time.
+ * WR, R and T0 are constants after inlining, so acc stays in registers. The tile consumes
+ * WR * VW * 4 bytes of W per step, which the prefetches cover a few tiles ahead. */
+ALWAYS_INLINE void tile_f32(const float *x, int64_t k, const float *w, int64_t j, int64_t n,
+                            int WR, int64_t i, int R, int T0, float out[MAX_WR][MAX_XR]) {
+    const float *xs[MAX_XR];
+    for (int r = 0; r < R; r++) xs[r] = x + (i + r) * k;
+    const char *rows[MAX_WR];
+    tile_rows((const char *)w, k * (int64_t)sizeof(float), j, n, WR, rows);
+    vwf acc[MAX_WR][MAX_XR];
+    for (int q = 0; q < WR; q++)
+        for (int r = 0; r < R; r++) acc[q][r] = vw_splat(0.0f);
+    const int64_t kv = k - k % VW;
+    const char *ahead = rows[0] + PREFETCH_TILES * WR * k * (int64_t)sizeof(float);
+    for (int64_t c = 0; c < kv; c += VW) {
+        for (int b = 0; b < WR * VW * 4; b += 64) PREFETCH(ahead + c * WR * 4 + b, T0);
+        vwf wv[MAX_WR];
+        for (int q = 0; q < WR; q++) wv[q] = *(const vwf *)((const float *)rows[q] + c);
+        for (int r = 0; r < R; r++) {
+            vwf xv = *(const vwf *)(xs[r] + c);
+            for (int q = 0; q < WR; q++) acc[q][r] += wv[q] * xv;
+        }
+    }
+    for (int q = 0; q < WR; q++) {
+        const float *wq = (const float *)rows[q];
+        for (int r = 0; r < R; r++) {
+            out[q][r] = vw_hsum(acc[q][r]);
+            for (int64_t c = kv; c < k; c++) out[q][r] += wq[c] * xs[r][c];
+        }
+    }
+}
+
+/* int8 widened to float32 (no integer path on this CPU): as tile_f32, 8 columns at a time
+ * over [c0, c1). */
+ALWAYS_INLINE void tile_i8_cols(const char *const rows[MAX_WR], int WR, int64_t k,
+                                const float *const *xs, int R, int64_t c0, int64_t c1, int T0,
+                                v8f acc[MAX_WR][MAX_XR]) {
+    const char *ahead = rows[0] + PREFETCH_TILES * WR * k;
     for (int64_t c = c0; c < c1; c += 8) {
-        __builtin_prefetch(ahead + c * WR * size, 0, 0);
-        if (!INT8) __builtin_prefetch(ahead + c * WR * size + 64, 0, 0);
+        PREFETCH(ahead + c * WR, T0);
         v8f wv[MAX_WR];
-        for (int q = 0; q < WR; q++)
-            wv[q] = INT8 ? vload_i8((const int8_t *)rows[q] + c) : vload((const float *)rows[q] + c);
+        for (int q = 0; q < WR; q++) wv[q] = vload_i8((const int8_t *)rows[q] + c);
         for (int r = 0; r < R; r++) {
             v8f xv = vload(xs[r] + c);
             for (int q = 0; q < WR; q++) acc[q][r] += wv[q] * xv;
@@ -47,29 +118,9 @@ ALWAYS_INLINE void tile(const char *const rows[MAX_WR], int WR, int64_t k, const
     }
 }
 
-ALWAYS_INLINE void tile_f32(const float *x, int64_t k, const float *w, int64_t j, int64_t n,
-                            int WR, int64_t i, int R, float out[MAX_WR][MAX_XR]) {
-    const float *xs[MAX_XR];
-    for (int r = 0; r < R; r++) xs[r] = x + (i + r) * k;
-    const char *rows[MAX_WR];
-    tile_rows((const char *)w, k * (int64_t)sizeof(float), j, n, WR, rows);
-    v8f acc[MAX_WR][MAX_XR];
-    for (int q = 0; q < WR; q++)
-        for (int r = 0; r < R; r++) acc[q][r] = vsplat(0.0f);
-    int64_t k8 = k & ~(int64_t)7;
-    tile(rows, WR, k, xs, R, 0, k8, 0, acc);
-    for (int q = 0; q < WR; q++) {
-        const float *wq = (const float *)rows[q];
-        for (int r = 0; r < R; r++) {
-            out[q][r] = hsum(acc[q][r]);
-            for (int64_t c = k8; c < k; c++) out[q][r] += wq[c] * xs[r][c];
-        }
-    }
-}
-
 /* int8: k and group are multiples of 8 (checked by the caller). */
 ALWAYS_INLINE void tile_i8(const float *x, int64_t k, const int8_t *w, const float *scale,
-                           int64_t group, int64_t j, int64_t n, int WR, int64_t i, int R,
+                           int64_t group, int64_t j, int64_t n, int WR, int64_t i, int R, int T0,
                            float out[MAX_WR][MAX_XR]) {
     const float *xs[MAX_XR];
     for (int r = 0; r < R; r++) xs[r] = x + (i + r) * k;
@@ -83,7 +134,7 @@ ALWAYS_INLINE void tile_i8(const float *x, int64_t k, const int8_t *w, const flo
         v8f acc[MAX_WR][MAX_XR];
         for (int q = 0; q < WR; q++)
             for (int r = 0; r < R; r++) acc[q][r] = vsplat(0.0f);
-        tile(rows, WR, k, xs, R, g * group, (g + 1) * group, 1, acc);
+        tile_i8_cols(rows, WR, k, xs, R, g * group, (g + 1) * group, T0, acc);
         for (int q = 0; q < WR; q++) {
             v8f s = vsplat(scale[(j + q < n ? j + q : n - 1) * groups + g]);
             for (int r = 0; r < R; r++) total[q][r] += acc[q][r] * s;
@@ -100,9 +151,9 @@ ALWAYS_INLINE void store(float out[MAX_WR][MAX_XR], int WR, int R, int64_t i, in
 }
 
 /* One x row: four weight rows per tile, so four streams of reads overlap. Several rows:
- * three weight rows by four x rows per pass (twelve accumulators and three weight vectors
- * fill the sixteen AVX2 registers), the tile's weights re-read from L1 for each pass. */
-#define FOR_TILES(WR, TILE)                                                                    \
+ * WR_ROWS weight rows by four x rows per pass, the tile's weights re-read from L1 for each
+ * pass. TILE(WR, R, T0) computes one tile into out. */
+#define FOR_TILES_T0(WR, TILE, T0)                                                             \
     for (int64_t i0 = 0; i0 < m; i0 += X_BLOCK) {                                              \
         const int64_t i1 = m - i0 < X_BLOCK ? m : i0 + X_BLOCK;                                \
         _Pragma("omp parallel for schedule(static) if (n * k > 65536)")                       \
@@ -112,25 +163,29 @@ ALWAYS_INLINE void store(float out[MAX_WR][MAX_XR], int WR, int R, int64_t i, in
                 float out[MAX_WR][MAX_XR];                                                     \
                 int R = i1 - i < MAX_XR ? (int)(i1 - i) : MAX_XR;                              \
                 switch (R) {                                                                   \
-                case 1: TILE(WR, 1); break;                                                    \
-                case 2: TILE(WR, 2); break;                                                    \
-                case 3: TILE(WR, 3); break;                                                    \
-                default: TILE(WR, 4); break;                                                   \
+                case 1: TILE(WR, 1, T0); break;                                                \
+                case 2: TILE(WR, 2, T0); break;                                                \
+                case 3: TILE(WR, 3, T0); break;                                                \
+                default: TILE(WR, 4, T0); break;                                               \
                 }                                                                              \
                 store(out, WR, R, i, j, n, bias, y);                                           \
             }                                                                                  \
         }                                                                                      \
     }
 
+#define FOR_TILES(TILE)                                                                        \
+    do {                                                                                       \
+        if (m == 1 && prefetch_all_levels) FOR_TILES_T0(4, TILE, 1)                            \
+        else if (m == 1) FOR_TILES_T0(4, TILE, 0)                                              \
+        else if (prefetch_all_levels) FOR_TILES_T0(WR_ROWS, TILE, 1)                           \
+        else FOR_TILES_T0(WR_ROWS, TILE, 0)                                                    \
+    } while (0)
+
 /* x: [m, k]; w: [n, k]; bias: [n] or NULL; y: [m, n]. */
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
-                    const float *bias, float *y) {
-#define TILE_F32(WR_, R_) tile_f32(x, k, w, j, n, WR_, i, R_, out)
-    if (m == 1) {
-        FOR_TILES(4, TILE_F32)
-    } else {
-        FOR_TILES(3, TILE_F32)
-    }
+                     const float *bias, float *y) {
+#define TILE_F32(WR_, R_, T0_) tile_f32(x, k, w, j, n, WR_, i, R_, T0_, out)
+    FOR_TILES(TILE_F32);
 #undef TILE_F32
 }
 
@@ -144,11 +199,11 @@ void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64
 #define FLUSH 1024
 
 ALWAYS_INLINE void tile_x16(const char *const rows[MAX_WR], int WR, int64_t k,
-                            const int16_t *const *xs, int R, int64_t c0, int64_t c1,
+                            const int16_t *const *xs, int R, int64_t c0, int64_t c1, int T0,
                             __m256i acc[MAX_WR][MAX_XR]) {
     const char *ahead = rows[0] + PREFETCH_TILES * WR * k;
     for (int64_t c = c0; c < c1; c += 16) {
-        __builtin_prefetch(ahead + c * WR, 0, 0);
+        PREFETCH(ahead + c * WR, T0);
         __m256i wv[MAX_WR];
         for (int q = 0; q < WR; q++)
             wv[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[q] + c)));
@@ -163,7 +218,8 @@ ALWAYS_INLINE void tile_x16(const char *const rows[MAX_WR], int WR, int64_t k,
 /* k and group are multiples of 16; xq: x as int16, xs: its per-row scales. */
 ALWAYS_INLINE void tile_i8_x16(const int16_t *xq, const float *xscale, int64_t k,
                                const int8_t *w, const float *scale, int64_t group, int64_t j,
-                               int64_t n, int WR, int64_t i, int R, float out[MAX_WR][MAX_XR]) {
+                               int64_t n, int WR, int64_t i, int R, int T0,
+                               float out[MAX_WR][MAX_XR]) {
     const int16_t *xs[MAX_XR];
     for (int r = 0; r < R; r++) xs[r] = xq + (i + r) * k;
     const char *rows[MAX_WR];
@@ -180,7 +236,7 @@ ALWAYS_INLINE void tile_i8_x16(const int16_t *xq, const float *xscale, int64_t k
             __m256i acc[MAX_WR][MAX_XR];
             for (int q = 0; q < WR; q++)
                 for (int r = 0; r < R; r++) acc[q][r] = _mm256_setzero_si256();
-            tile_x16(rows, WR, k, xs, R, c0, c1, acc);
+            tile_x16(rows, WR, k, xs, R, c0, c1, T0, acc);
             for (int q = 0; q < WR; q++)
                 for (int r = 0; r < R; r++)
                     total[q][r] += (v8f)_mm256_cvtepi32_ps(acc[q][r]) * s[q];
@@ -228,23 +284,15 @@ int64_t cpuk_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, co
         float *xscale = work;
         int16_t *xq = (int16_t *)(xscale + m);
         quantize_x16(x, m, k, xq, xscale);
-#define TILE_X16(WR_, R_) tile_i8_x16(xq, xscale, k, w, scale, group, j, n, WR_, i, R_, out)
-        if (m == 1) {
-            FOR_TILES(4, TILE_X16)
-        } else {
-            FOR_TILES(3, TILE_X16)
-        }
+#define TILE_X16(WR_, R_, T0_) tile_i8_x16(xq, xscale, k, w, scale, group, j, n, WR_, i, R_, T0_, out)
+        FOR_TILES(TILE_X16);
 #undef TILE_X16
         return 0;
     }
 #endif
     (void)work;
-#define TILE_I8(WR_, R_) tile_i8(x, k, w, scale, group, j, n, WR_, i, R_, out)
-    if (m == 1) {
-        FOR_TILES(4, TILE_I8)
-    } else {
-        FOR_TILES(3, TILE_I8)
-    }
+#define TILE_I8(WR_, R_, T0_) tile_i8(x, k, w, scale, group, j, n, WR_, i, R_, T0_, out)
+    FOR_TILES(TILE_I8);
 #undef TILE_I8
     return 0;
 }
