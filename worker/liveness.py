@@ -73,6 +73,51 @@ class StepWatchdog:
         return age
 
 
+class Reports:
+    """What the liveness thread found for the engine thread to act on, under one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lost: dict[str, int] = {}
+        """Requests no longer leased to this worker, and when that was read (ms): a request
+        the worker claimed back since then stays."""
+        self._orphaned: set[str] = set()
+        self._gateway_of: dict[str, str] = {}
+        """Held requests' live gateways, as last read."""
+
+    def lose(self, ids: list[str], read_ms: int) -> None:
+        """Liveness thread: these requests are no longer leased to this worker."""
+        with self._lock:
+            self._lost.update(dict.fromkeys(ids, read_ms))
+
+    def gateways(self, found: dict[str, tuple[str, bool]]) -> None:
+        """Liveness thread: the held requests' gateways, and whether each is alive."""
+        with self._lock:
+            for rid, (gateway, alive) in found.items():
+                if alive:
+                    self._gateway_of[rid] = gateway
+                else:
+                    self._orphaned.add(rid)
+
+    def take_lost(self) -> dict[str, int]:
+        with self._lock:
+            lost, self._lost = self._lost, {}
+        return lost
+
+    def take_gateways(self) -> tuple[set[str], dict[str, str]]:
+        """(requests whose gateway's registration expired, the others' live gateways)."""
+        with self._lock:
+            orphaned, self._orphaned = self._orphaned, set()
+            current, self._gateway_of = self._gateway_of, {}
+        return orphaned, current
+
+    def kept(self, ids: list[str]) -> None:
+        """These requests are this worker's after all (written back by its repair)."""
+        with self._lock:
+            for rid in ids:
+                self._lost.pop(rid, None)
+
+
 class Liveness:
     """The heartbeat thread of one worker (see the module docstring)."""
 

@@ -61,6 +61,11 @@ class PublishLog:
         """A request no longer this worker's (reaped and claimed elsewhere, handed back)."""
         self.entries.pop(request_id, None)
 
+    def keep_finished(self) -> None:
+        """After a failed publish: keep only the requests whose last event was recorded (the
+        others stay leased, to be resumed elsewhere, their last events maybe never written)."""
+        self.entries = {rid: e for rid, e in self.entries.items() if e.final is not None}
+
     def record(self, events: dict[str, list[ReplyEvent]]) -> None:
         """A batch Redis acknowledged: its events, per gateway."""
         now = time.monotonic()

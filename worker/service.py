@@ -1,16 +1,22 @@
 """The worker loop: claim what fits, step the engine, publish each step's tokens.
 
 Leases, the registration and reaping run on a thread of their own (`worker.liveness`), so a
-step of any length keeps the worker alive. One iteration of `run_once` per engine step:
+step of any length keeps the worker alive; each step's batch is published on another
+(`worker.publisher`) while the next step runs. One iteration of `run_once` per step N:
 
 1. requests the liveness thread found no longer leased to this worker are dropped;
-2. requests flagged in cancel:{id}, past their deadline, or whose gateway's registration
-   expired (nobody reads their stream) leave the batch with a final event;
+2. requests flagged in cancel:{id} (as step N-2's publish read it; read now for those
+   claimed since), past their deadline, or whose gateway's registration expired (nobody
+   reads their stream) leave the batch with a final event;
 3. CLAIM what the backend can start now: up to its free batch slots, within its free KV room,
    and only requests that fit its context and its capabilities (none while draining);
-4. one engine step; its events, the new token ids and the finished requests' cleanup go to
-   Redis in one MULTI;
-5. nothing ran and nothing was claimed: block on wake:{model} for up to IDLE_WAIT_S.
+4. engine step N, while step N-1's batch is being published;
+5. wait for that publish (`settle`); if it failed, step N's batch is never sent, and every
+   request is dropped locally and stays leased (REAP hands it to a worker that resumes
+   from toks:{id}, what was published);
+6. send step N's events, new token ids and finished requests' cleanup, in one MULTI that
+   also reads the running requests' cancel flags;
+7. nothing ran and nothing was claimed: block on wake:{model} for up to IDLE_WAIT_S.
 
 Events a request receives on replies:{gateway}: one per token id with its completion index
 (index 0 also carries queue_ms); the last one carries finish_reason and usage. Cancellation,
@@ -37,11 +43,12 @@ from common.errors import ErrorCode, NpuserveError
 from common.metrics_http import Probe
 from common.protocol import QueuedRequest, ReplyEvent
 from worker.engine.engine import Engine
-from worker.liveness import Liveness, StepWatchdog, now_ms
+from worker.liveness import Liveness, Reports, StepWatchdog, now_ms
 from worker.metrics import WorkerMetrics, rss_bytes
 from worker.model_info import model_info
 from worker.probes import worker_probes
 from worker.published import PublishLog
+from worker.publisher import Publisher
 from worker.redis_queue import Claimed, RedisQueue, StepBatch
 
 log = logging.getLogger(__name__)
@@ -83,16 +90,10 @@ class WorkerService:
         self._active: dict[str, _Active] = {}
         self._held: tuple[str, ...] = ()
         """The ids of _active as the liveness thread reads them (replaced, never mutated)."""
-        self._lost: dict[str, int] = {}
-        """Requests the liveness thread found no longer leased to this worker, and when it
-        read that (ms): a request this worker claimed back since then stays."""
-        self._orphaned: set[str] = set()
-        self._gateway_of: dict[str, str] = {}
-        """Held requests' live gateways, as the liveness thread last read them."""
-        self._liveness_lock = threading.Lock()
-        """Guards what the liveness thread reports: _lost, _orphaned, _gateway_of."""
+        self.reports = Reports()
         self.published = PublishLog()
         """What this worker published, to write back what a Redis failover lost."""
+        self.publisher = Publisher(queue, self.published)
         beat_s = min(config.heartbeat_s, config.lease_ms / 3000)
         self._stats_every_s = beat_s
         self._next_stats = 0.0
@@ -103,8 +104,8 @@ class WorkerService:
         self.watchdog = StepWatchdog(config.step_warn_s, config.step_timeout_s, self.metrics,
                                      self._stuck)
         self.liveness = Liveness(queue, beat_s, model_info(config.model_dir, engine),
-                                 self._registration, lambda: list(self._held), self._lose,
-                                 self._gateways, self.watchdog)
+                                 self._registration, lambda: list(self._held),
+                                 self.reports.lose, self.reports.gateways, self.watchdog)
         self._loop_at = time.monotonic()
         """When the engine loop last went round (the start of a step counts)."""
         self.metrics.track_ages(self.engine_loop_age_s, self.liveness.beat_age_s)
@@ -154,8 +155,9 @@ class WorkerService:
                  rss_bytes() / _MB, self.capacity, self.engine.max_len)
 
     def close(self) -> None:
-        """Stop the liveness thread and close the Redis connections."""
+        """Stop the liveness thread, let the publish in flight end, close the connections."""
         self.liveness.stop()
+        self.publisher.close()
         self.queue.close()
 
     def _refresh_stats(self) -> None:
@@ -167,23 +169,9 @@ class WorkerService:
         if (stats := backend.device_stats()) is not None:
             self.metrics.set_device(stats)
 
-    def _lose(self, ids: list[str], read_ms: int) -> None:
-        """Liveness thread: these requests are no longer leased to this worker."""
-        with self._liveness_lock:
-            self._lost.update(dict.fromkeys(ids, read_ms))
-
-    def _gateways(self, found: dict[str, tuple[str, bool]]) -> None:
-        """Liveness thread: the held requests' gateways, and whether each is alive."""
-        with self._liveness_lock:
-            for rid, (gateway, alive) in found.items():
-                if alive:
-                    self._gateway_of[rid] = gateway
-                else:
-                    self._orphaned.add(rid)
-
-    def _drop_lost(self) -> None:
-        with self._liveness_lock:
-            lost, self._lost = self._lost, {}
+    def _drop_lost(self) -> bool:
+        """Drop the requests the liveness thread found lost; True if it reported any."""
+        lost = self.reports.take_lost()
         for rid, read_ms in lost.items():
             act = self._active.get(rid)
             if act is not None and act.claimed_ms >= read_ms:
@@ -194,6 +182,7 @@ class WorkerService:
                 log.warning("lost the lease on %s (reaped and taken by another); dropping it",
                             rid)
                 self.engine.abort(rid)
+        return bool(lost)
 
     def _repair(self) -> None:
         """After a Redis outage: write back what a failover lost of the requests this worker
@@ -206,19 +195,20 @@ class WorkerService:
             log.warning("after a Redis outage, wrote back %d requests' tokens, events or "
                         "keys that Redis had lost (a failover to a replica behind its master)",
                         len(repaired))
-            with self._liveness_lock:
-                for rid in repaired:
-                    self._lost.pop(rid, None)
+            self.reports.kept(repaired)
 
     def _sync_held(self) -> None:
         self._held = tuple(self._active)
 
     def _stuck(self, age_s: float) -> None:
-        """Liveness thread, a step past --step-timeout-s: hand everything back, leave."""
+        """Liveness thread, a step past --step-timeout-s: hand everything back (once the
+        publish in flight is written: those resuming them read it), leave."""
         log.error("an engine step has run for %.1fs, past --step-timeout-s %.1f: the device "
                   "or a kernel is wedged; handing %d requests back and exiting", age_s,
                   self.config.step_timeout_s, len(self._held))
         self.liveness.halt()
+        if not self.publisher.wait():
+            log.error("the last publish is still running; handing the requests back anyway")
         try:
             self.queue.requeue(list(self._held))
             self.queue.unregister()
@@ -230,12 +220,14 @@ class WorkerService:
         """One iteration (see the module docstring); False when there was nothing to do.
 
         Redis is read before any local state changes, so a failing read leaves nothing to
-        undo; if the publish fails, every request is dropped locally and stays leased: REAP
+        undo; if a publish fails, every request is dropped locally and stays leased: REAP
         hands it to a worker that resumes it from toks:{id}, exactly where it stopped."""
         self._loop_at = time.monotonic()
         if self.queue.disrupted:
+            self.settle()  # the repair compares Redis with what it acknowledged
             self._repair()
-        self._drop_lost()
+        if self._drop_lost():
+            self.settle()  # a claim taking one back must read its tokens in flight
         if time.monotonic() >= self._next_stats:
             self._refresh_stats()
         drops = self._due_drops()
@@ -257,18 +249,10 @@ class WorkerService:
         stepped = self.engine.has_unfinished()
         if stepped:
             self._step(batch)
-        try:
-            self.queue.publish(batch)
-        except redis.RedisError:
-            self._forget_all()
-            raise
-        finally:
-            self._sync_held()
-        self.published.record(batch.events)
-        if batch.retry:
-            for rid in batch.retry:
-                self.published.forget(rid)
-            self.queue.requeue(batch.retry)
+        self.settle()
+        if batch or self._active:
+            self.publisher.send(batch, self.active_ids)
+        self._sync_held()
         sched, blocks = self.engine.scheduler, self.engine.scheduler.blocks
         self.metrics.set_load(len(sched.running), len(sched.waiting),
                               blocks.num_blocks - blocks.num_free_blocks, blocks.num_blocks)
@@ -308,6 +292,10 @@ class WorkerService:
         while self._active and time.monotonic() + self.watchdog.last_s < deadline:
             self._guarded_once()
             self._loop_at = time.monotonic()
+        try:
+            self.settle()  # those resuming the requests handed back read the last step
+        except redis.RedisError as exc:
+            log.error("the last step's publish failed (%s)", exc)
         self.liveness.stop()  # no renewal or registration after this point
         ids = self.active_ids
         for rid in ids:
@@ -341,11 +329,9 @@ class WorkerService:
 
     def _due_drops(self) -> dict[str, str]:
         """Running requests to end now: id -> "cancelled", "deadline" or ORPHANED."""
-        flagged, now = self.queue.cancelled(self.active_ids), now_ms()
+        flagged, now = self.publisher.flagged(self._active), now_ms()
         late = {rid: "deadline" for rid, a in self._active.items() if 0 < a.req.deadline_ms <= now}
-        with self._liveness_lock:
-            orphaned, self._orphaned = self._orphaned, set()
-            current, self._gateway_of = self._gateway_of, {}
+        orphaned, current = self.reports.take_gateways()
         for rid, gateway in current.items():
             if (act := self._active.get(rid)) is not None and act.req.gateway_id != gateway:
                 log.info("request %s resumed at gateway %s: its events go there now", rid,
@@ -353,6 +339,16 @@ class WorkerService:
                 act.req.gateway_id = gateway
         return (dict.fromkeys((r for r in orphaned if r in self._active), ORPHANED) | late
                 | dict.fromkeys(flagged, "cancelled"))
+
+    def settle(self) -> None:
+        """Wait for the publish in flight (Publisher.collect): what must see every step in
+        Redis does first. If it failed, drop every request locally (the step run meanwhile
+        is never sent) and raise."""
+        try:
+            self.publisher.collect()
+        except redis.RedisError:
+            self._forget_all()
+            raise
 
     def _admit(self, c: Claimed, claimed_ms: int, batch: StepBatch) -> None:
         if (mine := self._active.get(c.request_id)) is not None:
@@ -393,6 +389,9 @@ class WorkerService:
                                              error=str(exc)), "error")
             return
         self._active[req.request_id] = act
+        if self.publisher.touches(req.request_id):
+            # an id used again at once: its last use's publish is recorded first
+            self.settle()
         self.published.start(req)
 
     def _step(self, batch: StepBatch) -> None:
@@ -465,7 +464,7 @@ class WorkerService:
                   "elsewhere from their published tokens)", len(self._active))
         for rid in self.active_ids:
             self.engine.abort(rid)
-            self.published.forget(rid)
+        self.published.keep_finished()
         self._active.clear()
         self._sync_held()
 

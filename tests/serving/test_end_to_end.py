@@ -157,9 +157,10 @@ def test_cancel_frees_the_slot_for_a_waiting_request(fleet: Fleet,
     assert done.completion_tokens < BLOCKER["max_tokens"]
     assert waiting.finish().completion_tokens == 3
     assert waiting.first_token_at is not None and waiting.first_token_at - cancelled_at < 10
-    # Within one step: at most the step already running when the flag was set adds a token.
+    # Within two steps: the one running when the flag was set, and the next, whose cancel
+    # check is what the publish then in flight read (worker.publisher).
     extra = scrape(fleet.slot_metrics, tokens) - at_cancel - 3
-    assert extra <= 1
+    assert extra <= 2
     assert client.cancel("cancel-blocker") is False, "a finished request cannot be cancelled"
 
 

@@ -150,6 +150,7 @@ def test_the_requests_of_a_dead_gateway_are_dropped_running_and_queued(
     while service.active_ids:
         assert time.monotonic() < deadline, "the orphaned request kept running"
         service.run_once()
+    service.settle()
     last = gateway.events("running")[-1]
     assert (last.finish_reason, last.code.name) == ("error", "UNAVAILABLE")
     assert "stopped heartbeating" in last.error

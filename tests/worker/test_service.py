@@ -120,6 +120,7 @@ def test_cancelling_a_running_request_frees_its_slot_within_one_step(
     assert gateway.cancel("long") == 2
     service.run_once()
     assert service.active_ids == ["next"]
+    service.settle()
     last = gateway.events("long")[-1]
     assert (last.index, last.finish_reason, last.completion_tokens) == (-1, "cancelled", 1)
     assert gateway.events("next")[0].index == 0
@@ -132,6 +133,7 @@ def test_a_queued_request_past_its_deadline_is_never_run(
     gateway.enqueue("late", PROMPTS[0], GREEDY, deadline_ms=now_ms() - 1)
     service.run_once()
     assert service.active_ids == []
+    service.settle()
     [final] = gateway.events("late")
     assert (final.index, final.token_id, final.finish_reason) == (-1, -1, "deadline")
     assert gateway.retained("late")
@@ -149,6 +151,7 @@ def test_a_request_flagged_cancelled_then_handed_back_gets_a_cancelled_final(
     dead.close()
     service.run_once()
     assert service.active_ids == []
+    service.settle()
     [final] = gateway.events("flagged")
     assert (final.index, final.finish_reason) == (-1, "cancelled")
     assert gateway.retained("flagged")
@@ -222,11 +225,13 @@ def test_a_failed_publish_drops_requests_locally_and_leaves_them_leased(
     service = make_service()
     gateway.enqueue("r", PROMPTS[0], LONG)
     service.run_once()
+    service.settle()
 
-    def down(batch: object) -> None:
+    def down(batch: object, running: object) -> set[str]:
         raise redis.ConnectionError("connection lost")
 
     monkeypatch.setattr(service.queue, "publish", down)
+    service.run_once()  # its publish fails meanwhile, found once the next step has run
     with pytest.raises(redis.ConnectionError):
         service.run_once()
     assert service.active_ids == [] and not service.engine.has_unfinished()
