@@ -15,7 +15,7 @@ step of any length keeps the worker alive; each step's batch is published on ano
    request is dropped locally and stays leased (REAP hands it to a worker that resumes
    from toks:{id}, what was published);
 6. send step N's events, new token ids and finished requests' cleanup, in one MULTI that
-   also reads the running requests' cancel flags;
+   also reads the running requests' cancel flags, then hand back those whose device failed;
 7. nothing ran and nothing was claimed: block on wake:{model} for up to IDLE_WAIT_S.
 
 Events a request receives on replies:{gateway}: one per token id with its completion index
