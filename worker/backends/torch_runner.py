@@ -9,6 +9,7 @@ verification use it directly to read every position of a text (`prefill_hidden_s
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,14 @@ from common.errors import ModelConfigError
 from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
 from worker.backends.torch_settings import TorchSettings
+from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.cpu_ops import KernelOps, supports
 from worker.kernels.decode_plan import DecodePlan
+from worker.kernels.dispatch import DispatchTable
 from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment
 from worker.model.config import ModelConfig
-from worker.model.linear import KERNEL_ROWS
+from worker.model.linear import KERNEL_ROWS, Projection
 from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
 from worker.model.sharding import Shard
@@ -122,11 +125,43 @@ class ModelRunner:
             self.dtype, self.device)
         self.max_seq_len = min(max_len, self.cache.num_slots)
         """Longest sequence the runner can hold: the context length or the whole cache."""
+        self.dispatch: DispatchTable | None = (
+            self._route(kernels) if kernels is not None and settings.cpu_dispatch else None)
+        """This machine's GEMM choices per projection shape and row bucket, when timed."""
+        plan_rows = min(max_num_seqs, self._plan_rows())
         self.plan = (DecodePlan.build(kernels, cfg, self.weights, self.cache, self.rope,
-                                      min(max_num_seqs, KERNEL_ROWS))
-                     if kernels is not None and shard is None else None)
+                                      plan_rows)
+                     if kernels is not None and shard is None and plan_rows > 0 else None)
         """The one-call decode step of the CPU kernels, when they run this model (not under
         tensor parallelism: the step has no place for the all-reduces)."""
+
+    def _float_projections(self, with_lm_head: bool) -> list[Projection]:
+        w = self.weights
+        projs = [p for layer in w.layers for p in (layer.qkv, layer.o_proj, layer.gate_up,
+                                                   layer.down)]
+        if with_lm_head:
+            projs.append(w.lm_head)
+        return [p for p in projs if isinstance(p, Projection)]
+
+    def _route(self, kernels: CpuKernels) -> DispatchTable | None:
+        """Time (or read from the cache) this machine's GEMM choices for the model's float32
+        projections and route each by them."""
+        projs = self._float_projections(with_lm_head=True)
+        if not projs:
+            return None
+        table = dispatch.tune(kernels, projs)
+        for p in projs:
+            p.route(table.routes(tuple(p.weight.shape), p.packed))  # type: ignore[arg-type]
+        return table
+
+    def _plan_rows(self) -> int:
+        """Most decode rows the one-call step covers: the dispatch table's choice for the
+        layers' float32 shapes, or KERNEL_ROWS (int8 layers, or no table)."""
+        shapes = Counter(tuple(p.weight.shape)
+                         for p in self._float_projections(with_lm_head=False))
+        if self.dispatch is None or not shapes:
+            return KERNEL_ROWS
+        return self.dispatch.plan_rows(shapes)  # type: ignore[arg-type]
 
     def _kernels(self, cfg: ModelConfig) -> CpuKernels | None:
         """The compiled CPU kernels, if they can run this model here."""

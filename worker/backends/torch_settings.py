@@ -47,6 +47,11 @@ class TorchSettings:
     """On CPU in float32, run decode-time projections, attention and the elementwise steps
     with npuserve's C kernels (compiled for the machine on first use; needs a C compiler,
     else PyTorch's ops run with a warning). Off uses PyTorch's ops throughout."""
+    cpu_dispatch: bool = True
+    """With the CPU kernels, time each float32 projection's GEMMs (npuserve's kernel, oneDNN,
+    MKL) per row bucket the first time a model starts on this CPU (seconds, cached beside the
+    compiled kernels) and route each to the fastest. Off keeps the built-in rule (kernel up
+    to 16 rows, oneDNN above)."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -116,6 +116,7 @@ def run(config: BenchConfig) -> Results:
             on_tokens=bar.update,
         )
     engine_bytes = npuserve_phase.weight_bytes(engine)
+    machine = npuserve_phase.machine(engine)
     quantized: Results = {}
     if config.quantized_dir is not None:
         total = quant_phase.total_tokens(config.decode_warmup_tokens, config.decode_tokens)
@@ -140,6 +141,7 @@ def run(config: BenchConfig) -> Results:
     weight_bytes = engine_bytes if engine_bytes is not None else hf_bytes
     floor_ms = bandwidth.floor_ms_per_token(weight_bytes, gb_s)
     return {
+        **machine,
         "model": Path(config.model_dir).resolve().name,
         "model_dir": str(config.model_dir),
         "quick": config.quick,

@@ -92,3 +92,23 @@ def weight_bytes(engine: Engine) -> int | None:
     """The engine's own count of weight bytes read per decode step, if it offers one."""
     count = getattr(engine, "weight_bytes", None)
     return int(count()) if callable(count) else None
+
+
+def machine(engine: Engine) -> dict[str, object]:
+    """The CPU, the vector extensions the kernels use and the GEMM dispatch table the engine
+    chose on it (empty values off the CPU kernels)."""
+    from worker.kernels.cpu import cpu_kernels
+    from worker.kernels.dispatch import cpu_model
+
+    runner = getattr(engine.backend, "runner", None)
+    table = getattr(runner, "dispatch", None)
+    plan = getattr(runner, "plan", None)
+    kernels = cpu_kernels() if table is not None or plan is not None else None
+    return {
+        "cpu_model": cpu_model(),
+        "kernel_isa": kernels.isa if kernels is not None else "",
+        "dispatch": table.describe() if table is not None else "",
+        "dispatch_choices": table.choices if table is not None else {},
+        "dispatch_timings_us": table.timings_us if table is not None else {},
+        "one_call_decode_rows": plan.max_rows if plan is not None else 0,
+    }

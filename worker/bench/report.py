@@ -66,6 +66,12 @@ def format_table(r: Results) -> str:
         f"static batches {r['hf_batched_outputs_matching_hf_sequential']}/"
         f"{r['hf_sequential_requests_measured']}"
     )
+    if r.get("cpu_model"):
+        lines.append(f"  CPU: {r['cpu_model']}; kernels use: {r['kernel_isa'] or 'none'}; "
+                     f"one-call decode steps up to {r['one_call_decode_rows']} rows")
+    if r.get("dispatch"):
+        lines.append("  GEMM per projection shape (out x in) and rows:")
+        lines.extend("    " + line for line in str(r["dispatch"]).splitlines())
     # the start value is the only one free of this benchmark's own threads
     if r["load_average_1m_start"] > 0.5 * (r["cpu_count"] or 1):
         lines.append(

@@ -36,7 +36,8 @@ def cache_dir() -> Path:
     return Path(env("KERNEL_CACHE", str(Path.home() / ".cache" / "npuserve" / "kernels")))
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature flags line from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith(("flags", "Features"))), "")
@@ -59,7 +60,7 @@ def library_path(compiler: str) -> Path:
         digest.update(path.name.encode() + path.read_bytes())
     version = subprocess.run([compiler, "--version"], check=False, capture_output=True,
                              text=True).stdout
-    for part in (version, " ".join(FLAGS), platform.machine(), _cpu_flags()):
+    for part in (version, " ".join(FLAGS), platform.machine(), cpu_flags()):
         digest.update(part.encode())
     return cache_dir() / f"npuserve-kernels-{digest.hexdigest()[:16]}.so"
 

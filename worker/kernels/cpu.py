@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import threading
 from typing import Any
 
@@ -48,10 +49,21 @@ class CpuKernels:
     cpuk_decode_workspace: Any
     cpuk_decode_forward: Any
 
+    cpuk_set_prefetch: Any
+    cpuk_get_prefetch: Any
+    cpuk_isa: Any
+
     def __init__(self, lib: ctypes.CDLL) -> None:
         for name, fn in abi.bind(lib).items():
             setattr(self, name, fn)
         self._local = threading.local()
+        self.library_name = os.path.basename(lib._name)
+        """The compiled library's file name, which names its sources, compiler and CPU."""
+
+    @property
+    def isa(self) -> str:
+        """The vector extensions the kernels use on this machine, e.g. "avx512f avx2 fma"."""
+        return self.cpuk_isa().decode().strip()
 
     def _with_scratch(self, fn: Any, *args: Any) -> None:
         """fn(*args, work, work_bytes) with this thread's scratch, grown (to at least double,

@@ -1,6 +1,11 @@
 """A projection y = x W^T + b, routed to the fastest CPU GEMM for the number of rows.
 
-Measured on SmolLM2's shapes on 2-core x86 machines (fp32, 2 threads):
+With the compiled kernels, the machine's dispatch table (worker/kernels/dispatch.py, timed
+once per CPU) routes each row bucket of each shape; rows past its buckets, and every call
+without a table, follow the built-in rule below.
+
+The built-in rule, measured on SmolLM2's shapes on 2-core AVX2 x86 machines (fp32, 2
+threads):
 - up to KERNEL_ROWS rows (decode), with the compiled CPU kernels (float32): npuserve's
   GEMV/small GEMM (worker/kernels/csrc/linear.c), which streams each weight from memory once
   at close to bandwidth; without them, `mm(W, x^T)` with one row padded to two for one or
@@ -15,6 +20,7 @@ F.linear serves the larger calls. Other devices use F.linear throughout.
 
 from __future__ import annotations
 
+import bisect
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,6 +28,9 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from worker.kernels.cpu import CpuKernels
+
+ROUTE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+"""The row buckets of a route (worker/kernels/dispatch.BUCKETS)."""
 
 PACK_BATCH_HINT = 64
 """Batch size oneDNN chooses the packed layout for; it serves 3-512 rows well."""
@@ -46,6 +55,24 @@ class Projection:
         self._cpu = weight.device.type == "cpu"
         self._kernels = kernels
         self._packed = _packed(self.weight) if pack else None
+        self._routes: tuple[str, ...] | None = None
+
+    @property
+    def packed(self) -> bool:
+        """Whether oneDNN's packed copy is kept (the `onednn` route can run)."""
+        return self._packed is not None
+
+    def route(self, choices: tuple[str, ...] | None) -> None:
+        """Take one of "kernel", "onednn", "torch" per ROUTE_BUCKETS bucket (None: the
+        built-in rule). Calls of more rows than the last bucket keep the built-in rule."""
+        if choices is not None:
+            if len(choices) != len(ROUTE_BUCKETS):
+                raise ValueError(f"a route has {len(ROUTE_BUCKETS)} choices, not {len(choices)}")
+            if "kernel" in choices and self._kernels is None:
+                raise ValueError("the kernel route needs the compiled kernels")
+            if "onednn" in choices and self._packed is None:
+                raise ValueError("the onednn route needs the packed weight")
+        self._routes = choices
 
     @property
     def nbytes(self) -> int:
@@ -65,6 +92,8 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, in] -> [M, out]."""
         m = x.shape[0]
+        if self._routes is not None and m <= ROUTE_BUCKETS[-1]:
+            return self.run(self._routes[bisect.bisect_left(ROUTE_BUCKETS, m)], x)
         if self._kernels is not None and m <= KERNEL_ROWS:
             return self._kernels.linear(x.contiguous(), self.weight, self.bias)
         if self._cpu and m <= 2:
@@ -72,6 +101,16 @@ class Projection:
             y = torch.mm(self.weight, xs.t()).t()[:m]  # [M, out], strided
             return y + self.bias if self.bias is not None else y.contiguous()
         if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+    def run(self, choice: str, x: torch.Tensor) -> torch.Tensor:
+        """x through one GEMM: "kernel", "onednn" (the packed weight) or "torch" (F.linear)."""
+        if choice == "kernel":
+            assert self._kernels is not None
+            return self._kernels.linear(x.contiguous(), self.weight, self.bias)
+        if choice == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 

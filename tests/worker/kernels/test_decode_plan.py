@@ -35,7 +35,10 @@ def decode_step(runner: ModelRunner, lens: list[int]) -> tuple[torch.Tensor, ...
 
 @pytest.mark.parametrize("lens", [[5], [1, 40, 17], list(range(3, 19))])
 def test_one_call_equals_the_per_operator_kernels(tiny_model_dir, lens: list[int]) -> None:
-    runner = ModelRunner(tiny_model_dir("qwen3"), TorchSettings(kv_cache_gb=0.02, block_size=4),
+    """The built-in routes (no dispatch table): every projection on the kernel, as in the
+    one-call step, so the two agree bit for bit."""
+    runner = ModelRunner(tiny_model_dir("qwen3"),
+                         TorchSettings(kv_cache_gb=0.02, block_size=4, cpu_dispatch=False),
                          max_num_seqs=16)
     ids, pos, meta = decode_step(runner, lens)
     assert runner.plan is not None and runner.plan.covers(meta)
@@ -56,8 +59,8 @@ def test_w8a16_runs_in_one_call_and_w8a8_does_not(tiny_model_dir, tmp_path: Path
                            (QuantConfig(Scheme.W8A8, activations=Activations.DYNAMIC), False)):
         out = tmp_path / quant.scheme.value
         quantize_model(src, out, quant)
-        runner = ModelRunner(out, TorchSettings(kv_cache_gb=0.02, block_size=4),
-                             max_num_seqs=16)
+        runner = ModelRunner(out, TorchSettings(kv_cache_gb=0.02, block_size=4,
+                                                cpu_dispatch=False), max_num_seqs=16)
         assert (runner.plan is not None) is planned
         if planned:
             ids, pos, meta = decode_step(runner, [9, 2])

@@ -1,0 +1,143 @@
+"""The per-machine GEMM dispatch: timed once and cached, every route computing the same
+projection, and the one-call decode step covering only the buckets where the kernel keeps up."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from worker.backends.torch_runner import ModelRunner
+from worker.backends.torch_settings import TorchSettings
+from worker.kernels import dispatch
+from worker.kernels.cpu import CpuKernels, cpu_kernels
+from worker.kernels.dispatch import BUCKETS, CANDIDATES, DispatchTable
+from worker.model.linear import Projection
+
+
+@pytest.fixture(scope="module")
+def k() -> CpuKernels:
+    kernels = cpu_kernels()
+    assert kernels is not None, "the CPU kernels did not build on this machine"
+    return kernels
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(dispatch, "cache_dir", lambda: tmp_path)
+    monkeypatch.delenv("NPUSERVE_KERNEL_RETUNE", raising=False)
+    return tmp_path
+
+
+def projections(k: CpuKernels, *shapes: tuple[int, int], pack: bool = True) -> list[Projection]:
+    g = torch.Generator().manual_seed(0)
+    return [Projection(torch.randn(*shape, generator=g), torch.randn(shape[0], generator=g),
+                       pack=pack, kernels=k) for shape in shapes]
+
+
+def test_tuned_once_per_machine_then_read_from_the_cache(k: CpuKernels, cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    projs = projections(k, (96, 64), (96, 64), (64, 192))
+    table = dispatch.tune(k, projs)
+    assert table.threads == torch.get_num_threads() and table.cpu
+    for shape in ((96, 64), (64, 192)):
+        chosen = table.routes(shape, packed=True)
+        assert chosen is not None and len(chosen) == len(BUCKETS)
+        assert set(chosen) <= set(CANDIDATES)
+        times = table.timings_us[f"{shape[0]}x{shape[1]}"]
+        for b, c in enumerate(chosen):  # each the fastest of its bucket
+            assert times[c][b] == min(t[b] for t in times.values())
+    assert set(table.timings_us["prefetch"]) == {"t0", "nta"}
+    assert k.cpuk_get_prefetch() == int(table.prefetch_all_levels)
+    files = list(cache.glob("dispatch-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["choices"] == table.choices
+
+    def no_timing(*args: object) -> None:
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(dispatch, "_time_shape", no_timing)
+    monkeypatch.setattr(dispatch, "_tune_prefetch", no_timing)
+    assert dispatch.tune(k, projs).choices == table.choices  # the cache, no timing
+
+    timed: list[tuple[int, ...]] = []
+    monkeypatch.setattr(dispatch, "_time_shape", lambda kernels, ps: timed.append(
+        tuple(ps[0].weight.shape)) or {c: [1.0] * len(BUCKETS) for c in CANDIDATES})
+    grown = dispatch.tune(k, [*projs, *projections(k, (32, 64))])
+    assert timed == [(32, 64)] and "32x64" in grown.choices and "96x64" in grown.choices
+
+    monkeypatch.setenv("NPUSERVE_KERNEL_RETUNE", "1")
+    monkeypatch.setattr(dispatch, "_tune_prefetch", lambda kernels, by_shape, table: False)
+    timed.clear()
+    retuned = dispatch.tune(k, projs)
+    assert sorted(timed) == [(64, 192), (96, 64)] and not retuned.prefetch_all_levels
+    k.cpuk_set_prefetch(1)
+
+
+def test_an_unreadable_cache_is_timed_again(k: CpuKernels, cache: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    projs = projections(k, (48, 32))
+    dispatch.cache_path(k, torch.get_num_threads()).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="worker.kernels.dispatch"):
+        table = dispatch.tune(k, projs)
+    assert "unreadable dispatch table" in caplog.text and "48x32" in table.choices
+
+
+@pytest.mark.parametrize("choice", CANDIDATES)
+@pytest.mark.parametrize("m", [1, 3, 40, 100])
+def test_every_route_computes_the_projection(k: CpuKernels, choice: str, m: int) -> None:
+    """A route per bucket; rows past the last bucket (100) keep the built-in rule."""
+    (p,) = projections(k, (72, 40))
+    p.route((choice,) * len(BUCKETS))
+    x = torch.randn(m, 40, generator=torch.Generator().manual_seed(m))
+    torch.testing.assert_close(p(x), F.linear(x, p.weight, p.bias), rtol=1e-5, atol=1e-4)
+
+
+def test_routes_that_cannot_run_are_refused(k: CpuKernels) -> None:
+    (unpacked,) = projections(k, (8, 16), pack=False)
+    with pytest.raises(ValueError, match="packed"):
+        unpacked.route(("onednn",) * len(BUCKETS))
+    bare = Projection(torch.randn(8, 16))
+    with pytest.raises(ValueError, match="kernels"):
+        bare.route(("kernel",) * len(BUCKETS))
+    with pytest.raises(ValueError, match="choices"):
+        bare.route(("torch",))
+
+
+def _table(kernel: list[float], other: list[float]) -> DispatchTable:
+    times = {"kernel": kernel, "onednn": other, "torch": [x * 2 for x in other]}
+    chosen = [min(times, key=lambda c: times[c][b]) for b in range(len(BUCKETS))]
+    return DispatchTable(cpu="test", threads=1, choices={"8x4": chosen},
+                         timings_us={"8x4": times})
+
+
+def test_the_one_call_step_covers_the_buckets_where_the_kernel_keeps_up() -> None:
+    #                  1    2    4    8    16   32   64
+    table = _table([10, 10, 10, 10.5, 30, 40, 50], [11, 11, 11, 10, 10, 10, 10])
+    assert table.routes((8, 4), packed=True) == ("kernel",) * 3 + ("onednn",) * 4
+    assert table.plan_rows({(8, 4): 4}) == 8  # 10.5 is within PLAN_SLACK of 10
+    assert _table([20] * 7, [10] * 7).plan_rows({(8, 4): 4}) == 0
+    assert table.plan_rows({(8, 4): 4, (9, 9): 1}) == 0  # a shape never timed
+    # without the packed copy, torch (twice onednn's times here) or the kernel
+    assert table.routes((8, 4), packed=False) == ("kernel",) * 4 + ("torch",) * 3
+    assert "8x4" in table.describe() and "every cache level" in table.describe()
+
+
+def test_a_model_routes_its_projections_by_the_table(tiny_model_dir, cache: Path) -> None:
+    runner = ModelRunner(tiny_model_dir("qwen3"), TorchSettings(kv_cache_gb=0.02),
+                         max_num_seqs=16)
+    table = runner.dispatch
+    assert table is not None
+    layer = runner.weights.layers[0]
+    for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down, runner.weights.lm_head):
+        assert p._routes == table.routes(tuple(p.weight.shape), p.packed)
+    rows = table.plan_rows(Counter(tuple(p.weight.shape) for lw in runner.weights.layers
+                                   for p in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)))
+    assert (runner.plan.max_rows if runner.plan is not None else 0) == min(16, rows)
+    off = ModelRunner(tiny_model_dir("qwen3"), TorchSettings(kv_cache_gb=0.02,
+                                                             cpu_dispatch=False))
+    assert off.dispatch is None and off.weights.layers[0].qkv._routes is None
