@@ -14,6 +14,7 @@ import sys
 from common.config import env
 from common.errors import NpuserveError
 from common.logs import FORMATS, configure
+from common.openmp import configure_openmp
 
 COMMAND_MODULES = (
     "worker.checkpoints.cli",
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch_npu installed without CANN breaks `import torch` when torch loads it by itself;
     # npuserve imports it only for an npu device, where a failure is reported clearly.
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+    configure_openmp()
     args = build_parser().parse_args(argv)
     configure(args.log_level, args.log_format)
     try:

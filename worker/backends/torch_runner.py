@@ -19,6 +19,7 @@ import torch
 from common.errors import ModelConfigError
 from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
+from worker.backends.cpu_threads import ThreadGovernor, cpu_budget
 from worker.backends.torch_settings import TorchSettings
 from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
@@ -96,15 +97,19 @@ class ModelRunner:
         op set, chosen by device otherwise (the NPU's on npu, the C kernels' on a CPU in
         float32 where they can run, PyTorch's elsewhere)."""
         settings = settings or TorchSettings()
+        self.device = resolve_device(settings.device)
+        self.governor: ThreadGovernor | None = None
+        """On a CPU without --threads: the thread count following the cores others leave."""
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        elif self.device.type == "cpu":
+            self.governor = ThreadGovernor(cpu_budget())
         self.settings = settings
         full = ModelConfig.from_dir(model_dir)
         self.model_config = cfg = shard.config(full) if shard is not None else full
         """The model as this runner computes it (under tensor parallelism: its rank's heads
         and MLP share)."""
         self.all_reduce: Callable[[torch.Tensor], None] | None = None
-        self.device = resolve_device(settings.device)
         if ops is None and self.device.type == "npu":
             ops = npu_ops()
         self.dtype: torch.dtype = (getattr(torch, settings.dtype) if settings.dtype
@@ -265,6 +270,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: Sequence[SequenceChunk]) -> torch.Tensor | None:
         """One step -> logits [n, vocab] of the chunks with sample=True (None if there are none)."""
+        if self.governor is not None:
+            self.governor.maybe_adjust()
         step = self.prepare(chunks)
         hidden = self.forward(step.ids, step.positions, step.meta)
         if not step.sample_rows:

@@ -32,7 +32,9 @@ class TorchSettings:
     kv_cache_fraction: float = 0.3
     """Share of free device memory for the KV cache when kv_cache_gb is not set."""
     threads: int | None = None
-    """CPU threads for torch; unset keeps torch's default."""
+    """CPU threads for torch, fixed. Unset on a CPU: the CPUs the process may use, capped by
+    its cgroup CPU quota, and fewer while other processes keep some of them busy (checked
+    about once a second); elsewhere torch's default."""
     cpu_packed_weights: bool = True
     """On CPU, keep a oneDNN-packed second copy of each projection for steps of 3+ tokens:
     2-3x faster batched decode, 20% faster prefill, twice the weight memory."""
