@@ -45,6 +45,13 @@ class EngineConfig:
                                           env="MAX_BATCHED_TOKENS")
     """Token budget of one step (decodes + prefill chunks): bounds how long a step can stall
     running streams when a long prompt arrives."""
+    max_prefill_stall: float = 1.0
+    """While requests are decoding, the prefill chunks of a step are cut so that they add at
+    most about this many decode steps' time to it (the engine estimates both from its own
+    step times), so a prompt arriving stretches the running streams' inter-token gap to at
+    most about (1 + this) times its usual; at least one KV block is prefilled per step.
+    Without running decodes prefill takes the whole --max-batched-tokens budget. 0 turns the
+    cap off (backends that cannot chunk prefill or mix it with decodes never have one)."""
     max_model_len: int | None = None
     """Cap on prompt + completion tokens; unset means the model's context length."""
     enable_prefix_caching: bool = True
@@ -56,6 +63,8 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(name, "must be >= 1")
+        if not self.max_prefill_stall >= 0:  # NaN fails too
+            raise InvalidRequestError("max_prefill_stall", "must be >= 0 (0: no cap)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequestError("max_model_len", "must be >= 2")
 

@@ -11,6 +11,7 @@ whoever shows text detokenizes (the gateway's output processor, or an offline to
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from common.sampling_params import SamplingParams
 from worker.backends.base import Backend, OutputKind, SequenceChunk
 from worker.backends.registry import create_backend
 from worker.engine.outputs import Completion, TokenEvent
+from worker.engine.prefill_budget import PrefillBudget
 from worker.engine.request import Request, RequestStatus
 from worker.engine.sampler import (
     Sampler,
@@ -38,7 +40,9 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, config: EngineConfig | None = None) -> None:
+        """`config`: the settings the backend was made with; the engine reads its own
+        (max_prefill_stall) from it, the defaults when None."""
         self.backend = backend
         self.model_config: ModelConfig = backend.model_config
         self.scheduler = Scheduler(backend.capacity)
@@ -49,11 +53,13 @@ class Engine:
         They are no longer in the engine; the caller decides whether to retry them."""
         self.last_step = StepStats()
         """What the last step ran."""
+        self.prefill_budget = PrefillBudget((config or EngineConfig()).max_prefill_stall)
+        """The prefill cap of steps that decode, learned from the steps' times."""
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig | None = None,
                        backend: str = "torch", settings: Any = None) -> Engine:
-        return cls(create_backend(backend, model_dir, config, settings))
+        return cls(create_backend(backend, model_dir, config, settings), config)
 
     @property
     def prefix_caching(self) -> bool:
@@ -105,15 +111,18 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         self.failed = {}
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule(self.prefill_budget.tokens())
         self.last_step = out.stats()
         for req in out.preempted:
             self.backend.release(req.request_id)
             log.info("preempted %s (KV cache full); it will resume", req.request_id)
         if not out.chunks:
             return []
+        start = time.perf_counter()
         s = self._execute(out)
         advanced = self.scheduler.update(out, s.token_ids)
+        if not self.failed:  # a step that dropped requests ran less than its stats say
+            self.prefill_budget.observe(self.last_step, time.perf_counter() - start)
         top = s.top or [None] * len(advanced)
         return [self._event(req, lp, t)
                 for req, lp, t in zip(advanced, s.logprobs, top, strict=True)]

@@ -4,7 +4,11 @@ Each step spends a token budget: running requests first (a decode costs one toke
 unfinished prompt its next chunk), then waiting requests in arrival order, whose prompts are
 chunked to fit what is left. That single rule gives continuous batching (requests join and
 leave between steps) and chunked prefill (a long prompt never stalls running streams for more
-than one budget). When the KV cache cannot grow, the most recently admitted request is
+than one budget). While requests are decoding, the prefill chunks of a step (running prompts
+and admissions together) may also be capped by the caller (`schedule(prefill_cap)`, which the
+engine derives from its step times: `PrefillBudget`), never below one KV block, so a prompt
+still completes; the decodes' own tokens are set aside first, so a chunk never crowds them
+out. When the KV cache cannot grow, the most recently admitted request is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
 from its prompt and the tokens it already produced.
 
@@ -107,14 +111,18 @@ class Scheduler:
         self._by_id[request.request_id] = request
         self.waiting.append(request)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, prefill_cap: int | None = None) -> SchedulerOutput:
+        """The next step's chunks. `prefill_cap`: most prefill tokens in a step that also
+        decodes (raised to one KV block); None leaves prefill the whole budget."""
         out = SchedulerOutput()
         budget = self.capacity.max_tokens_per_step
+        prefill = self._prefill_room(prefill_cap)
         admit_first = not self.capacity.mixed_batches and self._can_admit_head(budget)
         i = 0
         while i < len(self.running) and budget > 0 and not admit_first:
             req = self.running[i]
-            n = self._chunk_size(req, budget)
+            decode = self._is_decode(req)
+            n = self._chunk_size(req, budget if decode else min(budget, prefill))
             if n == 0:
                 i += 1
                 continue
@@ -127,12 +135,14 @@ class Scheduler:
                 self.blocks.grow(req, req.num_computed_tokens + n)
                 out.chunks.append(ScheduledChunk(req, n))
                 budget -= n
+                if not decode:
+                    prefill -= n
                 i += 1
         if out.preempted or (out.chunks and not self.capacity.mixed_batches):
             return out
         while self.waiting and budget > 0 and len(self.running) < self.capacity.max_batch:
             req = self.waiting[0]
-            admission = self._admission(req, budget)
+            admission = self._admission(req, min(budget, prefill))
             if admission is None:
                 break
             cached, n = admission
@@ -146,6 +156,7 @@ class Scheduler:
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, n))
             budget -= n
+            prefill -= n
         return out
 
     def update(self, out: SchedulerOutput, sampled: Iterable[int]) -> list[Request]:
@@ -185,6 +196,25 @@ class Scheduler:
 
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
+
+    def _prefill_room(self, prefill_cap: int | None) -> int:
+        """Prefill tokens this step may carry: the budget less the running decodes' tokens,
+        within the cap while any decode runs. Backends that cannot chunk prompts or mix them
+        with decodes keep the whole budget (a cap would starve their prompts)."""
+        budget = self.capacity.max_tokens_per_step
+        if not (self.capacity.chunked_prefill and self.capacity.mixed_batches):
+            return budget
+        decodes = sum(1 for r in self.running if self._is_decode(r))
+        room = budget - decodes
+        if decodes and prefill_cap is not None:
+            room = min(room, max(prefill_cap, self.capacity.block_size))
+        return max(room, 0)
+
+    @staticmethod
+    def _is_decode(req: Request) -> bool:
+        """Its next chunk is the one token after its output so far (a resumed request's
+        recomputation is prefill)."""
+        return req.num_output_tokens > 0 and req.num_computed_tokens == req.num_tokens - 1
 
     def _chunk_size(self, req: Request, budget: int, computed: int | None = None) -> int:
         """Tokens the request can feed this step after `computed` (its own count if None)."""

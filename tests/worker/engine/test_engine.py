@@ -217,3 +217,28 @@ def test_token_events_carry_top_logprobs_only_for_requests_that_ask(tiny_engine:
             assert e.top_logprobs[0][0] == e.token_id  # greedy: the most likely one
             assert e.top_logprobs[0][1] == pytest.approx(e.logprob, abs=1e-6)
     assert sorted(e.request_id for e in events) == ["asks"] * 3 + ["plain"] * 3
+
+
+def test_a_prompt_arriving_while_others_decode_is_prefilled_within_the_cap_to_the_same_tokens(
+        tiny_qwen3: Path, tiny_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompt = list(range(200, 300))
+    [alone] = tiny_engine.generate([prompt], params)
+    engine = Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=4),
+                                   settings=TorchSettings(kv_cache_gb=0.05))
+    # the tiny model's prefill costs too little to time against noise: the floor, as asked
+    monkeypatch.setattr(engine.prefill_budget, "tokens", lambda: 0)
+    block = engine.backend.capacity.block_size
+    engine.add_request([5, 6, 7], SamplingParams(max_tokens=40, temperature=0.0,
+                                                 ignore_eos=True))
+    engine.step()
+    rid = engine.add_request(prompt, params)
+    chunks, got = [], []
+    while engine.has_unfinished():
+        events = engine.step()
+        if engine.last_step.decode_seqs and engine.last_step.prompt_tokens:
+            chunks.append(engine.last_step.prompt_tokens)
+        got += [e.token_id for e in events if e.request_id == rid]
+    assert chunks == [block] * (len(prompt) // block) + [len(prompt) % block]
+    assert got == alone.token_ids
+    assert engine.prefill_budget.decode_s is not None  # it learns from every step

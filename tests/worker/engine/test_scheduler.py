@@ -22,8 +22,8 @@ def request(rid: str, prompt_len: int, max_tokens: int = 8, **params: object) ->
                    SamplingParams(max_tokens=max_tokens, **params), frozenset({EOS}), 256)
 
 
-def run_step(s: Scheduler, token: int = 7) -> SchedulerOutput:
-    out = s.schedule()
+def run_step(s: Scheduler, token: int = 7, prefill_cap: int | None = None) -> SchedulerOutput:
+    out = s.schedule(prefill_cap)
     s.update(out, [token] * sum(c.sample for c in out.chunks))
     return out
 
@@ -215,3 +215,77 @@ def test_unmixed_backends_admit_a_cached_prefix_too() -> None:
     s2.add(shared("b", 8, [91, 92, 93, 94, 95, 96, 97, 98]))  # 16 tokens, 8 of them cached
     out = run_step(s2)
     assert [(c.request.request_id, c.num_tokens) for c in out.chunks] == [("b", 8)]
+
+
+def chunk_shapes(out: SchedulerOutput) -> list[tuple[str, int]]:
+    return [(c.request.request_id, c.num_tokens) for c in out.chunks]
+
+
+def test_while_requests_decode_a_steps_prefill_is_cut_to_the_cap() -> None:
+    s = Scheduler(capacity())
+    s.add(request("a", 4, max_tokens=50))
+    run_step(s)
+    s.add(request("long", 40))
+    out = s.schedule(prefill_cap=8)
+    assert chunk_shapes(out) == [("a", 1), ("long", 8)]
+
+
+def test_without_running_decodes_prefill_takes_the_whole_budget_whatever_the_cap() -> None:
+    s = Scheduler(capacity())
+    s.add(request("long", 100))
+    assert chunk_shapes(s.schedule(prefill_cap=8)) == [("long", 64)]
+
+
+def test_the_cap_covers_running_prompts_and_admissions_together() -> None:
+    s = Scheduler(capacity())
+    s.add(request("a", 4, max_tokens=50))
+    run_step(s)
+    s.add(request("b", 14))
+    out = s.schedule(prefill_cap=8)
+    s.update(out, [7])
+    assert chunk_shapes(out) == [("a", 1), ("b", 8)]
+    s.add(request("c", 20))
+    assert chunk_shapes(s.schedule(prefill_cap=10)) == [("a", 1), ("b", 6), ("c", 4)]
+
+
+def test_a_cap_below_one_kv_block_still_prefills_a_block_per_step_until_the_prompt_ends() -> None:
+    s = Scheduler(capacity())  # blocks of 4 tokens
+    s.add(request("a", 4, max_tokens=50))
+    run_step(s)
+    long = request("long", 42, max_tokens=2)
+    s.add(long)
+    prefilled = []
+    while long.num_output_tokens == 0:
+        out = run_step(s, prefill_cap=0)
+        assert ("a", 1) in chunk_shapes(out)
+        prefilled += [c.num_tokens for c in out.chunks if c.request is long]
+    assert prefilled == [4] * 10 + [2]
+
+
+def test_backends_that_cannot_chunk_prompts_ignore_the_cap() -> None:
+    s = Scheduler(capacity(chunked_prefill=False))
+    s.add(request("a", 4, max_tokens=50))
+    run_step(s)
+    s.add(request("b", 30))
+    assert chunk_shapes(s.schedule(prefill_cap=0)) == [("a", 1), ("b", 30)]
+
+
+def test_preemption_and_resumption_work_under_the_cap() -> None:
+    # 6 blocks of 4 tokens: "a" grows to 4 blocks, "b" (12 prompt tokens, prefilled a block
+    # a step beside a's decodes) needs 4 too, so b, the newest, is preempted and recomputed.
+    s = Scheduler(capacity(num_blocks=6))
+    a = request("a", 6, max_tokens=10, ignore_eos=True)
+    b = request("b", 12, max_tokens=4, ignore_eos=True)
+    s.add(a)
+    run_step(s)
+    s.add(b)
+    preempted = False
+    while s.has_unfinished():
+        decoding = a.status == RequestStatus.RUNNING and a.num_output_tokens > 0
+        out = run_step(s, prefill_cap=1)
+        preempted = preempted or b in out.preempted
+        if decoding and a.status == RequestStatus.RUNNING:
+            assert out.stats().prompt_tokens <= 4
+    assert preempted and b.num_preemptions >= 1
+    assert a.num_output_tokens == 10 and b.num_output_tokens == 4
+    assert s.blocks.num_free_blocks == 6

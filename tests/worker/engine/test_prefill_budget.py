@@ -1,0 +1,85 @@
+"""The prefill cap learned from step times, fed made-up timings: no model, no clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.engine.prefill_budget import PrefillBudget
+from worker.engine.scheduler import StepStats
+
+DECODES = 8
+
+
+def decode(seconds: float) -> tuple[StepStats, float]:
+    return StepStats(DECODES, 0, DECODES), seconds
+
+
+def mixed(prompt_tokens: int, seconds: float) -> tuple[StepStats, float]:
+    return StepStats(DECODES + 1, prompt_tokens, DECODES), seconds
+
+
+def prefill_only(prompt_tokens: int, seconds: float) -> tuple[StepStats, float]:
+    return StepStats(1, prompt_tokens, 0), seconds
+
+
+def test_a_stall_of_zero_means_no_cap() -> None:
+    budget = PrefillBudget(0.0)
+    budget.observe(*decode(0.05))
+    budget.observe(*mixed(64, 0.2))
+    assert budget.tokens() is None
+
+
+def test_with_nothing_measured_the_cap_is_the_schedulers_floor() -> None:
+    budget = PrefillBudget(1.0)
+    assert budget.tokens() == 0
+    budget.observe(*decode(0.05))
+    assert budget.tokens() == 0  # no prefill cost known yet
+
+
+def test_a_prefill_only_step_seeds_the_cost_per_token_until_a_mixed_step_is_measured() -> None:
+    budget = PrefillBudget(1.0)
+    budget.observe(*prefill_only(500, 1.0))  # 2 ms a token
+    budget.observe(*decode(0.05))
+    assert budget.tokens() == 25
+    budget.observe(*mixed(25, 0.15))  # the 25 tokens added 100 ms: 4 ms a token
+    assert budget.per_token_s == pytest.approx(0.004)
+    budget.observe(*prefill_only(500, 1.0))  # measured mixed steps are not overridden
+    assert budget.per_token_s == pytest.approx(0.004)
+    assert budget.tokens() == 12
+
+
+@pytest.mark.parametrize("stall", [0.5, 1.0, 2.0])
+def test_the_cap_settles_where_a_mixed_step_takes_one_plus_stall_decode_steps(
+        stall: float) -> None:
+    # a machine whose mixed steps leave a faster decode-only path (40 ms) and then pay 2 ms
+    # a prefill token beside decode steps of 75 ms
+    def step_s(prompt_tokens: int) -> float:
+        return 0.075 + (0.040 + 0.002 * prompt_tokens if prompt_tokens else 0.0)
+
+    budget = PrefillBudget(stall)
+    budget.observe(*prefill_only(512, 0.040 + 0.002 * 512))
+    for _ in range(60):
+        budget.observe(*decode(step_s(0)))
+        cap = max(budget.tokens() or 0, 1)
+        budget.observe(*mixed(cap, step_s(cap)))
+    assert step_s(cap) == pytest.approx((1 + stall) * step_s(0), rel=0.05)
+
+
+def test_prefill_that_costs_nothing_measurable_is_not_capped() -> None:
+    budget = PrefillBudget(1.0)
+    budget.observe(*decode(0.01))
+    budget.observe(*mixed(100, 0.009))
+    assert budget.tokens() is None
+
+
+def test_a_step_slowed_by_another_process_lowers_the_cap_for_a_while_only() -> None:
+    budget = PrefillBudget(1.0)
+    budget.observe(*decode(0.05))
+    for _ in range(20):
+        budget.observe(*mixed(50, 0.1))  # 1 ms a token: cap 50
+    assert budget.tokens() == 50
+    budget.observe(*mixed(50, 10.0))  # another process took the cores for a moment
+    assert budget.tokens() == 0  # the safe side: shorter steps
+    for _ in range(25):
+        budget.observe(*mixed(50, 0.1))
+    assert 45 <= (budget.tokens() or 0) <= 50

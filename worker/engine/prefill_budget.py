@@ -1,0 +1,82 @@
+"""How many prefill tokens a step may carry while requests decode, learned from step times.
+
+A step that carries a prefill chunk makes every running stream wait for the whole chunk, so
+while requests are decoding the engine caps a step's prefill tokens at
+
+    cap = stall * decode_s / per_token_s
+
+where `decode_s` is the time of a step of decodes alone and `per_token_s` what each prefill
+token added to a step that also decoded, both running averages of the engine's own step
+times. A step is then about (1 + stall) decode steps long, whatever the machine, the model or
+the batch. The estimate is the step's measured extra time over its prefill tokens, fixed
+costs included (a mixed step may leave a faster decode-only path), so the cap settles where
+the measured step, not a model of it, meets the target.
+
+Until a step has both decoded and prefilled, a prefill-only step (its whole time over its
+tokens) seeds the per-token cost; with nothing measured yet the cap is 0, so the scheduler's
+floor (one KV block a step) applies. No torch here.
+"""
+
+from __future__ import annotations
+
+from worker.engine.scheduler import StepStats
+
+SMOOTHING = 0.25
+"""Weight of the newest step in the running averages: a change of load or batch shows
+within a few steps. A step slowed by another process lowers the cap for a few steps (the
+safe side: shorter steps), and a quick one raises it by about a third."""
+
+
+class PrefillBudget:
+    def __init__(self, stall: float) -> None:
+        self.stall = stall
+        """Prefill time a step may add while decoding, in decode steps; 0: no cap."""
+        self.decode_s: float | None = None
+        """Running average of a decode-only step's seconds."""
+        self._extra_s: float | None = None
+        """Running average of the seconds prefill added to a mixed step."""
+        self._extra_tokens: float | None = None
+        """Running average of those steps' prefill tokens (same weights as _extra_s)."""
+        self._seed_per_token_s: float | None = None
+        """A prefill-only step's seconds per token, until a mixed step is measured."""
+
+    @property
+    def per_token_s(self) -> float | None:
+        """Estimated seconds one prefill token adds to a step that decodes."""
+        if self._extra_s is not None and self._extra_tokens:
+            return self._extra_s / self._extra_tokens
+        return self._seed_per_token_s
+
+    def tokens(self) -> int | None:
+        """Most prefill tokens for the next step if it decodes; None for no cap, 0 for the
+        scheduler's floor (nothing measured yet)."""
+        if self.stall <= 0:
+            return None
+        per_token = self.per_token_s
+        if self.decode_s is None or per_token is None:
+            return 0
+        if per_token <= 0:  # prefill added nothing measurable (a synthetic backend)
+            return None
+        return int(self.stall * self.decode_s / per_token)
+
+    def observe(self, step: StepStats, seconds: float) -> None:
+        """Learn from one step: what it ran (`Engine.last_step`) and how long it took."""
+        if step.prompt_tokens == 0:
+            if step.decode_seqs:
+                self.decode_s = _average(self.decode_s, seconds)
+            return
+        if step.decode_seqs == 0:
+            if self._extra_s is None:
+                self._seed_per_token_s = seconds / step.prompt_tokens
+            return
+        if self.decode_s is None:
+            return
+        # the ratio of averages weighs each step by its tokens: a 3-token tail chunk, whose
+        # extra time is mostly noise and fixed cost, moves the estimate little
+        extra = max(seconds - self.decode_s, 0.0)
+        self._extra_s = _average(self._extra_s, extra)
+        self._extra_tokens = _average(self._extra_tokens, float(step.prompt_tokens))
+
+
+def _average(mean: float | None, value: float) -> float:
+    return value if mean is None else mean + SMOOTHING * (value - mean)
