@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Any
 
+from common.config import EngineConfig
 from common.flags import add_flags, from_args
 from worker.backends.torch_settings import TorchSettings
 from worker.bench import redis_cost, serve_bench
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 
 BENCH_SETTINGS = TorchSettings(kv_cache_gb=1.0)
 """The torch backend's defaults, with a fixed KV cache budget rather than a share of memory."""
+DEFAULT_STALL = EngineConfig().max_prefill_stall
 
 
 def register(subparsers: Any) -> None:
@@ -61,6 +63,28 @@ def register(subparsers: Any) -> None:
         help="a quantized copy of --model (npuserve quantize): also time its batch-1 decode, "
         "alternating with the float model's, and report the speed-up",
     )
+    mixed = engine.add_argument_group(
+        "mixed load (--mixed-load): running streams' inter-token latency while prompts arrive")
+    mixed.add_argument(
+        "--mixed-load", action="store_true",
+        help="run the mixed-load workload instead: --streams requests decode while prompts of "
+        "--arrival-tokens arrive every ~--arrival-interval seconds, once with the prefill cap "
+        "off and once with --max-prefill-stall (inter-token latency p50/p90/p99 of the "
+        "streams, throughput, the arrivals' time to first token)",
+    )
+    mixed.add_argument("--streams", type=int, default=8,
+                       help="requests decoding throughout (default 8)")
+    mixed.add_argument("--stream-tokens", type=int, default=256,
+                       help="output tokens of each stream, after 128 prompt tokens (default 256)")
+    mixed.add_argument("--arrivals", type=int, default=6,
+                       help="prompts arriving while the streams decode (default 6)")
+    mixed.add_argument("--arrival-tokens", type=int, default=512,
+                       help="prompt tokens of each arrival, which asks 16 out (default 512)")
+    mixed.add_argument("--arrival-interval", type=float, default=3.0,
+                       help="mean seconds between arrivals, each gap 0.5-1.5x (default 3)")
+    mixed.add_argument("--max-prefill-stall", type=float, default=DEFAULT_STALL,
+                       help="the capped run's setting, as the worker's flag "
+                       f"(default {DEFAULT_STALL:g})")
     add_flags(engine.add_argument_group("torch backend settings (device, dtype and threads "
                                         "apply to the transformers phases too)"),
               TorchSettings, BENCH_SETTINGS)
@@ -72,6 +96,8 @@ def register(subparsers: Any) -> None:
 def _engine(args: argparse.Namespace) -> int:
     from worker.bench import engine_bench, report
 
+    if args.mixed_load:
+        return _mixed_load(args)
     if args.shared_prefix:
         return _shared_prefix(args)
     preset = engine_bench.QUICK if args.quick else engine_bench.FULL
@@ -129,4 +155,37 @@ def _shared_prefix(args: argparse.Namespace) -> int:
         report.write_json(results, args.json)
         log.info("wrote %s", args.json)
     print(prefix_bench.format_table(results))
+    return 0
+
+
+def _mixed_load(args: argparse.Namespace) -> int:
+    from worker.bench import mixed_bench, report
+
+    others = [flag for flag, on in (("--shared-prefix", args.shared_prefix),
+                                    ("--plot", args.plot), ("--quantized", args.quantized))
+              if on]
+    if others:
+        print(f"{', '.join(others)} go with other workloads, not --mixed-load",
+              file=sys.stderr)
+        return 2
+    try:
+        config = mixed_bench.MixedLoadConfig(
+            model_dir=args.model,
+            streams=args.streams,
+            stream_output_tokens=args.stream_tokens,
+            arrivals=args.arrivals,
+            arrival_prompt_tokens=args.arrival_tokens,
+            arrival_interval_s=args.arrival_interval,
+            max_prefill_stall=args.max_prefill_stall,
+            seed=args.seed,
+            backend=from_args(TorchSettings, args),
+        )
+    except ValueError as exc:
+        print(f"--mixed-load: {exc}", file=sys.stderr)
+        return 2
+    results = mixed_bench.run(config)
+    if args.json:
+        report.write_json(results, args.json)
+        log.info("wrote %s", args.json)
+    print(mixed_bench.format_table(results))
     return 0

@@ -1,0 +1,45 @@
+"""The mixed-load benchmark on the tiny random Qwen3: both runs count every stream's gaps and
+every arrival, the percentiles are ordered, and the table prints (times are never compared)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from worker.backends.torch_settings import TorchSettings
+from worker.bench.mixed_bench import MixedLoadConfig, arrival_offsets, format_table, run
+
+
+def test_a_small_run_measures_both_runs_over_the_same_load(tiny_qwen3: Path) -> None:
+    config = MixedLoadConfig(str(tiny_qwen3), streams=2, stream_prompt_tokens=8,
+                             stream_output_tokens=12, arrivals=2, arrival_prompt_tokens=48,
+                             arrival_output_tokens=3, arrival_interval_s=0.0,
+                             max_batched_tokens=32, backend=TorchSettings(kv_cache_gb=0.05))
+    r = run(config)
+    for suffix in ("_no_cap", "_cap"):
+        assert r["itl_count" + suffix] == 2 * (12 - 1)
+        assert r["output_tokens" + suffix] == 2 * 12 + 2 * 3
+        assert 0 < r["itl_p50_ms" + suffix] <= r["itl_p90_ms" + suffix] \
+            <= r["itl_p99_ms" + suffix] <= r["itl_max_ms" + suffix]
+        assert r["itl_p99_over_p50" + suffix] >= 1.0
+        # both prompts arrive with the streams' first tokens: prefilled beside their decodes
+        assert 1 <= r["mixed_steps" + suffix] <= r["steps" + suffix]
+        assert r["decode_step_ms_mean" + suffix] > 0 and r["mixed_step_ms_mean" + suffix] > 0
+        assert r["max_mixed_prefill_tokens" + suffix] <= 32 - 2
+    table = format_table(r)
+    assert "p99 / p50" in table and "cap (stall 1)" in table
+
+
+def test_arrivals_are_seeded_and_spread_around_the_interval() -> None:
+    config = MixedLoadConfig("unused", arrivals=50, arrival_interval_s=2.0, seed=3)
+    offsets = arrival_offsets(config)
+    assert offsets == arrival_offsets(config)
+    gaps = [b - a for a, b in zip([0.0, *offsets], offsets, strict=False)]
+    assert all(1.0 <= g <= 3.0 for g in gaps) and len(set(gaps)) == 50
+    assert offsets != arrival_offsets(MixedLoadConfig("unused", arrivals=50, seed=4))
+
+
+def test_a_capped_run_needs_a_stall_above_zero() -> None:
+    with pytest.raises(ValueError, match="max_prefill_stall"):
+        MixedLoadConfig("unused", max_prefill_stall=0.0)
