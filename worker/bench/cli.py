@@ -52,6 +52,12 @@ def register(subparsers: Any) -> None:
         "(time to first token of a hit and a miss, batched throughput, equal outputs); "
         "--requests defaults to 8",
     )
+    engine.add_argument(
+        "--contention", action="store_true",
+        help="run the contention workload instead: npuserve idle, beside a busy process, and "
+        "two engines side by side, and transformers' static batches beside the busy process "
+        "(throughput ratios); --requests defaults to 16",
+    )
     engine.add_argument("--prefix-tokens", type=int, default=512,
                         help="shared-prefix workload: the shared prompt's tokens (default 512)")
     engine.add_argument("--own-tokens", type=int, default=64,
@@ -98,8 +104,14 @@ def _engine(args: argparse.Namespace) -> int:
 
     if args.mixed_load:
         return _mixed_load(args)
+    if args.shared_prefix and args.contention:
+        print("--shared-prefix and --contention are separate workloads: choose one",
+              file=sys.stderr)
+        return 2
     if args.shared_prefix:
         return _shared_prefix(args)
+    if args.contention:
+        return _contention(args)
     preset = engine_bench.QUICK if args.quick else engine_bench.FULL
     requests = preset["requests"] if args.requests is None else args.requests
     max_batch = preset["max_batch"] if args.max_batch is None else args.max_batch
@@ -125,6 +137,31 @@ def _engine(args: argparse.Namespace) -> int:
         report.plot(results, args.plot)
         log.info("wrote %s", args.plot)
     print(report.format_table(results))
+    return 0
+
+
+def _contention(args: argparse.Namespace) -> int:
+    from worker.bench import contention_bench, report
+
+    if args.plot or args.quantized:
+        print("--plot and --quantized go with the mixed workload, not --contention",
+              file=sys.stderr)
+        return 2
+    config = contention_bench.ContentionConfig(
+        model_dir=args.model,
+        requests=16 if args.requests is None else args.requests,
+        max_batch=16 if args.max_batch is None else args.max_batch,
+        seed=args.seed,
+        backend=from_args(TorchSettings, args),
+    )
+    if min(config.requests, config.max_batch) < 1:
+        print("--requests and --max-batch must be >= 1", file=sys.stderr)
+        return 2
+    results = contention_bench.run(config, progress=lambda line: log.info("%s", line))
+    if args.json:
+        report.write_json(results, args.json)
+        log.info("wrote %s", args.json)
+    print(contention_bench.format_table(results))
     return 0
 
 

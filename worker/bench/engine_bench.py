@@ -5,7 +5,8 @@ between the phases are the result (absolute times on a shared machine drift):
 
 1. bandwidth: best-of-N `dst.copy_(src)` of a 512 MiB buffer, read + write bytes counted;
 2. npuserve: the whole workload submitted at once, continuous batching up to `max_batch`,
-   then one request decoding alone, timed per step after warm-up;
+   then one request decoding alone, timed per step after warm-up, then 1, 2, 4 ... 32
+   requests decoding together (an engine of batch 32), tokens/s per batch size;
 3. transformers `generate`, one request at a time (all requests, or an evenly spread subset);
 4. transformers `generate` in arrival-order static batches of `max_batch`, left-padded.
 
@@ -127,6 +128,17 @@ def run(config: BenchConfig) -> Results:
                 measured_tokens=config.decode_tokens, on_tokens=bar.update)
     del engine
     gc.collect()
+    engine = npuserve_phase.load_engine(config.model_dir, settings,
+                                        max_batch=npuserve_phase.DECODE_BATCHES[-1])
+    prompts = [r.prompt_ids[:32] for r in workload.requests]
+    steps = {"warmup_steps": 4, "measured_steps": 12 if config.quick else 24}
+    total = sum(b * (steps["warmup_steps"] + steps["measured_steps"])
+                for b in npuserve_phase.DECODE_BATCHES if b <= len(prompts))
+    with _bar("npuserve decode by batch size", total) as bar:
+        by_batch = npuserve_phase.decode_tokens_per_s_by_batch(engine, prompts, **steps,
+                                                               on_tokens=bar.update)
+    del engine
+    gc.collect()
 
     model = hf_reference.load_hf_model(config.model_dir, settings.dtype_name(), settings.device)
     hf_bytes = bandwidth.decode_weight_bytes(model)
@@ -171,6 +183,7 @@ def run(config: BenchConfig) -> Results:
         "speedup_vs_hf_sequential": ours.tokens_per_s / sequential.tokens_per_s,
         "speedup_vs_hf_batched": ours.tokens_per_s / batched.tokens_per_s,
         "decode_ms_per_token_batch1": decode_ms,
+        "decode_tokens_per_s_by_batch": by_batch,
         "decode_tokens_measured": config.decode_tokens,
         "bandwidth_gb_s": gb_s,
         "weight_bytes_per_decode_step": weight_bytes,

@@ -58,6 +58,20 @@ def run_throughput(
     return PhaseResult("npuserve", wall, total, total, outputs)
 
 
+def _stamped_generate(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int,
+                      on_tokens: OnTokens | None) -> list[tuple[float, int]]:
+    """Generate greedily; (time, outputs so far) after each step."""
+    stamps: list[tuple[float, int]] = []
+
+    def progress(n: int) -> None:
+        stamps.append((time.perf_counter(), (stamps[-1][1] if stamps else 0) + n))
+        if on_tokens is not None:
+            on_tokens(n)
+
+    engine.generate([list(p) for p in prompts], _greedy(max_tokens), progress=progress)
+    return stamps
+
+
 def decode_ms_per_token(
     engine: Engine,
     prompt: Sequence[int],
@@ -72,20 +86,42 @@ def decode_ms_per_token(
     completed the first `warmup_tokens` outputs (prefill and the first decode steps) and the
     last step, divided by the tokens produced in between, is the steady decode cost.
     """
-    stamps: list[tuple[float, int]] = []  # (time, outputs so far) after each step
-
-    def progress(n: int) -> None:
-        done = (stamps[-1][1] if stamps else 0) + n
-        stamps.append((time.perf_counter(), done))
-        if on_tokens is not None:
-            on_tokens(n)
-
-    engine.generate([list(prompt)], _greedy(warmup_tokens + measured_tokens), progress=progress)
+    stamps = _stamped_generate(engine, [prompt], warmup_tokens + measured_tokens, on_tokens)
     start = next((s for s in stamps if s[1] >= warmup_tokens), None)
     end = stamps[-1]
     if start is None or end[1] <= start[1]:
         raise RuntimeError(f"batch-1 run produced {end[1]} tokens, too few to time decode")
     return (end[0] - start[0]) / (end[1] - start[1]) * 1e3
+
+
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32)
+"""Batch sizes of the decode scaling phase."""
+
+
+def decode_tokens_per_s_by_batch(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    *,
+    warmup_steps: int,
+    measured_steps: int,
+    on_tokens: OnTokens | None = None,
+) -> dict[int, float]:
+    """Steady decode throughput (output tokens/s, prefill excluded) of b requests decoding
+    together, for each b in DECODE_BATCHES up to len(prompts) and the engine's batch: the
+    requests start together, and the steps after the first `warmup_steps` decode steps of
+    every request are timed."""
+    out: dict[int, float] = {}
+    for b in DECODE_BATCHES:
+        if b > len(prompts) or b > engine.scheduler.capacity.max_batch:
+            break
+        stamps = _stamped_generate(engine, prompts[:b], warmup_steps + measured_steps,
+                                   on_tokens)
+        start = next((s for s in stamps if s[1] >= b * warmup_steps), None)
+        end = stamps[-1]
+        if start is None or end[1] <= start[1]:
+            raise RuntimeError(f"batch-{b} run produced {end[1]} tokens, too few to time")
+        out[b] = (end[1] - start[1]) / (end[0] - start[0])
+    return out
 
 
 def weight_bytes(engine: Engine) -> int | None:

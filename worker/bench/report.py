@@ -66,6 +66,10 @@ def format_table(r: Results) -> str:
         f"static batches {r['hf_batched_outputs_matching_hf_sequential']}/"
         f"{r['hf_sequential_requests_measured']}"
     )
+    if r.get("decode_tokens_per_s_by_batch"):
+        by_batch = r["decode_tokens_per_s_by_batch"]
+        lines.append("  npuserve decode by batch size (32-token prompts): " + ", ".join(
+            f"{b}: {v:.0f}" for b, v in by_batch.items()) + " tok/s")
     if r.get("cpu_model"):
         lines.append(f"  CPU: {r['cpu_model']}; kernels use: {r['kernel_isa'] or 'none'}; "
                      f"one-call decode steps up to {r['one_call_decode_rows']} rows")
