@@ -102,12 +102,14 @@ def register(subparsers: Any) -> None:
 def _engine(args: argparse.Namespace) -> int:
     from worker.bench import engine_bench, report
 
+    modes = [flag for flag, on in (("--shared-prefix", args.shared_prefix),
+                                   ("--contention", args.contention),
+                                   ("--mixed-load", args.mixed_load)) if on]
+    if len(modes) > 1:
+        print(f"{' and '.join(modes)} are separate workloads: choose one", file=sys.stderr)
+        return 2
     if args.mixed_load:
         return _mixed_load(args)
-    if args.shared_prefix and args.contention:
-        print("--shared-prefix and --contention are separate workloads: choose one",
-              file=sys.stderr)
-        return 2
     if args.shared_prefix:
         return _shared_prefix(args)
     if args.contention:
