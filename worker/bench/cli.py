@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Any
 
-from common.config import EngineConfig
+from common.config import LATENCY_PREFILL_STALL
 from common.flags import add_flags, from_args
 from worker.backends.torch_settings import TorchSettings
 from worker.bench import redis_cost, serve_bench
@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 
 BENCH_SETTINGS = TorchSettings(kv_cache_gb=1.0)
 """The torch backend's defaults, with a fixed KV cache budget rather than a share of memory."""
-DEFAULT_STALL = EngineConfig().max_prefill_stall
 
 
 def register(subparsers: Any) -> None:
@@ -88,9 +87,9 @@ def register(subparsers: Any) -> None:
                        help="prompt tokens of each arrival, which asks 16 out (default 512)")
     mixed.add_argument("--arrival-interval", type=float, default=3.0,
                        help="mean seconds between arrivals, each gap 0.5-1.5x (default 3)")
-    mixed.add_argument("--max-prefill-stall", type=float, default=DEFAULT_STALL,
+    mixed.add_argument("--max-prefill-stall", type=float, default=LATENCY_PREFILL_STALL,
                        help="the capped run's setting, as the worker's flag "
-                       f"(default {DEFAULT_STALL:g})")
+                       f"(default {LATENCY_PREFILL_STALL:g})")
     add_flags(engine.add_argument_group("torch backend settings (device, dtype and threads "
                                         "apply to the transformers phases too)"),
               TorchSettings, BENCH_SETTINGS)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.config import EngineConfig
+from common.config import LATENCY_PREFILL_STALL, EngineConfig
 from common.sampling_params import SamplingParams
 from worker.backends.torch_settings import TorchSettings
 from worker.bench.report import Results
@@ -38,7 +38,7 @@ from worker.engine.prefill_budget import PrefillBudget
 if TYPE_CHECKING:
     from worker.engine.engine import Engine
 
-DEFAULT_STALL = EngineConfig().max_prefill_stall
+DEFAULT_STALL = LATENCY_PREFILL_STALL
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ def test_a_small_run_measures_both_runs_over_the_same_load(tiny_qwen3: Path) -> 
         assert r["decode_step_ms_mean" + suffix] > 0 and r["mixed_step_ms_mean" + suffix] > 0
         assert r["max_mixed_prefill_tokens" + suffix] <= 32 - 2
     table = format_table(r)
-    assert "p99 / p50" in table and "cap (stall 1)" in table
+    assert "p99 / p50" in table and "cap (stall 0.5)" in table
 
 
 def test_arrivals_are_seeded_and_spread_around_the_interval() -> None:
