@@ -104,7 +104,6 @@ class Projection:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
-
     def run(self, choice: str, x: torch.Tensor) -> torch.Tensor:
         """x through one GEMM: "kernel", "onednn" (the packed weight) or "torch" (F.linear)."""
         if choice == "kernel":
