@@ -17,12 +17,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-)
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from common import scripts
 from common.config import RedisConfig

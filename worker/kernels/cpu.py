@@ -57,8 +57,8 @@ class CpuKernels:
         for name, fn in abi.bind(lib).items():
             setattr(self, name, fn)
         self._local = threading.local()
-        self.library_name = os.path.basename(lib._name)
-        """The compiled library's file name, which names its sources, compiler and CPU."""
+        self.build_id = os.path.basename(lib._name)
+        """The compiled file's name, a digest of its sources, compiler and CPU."""
 
     @property
     def isa(self) -> str:

@@ -146,7 +146,7 @@ def cache_path(kernels: CpuKernels, threads: int) -> Path:
     """Where this machine's table lives: one per CPU, thread count, torch and kernel build."""
     digest = hashlib.sha256()
     for part in (cpu_model(), cpu_flags(), str(threads), torch.__version__,
-                 kernels.library_name):
+                 kernels.build_id):
         digest.update(part.encode() + b"\0")
     return cache_dir() / f"dispatch-{digest.hexdigest()[:16]}.json"
 
