@@ -36,6 +36,7 @@ import torch.distributed as dist
 from common.errors import ModelConfigError
 from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
+from worker.backends.cpu_threads import cpu_budget
 from worker.backends.torch_runner import ModelRunner, StepInputs
 from worker.backends.torch_settings import TorchSettings, device_indices
 from worker.model.sharding import Shard
@@ -151,7 +152,7 @@ class TensorParallelRunner(ModelRunner):
     def __init__(self, model_dir: str | Path, settings: TorchSettings, *,
                  max_model_len: int | None = None, max_num_seqs: int = 1) -> None:
         world = settings.tensor_parallel
-        threads = settings.threads or max(1, (os.cpu_count() or 1) // world)
+        threads = settings.threads or max(1, cpu_budget() // world)
         settings = dataclasses.replace(settings, device=rank_device(settings.device, 0),
                                        threads=threads)
         super().__init__(model_dir, settings, max_model_len=max_model_len,

@@ -38,9 +38,6 @@ from worker.engine.prefill_budget import PrefillBudget
 if TYPE_CHECKING:
     from worker.engine.engine import Engine
 
-DEFAULT_STALL = LATENCY_PREFILL_STALL
-
-
 @dataclass(frozen=True, slots=True)
 class MixedLoadConfig:
     model_dir: str
@@ -54,7 +51,7 @@ class MixedLoadConfig:
     arrival_output_tokens: int = 16
     arrival_interval_s: float = 3.0
     """Mean gap between arrivals."""
-    max_prefill_stall: float = DEFAULT_STALL
+    max_prefill_stall: float = LATENCY_PREFILL_STALL
     """The capped run's setting (the other runs with 0)."""
     max_batched_tokens: int = 512
     seed: int = 0

@@ -133,8 +133,8 @@ def weight_bytes(engine: Engine) -> int | None:
 def machine(engine: Engine) -> dict[str, object]:
     """The CPU, the vector extensions the kernels use and the GEMM dispatch table the engine
     chose on it (empty values off the CPU kernels)."""
+    from worker.kernels.build import cpu_model
     from worker.kernels.cpu import cpu_kernels
-    from worker.kernels.dispatch import cpu_model
 
     runner = getattr(engine.backend, "runner", None)
     table = getattr(runner, "dispatch", None)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from worker.bench.serve_stats import RequestRecord
+from worker.kernels.build import cpu_model
 
 
 class Progress:
@@ -40,14 +40,7 @@ class Progress:
 
 def machine() -> dict[str, Any]:
     """The CPU, its cores and the load average before the run."""
-    name = ""
-    try:
-        name = next((line.split(":", 1)[1].strip() for line in
-                     Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {"cpu": name, "cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -45,6 +45,18 @@ def cpu_flags() -> str:
         return ""
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (the platform's processor elsewhere)."""
+    fallback = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")]
+    except OSError:  # not Linux
+        return fallback
+    return names[0] if names else fallback
+
+
 def _compiler() -> str | None:
     """NPUSERVE_CC if set (and nothing else then), else cc or gcc from PATH."""
     chosen = env("CC", "")

@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.config import env
-from worker.kernels.build import cache_dir, cpu_flags
+from worker.kernels.build import cache_dir, cpu_flags, cpu_model
 from worker.model.linear import ROUTE_BUCKETS
 
 if TYPE_CHECKING:
@@ -64,18 +63,6 @@ MAX_PASS_S = 0.25
 PASS_BYTES = 64 << 20
 """Weights one pass streams, at least one projection: more than any L2, and enough of the
 shape's projections that they do not all sit in L3 either."""
-
-
-def cpu_model() -> str:
-    """The CPU's model name, as /proc/cpuinfo gives it (the platform's processor elsewhere)."""
-    fallback = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f
-                     if line.startswith("model name")]
-    except OSError:  # not Linux
-        return fallback
-    return names[0] if names else fallback
 
 
 @dataclass
