@@ -27,37 +27,14 @@ from typing import Any
 
 import torch
 
+from worker.bench.shapes import SHAPES, build
+
 log = logging.getLogger(__name__)
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "qwen3-tiny": dict(arch="qwen3", vocab_size=1024, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, tie_word_embeddings=False),
-    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576,
-                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, tie_word_embeddings=True),
-    "qwen3-0.6b": dict(arch="qwen3", vocab_size=151936, hidden_size=1024,
-                       intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-}
+CHECKED = ("qwen3-tiny", "smollm2-135m", "qwen3-0.6b")
+"""The shapes checked by default (`--shapes` adds others of shapes.SHAPES)."""
 BENCHED = ("smollm2-135m", "qwen3-0.6b")
 PROMPT_LEN, GREEDY_TOKENS = 96, 32
-
-
-def build(path: Path, shape: dict[str, Any]) -> Path:
-    """A random checkpoint of `shape` (seeded); no tokenizer: everything here is token ids."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
-
-    if (path / "config.json").is_file():
-        return path
-    torch.manual_seed(0)
-    fields = {k: v for k, v in shape.items() if k != "arch"}
-    common = dict(max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.02,
-                  bos_token_id=1, eos_token_id=2, rope_theta=1e6)
-    config = (Qwen3Config(**fields, **common) if shape["arch"] == "qwen3"
-              else LlamaConfig(**fields, **common))
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return path
 
 
 def parity(model_dir: Path, device: str, dtype: str) -> dict[str, Any]:
@@ -123,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--models", type=Path, default=Path("/tmp/npuserve-device-check"))
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=list(CHECKED), choices=list(SHAPES))
     parser.add_argument("--skip-bench", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
