@@ -54,13 +54,16 @@ def test_linear_matches_f_linear(k: CpuKernels, prefetch: int, m: int, n: int,
                                atol=1e-5 * in_features**0.5)
 
 
-@pytest.mark.parametrize(("in_features", "group"), [(64, 0), (64, 32), (64, 8), (40, 0)])
-@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize(("in_features", "group"), [(64, 0), (64, 32), (64, 8), (40, 0), (48, 0),
+                                                    (96, 48), (2096, 0), (2080, 1040)])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 70])
 def test_int8_linear_matches_the_dequantized_float_product(k: CpuKernels, prefetch: int,
                                                            in_features: int, group: int,
                                                            m: int) -> None:
-    """Widths and groups in multiples of 16 take the integer path on AVX2 (x rounded to 15
-    bits per row); others widen the weights to float32 and match to float rounding."""
+    """Widths and groups in multiples of 16 take the integer path on AVX2 and AVX-512 (x
+    rounded to 15 bits per row; on AVX-512 an odd multiple ends in a half vector, and past
+    1024 columns the int32 sums are flushed to float); others widen the weights to float32
+    and match to float rounding."""
     n = 11
     g = gen(in_features + group + m)
     q = torch.randint(-127, 128, (n, in_features), dtype=torch.int8, generator=g)

@@ -1,13 +1,20 @@
 /* The vector extensions the kernels' code paths use in this build (it is compiled with
  * -march=native, so those of the machine's that the code has a path for): AVX-512F for the
- * float32 projections' 16-lane tiles, AVX2 for the int8 integer path and the 8-lane kernels,
- * FMA as the compiler fuses the multiply-adds; NEON on Arm. */
+ * float32 projections' 16-lane tiles, AVX-512BW for the int8 integer path's 32-lane vectors
+ * and AVX512-VNNI for its fused multiply-add (vpdpwssd), AVX2 for the int8 integer path
+ * elsewhere and the 8-lane kernels, FMA as the compiler fuses the multiply-adds; NEON on Arm. */
 #include "kernels.h"
 
 const char *cpuk_isa(void) {
     return ""
 #ifdef __AVX512F__
            "avx512f "
+#endif
+#ifdef __AVX512BW__
+           "avx512bw "
+#endif
+#ifdef __AVX512VNNI__
+           "avx512vnni "
 #endif
 #ifdef __AVX2__
            "avx2 "

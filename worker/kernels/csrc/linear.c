@@ -6,8 +6,8 @@
  * from memory once, a small tile of rows at a time, and multiplies it with every row of x
  * (x stays in L1/L2) before moving on. float32 runs on the widest vectors the CPU has (16
  * lanes with AVX-512, where the 32 registers also hold a 4 x 4 tile; 8 otherwise). int8
- * weights move a quarter of the bytes; on AVX2 they are multiplied in integers with x
- * rounded to int16 (below), elsewhere widened to float32 in registers.
+ * weights move a quarter of the bytes; on AVX2 and AVX-512 they are multiplied in integers
+ * with x rounded to int16 (below), elsewhere widened to float32 in registers.
  *
  * Weights are prefetched a few tiles ahead. Where the prefetched lines go is a property of
  * the machine, not of the code: on a Zen 3 non-temporal prefetches (into L1 only) were the
@@ -191,28 +191,80 @@ void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64
 
 #ifdef __AVX2__
 /* The integer path of the int8 projection: x rounded to int16 per row (15 bits, 2^-15
- * relative, against int8 weights' 2^-8), then vpmaddwd sums int8 x int16 products pairwise
- * in int32: three instructions per sixteen weights where widening to float takes six. The
- * int32 sums are moved to float every FLUSH columns, long before they could overflow
- * (64 * 2 * 127 * 32767 < 2^31). */
+ * relative, against int8 weights' 2^-8), then int8 x int16 products summed pairwise in int32:
+ * vpmaddwd and an add on AVX2 (three instructions per sixteen weights where widening to float
+ * takes six), and on AVX-512 thirty-two weights per vector, with AVX512-VNNI's vpdpwssd fusing
+ * the multiply and the add. The int32 sums are moved to float every FLUSH columns, long before
+ * they could overflow (a lane sums at most FLUSH / 8 products: 128 * 127 * 32767 < 2^31). */
 #define X16_MAX 32767.0f
 #define FLUSH 1024
 
+#ifdef __AVX512BW__
+#define XW 32 /* int16 lanes per vector */
+typedef __m512i xvec;
+typedef __m512 xsum;
+#define HALF_MASK 0xFFFF /* the first 16 of the 32 lanes: a last step of 16 columns */
+ALWAYS_INLINE xvec xv_zero(void) { return _mm512_setzero_si512(); }
+ALWAYS_INLINE xvec xv_w(const char *p) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p));
+}
+ALWAYS_INLINE xvec xv_w_half(const char *p) {
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(HALF_MASK, p));
+}
+ALWAYS_INLINE xvec xv_x(const int16_t *p) { return _mm512_loadu_si512(p); }
+ALWAYS_INLINE xvec xv_x_half(const int16_t *p) { return _mm512_maskz_loadu_epi16(HALF_MASK, p); }
+ALWAYS_INLINE xvec xv_dot(xvec acc, xvec w, xvec x) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpwssd_epi32(acc, w, x);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+ALWAYS_INLINE xsum xs_splat(float s) { return _mm512_set1_ps(s); }
+ALWAYS_INLINE xsum xs_float(xvec acc) { return _mm512_cvtepi32_ps(acc); }
+ALWAYS_INLINE float xs_hsum(xsum v) { return _mm512_reduce_add_ps(v); }
+#else
+#define XW 16
+typedef __m256i xvec;
+typedef v8f xsum;
+ALWAYS_INLINE xvec xv_zero(void) { return _mm256_setzero_si256(); }
+ALWAYS_INLINE xvec xv_w(const char *p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+ALWAYS_INLINE xvec xv_x(const int16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+ALWAYS_INLINE xvec xv_dot(xvec acc, xvec w, xvec x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+}
+ALWAYS_INLINE xsum xs_splat(float s) { return vsplat(s); }
+ALWAYS_INLINE xsum xs_float(xvec acc) { return (v8f)_mm256_cvtepi32_ps(acc); }
+ALWAYS_INLINE float xs_hsum(xsum v) { return hsum(v); }
+#endif
+
+/* [c0, c1) is a multiple of 16 columns: whole vectors, then on AVX-512 maybe a half one. */
 ALWAYS_INLINE void tile_x16(const char *const rows[MAX_WR], int WR, int64_t k,
                             const int16_t *const *xs, int R, int64_t c0, int64_t c1, int T0,
-                            __m256i acc[MAX_WR][MAX_XR]) {
+                            xvec acc[MAX_WR][MAX_XR]) {
     const char *ahead = rows[0] + PREFETCH_TILES * WR * k;
-    for (int64_t c = c0; c < c1; c += 16) {
-        PREFETCH(ahead + c * WR, T0);
-        __m256i wv[MAX_WR];
-        for (int q = 0; q < WR; q++)
-            wv[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rows[q] + c)));
+    int64_t c = c0;
+    for (; c + XW <= c1; c += XW) {
+        for (int b = 0; b < WR * XW; b += 64) PREFETCH(ahead + c * WR + b, T0);
+        xvec wv[MAX_WR];
+        for (int q = 0; q < WR; q++) wv[q] = xv_w(rows[q] + c);
         for (int r = 0; r < R; r++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xs[r] + c));
-            for (int q = 0; q < WR; q++)
-                acc[q][r] = _mm256_add_epi32(acc[q][r], _mm256_madd_epi16(wv[q], xv));
+            xvec xv = xv_x(xs[r] + c);
+            for (int q = 0; q < WR; q++) acc[q][r] = xv_dot(acc[q][r], wv[q], xv);
         }
     }
+#if XW == 32
+    if (c < c1) {
+        xvec wv[MAX_WR];
+        for (int q = 0; q < WR; q++) wv[q] = xv_w_half(rows[q] + c);
+        for (int r = 0; r < R; r++) {
+            xvec xv = xv_x_half(xs[r] + c);
+            for (int q = 0; q < WR; q++) acc[q][r] = xv_dot(acc[q][r], wv[q], xv);
+        }
+    }
+#endif
 }
 
 /* k and group are multiples of 16; xq: x as int16, xs: its per-row scales. */
@@ -225,25 +277,24 @@ ALWAYS_INLINE void tile_i8_x16(const int16_t *xq, const float *xscale, int64_t k
     const char *rows[MAX_WR];
     tile_rows((const char *)w, k, j, n, WR, rows);
     const int64_t groups = k / group;
-    v8f total[MAX_WR][MAX_XR];
+    xsum total[MAX_WR][MAX_XR];
     for (int q = 0; q < WR; q++)
-        for (int r = 0; r < R; r++) total[q][r] = vsplat(0.0f);
+        for (int r = 0; r < R; r++) total[q][r] = xs_splat(0.0f);
     for (int64_t g = 0; g < groups; g++) {
-        v8f s[MAX_WR];
-        for (int q = 0; q < WR; q++) s[q] = vsplat(scale[(j + q < n ? j + q : n - 1) * groups + g]);
+        xsum s[MAX_WR];
+        for (int q = 0; q < WR; q++) s[q] = xs_splat(scale[(j + q < n ? j + q : n - 1) * groups + g]);
         for (int64_t c0 = g * group; c0 < (g + 1) * group; c0 += FLUSH) {
             int64_t c1 = c0 + FLUSH < (g + 1) * group ? c0 + FLUSH : (g + 1) * group;
-            __m256i acc[MAX_WR][MAX_XR];
+            xvec acc[MAX_WR][MAX_XR];
             for (int q = 0; q < WR; q++)
-                for (int r = 0; r < R; r++) acc[q][r] = _mm256_setzero_si256();
+                for (int r = 0; r < R; r++) acc[q][r] = xv_zero();
             tile_x16(rows, WR, k, xs, R, c0, c1, T0, acc);
             for (int q = 0; q < WR; q++)
-                for (int r = 0; r < R; r++)
-                    total[q][r] += (v8f)_mm256_cvtepi32_ps(acc[q][r]) * s[q];
+                for (int r = 0; r < R; r++) total[q][r] += xs_float(acc[q][r]) * s[q];
         }
     }
     for (int q = 0; q < WR; q++)
-        for (int r = 0; r < R; r++) out[q][r] = hsum(total[q][r]) * xscale[i + r];
+        for (int r = 0; r < R; r++) out[q][r] = xs_hsum(total[q][r]) * xscale[i + r];
 }
 
 /* x rows to int16 with per-row scales max|x| / 32767 (0 rows get scale 0). */
