@@ -12,6 +12,10 @@ between the phases are the result (absolute times on a shared machine drift):
 
 Throughput is requested output tokens / wall time of the phase, prompts included; model
 loading and a short warm-up generate are not timed.
+
+`decode_only` runs phases 1 and 2's decode measurements alone, on one engine: batch-1 decode
+against the floor and tokens/s by batch size (for models too big to run the workload and the
+transformers baselines in reasonable time on a CPU).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -37,6 +42,9 @@ from worker.bench.workload import (
     workload_for_model,
 )
 
+if TYPE_CHECKING:
+    from worker.engine.engine import Engine
+
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
@@ -46,7 +54,8 @@ class BenchConfig:
     requests: int
     """Number of requests in the workload."""
     max_batch: int
-    """npuserve's max_num_seqs and the static batch size of the transformers baseline."""
+    """npuserve's max_num_seqs and the static batch size of the transformers baseline; with
+    decode_only, the largest batch of the decode-by-batch phase."""
     seed: int = 0
     """Seed of the workload (lengths and prompt tokens)."""
     backend: TorchSettings = field(default_factory=lambda: TorchSettings(kv_cache_gb=1.0))
@@ -63,6 +72,9 @@ class BenchConfig:
     quick: bool = False
     quantized_dir: str | None = None
     """A quantized copy of the model: its batch-1 decode is timed against the float model's."""
+    decode_only: bool = False
+    """Only the bandwidth floor, batch-1 decode (and the quantized model's) and decode by
+    batch size: no workload, no transformers."""
 
 
 QUICK = {"requests": 32, "max_batch": 16, "decode_tokens": 32, "sequential_requests": 4}
@@ -88,8 +100,9 @@ def _matches(a: PhaseResult, b: PhaseResult, indices: list[int]) -> int:
 def run(config: BenchConfig) -> Results:
     """Run every phase and return the flat results object that becomes the JSON file."""
     import torch
-    import transformers
 
+    if config.decode_only:
+        return run_decode_only(config)
     settings = config.backend
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
@@ -100,43 +113,19 @@ def run(config: BenchConfig) -> Results:
     alone = list(range(0, config.requests, stride))
     alone_workload = Workload([workload.requests[i] for i in alone], workload.seed)
 
-    with _bar("copy bandwidth", 1, unit="run") as bar:
-        gb_s = bandwidth.measure_copy_bandwidth(device=settings.device)
-        bar.update(1)
-
+    gb_s = _bandwidth(settings.device)
     engine = npuserve_phase.load_engine(config.model_dir, settings, max_batch=config.max_batch)
     npuserve_phase.warm_up(engine, first_prompt)
     with _bar("npuserve", workload.total_output_tokens) as bar:
         ours = npuserve_phase.run_throughput(engine, workload, bar.update)
-    with _bar("npuserve batch-1 decode", config.decode_warmup_tokens + config.decode_tokens) as bar:
-        decode_ms = npuserve_phase.decode_ms_per_token(
-            engine,
-            first_prompt[:32],
-            warmup_tokens=config.decode_warmup_tokens,
-            measured_tokens=config.decode_tokens,
-            on_tokens=bar.update,
-        )
+    decode_ms, quantized = _batch1(engine, config, first_prompt[:32])
     engine_bytes = npuserve_phase.weight_bytes(engine)
     machine = npuserve_phase.machine(engine)
-    quantized: Results = {}
-    if config.quantized_dir is not None:
-        total = quant_phase.total_tokens(config.decode_warmup_tokens, config.decode_tokens)
-        with _bar("quantized vs float batch-1 decode", total) as bar:
-            quantized = quant_phase.run(
-                engine, config.quantized_dir, first_prompt[:32], settings,
-                max_batch=config.max_batch, warmup_tokens=config.decode_warmup_tokens,
-                measured_tokens=config.decode_tokens, on_tokens=bar.update)
     del engine
     gc.collect()
     engine = npuserve_phase.load_engine(config.model_dir, settings,
                                         max_batch=npuserve_phase.DECODE_BATCHES[-1])
-    prompts = [r.prompt_ids[:32] for r in workload.requests]
-    steps = {"warmup_steps": 4, "measured_steps": 12 if config.quick else 24}
-    total = sum(b * (steps["warmup_steps"] + steps["measured_steps"])
-                for b in npuserve_phase.DECODE_BATCHES if b <= len(prompts))
-    with _bar("npuserve decode by batch size", total) as bar:
-        by_batch = npuserve_phase.decode_tokens_per_s_by_batch(engine, prompts, **steps,
-                                                               on_tokens=bar.update)
+    by_batch = _by_batch(engine, [r.prompt_ids[:32] for r in workload.requests], config)
     del engine
     gc.collect()
 
@@ -151,23 +140,14 @@ def run(config: BenchConfig) -> Results:
     gc.collect()
 
     weight_bytes = engine_bytes if engine_bytes is not None else hf_bytes
-    floor_ms = bandwidth.floor_ms_per_token(weight_bytes, gb_s)
     return {
-        **machine,
-        "model": Path(config.model_dir).resolve().name,
-        "model_dir": str(config.model_dir),
-        "quick": config.quick,
-        "seed": config.seed,
+        **_decode_results(config, machine, load_start, gb_s, weight_bytes, decode_ms,
+                          by_batch, quantized),
+        "weight_bytes_source": "engine" if engine_bytes is not None else "transformers",
+        "hf_weight_bytes_per_decode_step": hf_bytes,
+        "transformers_version": _transformers_version(),
         "requests": config.requests,
         "max_batch": config.max_batch,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m_start": load_start,
-        "load_average_1m_end": os.getloadavg()[0],
-        "dtype": settings.dtype_name(),
-        "device": settings.device,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
         "prompt_len_range": list(PROMPT_LEN_RANGE),
         "output_len_range": list(OUTPUT_LEN_RANGE),
         "total_prompt_tokens": workload.total_prompt_tokens,
@@ -182,16 +162,125 @@ def run(config: BenchConfig) -> Results:
         "hf_batched_computed_tokens": batched.computed_tokens,
         "speedup_vs_hf_sequential": ours.tokens_per_s / sequential.tokens_per_s,
         "speedup_vs_hf_batched": ours.tokens_per_s / batched.tokens_per_s,
+        "npuserve_outputs_matching_hf_sequential": _matches(ours, sequential, alone),
+        "hf_batched_outputs_matching_hf_sequential": _matches(batched, sequential, alone),
+    }
+
+
+def run_decode_only(config: BenchConfig) -> Results:
+    """The decode measurements alone, on one engine of batch `max_batch` (capped at the
+    largest of DECODE_BATCHES): batch-1 decode against the floor, the quantized model's when
+    given, and decode tokens/s by batch size. Prompts are the first 32 tokens of a seeded
+    workload of `max_batch` requests; nothing needs a tokenizer."""
+    import torch
+
+    settings = config.backend
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    load_start = os.getloadavg()[0]
+    largest = min(config.max_batch, npuserve_phase.DECODE_BATCHES[-1])
+    workload = workload_for_model(config.model_dir, largest, seed=config.seed)
+    prompts = [r.prompt_ids[:32] for r in workload.requests]
+
+    gb_s = _bandwidth(settings.device)
+    engine = npuserve_phase.load_engine(config.model_dir, settings, max_batch=largest)
+    npuserve_phase.warm_up(engine, prompts[0])
+    decode_ms, quantized = _batch1(engine, config, prompts[0])
+    gc.collect()
+    by_batch = _by_batch(engine, prompts, config)
+    weight_bytes = npuserve_phase.weight_bytes(engine)
+    machine = npuserve_phase.machine(engine)
+    del engine
+    gc.collect()
+    if weight_bytes is None:
+        raise RuntimeError("--decode-only needs the engine's count of weight bytes per step")
+    return {
+        **_decode_results(config, machine, load_start, gb_s, weight_bytes, decode_ms,
+                          by_batch, quantized),
+        "decode_only": True,
+        "weight_bytes_source": "engine",
+        "max_batch": largest,
+    }
+
+
+def _bandwidth(device: str) -> float:
+    with _bar("copy bandwidth", 1, unit="run") as bar:
+        gb_s = bandwidth.measure_copy_bandwidth(device=device)
+        bar.update(1)
+    return gb_s
+
+
+def _batch1(engine: Engine, config: BenchConfig, prompt: list[int]) -> tuple[float, Results]:
+    """Batch-1 decode ms/token of `engine`, then the quantized phase when configured."""
+    with _bar("npuserve batch-1 decode", config.decode_warmup_tokens + config.decode_tokens) as bar:
+        decode_ms = npuserve_phase.decode_ms_per_token(
+            engine,
+            prompt,
+            warmup_tokens=config.decode_warmup_tokens,
+            measured_tokens=config.decode_tokens,
+            on_tokens=bar.update,
+        )
+    quantized: Results = {}
+    if config.quantized_dir is not None:
+        total = quant_phase.total_tokens(config.decode_warmup_tokens, config.decode_tokens)
+        with _bar("quantized vs float batch-1 decode", total) as bar:
+            quantized = quant_phase.run(
+                engine, config.quantized_dir, prompt, config.backend,
+                max_batch=engine.scheduler.capacity.max_batch,
+                warmup_tokens=config.decode_warmup_tokens,
+                measured_tokens=config.decode_tokens, on_tokens=bar.update)
+    return decode_ms, quantized
+
+
+def _by_batch(engine: Engine, prompts: list[list[int]], config: BenchConfig) -> dict[int, float]:
+    steps = {"warmup_steps": 4, "measured_steps": 12 if config.quick else 24}
+    largest = engine.scheduler.capacity.max_batch
+    total = sum(b * (steps["warmup_steps"] + steps["measured_steps"])
+                for b in npuserve_phase.DECODE_BATCHES if b <= min(len(prompts), largest))
+    with _bar("npuserve decode by batch size", total) as bar:
+        return npuserve_phase.decode_tokens_per_s_by_batch(engine, prompts, **steps,
+                                                           on_tokens=bar.update)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _decode_results(config: BenchConfig, machine: dict[str, object], load_start: float,
+                    gb_s: float, weight_bytes: int, decode_ms: float,
+                    by_batch: dict[int, float], quantized: Results) -> Results:
+    """The keys both modes write: the machine, the run's settings and the decode figures."""
+    import torch
+
+    settings = config.backend
+    floor_ms = bandwidth.floor_ms_per_token(weight_bytes, gb_s)
+    if quantized:
+        quant_floor = bandwidth.floor_ms_per_token(
+            quantized["quantized_weight_bytes_per_decode_step"], gb_s)
+        quantized = {**quantized, "quantized_bandwidth_floor_ms_per_token": quant_floor,
+                     "quantized_decode_vs_floor":
+                         quantized["quantized_decode_ms_per_token_batch1"] / quant_floor}
+    return {
+        **machine,
+        "model": Path(config.model_dir).resolve().name,
+        "model_dir": str(config.model_dir),
+        "quick": config.quick,
+        "seed": config.seed,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_start": load_start,
+        "load_average_1m_end": os.getloadavg()[0],
+        "dtype": settings.dtype_name(),
+        "device": settings.device,
+        "torch_version": torch.__version__,
         "decode_ms_per_token_batch1": decode_ms,
         "decode_tokens_per_s_by_batch": by_batch,
         "decode_tokens_measured": config.decode_tokens,
         "bandwidth_gb_s": gb_s,
         "weight_bytes_per_decode_step": weight_bytes,
-        "weight_bytes_source": "engine" if engine_bytes is not None else "transformers",
-        "hf_weight_bytes_per_decode_step": hf_bytes,
         "bandwidth_floor_ms_per_token": floor_ms,
         "decode_vs_floor": decode_ms / floor_ms,
-        "npuserve_outputs_matching_hf_sequential": _matches(ours, sequential, alone),
-        "hf_batched_outputs_matching_hf_sequential": _matches(batched, sequential, alone),
         **quantized,
     }

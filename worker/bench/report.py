@@ -21,20 +21,8 @@ def _threads(r: Results) -> str:
     return f"{r['threads']} torch thread{'' if r['threads'] == 1 else 's'}"
 
 
-def format_table(r: Results) -> str:
-    """A short human summary; the ratios are the numbers to quote (absolute times drift)."""
+def _decode_rows(r: Results) -> list[tuple[str, str, str]]:
     rows = [
-        ("npuserve (continuous batching)", f"{r['npuserve_output_tokens_per_s']:.1f} tok/s", ""),
-        (
-            f"transformers, one at a time ({r['hf_sequential_requests_measured']} requests)",
-            f"{r['hf_sequential_output_tokens_per_s']:.1f} tok/s",
-            f"npuserve x{r['speedup_vs_hf_sequential']:.2f}",
-        ),
-        (
-            f"transformers, static batches of {r['max_batch']}",
-            f"{r['hf_batched_output_tokens_per_s']:.1f} tok/s",
-            f"npuserve x{r['speedup_vs_hf_batched']:.2f}",
-        ),
         (
             "npuserve batch-1 decode",
             f"{r['decode_ms_per_token_batch1']:.2f} ms/tok",
@@ -53,19 +41,53 @@ def format_table(r: Results) -> str:
             f"{r['quantized_decode_ms_per_token_batch1']:.2f} ms/tok",
             f"x{r['quantized_decode_speedup']:.2f} vs float {against:.2f} ms/tok, alternated",
         ))
-    head = (
-        f"{r['model']}: {r['requests']} requests, {r['total_prompt_tokens']} prompt + "
-        f"{r['total_output_tokens']} output tokens, max batch {r['max_batch']}, "
-        f"{_threads(r)}, {r['dtype']} on {r['device']}"
-    )
+    if "quantized_decode_vs_floor" in r:
+        rows.append((
+            f"{r['quantized_model']} floor",
+            f"{r['quantized_bandwidth_floor_ms_per_token']:.2f} ms/tok",
+            f"{r['quantized_weight_bytes_per_decode_step'] / 1e6:.0f} MB/step; decode "
+            f"{r['quantized_decode_vs_floor']:.2f}x",
+        ))
+    return rows
+
+
+def format_table(r: Results) -> str:
+    """A short human summary; the ratios are the numbers to quote (absolute times drift)."""
+    if r.get("decode_only"):
+        rows = _decode_rows(r)
+        head = (f"{r['model']}: decode only, batches up to {r['max_batch']}, {_threads(r)}, "
+                f"{r['dtype']} on {r['device']}")
+    else:
+        rows = [
+            ("npuserve (continuous batching)",
+             f"{r['npuserve_output_tokens_per_s']:.1f} tok/s", ""),
+            (
+                f"transformers, one at a time ({r['hf_sequential_requests_measured']} requests)",
+                f"{r['hf_sequential_output_tokens_per_s']:.1f} tok/s",
+                f"npuserve x{r['speedup_vs_hf_sequential']:.2f}",
+            ),
+            (
+                f"transformers, static batches of {r['max_batch']}",
+                f"{r['hf_batched_output_tokens_per_s']:.1f} tok/s",
+                f"npuserve x{r['speedup_vs_hf_batched']:.2f}",
+            ),
+            *_decode_rows(r),
+        ]
+        head = (
+            f"{r['model']}: {r['requests']} requests, {r['total_prompt_tokens']} prompt + "
+            f"{r['total_output_tokens']} output tokens, max batch {r['max_batch']}, "
+            f"{_threads(r)}, {r['dtype']} on {r['device']}"
+        )
     width = max(len(name) for name, _, _ in rows)
     lines = [head] + [f"  {name:<{width}}  {value:>14}  {note}" for name, value, note in rows]
-    lines.append(
-        f"  greedy outputs identical to transformers one-at-a-time: npuserve "
-        f"{r['npuserve_outputs_matching_hf_sequential']}/{r['hf_sequential_requests_measured']}, "
-        f"static batches {r['hf_batched_outputs_matching_hf_sequential']}/"
-        f"{r['hf_sequential_requests_measured']}"
-    )
+    if not r.get("decode_only"):
+        lines.append(
+            f"  greedy outputs identical to transformers one-at-a-time: npuserve "
+            f"{r['npuserve_outputs_matching_hf_sequential']}/"
+            f"{r['hf_sequential_requests_measured']}, static batches "
+            f"{r['hf_batched_outputs_matching_hf_sequential']}/"
+            f"{r['hf_sequential_requests_measured']}"
+        )
     if r.get("decode_tokens_per_s_by_batch"):
         by_batch = r["decode_tokens_per_s_by_batch"]
         lines.append("  npuserve decode by batch size (32-token prompts): " + ", ".join(
@@ -87,32 +109,45 @@ def format_table(r: Results) -> str:
 
 
 def plot(r: Results, path: str | Path) -> None:
-    """Two panels: the three throughputs, and batch-1 decode time against its floor."""
+    """Two panels: the three throughputs (decode only: decode tokens/s by batch size), and
+    batch-1 decode time against its floor, the quantized model's beside it when measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), width_ratios=(3, 2))
-    names = [
-        "npuserve\ncontinuous",
-        "transformers\nsequential",
-        f"transformers\nbatch {r['max_batch']}",
-    ]
-    values = [
-        r["npuserve_output_tokens_per_s"],
-        r["hf_sequential_output_tokens_per_s"],
-        r["hf_batched_output_tokens_per_s"],
-    ]
-    bars = left.bar(names, values, color=["tab:blue", "tab:gray", "tab:orange"])
+    if r.get("decode_only"):
+        by_batch = r["decode_tokens_per_s_by_batch"]
+        bars = left.bar(range(len(by_batch)), list(by_batch.values()), color="tab:blue")
+        left.set_xticks(range(len(by_batch)), [str(b) for b in by_batch])
+        left.set_xlabel("requests decoding together")
+        left.set_title("npuserve decode throughput by batch size")
+    else:
+        names = [
+            "npuserve\ncontinuous",
+            "transformers\nsequential",
+            f"transformers\nbatch {r['max_batch']}",
+        ]
+        values = [
+            r["npuserve_output_tokens_per_s"],
+            r["hf_sequential_output_tokens_per_s"],
+            r["hf_batched_output_tokens_per_s"],
+        ]
+        bars = left.bar(names, values, color=["tab:blue", "tab:gray", "tab:orange"])
+        left.set_title(f"Throughput, {r['requests']} requests")
     left.bar_label(bars, fmt="%.1f")
     left.set_ylabel("output tokens / s")
-    left.set_title(f"Throughput, {r['requests']} requests")
 
+    names = ["npuserve\nbatch-1 decode", "bandwidth\nfloor"]
     decode = [r["decode_ms_per_token_batch1"], r["bandwidth_floor_ms_per_token"]]
-    bars = right.bar(
-        ["npuserve\nbatch-1 decode", "bandwidth\nfloor"], decode, color=["tab:blue", "tab:green"]
-    )
+    colors = ["tab:blue", "tab:green"]
+    if "quantized_decode_vs_floor" in r:
+        names += ["quantized\nbatch-1 decode", "quantized\nfloor"]
+        decode += [r["quantized_decode_ms_per_token_batch1"],
+                   r["quantized_bandwidth_floor_ms_per_token"]]
+        colors += ["tab:purple", "tab:olive"]
+    bars = right.bar(names, decode, color=colors)
     right.bar_label(bars, fmt="%.2f")
     right.set_ylabel("ms / token")
     right.set_title(
