@@ -2,20 +2,27 @@
 
 Both engines stay loaded and are timed in alternation, several rounds each, so a burst of
 load from other processes hits both about equally; the ratio of the medians is the result.
+`--quantized auto` first makes the w8a16 copy itself, once (`w8a16_copy`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.errors import ModelConfigError
 from worker.bench import npuserve_phase
+from worker.quant.scheme import Scheme
 
 if TYPE_CHECKING:
     from worker.backends.torch_settings import TorchSettings
     from worker.engine.engine import Engine
+
+log = logging.getLogger(__name__)
 
 ROUNDS = 3
 """Alternating measurements per engine."""
@@ -49,6 +56,26 @@ def run(float_engine: Engine, quantized_dir: str, prompt: Sequence[int],
         "quantized_weight_resident_bytes": quant.backend.weight_memory_bytes(),
         "reference_weight_resident_bytes": float_engine.backend.weight_memory_bytes(),
     }
+
+
+def w8a16_copy(model_dir: str | Path, *, progress: bool = True) -> Path:
+    """The w8a16 copy of `model_dir` in its sibling `NAME-w8a16`, made by `npuserve
+    quantize`'s code (per-channel int8 decoder projections) unless it is already there."""
+    from worker.quant.quantize import quantize_model
+    from worker.quant.scheme import QuantConfig
+
+    src = Path(model_dir).absolute()
+    out = src.parent / f"{src.name}-w8a16"
+    if (out / "config.json").is_file():  # quantize_model's output appears whole or not at all
+        scheme = json.loads((out / "config.json").read_text()).get(
+            "quantization_config", {}).get("scheme")
+        if scheme != Scheme.W8A16.value:
+            raise ModelConfigError(f"{out} exists and is not a w8a16 copy (scheme {scheme}): "
+                                   "move it away or give --quantized DIR")
+        log.info("reusing the w8a16 copy %s", out)
+        return out
+    summary = quantize_model(src, out, QuantConfig(Scheme.W8A16), progress=progress)
+    return summary.out_dir
 
 
 def total_tokens(warmup_tokens: int, measured_tokens: int) -> int:

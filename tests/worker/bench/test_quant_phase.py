@@ -1,11 +1,16 @@
-"""`bench engine --quantized`: both models decode in alternation and the ratio is reported."""
+"""`bench engine --quantized`: both models decode in alternation and the ratio is reported;
+`--quantized auto` makes the w8a16 copy once."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+
+from common.errors import ModelConfigError
 from worker.backends.torch_settings import TorchSettings
-from worker.bench import npuserve_phase, quant_phase
+from worker.bench import npuserve_phase, quant_phase, shapes
 from worker.quant.quantize import quantize_model
 from worker.quant.scheme import QuantConfig, Scheme
 
@@ -25,3 +30,22 @@ def test_the_quantized_phase_reports_decode_times_speedup_and_weight_bytes(
     assert r["quantized_decode_speedup"] == ratio > 0
     assert r["quantized_config"]["scheme"] == "w8a16"
     assert r["quantized_weight_resident_bytes"] < r["reference_weight_resident_bytes"]
+
+
+def test_the_w8a16_copy_is_made_once_beside_its_source(tmp_path: Path) -> None:
+    src = shapes.checkpoint("qwen3-tiny", tmp_path)
+    copy = quant_phase.w8a16_copy(src, progress=False)
+    assert copy == tmp_path / "qwen3-tiny-w8a16"
+    config = json.loads((copy / "config.json").read_text())
+    assert config["quantization_config"]["scheme"] == "w8a16"
+    stamp = (copy / "model.safetensors").stat().st_mtime_ns
+    assert quant_phase.w8a16_copy(src, progress=False) == copy
+    assert (copy / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_sibling_that_is_not_a_w8a16_copy_is_not_taken_for_one(tmp_path: Path) -> None:
+    src = shapes.checkpoint("qwen3-tiny", tmp_path)
+    (tmp_path / "qwen3-tiny-w8a16").mkdir()
+    (tmp_path / "qwen3-tiny-w8a16" / "config.json").write_text("{}")
+    with pytest.raises(ModelConfigError, match="not a w8a16 copy"):
+        quant_phase.w8a16_copy(src, progress=False)
