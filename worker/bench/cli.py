@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from common.config import LATENCY_PREFILL_STALL
 from common.flags import add_flags, from_args
 from worker.backends.torch_settings import TorchSettings
 from worker.bench import redis_cost, serve_bench
+from worker.bench.shapes import SHAPES
 
 log = logging.getLogger(__name__)
+
+DECODE_ONLY_BATCH = 32
+"""--decode-only's largest decode batch unless --max-batch says otherwise."""
 
 BENCH_SETTINGS = TorchSettings(kv_cache_gb=1.0)
 """The torch backend's defaults, with a fixed KV cache budget rather than a share of memory."""
@@ -32,7 +37,23 @@ def register(subparsers: Any) -> None:
             "bandwidth and npuserve's batch-1 decode time against the bandwidth floor."
         ),
     )
-    engine.add_argument("--model", required=True, help="HF-format checkpoint directory")
+    checkpoint = engine.add_argument_group(
+        "the model (one of --model and --shape)")
+    checkpoint.add_argument("--model", help="HF-format checkpoint directory")
+    checkpoint.add_argument(
+        "--shape", choices=list(SHAPES),
+        help="a random float32 checkpoint of this shape instead, built once (seeded, no "
+        "network) under --shape-dir; on disk qwen3-0.6b takes 2.4 GB, qwen3-1.7b 6.9 GB "
+        "(and their --quantized auto copies 1.1 and 2.7 GB); no tokenizer, token ids only")
+    checkpoint.add_argument(
+        "--shape-dir", metavar="DIR",
+        help="where --shape checkpoints are built and reused (default ~/.cache/npuserve/shapes)")
+    engine.add_argument(
+        "--decode-only", action="store_true",
+        help="skip the workload and the transformers baselines: only the copy-bandwidth floor, "
+        "batch-1 decode (and --quantized's) and decode tokens/s by batch size, 1, 2, 4 ... up "
+        "to --max-batch (default 32; fewer batches for models of a billion parameters and "
+        "more make the run shorter)")
     engine.add_argument(
         "--quick",
         action="store_true",
@@ -41,7 +62,9 @@ def register(subparsers: Any) -> None:
     )
     engine.add_argument("--json", metavar="OUT", help="write the results as JSON here")
     engine.add_argument("--plot", metavar="OUT.png", help="write a PNG bar chart here")
-    engine.add_argument("--max-batch", type=int, help="concurrent requests (default 16; quick 16)")
+    engine.add_argument("--max-batch", type=int,
+                        help="concurrent requests (default 16; quick 16); --decode-only: the "
+                        "largest decode batch (default 32)")
     engine.add_argument("--requests", type=int, help="workload size (default 64; quick 32)")
     engine.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     engine.add_argument(
@@ -64,9 +87,11 @@ def register(subparsers: Any) -> None:
     engine.add_argument("--output-tokens", type=int, default=64,
                         help="shared-prefix workload: output tokens per request (default 64)")
     engine.add_argument(
-        "--quantized", metavar="DIR",
+        "--quantized", metavar="DIR|auto",
         help="a quantized copy of --model (npuserve quantize): also time its batch-1 decode, "
-        "alternating with the float model's, and report the speed-up",
+        "alternating with the float model's, and report the speed-up and its own floor; "
+        "auto: the model's w8a16 copy in the sibling directory NAME-w8a16, quantized there "
+        "once and then reused",
     )
     mixed = engine.add_argument_group(
         "mixed load (--mixed-load): running streams' inter-token latency while prompts arrive")
@@ -99,7 +124,7 @@ def register(subparsers: Any) -> None:
 
 
 def _engine(args: argparse.Namespace) -> int:
-    from worker.bench import engine_bench, report
+    from worker.bench import engine_bench, quant_phase, report
 
     modes = [flag for flag, on in (("--shared-prefix", args.shared_prefix),
                                    ("--contention", args.contention),
@@ -107,6 +132,15 @@ def _engine(args: argparse.Namespace) -> int:
     if len(modes) > 1:
         print(f"{' and '.join(modes)} are separate workloads: choose one", file=sys.stderr)
         return 2
+    problem = _model_problem(args, modes)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    if args.shape:
+        from worker.bench import shapes
+
+        root = Path(args.shape_dir) if args.shape_dir else None
+        args.model = str(shapes.checkpoint(args.shape, root))
     if args.mixed_load:
         return _mixed_load(args)
     if args.shared_prefix:
@@ -116,9 +150,13 @@ def _engine(args: argparse.Namespace) -> int:
     preset = engine_bench.QUICK if args.quick else engine_bench.FULL
     requests = preset["requests"] if args.requests is None else args.requests
     max_batch = preset["max_batch"] if args.max_batch is None else args.max_batch
+    if args.decode_only:
+        requests = max_batch = DECODE_ONLY_BATCH if args.max_batch is None else args.max_batch
     if requests < 1 or max_batch < 1:
         print("--requests and --max-batch must be >= 1", file=sys.stderr)
         return 2
+    if args.quantized == "auto":
+        args.quantized = str(quant_phase.w8a16_copy(args.model))
     config = engine_bench.BenchConfig(
         model_dir=args.model,
         requests=requests,
@@ -129,6 +167,7 @@ def _engine(args: argparse.Namespace) -> int:
         sequential_requests=preset["sequential_requests"],
         quick=args.quick,
         quantized_dir=args.quantized,
+        decode_only=args.decode_only,
     )
     results = engine_bench.run(config)
     if args.json:
@@ -139,6 +178,21 @@ def _engine(args: argparse.Namespace) -> int:
         log.info("wrote %s", args.plot)
     print(report.format_table(results))
     return 0
+
+
+def _model_problem(args: argparse.Namespace, modes: list[str]) -> str | None:
+    """What is wrong with the model and mode flags together, if anything."""
+    if (args.model is None) == (args.shape is None):
+        return ("give the model as exactly one of --model DIR (a checkpoint) and --shape NAME "
+                f"(a random one: {', '.join(SHAPES)})")
+    if args.shape_dir and not args.shape:
+        return "--shape-dir goes with --shape"
+    if args.decode_only and modes:
+        return f"--decode-only goes with the default workload, not {modes[0]}"
+    if args.decode_only and args.requests is not None:
+        return ("--decode-only runs no workload: drop --requests (--max-batch sets the largest "
+                "decode batch)")
+    return None
 
 
 def _contention(args: argparse.Namespace) -> int:

@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from common.errors import ResourceExhaustedError
+
 log = logging.getLogger(__name__)
 
 SHAPES: dict[str, dict[str, Any]] = {
@@ -71,13 +73,14 @@ def build(path: Path, shape: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
     if free < need * 1.1:
-        raise OSError(f"building {path.name} needs {need / 1e9:.1f} GB on disk, "
+        raise ResourceExhaustedError(f"building {path.name} needs {need / 1e9:.1f} GB on disk, "
                       f"{path.parent} has {free / 1e9:.1f} GB free: choose another --shape-dir")
     log.info("building a random %s checkpoint (%.1f GB) in %s", path.name, need / 1e9, path)
     torch.manual_seed(0)
     fields = {k: v for k, v in shape.items() if k != "arch"}
-    common = dict(max_position_embeddings=4096, rms_norm_eps=1e-6, initializer_range=0.02,
-                  bos_token_id=1, eos_token_id=2, rope_theta=1e6)
+    common: dict[str, Any] = dict(max_position_embeddings=4096, rms_norm_eps=1e-6,
+                                  initializer_range=0.02, bos_token_id=1, eos_token_id=2,
+                                  rope_theta=1e6)
     config = (Qwen3Config(**fields, **common) if shape["arch"] == "qwen3"
               else LlamaConfig(**fields, **common))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
