@@ -25,7 +25,7 @@ from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.cpu_ops import KernelOps, supports
 from worker.kernels.decode_plan import DecodePlan
-from worker.kernels.dispatch import DispatchTable
+from worker.kernels.dispatch import DispatchTable, Routable
 from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment
 from worker.model.config import ModelConfig
 from worker.model.linear import KERNEL_ROWS, Projection
@@ -34,6 +34,7 @@ from worker.model.rope import RotaryEmbedding
 from worker.model.sharding import Shard
 from worker.model.transformer import compute_logits, forward
 from worker.model.weights import ModelWeights, load_weights
+from worker.quant.int8_linear import W8A16Projection
 
 log = logging.getLogger(__name__)
 
@@ -140,33 +141,39 @@ class ModelRunner:
         """The one-call decode step of the CPU kernels, when they run this model (not under
         tensor parallelism: the step has no place for the all-reduces)."""
 
-    def _float_projections(self, with_lm_head: bool) -> list[Projection]:
+    def _routable(self, with_lm_head: bool) -> list[Routable]:
+        """The projections the dispatch table routes: float32 ones, and w8a16 ones with
+        per-channel scales (the kernel alone serves group scales)."""
         w = self.weights
         projs = [p for layer in w.layers for p in (layer.qkv, layer.o_proj, layer.gate_up,
                                                    layer.down)]
         if with_lm_head:
             projs.append(w.lm_head)
-        return [p for p in projs if isinstance(p, Projection)]
+        return [p for p in projs if isinstance(p, Projection)
+                or (isinstance(p, W8A16Projection) and p.routable)]
 
     def _route(self, kernels: CpuKernels) -> DispatchTable | None:
-        """Time (or read from the cache) this machine's GEMM choices for the model's float32
-        projections and route each by them."""
-        projs = self._float_projections(with_lm_head=True)
+        """Time (or read from the cache) this machine's GEMM choices for the model's
+        projections and route each by them, and its decode attention's split."""
+        projs = self._routable(with_lm_head=True)
         if not projs:
             return None
-        table = dispatch.tune(kernels, projs)
+        cfg = self.model_config
+        table = dispatch.tune(kernels, projs, (cfg.num_attention_heads,
+                                               cfg.num_key_value_heads, cfg.head_dim))
         for p in projs:
-            p.route(table.routes(tuple(p.weight.shape), p.packed))  # type: ignore[arg-type]
+            p.route(table.routes(dispatch.key_of(p),
+                                 isinstance(p, Projection) and p.packed))
         return table
 
     def _plan_rows(self) -> int:
         """Most decode rows the one-call step covers: the dispatch table's choice for the
-        layers' float32 shapes, or KERNEL_ROWS (int8 layers, or no table)."""
-        shapes = Counter(tuple(p.weight.shape)
-                         for p in self._float_projections(with_lm_head=False))
+        layers' routed shapes, or KERNEL_ROWS (no table, or only group-scaled int8 layers,
+        which the kernel alone serves)."""
+        shapes = Counter(dispatch.key_of(p) for p in self._routable(with_lm_head=False))
         if self.dispatch is None or not shapes:
             return KERNEL_ROWS
-        return self.dispatch.plan_rows(shapes)  # type: ignore[arg-type]
+        return self.dispatch.plan_rows(shapes)
 
     def _kernels(self, cfg: ModelConfig) -> CpuKernels | None:
         """The compiled CPU kernels, if they can run this model here."""

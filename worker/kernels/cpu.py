@@ -51,6 +51,8 @@ class CpuKernels:
 
     cpuk_set_prefetch: Any
     cpuk_get_prefetch: Any
+    cpuk_set_attention_parts: Any
+    cpuk_get_attention_parts: Any
     cpuk_isa: Any
 
     def __init__(self, lib: ctypes.CDLL) -> None:

@@ -12,6 +12,16 @@ candidates on the model's own projections and picks per shape and row bucket:
 - `onednn`: oneDNN's linear over the packed copy of the weight (when it is kept);
 - `torch`: F.linear (MKL).
 
+w8a16 projections with per-channel scales are timed the same way between two candidates,
+npuserve's int8 kernel (`kernel`) and F.linear on the weight widened to float32 for the call
+(`torch`; the same products, so no route changes a result beyond float rounding), over the
+float buckets and a 256-row prefill bucket whose choice serves every larger call.
+
+Decode attention splits a context into parts (flash-decoding) when there are fewer
+(sequence, kv head) pairs than tasks for the threads; how many tasks per thread pays (0: no
+split, 1, 2, 4) is timed once per attention shape, over one and four sequences of 512 and
+2048 tokens, each candidate judged by the sum of its times relative to the fastest.
+
 Each candidate streams the projections of the shape in turn (a decode step reads them all
 from memory, not one from cache; up to PASS_BYTES of them) and the candidates take turns,
 repetition by repetition; the fastest repetition of each decides, since a noisy neighbour
@@ -41,17 +51,22 @@ import torch
 
 from common.config import env
 from worker.kernels.build import cache_dir, cpu_flags, cpu_model
-from worker.model.linear import ROUTE_BUCKETS
+from worker.model.linear import ROUTE_BUCKETS, Projection
+from worker.quant.int8_linear import INT8_ROUTE_BUCKETS, W8A16Projection
 
 if TYPE_CHECKING:
     from worker.kernels.cpu import CpuKernels
-    from worker.model.linear import Projection
+
+Routable = Projection | W8A16Projection
+INT8 = "w8a16:"
+"""Key prefix of a w8a16 shape."""
 
 log = logging.getLogger(__name__)
 
 BUCKETS = ROUTE_BUCKETS
 """Row counts timed; a call of m rows takes the choice of the smallest bucket >= m."""
 CANDIDATES = ("kernel", "onednn", "torch")
+INT8_CANDIDATES = ("kernel", "torch")
 PLAN_SLACK = 1.1
 """The one-call decode step (worker/kernels/decode_plan.py) runs only the kernel, and saves
 the Python and ctypes overhead of some ten calls per layer (a tenth of a batch-1 step): it
@@ -60,6 +75,14 @@ REPEATS = 5
 """Timed passes per candidate, shape and bucket (after one untimed)."""
 MAX_PASS_S = 0.25
 """A shape whose pass takes longer than this (a big model's lm_head) gets 3 passes."""
+ATTENTION_PARTS = (0, 1, 2, 4)
+"""Candidate decode-attention tasks per thread (0: one task per sequence and kv head)."""
+ATTENTION_CASES = ((1, 512), (1, 2048), (4, 2048))
+"""(sequences, context tokens) each candidate is timed on."""
+ATTENTION_BLOCK = 16
+"""KV block size of the timed cache (the split works on tokens, not blocks)."""
+PREFILL_PROJECTIONS = 4
+"""Projections a pass at the w8a16 prefill bucket runs."""
 PASS_BYTES = 64 << 20
 """Weights one pass streams, at least one projection: more than any L2, and enough of the
 shape's projections that they do not all sit in L3 either."""
@@ -74,32 +97,36 @@ class DispatchTable:
     threads: int
     prefetch_all_levels: bool = True
     choices: dict[str, list[str]] = field(default_factory=dict)
-    """"OUTxIN" -> one of CANDIDATES per bucket."""
+    """Shape key ("OUTxIN", "w8a16:OUTxIN", see key_of) -> a candidate per bucket (BUCKETS,
+    or INT8_ROUTE_BUCKETS for w8a16)."""
     timings_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    """"OUTxIN" -> candidate -> microseconds per call, per bucket; "prefetch" -> "t0"/"nta"
-    -> microseconds of a pass over every projection at one and four rows."""
+    """Shape key -> candidate -> microseconds per call, per bucket; "prefetch" -> "t0"/"nta"
+    -> microseconds of a pass over every projection at one and four rows; "attention:" and
+    an attention key -> tasks per thread -> microseconds per call, per ATTENTION_CASES."""
+    attention_parts: dict[str, int] = field(default_factory=dict)
+    """"HEADSxKV_HEADSxHEAD_DIM" -> decode attention's tasks per thread (0: no split)."""
 
-    def routes(self, shape: tuple[int, int], packed: bool) -> tuple[str, ...] | None:
-        """The choice per bucket for a projection of this shape (None: not timed); without
-        its packed copy, the faster of the other two where oneDNN was chosen."""
-        chosen = self.choices.get(_key(shape))
+    def routes(self, key: str, packed: bool) -> tuple[str, ...] | None:
+        """The choice per bucket for a projection of this shape key (None: not timed);
+        without its packed copy, the faster of the other two where oneDNN was chosen."""
+        chosen = self.choices.get(key)
         if chosen is None:
             return None
         if packed:
             return tuple(chosen)
-        times = self.timings_us[_key(shape)]
+        times = self.timings_us[key]
         return tuple(c if c != "onednn" else min(("kernel", "torch"), key=lambda o: times[o][b])
                      for b, c in enumerate(chosen))
 
-    def plan_rows(self, shapes: dict[tuple[int, int], int]) -> int:
+    def plan_rows(self, shapes: dict[str, int]) -> int:
         """Most rows the one-call decode step should cover for a model whose layers have
-        these projection shapes (and this many of each): the last bucket up to which the
-        kernel's time over all of them stays within PLAN_SLACK of the fastest choices'."""
+        projections of these shape keys (and this many of each): the last bucket up to which
+        the kernel's time over all of them stays within PLAN_SLACK of the fastest choices'."""
         rows = 0
         for b, bucket in enumerate(BUCKETS):
             kernel = best = 0.0
             for shape, count in shapes.items():
-                times = self.timings_us.get(_key(shape))
+                times = self.timings_us.get(shape)
                 if times is None:
                     return rows
                 kernel += count * times["kernel"][b]
@@ -110,22 +137,36 @@ class DispatchTable:
         return rows
 
     def describe(self) -> str:
-        """The table as a person reads it: one line per shape, the choice per bucket."""
-        head = "rows".ljust(14) + "".join(f"{b:>8}" for b in BUCKETS)
+        """The table as a person reads it: one line per shape, the choice per bucket (w8a16
+        shapes in a block of their own, with the prefill bucket)."""
         where = ("every cache level" if self.prefetch_all_levels
                  else "L1 only (non-temporal)")
-        lines = [f"kernel prefetch into {where}", head]
-        for key, chosen in sorted(self.choices.items(), key=lambda kv: _shape(kv[0])):
-            lines.append(key.ljust(14) + "".join(f"{c:>8}" for c in chosen))
+        lines = [f"kernel prefetch into {where}"]
+        for key, parts in sorted(self.attention_parts.items()):
+            heads, kv_heads, d = key.split("x")
+            split = f"{parts} tasks per thread" if parts else "no split"
+            lines.append(f"decode attention ({heads} heads, {kv_heads} kv heads, d {d}): "
+                         f"{split}")
+        for prefix, buckets in (("", BUCKETS), (INT8, INT8_ROUTE_BUCKETS)):
+            keys = sorted((k for k in self.choices if k.startswith(INT8) == bool(prefix)),
+                          key=_shape)
+            if keys:
+                width = max(14, *(len(k) + 2 for k in keys))
+                lines.append("rows".ljust(width) + "".join(f"{b:>8}" for b in buckets))
+                lines += [k.ljust(width) + "".join(f"{c:>8}" for c in self.choices[k])
+                          for k in keys]
         return "\n".join(lines)
 
 
-def _key(shape: tuple[int, int]) -> str:
-    return f"{shape[0]}x{shape[1]}"
+def key_of(p: Routable) -> str:
+    """A projection's shape key: "OUTxIN" (float), "w8a16:OUTxIN" (int8 weights)."""
+    if isinstance(p, W8A16Projection):
+        return f"{INT8}{p.qweight.shape[0]}x{p.qweight.shape[1]}"
+    return f"{p.weight.shape[0]}x{p.weight.shape[1]}"
 
 
 def _shape(key: str) -> tuple[int, int]:
-    out, _, inp = key.partition("x")
+    out, _, inp = key.removeprefix(INT8).partition("x")
     return int(out), int(inp)
 
 
@@ -157,43 +198,53 @@ def save(table: DispatchTable, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def tune(kernels: CpuKernels, projections: Sequence[Projection]) -> DispatchTable:
-    """This machine's table for these projections: from the cache, with any shape it lacks
-    timed now (and the cache updated). Workers starting together on one host take turns
-    (a lock file beside the cache), so one's timing is not disturbed by another's and the
-    later ones read its result."""
+def tune(kernels: CpuKernels, projections: Sequence[Routable],
+         attention: tuple[int, int, int] | None = None) -> DispatchTable:
+    """This machine's table for these projections (float ones, and w8a16 ones that are
+    `routable`) and for decode attention of (heads, kv heads, head dim): from the cache,
+    with any shape it lacks timed now (and the cache updated). Workers starting together on
+    one host take turns (a lock file beside the cache), so one's timing is not disturbed by
+    another's and the later ones read its result."""
     threads = torch.get_num_threads()
     path = cache_path(kernels, threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _tune_locked(kernels, projections, path, threads)
+        table = _tune_locked(kernels, projections, path, threads)
+        if attention is not None:
+            key = "x".join(map(str, attention))
+            if key not in table.attention_parts:
+                parts, times = _tune_attention(kernels, *attention)
+                table.attention_parts[key] = parts
+                table.timings_us[f"attention:{key}"] = times
+                save(table, path)
+            kernels.cpuk_set_attention_parts(table.attention_parts[key])
+        return table
 
 
-def _tune_locked(kernels: CpuKernels, projections: Sequence[Projection], path: Path,
+def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Path,
                  threads: int) -> DispatchTable:
     table = None if env("KERNEL_RETUNE", "") == "1" else load(path)
-    by_shape: dict[tuple[int, int], list[Projection]] = {}
+    by_shape: dict[str, list[Routable]] = {}
     for p in projections:
-        by_shape.setdefault(tuple(p.weight.shape), []).append(p)  # type: ignore[arg-type]
+        by_shape.setdefault(key_of(p), []).append(p)
     if table is None:
         table = DispatchTable(cpu=cpu_model(), threads=threads)
         table.prefetch_all_levels = _tune_prefetch(kernels, by_shape, table)
     kernels.cpuk_set_prefetch(int(table.prefetch_all_levels))
-    todo = [s for s in by_shape if _key(s) not in table.choices]
+    todo = [s for s in by_shape if s not in table.choices]
     if todo:
         start = time.monotonic()
         log.info("timing the GEMM candidates for %d projection shapes on this CPU (%s, %d "
                  "threads), once: the choices are cached in %s", len(todo), table.cpu,
                  threads, path)
         for shape in todo:
-            times = _time_shape(kernels, by_shape[shape])
-            table.timings_us[_key(shape)] = times
-            table.choices[_key(shape)] = [min(times, key=lambda c: times[c][b])
-                                          for b in range(len(BUCKETS))]
-            log.info("  %s: %s", _key(shape), " ".join(
-                f"{bucket}:{c}" for bucket, c in zip(BUCKETS, table.choices[_key(shape)],
-                                                     strict=True)))
+            times, buckets = _time_shape(kernels, by_shape[shape])
+            table.timings_us[shape] = times
+            table.choices[shape] = [min(times, key=lambda c: times[c][b])
+                                    for b in range(len(buckets))]
+            log.info("  %s: %s", shape, " ".join(
+                f"{bucket}:{c}" for bucket, c in zip(buckets, table.choices[shape], strict=True)))
         log.info("timed in %.1f s", time.monotonic() - start)
         save(table, path)
     return table
@@ -213,7 +264,7 @@ def _time_passes(candidates: dict[str, Callable[[], None]], repeats: int) -> dic
     return {name: min(s) for name, s in samples.items()}
 
 
-def _pass(fn: Callable[[torch.Tensor, Projection], object], projs: Sequence[Projection],
+def _pass(fn: Callable[[torch.Tensor, Routable], object], projs: Sequence[Routable],
           x: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
         for p in projs:
@@ -221,22 +272,22 @@ def _pass(fn: Callable[[torch.Tensor, Projection], object], projs: Sequence[Proj
     return run
 
 
-def _tune_prefetch(kernels: CpuKernels, by_shape: dict[tuple[int, int], list[Projection]],
+def _tune_prefetch(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
                    table: DispatchTable) -> bool:
     """Whether prefetching into every cache level beats non-temporal prefetches here: the
     kernel over every projection at one and four rows, each setting in turn."""
     before = kernels.cpuk_get_prefetch()
-    projs = [p for ps in by_shape.values() for p in ps]
+    projs = [(p, _shape(key)[1]) for key, ps in by_shape.items() for p in ps]
     results: dict[str, list[float]] = {"t0": [], "nta": []}
     try:
         for rows in (1, 4):
-            x = torch.randn(rows, max(p.weight.shape[1] for p in projs))
+            x = torch.randn(rows, max(width for _, width in projs))
 
             def run(all_levels: int, rows: int = rows, x: torch.Tensor = x) -> Callable[[], None]:
                 def go() -> None:
                     kernels.cpuk_set_prefetch(all_levels)
-                    for p in projs:
-                        kernels.linear(x[:, :p.weight.shape[1]].contiguous(), p.weight, p.bias)
+                    for p, width in projs:
+                        _kernel(kernels, x[:, :width].contiguous(), p)
                 return go
 
             t = _time_passes({"t0": run(1), "nta": run(0)}, REPEATS)
@@ -252,24 +303,77 @@ def _tune_prefetch(kernels: CpuKernels, by_shape: dict[tuple[int, int], list[Pro
     return all_levels
 
 
-def _time_shape(kernels: CpuKernels, projs: Sequence[Projection]) -> dict[str, list[float]]:
+def _tune_attention(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int
+                    ) -> tuple[int, dict[str, list[float]]]:
+    """The fastest decode-attention tasks per thread for this shape, and the timings. Each
+    pass reads as many copies of the cache as fit in PASS_BYTES (at most 8), as a step reads
+    every layer's from memory."""
+    before = kernels.cpuk_get_attention_parts()
+    results: dict[str, list[float]] = {str(p): [] for p in ATTENTION_PARTS}
+    try:
+        for n, context in ATTENTION_CASES:
+            blocks = context // ATTENTION_BLOCK
+            layer_bytes = 2 * kv_heads * n * context * head_dim * 4
+            copies = max(1, min(8, PASS_BYTES // layer_bytes))
+            caches = [torch.randn(2, kv_heads, n * context, head_dim) for _ in range(copies)]
+            tables = torch.arange(n * blocks, dtype=torch.int32).view(n, blocks)
+            lens = torch.full((n,), context, dtype=torch.int32)
+            q = torch.randn(n, heads, head_dim)
+
+            def run(parts: int, q: torch.Tensor = q, caches: list[torch.Tensor] = caches,
+                    tables: torch.Tensor = tables, lens: torch.Tensor = lens
+                    ) -> Callable[[], None]:
+                def go() -> None:
+                    kernels.cpuk_set_attention_parts(parts)
+                    for cache in caches:
+                        kernels.decode_attention(q, cache, ATTENTION_BLOCK, tables, lens)
+                return go
+
+            t = _time_passes({str(p): run(p) for p in ATTENTION_PARTS}, REPEATS)
+            for name in results:
+                results[name].append(t[name] * 1e6 / copies)
+    finally:
+        kernels.cpuk_set_attention_parts(before)
+    fastest = [min(ts[i] for ts in results.values()) for i in range(len(ATTENTION_CASES))]
+    score = {name: sum(t / f for t, f in zip(ts, fastest, strict=True))
+             for name, ts in results.items()}
+    parts = int(min(score, key=lambda name: score[name]))
+    log.info("decode attention (%d heads, %d kv heads, d %d), us per call at %s "
+             "(sequences, tokens): %s: %s", heads, kv_heads, head_dim, ATTENTION_CASES,
+             " ".join(f"{p}:{'/'.join(f'{t:.0f}' for t in ts)}" for p, ts in results.items()),
+             f"{parts} tasks per thread" if parts else "no split")
+    return parts, results
+
+
+def _kernel(kernels: CpuKernels, x: torch.Tensor, p: Routable) -> torch.Tensor:
+    if isinstance(p, W8A16Projection):
+        return p.run("kernel", x)
+    return kernels.linear(x, p.weight, p.bias)
+
+
+def _time_shape(kernels: CpuKernels, projs: Sequence[Routable]
+                ) -> tuple[dict[str, list[float]], tuple[int, ...]]:
     """Microseconds per call for each candidate at each bucket (inf where a candidate
-    cannot run), from passes over up to PASS_BYTES of projs."""
-    out: dict[str, list[float]] = {c: [] for c in CANDIDATES}
-    in_features = projs[0].weight.shape[1]
-    projs = projs[:max(1, PASS_BYTES // projs[0].weight.nbytes)]
+    cannot run), from passes over up to PASS_BYTES of projs; and the buckets."""
+    int8 = isinstance(projs[0], W8A16Projection)
+    names, buckets = (INT8_CANDIDATES, INT8_ROUTE_BUCKETS) if int8 else (CANDIDATES, BUCKETS)
+    out: dict[str, list[float]] = {c: [] for c in names}
+    in_features = _shape(key_of(projs[0]))[1]
+    projs = projs[:max(1, PASS_BYTES // projs[0].nbytes)]
     repeats = REPEATS
-    for bucket in BUCKETS:
+    for bucket in buckets:
         x = torch.randn(bucket, in_features)
+        # the prefill bucket is bound by arithmetic, not memory: a few projections will do
+        some = projs if bucket <= BUCKETS[-1] else projs[:PREFILL_PROJECTIONS]
         candidates = {
-            "kernel": _pass(lambda x, p: kernels.linear(x, p.weight, p.bias), projs, x),
-            "torch": _pass(lambda x, p: p.run("torch", x), projs, x),
+            "kernel": _pass(lambda x, p: _kernel(kernels, x, p), some, x),
+            "torch": _pass(lambda x, p: p.run("torch", x), some, x),
         }
-        if projs[0].packed:
-            candidates["onednn"] = _pass(lambda x, p: p.run("onednn", x), projs, x)
+        if not int8 and projs[0].packed:  # type: ignore[union-attr]
+            candidates["onednn"] = _pass(lambda x, p: p.run("onednn", x), some, x)
         t = _time_passes(candidates, repeats)
         if max(t.values()) > MAX_PASS_S:
             repeats = 3
-        for c in CANDIDATES:
-            out[c].append(t[c] * 1e6 / len(projs) if c in t else float("inf"))
-    return out
+        for c in names:
+            out[c].append(t[c] * 1e6 / len(some) if c in t else float("inf"))
+    return out, buckets

@@ -3,11 +3,14 @@
 Only the int8 matrix and its float32 scales stay resident; which kernel runs depends on the
 scheme, the rows of the call and the device:
 
-- w8a16 on the CPU with the compiled kernels and float32 activations, any rows: npuserve's
-  int8 GEMV/GEMM (worker/kernels/csrc/linear.c). On AVX2 it rounds each activation row to
-  int16 (15 bits, far finer than the weights' 8) and multiplies in integers, three
-  instructions per sixteen weights; elsewhere it widens the weights to float32 in registers.
-  Scales stay float32.
+- w8a16 on the CPU with the compiled kernels and float32 activations: npuserve's int8
+  GEMV/GEMM (worker/kernels/csrc/linear.c). On AVX2 and AVX-512 it rounds each activation
+  row to int16 (15 bits, far finer than the weights' 8) and multiplies in integers (with
+  AVX512-VNNI one fused instruction per thirty-two weights); elsewhere it widens the weights
+  to float32 in registers. Scales stay float32. With per-channel scales the machine's
+  dispatch table (worker/kernels/dispatch.py) may route a row bucket (prefill chunks) to
+  F.linear on the weight widened to float32 for the call instead, where MKL's or oneDNN's
+  blocking beats the kernel's arithmetic.
 - w8a16 otherwise, up to SMALL_M rows: `torch._weight_int8pack_mm` with bfloat16 activations,
   which reads one byte per weight. On a 2-core Zen 4 it is compute-bound (int8 -> float32
   conversion and an FMA per weight, no VNNI), about 1.7x faster than the fp32 mm it replaces
@@ -28,6 +31,7 @@ with activations fake-quantized for w8a8 so the numbers match the scheme.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import logging
 import math
@@ -39,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import ModelConfigError
-from worker.model.linear import Projection
+from worker.model.linear import ROUTE_BUCKETS, Projection
 from worker.quant.scheme import QMAX, QuantConfig, Scheme
 
 if TYPE_CHECKING:
@@ -51,6 +55,9 @@ SMALL_M = 4
 """Most rows the w8a16 GEMV kernel serves: it reads the weights once per 4 rows, so above
 that the widened bfloat16 GEMM wins (SmolLM2's layers, 2 threads: 8 rows 21 vs 20 ms,
 16 rows 33 vs 24 ms; at 4 rows 12 vs 17 ms)."""
+INT8_ROUTE_BUCKETS = (*ROUTE_BUCKETS, 256)
+"""The row buckets of a w8a16 route: the float ones and a prefill bucket whose choice also
+serves every call of more rows."""
 _warned: set[str] = set()
 
 
@@ -101,6 +108,25 @@ class W8A16Projection(Int8Projection):
             self.qweight = self._kernels.on_hugepages(self.qweight)
         # the kernel's own scales are bfloat16; ones keep the float32 scales exact
         self._unit = torch.ones(qweight.shape[0], dtype=torch.bfloat16, device=qweight.device)
+        self._routes: tuple[str, ...] | None = None
+
+    @property
+    def routable(self) -> bool:
+        """Whether both candidates can serve it: the CPU kernels, and per-channel scales
+        (torch's kernels take no groups)."""
+        return self._kernels is not None and self.group == self.qweight.shape[1]
+
+    def route(self, choices: tuple[str, ...] | None) -> None:
+        """Take "kernel" or "torch" per INT8_ROUTE_BUCKETS bucket for float32 calls (None:
+        the kernel for every call); the last bucket's choice also serves more rows."""
+        if choices is not None:
+            if len(choices) != len(INT8_ROUTE_BUCKETS):
+                raise ValueError(f"a w8a16 route has {len(INT8_ROUTE_BUCKETS)} choices, "
+                                 f"not {len(choices)}")
+            if not self.routable:
+                raise ValueError("a w8a16 route needs the compiled kernels and per-channel "
+                                 "scales")
+        self._routes = choices
 
     @property
     def resident_bytes(self) -> int:
@@ -113,9 +139,22 @@ class W8A16Projection(Int8Projection):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernels is not None and x.dtype == torch.float32:
+            if self._routes is None:
+                return self.run("kernel", x)
+            b = min(bisect.bisect_left(INT8_ROUTE_BUCKETS, x.shape[0]), len(self._routes) - 1)
+            return self.run(self._routes[b], x)
+        return super().__call__(x)
+
+    def run(self, choice: str, x: torch.Tensor) -> torch.Tensor:
+        """float32 x through one implementation: "kernel" (npuserve's int8 kernel) or "torch"
+        (F.linear on the weight widened to float32 for this call: the same products, so a
+        route changes no result beyond float rounding)."""
+        if choice == "kernel":
+            assert self._kernels is not None
             return self._kernels.linear_int8(x.contiguous(), self.qweight, self.scale,
                                              self.group, self.bias)
-        return super().__call__(x)
+        y = F.linear(x, self.qweight.float()).mul_(self.scale)
+        return y + self.bias if self.bias is not None else y
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.group != self.qweight.shape[1]:

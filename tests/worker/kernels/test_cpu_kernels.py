@@ -122,11 +122,21 @@ def test_qk_rope_store_matches_torch_ops(k: CpuKernels, qk_norm: bool) -> None:
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=[2, 0, 4], ids=["parts-2", "no-split", "parts-4"])
+def attention_parts(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[int]:
+    """Decode attention's tasks per thread the machine's tuning may choose."""
+    before = k.cpuk_get_attention_parts()
+    k.cpuk_set_attention_parts(request.param)
+    yield request.param
+    k.cpuk_set_attention_parts(before)
+
+
 @pytest.mark.parametrize("lens", [[1], [17, 1, 40], [33, 5, 8, 64], [300], [200, 7]])
 def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
-    k: CpuKernels, lens: list[int]
+    k: CpuKernels, attention_parts: int, lens: list[int]
 ) -> None:
-    """Short batches split each context into parts merged afterwards ([300], [200, 7])."""
+    """Short batches split each context into parts merged afterwards ([300], [200, 7]),
+    unless the setting says not to."""
     kv_heads, heads, d, block = 2, 6, 16, 8
     g = gen(sum(lens))
     cache = KVCache(2, 80, block, kv_heads, d, torch.float32, torch.device("cpu"))

@@ -16,8 +16,9 @@ from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
-from worker.kernels.dispatch import BUCKETS, CANDIDATES, DispatchTable
+from worker.kernels.dispatch import BUCKETS, CANDIDATES, INT8_CANDIDATES, DispatchTable
 from worker.model.linear import Projection
+from worker.quant.int8_linear import INT8_ROUTE_BUCKETS, W8A16Projection, dequantize
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_tuned_once_per_machine_then_read_from_the_cache(k: CpuKernels, cache: P
     table = dispatch.tune(k, projs)
     assert table.threads == torch.get_num_threads() and table.cpu
     for shape in ((96, 64), (64, 192)):
-        chosen = table.routes(shape, packed=True)
+        chosen = table.routes(f"{shape[0]}x{shape[1]}", packed=True)
         assert chosen is not None and len(chosen) == len(BUCKETS)
         assert set(chosen) <= set(CANDIDATES)
         times = table.timings_us[f"{shape[0]}x{shape[1]}"]
@@ -66,7 +67,7 @@ def test_tuned_once_per_machine_then_read_from_the_cache(k: CpuKernels, cache: P
 
     timed: list[tuple[int, ...]] = []
     monkeypatch.setattr(dispatch, "_time_shape", lambda kernels, ps: timed.append(
-        tuple(ps[0].weight.shape)) or {c: [1.0] * len(BUCKETS) for c in CANDIDATES})
+        tuple(ps[0].weight.shape)) or ({c: [1.0] * len(BUCKETS) for c in CANDIDATES}, BUCKETS))
     grown = dispatch.tune(k, [*projs, *projections(k, (32, 64))])
     assert timed == [(32, 64)] and "32x64" in grown.choices and "96x64" in grown.choices
 
@@ -118,12 +119,12 @@ def _table(kernel: list[float], other: list[float]) -> DispatchTable:
 def test_the_one_call_step_covers_the_buckets_where_the_kernel_keeps_up() -> None:
     #                  1    2    4    8    16   32   64
     table = _table([10, 10, 10, 10.5, 30, 40, 50], [11, 11, 11, 10, 10, 10, 10])
-    assert table.routes((8, 4), packed=True) == ("kernel",) * 3 + ("onednn",) * 4
-    assert table.plan_rows({(8, 4): 4}) == 8  # 10.5 is within PLAN_SLACK of 10
-    assert _table([20] * 7, [10] * 7).plan_rows({(8, 4): 4}) == 0
-    assert table.plan_rows({(8, 4): 4, (9, 9): 1}) == 0  # a shape never timed
+    assert table.routes("8x4", packed=True) == ("kernel",) * 3 + ("onednn",) * 4
+    assert table.plan_rows({"8x4": 4}) == 8  # 10.5 is within PLAN_SLACK of 10
+    assert _table([20] * 7, [10] * 7).plan_rows({"8x4": 4}) == 0
+    assert table.plan_rows({"8x4": 4, "9x9": 1}) == 0  # a shape never timed
     # without the packed copy, torch (twice onednn's times here) or the kernel
-    assert table.routes((8, 4), packed=False) == ("kernel",) * 4 + ("torch",) * 3
+    assert table.routes("8x4", packed=False) == ("kernel",) * 4 + ("torch",) * 3
     assert "8x4" in table.describe() and "every cache level" in table.describe()
 
 
@@ -134,10 +135,89 @@ def test_a_model_routes_its_projections_by_the_table(tiny_model_dir, cache: Path
     assert table is not None
     layer = runner.weights.layers[0]
     for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down, runner.weights.lm_head):
-        assert p._routes == table.routes(tuple(p.weight.shape), p.packed)
-    rows = table.plan_rows(Counter(tuple(p.weight.shape) for lw in runner.weights.layers
+        assert p._routes == table.routes(dispatch.key_of(p), p.packed)
+    rows = table.plan_rows(Counter(dispatch.key_of(p) for lw in runner.weights.layers
                                    for p in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)))
     assert (runner.plan.max_rows if runner.plan is not None else 0) == min(16, rows)
     off = ModelRunner(tiny_model_dir("qwen3"), TorchSettings(kv_cache_gb=0.02,
                                                              cpu_dispatch=False))
     assert off.dispatch is None and off.weights.layers[0].qkv._routes is None
+
+
+def w8a16(k: CpuKernels | None, shape: tuple[int, int], group: int = 0) -> W8A16Projection:
+    g = torch.Generator().manual_seed(shape[0])
+    q = torch.randint(-127, 128, shape, dtype=torch.int8, generator=g)
+    groups = shape[1] // group if group else 1
+    return W8A16Projection(q, torch.rand(shape[0], groups, generator=g).squeeze(1) / 50,
+                           torch.randn(shape[0], generator=g), k)
+
+
+@pytest.mark.parametrize("choice", INT8_CANDIDATES)
+@pytest.mark.parametrize("m", [1, 5, 100, 300])
+def test_every_w8a16_route_computes_the_projection(k: CpuKernels, choice: str, m: int) -> None:
+    """Both are the dequantized product (the kernel rounds x to 15 bits); rows past the
+    prefill bucket (300) take its choice."""
+    p = w8a16(k, (48, 64))
+    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m))
+    want = F.linear(x, dequantize(p.qweight, p.scale), p.bias)
+    p.route((choice,) * len(INT8_ROUTE_BUCKETS))
+    torch.testing.assert_close(p(x), want, rtol=1e-5, atol=float(want.abs().max()) * 2**-11)
+
+
+def test_w8a16_routes_that_cannot_run_are_refused(k: CpuKernels) -> None:
+    with pytest.raises(ValueError, match="per-channel"):
+        w8a16(k, (8, 64), group=32).route(("torch",) * len(INT8_ROUTE_BUCKETS))
+    with pytest.raises(ValueError, match="kernels"):
+        w8a16(None, (8, 64)).route(("kernel",) * len(INT8_ROUTE_BUCKETS))
+    with pytest.raises(ValueError, match="choices"):
+        w8a16(k, (8, 64)).route(("torch",) * len(BUCKETS))
+
+
+def test_w8a16_shapes_are_timed_with_a_prefill_bucket(k: CpuKernels, cache: Path) -> None:
+    projs = [w8a16(k, (96, 64)), w8a16(k, (96, 64)), *projections(k, (96, 64))]
+    table = dispatch.tune(k, projs)
+    assert set(table.choices) == {"96x64", "w8a16:96x64"}
+    chosen = table.routes("w8a16:96x64", packed=False)
+    assert chosen is not None and len(chosen) == len(INT8_ROUTE_BUCKETS)
+    assert set(table.timings_us["w8a16:96x64"]) == set(INT8_CANDIDATES)
+    text = table.describe()
+    assert "w8a16:96x64" in text and "256" in text and "96x64 " in text
+    assert table.plan_rows({"w8a16:96x64": 2, "96x64": 1}) in (0, *BUCKETS)
+
+
+def test_a_quantized_model_routes_its_int8_projections(tiny_model_dir, tmp_path: Path,
+                                                       cache: Path) -> None:
+    from worker.quant.quantize import quantize_model
+    from worker.quant.scheme import QuantConfig, Scheme
+
+    out = tmp_path / "w8a16"
+    quantize_model(tiny_model_dir("qwen3"), out, QuantConfig(Scheme.W8A16), progress=False)
+    runner = ModelRunner(out, TorchSettings(kv_cache_gb=0.02), max_num_seqs=16)
+    table = runner.dispatch
+    assert table is not None
+    layer = runner.weights.layers[0]
+    assert isinstance(layer.gate_up, W8A16Projection)
+    assert layer.gate_up._routes == table.routes(dispatch.key_of(layer.gate_up), False)
+    assert layer.gate_up._routes is not None
+
+
+def test_decode_attention_split_is_timed_once_per_shape(k: CpuKernels, cache: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "ATTENTION_CASES", ((1, 128), (2, 256)))
+    projs = projections(k, (32, 64))
+    table = dispatch.tune(k, projs, (4, 2, 16))
+    parts = table.attention_parts["4x2x16"]
+    assert parts in dispatch.ATTENTION_PARTS and k.cpuk_get_attention_parts() == parts
+    times = table.timings_us["attention:4x2x16"]
+    assert set(times) == {str(p) for p in dispatch.ATTENTION_PARTS}
+    assert all(len(t) == 2 for t in times.values())
+    assert "decode attention (4 heads, 2 kv heads, d 16)" in table.describe()
+
+    def no_timing(*args: object) -> None:
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(dispatch, "_tune_attention", no_timing)
+    k.cpuk_set_attention_parts(7)
+    assert dispatch.tune(k, projs, (4, 2, 16)).attention_parts == {"4x2x16": parts}
+    assert k.cpuk_get_attention_parts() == parts  # applied from the cache
+    k.cpuk_set_attention_parts(2)

@@ -100,11 +100,21 @@ static void combine(const float *parts, int64_t nparts, int64_t stride, int64_t 
     for (int64_t c = 0; c < d; c++) out[c] *= inv;
 }
 
+static int64_t parts_per_thread = 2;
+
+void cpuk_set_attention_parts(int64_t per_thread) { parts_per_thread = per_thread; }
+
+int64_t cpuk_get_attention_parts(void) { return parts_per_thread; }
+
 /* Few (sequence, kv head) pairs would leave threads idle: split each context into parts of
- * at least MIN_PART tokens, merged afterwards (flash-decoding). */
+ * at least MIN_PART tokens, merged afterwards (flash-decoding), until there are
+ * parts_per_thread tasks per thread (0: never split). Which count is fastest depends on the
+ * machine (the merge against idle threads and cache sharing), so it is a setting that
+ * worker/kernels/dispatch.py times per machine and model. */
 static int64_t split_count(int64_t pairs, int64_t max_context) {
-    const int64_t threads = omp_get_max_threads();
-    int64_t splits = pairs >= 2 * threads ? 1 : (2 * threads + pairs - 1) / pairs;
+    const int64_t target = parts_per_thread * omp_get_max_threads();
+    if (target <= pairs) return 1;
+    int64_t splits = (target + pairs - 1) / pairs;
     if (splits > max_context / MIN_PART) splits = max_context / MIN_PART > 0 ? max_context / MIN_PART : 1;
     return splits;
 }

@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define CPUK_ABI_VERSION 2
+#define CPUK_ABI_VERSION 3
 
 /* One projection: float32 weights, or int8 with per-(row, group) scales. */
 typedef struct {
@@ -74,6 +74,9 @@ void cpuk_qk_rope_store(const float *qkv, int64_t t, int64_t heads, int64_t kv_h
                         float *k_out, float *cache, int64_t slots, const int64_t *slot_mapping);
 
 /* attention.c */
+void cpuk_set_attention_parts(int64_t per_thread); /* decode attention's tasks per thread when
+                                                      splitting contexts (default 2; 0: never) */
+int64_t cpuk_get_attention_parts(void);
 int64_t cpuk_decode_attention_workspace(int64_t n, int64_t heads, int64_t kv_heads,
                                         int64_t head_dim, int64_t max_context);
 int64_t cpuk_decode_attention(const float *q, int64_t n, int64_t heads, int64_t kv_heads,
