@@ -30,7 +30,10 @@ keep the built-in rule: oneDNN packed, else F.linear.
 
 The table is cached as JSON beside the compiled kernels, keyed by the CPU's model and
 feature flags, the thread count, torch's version and the kernel library, so a restart does
-not time again and a model with new shapes times only those. `NPUSERVE_KERNEL_RETUNE=1`
+not time again and a model with new shapes times only those. The prefetch setting is timed
+again when a model with more projection bytes than the one it was timed on starts (a tiny
+test model's timing says nothing about streaming from memory); should that change it, every
+shape is timed again as its model starts. `NPUSERVE_KERNEL_RETUNE=1`
 times again regardless.
 """
 
@@ -96,6 +99,9 @@ class DispatchTable:
     cpu: str
     threads: int
     prefetch_all_levels: bool = True
+    prefetch_bytes: int = 0
+    """Bytes of the projections the prefetch setting was timed over: a bigger model times it
+    again (a tiny model's few kilobytes say nothing about streaming from memory)."""
     choices: dict[str, list[str]] = field(default_factory=dict)
     """Shape key ("OUTxIN", "w8a16:OUTxIN", see key_of) -> a candidate per bucket (BUCKETS,
     or INT8_ROUTE_BUCKETS for w8a16)."""
@@ -135,6 +141,16 @@ class DispatchTable:
                 return rows
             rows = bucket
         return rows
+
+    def subset(self, keys: set[str]) -> DispatchTable:
+        """The table of these shape and attention keys only (one model's)."""
+        return DispatchTable(
+            cpu=self.cpu, threads=self.threads, prefetch_all_levels=self.prefetch_all_levels,
+            prefetch_bytes=self.prefetch_bytes,
+            choices={k: v for k, v in self.choices.items() if k in keys},
+            timings_us={k: v for k, v in self.timings_us.items()
+                        if k.removeprefix("attention:") in keys or k == "prefetch"},
+            attention_parts={k: v for k, v in self.attention_parts.items() if k in keys})
 
     def describe(self) -> str:
         """The table as a person reads it: one line per shape, the choice per bucket (w8a16
@@ -201,8 +217,8 @@ def save(table: DispatchTable, path: Path) -> None:
 def tune(kernels: CpuKernels, projections: Sequence[Routable],
          attention: tuple[int, int, int] | None = None) -> DispatchTable:
     """This machine's table for these projections (float ones, and w8a16 ones that are
-    `routable`) and for decode attention of (heads, kv heads, head dim): from the cache,
-    with any shape it lacks timed now (and the cache updated). Workers starting together on
+    `routable`) and for decode attention of (heads, kv heads, head dim), with their entries
+    only: from the cache, with any shape it lacks timed now (and the cache updated). Workers starting together on
     one host take turns (a lock file beside the cache), so one's timing is not disturbed by
     another's and the later ones read its result."""
     threads = torch.get_num_threads()
@@ -211,15 +227,17 @@ def tune(kernels: CpuKernels, projections: Sequence[Routable],
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         table = _tune_locked(kernels, projections, path, threads)
+        keys = {key_of(p) for p in projections}
         if attention is not None:
             key = "x".join(map(str, attention))
+            keys.add(key)
             if key not in table.attention_parts:
                 parts, times = _tune_attention(kernels, *attention)
                 table.attention_parts[key] = parts
                 table.timings_us[f"attention:{key}"] = times
                 save(table, path)
             kernels.cpuk_set_attention_parts(table.attention_parts[key])
-        return table
+        return table.subset(keys)
 
 
 def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Path,
@@ -230,7 +248,16 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
         by_shape.setdefault(key_of(p), []).append(p)
     if table is None:
         table = DispatchTable(cpu=cpu_model(), threads=threads)
+    nbytes = sum(p.nbytes for p in projections)
+    if nbytes > table.prefetch_bytes:
+        before = table.prefetch_all_levels
         table.prefetch_all_levels = _tune_prefetch(kernels, by_shape, table)
+        table.prefetch_bytes = nbytes
+        if table.prefetch_all_levels != before:  # the kernel was timed with the other one
+            table.choices.clear()
+            table.timings_us = {k: v for k, v in table.timings_us.items()
+                                if k == "prefetch" or k.startswith("attention:")}
+        save(table, path)
     kernels.cpuk_set_prefetch(int(table.prefetch_all_levels))
     todo = [s for s in by_shape if s not in table.choices]
     if todo:

@@ -66,6 +66,8 @@ def test_tuned_once_per_machine_then_read_from_the_cache(k: CpuKernels, cache: P
     assert dispatch.tune(k, projs).choices == table.choices  # the cache, no timing
 
     timed: list[tuple[int, ...]] = []
+    monkeypatch.setattr(dispatch, "_tune_prefetch",  # a bigger model times it again
+                        lambda kernels, by_shape, t: t.prefetch_all_levels)
     monkeypatch.setattr(dispatch, "_time_shape", lambda kernels, ps: timed.append(
         tuple(ps[0].weight.shape)) or ({c: [1.0] * len(BUCKETS) for c in CANDIDATES}, BUCKETS))
     grown = dispatch.tune(k, [*projs, *projections(k, (32, 64))])
@@ -221,3 +223,24 @@ def test_decode_attention_split_is_timed_once_per_shape(k: CpuKernels, cache: Pa
     assert dispatch.tune(k, projs, (4, 2, 16)).attention_parts == {"4x2x16": parts}
     assert k.cpuk_get_attention_parts() == parts  # applied from the cache
     k.cpuk_set_attention_parts(2)
+
+
+def test_a_bigger_model_times_the_prefetch_again(k: CpuKernels, cache: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    small = projections(k, (32, 64))
+    monkeypatch.setattr(dispatch, "_tune_prefetch", lambda kernels, by_shape, t: True)
+    assert dispatch.tune(k, small).prefetch_bytes == small[0].nbytes
+    big = projections(k, (96, 64), (64, 192))
+    monkeypatch.setattr(dispatch, "_tune_prefetch", lambda kernels, by_shape, t: False)
+    table = dispatch.tune(k, big)
+    assert not table.prefetch_all_levels and k.cpuk_get_prefetch() == 0
+    assert set(table.choices) == {"96x64", "64x192"}  # only this model's entries
+    stored = dispatch.load(next(cache.glob("dispatch-*.json")))
+    assert stored is not None and set(stored.choices) == {"96x64", "64x192"}  # 32x64 dropped
+
+    def no_timing(*args: object) -> None:
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(dispatch, "_tune_prefetch", no_timing)
+    assert set(dispatch.tune(k, small).choices) == {"32x64"}  # smaller: only its shape
+    k.cpuk_set_prefetch(1)
