@@ -218,9 +218,9 @@ def tune(kernels: CpuKernels, projections: Sequence[Routable],
          attention: tuple[int, int, int] | None = None) -> DispatchTable:
     """This machine's table for these projections (float ones, and w8a16 ones that are
     `routable`) and for decode attention of (heads, kv heads, head dim), with their entries
-    only: from the cache, with any shape it lacks timed now (and the cache updated). Workers starting together on
-    one host take turns (a lock file beside the cache), so one's timing is not disturbed by
-    another's and the later ones read its result."""
+    only: from the cache, with any shape it lacks timed now (and the cache updated).
+    Workers starting together on one host take turns (a lock file beside the cache), so one's
+    timing is not disturbed by another's and the later ones read its result."""
     threads = torch.get_num_threads()
     path = cache_path(kernels, threads)
     path.parent.mkdir(parents=True, exist_ok=True)
