@@ -5,16 +5,17 @@ run four ways on the same model and settings:
 
 1. idle: npuserve's engine alone;
 2. beside one busy process (a Python busy loop, as a neighbour's job would be): npuserve,
-   then transformers' static batches of `max_batch` under the same neighbour;
+   then transformers' static batches of `max_batch` and transformers one request at a time
+   (on `sequential_requests` of them, spread over the workload) under the same neighbour;
 3. two engines side by side, each a process of its own with the whole workload, started
    together once both have loaded (two workers on one host): their output tokens together
    over the longer wall time.
 
 The ratios are the result: contended / idle (a fair share of 2 cores with a neighbour is
 0.5), the pair's total / one idle engine (1.0: sharing loses nothing), and npuserve /
-transformers under the same neighbour. The engines run as `npuserve worker` would: threads
-unset (its CPUs, fewer while others keep cores busy) unless --threads is given, and
-libgomp's spin count as the npuserve command sets it.
+transformers (both ways) under the same neighbour. The engines run as `npuserve worker`
+would: threads unset (its CPUs, fewer while others keep cores busy) unless --threads is
+given, and libgomp's spin count as the npuserve command sets it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class ContentionConfig:
     requests: int = 16
     max_batch: int = 16
     seed: int = 0
+    sequential_requests: int = 4
+    """transformers one at a time runs this many of the requests (every k-th): a request
+    alone shares nothing with the others, so a spread subset measures the same rate."""
     backend: TorchSettings = field(default_factory=lambda: TorchSettings(kv_cache_gb=1.0))
 
 
@@ -116,7 +120,12 @@ def run(config: ContentionConfig, progress: Any = print) -> Results:
     hf_reference.warm_up(model, workload.requests[0].prompt_ids)
     with busy_neighbour():
         hf = hf_reference.run_static_batches(model, workload, config.max_batch, lambda n: None)
-    progress(f"  {hf.tokens_per_s:.1f} tok/s")
+    progress(f"  {hf.tokens_per_s:.1f} tok/s; transformers one at a time beside a busy process")
+    stride = max(1, config.requests // max(1, config.sequential_requests))
+    alone = Workload(workload.requests[::stride], workload.seed)
+    with busy_neighbour():
+        hf_alone = hf_reference.run_sequential(model, alone, lambda n: None)
+    progress(f"  {hf_alone.tokens_per_s:.1f} tok/s ({len(alone.requests)} requests)")
     return {
         "model": Path(config.model_dir).resolve().name,
         "requests": config.requests,
@@ -129,9 +138,12 @@ def run(config: ContentionConfig, progress: Any = print) -> Results:
         "npuserve_contended_tokens_per_s": contended.tokens_per_s,
         "npuserve_pair_tokens_per_s": pair,
         "hf_batched_contended_tokens_per_s": hf.tokens_per_s,
+        "hf_sequential_requests": len(alone.requests),
+        "hf_sequential_contended_tokens_per_s": hf_alone.tokens_per_s,
         "contended_over_idle": contended.tokens_per_s / idle.tokens_per_s,
         "pair_over_idle": pair / idle.tokens_per_s,
         "contended_speedup_vs_hf_batched": contended.tokens_per_s / hf.tokens_per_s,
+        "contended_speedup_vs_hf_sequential": contended.tokens_per_s / hf_alone.tokens_per_s,
         "outputs_equal_idle_and_contended": idle.outputs == contended.outputs,
     }
 
@@ -148,5 +160,8 @@ def format_table(r: Results) -> str:
         f"tok/s  x{r['pair_over_idle']:.2f} of one idle",
         f"  transformers batches beside it       {r['hf_batched_contended_tokens_per_s']:7.1f} "
         f"tok/s  npuserve x{r['contended_speedup_vs_hf_batched']:.2f}",
+        f"  transformers one at a time beside it {r['hf_sequential_contended_tokens_per_s']:7.1f} "
+        f"tok/s  npuserve x{r['contended_speedup_vs_hf_sequential']:.2f} "
+        f"({r['hf_sequential_requests']} requests)",
         f"  greedy outputs equal idle and contended: {r['outputs_equal_idle_and_contended']}",
     ])

@@ -17,11 +17,13 @@ def test_a_small_run_measures_idle_contended_side_by_side_and_transformers(
     r = run(ContentionConfig(str(tiny_qwen3), requests=2, max_batch=2,
                              backend=TorchSettings(kv_cache_gb=0.05)), progress=lines.append)
     for key in ("npuserve_idle_tokens_per_s", "npuserve_contended_tokens_per_s",
-                "npuserve_pair_tokens_per_s", "hf_batched_contended_tokens_per_s"):
+                "npuserve_pair_tokens_per_s", "hf_batched_contended_tokens_per_s",
+                "hf_sequential_contended_tokens_per_s"):
         assert r[key] > 0, key
     assert r["contended_over_idle"] == (r["npuserve_contended_tokens_per_s"]
                                         / r["npuserve_idle_tokens_per_s"])
-    assert len(lines) == 5 and "beside a busy process" in format_table(r)
+    assert r["hf_sequential_requests"] == 2  # fewer requests than sampled: all of them
+    assert len(lines) == 6 and "one at a time beside it" in format_table(r)
 
 
 def test_decode_throughput_is_measured_per_batch_size(tiny_qwen3: Path) -> None:
