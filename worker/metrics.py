@@ -97,6 +97,11 @@ class WorkerMetrics:
                                          "KV cache blocks in all")
         self.kv_usage = metric(Gauge, "npuserve_worker_kv_cache_usage_ratio",
                                "Share of the KV cache's blocks held by requests, 0..1")
+        self.prefill_cap = metric(
+            Gauge, "npuserve_worker_prefill_cap_tokens",
+            "Most prompt tokens a step may carry while requests decode, learned from step "
+            "times (--max-prefill-stall; no series when off; 0: not measured yet, one KV "
+            "block a step)", lazy=True)
         self.device_memory_total = metric(
             Gauge, "npuserve_worker_device_memory_total_bytes",
             "Accelerator memory in all, as its driver reports it", lazy=True)
@@ -170,6 +175,11 @@ class WorkerMetrics:
         self.kv_blocks_used.set(blocks_used)
         self.kv_blocks_capacity.set(blocks_total)
         self.kv_usage.set(blocks_used / blocks_total if blocks_total else 0.0)
+
+    def set_prefill_cap(self, tokens: int | None) -> None:
+        """The engine's current prefill cap (PrefillBudget.tokens); None: no cap."""
+        if tokens is not None:
+            self.prefill_cap.labels().set(tokens)
 
     def set_device(self, stats: DeviceStats) -> None:
         self.device_memory_total.labels().set(stats.memory_total_bytes)

@@ -48,6 +48,10 @@ def test_observations_show_up_under_their_names_with_the_workers_labels() -> Non
     assert _sample(m, "npuserve_worker_kv_blocks_used") == 16
     assert _sample(m, "npuserve_worker_kv_blocks_capacity") == 64
     assert _sample(m, "npuserve_worker_kv_cache_usage_ratio") == 0.25
+    m.set_prefill_cap(None)  # no cap: no series
+    assert _sample(m, "npuserve_worker_prefill_cap_tokens") is None
+    m.set_prefill_cap(96)
+    assert _sample(m, "npuserve_worker_prefill_cap_tokens") == 96
     assert _sample(m, "npuserve_worker_weight_bytes") == 1000
     assert _sample(m, "npuserve_worker_weight_memory_bytes") == 1500
     assert _sample(m, "npuserve_worker_kv_cache_bytes") == 2000

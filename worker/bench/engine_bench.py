@@ -118,7 +118,7 @@ def run(config: BenchConfig) -> Results:
     npuserve_phase.warm_up(engine, first_prompt)
     with _bar("npuserve", workload.total_output_tokens) as bar:
         ours = npuserve_phase.run_throughput(engine, workload, bar.update)
-    decode_ms, quantized = _batch1(engine, config, first_prompt[:32])
+    decode_ms, gb_s, samples, quantized = _batch1(engine, config, first_prompt[:32], gb_s)
     engine_bytes = npuserve_phase.weight_bytes(engine)
     machine = npuserve_phase.machine(engine)
     del engine
@@ -143,6 +143,7 @@ def run(config: BenchConfig) -> Results:
     return {
         **_decode_results(config, machine, load_start, gb_s, weight_bytes, decode_ms,
                           by_batch, quantized),
+        **samples,
         "weight_bytes_source": "engine" if engine_bytes is not None else "transformers",
         "hf_weight_bytes_per_decode_step": hf_bytes,
         "transformers_version": _transformers_version(),
@@ -185,7 +186,7 @@ def run_decode_only(config: BenchConfig) -> Results:
     gb_s = _bandwidth(settings.device)
     engine = npuserve_phase.load_engine(config.model_dir, settings, max_batch=largest)
     npuserve_phase.warm_up(engine, prompts[0])
-    decode_ms, quantized = _batch1(engine, config, prompts[0])
+    decode_ms, gb_s, samples, quantized = _batch1(engine, config, prompts[0], gb_s)
     gc.collect()
     by_batch = _by_batch(engine, prompts, config)
     weight_bytes = npuserve_phase.weight_bytes(engine)
@@ -197,6 +198,7 @@ def run_decode_only(config: BenchConfig) -> Results:
     return {
         **_decode_results(config, machine, load_start, gb_s, weight_bytes, decode_ms,
                           by_batch, quantized),
+        **samples,
         "decode_only": True,
         "weight_bytes_source": "engine",
         "max_batch": largest,
@@ -210,16 +212,33 @@ def _bandwidth(device: str) -> float:
     return gb_s
 
 
-def _batch1(engine: Engine, config: BenchConfig, prompt: list[int]) -> tuple[float, Results]:
-    """Batch-1 decode ms/token of `engine`, then the quantized phase when configured."""
-    with _bar("npuserve batch-1 decode", config.decode_warmup_tokens + config.decode_tokens) as bar:
-        decode_ms = npuserve_phase.decode_ms_per_token(
-            engine,
-            prompt,
-            warmup_tokens=config.decode_warmup_tokens,
-            measured_tokens=config.decode_tokens,
-            on_tokens=bar.update,
-        )
+BATCH1_ROUNDS = 3
+"""Batch-1 decode runs, each but the first after a copy-bandwidth measurement of its own: the
+fastest decode and the highest bandwidth decide the ratio to the floor. A neighbour on a
+shared machine only ever slows either, and interleaving them keeps one busy moment from
+landing on one side only."""
+
+
+def _batch1(engine: Engine, config: BenchConfig, prompt: list[int], gb_s: float
+            ) -> tuple[float, float, Results, Results]:
+    """Batch-1 decode ms/token of `engine` and the copy bandwidth (gb_s and the rounds' own),
+    the best of BATCH1_ROUNDS, with every sample; then the quantized phase when configured."""
+    decode: list[float] = []
+    copies = [gb_s]
+    per_round = config.decode_warmup_tokens + config.decode_tokens
+    with _bar("npuserve batch-1 decode", BATCH1_ROUNDS * per_round) as bar:
+        for r in range(BATCH1_ROUNDS):
+            if r:
+                copies.append(bandwidth.measure_copy_bandwidth(device=config.backend.device))
+            decode.append(npuserve_phase.decode_ms_per_token(
+                engine,
+                prompt,
+                warmup_tokens=config.decode_warmup_tokens,
+                measured_tokens=config.decode_tokens,
+                on_tokens=bar.update,
+            ))
+    samples: Results = {"decode_ms_per_token_batch1_samples": decode,
+                        "bandwidth_gb_s_samples": copies}
     quantized: Results = {}
     if config.quantized_dir is not None:
         total = quant_phase.total_tokens(config.decode_warmup_tokens, config.decode_tokens)
@@ -229,7 +248,7 @@ def _batch1(engine: Engine, config: BenchConfig, prompt: list[int]) -> tuple[flo
                 max_batch=engine.scheduler.capacity.max_batch,
                 warmup_tokens=config.decode_warmup_tokens,
                 measured_tokens=config.decode_tokens, on_tokens=bar.update)
-    return decode_ms, quantized
+    return min(decode), max(copies), samples, quantized
 
 
 def _by_batch(engine: Engine, prompts: list[list[int]], config: BenchConfig) -> dict[int, float]:
