@@ -213,16 +213,18 @@ def _bandwidth(device: str) -> float:
 
 
 BATCH1_ROUNDS = 3
-"""Batch-1 decode runs, each but the first after a copy-bandwidth measurement of its own: the
-fastest decode and the highest bandwidth decide the ratio to the floor. A neighbour on a
-shared machine only ever slows either, and interleaving them keeps one busy moment from
-landing on one side only."""
+"""Batch-1 decode runs, each right after a copy-bandwidth measurement of its own (the first
+after the run's opening one): the round whose decode is closest to its own floor decides the
+ratio. Pairing each decode with the bandwidth of the same moment keeps a busy or a lucky
+moment (a shared VM's copy bandwidth swings by 1.5x within minutes) from landing on one side
+only."""
 
 
 def _batch1(engine: Engine, config: BenchConfig, prompt: list[int], gb_s: float
             ) -> tuple[float, float, Results, Results]:
-    """Batch-1 decode ms/token of `engine` and the copy bandwidth (gb_s and the rounds' own),
-    the best of BATCH1_ROUNDS, with every sample; then the quantized phase when configured."""
+    """Batch-1 decode ms/token of `engine` and the copy bandwidth measured just before it, of
+    the best of BATCH1_ROUNDS rounds (gb_s is the first round's), with every sample; then the
+    quantized phase when configured."""
     decode: list[float] = []
     copies = [gb_s]
     per_round = config.decode_warmup_tokens + config.decode_tokens
@@ -248,7 +250,8 @@ def _batch1(engine: Engine, config: BenchConfig, prompt: list[int], gb_s: float
                 max_batch=engine.scheduler.capacity.max_batch,
                 warmup_tokens=config.decode_warmup_tokens,
                 measured_tokens=config.decode_tokens, on_tokens=bar.update)
-    return min(decode), max(copies), samples, quantized
+    best = min(range(BATCH1_ROUNDS), key=lambda r: decode[r] * copies[r])  # ratio to floor
+    return decode[best], copies[best], samples, quantized
 
 
 def _by_batch(engine: Engine, prompts: list[list[int]], config: BenchConfig) -> dict[int, float]:

@@ -22,10 +22,10 @@ def _threads(r: Results) -> str:
 
 
 def _spread(samples: list[float] | None, unit: str) -> str:
-    """ "; best of 3 (22.1-25.3 ms)" for a measurement taken more than once."""
+    """ "; 3 rounds: 22.1-25.3 ms" for a measurement taken more than once."""
     if not samples or len(samples) < 2:
         return ""
-    return f"; best of {len(samples)} ({min(samples):.1f}-{max(samples):.1f} {unit})"
+    return f"; {len(samples)} rounds: {min(samples):.1f}-{max(samples):.1f} {unit}"
 
 
 def _decode_rows(r: Results) -> list[tuple[str, str, str]]:
