@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from worker.backends.torch_settings import TorchSettings
-from worker.bench import bandwidth, hf_reference, npuserve_phase, quant_phase
+from worker.bench import bandwidth, hf_reference, npuserve_phase, quant_phase, report
 from worker.bench.report import Results
 from worker.bench.workload import (
     OUTPUT_LEN_RANGE,
@@ -290,12 +290,7 @@ def _decode_results(config: BenchConfig, machine: dict[str, object], load_start:
         "model_dir": str(config.model_dir),
         "quick": config.quick,
         "seed": config.seed,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m_start": load_start,
-        "load_average_1m_end": os.getloadavg()[0],
-        "dtype": settings.dtype_name(),
-        "device": settings.device,
+        **report.environment(settings, load_start),
         "torch_version": torch.__version__,
         "decode_ms_per_token_batch1": decode_ms,
         "decode_tokens_per_s_by_batch": by_batch,

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from common.config import LATENCY_PREFILL_STALL, EngineConfig
 from common.sampling_params import SamplingParams
 from worker.backends.torch_settings import TorchSettings
+from worker.bench import report
 from worker.bench.report import Results
 from worker.bench.workload import BenchRequest, Workload, make_workload, usable_vocab
 from worker.engine.prefill_budget import PrefillBudget
@@ -241,12 +242,7 @@ def run(config: MixedLoadConfig) -> Results:
         "max_prefill_stall": config.max_prefill_stall,
         "max_batched_tokens": config.max_batched_tokens,
         "seed": config.seed,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m_start": load_start,
-        "load_average_1m_end": os.getloadavg()[0],
-        "dtype": settings.dtype_name(),
-        "device": settings.device,
+        **report.environment(settings, load_start),
         "block_size": engine.backend.capacity.block_size,
         "prefill_cap_tokens_end": budget.tokens(),
         "decode_step_ms_estimate_end": (budget.decode_s or 0.0) * 1e3,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from common.sampling_params import SamplingParams
 from worker.backends.torch_settings import TorchSettings
-from worker.bench import npuserve_phase
+from worker.bench import npuserve_phase, report
 from worker.bench.report import Results
 from worker.bench.workload import BenchRequest, Workload, make_shared_prefix_workload, usable_vocab
 
@@ -144,12 +144,7 @@ def run(config: PrefixBenchConfig) -> Results:
         "own_tokens": config.own_tokens,
         "output_tokens": config.output_tokens,
         "seed": config.seed,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m_start": load_start,
-        "load_average_1m_end": os.getloadavg()[0],
-        "dtype": settings.dtype_name(),
-        "device": settings.device,
+        **report.environment(settings, load_start),
         "block_size": engines[True].backend.capacity.block_size,
         "ttft_miss_ms": miss_ms,
         "ttft_miss_ms_each": [s * 1e3 for s in misses],

@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.backends.torch_settings import TorchSettings
 
 Results = dict[str, Any]
 """The flat JSON object `npuserve bench engine` writes; see engine_bench.run for the keys."""
+
+
+def environment(settings: TorchSettings, load_start: float) -> Results:
+    """The keys every benchmark records about where it ran: threads, CPUs, the load average
+    at its start and end, dtype and device."""
+    import torch
+
+    return {
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1m_start": load_start,
+        "load_average_1m_end": os.getloadavg()[0],
+        "dtype": settings.dtype_name(),
+        "device": settings.device,
+    }
 
 
 def write_json(results: Results, path: str | Path) -> None:
