@@ -119,10 +119,10 @@ class ModelRunner:
         self.ops: DecoderOps = ops or (KernelOps(kernels) if kernels is not None
                                        else DecoderOps())
         self.ops.check_dtype(self.dtype)
-        self.weights: ModelWeights = load_weights(model_dir, full, self.dtype, self.device,
-                                                  pack=settings.cpu_packed_weights,
-                                                  kernels=kernels, shard=shard,
-                                                  device_int8=self.ops.int8_projection)
+        self.weights: ModelWeights = load_weights(
+            model_dir, full, self.dtype, self.device, pack=settings.cpu_packed_weights,
+            kernels=kernels or self._bf16_kernels(settings, ops), shard=shard,
+            device_int8=self.ops.int8_projection)
         max_len = min(cfg.max_position_embeddings, max_model_len or 1 << 30)
         self.rope = RotaryEmbedding(cfg, max_len, self.device, self.dtype)
         block_size = settings.block_size or self.ops.default_block_size
@@ -174,6 +174,15 @@ class ModelRunner:
         if self.dispatch is None or not shapes:
             return KERNEL_ROWS
         return self.dispatch.plan_rows(shapes)
+
+    def _bf16_kernels(self, settings: TorchSettings, ops: DecoderOps | None
+                      ) -> CpuKernels | None:
+        """The compiled kernels for a bfloat16 model's small projections on the CPU (the
+        other kernels are float32 only)."""
+        if (settings.cpu_kernels and ops is None and self.device.type == "cpu"
+                and self.dtype == torch.bfloat16):
+            return cpu_kernels()
+        return None
 
     def _kernels(self, cfg: ModelConfig) -> CpuKernels | None:
         """The compiled CPU kernels, if they can run this model here."""

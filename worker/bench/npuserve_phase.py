@@ -139,7 +139,10 @@ def machine(engine: Engine) -> dict[str, object]:
     runner = getattr(engine.backend, "runner", None)
     table = getattr(runner, "dispatch", None)
     plan = getattr(runner, "plan", None)
-    kernels = cpu_kernels() if table is not None or plan is not None else None
+    device = getattr(runner, "device", None)
+    on_cpu = (getattr(device, "type", None) == "cpu"
+              and getattr(getattr(runner, "settings", None), "cpu_kernels", False))
+    kernels = cpu_kernels() if on_cpu else None
     return {
         "cpu_model": cpu_model(),
         "kernel_isa": kernels.isa if kernels is not None else "",

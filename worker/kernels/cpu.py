@@ -39,6 +39,7 @@ class CpuKernels:
 
     cpuk_linear_f32: Any
     cpuk_linear_i8: Any
+    cpuk_linear_bf16: Any
     cpuk_rms_norm: Any
     cpuk_add_rms_norm: Any
     cpuk_silu_mul: Any
@@ -96,6 +97,17 @@ class CpuKernels:
         y = torch.empty(m, n)
         self.cpuk_linear_f32(x.data_ptr(), m, k, weight.data_ptr(), n,
                             bias.data_ptr() if bias is not None else None, y.data_ptr())
+        return y
+
+    def linear_bf16(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                    ) -> torch.Tensor:
+        """bfloat16 x [M, in] @ weight [out, in]^T (+ bias) -> bfloat16 [M, out], summed in
+        float32 and rounded once."""
+        m, k = x.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        self.cpuk_linear_bf16(x.data_ptr(), m, k, weight.data_ptr(), n,
+                              bias.data_ptr() if bias is not None else None, y.data_ptr())
         return y
 
     def linear_int8(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

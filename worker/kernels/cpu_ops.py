@@ -26,7 +26,8 @@ fewer, bigger GEMMs."""
 def supports(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the kernels cannot run this model here, or None when they can."""
     if device.type != "cpu" or dtype != torch.float32:
-        return f"they are for float32 on the CPU, not {dtype} on {device}"
+        return (f"they are for float32 on the CPU, not {dtype} on {device} (bfloat16 on the "
+                "CPU still runs its small projections on them)")
     if cfg.head_dim % 8 or cfg.head_dim > MAX_HEAD_DIM:
         return f"head_dim {cfg.head_dim} is not a multiple of 8 up to {MAX_HEAD_DIM}"
     return None

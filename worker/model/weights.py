@@ -123,7 +123,8 @@ def load_weights(
     device_int8: DeviceInt8 | None = None,
 ) -> ModelWeights:
     """pack: also keep oneDNN-packed copies of the projections on CPU; kernels: the compiled
-    CPU kernels for decode-time projections, float32 on the CPU only (see linear.py); shard:
+    CPU kernels for decode-time projections, float32 or bfloat16 on the CPU (see linear.py;
+    int8 ones take them in float32 only); shard:
     load only a tensor-parallel rank's part (`config` is the whole model's)."""
     src = TensorSource(Path(model_dir), config if shard is not None else None, shard)
     pack = pack and can_pack(device)
@@ -137,7 +138,8 @@ def load_weights(
         kept_float = description is not None and not all(
             description.get(m + ".weight") in SCHEMES for m in modules)
         if quant is not None and not kept_float:
-            return quantized_projection(quant, tensor, modules, bias, dtype, device, kernels,
+            return quantized_projection(quant, tensor, modules, bias, dtype, device,
+                                        kernels if dtype == torch.float32 else None,
                                         device_int8)
         weight = cat(*(m + ".weight" for m in modules))
         return Projection(weight, cat(*(m + ".bias" for m in modules)) if bias else None, pack,

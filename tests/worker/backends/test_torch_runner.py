@@ -96,3 +96,22 @@ def test_a_text_longer_than_the_runner_holds_is_refused(tiny_qwen3: Path) -> Non
 def test_weight_counts_are_the_runners_weights(runner: ModelRunner) -> None:
     assert runner.weight_bytes() == runner.weights.nbytes_per_decode_step()
     assert runner.weight_memory_bytes() >= runner.weight_bytes()
+
+
+def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_dir) -> None:
+    """Decode-sized calls (up to 4 rows) on npuserve's bfloat16 kernel, prefill on oneDNN: the
+    same hidden states as PyTorch's operators throughout, to bfloat16 rounding."""
+    from worker.model.linear import BF16_KERNEL_ROWS
+
+    model = tiny_model_dir("qwen3")
+    with_kernel = ModelRunner(model, TorchSettings(kv_cache_gb=0.02, dtype="bfloat16"))
+    without = ModelRunner(model, TorchSettings(kv_cache_gb=0.02, dtype="bfloat16",
+                                               cpu_kernels=False))
+    assert with_kernel.weights.layers[0].qkv._bf16_kernels is not None
+    assert without.weights.layers[0].qkv._bf16_kernels is None
+    assert with_kernel.plan is None and with_kernel.dispatch is None  # float32 only
+    for ids in (list(range(40, 40 + BF16_KERNEL_ROWS)), list(range(40, 70))):
+        ours = with_kernel.prefill_hidden_states(ids).float()
+        ref = without.prefill_hidden_states(ids).float()
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape
+        assert float((ours - ref).abs().max() / ref.abs().max()) < 3e-2

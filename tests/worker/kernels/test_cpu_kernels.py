@@ -54,6 +54,23 @@ def test_linear_matches_f_linear(k: CpuKernels, prefetch: int, m: int, n: int,
                                atol=1e-5 * in_features**0.5)
 
 
+@pytest.mark.parametrize("m", [1, 3, 70])
+@pytest.mark.parametrize(("n", "in_features"), [(7, 13), (301, 584), (64, 40)])
+def test_bfloat16_linear_is_the_float32_product_rounded_once(k: CpuKernels, prefetch: int,
+                                                             m: int, n: int,
+                                                             in_features: int) -> None:
+    """Widened in registers (exact), summed in float32 and rounded to bfloat16 once: within
+    half a bfloat16 step of the float32 product of the same values, plus summation order."""
+    g = gen(m * 100 + n)
+    x = torch.randn(m, in_features, generator=g).bfloat16()
+    w = torch.randn(n, in_features, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    y = k.linear_bf16(x, w, b)
+    ref = F.linear(x.float(), w.float(), b.float())
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5 * in_features**0.5)
+
+
 @pytest.mark.parametrize(("in_features", "group"), [(64, 0), (64, 32), (64, 8), (40, 0), (48, 0),
                                                     (96, 48), (2096, 0), (2080, 1040)])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 70])

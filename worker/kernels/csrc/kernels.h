@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define CPUK_ABI_VERSION 3
+#define CPUK_ABI_VERSION 4
 
 /* One projection: float32 weights, or int8 with per-(row, group) scales. */
 typedef struct {
@@ -55,6 +55,8 @@ void cpuk_set_prefetch(int64_t all_levels); /* 1: prefetch weights into every ca
 int64_t cpuk_get_prefetch(void);
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y);
+void cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
+                      const uint16_t *bias, uint16_t *y);
 int64_t cpuk_linear_i8_workspace(int64_t m, int64_t k, int64_t group);
 int64_t cpuk_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
                        int64_t group, int64_t n, const float *bias, float *y, void *work,

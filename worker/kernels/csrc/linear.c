@@ -5,7 +5,8 @@
  * `group` columns. Each thread takes a contiguous range of W's rows and reads every weight
  * from memory once, a small tile of rows at a time, and multiplies it with every row of x
  * (x stays in L1/L2) before moving on. float32 runs on the widest vectors the CPU has (16
- * lanes with AVX-512, where the 32 registers also hold a 4 x 4 tile; 8 otherwise). int8
+ * lanes with AVX-512, where the 32 registers also hold a 4 x 4 tile; 8 otherwise), and so
+ * does bfloat16, widened to float32 in registers (half the bytes of float32 from memory). int8
  * weights move a quarter of the bytes; on AVX2 and AVX-512 they are multiplied in integers
  * with x rounded to int16 (below), elsewhere widened to float32 in registers.
  *
@@ -69,34 +70,66 @@ ALWAYS_INLINE void tile_rows(const char *w, int64_t row_bytes, int64_t j, int64_
     for (int q = 0; q < WR; q++) rows[q] = w + (j + q < n ? j + q : n - 1) * row_bytes;
 }
 
-/* float32: dot products of the tile's WR weight rows with R rows of x, VW columns at a time.
- * WR, R and T0 are constants after inlining, so acc stays in registers. The tile consumes
- * WR * VW * 4 bytes of W per step, which the prefetches cover a few tiles ahead. */
-ALWAYS_INLINE void tile_f32(const float *x, int64_t k, const float *w, int64_t j, int64_t n,
-                            int WR, int64_t i, int R, int T0, float out[MAX_WR][MAX_XR]) {
-    const float *xs[MAX_XR];
-    for (int r = 0; r < R; r++) xs[r] = x + (i + r) * k;
+/* bfloat16 is the upper half of a float32: widening it is a 16-bit shift, exact. */
+typedef uint16_t vwh __attribute__((vector_size(VW * 2), aligned(2)));
+typedef uint32_t vwu __attribute__((vector_size(VW * 4)));
+
+ALWAYS_INLINE float bf16_float(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even (NaN stays NaN). */
+ALWAYS_INLINE uint16_t float_bf16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* VW elements of float32 (BF 0) or bfloat16 (BF 1, widened) at element c of row p. */
+ALWAYS_INLINE vwf vw_load(const char *p, int64_t c, int BF) {
+    if (BF) return (vwf)(__builtin_convertvector(*(const vwh *)((const uint16_t *)p + c), vwu) << 16);
+    return *(const vwf *)((const float *)p + c);
+}
+
+ALWAYS_INLINE float load1(const char *p, int64_t c, int BF) {
+    return BF ? bf16_float(((const uint16_t *)p)[c]) : ((const float *)p)[c];
+}
+
+/* float32 (or, with BF, bfloat16 x and W widened to float32 in registers): dot products of the
+ * tile's WR weight rows with R rows of x, VW columns at a time. WR, R, T0 and BF are constants
+ * after inlining, so acc stays in registers. The tile consumes WR * VW elements of W per step,
+ * which the prefetches cover a few tiles ahead. */
+ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j, int64_t n,
+                              int WR, int64_t i, int R, int T0, int BF,
+                              float out[MAX_WR][MAX_XR]) {
+    const int64_t es = BF ? 2 : 4; /* element bytes */
+    const char *xs[MAX_XR];
+    for (int r = 0; r < R; r++) xs[r] = (const char *)x + (i + r) * k * es;
     const char *rows[MAX_WR];
-    tile_rows((const char *)w, k * (int64_t)sizeof(float), j, n, WR, rows);
+    tile_rows((const char *)w, k * es, j, n, WR, rows);
     vwf acc[MAX_WR][MAX_XR];
     for (int q = 0; q < WR; q++)
         for (int r = 0; r < R; r++) acc[q][r] = vw_splat(0.0f);
     const int64_t kv = k - k % VW;
-    const char *ahead = rows[0] + PREFETCH_TILES * WR * k * (int64_t)sizeof(float);
+    const char *ahead = rows[0] + PREFETCH_TILES * WR * k * es;
     for (int64_t c = 0; c < kv; c += VW) {
-        for (int b = 0; b < WR * VW * 4; b += 64) PREFETCH(ahead + c * WR * 4 + b, T0);
+        for (int b = 0; b < WR * VW * es; b += 64) PREFETCH(ahead + c * WR * es + b, T0);
         vwf wv[MAX_WR];
-        for (int q = 0; q < WR; q++) wv[q] = *(const vwf *)((const float *)rows[q] + c);
+        for (int q = 0; q < WR; q++) wv[q] = vw_load(rows[q], c, BF);
         for (int r = 0; r < R; r++) {
-            vwf xv = *(const vwf *)(xs[r] + c);
+            vwf xv = vw_load(xs[r], c, BF);
             for (int q = 0; q < WR; q++) acc[q][r] += wv[q] * xv;
         }
     }
     for (int q = 0; q < WR; q++) {
-        const float *wq = (const float *)rows[q];
         for (int r = 0; r < R; r++) {
             out[q][r] = vw_hsum(acc[q][r]);
-            for (int64_t c = kv; c < k; c++) out[q][r] += wq[c] * xs[r][c];
+            for (int64_t c = kv; c < k; c++)
+                out[q][r] += load1(rows[q], c, BF) * load1(xs[r], c, BF);
         }
     }
 }
@@ -150,10 +183,18 @@ ALWAYS_INLINE void store(float out[MAX_WR][MAX_XR], int WR, int R, int64_t i, in
         for (int r = 0; r < R; r++) y[(i + r) * n + j + q] = out[q][r] + (bias ? bias[j + q] : 0.0f);
 }
 
+/* The bias added in float32, then one rounding to bfloat16. */
+ALWAYS_INLINE void store_bf16(float out[MAX_WR][MAX_XR], int WR, int R, int64_t i, int64_t j,
+                              int64_t n, const uint16_t *bias, uint16_t *y) {
+    for (int q = 0; q < WR && j + q < n; q++)
+        for (int r = 0; r < R; r++)
+            y[(i + r) * n + j + q] = float_bf16(out[q][r] + (bias ? bf16_float(bias[j + q]) : 0.0f));
+}
+
 /* One x row: four weight rows per tile, so four streams of reads overlap. Several rows:
  * WR_ROWS weight rows by four x rows per pass, the tile's weights re-read from L1 for each
  * pass. TILE(WR, R, T0) computes one tile into out. */
-#define FOR_TILES_T0(WR, TILE, T0)                                                             \
+#define FOR_TILES_T0(WR, TILE, T0, STORE)                                                      \
     for (int64_t i0 = 0; i0 < m; i0 += X_BLOCK) {                                              \
         const int64_t i1 = m - i0 < X_BLOCK ? m : i0 + X_BLOCK;                                \
         _Pragma("omp parallel for schedule(static) if (n * k > 65536)")                       \
@@ -168,25 +209,35 @@ ALWAYS_INLINE void store(float out[MAX_WR][MAX_XR], int WR, int R, int64_t i, in
                 case 3: TILE(WR, 3, T0); break;                                                \
                 default: TILE(WR, 4, T0); break;                                               \
                 }                                                                              \
-                store(out, WR, R, i, j, n, bias, y);                                           \
+                STORE(out, WR, R, i, j, n, bias, y);                                           \
             }                                                                                  \
         }                                                                                      \
     }
 
-#define FOR_TILES(TILE)                                                                        \
+#define FOR_TILES_STORE(TILE, STORE)                                                           \
     do {                                                                                       \
-        if (m == 1 && prefetch_all_levels) FOR_TILES_T0(4, TILE, 1)                            \
-        else if (m == 1) FOR_TILES_T0(4, TILE, 0)                                              \
-        else if (prefetch_all_levels) FOR_TILES_T0(WR_ROWS, TILE, 1)                           \
-        else FOR_TILES_T0(WR_ROWS, TILE, 0)                                                    \
+        if (m == 1 && prefetch_all_levels) FOR_TILES_T0(4, TILE, 1, STORE)                     \
+        else if (m == 1) FOR_TILES_T0(4, TILE, 0, STORE)                                       \
+        else if (prefetch_all_levels) FOR_TILES_T0(WR_ROWS, TILE, 1, STORE)                    \
+        else FOR_TILES_T0(WR_ROWS, TILE, 0, STORE)                                             \
     } while (0)
+#define FOR_TILES(TILE) FOR_TILES_STORE(TILE, store)
 
 /* x: [m, k]; w: [n, k]; bias: [n] or NULL; y: [m, n]. */
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y) {
-#define TILE_F32(WR_, R_, T0_) tile_f32(x, k, w, j, n, WR_, i, R_, T0_, out)
+#define TILE_F32(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 0, out)
     FOR_TILES(TILE_F32);
 #undef TILE_F32
+}
+
+/* As cpuk_linear_f32 with x, w, bias and y in bfloat16: products and sums in float32, one
+ * rounding per output. */
+void cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
+                      const uint16_t *bias, uint16_t *y) {
+#define TILE_BF16(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 1, out)
+    FOR_TILES_STORE(TILE_BF16, store_bf16);
+#undef TILE_BF16
 }
 
 #ifdef __AVX2__
