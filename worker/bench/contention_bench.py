@@ -121,8 +121,7 @@ def run(config: ContentionConfig, progress: Any = print) -> Results:
     with busy_neighbour():
         hf = hf_reference.run_static_batches(model, workload, config.max_batch, lambda n: None)
     progress(f"  {hf.tokens_per_s:.1f} tok/s; transformers one at a time beside a busy process")
-    stride = max(1, config.requests // max(1, config.sequential_requests))
-    alone = Workload(workload.requests[::stride], workload.seed)
+    alone = workload.subset(workload.spread(config.sequential_requests))
     with busy_neighbour():
         hf_alone = hf_reference.run_sequential(model, alone, lambda n: None)
     progress(f"  {hf_alone.tokens_per_s:.1f} tok/s ({len(alone.requests)} requests)")

@@ -38,7 +38,6 @@ from worker.bench.workload import (
     OUTPUT_LEN_RANGE,
     PROMPT_LEN_RANGE,
     PhaseResult,
-    Workload,
     workload_for_model,
 )
 
@@ -109,9 +108,8 @@ def run(config: BenchConfig) -> Results:
     load_start = os.getloadavg()[0]
     workload = workload_for_model(config.model_dir, config.requests, seed=config.seed)
     first_prompt = workload.requests[0].prompt_ids
-    stride = max(1, config.requests // (config.sequential_requests or config.requests))
-    alone = list(range(0, config.requests, stride))
-    alone_workload = Workload([workload.requests[i] for i in alone], workload.seed)
+    alone = workload.spread(config.sequential_requests)
+    alone_workload = workload.subset(alone)
 
     gb_s = _bandwidth(settings.device)
     engine = npuserve_phase.load_engine(config.model_dir, settings, max_batch=config.max_batch)

@@ -42,6 +42,16 @@ class Workload:
     def total_output_tokens(self) -> int:
         return sum(r.max_new_tokens for r in self.requests)
 
+    def spread(self, count: int | None) -> list[int]:
+        """Indices of about `count` requests spread evenly over the workload (every k-th; None:
+        all): what a one-at-a-time baseline runs, since a request alone shares nothing with
+        the others and a spread subset measures the same rate."""
+        n = len(self.requests)
+        return list(range(0, n, max(1, n // (count or n))))
+
+    def subset(self, indices: list[int]) -> Workload:
+        return Workload([self.requests[i] for i in indices], self.seed)
+
 
 @dataclass(frozen=True, slots=True)
 class PhaseResult:
