@@ -23,12 +23,12 @@ from worker.backends.cpu_threads import ThreadGovernor, cpu_budget
 from worker.backends.torch_settings import TorchSettings
 from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
-from worker.kernels.cpu_ops import KernelOps, supports
+from worker.kernels.cpu_ops import KernelOps, heads_fit, supports
 from worker.kernels.decode_plan import DecodePlan
 from worker.kernels.dispatch import DispatchTable, Routable
-from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment
+from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment, paged_decode
 from worker.model.config import ModelConfig
-from worker.model.linear import KERNEL_ROWS, Projection
+from worker.model.linear import BF16_KERNEL_ROWS, KERNEL_ROWS, Projection
 from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
 from worker.model.sharding import Shard
@@ -116,13 +116,13 @@ class ModelRunner:
         self.dtype: torch.dtype = (getattr(torch, settings.dtype) if settings.dtype
                                    else ops.default_dtype if ops is not None else torch.float32)
         kernels = self._kernels(cfg) if settings.cpu_kernels and ops is None else None
+        bf16_kernels = self._bf16_kernels(settings, ops)
         self.ops: DecoderOps = ops or (KernelOps(kernels) if kernels is not None
                                        else DecoderOps())
         self.ops.check_dtype(self.dtype)
         self.weights: ModelWeights = load_weights(
             model_dir, full, self.dtype, self.device, pack=settings.cpu_packed_weights,
-            kernels=kernels or self._bf16_kernels(settings, ops), shard=shard,
-            device_int8=self.ops.int8_projection)
+            kernels=kernels or bf16_kernels, shard=shard, device_int8=self.ops.int8_projection)
         max_len = min(cfg.max_position_embeddings, max_model_len or 1 << 30)
         self.rope = RotaryEmbedding(cfg, max_len, self.device, self.dtype)
         block_size = settings.block_size or self.ops.default_block_size
@@ -134,12 +134,15 @@ class ModelRunner:
         self.dispatch: DispatchTable | None = (
             self._route(kernels) if kernels is not None and settings.cpu_dispatch else None)
         """This machine's GEMM choices per projection shape and row bucket, when timed."""
-        plan_rows = min(max_num_seqs, self._plan_rows())
-        self.plan = (DecodePlan.build(kernels, cfg, self.weights, self.cache, self.rope,
+        step_kernels = kernels or (bf16_kernels if heads_fit(cfg) is None else None)
+        plan_rows = min(max_num_seqs,
+                        self._plan_rows() if kernels is not None else BF16_KERNEL_ROWS)
+        self.plan = (DecodePlan.build(step_kernels, cfg, self.weights, self.cache, self.rope,
                                       plan_rows)
-                     if kernels is not None and shard is None and plan_rows > 0 else None)
-        """The one-call decode step of the CPU kernels, when they run this model (not under
-        tensor parallelism: the step has no place for the all-reduces)."""
+                     if step_kernels is not None and shard is None and plan_rows > 0 else None)
+        """The one-call decode step of the CPU kernels, when they run this model, or its
+        bfloat16 decode steps (not under tensor parallelism: the step has no place for the
+        all-reduces)."""
 
     def _routable(self, with_lm_head: bool) -> list[Routable]:
         """The projections the dispatch table routes: float32 ones, and w8a16 ones with
@@ -177,8 +180,8 @@ class ModelRunner:
 
     def _bf16_kernels(self, settings: TorchSettings, ops: DecoderOps | None
                       ) -> CpuKernels | None:
-        """The compiled kernels for a bfloat16 model's small projections on the CPU (the
-        other kernels are float32 only)."""
+        """The compiled kernels for a bfloat16 model on the CPU: its small projections, and
+        its decode steps of up to BF16_KERNEL_ROWS rows (in one call, as float32's)."""
         if (settings.cpu_kernels and ops is None and self.device.type == "cpu"
                 and self.dtype == torch.bfloat16):
             return cpu_kernels()
@@ -257,7 +260,10 @@ class ModelRunner:
             width = max(len(c.block_table) for c in decodes)
             tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table))
                                    for c in decodes])
-            decode = self.ops.decode_metadata(tables, lens, self.cache)
+            decode = (paged_decode(tables, lens)
+                      if self.plan is not None and self.plan.covers(len(decodes),
+                                                                    len(ordered) - len(decodes))
+                      else self.ops.decode_metadata(tables, lens, self.cache))
         prefills = []
         start = len(decodes)
         for c in ordered[len(decodes):]:
@@ -273,7 +279,7 @@ class ModelRunner:
     def forward(self, ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """ids, positions [T] -> final hidden states [T, hidden]; the cache is updated."""
-        if self.plan is not None and self.plan.covers(meta):
+        if self.plan is not None and self.plan.covers(meta.num_decodes, len(meta.prefills)):
             return self.plan.forward(ids, positions, meta)
         return forward(self.model_config, self.weights, self.rope, ids, positions, self.cache,
                        meta, self.ops, self.all_reduce)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 """CPUK_ABI_VERSION of the header this module mirrors."""
 
 _P, _I, _F, _C, _S = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
@@ -23,7 +23,7 @@ class Proj(ctypes.Structure):
     """cpuk_proj: one projection's weights (`in_` is C's `in`)."""
 
     _fields_ = [("weight", _P), ("scale", _P), ("bias", _P), ("out", _I), ("in_", _I),
-                ("group", _I)]
+                ("group", _I), ("bf16", _I)]
 
 
 class Layer(ctypes.Structure):
@@ -39,8 +39,8 @@ class DecodeStep(ctypes.Structure):
 
     _fields_ = [("layers", _I), ("hidden", _I), ("heads", _I), ("kv_heads", _I),
                 ("head_dim", _I), ("inter", _I), ("slots", _I), ("block_size", _I),
-                ("max_context", _I), ("eps", _F), ("cos", _P), ("sin", _P), ("n", _I),
-                ("max_blocks", _I), ("positions", _P), ("slot_mapping", _P),
+                ("max_context", _I), ("cache_bf16", _I), ("eps", _F), ("cos", _P),
+                ("sin", _P), ("n", _I), ("max_blocks", _I), ("positions", _P), ("slot_mapping", _P),
                 ("block_tables", _P), ("context_lens", _P), ("residual", _P), ("out", _P),
                 ("work", _P), ("work_bytes", _I)]
 
@@ -62,6 +62,7 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "cpuk_get_attention_parts": (_I, []),
     "cpuk_linear_f32": (None, [_P, _I, _I, _P, _I, _P, _P]),
     "cpuk_linear_bf16": (None, [_P, _I, _I, _P, _I, _P, _P]),
+    "cpuk_linear_f32_wbf16": (None, [_P, _I, _I, _P, _I, _P, _P]),
     "cpuk_linear_i8_workspace": (_I, [_I, _I, _I]),
     "cpuk_linear_i8": (_I, [_P, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I]),
     "cpuk_rms_norm": (None, [_P, _P, _F, _I, _I, _P]),
@@ -69,10 +70,10 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "cpuk_silu_mul": (None, [_P, _I, _I, _P]),
     "cpuk_causal_softmax": (None, [_P, _I, _I, _I, _F]),
     "cpuk_qk_rope_store": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _P, _P, _P, _I,
-                                  _P]),
+                                  _I, _P]),
     "cpuk_decode_attention_workspace": (_I, [_I, _I, _I, _I, _I]),
-    "cpuk_decode_attention": (_I, [_P, _I, _I, _I, _I, _P, _I, _P, _I, _P, _I, _F, _P, _P,
-                                   _I]),
+    "cpuk_decode_attention": (_I, [_P, _I, _I, _I, _I, _P, _I, _I, _P, _I, _P, _I, _F, _P,
+                                   _P, _I]),
     "cpuk_decode_workspace": (_I, [_P, _P, _I]),
     "cpuk_decode_forward": (_I, [_P, _P]),
     "cpuk_advise_hugepages": (_C, [_P, _I]),

@@ -40,6 +40,7 @@ class CpuKernels:
     cpuk_linear_f32: Any
     cpuk_linear_i8: Any
     cpuk_linear_bf16: Any
+    cpuk_linear_f32_wbf16: Any
     cpuk_rms_norm: Any
     cpuk_add_rms_norm: Any
     cpuk_silu_mul: Any
@@ -123,12 +124,13 @@ class CpuKernels:
 
     def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, block_size: int,
                          tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-        """q [n, heads, d] against one layer's paged cache [2, kv_heads, slots, d], int32
-        block tables [n, max_blocks] and context lengths [n] -> [n, heads, d]."""
+        """q [n, heads, d] against one layer's paged cache [2, kv_heads, slots, d] (float32 or
+        bfloat16), int32 block tables [n, max_blocks] and context lengths [n] -> [n, heads, d]."""
         n, heads, d = q.shape
         out = torch.empty_like(q)
         self._with_scratch(self.cpuk_decode_attention, q.data_ptr(), n, heads, cache.shape[1],
-                           d, cache.data_ptr(), cache.shape[2], tables.data_ptr(),
+                           d, cache.data_ptr(), cache.dtype == torch.bfloat16, cache.shape[2],
+                           tables.data_ptr(),
                            tables.shape[1], lens.data_ptr(), block_size, d**-0.5,
                            out.data_ptr())
         return out

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from worker.kernels.cpu import MAX_HEAD_DIM, CpuKernels
-from worker.model.attention import KVCache, PagedDecode
+from worker.model.attention import KVCache, PagedDecode, paged_decode
 from worker.model.config import ModelConfig
 from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
@@ -27,7 +27,12 @@ def supports(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> str 
     """Why the kernels cannot run this model here, or None when they can."""
     if device.type != "cpu" or dtype != torch.float32:
         return (f"they are for float32 on the CPU, not {dtype} on {device} (bfloat16 on the "
-                "CPU still runs its small projections on them)")
+                "CPU still runs its small projections and decode steps on them)")
+    return heads_fit(cfg)
+
+
+def heads_fit(cfg: ModelConfig) -> str | None:
+    """Why the kernels' attention cannot take this model's heads, or None when it can."""
     if cfg.head_dim % 8 or cfg.head_dim > MAX_HEAD_DIM:
         return f"head_dim {cfg.head_dim} is not a multiple of 8 up to {MAX_HEAD_DIM}"
     return None
@@ -65,13 +70,13 @@ class KernelOps(DecoderOps):
             qkv.data_ptr(), t, heads, kv_heads, d, positions.data_ptr(), cos.data_ptr(),
             sin.data_ptr(), q_norm.data_ptr() if q_norm is not None else None,
             k_norm.data_ptr() if k_norm is not None else None, cfg.rms_norm_eps, q.data_ptr(),
-            k.data_ptr(), cache.data[index].data_ptr(), cache.num_slots, slot_mapping.data_ptr())
+            k.data_ptr(), cache.data[index].data_ptr(), False, cache.num_slots,
+            slot_mapping.data_ptr())
         return q, k
 
     def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache
                         ) -> PagedDecode:
-        return PagedDecode(tables.to(torch.int32).contiguous(),
-                           lens.to(torch.int32).contiguous())
+        return paged_decode(tables, lens)
 
     def decode_attention(self, q: torch.Tensor, cache: KVCache, layer: int,
                          decode: Any) -> torch.Tensor:

@@ -1,10 +1,17 @@
 """A decode step of every decoder layer in one C call (csrc/decoder.c).
 
 For steps that are all decodes (the common case while streaming) and at most `max_rows` of
-them, on the CPU kernels with float32 or w8a16 weights. The plan holds the pointers of every
-layer's weights and cache, set once; a step fills in its inputs and makes one ctypes call
-where the per-operator path makes about ten per layer. It runs the same kernels in the same
-order, so the results are the same bit for bit.
+them, on the CPU kernels with float32, w8a16 or bfloat16 weights. The plan holds the pointers
+of every layer's weights and cache, set once; a step fills in its inputs and makes one ctypes
+call where the per-operator path makes about ten per layer. For a float32 model it runs the
+same kernels in the same order as the per-operator path, so the results are the same bit for
+bit.
+
+A bfloat16 model's step reads its weights and KV cache in bfloat16 and carries its
+activations in float32 (decoder.c); the norms' weights, biases, scales and rotary tables, a
+few kilobytes per layer, are held as float32 copies. Its results differ from PyTorch's
+bfloat16 operators (which round every intermediate to bfloat16) by that rounding, the way
+two bfloat16 implementations do.
 """
 
 from __future__ import annotations
@@ -36,6 +43,11 @@ class _Held(list[torch.Tensor]):
         return t.data_ptr()
 
 
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as contiguous float32 (t itself when it already is)."""
+    return t.float().contiguous() if t is not None else None
+
+
 def _proj(projection: object, held: _Held) -> Proj | None:
     operand = getattr(projection, "kernel_operand", lambda: None)()
     if operand is None:
@@ -43,7 +55,8 @@ def _proj(projection: object, held: _Held) -> Proj | None:
     weight, scale, bias = operand
     out, in_features = weight.shape
     group = in_features if scale is None else in_features * out // scale.numel()
-    return Proj(held.ptr(weight), held.ptr(scale), held.ptr(bias), out, in_features, group)
+    return Proj(held.ptr(weight), held.ptr(_f32(scale)), held.ptr(_f32(bias)), out,
+                in_features, group, weight.dtype == torch.bfloat16)
 
 
 class DecodePlan:
@@ -69,7 +82,8 @@ class DecodePlan:
             heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
             head_dim=cfg.head_dim, inter=cfg.intermediate_size, slots=cache.num_slots,
             block_size=cache.block_size, max_context=min(rope.cos.shape[0], cache.num_slots),
-            eps=cfg.rms_norm_eps, cos=held.ptr(rope.cos), sin=held.ptr(rope.sin))
+            cache_bf16=cache.data.dtype == torch.bfloat16, eps=cfg.rms_norm_eps,
+            cos=held.ptr(_f32(rope.cos)), sin=held.ptr(_f32(rope.sin)))
         self._inputs: tuple[torch.Tensor, ...] = ()
         self._work = torch.empty(0, dtype=torch.uint8)
         self._grow(kernels.cpuk_decode_workspace(ctypes.byref(s), layers, max_rows))
@@ -86,8 +100,8 @@ class DecodePlan:
             if any(p is None for p in projs):
                 return None
             nxt = weights.layers[i + 1].input_norm if i + 1 < len(weights.layers) else weights.norm
-            layers[i] = Layer(held.ptr(lw.input_norm), held.ptr(lw.post_norm), held.ptr(nxt),
-                              held.ptr(lw.q_norm), held.ptr(lw.k_norm), *projs,
+            norms = (lw.input_norm, lw.post_norm, nxt, lw.q_norm, lw.k_norm)
+            layers[i] = Layer(*(held.ptr(_f32(t)) for t in norms), *projs,
                               held.ptr(cache.data[i]))
         held.append(cache.data)  # the layers' views point into it
         return cls(kernels, cfg, weights, cache, rope, layers, held, max_rows)
@@ -98,16 +112,17 @@ class DecodePlan:
         self._step.work = self._work.data_ptr()
         self._step.work_bytes = nbytes
 
-    def covers(self, meta: AttentionMetadata) -> bool:
+    def covers(self, decodes: int, prefills: int) -> bool:
         """Whether a step is one this plan runs: decodes only, at most max_rows of them."""
-        return not meta.prefills and 0 < meta.num_decodes <= self.max_rows
+        return not prefills and 0 < decodes <= self.max_rows
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """ids, positions [n] (all decodes) -> final hidden states [n, hidden]."""
+        """ids, positions [n] (all decodes) -> final hidden states [n, hidden], in the
+        model's dtype."""
         decode = meta.decode
         assert isinstance(decode, PagedDecode)
-        residual = F.embedding(ids, self._embed)  # a fresh tensor, updated in place
+        residual = F.embedding(ids, self._embed).float()  # a fresh tensor, updated in place
         out = torch.empty_like(residual)
         self._inputs = (positions.to(torch.int64).contiguous(),
                         meta.slot_mapping.to(torch.int64).contiguous(),
@@ -123,4 +138,4 @@ class DecodePlan:
             self._grow(need)
             need = self._fn(ctypes.byref(s), self._layers)
             assert need == 0, "the decode step asked for scratch twice"
-        return out
+        return out.to(self._embed.dtype)

@@ -144,6 +144,11 @@ def gathered_decode(tables: torch.Tensor, lens: torch.Tensor, kv_heads: int, num
     return GatheredDecode(rows, ctx, bias.repeat(kv_heads, 1)[:, None, :].to(device))
 
 
+def paged_decode(tables: torch.Tensor, lens: torch.Tensor) -> PagedDecode:
+    """tables [n, max_blocks], lens [n] (CPU int64) -> what the CPU kernels read."""
+    return PagedDecode(tables.to(torch.int32).contiguous(), lens.to(torch.int32).contiguous())
+
+
 def gathered_decode_attention(q: torch.Tensor, cache: KVCache, layer: int,
                               decode: GatheredDecode) -> torch.Tensor:
     """One query per sequence: two batched matmuls, which beat a flash kernel at q_len 1 on CPU.

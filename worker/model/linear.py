@@ -20,7 +20,8 @@ F.linear serves the larger calls. Other devices use F.linear throughout.
 bfloat16 weights on the CPU (`--dtype bfloat16`): with the compiled kernels, up to
 BF16_KERNEL_ROWS rows run npuserve's kernel, which widens them to float32 in registers and so
 streams half of float32's bytes; more rows take oneDNN's bfloat16 GEMM (AVX512-BF16 or AMX
-where the CPU has them).
+where the CPU has them). Decode steps of up to BF16_KERNEL_ROWS sequences run as one call
+(worker/kernels/decode_plan.py), whose kernel reads the bfloat16 weights with float32 x.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ ROUTE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 PACK_BATCH_HINT = 64
 """Batch size oneDNN chooses the packed layout for; it serves 3-512 rows well."""
 
-BF16_KERNEL_ROWS = 4
-"""Most rows the bfloat16 kernel serves: on a 2-core Zen 4 with AVX512-BF16, SmolLM2's layers
-took 8.2 / 9.3 / 11.5 / 17.3 ms at 1 / 2 / 4 / 8 rows against oneDNN's 16.8 / 16.3 / 16.8 /
-17.8, and 27 against 19 at 16."""
+BF16_KERNEL_ROWS = 8
+"""Most rows the bfloat16 kernel serves, and the most decodes a bfloat16 model's one-call
+decode step takes: on a 2-core Zen 4 with AVX512-BF16, SmolLM2's layers took 8.2 / 9.3 /
+11.5 / 17.3 ms at 1 / 2 / 4 / 8 rows against oneDNN's 16.8 / 16.3 / 16.8 / 17.8, and 27
+against 19 at 16; decode steps of 8 sequences ran at 253-271 tok/s in one call against
+208-257 on PyTorch's operators."""
 
 KERNEL_ROWS = 16
 """Most rows the compiled kernel serves (a decode batch): it prefetches the weights it streams
@@ -98,8 +101,11 @@ class Projection:
         return self.nbytes + extra
 
     def kernel_operand(self) -> tuple[torch.Tensor, None, torch.Tensor | None] | None:
-        """(weight, no scales, bias) for the compiled decoder, or None without the kernels."""
-        return (self.weight, None, self.bias) if self._kernels is not None else None
+        """(weight, no scales, bias) for the compiled decoder (float32 or bfloat16 weights),
+        or None without the kernels."""
+        if self._kernels is None and self._bf16_kernels is None:
+            return None
+        return self.weight, None, self.bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, in] -> [M, out]."""

@@ -109,9 +109,35 @@ def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_di
                                                cpu_kernels=False))
     assert with_kernel.weights.layers[0].qkv._bf16_kernels is not None
     assert without.weights.layers[0].qkv._bf16_kernels is None
-    assert with_kernel.plan is None and with_kernel.dispatch is None  # float32 only
+    assert with_kernel.dispatch is None  # float32 only
+    assert with_kernel.plan is not None and without.plan is None
     for ids in (list(range(40, 40 + BF16_KERNEL_ROWS)), list(range(40, 70))):
         ours = with_kernel.prefill_hidden_states(ids).float()
         ref = without.prefill_hidden_states(ids).float()
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
         assert float((ours - ref).abs().max() / ref.abs().max()) < 3e-2
+
+
+@pytest.mark.parametrize("batch", [2, 6])
+def test_bfloat16_decode_steps_follow_pytorchs_bfloat16_operators(tiny_model_dir,
+                                                                   batch: int) -> None:
+    """Decodes of up to BF16_KERNEL_ROWS sequences run as one call (float32 activations over
+    bfloat16 weights and cache), more on PyTorch's operators: step after step, the logits
+    stay within bfloat16's rounding of PyTorch's bfloat16 path."""
+    model = tiny_model_dir("qwen3")
+    runners = [ModelRunner(model, TorchSettings(kv_cache_gb=0.02, dtype="bfloat16",
+                                                cpu_kernels=kernels), max_num_seqs=8)
+               for kernels in (True, False)]
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(0, 1000, (10 + 3 * i,), generator=g).tolist() for i in range(batch)]
+    tables = [[2 * i, 2 * i + 1, 2 * i + 16] for i in range(batch)]
+    steps = [[SequenceChunk(str(i), p, 0, tables[i], True, PARAMS)
+              for i, p in enumerate(prompts)]]
+    for t in range(4):
+        steps.append([SequenceChunk(str(i), [100 + 7 * t + i], len(p) + t, tables[i], True,
+                                    PARAMS) for i, p in enumerate(prompts)])
+    for chunks in steps:
+        ours, ref = (r.execute(chunks) for r in runners)
+        assert ours is not None and ref is not None
+        err = float((ours - ref).norm() / ref.norm())
+        assert err < 3e-2, err

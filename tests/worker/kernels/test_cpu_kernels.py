@@ -71,6 +71,24 @@ def test_bfloat16_linear_is_the_float32_product_rounded_once(k: CpuKernels, pref
     torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5 * in_features**0.5)
 
 
+@pytest.mark.parametrize("m", [1, 3, 70])
+@pytest.mark.parametrize(("n", "in_features"), [(7, 13), (301, 584)])
+def test_bfloat16_weights_give_the_float32_kernel_on_them_widened(k: CpuKernels, prefetch: int,
+                                                                   m: int, n: int,
+                                                                   in_features: int) -> None:
+    """A bfloat16 model's projection in the one-call decode step: float32 x and y, the weight
+    widened in registers (exact), so the float32 kernel's sums on the widened weight (to the
+    last bit where the compiler contracts a scalar tail into FMAs differently)."""
+    g = gen(m * 10 + n)
+    x, b = torch.randn(m, in_features, generator=g), torch.randn(n, generator=g)
+    w = torch.randn(n, in_features, generator=g).bfloat16()
+    y = torch.empty(m, n)
+    k.cpuk_linear_f32_wbf16(x.data_ptr(), m, in_features, w.data_ptr(), n, b.data_ptr(),
+                            y.data_ptr())
+    torch.testing.assert_close(y, k.linear(x, w.float(), b), rtol=2**-22,
+                               atol=2**-22 * in_features**0.5)
+
+
 @pytest.mark.parametrize(("in_features", "group"), [(64, 0), (64, 32), (64, 8), (40, 0), (48, 0),
                                                     (96, 48), (2096, 0), (2080, 1040)])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 70])
@@ -139,6 +157,33 @@ def test_qk_rope_store_matches_torch_ops(k: CpuKernels, qk_norm: bool) -> None:
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_qk_rope_store_rounds_once_into_a_bfloat16_cache(k: CpuKernels) -> None:
+    """The same queries and keys; the cache holds the float32 one's values rounded to
+    bfloat16 (to nearest even, as torch rounds)."""
+    cfg = _config(qk_norm=True)
+    g = gen(5)
+    d, kv_heads, t = cfg.head_dim, cfg.num_key_value_heads, 4
+    q_norm = torch.rand(d, generator=g) + 0.5
+    k_norm = q_norm * 0.7
+    rope = RotaryEmbedding(cfg, 256, torch.device("cpu"), torch.float32)
+    qkv = torch.randn(t, cfg.q_size + 2 * cfg.kv_size, generator=g) * 3
+    positions, slots = torch.tensor([0, 9, 50, 255]), torch.tensor([3, 30, 0, 17])
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = torch.zeros(2, kv_heads, 32, d, dtype=dtype)
+        q = torch.empty(t, cfg.num_attention_heads, d)
+        key = torch.empty(t, kv_heads, d)
+        k.cpuk_qk_rope_store(qkv.data_ptr(), t, cfg.num_attention_heads, kv_heads, d,
+                             positions.data_ptr(), rope.cos.data_ptr(), rope.sin.data_ptr(),
+                             q_norm.data_ptr(), k_norm.data_ptr(), 1e-6, q.data_ptr(),
+                             key.data_ptr(), cache.data_ptr(), dtype == torch.bfloat16, 32,
+                             slots.data_ptr())
+        results.append((q, key, cache))
+    (q32, k32, cache32), (q16, k16, cache16) = results
+    assert torch.equal(q16, q32) and torch.equal(k16, k32)
+    assert torch.equal(cache16, cache32.bfloat16())
+
+
 @pytest.fixture(params=[2, 0, 4], ids=["parts-2", "no-split", "parts-4"])
 def attention_parts(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[int]:
     """Decode attention's tasks per thread the machine's tuning may choose."""
@@ -169,6 +214,24 @@ def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
     ops = KernelOps(k)
     ours = ops.decode_attention(q, cache, 1, ops.decode_metadata(tables, lens_t, cache))
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lens", [[1], [17, 1, 40], [300]])
+def test_decode_attention_on_a_bfloat16_cache_is_the_float32_one_widened(
+    k: CpuKernels, attention_parts: int, lens: list[int]
+) -> None:
+    """Keys and values widened as they are read (exact), then the float32 arithmetic: bit
+    for bit the result on a float32 copy of the cache."""
+    kv_heads, heads, d, block = 2, 6, 16, 8
+    g = gen(len(lens))
+    cache = torch.randn(2, kv_heads, 60 * block, d, generator=g).bfloat16()
+    n = len(lens)
+    width = max(-(-x // block) for x in lens)
+    tables = torch.randperm(60, generator=g)[:n * width].view(n, width).to(torch.int32)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(n, heads, d, generator=g)
+    ours = k.decode_attention(q, cache, block, tables, lens_t)
+    assert torch.equal(ours, k.decode_attention(q, cache.float(), block, tables, lens_t))
 
 
 def test_hugepage_copy_is_an_equal_tensor_in_new_memory(k: CpuKernels) -> None:

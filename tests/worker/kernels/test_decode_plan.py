@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,20 +10,28 @@ import torch
 
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
-from worker.model.attention import AttentionMetadata
+from worker.model.attention import AttentionMetadata, paged_decode
+from worker.model.linear import BF16_KERNEL_ROWS
 from worker.model.transformer import forward
 from worker.quant.quantize import quantize_model
 from worker.quant.scheme import Activations, QuantConfig, Scheme
 
 
-def decode_step(runner: ModelRunner, lens: list[int]) -> tuple[torch.Tensor, ...]:
-    """Fill each sequence's cache with random keys/values, then one decode step of each."""
+def _tables(runner: ModelRunner, lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables [n, width] of scattered blocks for contexts of `lens` tokens, and lens."""
     n = len(lens)
     width = max(-(-x // runner.cache.block_size) for x in lens)
     g = torch.Generator().manual_seed(n)
-    runner.cache.data.copy_(torch.randn(runner.cache.data.shape, generator=g))
     tables = torch.randperm(runner.cache.num_blocks, generator=g)[:n * width].view(n, width)
-    lens_t = torch.tensor(lens)
+    return tables, torch.tensor(lens)
+
+
+def decode_step(runner: ModelRunner, lens: list[int]) -> tuple[torch.Tensor, ...]:
+    """Fill each sequence's cache with random keys/values, then one decode step of each."""
+    n = len(lens)
+    g = torch.Generator().manual_seed(n)
+    runner.cache.data.copy_(torch.randn(runner.cache.data.shape, generator=g))
+    tables, lens_t = _tables(runner, lens)
     pos = lens_t - 1
     bs = runner.cache.block_size
     slots = tables[torch.arange(n), pos // bs] * bs + pos % bs
@@ -41,7 +50,8 @@ def test_one_call_equals_the_per_operator_kernels(tiny_model_dir, lens: list[int
                          TorchSettings(kv_cache_gb=0.02, block_size=4, cpu_dispatch=False),
                          max_num_seqs=16)
     ids, pos, meta = decode_step(runner, lens)
-    assert runner.plan is not None and runner.plan.covers(meta)
+    assert runner.plan is not None and runner.plan.covers(n := len(lens), 0)
+    assert not runner.plan.covers(n, 1) and not runner.plan.covers(0, 0)
     cache_before = runner.cache.data.clone()
     with torch.inference_mode():
         ours = runner.plan.forward(ids, pos, meta)
@@ -69,3 +79,33 @@ def test_w8a16_runs_in_one_call_and_w8a8_does_not(tiny_model_dir, tmp_path: Path
                 ref = forward(runner.model_config, runner.weights, runner.rope, ids, pos,
                               runner.cache, meta, runner.ops)
             torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])  # q/k norms; q/k/v biases
+def test_bfloat16_steps_run_in_one_call_close_to_pytorchs_bfloat16(tiny_model_dir,
+                                                                     arch: str) -> None:
+    """Weights and cache in bfloat16, activations in float32: within bfloat16's rounding of
+    PyTorch's bfloat16 operators (which round every intermediate), keys and values stored
+    alike; steps of more than BF16_KERNEL_ROWS decodes stay on PyTorch's operators."""
+    runner = ModelRunner(tiny_model_dir(arch),
+                         TorchSettings(kv_cache_gb=0.02, block_size=4, dtype="bfloat16"),
+                         max_num_seqs=16)
+    plan = runner.plan
+    assert plan is not None and plan.max_rows == BF16_KERNEL_ROWS
+    assert not plan.covers(BF16_KERNEL_ROWS + 1, 0)
+    for lens in ([5], [1, 40, 17]):
+        ids, pos, meta = decode_step(runner, lens)
+        cache_before = runner.cache.data.clone()
+        with torch.inference_mode():
+            ours = plan.forward(ids, pos, replace(meta, decode=paged_decode(
+                *_tables(runner, lens))))
+            cache_after = runner.cache.data.clone()
+            runner.cache.data.copy_(cache_before)
+            ref = forward(runner.model_config, runner.weights, runner.rope, ids, pos,
+                          runner.cache, meta, runner.ops)
+        assert ours.dtype == ref.dtype == torch.bfloat16
+        err = float((ours.float() - ref.float()).norm() / ref.float().norm())
+        assert err < 2e-2, err
+        stored = (cache_after.float() - runner.cache.data.float()).abs().max()
+        assert float(stored) <= 2e-2 * float(runner.cache.data.float().abs().max())
+        assert not torch.equal(cache_after, cache_before)  # the step stored its keys and values

@@ -4,7 +4,8 @@
  * sequence in slot block_table[t / block_size] * block_size + t % block_size. Each task is
  * one (sequence, kv head), or a part of its context when there are fewer of those than
  * threads, reading keys and values in place, block by block, so no gathered copy of the
- * context is made. The scores and the parts' partial results live in the caller's scratch. */
+ * context is made. The scores and the parts' partial results live in the caller's scratch.
+ * A bfloat16 cache is widened to float32 as it is read; the arithmetic is float32 either way. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -15,18 +16,19 @@
 #define MAX_DV 32 /* head_dim / 8 vectors kept in registers: head_dim <= 256 */
 #define MIN_PART 64 /* fewest context tokens worth a separate task */
 
-/* scores[t] = scale * q . k_t for the block's `count` tokens. */
-ALWAYS_INLINE void block_scores(const v8f *qv, int64_t dv, const float *keys, int64_t count,
-                                float scale, float *scores) {
+/* scores[t] = scale * q . k_t for the block's `count` tokens, keys from element `at` of the
+ * cache (bfloat16 with BF). */
+ALWAYS_INLINE void block_scores(const v8f *qv, int64_t dv, const void *cache, int64_t at,
+                                int BF, int64_t count, float scale, float *scores) {
     for (int64_t t = 0; t < count; t++) {
-        const float *k = keys + t * dv * 8;
+        const int64_t k = at + t * dv * 8;
         v8f a = vsplat(0.0f), b = vsplat(0.0f);
         int64_t c = 0;
         for (; c + 1 < dv; c += 2) {
-            a += qv[c] * vload(k + 8 * c);
-            b += qv[c + 1] * vload(k + 8 * c + 8);
+            a += qv[c] * vload_any(cache, k + 8 * c, BF);
+            b += qv[c + 1] * vload_any(cache, k + 8 * c + 8, BF);
         }
-        if (c < dv) a += qv[c] * vload(k + 8 * c);
+        if (c < dv) a += qv[c] * vload_any(cache, k + 8 * c, BF);
         scores[t] = hsum(a + b) * scale;
     }
 }
@@ -35,10 +37,12 @@ ALWAYS_INLINE void block_scores(const v8f *qv, int64_t dv, const float *keys, in
  * one after another, each streaming its part block by block (a 16-token block of one head is
  * 4 KiB for head_dim 64, so the group's later heads read it from L1/L2, not memory). Writes
  * per head the unnormalised output (sum_t e^(s_t - max) v_t), the max and the sum to part,
- * [group][d + 2]. scores: t_end - t_begin floats of scratch. */
-static void attend(const float *qs, int64_t group, int64_t dv, const float *keys,
-                   const float *values, const int32_t *table, int64_t t_begin, int64_t t_end,
-                   int64_t block_size, float scale, float *scores, float *part) {
+ * [group][d + 2]. keys, values: the head's first element in the cache (bfloat16 with BF).
+ * scores: t_end - t_begin floats of scratch. */
+ALWAYS_INLINE void attend(const float *qs, int64_t group, int64_t dv, const void *cache,
+                          int BF, int64_t keys, int64_t values, const int32_t *table,
+                          int64_t t_begin, int64_t t_end, int64_t block_size, float scale,
+                          float *scores, float *part) {
     const int64_t d = dv * 8, len = t_end - t_begin;
     for (int64_t g = 0; g < group; g++) {
         v8f qv[MAX_DV];
@@ -46,9 +50,9 @@ static void attend(const float *qs, int64_t group, int64_t dv, const float *keys
         for (int64_t t0 = t_begin; t0 < t_end; t0 = (t0 / block_size + 1) * block_size) {
             int64_t stop = (t0 / block_size + 1) * block_size;
             int64_t count = (stop < t_end ? stop : t_end) - t0;
-            const float *k = keys + ((int64_t)table[t0 / block_size] * block_size
-                                     + t0 % block_size) * d;
-            block_scores(qv, dv, k, count, scale, scores + (t0 - t_begin));
+            const int64_t k = keys + ((int64_t)table[t0 / block_size] * block_size
+                                      + t0 % block_size) * d;
+            block_scores(qv, dv, cache, k, BF, count, scale, scores + (t0 - t_begin));
         }
         float max = -INFINITY;
         for (int64_t t = 0; t < len; t++) max = scores[t] > max ? scores[t] : max;
@@ -69,12 +73,12 @@ static void attend(const float *qs, int64_t group, int64_t dv, const float *keys
         for (int64_t t0 = t_begin; t0 < t_end; t0 = (t0 / block_size + 1) * block_size) {
             int64_t stop = (t0 / block_size + 1) * block_size;
             int64_t count = (stop < t_end ? stop : t_end) - t0;
-            const float *v = values + ((int64_t)table[t0 / block_size] * block_size
-                                       + t0 % block_size) * d;
+            const int64_t v = values + ((int64_t)table[t0 / block_size] * block_size
+                                        + t0 % block_size) * d;
             const float *p = scores + (t0 - t_begin);
             for (int64_t i = 0; i < count; i++) {
                 v8f pv = vsplat(p[i]);
-                for (int64_t c = 0; c < dv; c++) acc[c] += pv * vload(v + i * d + 8 * c);
+                for (int64_t c = 0; c < dv; c++) acc[c] += pv * vload_any(cache, v + i * d + 8 * c, BF);
             }
         }
         float *o = part + g * (d + 2);
@@ -128,12 +132,13 @@ int64_t cpuk_decode_attention_workspace(int64_t n, int64_t heads, int64_t kv_hea
                                      + pairs * splits * (heads / kv_heads) * (head_dim + 2));
 }
 
-/* q: [n, heads, d]; cache: this layer's [2, kv_heads, slots, d]; block_tables: [n,
- * max_blocks]; context_lens: [n]; out: [n, heads, d]. head_dim is a multiple of 8 up to 256
- * (checked by the caller). Returns 0, or (computing nothing) the bytes of scratch it needs
- * when work_bytes is short. */
+/* q: [n, heads, d]; cache: this layer's [2, kv_heads, slots, d], float32 or (cache_bf16)
+ * bfloat16; block_tables: [n, max_blocks]; context_lens: [n]; out: [n, heads, d]. head_dim is
+ * a multiple of 8 up to 256 (checked by the caller). Returns 0, or (computing nothing) the
+ * bytes of scratch it needs when work_bytes is short. */
 int64_t cpuk_decode_attention(const float *q, int64_t n, int64_t heads, int64_t kv_heads,
-                              int64_t head_dim, const float *cache, int64_t slots,
+                              int64_t head_dim, const void *cache, int64_t cache_bf16,
+                              int64_t slots,
                               const int32_t *block_tables, int64_t max_blocks,
                               const int32_t *context_lens, int64_t block_size, float scale,
                               float *out, void *work, int64_t work_bytes) {
@@ -159,10 +164,16 @@ int64_t cpuk_decode_attention(const float *q, int64_t n, int64_t heads, int64_t 
                     }
                     continue;
                 }
-                attend(q + first * d, group, d / 8, cache + kh * slots * d,
-                       cache + (kv_heads + kh) * slots * d, block_tables + s * max_blocks,
-                       t_begin, t_end, block_size, scale,
-                       scores + (s * kv_heads + kh) * max_ctx + t_begin, part);
+                const int64_t keys = kh * slots * d, values = (kv_heads + kh) * slots * d;
+                float *sc = scores + (s * kv_heads + kh) * max_ctx + t_begin;
+                if (cache_bf16)
+                    attend(q + first * d, group, d / 8, cache, 1, keys, values,
+                           block_tables + s * max_blocks, t_begin, t_end, block_size, scale, sc,
+                           part);
+                else
+                    attend(q + first * d, group, d / 8, cache, 0, keys, values,
+                           block_tables + s * max_blocks, t_begin, t_end, block_size, scale, sc,
+                           part);
             }
         }
     }

@@ -4,7 +4,12 @@
  * was a tenth of the step.
  *
  * The scratch (s->work) holds the step's activations, then the one kernel scratch that the
- * int8 projections and attention take in turn. */
+ * int8 projections and attention take in turn.
+ *
+ * A bfloat16 model runs here with its weights and KV cache in bfloat16, widened to float32 as
+ * they are read, and its activations in float32 throughout (as llama.cpp's CPU backend does):
+ * the bytes a step reads are bfloat16's, the per-operator rounding of PyTorch's bfloat16
+ * path is gone. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -41,7 +46,9 @@ int64_t cpuk_decode_workspace(const cpuk_decode_step *s, const cpuk_layer *layer
 
 static void project(const cpuk_proj *p, const float *x, int64_t n, float *y, void *work,
                     int64_t work_bytes) {
-    if (p->scale == NULL)
+    if (p->bf16)
+        cpuk_linear_f32_wbf16(x, n, p->in, (const uint16_t *)p->weight, p->out, p->bias, y);
+    else if (p->scale == NULL)
         cpuk_linear_f32(x, n, p->in, (const float *)p->weight, p->out, p->bias, y);
     else
         cpuk_linear_i8(x, n, p->in, (const int8_t *)p->weight, p->scale, p->group, p->out,
@@ -67,9 +74,9 @@ int64_t cpuk_decode_forward(const cpuk_decode_step *s, const cpuk_layer *layers)
         const cpuk_layer *l = &layers[i];
         project(&l->qkv, x, n, qkv, work, work_bytes);
         cpuk_qk_rope_store(qkv, n, s->heads, s->kv_heads, d, s->positions, s->cos, s->sin,
-                           l->q_norm, l->k_norm, s->eps, q, k, l->cache, s->slots,
-                           s->slot_mapping);
-        cpuk_decode_attention(q, n, s->heads, s->kv_heads, d, l->cache, s->slots,
+                           l->q_norm, l->k_norm, s->eps, q, k, l->cache, s->cache_bf16,
+                           s->slots, s->slot_mapping);
+        cpuk_decode_attention(q, n, s->heads, s->kv_heads, d, l->cache, s->cache_bf16, s->slots,
                               s->block_tables, s->max_blocks, s->context_lens, s->block_size,
                               scale, attn, work, work_bytes);
         project(&l->o, attn, n, delta, work, work_bytes);

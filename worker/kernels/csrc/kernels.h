@@ -10,14 +10,15 @@
 
 #include <stdint.h>
 
-#define CPUK_ABI_VERSION 4
+#define CPUK_ABI_VERSION 5
 
-/* One projection: float32 weights, or int8 with per-(row, group) scales. */
+/* One projection: float32 or bfloat16 weights, or int8 with per-(row, group) scales. */
 typedef struct {
     const void *weight;
-    const float *scale; /* NULL for float32 weights */
+    const float *scale; /* NULL for float32 and bfloat16 weights */
     const float *bias;  /* or NULL */
     int64_t out, in, group;
+    int64_t bf16; /* 1: the weight is bfloat16 */
 } cpuk_proj;
 
 typedef struct {
@@ -25,12 +26,13 @@ typedef struct {
     const float *next_norm;       /* the next layer's input norm; the final norm after the last */
     const float *q_norm, *k_norm; /* or NULL */
     cpuk_proj qkv, o, gate_up, down;
-    float *cache; /* this layer's [2, kv_heads, slots, head_dim] */
+    void *cache; /* this layer's [2, kv_heads, slots, head_dim] */
 } cpuk_layer;
 
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, head_dim, inter, slots, block_size;
     int64_t max_context; /* the longest context cpuk_decode_workspace sizes attention for */
+    int64_t cache_bf16;  /* 1: the KV cache is bfloat16 (activations stay float32) */
     float eps;
     const float *cos, *sin; /* [positions, head_dim] */
     /* per step */
@@ -57,6 +59,8 @@ void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64
                      const float *bias, float *y);
 void cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
                       const uint16_t *bias, uint16_t *y);
+void cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
+                           const float *bias, float *y);
 int64_t cpuk_linear_i8_workspace(int64_t m, int64_t k, int64_t group);
 int64_t cpuk_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
                        int64_t group, int64_t n, const float *bias, float *y, void *work,
@@ -73,7 +77,8 @@ void cpuk_causal_softmax(float *scores, int64_t rows, int64_t cols, int64_t chun
 void cpuk_qk_rope_store(const float *qkv, int64_t t, int64_t heads, int64_t kv_heads, int64_t d,
                         const int64_t *positions, const float *cos, const float *sin,
                         const float *q_norm, const float *k_norm, float eps, float *q_out,
-                        float *k_out, float *cache, int64_t slots, const int64_t *slot_mapping);
+                        float *k_out, void *cache, int64_t cache_bf16, int64_t slots,
+                        const int64_t *slot_mapping);
 
 /* attention.c */
 void cpuk_set_attention_parts(int64_t per_thread); /* decode attention's tasks per thread when
@@ -82,7 +87,8 @@ int64_t cpuk_get_attention_parts(void);
 int64_t cpuk_decode_attention_workspace(int64_t n, int64_t heads, int64_t kv_heads,
                                         int64_t head_dim, int64_t max_context);
 int64_t cpuk_decode_attention(const float *q, int64_t n, int64_t heads, int64_t kv_heads,
-                              int64_t head_dim, const float *cache, int64_t slots,
+                              int64_t head_dim, const void *cache, int64_t cache_bf16,
+                              int64_t slots,
                               const int32_t *block_tables, int64_t max_blocks,
                               const int32_t *context_lens, int64_t block_size, float scale,
                               float *out, void *work, int64_t work_bytes);

@@ -70,24 +70,8 @@ ALWAYS_INLINE void tile_rows(const char *w, int64_t row_bytes, int64_t j, int64_
     for (int q = 0; q < WR; q++) rows[q] = w + (j + q < n ? j + q : n - 1) * row_bytes;
 }
 
-/* bfloat16 is the upper half of a float32: widening it is a 16-bit shift, exact. */
 typedef uint16_t vwh __attribute__((vector_size(VW * 2), aligned(2)));
 typedef uint32_t vwu __attribute__((vector_size(VW * 4)));
-
-ALWAYS_INLINE float bf16_float(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    __builtin_memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* Round to nearest even (NaN stays NaN). */
-ALWAYS_INLINE uint16_t float_bf16(float f) {
-    uint32_t u;
-    __builtin_memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 /* VW elements of float32 (BF 0) or bfloat16 (BF 1, widened) at element c of row p. */
 ALWAYS_INLINE vwf vw_load(const char *p, int64_t c, int BF) {
@@ -99,16 +83,16 @@ ALWAYS_INLINE float load1(const char *p, int64_t c, int BF) {
     return BF ? bf16_float(((const uint16_t *)p)[c]) : ((const float *)p)[c];
 }
 
-/* float32 (or, with BF, bfloat16 x and W widened to float32 in registers): dot products of the
- * tile's WR weight rows with R rows of x, VW columns at a time. WR, R, T0 and BF are constants
- * after inlining, so acc stays in registers. The tile consumes WR * VW elements of W per step,
- * which the prefetches cover a few tiles ahead. */
+/* float32 (or, with XBF / WBF, bfloat16 x / W widened to float32 in registers): dot products
+ * of the tile's WR weight rows with R rows of x, VW columns at a time. WR, R, T0, XBF and WBF
+ * are constants after inlining, so acc stays in registers. The tile consumes WR * VW elements
+ * of W per step, which the prefetches cover a few tiles ahead. */
 ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j, int64_t n,
-                              int WR, int64_t i, int R, int T0, int BF,
+                              int WR, int64_t i, int R, int T0, int XBF, int WBF,
                               float out[MAX_WR][MAX_XR]) {
-    const int64_t es = BF ? 2 : 4; /* element bytes */
+    const int64_t es = WBF ? 2 : 4, xes = XBF ? 2 : 4; /* element bytes */
     const char *xs[MAX_XR];
-    for (int r = 0; r < R; r++) xs[r] = (const char *)x + (i + r) * k * es;
+    for (int r = 0; r < R; r++) xs[r] = (const char *)x + (i + r) * k * xes;
     const char *rows[MAX_WR];
     tile_rows((const char *)w, k * es, j, n, WR, rows);
     vwf acc[MAX_WR][MAX_XR];
@@ -119,9 +103,9 @@ ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j
     for (int64_t c = 0; c < kv; c += VW) {
         for (int b = 0; b < WR * VW * es; b += 64) PREFETCH(ahead + c * WR * es + b, T0);
         vwf wv[MAX_WR];
-        for (int q = 0; q < WR; q++) wv[q] = vw_load(rows[q], c, BF);
+        for (int q = 0; q < WR; q++) wv[q] = vw_load(rows[q], c, WBF);
         for (int r = 0; r < R; r++) {
-            vwf xv = vw_load(xs[r], c, BF);
+            vwf xv = vw_load(xs[r], c, XBF);
             for (int q = 0; q < WR; q++) acc[q][r] += wv[q] * xv;
         }
     }
@@ -129,7 +113,7 @@ ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j
         for (int r = 0; r < R; r++) {
             out[q][r] = vw_hsum(acc[q][r]);
             for (int64_t c = kv; c < k; c++)
-                out[q][r] += load1(rows[q], c, BF) * load1(xs[r], c, BF);
+                out[q][r] += load1(rows[q], c, WBF) * load1(xs[r], c, XBF);
         }
     }
 }
@@ -226,7 +210,7 @@ ALWAYS_INLINE void store_bf16(float out[MAX_WR][MAX_XR], int WR, int R, int64_t 
 /* x: [m, k]; w: [n, k]; bias: [n] or NULL; y: [m, n]. */
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y) {
-#define TILE_F32(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 0, out)
+#define TILE_F32(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 0, 0, out)
     FOR_TILES(TILE_F32);
 #undef TILE_F32
 }
@@ -235,9 +219,18 @@ void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64
  * rounding per output. */
 void cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
                       const uint16_t *bias, uint16_t *y) {
-#define TILE_BF16(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 1, out)
+#define TILE_BF16(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 1, 1, out)
     FOR_TILES_STORE(TILE_BF16, store_bf16);
 #undef TILE_BF16
+}
+
+/* As cpuk_linear_f32 with W in bfloat16 (x, bias and y float32): a bfloat16 model's
+ * projection in the one-call decode step, whose activations stay float32. */
+void cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
+                           const float *bias, float *y) {
+#define TILE_WBF16(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 0, 1, out)
+    FOR_TILES(TILE_WBF16);
+#undef TILE_WBF16
 }
 
 #ifdef __AVX2__

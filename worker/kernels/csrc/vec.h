@@ -30,6 +30,36 @@ ALWAYS_INLINE v8f vload_i8(const int8_t *p) {
 
 ALWAYS_INLINE void vstore(float *p, v8f v) { *(v8f *)p = v; }
 
+/* bfloat16 is the upper half of a float32: widening it is a 16-bit shift, exact. */
+typedef uint16_t v8h __attribute__((vector_size(16), aligned(2)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+ALWAYS_INLINE float bf16_float(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Round to nearest even (NaN stays NaN). */
+ALWAYS_INLINE uint16_t float_bf16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Eight bfloat16 widened to float32. */
+ALWAYS_INLINE v8f vload_bf16(const uint16_t *p) {
+    return (v8f)(__builtin_convertvector(*(const v8h *)p, v8u) << 16);
+}
+
+/* Eight float32 (BF 0) or bfloat16 (BF 1, widened) at element c of p; BF is a constant after
+ * inlining. */
+ALWAYS_INLINE v8f vload_any(const void *p, int64_t c, int BF) {
+    return BF ? vload_bf16((const uint16_t *)p + c) : vload((const float *)p + c);
+}
+
 ALWAYS_INLINE float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
