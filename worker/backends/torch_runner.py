@@ -24,11 +24,11 @@ from worker.backends.torch_settings import TorchSettings
 from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.cpu_ops import KernelOps, heads_fit, supports
-from worker.kernels.decode_plan import DecodePlan
+from worker.kernels.decode_plan import BF16_PLAN_ROWS, DecodePlan
 from worker.kernels.dispatch import DispatchTable, Routable
 from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment, paged_decode
 from worker.model.config import ModelConfig
-from worker.model.linear import BF16_KERNEL_ROWS, KERNEL_ROWS, Projection
+from worker.model.linear import KERNEL_ROWS, Projection
 from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
 from worker.model.sharding import Shard
@@ -136,7 +136,7 @@ class ModelRunner:
         """This machine's GEMM choices per projection shape and row bucket, when timed."""
         step_kernels = kernels or (bf16_kernels if heads_fit(cfg) is None else None)
         plan_rows = min(max_num_seqs,
-                        self._plan_rows() if kernels is not None else BF16_KERNEL_ROWS)
+                        self._plan_rows() if kernels is not None else BF16_PLAN_ROWS)
         self.plan = (DecodePlan.build(step_kernels, cfg, self.weights, self.cache, self.rope,
                                       plan_rows)
                      if step_kernels is not None and shard is None and plan_rows > 0 else None)
@@ -181,7 +181,7 @@ class ModelRunner:
     def _bf16_kernels(self, settings: TorchSettings, ops: DecoderOps | None
                       ) -> CpuKernels | None:
         """The compiled kernels for a bfloat16 model on the CPU: its small projections, and
-        its decode steps of up to BF16_KERNEL_ROWS rows (in one call, as float32's)."""
+        its decode steps of up to BF16_PLAN_ROWS rows (in one call, as float32's)."""
         if (settings.cpu_kernels and ops is None and self.device.type == "cpu"
                 and self.dtype == torch.bfloat16):
             return cpu_kernels()

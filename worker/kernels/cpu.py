@@ -41,6 +41,7 @@ class CpuKernels:
     cpuk_linear_i8: Any
     cpuk_linear_bf16: Any
     cpuk_linear_f32_wbf16: Any
+    cpuk_linear_wbf16_workspace: Any
     cpuk_rms_norm: Any
     cpuk_add_rms_norm: Any
     cpuk_silu_mul: Any
@@ -109,6 +110,17 @@ class CpuKernels:
         y = torch.empty(m, n, dtype=torch.bfloat16)
         self.cpuk_linear_bf16(x.data_ptr(), m, k, weight.data_ptr(), n,
                               bias.data_ptr() if bias is not None else None, y.data_ptr())
+        return y
+
+    def linear_f32_wbf16(self, x: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+        """float32 x [M, in] @ bfloat16 weight [out, in]^T (+ float32 bias) -> float32
+        [M, out]: the one-call decode step's projection of a bfloat16 model."""
+        m, k = x.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n)
+        self._with_scratch(self.cpuk_linear_f32_wbf16, x.data_ptr(), m, k, weight.data_ptr(),
+                           n, bias.data_ptr() if bias is not None else None, y.data_ptr())
         return y
 
     def linear_int8(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

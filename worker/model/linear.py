@@ -20,8 +20,8 @@ F.linear serves the larger calls. Other devices use F.linear throughout.
 bfloat16 weights on the CPU (`--dtype bfloat16`): with the compiled kernels, up to
 BF16_KERNEL_ROWS rows run npuserve's kernel, which widens them to float32 in registers and so
 streams half of float32's bytes; more rows take oneDNN's bfloat16 GEMM (AVX512-BF16 or AMX
-where the CPU has them). Decode steps of up to BF16_KERNEL_ROWS sequences run as one call
-(worker/kernels/decode_plan.py), whose kernel reads the bfloat16 weights with float32 x.
+where the CPU has them). Decode steps run as one call (worker/kernels/decode_plan.py) whose
+kernel reads the bfloat16 weights with float32 x.
 """
 
 from __future__ import annotations
@@ -42,11 +42,9 @@ PACK_BATCH_HINT = 64
 """Batch size oneDNN chooses the packed layout for; it serves 3-512 rows well."""
 
 BF16_KERNEL_ROWS = 8
-"""Most rows the bfloat16 kernel serves, and the most decodes a bfloat16 model's one-call
-decode step takes: on a 2-core Zen 4 with AVX512-BF16, SmolLM2's layers took 8.2 / 9.3 /
-11.5 / 17.3 ms at 1 / 2 / 4 / 8 rows against oneDNN's 16.8 / 16.3 / 16.8 / 17.8, and 27
-against 19 at 16; decode steps of 8 sequences ran at 253-271 tok/s in one call against
-208-257 on PyTorch's operators."""
+"""Most rows the bfloat16 kernel serves: on a 2-core Zen 4 with AVX512-BF16, SmolLM2's layers
+took 8.8-11.9 / 9.4-9.9 / 11.7-12.0 / 13.3 ms at 1 / 2 / 4 / 8 rows against oneDNN's packed
+GEMM's 12.3-13.3 / 13.3 / 11.1-11.6 / 12.5, and 17.6-18.0 against 15.7 at 16."""
 
 KERNEL_ROWS = 16
 """Most rows the compiled kernel serves (a decode batch): it prefetches the weights it streams

@@ -11,7 +11,6 @@ import torch
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.model.attention import AttentionMetadata, paged_decode
-from worker.model.linear import BF16_KERNEL_ROWS
 from worker.model.transformer import forward
 from worker.quant.quantize import quantize_model
 from worker.quant.scheme import Activations, QuantConfig, Scheme
@@ -86,13 +85,13 @@ def test_bfloat16_steps_run_in_one_call_close_to_pytorchs_bfloat16(tiny_model_di
                                                                      arch: str) -> None:
     """Weights and cache in bfloat16, activations in float32: within bfloat16's rounding of
     PyTorch's bfloat16 operators (which round every intermediate), keys and values stored
-    alike; steps of more than BF16_KERNEL_ROWS decodes stay on PyTorch's operators."""
+    alike. Several rows round the projections' x to bfloat16 where the CPU has AVX512-BF16."""
     runner = ModelRunner(tiny_model_dir(arch),
                          TorchSettings(kv_cache_gb=0.02, block_size=4, dtype="bfloat16"),
                          max_num_seqs=16)
     plan = runner.plan
-    assert plan is not None and plan.max_rows == BF16_KERNEL_ROWS
-    assert not plan.covers(BF16_KERNEL_ROWS + 1, 0)
+    assert plan is not None and plan.max_rows == 16  # max_num_seqs, under BF16_PLAN_ROWS
+    assert not plan.covers(17, 0)
     for lens in ([5], [1, 40, 17]):
         ids, pos, meta = decode_step(runner, lens)
         cache_before = runner.cache.data.clone()

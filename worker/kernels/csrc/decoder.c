@@ -4,7 +4,7 @@
  * was a tenth of the step.
  *
  * The scratch (s->work) holds the step's activations, then the one kernel scratch that the
- * int8 projections and attention take in turn.
+ * int8 and bfloat16 projections and attention take in turn.
  *
  * A bfloat16 model runs here with its weights and KV cache in bfloat16, widened to float32 as
  * they are read, and its activations in float32 throughout (as llama.cpp's CPU backend does):
@@ -31,8 +31,10 @@ static int64_t workspace(const cpuk_decode_step *s, const cpuk_layer *layers, in
         const cpuk_proj *projs[] = {&layers[i].qkv, &layers[i].o, &layers[i].gate_up,
                                     &layers[i].down};
         for (int p = 0; p < 4; p++) {
-            if (projs[p]->scale == NULL) continue;
-            int64_t b = cpuk_linear_i8_workspace(n, projs[p]->in, projs[p]->group);
+            int64_t b = projs[p]->bf16 ? cpuk_linear_wbf16_workspace(n, projs[p]->in)
+                        : projs[p]->scale != NULL
+                            ? cpuk_linear_i8_workspace(n, projs[p]->in, projs[p]->group)
+                            : 0;
             kernel = b > kernel ? b : kernel;
         }
     }
@@ -47,7 +49,8 @@ int64_t cpuk_decode_workspace(const cpuk_decode_step *s, const cpuk_layer *layer
 static void project(const cpuk_proj *p, const float *x, int64_t n, float *y, void *work,
                     int64_t work_bytes) {
     if (p->bf16)
-        cpuk_linear_f32_wbf16(x, n, p->in, (const uint16_t *)p->weight, p->out, p->bias, y);
+        cpuk_linear_f32_wbf16(x, n, p->in, (const uint16_t *)p->weight, p->out, p->bias, y,
+                              work, work_bytes);
     else if (p->scale == NULL)
         cpuk_linear_f32(x, n, p->in, (const float *)p->weight, p->out, p->bias, y);
     else

@@ -59,8 +59,10 @@ void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64
                      const float *bias, float *y);
 void cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
                       const uint16_t *bias, uint16_t *y);
-void cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
-                           const float *bias, float *y);
+int64_t cpuk_linear_wbf16_workspace(int64_t m, int64_t k);
+int64_t cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16_t *w,
+                              int64_t n, const float *bias, float *y, void *work,
+                              int64_t work_bytes);
 int64_t cpuk_linear_i8_workspace(int64_t m, int64_t k, int64_t group);
 int64_t cpuk_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, const float *scale,
                        int64_t group, int64_t n, const float *bias, float *y, void *work,

@@ -6,7 +6,8 @@
  * from memory once, a small tile of rows at a time, and multiplies it with every row of x
  * (x stays in L1/L2) before moving on. float32 runs on the widest vectors the CPU has (16
  * lanes with AVX-512, where the 32 registers also hold a 4 x 4 tile; 8 otherwise), and so
- * does bfloat16, widened to float32 in registers (half the bytes of float32 from memory). int8
+ * does bfloat16, widened to float32 in registers (half the bytes of float32 from memory), or
+ * for several rows on AVX512-BF16 multiplied in pairs by vdpbf16ps. int8
  * weights move a quarter of the bytes; on AVX2 and AVX-512 they are multiplied in integers
  * with x rounded to int16 (below), elsewhere widened to float32 in registers.
  *
@@ -118,6 +119,42 @@ ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j
     }
 }
 
+#ifdef __AVX512BF16__
+/* bfloat16 x and W on AVX512-BF16: vdpbf16ps multiplies 32 pairs of bfloat16 (exactly, in
+ * float32) and adds each pair's sum to one of 16 float32 lanes, twice the products per
+ * instruction of widening to float32 and one fused multiply-add. As tile_float, 32 columns at
+ * a time; a last part of fewer than 32 columns is a masked load (zeros add nothing). */
+#define DW 32
+ALWAYS_INLINE __m512bh dp_load(const uint16_t *p, int64_t c, int64_t k) {
+    if (k - c >= DW) return (__m512bh)_mm512_loadu_si512(p + c);
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1u << (k - c)) - 1u), p + c);
+}
+
+ALWAYS_INLINE void tile_dpbf16(const uint16_t *x, int64_t k, const uint16_t *w, int64_t j,
+                               int64_t n, int WR, int64_t i, int R, int T0,
+                               float out[MAX_WR][MAX_XR]) {
+    const uint16_t *xs[MAX_XR];
+    for (int r = 0; r < R; r++) xs[r] = x + (i + r) * k;
+    const char *rows[MAX_WR];
+    tile_rows((const char *)w, k * 2, j, n, WR, rows);
+    __m512 acc[MAX_WR][MAX_XR];
+    for (int q = 0; q < WR; q++)
+        for (int r = 0; r < R; r++) acc[q][r] = _mm512_setzero_ps();
+    const char *ahead = rows[0] + PREFETCH_TILES * WR * k * 2;
+    for (int64_t c = 0; c < k; c += DW) {
+        for (int b = 0; b < WR * DW * 2; b += 64) PREFETCH(ahead + c * WR * 2 + b, T0);
+        __m512bh wv[MAX_WR];
+        for (int q = 0; q < WR; q++) wv[q] = dp_load((const uint16_t *)rows[q], c, k);
+        for (int r = 0; r < R; r++) {
+            __m512bh xv = dp_load(xs[r], c, k);
+            for (int q = 0; q < WR; q++) acc[q][r] = _mm512_dpbf16_ps(acc[q][r], wv[q], xv);
+        }
+    }
+    for (int q = 0; q < WR; q++)
+        for (int r = 0; r < R; r++) out[q][r] = _mm512_reduce_add_ps(acc[q][r]);
+}
+#endif
+
 /* int8 widened to float32 (no integer path on this CPU): as tile_f32, 8 columns at a time
  * over [c0, c1). */
 ALWAYS_INLINE void tile_i8_cols(const char *const rows[MAX_WR], int WR, int64_t k,
@@ -219,18 +256,60 @@ void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64
  * rounding per output. */
 void cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
                       const uint16_t *bias, uint16_t *y) {
+#ifdef __AVX512BF16__
+    if (m > 1) {
+#define TILE_DP(WR_, R_, T0_) tile_dpbf16(x, k, w, j, n, WR_, i, R_, T0_, out)
+        FOR_TILES_STORE(TILE_DP, store_bf16);
+#undef TILE_DP
+        return;
+    }
+#endif
 #define TILE_BF16(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 1, 1, out)
     FOR_TILES_STORE(TILE_BF16, store_bf16);
 #undef TILE_BF16
 }
 
+/* Scratch of the float32-x projection over bfloat16 W: x rounded to bfloat16 where that
+ * path is taken. */
+int64_t cpuk_linear_wbf16_workspace(int64_t m, int64_t k) {
+#ifdef __AVX512BF16__
+    if (m > 1) return m * k * (int64_t)sizeof(uint16_t);
+#endif
+    (void)m;
+    (void)k;
+    return 0;
+}
+
 /* As cpuk_linear_f32 with W in bfloat16 (x, bias and y float32): a bfloat16 model's
- * projection in the one-call decode step, whose activations stay float32. */
-void cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
-                           const float *bias, float *y) {
+ * projection in the one-call decode step, whose activations are float32. One row widens W
+ * to float32 in registers; several, on AVX512-BF16, round x to bfloat16 (as PyTorch's
+ * bfloat16 operators hold it) into the caller's scratch and take vdpbf16ps, which is
+ * compute-bound there. Returns 0, or (computing nothing) the bytes of scratch it needs when
+ * work_bytes is short. */
+int64_t cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16_t *w,
+                              int64_t n, const float *bias, float *y, void *work,
+                              int64_t work_bytes) {
+    const int64_t need = cpuk_linear_wbf16_workspace(m, k);
+    if (need > work_bytes) return need;
+#ifdef __AVX512BF16__
+    if (need > 0) {
+        uint16_t *xh = work;
+        int64_t c = 0;
+        for (; c + 16 <= m * k; c += 16)
+            _mm256_storeu_si256((__m256i *)(xh + c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + c)));
+        for (; c < m * k; c++) xh[c] = float_bf16(x[c]);
+#define TILE_DP(WR_, R_, T0_) tile_dpbf16(xh, k, w, j, n, WR_, i, R_, T0_, out)
+        FOR_TILES(TILE_DP);
+#undef TILE_DP
+        return 0;
+    }
+#endif
+    (void)work;
 #define TILE_WBF16(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 0, 1, out)
     FOR_TILES(TILE_WBF16);
 #undef TILE_WBF16
+    return 0;
 }
 
 #ifdef __AVX2__
