@@ -23,7 +23,7 @@ from worker.backends.cpu_threads import ThreadGovernor, cpu_budget
 from worker.backends.torch_settings import TorchSettings
 from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
-from worker.kernels.cpu_ops import KernelOps, heads_fit, supports
+from worker.kernels.cpu_ops import Bf16KernelOps, KernelOps, heads_fit, supports
 from worker.kernels.decode_plan import BF16_PLAN_ROWS, DecodePlan
 from worker.kernels.dispatch import DispatchTable, Routable
 from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment, paged_decode
@@ -118,7 +118,8 @@ class ModelRunner:
         kernels = self._kernels(cfg) if settings.cpu_kernels and ops is None else None
         bf16_kernels = self._bf16_kernels(settings, ops)
         self.ops: DecoderOps = ops or (KernelOps(kernels) if kernels is not None
-                                       else DecoderOps())
+                                       else Bf16KernelOps(bf16_kernels)
+                                       if bf16_kernels is not None else DecoderOps())
         self.ops.check_dtype(self.dtype)
         self.weights: ModelWeights = load_weights(
             model_dir, full, self.dtype, self.device, pack=settings.cpu_packed_weights,
@@ -180,8 +181,9 @@ class ModelRunner:
 
     def _bf16_kernels(self, settings: TorchSettings, ops: DecoderOps | None
                       ) -> CpuKernels | None:
-        """The compiled kernels for a bfloat16 model on the CPU: its small projections, and
-        its decode steps of up to BF16_PLAN_ROWS rows (in one call, as float32's)."""
+        """The compiled kernels for a bfloat16 model on the CPU: its small projections, its
+        prefill attention (Bf16KernelOps) and its decode steps of up to BF16_PLAN_ROWS rows
+        (in one call, as float32's)."""
         if (settings.cpu_kernels and ops is None and self.device.type == "cpu"
                 and self.dtype == torch.bfloat16):
             return cpu_kernels()

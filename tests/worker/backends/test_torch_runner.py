@@ -13,6 +13,8 @@ from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
+from worker.kernels.cpu_ops import Bf16KernelOps
+from worker.model.ops import DecoderOps
 from worker.quant.runner import load_runner
 
 PARAMS = SamplingParams()
@@ -111,6 +113,7 @@ def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_di
     assert without.weights.layers[0].qkv._bf16_kernels is None
     assert with_kernel.dispatch is None  # float32 only
     assert with_kernel.plan is not None and without.plan is None
+    assert isinstance(with_kernel.ops, Bf16KernelOps) and type(without.ops) is DecoderOps
     for ids in (list(range(40, 40 + BF16_KERNEL_ROWS)), list(range(40, 70))):
         ours = with_kernel.prefill_hidden_states(ids).float()
         ref = without.prefill_hidden_states(ids).float()
