@@ -78,7 +78,8 @@ ALWAYS_INLINE void attend(const float *qs, int64_t group, int64_t dv, const void
             const float *p = scores + (t0 - t_begin);
             for (int64_t i = 0; i < count; i++) {
                 v8f pv = vsplat(p[i]);
-                for (int64_t c = 0; c < dv; c++) acc[c] += pv * vload_any(cache, v + i * d + 8 * c, BF);
+                for (int64_t c = 0; c < dv; c++)
+                    acc[c] += pv * vload_any(cache, v + i * d + 8 * c, BF);
             }
         }
         float *o = part + g * (d + 2);
