@@ -124,9 +124,9 @@ def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_di
 @pytest.mark.parametrize("batch", [1, 6])
 def test_bfloat16_decode_steps_follow_pytorchs_bfloat16_operators(tiny_model_dir,
                                                                    batch: int) -> None:
-    """Decode steps run as one call (float32 activations over bfloat16 weights and cache):
-    step after step, the logits stay within bfloat16's rounding of PyTorch's bfloat16
-    operators."""
+    """Decode steps run as one call (float32 activations over bfloat16 weights and cache), a
+    step that also prefills on PyTorch's operators with the kernels' attention: step after
+    step, the logits stay within bfloat16's rounding of PyTorch's bfloat16 operators."""
     model = tiny_model_dir("qwen3")
     runners = [ModelRunner(model, TorchSettings(kv_cache_gb=0.02, dtype="bfloat16",
                                                 cpu_kernels=kernels), max_num_seqs=8)
@@ -141,6 +141,9 @@ def test_bfloat16_decode_steps_follow_pytorchs_bfloat16_operators(tiny_model_dir
     for t in range(4):
         steps.append([SequenceChunk(str(i), [100 + 7 * t + i], len(p) + t, tables[i], True,
                                     PARAMS) for i, p in enumerate(prompts)])
+    steps.append([*(SequenceChunk(str(i), [9], len(p) + 4, tables[i], True, PARAMS)
+                    for i, p in enumerate(prompts)),
+                  SequenceChunk("new", list(range(300, 340)), 0, [40, 41, 42], True, PARAMS)])
     for chunks in steps:
         ours, ref = (r.execute(chunks) for r in runners)
         assert ours is not None and ref is not None
