@@ -117,9 +117,11 @@ class ModelRunner:
                                    else ops.default_dtype if ops is not None else torch.float32)
         kernels = self._kernels(cfg) if settings.cpu_kernels and ops is None else None
         bf16_kernels = self._bf16_kernels(settings, ops)
+        # a bfloat16 model's attention and one-call decode steps, where its heads fit them
+        bf16_attention = bf16_kernels if heads_fit(cfg) is None else None
         self.ops: DecoderOps = ops or (KernelOps(kernels) if kernels is not None
-                                       else Bf16KernelOps(bf16_kernels)
-                                       if bf16_kernels is not None else DecoderOps())
+                                       else Bf16KernelOps(bf16_attention)
+                                       if bf16_attention is not None else DecoderOps())
         self.ops.check_dtype(self.dtype)
         self.weights: ModelWeights = load_weights(
             model_dir, full, self.dtype, self.device, pack=settings.cpu_packed_weights,
@@ -135,7 +137,7 @@ class ModelRunner:
         self.dispatch: DispatchTable | None = (
             self._route(kernels) if kernels is not None and settings.cpu_dispatch else None)
         """This machine's GEMM choices per projection shape and row bucket, when timed."""
-        step_kernels = kernels or (bf16_kernels if heads_fit(cfg) is None else None)
+        step_kernels = kernels or bf16_attention
         plan_rows = min(max_num_seqs,
                         self._plan_rows() if kernels is not None else BF16_PLAN_ROWS)
         self.plan = (DecodePlan.build(step_kernels, cfg, self.weights, self.cache, self.rope,
