@@ -149,3 +149,20 @@ def test_bfloat16_decode_steps_follow_pytorchs_bfloat16_operators(tiny_model_dir
         assert ours is not None and ref is not None
         err = float((ours - ref).norm() / ref.norm())
         assert err < 3e-2, err
+
+
+def test_bfloat16_heads_the_kernels_cannot_take_stay_on_pytorch(tmp_path: Path) -> None:
+    """head_dim 12 (not a multiple of 8): attention and decode steps on PyTorch's operators,
+    the small projections still on the bfloat16 kernel; decoding works."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    runner = ModelRunner(tmp_path, TorchSettings(kv_cache_gb=0.01, dtype="bfloat16"))
+    assert type(runner.ops) is DecoderOps and runner.plan is None
+    assert runner.weights.layers[0].qkv._bf16_kernels is not None
+    runner.execute([SequenceChunk("a", [5, 6, 7], 0, [0], True, PARAMS)])
+    logits = runner.execute([SequenceChunk("a", [8], 3, [0], True, PARAMS)])
+    assert logits is not None and bool(torch.isfinite(logits).all())
