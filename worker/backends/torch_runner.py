@@ -26,7 +26,7 @@ from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.cpu_ops import Bf16KernelOps, KernelOps, heads_fit, supports
 from worker.kernels.decode_plan import BF16_PLAN_ROWS, DecodePlan
 from worker.kernels.dispatch import DispatchTable, Routable
-from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment, paged_decode
+from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment
 from worker.model.config import ModelConfig
 from worker.model.linear import KERNEL_ROWS, Projection
 from worker.model.ops import DecoderOps
@@ -264,10 +264,7 @@ class ModelRunner:
             width = max(len(c.block_table) for c in decodes)
             tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table))
                                    for c in decodes])
-            decode = (paged_decode(tables, lens)
-                      if self.plan is not None and self.plan.covers(len(decodes),
-                                                                    len(ordered) - len(decodes))
-                      else self.ops.decode_metadata(tables, lens, self.cache))
+            decode = self.ops.decode_metadata(tables, lens, self.cache)
         prefills = []
         start = len(decodes)
         for c in ordered[len(decodes):]:
@@ -283,7 +280,7 @@ class ModelRunner:
     def forward(self, ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """ids, positions [T] -> final hidden states [T, hidden]; the cache is updated."""
-        if self.plan is not None and self.plan.covers(meta.num_decodes, len(meta.prefills)):
+        if self.plan is not None and self.plan.covers(meta):
             return self.plan.forward(ids, positions, meta)
         return forward(self.model_config, self.weights, self.rope, ids, positions, self.cache,
                        meta, self.ops, self.all_reduce)

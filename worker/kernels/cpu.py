@@ -142,9 +142,8 @@ class CpuKernels:
         out = torch.empty_like(q)
         self._with_scratch(self.cpuk_decode_attention, q.data_ptr(), n, heads, cache.shape[1],
                            d, cache.data_ptr(), cache.dtype == torch.bfloat16, cache.shape[2],
-                           tables.data_ptr(),
-                           tables.shape[1], lens.data_ptr(), block_size, d**-0.5,
-                           out.data_ptr())
+                           tables.data_ptr(), tables.shape[1], lens.data_ptr(), block_size,
+                           d**-0.5, out.data_ptr())
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

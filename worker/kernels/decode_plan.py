@@ -119,9 +119,9 @@ class DecodePlan:
         self._step.work = self._work.data_ptr()
         self._step.work_bytes = nbytes
 
-    def covers(self, decodes: int, prefills: int) -> bool:
+    def covers(self, meta: AttentionMetadata) -> bool:
         """Whether a step is one this plan runs: decodes only, at most max_rows of them."""
-        return not prefills and 0 < decodes <= self.max_rows
+        return not meta.prefills and 0 < meta.num_decodes <= self.max_rows
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -132,7 +132,7 @@ def test_bfloat16_decode_steps_follow_pytorchs_bfloat16_operators(tiny_model_dir
                                                 cpu_kernels=kernels), max_num_seqs=8)
                for kernels in (True, False)]
     plan = runners[0].plan
-    assert plan is not None and plan.covers(batch, 0) and runners[1].plan is None
+    assert plan is not None and plan.max_rows >= batch and runners[1].plan is None
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(0, 1000, (10 + 3 * i,), generator=g).tolist() for i in range(batch)]
     tables = [[2 * i, 2 * i + 1, 2 * i + 16] for i in range(batch)]

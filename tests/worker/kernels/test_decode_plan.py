@@ -10,7 +10,8 @@ import torch
 
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
-from worker.model.attention import AttentionMetadata, paged_decode
+from worker.model.attention import AttentionMetadata
+from worker.model.ops import DecoderOps
 from worker.model.transformer import forward
 from worker.quant.quantize import quantize_model
 from worker.quant.scheme import Activations, QuantConfig, Scheme
@@ -49,8 +50,7 @@ def test_one_call_equals_the_per_operator_kernels(tiny_model_dir, lens: list[int
                          TorchSettings(kv_cache_gb=0.02, block_size=4, cpu_dispatch=False),
                          max_num_seqs=16)
     ids, pos, meta = decode_step(runner, lens)
-    assert runner.plan is not None and runner.plan.covers(n := len(lens), 0)
-    assert not runner.plan.covers(n, 1) and not runner.plan.covers(0, 0)
+    assert runner.plan is not None and runner.plan.covers(meta)
     cache_before = runner.cache.data.clone()
     with torch.inference_mode():
         ours = runner.plan.forward(ids, pos, meta)
@@ -91,17 +91,17 @@ def test_bfloat16_steps_run_in_one_call_close_to_pytorchs_bfloat16(tiny_model_di
                          max_num_seqs=16)
     plan = runner.plan
     assert plan is not None and plan.max_rows == 16  # max_num_seqs, under BF16_PLAN_ROWS
-    assert not plan.covers(17, 0)
     for lens in ([5], [1, 40, 17]):
         ids, pos, meta = decode_step(runner, lens)
         cache_before = runner.cache.data.clone()
         with torch.inference_mode():
-            ours = plan.forward(ids, pos, replace(meta, decode=paged_decode(
-                *_tables(runner, lens))))
+            ours = plan.forward(ids, pos, meta)
             cache_after = runner.cache.data.clone()
             runner.cache.data.copy_(cache_before)
+            torch_ops = DecoderOps()  # gathered attention, SDPA: PyTorch's alone
+            gathered = torch_ops.decode_metadata(*_tables(runner, lens), runner.cache)
             ref = forward(runner.model_config, runner.weights, runner.rope, ids, pos,
-                          runner.cache, meta, runner.ops)
+                          runner.cache, replace(meta, decode=gathered), torch_ops)
         assert ours.dtype == ref.dtype == torch.bfloat16
         err = float((ours.float() - ref.float()).norm() / ref.float().norm())
         assert err < 2e-2, err
