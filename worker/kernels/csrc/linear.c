@@ -446,15 +446,33 @@ ALWAYS_INLINE void tile_i8_x16(const int16_t *xq, const float *xscale, int64_t k
         for (int r = 0; r < R; r++) out[q][r] = xs_hsum(total[q][r]) * xscale[i + r];
 }
 
-/* x rows to int16 with per-row scales max|x| / 32767 (0 rows get scale 0). */
+/* x rows to int16 with per-row scales max|x| / 32767 (0 rows get scale 0). Eight columns at
+ * a time: vcvtps2dq rounds as lrintf does (to nearest even, the MXCSR mode), and a scalar
+ * lrintf is a libm call, which had made this a quarter of a 16-row projection's time. */
 static void quantize_x16(const float *x, int64_t m, int64_t k, int16_t *xq, float *xscale) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     for (int64_t i = 0; i < m; i++) {
         const float *row = x + i * k;
+        int16_t *out = xq + i * k;
+        const int64_t kv = k - k % 8;
+        __m256 vmax = _mm256_setzero_ps();
+        for (int64_t c = 0; c < kv; c += 8)
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(row + c), abs_mask));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, vmax);
         float amax = 0.0f;
-        for (int64_t c = 0; c < k; c++) amax = fabsf(row[c]) > amax ? fabsf(row[c]) : amax;
+        for (int l = 0; l < 8; l++) amax = lanes[l] > amax ? lanes[l] : amax;
+        for (int64_t c = kv; c < k; c++) amax = fabsf(row[c]) > amax ? fabsf(row[c]) : amax;
         const float inv = amax > 0.0f ? X16_MAX / amax : 0.0f;
         xscale[i] = amax / X16_MAX;
-        for (int64_t c = 0; c < k; c++) xq[i * k + c] = (int16_t)lrintf(row[c] * inv);
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (int64_t c = 0; c < kv; c += 8) {
+            const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + c), vinv));
+            const __m128i h = _mm_packs_epi32(_mm256_castsi256_si128(q),
+                                              _mm256_extracti128_si256(q, 1));
+            _mm_storeu_si128((__m128i *)(out + c), h);
+        }
+        for (int64_t c = kv; c < k; c++) out[c] = (int16_t)lrintf(row[c] * inv);
     }
 }
 #endif
