@@ -17,16 +17,18 @@ threads):
 The packed copy doubles weight memory on CPU, so it can be turned off (`pack` False); then
 F.linear serves the larger calls. Other devices use F.linear throughout.
 
-bfloat16 weights on the CPU (`--dtype bfloat16`): with the compiled kernels, up to
-BF16_KERNEL_ROWS rows run npuserve's kernel, which widens them to float32 in registers and so
-streams half of float32's bytes; more rows take oneDNN's bfloat16 GEMM (AVX512-BF16 or AMX
-where the CPU has them). Decode steps run as one call (worker/kernels/decode_plan.py) whose
+bfloat16 weights on the CPU (`--dtype bfloat16`): with the compiled kernels, npuserve's kernel
+widens them to float32 in registers and so streams half of float32's bytes. Where the CPU
+multiplies bfloat16 natively (AVX512-BF16, AMX) it serves up to BF16_KERNEL_ROWS rows and
+oneDNN's bfloat16 GEMM the rest; elsewhere it serves every call, as oneDNN's bfloat16 GEMM
+then ran 2.5-3x slower than it at 8-512 rows (SmolLM2's shapes on an AVX2 Zen 3, 2 threads). Decode steps run as one call (worker/kernels/decode_plan.py) whose
 kernel reads the bfloat16 weights with float32 x.
 """
 
 from __future__ import annotations
 
 import bisect
+import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,6 +54,11 @@ and beats the packed GEMM there (SmolLM2 decode steps, 2 threads: 8 rows 39 vs 5
 73 vs 75 ms); prefill chunks are compute-bound and the packed GEMM's blocking wins."""
 
 
+def native_bf16(kernels: CpuKernels) -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16; every AMX CPU has it too)."""
+    return "avx512bf16" in kernels.isa.split()
+
+
 def can_pack(device: torch.device) -> bool:
     return device.type == "cpu" and torch.backends.mkldnn.is_available()
 
@@ -67,6 +74,9 @@ class Projection:
         self._kernels = kernels if weight.dtype == torch.float32 else None
         """The float32 kernel (routes, the built-in rule, the one-call decode step)."""
         self._bf16_kernels = kernels if weight.dtype == torch.bfloat16 else None
+        self._bf16_rows = (BF16_KERNEL_ROWS if kernels is not None and native_bf16(kernels)
+                           else sys.maxsize)
+        """Most rows the bfloat16 kernel serves."""
         self._packed = _packed(self.weight) if pack else None
         self._routes: tuple[str, ...] | None = None
 
@@ -108,7 +118,7 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, in] -> [M, out]."""
         m = x.shape[0]
-        if self._bf16_kernels is not None and m <= BF16_KERNEL_ROWS:
+        if self._bf16_kernels is not None and m <= self._bf16_rows:
             return self._bf16_kernels.linear_bf16(x.contiguous(), self.weight, self.bias)
         if self._routes is not None and m <= ROUTE_BUCKETS[-1]:
             return self.run(self._routes[bisect.bisect_left(ROUTE_BUCKETS, m)], x)

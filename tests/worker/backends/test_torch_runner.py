@@ -101,8 +101,9 @@ def test_weight_counts_are_the_runners_weights(runner: ModelRunner) -> None:
 
 
 def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_dir) -> None:
-    """Decode-sized calls (up to 4 rows) on npuserve's bfloat16 kernel, prefill on oneDNN: the
-    same hidden states as PyTorch's operators throughout, to bfloat16 rounding."""
+    """Decode-sized calls on npuserve's bfloat16 kernel, prefill on oneDNN where the CPU has
+    native bfloat16 (on the kernel elsewhere): the same hidden states as PyTorch's operators
+    throughout, to bfloat16 rounding."""
     from worker.model.linear import BF16_KERNEL_ROWS
 
     model = tiny_model_dir("qwen3")

@@ -17,6 +17,7 @@ from worker.backends.torch_settings import TorchSettings
 from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.dispatch import BUCKETS, CANDIDATES, INT8_CANDIDATES, DispatchTable
+from worker.model import linear
 from worker.model.linear import Projection
 from worker.quant.int8_linear import INT8_ROUTE_BUCKETS, W8A16Projection, dequantize
 
@@ -109,6 +110,28 @@ def test_routes_that_cannot_run_are_refused(k: CpuKernels) -> None:
         bare.route(("kernel",) * len(BUCKETS))
     with pytest.raises(ValueError, match="choices"):
         bare.route(("torch",))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_calls_take_the_kernel_where_the_cpu_lacks_native_bfloat16(
+        k: CpuKernels, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """With AVX512-BF16 or AMX, oneDNN's bfloat16 GEMM takes calls of more than
+    BF16_KERNEL_ROWS rows; without, the kernel takes every call (prefill included)."""
+    monkeypatch.setattr(linear, "native_bf16", lambda kernels: native)
+    p = Projection(torch.randn(24, 32).bfloat16(), pack=True, kernels=k)
+    calls: list[int] = []
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return CpuKernels.linear_bf16(k, x, weight, bias)
+
+    monkeypatch.setattr(k, "linear_bf16", spy)
+    for m in (1, linear.BF16_KERNEL_ROWS, linear.BF16_KERNEL_ROWS + 1, 70):
+        x = torch.randn(m, 32).bfloat16()
+        torch.testing.assert_close(p(x).float(), F.linear(x.float(), p.weight.float()),
+                                   rtol=2e-2, atol=2e-2)
+    assert calls == ([1, linear.BF16_KERNEL_ROWS] if native
+                     else [1, linear.BF16_KERNEL_ROWS, linear.BF16_KERNEL_ROWS + 1, 70])
 
 
 def _table(kernel: list[float], other: list[float]) -> DispatchTable:

@@ -94,7 +94,11 @@ typedef uint32_t vwu __attribute__((vector_size(VW * 4)));
 
 /* VW elements of float32 (BF 0) or bfloat16 (BF 1, widened) at element c of row p. */
 ALWAYS_INLINE vwf vw_load(const char *p, int64_t c, int BF) {
+#if VW == 8
+    if (BF) return vload_bf16((const uint16_t *)p + c);
+#else
     if (BF) return (vwf)(__builtin_convertvector(*(const vwh *)((const uint16_t *)p + c), vwu) << 16);
+#endif
     return *(const vwf *)((const float *)p + c);
 }
 

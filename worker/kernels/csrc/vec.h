@@ -49,9 +49,14 @@ ALWAYS_INLINE uint16_t float_bf16(float f) {
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* Eight bfloat16 widened to float32. */
+/* Eight bfloat16 widened to float32. x86 says it: GCC 12 splits the generic conversion into
+ * two halves and a lane insert (five instructions where two do). */
 ALWAYS_INLINE v8f vload_bf16(const uint16_t *p) {
+#ifdef __AVX2__
+    return (v8f)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#else
     return (v8f)(__builtin_convertvector(*(const v8h *)p, v8u) << 16);
+#endif
 }
 
 /* Eight float32 (BF 0) or bfloat16 (BF 1, widened) at element c of p; BF is a constant after
