@@ -21,8 +21,9 @@ bfloat16 weights on the CPU (`--dtype bfloat16`): with the compiled kernels, npu
 widens them to float32 in registers and so streams half of float32's bytes. Where the CPU
 multiplies bfloat16 natively (AVX512-BF16, AMX) it serves up to BF16_KERNEL_ROWS rows and
 oneDNN's bfloat16 GEMM the rest; elsewhere it serves every call, as oneDNN's bfloat16 GEMM
-then ran 2.5-3x slower than it at 8-512 rows (SmolLM2's shapes on an AVX2 Zen 3, 2 threads). Decode steps run as one call (worker/kernels/decode_plan.py) whose
-kernel reads the bfloat16 weights with float32 x.
+then ran 2.5-3x slower than it at 8-512 rows (SmolLM2's shapes on an AVX2 Zen 3, 2 threads).
+Decode steps run as one call (worker/kernels/decode_plan.py) whose kernel reads the bfloat16
+weights with float32 x.
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class Projection:
         self._kernels = kernels if weight.dtype == torch.float32 else None
         """The float32 kernel (routes, the built-in rule, the one-call decode step)."""
         self._bf16_kernels = kernels if weight.dtype == torch.bfloat16 else None
-        self._bf16_rows = (BF16_KERNEL_ROWS if kernels is not None and native_bf16(kernels)
-                           else sys.maxsize)
+        self._bf16_rows = (BF16_KERNEL_ROWS if self._bf16_kernels is not None
+                           and native_bf16(self._bf16_kernels) else sys.maxsize)
         """Most rows the bfloat16 kernel serves."""
         self._packed = _packed(self.weight) if pack else None
         self._routes: tuple[str, ...] | None = None
