@@ -20,8 +20,9 @@ F.linear serves the larger calls. Other devices use F.linear throughout.
 bfloat16 weights on the CPU (`--dtype bfloat16`): with the compiled kernels, npuserve's kernel
 widens them to float32 in registers and so streams half of float32's bytes. Where the CPU
 multiplies bfloat16 natively (AVX512-BF16, AMX) it serves up to BF16_KERNEL_ROWS rows and
-oneDNN's bfloat16 GEMM the rest; elsewhere it serves every call, as oneDNN's bfloat16 GEMM
-then ran 2.5-3x slower than it at 8-512 rows (SmolLM2's shapes on an AVX2 Zen 3, 2 threads).
+oneDNN's bfloat16 GEMM the rest; elsewhere it serves every call (and no packed copy is
+kept), as oneDNN's bfloat16 GEMM then ran 2.5-3x slower than it at 8-512 rows (SmolLM2's
+shapes on an AVX2 Zen 3, 2 threads).
 Decode steps run as one call (worker/kernels/decode_plan.py) whose kernel reads the bfloat16
 weights with float32 x.
 """
@@ -75,10 +76,12 @@ class Projection:
         self._kernels = kernels if weight.dtype == torch.float32 else None
         """The float32 kernel (routes, the built-in rule, the one-call decode step)."""
         self._bf16_kernels = kernels if weight.dtype == torch.bfloat16 else None
-        self._bf16_rows = (BF16_KERNEL_ROWS if self._bf16_kernels is not None
-                           and native_bf16(self._bf16_kernels) else sys.maxsize)
-        """Most rows the bfloat16 kernel serves."""
-        self._packed = _packed(self.weight) if pack else None
+        self._bf16_rows = (0 if self._bf16_kernels is None
+                           else BF16_KERNEL_ROWS if native_bf16(self._bf16_kernels)
+                           else sys.maxsize)
+        """Most rows the bfloat16 kernel serves (0: none, sys.maxsize: every call)."""
+        # a packed copy that no call would read is not kept
+        self._packed = _packed(self.weight) if pack and self._bf16_rows < sys.maxsize else None
         self._routes: tuple[str, ...] | None = None
 
     @property
@@ -119,7 +122,8 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, in] -> [M, out]."""
         m = x.shape[0]
-        if self._bf16_kernels is not None and m <= self._bf16_rows:
+        if m <= self._bf16_rows:
+            assert self._bf16_kernels is not None
             return self._bf16_kernels.linear_bf16(x.contiguous(), self.weight, self.bias)
         if self._routes is not None and m <= ROUTE_BUCKETS[-1]:
             return self.run(self._routes[bisect.bisect_left(ROUTE_BUCKETS, m)], x)

@@ -116,7 +116,8 @@ def test_routes_that_cannot_run_are_refused(k: CpuKernels) -> None:
 def test_bfloat16_calls_take_the_kernel_where_the_cpu_lacks_native_bfloat16(
         k: CpuKernels, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     """With AVX512-BF16 or AMX, oneDNN's bfloat16 GEMM takes calls of more than
-    BF16_KERNEL_ROWS rows; without, the kernel takes every call (prefill included)."""
+    BF16_KERNEL_ROWS rows; without, the kernel takes every call (prefill included) and no
+    packed copy is held."""
     monkeypatch.setattr(linear, "native_bf16", lambda kernels: native)
     p = Projection(torch.randn(24, 32).bfloat16(), pack=True, kernels=k)
     calls: list[int] = []
@@ -132,6 +133,8 @@ def test_bfloat16_calls_take_the_kernel_where_the_cpu_lacks_native_bfloat16(
                                    rtol=2e-2, atol=2e-2)
     assert calls == ([1, linear.BF16_KERNEL_ROWS] if native
                      else [1, linear.BF16_KERNEL_ROWS, linear.BF16_KERNEL_ROWS + 1, 70])
+    if not native:  # no call reads a packed copy, so none is held
+        assert not p.packed and p.resident_bytes == p.nbytes
 
 
 def _table(kernel: list[float], other: list[float]) -> DispatchTable:
