@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 """CPUK_ABI_VERSION of the header this module mirrors."""
 
 _P, _I, _F, _C, _S = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
@@ -61,7 +61,9 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "cpuk_set_attention_parts": (None, [_I]),
     "cpuk_get_attention_parts": (_I, []),
     "cpuk_linear_f32": (None, [_P, _I, _I, _P, _I, _P, _P]),
-    "cpuk_linear_bf16": (None, [_P, _I, _I, _P, _I, _P, _P]),
+    "cpuk_set_amx": (None, [_I]),
+    "cpuk_get_amx": (_I, []),
+    "cpuk_linear_bf16": (_I, [_P, _I, _I, _P, _I, _P, _P, _P, _I]),
     "cpuk_linear_wbf16_workspace": (_I, [_I, _I]),
     "cpuk_linear_f32_wbf16": (_I, [_P, _I, _I, _P, _I, _P, _P, _P, _I]),
     "cpuk_linear_i8_workspace": (_I, [_I, _I, _I]),

@@ -54,6 +54,8 @@ class CpuKernels:
 
     cpuk_set_prefetch: Any
     cpuk_get_prefetch: Any
+    cpuk_set_amx: Any
+    cpuk_get_amx: Any
     cpuk_set_attention_parts: Any
     cpuk_get_attention_parts: Any
     cpuk_isa: Any
@@ -108,8 +110,8 @@ class CpuKernels:
         m, k = x.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=torch.bfloat16)
-        self.cpuk_linear_bf16(x.data_ptr(), m, k, weight.data_ptr(), n,
-                              bias.data_ptr() if bias is not None else None, y.data_ptr())
+        self._with_scratch(self.cpuk_linear_bf16, x.data_ptr(), m, k, weight.data_ptr(), n,
+                           bias.data_ptr() if bias is not None else None, y.data_ptr())
         return y
 
     def linear_f32_wbf16(self, x: torch.Tensor, weight: torch.Tensor,

@@ -18,11 +18,12 @@ The packed copy doubles weight memory on CPU, so it can be turned off (`pack` Fa
 F.linear serves the larger calls. Other devices use F.linear throughout.
 
 bfloat16 weights on the CPU (`--dtype bfloat16`): with the compiled kernels, npuserve's kernel
-widens them to float32 in registers and so streams half of float32's bytes. Where the CPU
-multiplies bfloat16 natively (AVX512-BF16, AMX) it serves up to BF16_KERNEL_ROWS rows and
-oneDNN's bfloat16 GEMM the rest; elsewhere it serves every call (and no packed copy is
-kept), as oneDNN's bfloat16 GEMM then ran 2.5-3x slower than it at 8-512 rows (SmolLM2's
-shapes on an AVX2 Zen 3, 2 threads).
+widens them to float32 in registers and so streams half of float32's bytes, or multiplies
+them on AMX tiles. How many rows it serves before oneDNN's bfloat16 GEMM takes over depends
+on how the CPU multiplies bfloat16 (`bf16_kernel_rows`): with AMX, up to AMX_KERNEL_ROWS;
+with AVX512-BF16 alone, up to BF16_KERNEL_ROWS; without native bfloat16, every call (and no
+packed copy is kept), as oneDNN's bfloat16 GEMM then ran 2.5-3x slower than it at 8-512 rows
+(SmolLM2's shapes on an AVX2 Zen 3, 2 threads).
 Decode steps run as one call (worker/kernels/decode_plan.py) whose kernel reads the bfloat16
 weights with float32 x.
 """
@@ -50,15 +51,26 @@ BF16_KERNEL_ROWS = 8
 took 8.8-11.9 / 9.4-9.9 / 11.7-12.0 / 13.3 ms at 1 / 2 / 4 / 8 rows against oneDNN's packed
 GEMM's 12.3-13.3 / 13.3 / 11.1-11.6 / 12.5, and 17.6-18.0 against 15.7 at 16."""
 
+AMX_KERNEL_ROWS = 128
+"""Most rows the bfloat16 kernel serves on AMX tiles: on a 2-core Xeon with AMX, SmolLM2's
+layers (bfloat16 x, each call allocating its output) took 8.6-8.8 / 8.6-9.1 / 13.7 / 20.8 /
+31.1 / 59.8 ms at 8 / 16 / 64 / 128 / 256 / 512 rows against oneDNN's packed GEMM's 11.0 /
+11.4 / 14.7 / 20.9 / 28.5 / 57.1 (also on AMX)."""
+
 KERNEL_ROWS = 16
 """Most rows the compiled kernel serves (a decode batch): it prefetches the weights it streams
 and beats the packed GEMM there (SmolLM2 decode steps, 2 threads: 8 rows 39 vs 53 ms, 16 rows
 73 vs 75 ms); prefill chunks are compute-bound and the packed GEMM's blocking wins."""
 
 
-def native_bf16(kernels: CpuKernels) -> bool:
-    """Whether the CPU multiplies bfloat16 natively (AVX512-BF16; every AMX CPU has it too)."""
-    return "avx512bf16" in kernels.isa.split()
+def bf16_kernel_rows(kernels: CpuKernels) -> int:
+    """Most rows of a bfloat16 projection the kernel serves on this CPU (sys.maxsize: all)."""
+    isa = kernels.isa.split()
+    if "amxbf16" in isa:
+        return AMX_KERNEL_ROWS
+    if "avx512bf16" in isa:  # oneDNN multiplies bfloat16 natively too
+        return BF16_KERNEL_ROWS
+    return sys.maxsize
 
 
 def can_pack(device: torch.device) -> bool:
@@ -77,8 +89,7 @@ class Projection:
         """The float32 kernel (routes, the built-in rule, the one-call decode step)."""
         self._bf16_kernels = kernels if weight.dtype == torch.bfloat16 else None
         self._bf16_rows = (0 if self._bf16_kernels is None
-                           else BF16_KERNEL_ROWS if native_bf16(self._bf16_kernels)
-                           else sys.maxsize)
+                           else bf16_kernel_rows(self._bf16_kernels))
         """Most rows the bfloat16 kernel serves (0: none, sys.maxsize: every call)."""
         # a packed copy that no call would read is not kept
         self._packed = _packed(self.weight) if pack and self._bf16_rows < sys.maxsize else None

@@ -101,10 +101,10 @@ def test_weight_counts_are_the_runners_weights(runner: ModelRunner) -> None:
 
 
 def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_dir) -> None:
-    """Decode-sized calls on npuserve's bfloat16 kernel, prefill on oneDNN where the CPU has
-    native bfloat16 (on the kernel elsewhere): the same hidden states as PyTorch's operators
-    throughout, to bfloat16 rounding."""
-    from worker.model.linear import BF16_KERNEL_ROWS
+    """Decode-sized calls on npuserve's bfloat16 kernel, longer prefills on oneDNN where the
+    CPU has native bfloat16 (on the kernel elsewhere): the same hidden states as PyTorch's
+    operators throughout, to bfloat16 rounding."""
+    from worker.model.linear import AMX_KERNEL_ROWS, BF16_KERNEL_ROWS
 
     model = tiny_model_dir("qwen3")
     with_kernel = ModelRunner(model, TorchSettings(kv_cache_gb=0.02, dtype="bfloat16"))
@@ -115,7 +115,8 @@ def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_di
     assert with_kernel.dispatch is None  # float32 only
     assert with_kernel.plan is not None and without.plan is None
     assert isinstance(with_kernel.ops, Bf16KernelOps) and type(without.ops) is DecoderOps
-    for ids in (list(range(40, 40 + BF16_KERNEL_ROWS)), list(range(40, 70))):
+    for ids in (list(range(40, 40 + BF16_KERNEL_ROWS)), list(range(40, 70)),
+                list(range(40, 41 + AMX_KERNEL_ROWS))):
         ours = with_kernel.prefill_hidden_states(ids).float()
         ref = without.prefill_hidden_states(ids).float()
         assert ours.dtype == ref.dtype and ours.shape == ref.shape

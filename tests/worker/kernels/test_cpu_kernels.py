@@ -29,6 +29,11 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _amx() -> bool:
+    kernels = cpu_kernels()
+    return kernels is not None and "amxbf16" in kernels.isa.split()
+
+
 @pytest.fixture(params=[1, 0], ids=["prefetch-t0", "prefetch-nta"])
 def prefetch(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[int]:
     """Each prefetch setting the machine's tuning may choose (the results are the same)."""
@@ -54,8 +59,12 @@ def test_linear_matches_f_linear(k: CpuKernels, prefetch: int, m: int, n: int,
                                atol=1e-5 * in_features**0.5)
 
 
-@pytest.mark.parametrize("m", [1, 3, 70])
-@pytest.mark.parametrize(("n", "in_features"), [(7, 13), (301, 584), (64, 40)])
+AMX_SHAPES = [(301, 576), (40, 64), (16, 32)]
+"""Widths in whole AMX tiles (32 columns), with W blocks of 16 and 32 rows and a short one."""
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 70])
+@pytest.mark.parametrize(("n", "in_features"), [(7, 13), (301, 584), (64, 40), *AMX_SHAPES])
 def test_bfloat16_linear_is_the_float32_product_rounded_once(k: CpuKernels, prefetch: int,
                                                              m: int, n: int,
                                                              in_features: int) -> None:
@@ -71,13 +80,14 @@ def test_bfloat16_linear_is_the_float32_product_rounded_once(k: CpuKernels, pref
     torch.testing.assert_close(y.float(), ref, rtol=2**-8, atol=1e-5 * in_features**0.5)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 70])
-@pytest.mark.parametrize(("n", "in_features"), [(7, 13), (301, 584), (64, 40)])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 33, 70])
+@pytest.mark.parametrize(("n", "in_features"), [(7, 13), (301, 584), (64, 40), *AMX_SHAPES])
 def test_bfloat16_weights_under_float32_x(k: CpuKernels, prefetch: int, m: int, n: int,
                                           in_features: int) -> None:
     """A bfloat16 model's projection in the one-call decode step: float32 x and y, the weight
     widened in registers (exact), so the float32 product; x is rounded to bfloat16 first where
-    several rows take AVX512-BF16's vdpbf16ps (whose products of bfloat16 are exact too)."""
+    several rows take AVX512-BF16's vdpbf16ps or AMX tiles (whose products of bfloat16 are
+    exact too)."""
     g = gen(m * 10 + n)
     x, b = torch.randn(m, in_features, generator=g), torch.randn(n, generator=g)
     w = torch.randn(n, in_features, generator=g).bfloat16()
@@ -85,6 +95,30 @@ def test_bfloat16_weights_under_float32_x(k: CpuKernels, prefetch: int, m: int, 
     ref = F.linear(x.bfloat16().float() if rounded else x, w.float(), b)
     torch.testing.assert_close(k.linear_f32_wbf16(x, w, b), ref, rtol=1e-5,
                                atol=1e-5 * in_features**0.5)
+
+
+@pytest.mark.skipif(not _amx(), reason="this CPU or OS gives no AMX tiles")
+@pytest.mark.parametrize("m", [2, 15, 16, 31, 32, 33, 64, 130])
+@pytest.mark.parametrize(("n", "in_features"), [*AMX_SHAPES, (1000, 1536)])
+def test_amx_tiles_agree_with_the_vector_path(k: CpuKernels, m: int, n: int,
+                                              in_features: int) -> None:
+    """Every split of x and W into the tiles' blocks of 16 and 32 rows, against the vector
+    path's vdpbf16ps on the same bfloat16 values: both sum exact products in float32, in
+    another order."""
+    g = gen(m * 7 + n)
+    x, b = torch.randn(m, in_features, generator=g), torch.randn(n, generator=g)
+    w = torch.randn(n, in_features, generator=g).bfloat16()
+    xh, bh = x.bfloat16(), b.bfloat16()
+    assert k.cpuk_get_amx() == 1
+    tiles = k.linear_f32_wbf16(x, w, b), k.linear_bf16(xh, w, bh)
+    k.cpuk_set_amx(0)
+    try:
+        assert k.cpuk_get_amx() == 0
+        vector = k.linear_f32_wbf16(x, w, b), k.linear_bf16(xh, w, bh)
+    finally:
+        k.cpuk_set_amx(1)
+    torch.testing.assert_close(tiles[0], vector[0], rtol=1e-5, atol=1e-5 * in_features**0.5)
+    torch.testing.assert_close(tiles[1].float(), vector[1].float(), rtol=2**-7, atol=1e-2)
 
 
 @pytest.mark.parametrize(("in_features", "group"), [(64, 0), (64, 32), (64, 8), (40, 0), (48, 0),

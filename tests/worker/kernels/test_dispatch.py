@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,13 +114,13 @@ def test_routes_that_cannot_run_are_refused(k: CpuKernels) -> None:
         bare.route(("torch",))
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bfloat16_calls_take_the_kernel_where_the_cpu_lacks_native_bfloat16(
-        k: CpuKernels, monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
-    """With AVX512-BF16 or AMX, oneDNN's bfloat16 GEMM takes calls of more than
-    BF16_KERNEL_ROWS rows; without, the kernel takes every call (prefill included) and no
-    packed copy is held."""
-    monkeypatch.setattr(linear, "native_bf16", lambda kernels: native)
+@pytest.mark.parametrize("limit", [linear.BF16_KERNEL_ROWS, linear.AMX_KERNEL_ROWS, sys.maxsize])
+def test_bfloat16_calls_take_the_kernel_up_to_the_cpus_limit(
+        k: CpuKernels, monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    """oneDNN's bfloat16 GEMM takes calls of more rows than the CPU's limit; without native
+    bfloat16 (no limit) the kernel takes every call, prefill included, and no packed copy is
+    held."""
+    monkeypatch.setattr(linear, "bf16_kernel_rows", lambda kernels: limit)
     p = Projection(torch.randn(24, 32).bfloat16(), pack=True, kernels=k)
     calls: list[int] = []
 
@@ -127,14 +129,24 @@ def test_bfloat16_calls_take_the_kernel_where_the_cpu_lacks_native_bfloat16(
         return CpuKernels.linear_bf16(k, x, weight, bias)
 
     monkeypatch.setattr(k, "linear_bf16", spy)
-    for m in (1, linear.BF16_KERNEL_ROWS, linear.BF16_KERNEL_ROWS + 1, 70):
+    rows = (1, linear.BF16_KERNEL_ROWS, linear.BF16_KERNEL_ROWS + 1, linear.AMX_KERNEL_ROWS,
+            linear.AMX_KERNEL_ROWS + 1)
+    for m in rows:
         x = torch.randn(m, 32).bfloat16()
         torch.testing.assert_close(p(x).float(), F.linear(x.float(), p.weight.float()),
                                    rtol=2e-2, atol=2e-2)
-    assert calls == ([1, linear.BF16_KERNEL_ROWS] if native
-                     else [1, linear.BF16_KERNEL_ROWS, linear.BF16_KERNEL_ROWS + 1, 70])
-    if not native:  # no call reads a packed copy, so none is held
+    assert calls == [m for m in rows if m <= limit]
+    if limit == sys.maxsize:  # no call reads a packed copy, so none is held
         assert not p.packed and p.resident_bytes == p.nbytes
+
+
+@pytest.mark.parametrize(("isa", "limit"), [
+    ("avx512f avx512bf16 avx2 fma amxbf16", linear.AMX_KERNEL_ROWS),
+    ("avx512f avx512bf16 avx2 fma", linear.BF16_KERNEL_ROWS),
+    ("avx512f avx2 fma", sys.maxsize), ("avx2 fma", sys.maxsize), ("neon", sys.maxsize)])
+def test_the_bfloat16_limit_follows_how_the_cpu_multiplies_bfloat16(isa: str,
+                                                                    limit: int) -> None:
+    assert linear.bf16_kernel_rows(SimpleNamespace(isa=isa)) == limit  # type: ignore[arg-type]
 
 
 def _table(kernel: list[float], other: list[float]) -> DispatchTable:

@@ -19,6 +19,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "amx.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -61,6 +62,18 @@ ALWAYS_INLINE float vw_hsum(vwf v) {
 }
 
 static int prefetch_all_levels = 1; /* 1: prefetcht0; 0: prefetchnta */
+static int amx_allowed = 1;
+
+void cpuk_set_amx(int64_t on) { amx_allowed = on != 0; }
+
+int64_t cpuk_get_amx(void) { return amx_allowed && amx_bf16_ready(); }
+
+/* Whether a bfloat16 projection of m rows of k columns runs on AMX tiles (amx.c): from
+ * AMX_MIN_ROWS rows, where k is whole tiles. */
+#define AMX_MIN_ROWS 2
+static int amx_takes(int64_t m, int64_t k) {
+    return m >= AMX_MIN_ROWS && k % 32 == 0 && amx_allowed && amx_bf16_ready();
+}
 
 void cpuk_set_prefetch(int64_t all_levels) { prefetch_all_levels = all_levels != 0; }
 
@@ -279,25 +292,34 @@ void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64
 }
 
 /* As cpuk_linear_f32 with x, w, bias and y in bfloat16: products and sums in float32, one
- * rounding per output. */
-void cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
-                      const uint16_t *bias, uint16_t *y) {
+ * rounding per output. Returns 0, or (computing nothing) the bytes of scratch it needs when
+ * work_bytes is short (cpuk_linear_wbf16_workspace is enough). */
+int64_t cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
+                         const uint16_t *bias, uint16_t *y, void *work, int64_t work_bytes) {
+    if (amx_takes(m, k)) {
+        const int64_t need = amx_workspace(m, k);
+        if (need > work_bytes) return need;
+        amx_linear_bf16(x, 0, m, k, w, n, bias, 1, y, 1, work);
+        return 0;
+    }
 #ifdef __AVX512BF16__
     if (m > 1) {
 #define TILE_DP(WR_, R_, T0_) tile_dpbf16(x, k, w, j, n, WR_, i, R_, T0_, out)
         FOR_TILES_STORE(TILE_DP, store_bf16);
 #undef TILE_DP
-        return;
+        return 0;
     }
 #endif
 #define TILE_BF16(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 1, 1, out)
     FOR_TILES_STORE(TILE_BF16, store_bf16);
 #undef TILE_BF16
+    return 0;
 }
 
-/* Scratch of the float32-x projection over bfloat16 W: x rounded to bfloat16 where that
- * path is taken. */
+/* Scratch of the projections over bfloat16 W: x packed for AMX tiles, or (float32 x) rounded
+ * to bfloat16 for vdpbf16ps, where those paths are taken. */
 int64_t cpuk_linear_wbf16_workspace(int64_t m, int64_t k) {
+    if (amx_takes(m, k)) return amx_workspace(m, k);
 #ifdef __AVX512BF16__
     if (m > 1) return m * k * (int64_t)sizeof(uint16_t);
 #endif
@@ -317,6 +339,10 @@ int64_t cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16
                               int64_t work_bytes) {
     const int64_t need = cpuk_linear_wbf16_workspace(m, k);
     if (need > work_bytes) return need;
+    if (amx_takes(m, k)) {
+        amx_linear_bf16(x, 1, m, k, w, n, bias, 0, y, 0, work);
+        return 0;
+    }
 #ifdef __AVX512BF16__
     if (need > 0) {
         uint16_t *xh = work;
