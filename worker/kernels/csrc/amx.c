@@ -1,22 +1,29 @@
-/* bfloat16 projections on AMX tiles: y = x W^T for two or more rows of x, with W bfloat16
- * [n, k] row-major as the checkpoint stores it (no repacked copy) and x bfloat16 or float32.
+/* Projections on AMX tiles, y = x W^T for two or more rows of x, with W [n, k] row-major as
+ * the checkpoint or `npuserve quantize` stores it (no repacked copy): bfloat16 W with x
+ * bfloat16 or float32, and int8 W with x rounded to int16 per row.
  *
- * A tile multiply (tdpbf16ps) takes A [16 rows, 32 bfloat16] and B [16 pairs of k, 16
- * columns of 2 bfloat16] into a float32 C [16, 16]. W's rows are A directly: sixteen rows of
- * 32 columns at W's row stride. x is B: each call packs its rows, sixteen at a time, into
- * that pair-interleaved layout in the caller's scratch (a 16 x 16 transpose of bfloat16
- * pairs per 32 columns; float32 x is rounded to bfloat16 on the way, as AVX512-BF16's path
- * rounds it). So each tile computes C^T = W_block x_block^T, and the store transposes it.
+ * A tile multiply takes A [16 rows, 64 bytes] and B [16 rows, 16 columns of 4 bytes] into a
+ * 32-bit C [16, 16]: tdpbf16ps multiplies pairs of bfloat16 (A 32 columns of k, B pairs of k
+ * per column) into float32, tdpbssd / tdpbsud fours of signed int8 by signed / unsigned int8
+ * into int32. W's rows are A directly: sixteen rows of one step of k at W's row stride. x is
+ * B: each call packs its rows, sixteen at a time, into that interleaved layout in the
+ * caller's scratch (a 16 x 16 transpose of 4-byte groups per step of k). So each tile
+ * computes C^T = W_block x_block^T, and the store transposes it.
  *
- * One tile multiply does 8192 products, where vdpbf16ps does 32: the kernel stays bound by
- * reading W at far more rows than the vector path, which is arithmetic-bound from about 8.
- * Each thread takes contiguous blocks of 32 rows of W (two A tiles) and runs every block of
- * 32 rows of x (two B tiles) past them, so W is read from memory once; four C tiles
- * accumulate the 2 x 2 products.
+ * bfloat16: float32 x is rounded to bfloat16 on the way, as AVX512-BF16's vector path rounds
+ * it. int8: x is rounded to int16 (as the vector path does) and split exactly into a signed
+ * high byte and an unsigned low byte, x = 256 hi + lo, two tile multiplies whose int32 sums
+ * are combined, scaled per group of columns and summed in float32 at each group's end.
+ *
+ * One tile multiply does 8192 (bfloat16) or 16384 (int8) products, where a vector
+ * instruction does 32 or 64: the kernel stays bound by reading W at far more rows than the
+ * vector path, which is arithmetic-bound from about 8. Each thread takes contiguous blocks
+ * of 32 rows of W (two A tiles) and runs every block of x past them, so W is read from
+ * memory once.
  *
  * Linux hands out the tile registers' state only to a process that asks for it
  * (arch_prctl ARCH_REQ_XCOMP_PERM), once; where the kernel refuses, or the CPU lacks AMX,
- * amx_bf16_ready() is 0 and callers keep the vector path. */
+ * amx_ready() is 0 and callers keep the vector path. */
 #include <stdint.h>
 #include <string.h>
 
@@ -35,7 +42,15 @@
 #define TILE_ROWS 16  /* rows of an A or C tile, pairs of k of a B tile */
 #define TILE_BYTES 64 /* bytes per tile row */
 
-int amx_bf16_ready(void) {
+/* Step s of a pass over one block of W also prefetches line s of each of the next block's 32
+ * rows into L2 (a pass has as many steps as a row has lines), so the next block's tiles load
+ * from cache: the hardware prefetcher does not keep up with 32 short rows at once. */
+static inline void prefetch_next_block(const char *next, int64_t row_bytes, int64_t s,
+                                       int64_t rows) {
+    for (int64_t q = 0; q < rows; q++) __builtin_prefetch(next + q * row_bytes + s * 64, 0, 2);
+}
+
+int amx_ready(void) {
     static int ready = -1; /* -1: not asked yet; the question is idempotent, races harmless */
     int r = __atomic_load_n(&ready, __ATOMIC_RELAXED);
     if (r < 0) {
@@ -123,14 +138,16 @@ static void pack_x(const void *x, int x_f32, int64_t m, int64_t k, uint16_t *xp)
     }
 }
 
-int64_t amx_workspace(int64_t m, int64_t k) {
+int64_t amx_bf16_workspace(int64_t m, int64_t k) {
     return (m + 15) / 16 * 16 * k * (int64_t)sizeof(uint16_t);
 }
 
-/* A C tile (W rows j.., x rows i..) into y, transposed, with the bias added in float32 and
- * (bfloat16 y) one rounding: rows of y are contiguous, sixteen columns at a time. */
+/* A C tile (W rows j.., x rows i..) into y, transposed, times xscale[i + r] for x row r
+ * (unless NULL), with the bias added in float32 and (bfloat16 y) one rounding: rows of y are
+ * contiguous, sixteen columns at a time. */
 static inline void store_tile(const float ct[16][16], int64_t j, int wr, int64_t i, int xr,
-                              int64_t n, const void *bias, int bias_bf16, void *y, int y_bf16) {
+                              const float *xscale, int64_t n, const void *bias, int bias_bf16,
+                              void *y, int y_bf16) {
     __m512i v[16];
     for (int q = 0; q < 16; q++) v[q] = _mm512_loadu_si512(ct[q]);
     transpose16(v);
@@ -142,7 +159,8 @@ static inline void store_tile(const float ct[16][16], int64_t j, int wr, int64_t
     else if (bias)
         b = _mm512_maskz_loadu_ps(lanes, (const float *)bias + j);
     for (int r = 0; r < xr; r++) {
-        const __m512 row = _mm512_add_ps((__m512)v[r], b);
+        const __m512 row = xscale ? _mm512_fmadd_ps((__m512)v[r], _mm512_set1_ps(xscale[i + r]), b)
+                                  : _mm512_add_ps((__m512)v[r], b);
         if (y_bf16)
             _mm256_mask_storeu_epi16((uint16_t *)y + (i + r) * n + j, lanes,
                                      (__m256i)_mm512_cvtneps_pbh(row));
@@ -156,7 +174,8 @@ static inline void store_tile(const float ct[16][16], int64_t j, int wr, int64_t
  * must be. */
 static inline void pass(const uint16_t *w, int64_t k, int64_t j, const int wr[2],
                         const uint16_t *xp, int64_t i, const int xr[2], int WB, int XB,
-                        int64_t n, const void *bias, int bias_bf16, void *y, int y_bf16) {
+                        int64_t next_rows, int64_t n, const void *bias, int bias_bf16, void *y,
+                        int y_bf16) {
     const int64_t stride = k * 2, steps = k / TILE_K;
     const uint16_t *w0 = w + j * k, *w1 = w0 + 16 * k;
     const uint16_t *x0 = xp + i / 16 * steps * 512, *x1 = x0 + steps * 512;
@@ -165,6 +184,7 @@ static inline void pass(const uint16_t *w, int64_t k, int64_t j, const int wr[2]
     if (WB == 2) _tile_zero(2);
     if (WB == 2 && XB == 2) _tile_zero(3);
     for (int64_t s = 0; s < steps; s++) {
+        prefetch_next_block((const char *)(w0 + 32 * k), stride, s, next_rows);
         _tile_loadd(4, w0 + s * TILE_K, stride);
         _tile_loadd(6, x0 + s * 512, TILE_BYTES);
         _tile_dpbf16ps(0, 4, 6);
@@ -180,19 +200,24 @@ static inline void pass(const uint16_t *w, int64_t k, int64_t j, const int wr[2]
     }
     float ct[16][16];
     _tile_stored(0, ct, 64);
-    store_tile(ct, j, wr[0], i, xr[0], n, bias, bias_bf16, y, y_bf16);
+    store_tile(ct, j, wr[0], i, xr[0], NULL, n, bias, bias_bf16, y, y_bf16);
     if (XB == 2) {
         _tile_stored(1, ct, 64);
-        store_tile(ct, j, wr[0], i + 16, xr[1], n, bias, bias_bf16, y, y_bf16);
+        store_tile(ct, j, wr[0], i + 16, xr[1], NULL, n, bias, bias_bf16, y, y_bf16);
     }
     if (WB == 2) {
         _tile_stored(2, ct, 64);
-        store_tile(ct, j + 16, wr[1], i, xr[0], n, bias, bias_bf16, y, y_bf16);
+        store_tile(ct, j + 16, wr[1], i, xr[0], NULL, n, bias, bias_bf16, y, y_bf16);
     }
     if (WB == 2 && XB == 2) {
         _tile_stored(3, ct, 64);
-        store_tile(ct, j + 16, wr[1], i + 16, xr[1], n, bias, bias_bf16, y, y_bf16);
+        store_tile(ct, j + 16, wr[1], i + 16, xr[1], NULL, n, bias, bias_bf16, y, y_bf16);
     }
+}
+
+/* Rows of the block of 32 after the one at row j (0 after the last). */
+static inline int64_t next_rows(int64_t j, int64_t n) {
+    return n - (j + 32) < 0 ? 0 : n - (j + 32) < 32 ? n - (j + 32) : 32;
 }
 
 /* The rows of the blocks of 16 from `at` of `total`, the first two: 16, 16 / 16, t / t, 0. */
@@ -224,21 +249,178 @@ void amx_linear_bf16(const void *x, int x_f32, int64_t m, int64_t k, const uint1
                     configure(wc, xc);
                     configured = shape;
                 }
-                if (wr[1] && xr[1]) pass(w, k, j, wr, xp, i, xr, 2, 2, n, bias, bias_bf16, y, y_bf16);
-                else if (wr[1]) pass(w, k, j, wr, xp, i, xr, 2, 1, n, bias, bias_bf16, y, y_bf16);
-                else if (xr[1]) pass(w, k, j, wr, xp, i, xr, 1, 2, n, bias, bias_bf16, y, y_bf16);
-                else pass(w, k, j, wr, xp, i, xr, 1, 1, n, bias, bias_bf16, y, y_bf16);
+                const int64_t next = i == 0 ? next_rows(j, n) : 0;
+                if (wr[1] && xr[1]) pass(w, k, j, wr, xp, i, xr, 2, 2, next, n, bias, bias_bf16, y, y_bf16);
+                else if (wr[1]) pass(w, k, j, wr, xp, i, xr, 2, 1, next, n, bias, bias_bf16, y, y_bf16);
+                else if (xr[1]) pass(w, k, j, wr, xp, i, xr, 1, 2, next, n, bias, bias_bf16, y, y_bf16);
+                else pass(w, k, j, wr, xp, i, xr, 1, 1, next, n, bias, bias_bf16, y, y_bf16);
+            }
+        }
+        if (configured >= 0) _tile_release();
+    }
+}
+
+/* int8 W: the B tiles of x rounded to int16, block b (rows 16b..) and step s (columns
+ * 64s..64s+63) at xp + (b * steps + s) * 2048: the high bytes' tile, then the low bytes'.
+ * Rows past m are zeros. */
+#define I8_K 64 /* int8 columns of k per tile multiply */
+static void pack_x16(const int16_t *xq, int64_t m, int64_t k, int8_t *xp) {
+    const int64_t steps = k / I8_K, blocks = (m + 15) / 16;
+#pragma omp parallel for schedule(static) if (m * k > 65536)
+    for (int64_t t = 0; t < blocks * steps; t++) {
+        const int64_t b = t / steps, s = t % steps;
+        __m512i hi[16], lo[16];
+        for (int r = 0; r < 16; r++) {
+            const int64_t row = b * 16 + r;
+            if (row >= m) {
+                hi[r] = lo[r] = _mm512_setzero_si512();
+                continue;
+            }
+            const int16_t *p = xq + row * k + s * I8_K;
+            const __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + 32);
+            /* vpmovwb keeps each int16's low byte: lo exactly, and hi after the shift */
+            lo[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi16_epi8(v0)),
+                                       _mm512_cvtepi16_epi8(v1), 1);
+            hi[r] = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm512_cvtepi16_epi8(_mm512_srai_epi16(v0, 8))),
+                _mm512_cvtepi16_epi8(_mm512_srai_epi16(v1, 8)), 1);
+        }
+        transpose16(hi);
+        transpose16(lo);
+        int8_t *tile = xp + t * 2048;
+        for (int r = 0; r < 16; r++) {
+            _mm512_storeu_si512(tile + r * 64, hi[r]);
+            _mm512_storeu_si512(tile + 1024 + r * 64, lo[r]);
+        }
+    }
+}
+
+int64_t amx_i8_workspace(int64_t m, int64_t k) { return (m + 15) / 16 * 16 * k * 2; }
+
+/* Tiles 0-1: C of W block 0 against x's high and low bytes, 2-3: of W block 1; 4-5: W
+ * blocks of wr[0] and wr[1] rows; 6-7: x's high and low bytes, xr rows. */
+static void configure_i8(const int wr[2], int xr) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int a = 0; a < 2; a++) {
+        for (int h = 0; h < 2; h++) {
+            c.rows[2 * a + h] = (uint8_t)wr[a];
+            c.colsb[2 * a + h] = (uint16_t)(xr * 4);
+        }
+        c.rows[4 + a] = (uint8_t)wr[a];
+        c.colsb[4 + a] = TILE_BYTES;
+        c.rows[6 + a] = TILE_ROWS;
+        c.colsb[6 + a] = (uint16_t)(xr * 4);
+    }
+    _tile_loadconfig(&c);
+}
+
+/* acc[q][r] += (256 hi + lo)[q][r] * scale of W row j + q, for the wr rows of one W block. */
+static inline void flush_i8(const int32_t hi[16][16], const int32_t lo[16][16], int wr,
+                            const float *scale, int64_t j, int64_t groups, int64_t g,
+                            float acc[16][16]) {
+    for (int q = 0; q < wr; q++) {
+        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(hi[q])),
+                                           _mm512_set1_ps(256.0f),
+                                           _mm512_cvtepi32_ps(_mm512_loadu_si512(lo[q])));
+        _mm512_storeu_ps(acc[q], _mm512_fmadd_ps(sum, _mm512_set1_ps(scale[(j + q) * groups + g]),
+                                                 _mm512_loadu_ps(acc[q])));
+    }
+}
+
+/* One pass of the W blocks at row j (two, or one at the end) over the x block at row i. */
+static inline void pass_i8(const int8_t *w, int64_t k, int64_t j, const int wr[2],
+                           const int8_t *xp, int64_t i, int xr, const float *xscale,
+                           const float *scale, int64_t group, int WB, int64_t next_rows,
+                           int64_t n, const float *bias, float *y) {
+    const int64_t steps = k / I8_K, group_steps = group / I8_K, groups = k / group;
+    const int8_t *w0 = w + j * k, *w1 = w0 + 16 * k;
+    const int8_t *x0 = xp + i / 16 * steps * 2048;
+    float acc[2][16][16];
+    memset(acc, 0, sizeof acc);
+    int32_t hi[16][16], lo[16][16];
+    for (int64_t g = 0; g < groups; g++) {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (WB == 2) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        for (int64_t s = g * group_steps; s < (g + 1) * group_steps; s++) {
+            prefetch_next_block((const char *)(w0 + 32 * k), k, s, next_rows);
+            _tile_loadd(4, w0 + s * I8_K, k);
+            _tile_loadd(6, x0 + s * 2048, TILE_BYTES);
+            _tile_loadd(7, x0 + s * 2048 + 1024, TILE_BYTES);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbsud(1, 4, 7);
+            if (WB == 2) {
+                _tile_loadd(5, w1 + s * I8_K, k);
+                _tile_dpbssd(2, 5, 6);
+                _tile_dpbsud(3, 5, 7);
+            }
+        }
+        _tile_stored(0, hi, 64);
+        _tile_stored(1, lo, 64);
+        flush_i8((const int32_t(*)[16])hi, (const int32_t(*)[16])lo, wr[0], scale, j, groups, g,
+                 acc[0]);
+        if (WB == 2) {
+            _tile_stored(2, hi, 64);
+            _tile_stored(3, lo, 64);
+            flush_i8((const int32_t(*)[16])hi, (const int32_t(*)[16])lo, wr[1], scale, j + 16,
+                     groups, g, acc[1]);
+        }
+    }
+    store_tile((const float(*)[16])acc[0], j, wr[0], i, xr, xscale, n, bias, 0, y, 0);
+    if (WB == 2)
+        store_tile((const float(*)[16])acc[1], j + 16, wr[1], i, xr, xscale, n, bias, 0, y, 0);
+}
+
+void amx_linear_i8(const int16_t *xq, const float *xscale, int64_t m, int64_t k,
+                   const int8_t *w, const float *scale, int64_t group, int64_t n,
+                   const float *bias, float *y, void *work) {
+    int8_t *xp = work;
+    pack_x16(xq, m, k, xp);
+#pragma omp parallel if (n * k > 65536)
+    {
+        int64_t configured = -1; /* the shape of the loaded configuration */
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n; j += 32) { /* a block of W's rows: memory is read once */
+            int wr[2];
+            block_rows(j, n, wr);
+            for (int64_t i = 0; i < m; i += 16) {
+                const int xr = m - i < 16 ? (int)(m - i) : 16;
+                const int64_t shape = (wr[0] * 17 + wr[1]) * 17 + xr;
+                if (shape != configured) {
+                    const int wc[2] = {wr[0], wr[1] ? wr[1] : 16};
+                    configure_i8(wc, xr);
+                    configured = shape;
+                }
+                const int64_t next = i == 0 ? next_rows(j, n) : 0;
+                if (wr[1]) pass_i8(w, k, j, wr, xp, i, xr, xscale, scale, group, 2, next, n, bias, y);
+                else pass_i8(w, k, j, wr, xp, i, xr, xscale, scale, group, 1, next, n, bias, y);
             }
         }
         if (configured >= 0) _tile_release();
     }
 }
 #else
-int amx_bf16_ready(void) { return 0; }
-int64_t amx_workspace(int64_t m, int64_t k) {
+int amx_ready(void) { return 0; }
+int64_t amx_bf16_workspace(int64_t m, int64_t k) {
     (void)m;
     (void)k;
     return 0;
+}
+int64_t amx_i8_workspace(int64_t m, int64_t k) {
+    (void)m;
+    (void)k;
+    return 0;
+}
+void amx_linear_i8(const int16_t *xq, const float *xscale, int64_t m, int64_t k,
+                   const int8_t *w, const float *scale, int64_t group, int64_t n,
+                   const float *bias, float *y, void *work) {
+    (void)xq, (void)xscale, (void)m, (void)k, (void)w, (void)scale, (void)group, (void)n;
+    (void)bias, (void)y, (void)work;
 }
 void amx_linear_bf16(const void *x, int x_f32, int64_t m, int64_t k, const uint16_t *w,
                      int64_t n, const void *bias, int bias_bf16, void *y, int y_bf16,

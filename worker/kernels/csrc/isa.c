@@ -4,7 +4,8 @@
  * and AVX512-VNNI for its fused multiply-add (vpdpwssd), AVX512-BF16 for bfloat16 products in
  * pairs (vdpbf16ps) on projections of several rows, AVX2 for the int8 integer path
  * elsewhere and the 8-lane kernels, FMA as the compiler fuses the multiply-adds; NEON on Arm;
- * AMX-BF16 tiles for bfloat16 projections of several rows, where the OS grants them too. */
+ * AMX-BF16 and AMX-INT8 tiles for bfloat16 and int8 projections of several rows, where the
+ * OS grants them too. */
 #include "amx.h"
 #include "kernels.h"
 
@@ -46,5 +47,5 @@
 
 const char *cpuk_isa(void) {
 #define ISA ISA_AVX512F ISA_AVX512BW ISA_AVX512VNNI ISA_AVX512BF16 ISA_AVX2 ISA_FMA ISA_NEON
-    return amx_bf16_ready() ? ISA "amxbf16 " : ISA;
+    return amx_ready() ? ISA "amxbf16 amxint8 " : ISA;
 }

@@ -57,8 +57,9 @@ void cpuk_set_prefetch(int64_t all_levels); /* 1: prefetch weights into every ca
 int64_t cpuk_get_prefetch(void);
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y);
-void cpuk_set_amx(int64_t on); /* 1: bfloat16 projections of several rows on AMX tiles where
-                                  the CPU and OS allow (the default); 0: vector code only */
+void cpuk_set_amx(int64_t on); /* 1: bfloat16 and int8 projections of several rows on AMX
+                                  tiles where the CPU and OS allow (the default); 0: vector
+                                  code only */
 int64_t cpuk_get_amx(void);    /* 1 while AMX tiles serve them */
 int64_t cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
                          const uint16_t *bias, uint16_t *y, void *work, int64_t work_bytes);
