@@ -17,75 +17,103 @@
 #define MIN_PART 64 /* fewest context tokens worth a separate task */
 
 /* scores[t] = scale * q . k_t for the block's `count` tokens, keys from element `at` of the
- * cache (bfloat16 with BF). */
-ALWAYS_INLINE void block_scores(const v8f *qv, int64_t dv, const void *cache, int64_t at,
+ * cache (bfloat16 with BF): eight tokens at a time, their eight sums reduced together. */
+ALWAYS_INLINE void block_scores(const float *q, int64_t dv, const void *cache, int64_t at,
                                 int BF, int64_t count, float scale, float *scores) {
-    for (int64_t t = 0; t < count; t++) {
-        const int64_t k = at + t * dv * 8;
-        v8f a = vsplat(0.0f), b = vsplat(0.0f);
-        int64_t c = 0;
-        for (; c + 1 < dv; c += 2) {
-            a += qv[c] * vload_any(cache, k + 8 * c, BF);
-            b += qv[c + 1] * vload_any(cache, k + 8 * c + 8, BF);
+    int64_t t = 0;
+    for (; t + 8 <= count; t += 8) {
+        v8f a[8];
+        for (int u = 0; u < 8; u++) a[u] = vsplat(0.0f);
+        for (int64_t c = 0; c < dv; c++) {
+            const v8f qc = vload(q + 8 * c);
+            for (int u = 0; u < 8; u++) a[u] += qc * vload_any(cache, at + ((t + u) * dv + c) * 8, BF);
         }
-        if (c < dv) a += qv[c] * vload_any(cache, k + 8 * c, BF);
-        scores[t] = hsum(a + b) * scale;
+        vstore(scores + t, hsum8(a) * vsplat(scale));
+    }
+    for (; t < count; t++) {
+        v8f a = vsplat(0.0f);
+        for (int64_t c = 0; c < dv; c++) a += vload(q + 8 * c) * vload_any(cache, at + (t * dv + c) * 8, BF);
+        scores[t] = hsum(a) * scale;
     }
 }
 
-/* One (sequence, kv head, part of the context [t_begin, t_end)): the query heads of the group
- * one after another, each streaming its part block by block (a 16-token block of one head is
- * 4 KiB for head_dim 64, so the group's later heads read it from L1/L2, not memory). Writes
- * per head the unnormalised output (sum_t e^(s_t - max) v_t), the max and the sum to part,
- * [group][d + 2]. keys, values: the head's first element in the cache (bfloat16 with BF).
- * scores: t_end - t_begin floats of scratch. */
+/* The cache element of token t0's slot (head offset `head`) and the tokens left in its block
+ * before `t_end`. */
+ALWAYS_INLINE int64_t slot_of(const int32_t *table, int64_t t0, int64_t t_end,
+                              int64_t block_size, int64_t head, int64_t d, int64_t *count) {
+    const int64_t stop = (t0 / block_size + 1) * block_size;
+    *count = (stop < t_end ? stop : t_end) - t0;
+    return head + ((int64_t)table[t0 / block_size] * block_size + t0 % block_size) * d;
+}
+
+/* Fetches the block after the one at t0 (keys or values from element `head`) into cache while
+ * this one is worked on: a block is one 4 KiB page for 16 tokens of head_dim 64, and the
+ * hardware prefetchers stop at each page's end. */
+ALWAYS_INLINE void prefetch_next(const void *cache, int BF, const int32_t *table, int64_t t0,
+                                 int64_t count, int64_t t_end, int64_t block_size,
+                                 int64_t head, int64_t d) {
+    if (t0 + count >= t_end) return;
+    int64_t next_count;
+    const int64_t at = slot_of(table, t0 + count, t_end, block_size, head, d, &next_count);
+    const char *p = (const char *)cache + at * (BF ? 2 : 4);
+    for (int64_t b = 0; b < next_count * d * (BF ? 2 : 4); b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
+/* One (sequence, kv head, part of the context [t_begin, t_end)), block by block, every query
+ * head of the group on each block in turn: the block's keys and values (4 KiB each for 16
+ * tokens of head_dim 64) come from memory once and from L1 for the group's other heads.
+ * Writes per head the unnormalised output (sum_t e^(s_t - max) v_t), the max and the sum to
+ * part, [group][d + 2], which holds the partial output between blocks. keys, values: the
+ * head's first element in the cache (bfloat16 with BF). scores: head g's t_end - t_begin
+ * floats at g * sstride of scratch. */
 ALWAYS_INLINE void attend(const float *qs, int64_t group, int64_t dv, const void *cache,
                           int BF, int64_t keys, int64_t values, const int32_t *table,
                           int64_t t_begin, int64_t t_end, int64_t block_size, float scale,
-                          float *scores, float *part) {
+                          float *scores, int64_t sstride, float *part) {
     const int64_t d = dv * 8, len = t_end - t_begin;
+    int64_t count;
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += count) {
+        const int64_t k = slot_of(table, t0, t_end, block_size, keys, d, &count);
+        prefetch_next(cache, BF, table, t0, count, t_end, block_size, keys, d);
+        for (int64_t g = 0; g < group; g++)
+            block_scores(qs + g * d, dv, cache, k, BF, count, scale,
+                         scores + g * sstride + (t0 - t_begin));
+    }
     for (int64_t g = 0; g < group; g++) {
-        v8f qv[MAX_DV];
-        for (int64_t c = 0; c < dv; c++) qv[c] = vload(qs + g * d + 8 * c);
-        for (int64_t t0 = t_begin; t0 < t_end; t0 = (t0 / block_size + 1) * block_size) {
-            int64_t stop = (t0 / block_size + 1) * block_size;
-            int64_t count = (stop < t_end ? stop : t_end) - t0;
-            const int64_t k = keys + ((int64_t)table[t0 / block_size] * block_size
-                                      + t0 % block_size) * d;
-            block_scores(qv, dv, cache, k, BF, count, scale, scores + (t0 - t_begin));
-        }
+        float *sc = scores + g * sstride, *o = part + g * (d + 2);
         float max = -INFINITY;
-        for (int64_t t = 0; t < len; t++) max = scores[t] > max ? scores[t] : max;
+        for (int64_t t = 0; t < len; t++) max = sc[t] > max ? sc[t] : max;
         v8f vsum = vsplat(0.0f);
         int64_t t = 0;
         for (; t + 8 <= len; t += 8) {
-            v8f e = vexp(vload(scores + t) - vsplat(max));
-            vstore(scores + t, e);
+            v8f e = vexp(vload(sc + t) - vsplat(max));
+            vstore(sc + t, e);
             vsum += e;
         }
         float sum = hsum(vsum);
         for (; t < len; t++) {
-            scores[t] = expf(scores[t] - max);
-            sum += scores[t];
+            sc[t] = expf(sc[t] - max);
+            sum += sc[t];
         }
-        v8f acc[MAX_DV];
-        for (int64_t c = 0; c < dv; c++) acc[c] = vsplat(0.0f);
-        for (int64_t t0 = t_begin; t0 < t_end; t0 = (t0 / block_size + 1) * block_size) {
-            int64_t stop = (t0 / block_size + 1) * block_size;
-            int64_t count = (stop < t_end ? stop : t_end) - t0;
-            const int64_t v = values + ((int64_t)table[t0 / block_size] * block_size
-                                        + t0 % block_size) * d;
-            const float *p = scores + (t0 - t_begin);
+        for (int64_t c = 0; c < d; c++) o[c] = 0.0f;
+        o[d] = max;
+        o[d + 1] = sum;
+    }
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += count) {
+        const int64_t v = slot_of(table, t0, t_end, block_size, values, d, &count);
+        prefetch_next(cache, BF, table, t0, count, t_end, block_size, values, d);
+        for (int64_t g = 0; g < group; g++) {
+            const float *p = scores + g * sstride + (t0 - t_begin);
+            float *o = part + g * (d + 2);
+            v8f acc[MAX_DV];
+            for (int64_t c = 0; c < dv; c++) acc[c] = vload(o + 8 * c);
             for (int64_t i = 0; i < count; i++) {
-                v8f pv = vsplat(p[i]);
+                const v8f pv = vsplat(p[i]);
                 for (int64_t c = 0; c < dv; c++)
                     acc[c] += pv * vload_any(cache, v + i * d + 8 * c, BF);
             }
+            for (int64_t c = 0; c < dv; c++) vstore(o + 8 * c, acc[c]);
         }
-        float *o = part + g * (d + 2);
-        for (int64_t c = 0; c < dv; c++) vstore(o + 8 * c, acc[c]);
-        o[d] = max;
-        o[d + 1] = sum;
     }
 }
 
@@ -96,13 +124,14 @@ static __attribute__((noinline)) void attend_cache(const float *qs, int64_t grou
                                                    int64_t keys, int64_t values,
                                                    const int32_t *table, int64_t t_begin,
                                                    int64_t t_end, int64_t block_size,
-                                                   float scale, float *scores, float *part) {
+                                                   float scale, float *scores, int64_t sstride,
+                                                   float *part) {
     if (cache_bf16)
         attend(qs, group, dv, cache, 1, keys, values, table, t_begin, t_end, block_size, scale,
-               scores, part);
+               scores, sstride, part);
     else
         attend(qs, group, dv, cache, 0, keys, values, table, t_begin, t_end, block_size, scale,
-               scores, part);
+               scores, sstride, part);
 }
 
 /* Merge the parts of one head (softmax over their union) into out [d]. */
@@ -141,11 +170,11 @@ static int64_t split_count(int64_t pairs, int64_t max_context) {
 }
 
 /* Scratch for n sequences of up to max_context tokens at the current thread count: the
- * scores, max_context floats per (sequence, kv head), then every part's [group][d + 2]. */
+ * scores, max_context floats per (sequence, query head), then every part's [group][d + 2]. */
 int64_t cpuk_decode_attention_workspace(int64_t n, int64_t heads, int64_t kv_heads,
                                         int64_t head_dim, int64_t max_context) {
     const int64_t pairs = n * kv_heads, splits = split_count(pairs, max_context);
-    return (int64_t)sizeof(float) * (pairs * max_context
+    return (int64_t)sizeof(float) * (n * heads * max_context
                                      + pairs * splits * (heads / kv_heads) * (head_dim + 2));
 }
 
@@ -165,7 +194,7 @@ int64_t cpuk_decode_attention(const float *q, int64_t n, int64_t heads, int64_t 
     const int64_t need = cpuk_decode_attention_workspace(n, heads, kv_heads, d, max_ctx);
     if (need > work_bytes) return need;
     const int64_t splits = split_count(pairs, max_ctx);
-    float *scores = work, *parts = scores + pairs * max_ctx;
+    float *scores = work, *parts = scores + n * heads * max_ctx;
 #pragma omp parallel for collapse(3) schedule(dynamic, 1)
     for (int64_t s = 0; s < n; s++) {
         for (int64_t kh = 0; kh < kv_heads; kh++) {
@@ -182,10 +211,10 @@ int64_t cpuk_decode_attention(const float *q, int64_t n, int64_t heads, int64_t 
                     continue;
                 }
                 const int64_t keys = kh * slots * d, values = (kv_heads + kh) * slots * d;
-                float *sc = scores + (s * kv_heads + kh) * max_ctx + t_begin;
+                float *sc = scores + first * max_ctx + t_begin;
                 attend_cache(q + first * d, group, d / 8, cache, cache_bf16, keys, values,
                              block_tables + s * max_blocks, t_begin, t_end, block_size, scale,
-                             sc, part);
+                             sc, max_ctx, part);
             }
         }
     }

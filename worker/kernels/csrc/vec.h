@@ -69,6 +69,22 @@ ALWAYS_INLINE float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+/* {hsum(a[0]), ..., hsum(a[7])}, each summed in hsum's order (so bit for bit the same):
+ * fifteen instructions on AVX for eight sums, where eight hsum take about forty. */
+ALWAYS_INLINE v8f hsum8(const v8f a[8]) {
+#ifdef __AVX2__
+    __m256 half[4]; /* [lo + hi of a[u] | lo + hi of a[u + 4]] */
+    for (int u = 0; u < 4; u++)
+        half[u] = _mm256_add_ps(_mm256_permute2f128_ps((__m256)a[u], (__m256)a[u + 4], 0x20),
+                                _mm256_permute2f128_ps((__m256)a[u], (__m256)a[u + 4], 0x31));
+    return (v8f)_mm256_hadd_ps(_mm256_hadd_ps(half[0], half[1]), _mm256_hadd_ps(half[2], half[3]));
+#else
+    v8f r;
+    for (int u = 0; u < 8; u++) r[u] = hsum(a[u]);
+    return r;
+#endif
+}
+
 /* mask ? a : b per lane, mask from a vector comparison (all ones or all zeros). */
 ALWAYS_INLINE v8f vselect(v8i mask, v8f a, v8f b) {
     return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask));
