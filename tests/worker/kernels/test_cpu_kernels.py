@@ -86,19 +86,20 @@ def test_bfloat16_weights_under_float32_x(k: CpuKernels, prefetch: int, m: int, 
                                           in_features: int) -> None:
     """A bfloat16 model's projection in the one-call decode step: float32 x and y, the weight
     widened in registers (exact), so the float32 product; x is rounded to bfloat16 first where
-    several rows take AVX512-BF16's vdpbf16ps or AMX tiles (whose products of bfloat16 are
-    exact too)."""
+    AMX tiles (widths of whole tiles) or, for several rows, AVX512-BF16's vdpbf16ps take it
+    (their products of bfloat16 are exact too)."""
     g = gen(m * 10 + n)
     x, b = torch.randn(m, in_features, generator=g), torch.randn(n, generator=g)
     w = torch.randn(n, in_features, generator=g).bfloat16()
-    rounded = m > 1 and "avx512bf16" in k.isa.split()
+    isa = k.isa.split()
+    rounded = "avx512bf16" in isa and (m > 1 or ("amxbf16" in isa and in_features % 32 == 0))
     ref = F.linear(x.bfloat16().float() if rounded else x, w.float(), b)
     torch.testing.assert_close(k.linear_f32_wbf16(x, w, b), ref, rtol=1e-5,
                                atol=1e-5 * in_features**0.5)
 
 
 @pytest.mark.skipif(not _amx(), reason="this CPU or OS gives no AMX tiles")
-@pytest.mark.parametrize("m", [2, 15, 16, 31, 32, 33, 64, 130])
+@pytest.mark.parametrize("m", [1, 2, 15, 16, 31, 32, 33, 64, 130])
 @pytest.mark.parametrize(("n", "in_features"), [*AMX_SHAPES, (1000, 1536)])
 def test_amx_tiles_agree_with_the_vector_path(k: CpuKernels, m: int, n: int,
                                               in_features: int) -> None:
@@ -106,9 +107,10 @@ def test_amx_tiles_agree_with_the_vector_path(k: CpuKernels, m: int, n: int,
     path's vdpbf16ps on the same bfloat16 values: both sum exact products in float32, in
     another order."""
     g = gen(m * 7 + n)
-    x, b = torch.randn(m, in_features, generator=g), torch.randn(n, generator=g)
+    xh = torch.randn(m, in_features, generator=g).bfloat16()
+    x, b = xh.float(), torch.randn(n, generator=g)  # x already bfloat16's: no path rounds it
     w = torch.randn(n, in_features, generator=g).bfloat16()
-    xh, bh = x.bfloat16(), b.bfloat16()
+    bh = b.bfloat16()
     assert k.cpuk_get_amx() == 1
     tiles = k.linear_f32_wbf16(x, w, b), k.linear_bf16(xh, w, bh)
     k.cpuk_set_amx(0)

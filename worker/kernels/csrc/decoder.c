@@ -9,7 +9,8 @@
  * A bfloat16 model runs here with its weights and KV cache in bfloat16, widened to float32 as
  * they are read, and its activations in float32 (as llama.cpp's CPU backend does): the bytes a
  * step reads are bfloat16's, and of PyTorch's per-operator rounding to bfloat16 only the
- * projections' inputs remain, where several rows take AVX512-BF16 (cpuk_linear_f32_wbf16). */
+ * projections' inputs remain, where AMX tiles or, for several rows, AVX512-BF16 take them
+ * (cpuk_linear_f32_wbf16). */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>

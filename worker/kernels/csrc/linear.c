@@ -7,7 +7,8 @@
  * (x stays in L1/L2) before moving on. float32 runs on the widest vectors the CPU has (16
  * lanes with AVX-512, where the 32 registers also hold a 4 x 4 tile; 8 otherwise), and so
  * does bfloat16, widened to float32 in registers (half the bytes of float32 from memory), or
- * for several rows on AVX512-BF16 multiplied in pairs by vdpbf16ps. int8
+ * for several rows on AVX512-BF16 multiplied in pairs by vdpbf16ps (on AMX tiles where the
+ * CPU has them, amx.c, and int8 of several rows too). int8
  * weights move a quarter of the bytes; on AVX2 and AVX-512 they are multiplied in integers
  * with x rounded to int16 (below), elsewhere widened to float32 in registers.
  *
@@ -73,10 +74,12 @@ void cpuk_set_amx(int64_t on) { amx_allowed = on != 0; }
 int64_t cpuk_get_amx(void) { return amx_allowed && amx_ready(); }
 
 /* Whether a bfloat16 / int8 projection of m rows of k columns (and groups) runs on AMX tiles
- * (amx.c), where k and the groups are whole tiles: from the rows where the tiles measured
- * faster than the vector path on SmolLM2's layers (a 2-core Xeon with AMX; int8 ties at 4
- * rows, 3.9-4.2 ms against 4.0, and is 1.3x slower at 2). */
-#define AMX_BF16_MIN_ROWS 2
+ * (amx.c), where k and the groups are whole tiles. On a 2-core Xeon with AMX, bfloat16 on
+ * tiles streamed Qwen3-0.6B's layers at 21.5 GB/s from one row, where the vector path read
+ * 16.4 (batch-1 decode 54 against 66 ms); int8 ties the vector path at 4 rows on SmolLM2's
+ * layers (3.9-4.2 ms against 4.0) and is 1.3x slower at 2, though 1.03-1.13x faster at 1-2
+ * rows on layers too big for the cache. */
+#define AMX_BF16_MIN_ROWS 1
 #define AMX_I8_MIN_ROWS 4
 static int amx_takes(int64_t m, int64_t k) {
     return m >= AMX_BF16_MIN_ROWS && k % 32 == 0 && amx_allowed && amx_ready();
@@ -368,10 +371,10 @@ int64_t cpuk_linear_wbf16_workspace(int64_t m, int64_t k) {
 }
 
 /* As cpuk_linear_f32 with W in bfloat16 (x, bias and y float32): a bfloat16 model's
- * projection in the one-call decode step, whose activations are float32. One row widens W
- * to float32 in registers; several, on AVX512-BF16, round x to bfloat16 (as PyTorch's
- * bfloat16 operators hold it) into the caller's scratch and take vdpbf16ps, which is
- * compute-bound there. Returns 0, or (computing nothing) the bytes of scratch it needs when
+ * projection in the one-call decode step, whose activations are float32. With AMX, x is
+ * rounded to bfloat16 (as PyTorch's bfloat16 operators hold it) for the tiles; without, one
+ * row widens W to float32 in registers, and several, on AVX512-BF16, round x into the
+ * caller's scratch and take vdpbf16ps, which is compute-bound there. Returns 0, or (computing nothing) the bytes of scratch it needs when
  * work_bytes is short. */
 int64_t cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16_t *w,
                               int64_t n, const float *bias, float *y, void *work,
