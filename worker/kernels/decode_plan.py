@@ -10,9 +10,9 @@ bit.
 A bfloat16 model's step reads its weights and KV cache in bfloat16 and carries its
 activations in float32 (decoder.c; with AMX, or for several rows on AVX512-BF16, the
 projections' inputs are rounded to bfloat16); the norms' weights, biases, scales and rotary
-tables, a few kilobytes per layer, are held as float32 copies. Its results differ from PyTorch's bfloat16
-operators (which round every intermediate to bfloat16) by that rounding, the way two
-bfloat16 implementations do.
+tables, a few kilobytes per layer, are held as float32 copies. Its results differ from
+PyTorch's bfloat16 operators (which round every intermediate to bfloat16) by that rounding,
+the way two bfloat16 implementations do.
 """
 
 from __future__ import annotations
