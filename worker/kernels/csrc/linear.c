@@ -155,6 +155,34 @@ ALWAYS_INLINE float load1(const char *p, int64_t c, int BF) {
     return BF ? bf16_float(((const uint16_t *)p)[c]) : ((const float *)p)[c];
 }
 
+#if VW == 16
+/* out[q][r] = the sum of acc[q][r]'s sixteen lanes, for a whole 4 x 4 tile at once: the
+ * sixteen vectors halve into each other in four rounds of shuffles and adds (about 45
+ * instructions where sixteen separate reductions take some 130, a seventh of a 4 x 4 tile's
+ * pass over 576 columns): SmolLM2's layers in float32 at 16 / 32 / 64 rows took 25.9-27.2 /
+ * 33.8-34.2 / 54.4-54.7 ms against 27.8-27.9 / 36.8-37.1 / 60.6-61.0 on a Xeon. */
+ALWAYS_INLINE void reduce_4x4(const vwf acc[MAX_WR][MAX_XR], float out[MAX_WR][MAX_XR]) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++) { /* v = 4q + r; a[i]: 8 partial sums of v 2i, then of 2i + 1 */
+        const __m512 lo = (__m512)acc[(2 * i) / 4][(2 * i) % 4];
+        const __m512 hi = (__m512)acc[(2 * i + 1) / 4][(2 * i + 1) % 4];
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, 0x44), _mm512_shuffle_f32x4(lo, hi, 0xEE));
+    }
+    for (int i = 0; i < 4; i++) /* b[i]: 4 partial sums of each of v 4i .. 4i + 3 */
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++) /* c[i], 128-bit lane l: 2 each of v 8i + l, then 8i + 4 + l */
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
+    /* element 4l + e: the sum of v = 4e + l, that is out[e][l] */
+    float sums[16];
+    _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88),
+                                         _mm512_shuffle_ps(c[0], c[1], 0xDD)));
+    for (int q = 0; q < 4; q++)
+        for (int r = 0; r < 4; r++) out[q][r] = sums[4 * r + q];
+}
+#endif
+
 /* float32 (or, with XBF / WBF, bfloat16 x / W widened to float32 in registers): dot products
  * of the tile's WR weight rows with R rows of x, VW columns at a time. WR, R, T0, XBF and WBF
  * are constants after inlining, so acc stays in registers. The tile consumes WR * VW elements
@@ -186,13 +214,19 @@ ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j
             for (int q = 0; q < WR; q++) acc[q][r] += wv[q] * xv;
         }
     }
-    for (int q = 0; q < WR; q++) {
-        for (int r = 0; r < R; r++) {
-            out[q][r] = vw_hsum(acc[q][r]);
+#if VW == 16
+    if (WR == 4 && R == 4) {
+        reduce_4x4(acc, out);
+    } else
+#endif
+    {
+        for (int q = 0; q < WR; q++)
+            for (int r = 0; r < R; r++) out[q][r] = vw_hsum(acc[q][r]);
+    }
+    for (int q = 0; q < WR; q++)
+        for (int r = 0; r < R; r++)
             for (int64_t c = kv; c < k; c++)
                 out[q][r] += load1(rows[q], c, WBF) * load1(xs[r], c, XBF);
-        }
-    }
 }
 
 #ifdef __AVX512BF16__
