@@ -3,12 +3,13 @@
 Which implementation of y = x W^T is fastest depends on the CPU far more than on the code:
 on an AVX2 Zen 3 npuserve's small-GEMM kernel beat oneDNN up to 16 rows and MKL lost
 everywhere; on an AVX-512 Xeon the same kernel, with non-temporal prefetches, ran 2-4x slower
-than MKL at one row. So the first time a model starts on a machine, `tune` times the
+than MKL at one row, and on a later Xeon prefetching into every cache level streamed 1.2x
+slower than into L2 only. So the first time a model starts on a machine, `tune` times the
 candidates on the model's own projections and picks per shape and row bucket:
 
 - `kernel`: the compiled kernel (worker/kernels/csrc/linear.c), and before the per-shape
-  timing its prefetch setting (into every cache level, or non-temporal), timed at one and
-  four rows over every projection;
+  timing its prefetch setting (into every cache level, into L2, or non-temporal), timed at
+  one and four rows over every projection;
 - `onednn`: oneDNN's linear over the packed copy of the weight (when it is kept);
 - `torch`: F.linear (MKL).
 
@@ -70,6 +71,13 @@ BUCKETS = ROUTE_BUCKETS
 """Row counts timed; a call of m rows takes the choice of the smallest bucket >= m."""
 CANDIDATES = ("kernel", "onednn", "torch")
 INT8_CANDIDATES = ("kernel", "torch")
+PREFETCH_MODES = {"t0": 1, "l2": 2, "nta": 0}
+"""The kernel's prefetch settings (kernels.h's PREFETCH_ALL_LEVELS, PREFETCH_L2, PREFETCH_NTA)
+by the name the table keeps; the first is the kernel's default."""
+
+PREFETCH_WHERE = {"t0": "every cache level", "l2": "L2 (not L1)",
+                  "nta": "L1 only (non-temporal)"}
+
 PLAN_SLACK = 1.1
 """The one-call decode step (worker/kernels/decode_plan.py) runs only the kernel, and saves
 the Python and ctypes overhead of some ten calls per layer (a tenth of a batch-1 step): it
@@ -98,7 +106,8 @@ class DispatchTable:
 
     cpu: str
     threads: int
-    prefetch_all_levels: bool = True
+    prefetch: str = "t0"
+    """Where the kernel prefetches weights, a PREFETCH_MODES name."""
     prefetch_bytes: int = 0
     """Bytes of the projections the prefetch setting was timed over: a bigger model times it
     again (a tiny model's few kilobytes say nothing about streaming from memory)."""
@@ -106,9 +115,10 @@ class DispatchTable:
     """Shape key ("OUTxIN", "w8a16:OUTxIN", see key_of) -> a candidate per bucket (BUCKETS,
     or INT8_ROUTE_BUCKETS for w8a16)."""
     timings_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    """Shape key -> candidate -> microseconds per call, per bucket; "prefetch" -> "t0"/"nta"
-    -> microseconds of a pass over every projection at one and four rows; "attention:" and
-    an attention key -> tasks per thread -> microseconds per call, per ATTENTION_CASES."""
+    """Shape key -> candidate -> microseconds per call, per bucket; "prefetch" -> a
+    PREFETCH_MODES name -> microseconds of a pass over every projection at one and four rows;
+    "attention:" and an attention key -> tasks per thread -> microseconds per call, per
+    ATTENTION_CASES."""
     attention_parts: dict[str, int] = field(default_factory=dict)
     """"HEADSxKV_HEADSxHEAD_DIM" -> decode attention's tasks per thread (0: no split)."""
 
@@ -145,7 +155,7 @@ class DispatchTable:
     def subset(self, keys: set[str]) -> DispatchTable:
         """The table of these shape and attention keys only (one model's)."""
         return DispatchTable(
-            cpu=self.cpu, threads=self.threads, prefetch_all_levels=self.prefetch_all_levels,
+            cpu=self.cpu, threads=self.threads, prefetch=self.prefetch,
             prefetch_bytes=self.prefetch_bytes,
             choices={k: v for k, v in self.choices.items() if k in keys},
             timings_us={k: v for k, v in self.timings_us.items()
@@ -155,9 +165,7 @@ class DispatchTable:
     def describe(self) -> str:
         """The table as a person reads it: one line per shape, the choice per bucket (w8a16
         shapes in a block of their own, with the prefill bucket)."""
-        where = ("every cache level" if self.prefetch_all_levels
-                 else "L1 only (non-temporal)")
-        lines = [f"kernel prefetch into {where}"]
+        lines = [f"kernel prefetch into {PREFETCH_WHERE[self.prefetch]}"]
         for key, parts in sorted(self.attention_parts.items()):
             heads, kv_heads, d = key.split("x")
             split = f"{parts} tasks per thread" if parts else "no split"
@@ -250,15 +258,15 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
         table = DispatchTable(cpu=cpu_model(), threads=threads)
     nbytes = sum(p.nbytes for p in projections)
     if nbytes > table.prefetch_bytes:
-        before = table.prefetch_all_levels
-        table.prefetch_all_levels = _tune_prefetch(kernels, by_shape, table)
+        before = table.prefetch
+        table.prefetch = _tune_prefetch(kernels, by_shape, table)
         table.prefetch_bytes = nbytes
-        if table.prefetch_all_levels != before:  # the kernel was timed with the other one
+        if table.prefetch != before:  # the kernel was timed with another one
             table.choices.clear()
             table.timings_us = {k: v for k, v in table.timings_us.items()
                                 if k == "prefetch" or k.startswith("attention:")}
         save(table, path)
-    kernels.cpuk_set_prefetch(int(table.prefetch_all_levels))
+    kernels.cpuk_set_prefetch(PREFETCH_MODES[table.prefetch])
     todo = [s for s in by_shape if s not in table.choices]
     if todo:
         start = time.monotonic()
@@ -300,34 +308,35 @@ def _pass(fn: Callable[[torch.Tensor, Routable], object], projs: Sequence[Routab
 
 
 def _tune_prefetch(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
-                   table: DispatchTable) -> bool:
-    """Whether prefetching into every cache level beats non-temporal prefetches here: the
-    kernel over every projection at one and four rows, each setting in turn."""
+                   table: DispatchTable) -> str:
+    """The fastest prefetch setting here (a PREFETCH_MODES name): the kernel over every
+    projection at one and four rows, each setting in turn."""
     before = kernels.cpuk_get_prefetch()
     projs = [(p, _shape(key)[1]) for key, ps in by_shape.items() for p in ps]
-    results: dict[str, list[float]] = {"t0": [], "nta": []}
+    results: dict[str, list[float]] = {name: [] for name in PREFETCH_MODES}
     try:
         for rows in (1, 4):
             x = torch.randn(rows, max(width for _, width in projs))
 
-            def run(all_levels: int, rows: int = rows, x: torch.Tensor = x) -> Callable[[], None]:
+            def run(mode: int, rows: int = rows, x: torch.Tensor = x) -> Callable[[], None]:
                 def go() -> None:
-                    kernels.cpuk_set_prefetch(all_levels)
+                    kernels.cpuk_set_prefetch(mode)
                     for p, width in projs:
                         _kernel(kernels, x[:, :width].contiguous(), p)
                 return go
 
-            t = _time_passes({"t0": run(1), "nta": run(0)}, REPEATS)
+            t = _time_passes({name: run(mode) for name, mode in PREFETCH_MODES.items()},
+                             REPEATS)
             for name in results:
                 results[name].append(t[name] * 1e6)
     finally:
         kernels.cpuk_set_prefetch(before)
     table.timings_us["prefetch"] = results
-    all_levels = sum(results["t0"]) <= sum(results["nta"])
-    log.info("kernel prefetch: into every level %.0f/%.0f us, non-temporal %.0f/%.0f us per "
-             "pass at 1/4 rows: %s", *results["t0"], *results["nta"],
-             "every level" if all_levels else "non-temporal")
-    return all_levels
+    best = min(PREFETCH_MODES, key=lambda name: sum(results[name]))
+    log.info("kernel prefetch, us per pass at 1/4 rows: %s: %s",
+             ", ".join(f"{PREFETCH_WHERE[n]} {t[0]:.0f}/{t[1]:.0f}" for n, t in results.items()),
+             PREFETCH_WHERE[best])
+    return best
 
 
 def _tune_attention(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int

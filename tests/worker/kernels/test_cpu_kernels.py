@@ -34,7 +34,7 @@ def _amx() -> bool:
     return kernels is not None and "amxbf16" in kernels.isa.split()
 
 
-@pytest.fixture(params=[1, 0], ids=["prefetch-t0", "prefetch-nta"])
+@pytest.fixture(params=[1, 2, 0], ids=["prefetch-t0", "prefetch-l2", "prefetch-nta"])
 def prefetch(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[int]:
     """Each prefetch setting the machine's tuning may choose (the results are the same)."""
     before = k.cpuk_get_prefetch()

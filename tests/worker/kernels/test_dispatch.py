@@ -56,8 +56,10 @@ def test_tuned_once_per_machine_then_read_from_the_cache(k: CpuKernels, cache: P
         times = table.timings_us[f"{shape[0]}x{shape[1]}"]
         for b, c in enumerate(chosen):  # each the fastest of its bucket
             assert times[c][b] == min(t[b] for t in times.values())
-    assert set(table.timings_us["prefetch"]) == {"t0", "nta"}
-    assert k.cpuk_get_prefetch() == int(table.prefetch_all_levels)
+    assert set(table.timings_us["prefetch"]) == {"t0", "l2", "nta"}
+    prefetch = table.timings_us["prefetch"]  # the fastest setting over its passes
+    assert sum(prefetch[table.prefetch]) == min(sum(t) for t in prefetch.values())
+    assert k.cpuk_get_prefetch() == dispatch.PREFETCH_MODES[table.prefetch]
     files = list(cache.glob("dispatch-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["choices"] == table.choices
 
@@ -70,17 +72,17 @@ def test_tuned_once_per_machine_then_read_from_the_cache(k: CpuKernels, cache: P
 
     timed: list[tuple[int, ...]] = []
     monkeypatch.setattr(dispatch, "_tune_prefetch",  # a bigger model times it again
-                        lambda kernels, by_shape, t: t.prefetch_all_levels)
+                        lambda kernels, by_shape, t: t.prefetch)
     monkeypatch.setattr(dispatch, "_time_shape", lambda kernels, ps: timed.append(
         tuple(ps[0].weight.shape)) or ({c: [1.0] * len(BUCKETS) for c in CANDIDATES}, BUCKETS))
     grown = dispatch.tune(k, [*projs, *projections(k, (32, 64))])
     assert timed == [(32, 64)] and "32x64" in grown.choices and "96x64" in grown.choices
 
     monkeypatch.setenv("NPUSERVE_KERNEL_RETUNE", "1")
-    monkeypatch.setattr(dispatch, "_tune_prefetch", lambda kernels, by_shape, table: False)
+    monkeypatch.setattr(dispatch, "_tune_prefetch", lambda kernels, by_shape, table: "nta")
     timed.clear()
     retuned = dispatch.tune(k, projs)
-    assert sorted(timed) == [(64, 192), (96, 64)] and not retuned.prefetch_all_levels
+    assert sorted(timed) == [(64, 192), (96, 64)] and retuned.prefetch == "nta"
     k.cpuk_set_prefetch(1)
 
 
@@ -266,12 +268,12 @@ def test_decode_attention_split_is_timed_once_per_shape(k: CpuKernels, cache: Pa
 def test_a_bigger_model_times_the_prefetch_again(k: CpuKernels, cache: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     small = projections(k, (32, 64))
-    monkeypatch.setattr(dispatch, "_tune_prefetch", lambda kernels, by_shape, t: True)
+    monkeypatch.setattr(dispatch, "_tune_prefetch", lambda kernels, by_shape, t: "t0")
     assert dispatch.tune(k, small).prefetch_bytes == small[0].nbytes
     big = projections(k, (96, 64), (64, 192))
-    monkeypatch.setattr(dispatch, "_tune_prefetch", lambda kernels, by_shape, t: False)
+    monkeypatch.setattr(dispatch, "_tune_prefetch", lambda kernels, by_shape, t: "l2")
     table = dispatch.tune(k, big)
-    assert not table.prefetch_all_levels and k.cpuk_get_prefetch() == 0
+    assert table.prefetch == "l2" and k.cpuk_get_prefetch() == 2
     assert set(table.choices) == {"96x64", "64x192"}  # only this model's entries
     stored = dispatch.load(next(cache.glob("dispatch-*.json")))
     assert stored is not None and set(stored.choices) == {"96x64", "64x192"}  # 32x64 dropped

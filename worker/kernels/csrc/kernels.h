@@ -52,8 +52,10 @@ int64_t cpuk_sizeof_layer(void);
 int64_t cpuk_sizeof_decode_step(void);
 
 /* linear.c */
-void cpuk_set_prefetch(int64_t all_levels); /* 1: prefetch weights into every cache level
-                                               (the default); 0: non-temporal, into L1 */
+#define PREFETCH_NTA 0        /* non-temporal, into L1 (prefetchnta) */
+#define PREFETCH_ALL_LEVELS 1 /* into every cache level (prefetcht0), the default */
+#define PREFETCH_L2 2         /* into L2 and below (prefetcht1) */
+void cpuk_set_prefetch(int64_t mode); /* where the projections prefetch weights: PREFETCH_* */
 int64_t cpuk_get_prefetch(void);
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y);

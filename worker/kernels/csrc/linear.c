@@ -15,7 +15,9 @@
  * Weights are prefetched a few tiles ahead. Where the prefetched lines go is a property of
  * the machine, not of the code: on a Zen 3 non-temporal prefetches (into L1 only) were the
  * fastest, on a Sapphire Rapids Xeon they run 2-4x slower than prefetches into every level,
- * so it is a setting (cpuk_set_prefetch) that worker/kernels/dispatch.py times per machine. */
+ * and on a later Xeon prefetches into L2 only streamed 1.2x faster than into every level
+ * (25.7 against 21.3 GB/s at one row), so it is a setting (cpuk_set_prefetch) that
+ * worker/kernels/dispatch.py times per machine. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -62,12 +64,14 @@ ALWAYS_INLINE float vw_hsum(vwf v) {
 #endif
 }
 
-static int prefetch_all_levels = 1; /* 1: prefetcht0; 0: prefetchnta */
+static int prefetch_mode = PREFETCH_ALL_LEVELS;
 static int amx_allowed = 1;
 
-void cpuk_set_prefetch(int64_t all_levels) { prefetch_all_levels = all_levels != 0; }
+void cpuk_set_prefetch(int64_t mode) {
+    prefetch_mode = mode == PREFETCH_L2 ? PREFETCH_L2 : mode ? PREFETCH_ALL_LEVELS : PREFETCH_NTA;
+}
 
-int64_t cpuk_get_prefetch(void) { return prefetch_all_levels; }
+int64_t cpuk_get_prefetch(void) { return prefetch_mode; }
 
 void cpuk_set_amx(int64_t on) { amx_allowed = on != 0; }
 
@@ -88,10 +92,12 @@ static int amx_i8_takes(int64_t m, int64_t k, int64_t group) {
     return m >= AMX_I8_MIN_ROWS && k % 64 == 0 && group % 64 == 0 && amx_allowed && amx_ready();
 }
 
-/* __builtin_prefetch takes its locality as a constant: T0 is one after inlining. */
-#define PREFETCH(p, T0)                                                                       \
+/* __builtin_prefetch takes its locality as a constant: PF, the prefetch mode, is one after
+ * inlining. */
+#define PREFETCH(p, PF)                                                                       \
     do {                                                                                      \
-        if (T0) __builtin_prefetch((p), 0, 3);                                                \
+        if ((PF) == PREFETCH_ALL_LEVELS) __builtin_prefetch((p), 0, 3);                      \
+        else if ((PF) == PREFETCH_L2) __builtin_prefetch((p), 0, 2);                         \
         else __builtin_prefetch((p), 0, 0);                                                   \
     } while (0)
 
@@ -114,12 +120,12 @@ ALWAYS_INLINE ahead_t ahead_start(const char *base, int64_t bytes, int64_t steps
 }
 
 /* Step s of the pass, which (with one pass) reads the tile's chunk bytes at s * chunk. */
-ALWAYS_INLINE void ahead_step(ahead_t *a, int64_t s, int chunk, int T0) {
+ALWAYS_INLINE void ahead_step(ahead_t *a, int64_t s, int chunk, int PF) {
     if (a->passes == 1)
-        for (int b = 0; b < chunk; b += 64) PREFETCH(a->base + s * chunk + b, T0);
+        for (int b = 0; b < chunk; b += 64) PREFETCH(a->base + s * chunk + b, PF);
     else
         for (a->frac += a->span; a->frac >= a->steps; a->frac -= a->steps)
-            PREFETCH(a->base + 64 * a->next++, T0);
+            PREFETCH(a->base + 64 * a->next++, PF);
 }
 
 /* Keeps a loaded vector in a register: without it GCC folds the load into every multiply-add
@@ -184,11 +190,11 @@ ALWAYS_INLINE void reduce_4x4(const vwf acc[MAX_WR][MAX_XR], float out[MAX_WR][M
 #endif
 
 /* float32 (or, with XBF / WBF, bfloat16 x / W widened to float32 in registers): dot products
- * of the tile's WR weight rows with R rows of x, VW columns at a time. WR, R, T0, XBF and WBF
+ * of the tile's WR weight rows with R rows of x, VW columns at a time. WR, R, PF, XBF and WBF
  * are constants after inlining, so acc stays in registers. The tile consumes WR * VW elements
  * of W per step, which the prefetches cover a few tiles ahead. */
 ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j, int64_t n,
-                              int WR, int64_t i, int R, int T0, int XBF, int WBF,
+                              int WR, int64_t i, int R, int PF, int XBF, int WBF,
                               int64_t pass, int64_t passes, float out[MAX_WR][MAX_XR]) {
     const int64_t es = WBF ? 2 : 4, xes = XBF ? 2 : 4; /* element bytes */
     const char *xs[MAX_XR];
@@ -202,7 +208,7 @@ ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j
     ahead_t ahead = ahead_start(rows[0] + PREFETCH_TILES * WR * k * es, WR * k * es, kv / VW,
                                 pass, passes);
     for (int64_t c = 0; c < kv; c += VW) {
-        ahead_step(&ahead, c / VW, WR * VW * es, T0);
+        ahead_step(&ahead, c / VW, WR * VW * es, PF);
         vwf wv[MAX_WR];
         for (int q = 0; q < WR; q++) {
             wv[q] = vw_load(rows[q], c, WBF);
@@ -241,7 +247,7 @@ ALWAYS_INLINE __m512bh dp_load(const uint16_t *p, int64_t c, int64_t k) {
 }
 
 ALWAYS_INLINE void tile_dpbf16(const uint16_t *x, int64_t k, const uint16_t *w, int64_t j,
-                               int64_t n, int WR, int64_t i, int R, int T0, int64_t pass,
+                               int64_t n, int WR, int64_t i, int R, int PF, int64_t pass,
                                int64_t passes, float out[MAX_WR][MAX_XR]) {
     const uint16_t *xs[MAX_XR];
     for (int r = 0; r < R; r++) xs[r] = x + (i + r) * k;
@@ -253,7 +259,7 @@ ALWAYS_INLINE void tile_dpbf16(const uint16_t *x, int64_t k, const uint16_t *w, 
     ahead_t ahead = ahead_start(rows[0] + PREFETCH_TILES * WR * k * 2, WR * k * 2,
                                 (k + DW - 1) / DW, pass, passes);
     for (int64_t c = 0; c < k; c += DW) {
-        ahead_step(&ahead, c / DW, WR * DW * 2, T0);
+        ahead_step(&ahead, c / DW, WR * DW * 2, PF);
         __m512bh wv[MAX_WR];
         for (int q = 0; q < WR; q++) wv[q] = dp_load((const uint16_t *)rows[q], c, k);
         for (int r = 0; r < R; r++) {
@@ -269,11 +275,11 @@ ALWAYS_INLINE void tile_dpbf16(const uint16_t *x, int64_t k, const uint16_t *w, 
 /* int8 widened to float32 (no integer path on this CPU): as tile_f32, 8 columns at a time
  * over [c0, c1). */
 ALWAYS_INLINE void tile_i8_cols(const char *const rows[MAX_WR], int WR, int64_t k,
-                                const float *const *xs, int R, int64_t c0, int64_t c1, int T0,
+                                const float *const *xs, int R, int64_t c0, int64_t c1, int PF,
                                 v8f acc[MAX_WR][MAX_XR]) {
     const char *ahead = rows[0] + PREFETCH_TILES * WR * k;
     for (int64_t c = c0; c < c1; c += 8) {
-        PREFETCH(ahead + c * WR, T0);
+        PREFETCH(ahead + c * WR, PF);
         v8f wv[MAX_WR];
         for (int q = 0; q < WR; q++) wv[q] = vload_i8((const int8_t *)rows[q] + c);
         for (int r = 0; r < R; r++) {
@@ -285,7 +291,7 @@ ALWAYS_INLINE void tile_i8_cols(const char *const rows[MAX_WR], int WR, int64_t 
 
 /* int8: k and group are multiples of 8 (checked by the caller). */
 ALWAYS_INLINE void tile_i8(const float *x, int64_t k, const int8_t *w, const float *scale,
-                           int64_t group, int64_t j, int64_t n, int WR, int64_t i, int R, int T0,
+                           int64_t group, int64_t j, int64_t n, int WR, int64_t i, int R, int PF,
                            float out[MAX_WR][MAX_XR]) {
     const float *xs[MAX_XR];
     for (int r = 0; r < R; r++) xs[r] = x + (i + r) * k;
@@ -299,7 +305,7 @@ ALWAYS_INLINE void tile_i8(const float *x, int64_t k, const int8_t *w, const flo
         v8f acc[MAX_WR][MAX_XR];
         for (int q = 0; q < WR; q++)
             for (int r = 0; r < R; r++) acc[q][r] = vsplat(0.0f);
-        tile_i8_cols(rows, WR, k, xs, R, g * group, (g + 1) * group, T0, acc);
+        tile_i8_cols(rows, WR, k, xs, R, g * group, (g + 1) * group, PF, acc);
         for (int q = 0; q < WR; q++) {
             v8f s = vsplat(scale[(j + q < n ? j + q : n - 1) * groups + g]);
             for (int r = 0; r < R; r++) total[q][r] += acc[q][r] * s;
@@ -329,8 +335,8 @@ ALWAYS_INLINE void store_bf16(float out[MAX_WR][MAX_XR], int WR, int R, int64_t 
 
 /* One x row: four weight rows per tile, so four streams of reads overlap. Several rows:
  * WR_ROWS weight rows by four x rows per pass, the tile's weights re-read from L1 for each
- * pass. TILE(WR, R, T0) computes one tile into out. */
-#define FOR_TILES_T0(WR, TILE, T0, STORE)                                                      \
+ * pass. TILE(WR, R, PF) computes one tile into out. */
+#define FOR_TILES_PF(WR, TILE, PF, STORE)                                                      \
     for (int64_t i0 = 0; i0 < m; i0 += X_BLOCK) {                                              \
         const int64_t i1 = m - i0 < X_BLOCK ? m : i0 + X_BLOCK;                                \
         _Pragma("omp parallel for schedule(static) if (n * k > 65536)")                       \
@@ -340,10 +346,10 @@ ALWAYS_INLINE void store_bf16(float out[MAX_WR][MAX_XR], int WR, int R, int64_t 
                 float out[MAX_WR][MAX_XR];                                                     \
                 int R = i1 - i < MAX_XR ? (int)(i1 - i) : MAX_XR;                              \
                 switch (R) {                                                                   \
-                case 1: TILE(WR, 1, T0); break;                                                \
-                case 2: TILE(WR, 2, T0); break;                                                \
-                case 3: TILE(WR, 3, T0); break;                                                \
-                default: TILE(WR, 4, T0); break;                                               \
+                case 1: TILE(WR, 1, PF); break;                                                \
+                case 2: TILE(WR, 2, PF); break;                                                \
+                case 3: TILE(WR, 3, PF); break;                                                \
+                default: TILE(WR, 4, PF); break;                                               \
                 }                                                                              \
                 STORE(out, WR, R, i, j, n, bias, y);                                           \
             }                                                                                  \
@@ -352,17 +358,21 @@ ALWAYS_INLINE void store_bf16(float out[MAX_WR][MAX_XR], int WR, int R, int64_t 
 
 #define FOR_TILES_STORE(TILE, STORE)                                                           \
     do {                                                                                       \
-        if (m == 1 && prefetch_all_levels) FOR_TILES_T0(4, TILE, 1, STORE)                     \
-        else if (m == 1) FOR_TILES_T0(4, TILE, 0, STORE)                                       \
-        else if (prefetch_all_levels) FOR_TILES_T0(WR_ROWS, TILE, 1, STORE)                    \
-        else FOR_TILES_T0(WR_ROWS, TILE, 0, STORE)                                             \
+        if (m == 1 && prefetch_mode == PREFETCH_ALL_LEVELS)                                    \
+            FOR_TILES_PF(4, TILE, PREFETCH_ALL_LEVELS, STORE)                                  \
+        else if (m == 1 && prefetch_mode == PREFETCH_L2) FOR_TILES_PF(4, TILE, PREFETCH_L2, STORE) \
+        else if (m == 1) FOR_TILES_PF(4, TILE, PREFETCH_NTA, STORE)                            \
+        else if (prefetch_mode == PREFETCH_ALL_LEVELS)                                         \
+            FOR_TILES_PF(WR_ROWS, TILE, PREFETCH_ALL_LEVELS, STORE)                            \
+        else if (prefetch_mode == PREFETCH_L2) FOR_TILES_PF(WR_ROWS, TILE, PREFETCH_L2, STORE)  \
+        else FOR_TILES_PF(WR_ROWS, TILE, PREFETCH_NTA, STORE)                                  \
     } while (0)
 #define FOR_TILES(TILE) FOR_TILES_STORE(TILE, store)
 
 /* x: [m, k]; w: [n, k]; bias: [n] or NULL; y: [m, n]. */
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y) {
-#define TILE_F32(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 0, 0, PASS, PASSES, out)
+#define TILE_F32(WR_, R_, PF_) tile_float(x, k, w, j, n, WR_, i, R_, PF_, 0, 0, PASS, PASSES, out)
     FOR_TILES(TILE_F32);
 #undef TILE_F32
 }
@@ -380,13 +390,13 @@ int64_t cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t
     }
 #ifdef __AVX512BF16__
     if (m > 1) {
-#define TILE_DP(WR_, R_, T0_) tile_dpbf16(x, k, w, j, n, WR_, i, R_, T0_, PASS, PASSES, out)
+#define TILE_DP(WR_, R_, PF_) tile_dpbf16(x, k, w, j, n, WR_, i, R_, PF_, PASS, PASSES, out)
         FOR_TILES_STORE(TILE_DP, store_bf16);
 #undef TILE_DP
         return 0;
     }
 #endif
-#define TILE_BF16(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 1, 1, PASS, PASSES, out)
+#define TILE_BF16(WR_, R_, PF_) tile_float(x, k, w, j, n, WR_, i, R_, PF_, 1, 1, PASS, PASSES, out)
     FOR_TILES_STORE(TILE_BF16, store_bf16);
 #undef TILE_BF16
     return 0;
@@ -427,14 +437,14 @@ int64_t cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16
             _mm256_storeu_si256((__m256i *)(xh + c),
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + c)));
         for (; c < m * k; c++) xh[c] = float_bf16(x[c]);
-#define TILE_DP(WR_, R_, T0_) tile_dpbf16(xh, k, w, j, n, WR_, i, R_, T0_, PASS, PASSES, out)
+#define TILE_DP(WR_, R_, PF_) tile_dpbf16(xh, k, w, j, n, WR_, i, R_, PF_, PASS, PASSES, out)
         FOR_TILES(TILE_DP);
 #undef TILE_DP
         return 0;
     }
 #endif
     (void)work;
-#define TILE_WBF16(WR_, R_, T0_) tile_float(x, k, w, j, n, WR_, i, R_, T0_, 0, 1, PASS, PASSES, out)
+#define TILE_WBF16(WR_, R_, PF_) tile_float(x, k, w, j, n, WR_, i, R_, PF_, 0, 1, PASS, PASSES, out)
     FOR_TILES(TILE_WBF16);
 #undef TILE_WBF16
     return 0;
@@ -493,12 +503,12 @@ ALWAYS_INLINE float xs_hsum(xsum v) { return hsum(v); }
 
 /* [c0, c1) is a multiple of 16 columns: whole vectors, then on AVX-512 maybe a half one. */
 ALWAYS_INLINE void tile_x16(const char *const rows[MAX_WR], int WR, int64_t k,
-                            const int16_t *const *xs, int R, int64_t c0, int64_t c1, int T0,
+                            const int16_t *const *xs, int R, int64_t c0, int64_t c1, int PF,
                             xvec acc[MAX_WR][MAX_XR]) {
     const char *ahead = rows[0] + PREFETCH_TILES * WR * k;
     int64_t c = c0;
     for (; c + XW <= c1; c += XW) {
-        for (int b = 0; b < WR * XW; b += 64) PREFETCH(ahead + c * WR + b, T0);
+        for (int b = 0; b < WR * XW; b += 64) PREFETCH(ahead + c * WR + b, PF);
         xvec wv[MAX_WR];
         for (int q = 0; q < WR; q++) {
             wv[q] = xv_w(rows[q] + c);
@@ -525,7 +535,7 @@ ALWAYS_INLINE void tile_x16(const char *const rows[MAX_WR], int WR, int64_t k,
 /* k and group are multiples of 16; xq: x as int16, xs: its per-row scales. */
 ALWAYS_INLINE void tile_i8_x16(const int16_t *xq, const float *xscale, int64_t k,
                                const int8_t *w, const float *scale, int64_t group, int64_t j,
-                               int64_t n, int WR, int64_t i, int R, int T0,
+                               int64_t n, int WR, int64_t i, int R, int PF,
                                float out[MAX_WR][MAX_XR]) {
     const int16_t *xs[MAX_XR];
     for (int r = 0; r < R; r++) xs[r] = xq + (i + r) * k;
@@ -543,7 +553,7 @@ ALWAYS_INLINE void tile_i8_x16(const int16_t *xq, const float *xscale, int64_t k
             xvec acc[MAX_WR][MAX_XR];
             for (int q = 0; q < WR; q++)
                 for (int r = 0; r < R; r++) acc[q][r] = xv_zero();
-            tile_x16(rows, WR, k, xs, R, c0, c1, T0, acc);
+            tile_x16(rows, WR, k, xs, R, c0, c1, PF, acc);
             for (int q = 0; q < WR; q++)
                 for (int r = 0; r < R; r++) total[q][r] += xs_float(acc[q][r]) * s[q];
         }
@@ -613,14 +623,14 @@ int64_t cpuk_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, co
             amx_linear_i8(xq, xscale, m, k, w, scale, group, n, bias, y, xq + m * k);
             return 0;
         }
-#define TILE_X16(WR_, R_, T0_) tile_i8_x16(xq, xscale, k, w, scale, group, j, n, WR_, i, R_, T0_, out)
+#define TILE_X16(WR_, R_, PF_) tile_i8_x16(xq, xscale, k, w, scale, group, j, n, WR_, i, R_, PF_, out)
         FOR_TILES(TILE_X16);
 #undef TILE_X16
         return 0;
     }
 #endif
     (void)work;
-#define TILE_I8(WR_, R_, T0_) tile_i8(x, k, w, scale, group, j, n, WR_, i, R_, T0_, out)
+#define TILE_I8(WR_, R_, PF_) tile_i8(x, k, w, scale, group, j, n, WR_, i, R_, PF_, out)
     FOR_TILES(TILE_I8);
 #undef TILE_I8
     return 0;
