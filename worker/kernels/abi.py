@@ -63,6 +63,8 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "cpuk_linear_f32": (None, [_P, _I, _I, _P, _I, _P, _P]),
     "cpuk_set_amx": (None, [_I]),
     "cpuk_get_amx": (_I, []),
+    "cpuk_set_amx_i8_rows": (None, [_I]),
+    "cpuk_get_amx_i8_rows": (_I, []),
     "cpuk_linear_bf16": (_I, [_P, _I, _I, _P, _I, _P, _P, _P, _I]),
     "cpuk_linear_wbf16_workspace": (_I, [_I, _I]),
     "cpuk_linear_f32_wbf16": (_I, [_P, _I, _I, _P, _I, _P, _P, _P, _I]),

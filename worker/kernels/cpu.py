@@ -56,6 +56,8 @@ class CpuKernels:
     cpuk_get_prefetch: Any
     cpuk_set_amx: Any
     cpuk_get_amx: Any
+    cpuk_set_amx_i8_rows: Any
+    cpuk_get_amx_i8_rows: Any
     cpuk_set_attention_parts: Any
     cpuk_get_attention_parts: Any
     cpuk_isa: Any

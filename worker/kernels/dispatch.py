@@ -16,7 +16,9 @@ candidates on the model's own projections and picks per shape and row bucket:
 w8a16 projections with per-channel scales are timed the same way between two candidates,
 npuserve's int8 kernel (`kernel`) and F.linear on the weight widened to float32 for the call
 (`torch`; the same products, so no route changes a result beyond float rounding), over the
-float buckets and a 256-row prefill bucket whose choice serves every larger call.
+float buckets and a 256-row prefill bucket whose choice serves every larger call. On a CPU
+with AMX, before them, the int8 kernel's tiles are timed against its vector code at 1-8 rows
+over every w8a16 projection, which sets the rows from which it takes the tiles.
 
 Decode attention splits a context into parts (flash-decoding) when there are fewer
 (sequence, kv head) pairs than tasks for the threads; how many tasks per thread pays (0: no
@@ -78,6 +80,9 @@ by the name the table keeps; the first is the kernel's default."""
 PREFETCH_WHERE = {"t0": "every cache level", "l2": "L2 (not L1)",
                   "nta": "L1 only (non-temporal)"}
 
+AMX_I8_ROWS = (1, 2, 4, 8)
+"""Row counts at which int8 projections on AMX tiles are timed against the vector code."""
+
 PLAN_SLACK = 1.1
 """The one-call decode step (worker/kernels/decode_plan.py) runs only the kernel, and saves
 the Python and ctypes overhead of some ten calls per layer (a tenth of a batch-1 step): it
@@ -111,14 +116,19 @@ class DispatchTable:
     prefetch_bytes: int = 0
     """Bytes of the projections the prefetch setting was timed over: a bigger model times it
     again (a tiny model's few kilobytes say nothing about streaming from memory)."""
+    amx_i8_rows: int = 0
+    """Rows from which int8 projections take AMX tiles (0: not timed, the kernel's default)."""
+    amx_i8_bytes: int = 0
+    """Bytes of the w8a16 projections amx_i8_rows was timed over (as prefetch_bytes)."""
     choices: dict[str, list[str]] = field(default_factory=dict)
     """Shape key ("OUTxIN", "w8a16:OUTxIN", see key_of) -> a candidate per bucket (BUCKETS,
     or INT8_ROUTE_BUCKETS for w8a16)."""
     timings_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     """Shape key -> candidate -> microseconds per call, per bucket; "prefetch" -> a
     PREFETCH_MODES name -> microseconds of a pass over every projection at one and four rows;
-    "attention:" and an attention key -> tasks per thread -> microseconds per call, per
-    ATTENTION_CASES."""
+    "amx-int8" -> "tiles"/"vector" -> microseconds of a pass over every w8a16 projection at
+    AMX_I8_ROWS rows; "attention:" and an attention key -> tasks per thread -> microseconds
+    per call, per ATTENTION_CASES."""
     attention_parts: dict[str, int] = field(default_factory=dict)
     """"HEADSxKV_HEADSxHEAD_DIM" -> decode attention's tasks per thread (0: no split)."""
 
@@ -156,16 +166,20 @@ class DispatchTable:
         """The table of these shape and attention keys only (one model's)."""
         return DispatchTable(
             cpu=self.cpu, threads=self.threads, prefetch=self.prefetch,
-            prefetch_bytes=self.prefetch_bytes,
+            prefetch_bytes=self.prefetch_bytes, amx_i8_rows=self.amx_i8_rows,
+            amx_i8_bytes=self.amx_i8_bytes,
             choices={k: v for k, v in self.choices.items() if k in keys},
             timings_us={k: v for k, v in self.timings_us.items()
-                        if k.removeprefix("attention:") in keys or k == "prefetch"},
+                        if k.removeprefix("attention:") in keys
+                        or k in ("prefetch", "amx-int8")},
             attention_parts={k: v for k, v in self.attention_parts.items() if k in keys})
 
     def describe(self) -> str:
         """The table as a person reads it: one line per shape, the choice per bucket (w8a16
         shapes in a block of their own, with the prefill bucket)."""
         lines = [f"kernel prefetch into {PREFETCH_WHERE[self.prefetch]}"]
+        if self.amx_i8_rows:
+            lines.append(f"int8 projections on AMX tiles from {self.amx_i8_rows} rows")
         for key, parts in sorted(self.attention_parts.items()):
             heads, kv_heads, d = key.split("x")
             split = f"{parts} tasks per thread" if parts else "no split"
@@ -264,9 +278,21 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
         if table.prefetch != before:  # the kernel was timed with another one
             table.choices.clear()
             table.timings_us = {k: v for k, v in table.timings_us.items()
-                                if k == "prefetch" or k.startswith("attention:")}
+                                if k in ("prefetch", "amx-int8") or k.startswith("attention:")}
         save(table, path)
     kernels.cpuk_set_prefetch(PREFETCH_MODES[table.prefetch])
+    int8_bytes = sum(p.nbytes for p in projections if isinstance(p, W8A16Projection))
+    if int8_bytes > table.amx_i8_bytes and "amxint8" in kernels.isa.split():
+        before_rows = table.amx_i8_rows
+        table.amx_i8_rows = _tune_amx_i8(kernels, by_shape, table)
+        table.amx_i8_bytes = int8_bytes
+        if table.amx_i8_rows != before_rows:  # the int8 kernel was timed with other rows
+            table.choices = {k: v for k, v in table.choices.items() if not k.startswith(INT8)}
+            table.timings_us = {k: v for k, v in table.timings_us.items()
+                                if not k.startswith(INT8)}
+        save(table, path)
+    if table.amx_i8_rows:
+        kernels.cpuk_set_amx_i8_rows(table.amx_i8_rows)
     todo = [s for s in by_shape if s not in table.choices]
     if todo:
         start = time.monotonic()
@@ -337,6 +363,51 @@ def _tune_prefetch(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
              ", ".join(f"{PREFETCH_WHERE[n]} {t[0]:.0f}/{t[1]:.0f}" for n, t in results.items()),
              PREFETCH_WHERE[best])
     return best
+
+
+def first_winning(rows: Sequence[int], tiles: Sequence[float], vector: Sequence[float]
+                   ) -> int:
+    """The fewest of `rows` from which the tiles are no slower than the vector path at that
+    count and every larger one timed (twice the last where they never are)."""
+    for i, count in enumerate(rows):
+        if all(t <= v for t, v in zip(tiles[i:], vector[i:], strict=True)):
+            return count
+    return 2 * rows[-1]
+
+
+def _tune_amx_i8(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
+                 table: DispatchTable) -> int:
+    """The rows from which int8 projections take AMX tiles here: the int8 kernel over every
+    w8a16 projection of the model at each of AMX_I8_ROWS, tiles and vector code in turn. The
+    model's own projections decide it, since whether they fit in cache does: on a Xeon the
+    tiles lost to the vector path at 1-2 rows on SmolLM2's (in L3) and won on Qwen3-0.6B's."""
+    before = kernels.cpuk_get_amx_i8_rows()
+    projs = [(p, _shape(key)[1]) for key, ps in by_shape.items() if key.startswith(INT8)
+             for p in ps]
+    results: dict[str, list[float]] = {"tiles": [], "vector": []}
+    try:
+        for rows in AMX_I8_ROWS:
+            x = torch.randn(rows, max(width for _, width in projs))
+
+            def run(min_rows: int, x: torch.Tensor = x) -> Callable[[], None]:
+                def go() -> None:
+                    kernels.cpuk_set_amx_i8_rows(min_rows)
+                    for p, width in projs:
+                        _kernel(kernels, x[:, :width].contiguous(), p)
+                return go
+
+            t = _time_passes({"tiles": run(1), "vector": run(2 * AMX_I8_ROWS[-1])}, REPEATS)
+            for name in results:
+                results[name].append(t[name] * 1e6)
+    finally:
+        kernels.cpuk_set_amx_i8_rows(before)
+    table.timings_us["amx-int8"] = results
+    chosen = first_winning(AMX_I8_ROWS, results["tiles"], results["vector"])
+    log.info("int8 on AMX tiles / vector code, us per pass at %s rows: %s / %s: tiles from %d "
+             "rows", "/".join(map(str, AMX_I8_ROWS)),
+             "/".join(f"{t:.0f}" for t in results["tiles"]),
+             "/".join(f"{t:.0f}" for t in results["vector"]), chosen)
+    return chosen
 
 
 def _tune_attention(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int

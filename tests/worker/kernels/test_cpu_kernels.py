@@ -124,23 +124,26 @@ def test_amx_tiles_agree_with_the_vector_path(k: CpuKernels, m: int, n: int,
 
 
 @pytest.mark.skipif(not _amx(), reason="this CPU or OS gives no AMX tiles")
-@pytest.mark.parametrize("m", [4, 16, 17, 33, 70])
+@pytest.mark.parametrize("m", [1, 2, 4, 16, 17, 33, 70])
 @pytest.mark.parametrize(("n", "in_features", "group"), [(301, 576, 576), (40, 1536, 128),
                                                          (16, 128, 64)])
 def test_amx_int8_tiles_agree_with_the_vector_path(k: CpuKernels, m: int, n: int,
                                                    in_features: int, group: int) -> None:
     """x rounded to int16 on both, split into two bytes for the tiles: the same int32 sums per
-    group, scaled and summed in float32 in another order."""
+    group, scaled and summed in float32 in another order. Tiles from one row (the dispatch
+    table may choose any count), against the vector code by a count no call reaches."""
     g = gen(m * 11 + n)
     x, b = torch.randn(m, in_features, generator=g), torch.randn(n, generator=g)
     qweight = torch.randint(-127, 128, (n, in_features), dtype=torch.int8, generator=g)
     scale = torch.rand(n, in_features // group, generator=g) / 64
-    tiles = k.linear_int8(x, qweight, scale, group, b)
-    k.cpuk_set_amx(0)
+    before = k.cpuk_get_amx_i8_rows()
     try:
+        k.cpuk_set_amx_i8_rows(1)
+        tiles = k.linear_int8(x, qweight, scale, group, b)
+        k.cpuk_set_amx_i8_rows(1 << 30)
         vector = k.linear_int8(x, qweight, scale, group, b)
     finally:
-        k.cpuk_set_amx(1)
+        k.cpuk_set_amx_i8_rows(before)
     torch.testing.assert_close(tiles, vector, rtol=1e-5, atol=1e-5 * in_features**0.5)
     ref = F.linear(x, dequantize(qweight, scale), b)
     torch.testing.assert_close(tiles, ref, rtol=1e-3, atol=1e-3 * in_features**0.5)

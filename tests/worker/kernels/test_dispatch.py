@@ -215,6 +215,46 @@ def test_w8a16_routes_that_cannot_run_are_refused(k: CpuKernels) -> None:
         w8a16(k, (8, 64)).route(("torch",) * len(BUCKETS))
 
 
+@pytest.mark.parametrize(("tiles", "vector", "rows"), [
+    ([1, 1, 1, 1], [2, 2, 2, 2], 1),   # the tiles win everywhere
+    ([3, 3, 1, 1], [2, 2, 2, 2], 4),   # from 4 rows
+    ([1, 3, 1, 1], [2, 2, 2, 2], 4),   # a win at 1 row alone does not count
+    ([1, 1, 1, 3], [2, 2, 2, 2], 16),  # never at every larger count: not at all
+    ([2, 2, 2, 2], [2, 2, 2, 2], 1)])  # a tie takes the tiles
+def test_int8_takes_the_tiles_from_the_fewest_rows_they_win_from(
+        tiles: list[float], vector: list[float], rows: int) -> None:
+    assert dispatch.first_winning(dispatch.AMX_I8_ROWS, tiles, vector) == rows
+
+
+def test_w8a16_models_time_the_int8_tiles_where_the_cpu_has_them(
+        k: CpuKernels, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timed on the model's own w8a16 projections, applied to the kernels, kept in the cache
+    and timed again only for a model with more w8a16 bytes."""
+    before = k.cpuk_get_amx_i8_rows()
+    projs = [w8a16(k, (96, 64)), w8a16(k, (96, 64)), *projections(k, (96, 64))]
+    try:
+        table = dispatch.tune(k, projs)
+        if "amxint8" not in k.isa.split():
+            assert table.amx_i8_rows == 0 and "amx-int8" not in table.timings_us
+            return
+        times = table.timings_us["amx-int8"]
+        assert table.amx_i8_rows == dispatch.first_winning(dispatch.AMX_I8_ROWS, times["tiles"],
+                                                           times["vector"])
+        assert k.cpuk_get_amx_i8_rows() == table.amx_i8_rows
+        assert f"AMX tiles from {table.amx_i8_rows} rows" in table.describe()
+
+        def no_timing(*args: object) -> None:
+            raise AssertionError("timed again")
+
+        monkeypatch.setattr(dispatch, "_tune_amx_i8", no_timing)
+        assert dispatch.tune(k, projs).amx_i8_rows == table.amx_i8_rows  # from the cache
+        monkeypatch.setattr(dispatch, "_tune_amx_i8", lambda kernels, by_shape, t: 8)
+        bigger = dispatch.tune(k, [*projs, w8a16(k, (32, 64))])
+        assert bigger.amx_i8_rows == 8 and k.cpuk_get_amx_i8_rows() == 8
+    finally:
+        k.cpuk_set_amx_i8_rows(before)
+
+
 def test_w8a16_shapes_are_timed_with_a_prefill_bucket(k: CpuKernels, cache: Path) -> None:
     projs = [w8a16(k, (96, 64)), w8a16(k, (96, 64)), *projections(k, (96, 64))]
     table = dispatch.tune(k, projs)

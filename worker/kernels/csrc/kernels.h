@@ -63,6 +63,9 @@ void cpuk_set_amx(int64_t on); /* 1: bfloat16 and int8 projections of several ro
                                   tiles where the CPU and OS allow (the default); 0: vector
                                   code only */
 int64_t cpuk_get_amx(void);    /* 1 while AMX tiles serve them */
+void cpuk_set_amx_i8_rows(int64_t rows); /* int8 projections take the tiles from this many
+                                            rows (default 4) */
+int64_t cpuk_get_amx_i8_rows(void);
 int64_t cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
                          const uint16_t *bias, uint16_t *y, void *work, int64_t work_bytes);
 int64_t cpuk_linear_wbf16_workspace(int64_t m, int64_t k);

@@ -80,16 +80,24 @@ int64_t cpuk_get_amx(void) { return amx_allowed && amx_ready(); }
 /* Whether a bfloat16 / int8 projection of m rows of k columns (and groups) runs on AMX tiles
  * (amx.c), where k and the groups are whole tiles. On a 2-core Xeon with AMX, bfloat16 on
  * tiles streamed Qwen3-0.6B's layers at 21.5 GB/s from one row, where the vector path read
- * 16.4 (batch-1 decode 54 against 66 ms); int8 ties the vector path at 4 rows on SmolLM2's
- * layers (3.9-4.2 ms against 4.0) and is 1.3x slower at 2, though 1.03-1.13x faster at 1-2
- * rows on layers too big for the cache. */
+ * 16.4 (batch-1 decode 54 against 66 ms). int8 tied the vector path at 4 rows on SmolLM2's
+ * layers, which sit in that Xeon's L3 (3.9-4.2 ms against 4.0), and was 1.3x slower at 2, but
+ * 1.03-1.13x faster at 1-2 rows on layers too big for it: so the rows from which int8 takes
+ * the tiles are a setting that worker/kernels/dispatch.py times on each model's own
+ * projections (AMX_I8_MIN_ROWS until then). */
 #define AMX_BF16_MIN_ROWS 1
 #define AMX_I8_MIN_ROWS 4
+static int64_t amx_i8_rows = AMX_I8_MIN_ROWS;
+
+void cpuk_set_amx_i8_rows(int64_t rows) { amx_i8_rows = rows > 1 ? rows : 1; }
+
+int64_t cpuk_get_amx_i8_rows(void) { return amx_i8_rows; }
+
 static int amx_takes(int64_t m, int64_t k) {
     return m >= AMX_BF16_MIN_ROWS && k % 32 == 0 && amx_allowed && amx_ready();
 }
 static int amx_i8_takes(int64_t m, int64_t k, int64_t group) {
-    return m >= AMX_I8_MIN_ROWS && k % 64 == 0 && group % 64 == 0 && amx_allowed && amx_ready();
+    return m >= amx_i8_rows && k % 64 == 0 && group % 64 == 0 && amx_allowed && amx_ready();
 }
 
 /* __builtin_prefetch takes its locality as a constant: PF, the prefetch mode, is one after
