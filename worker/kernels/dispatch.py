@@ -333,30 +333,41 @@ def _pass(fn: Callable[[torch.Tensor, Routable], object], projs: Sequence[Routab
     return run
 
 
+def _time_setting(kernels: CpuKernels, projs: Sequence[Routable], rows: Sequence[int],
+                  get: Callable[[], int], put: Callable[[int], None],
+                  values: dict[str, int]) -> dict[str, list[float]]:
+    """Microseconds of a pass of the kernel over every one of projs at each of `rows`, with
+    the kernels' setting (read by get, written by put) at each of `values` in turn, by name;
+    the setting is restored afterwards."""
+    before = get()
+    widths = [_shape(key_of(p))[1] for p in projs]
+    results: dict[str, list[float]] = {name: [] for name in values}
+    try:
+        for count in rows:
+            x = torch.randn(count, max(widths))
+
+            def run(value: int, x: torch.Tensor = x) -> Callable[[], None]:
+                def go() -> None:
+                    put(value)
+                    for p, width in zip(projs, widths, strict=True):
+                        _kernel(kernels, x[:, :width].contiguous(), p)
+                return go
+
+            t = _time_passes({name: run(value) for name, value in values.items()}, REPEATS)
+            for name in results:
+                results[name].append(t[name] * 1e6)
+    finally:
+        put(before)
+    return results
+
+
 def _tune_prefetch(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
                    table: DispatchTable) -> str:
     """The fastest prefetch setting here (a PREFETCH_MODES name): the kernel over every
     projection at one and four rows, each setting in turn."""
-    before = kernels.cpuk_get_prefetch()
-    projs = [(p, _shape(key)[1]) for key, ps in by_shape.items() for p in ps]
-    results: dict[str, list[float]] = {name: [] for name in PREFETCH_MODES}
-    try:
-        for rows in (1, 4):
-            x = torch.randn(rows, max(width for _, width in projs))
-
-            def run(mode: int, rows: int = rows, x: torch.Tensor = x) -> Callable[[], None]:
-                def go() -> None:
-                    kernels.cpuk_set_prefetch(mode)
-                    for p, width in projs:
-                        _kernel(kernels, x[:, :width].contiguous(), p)
-                return go
-
-            t = _time_passes({name: run(mode) for name, mode in PREFETCH_MODES.items()},
-                             REPEATS)
-            for name in results:
-                results[name].append(t[name] * 1e6)
-    finally:
-        kernels.cpuk_set_prefetch(before)
+    projs = [p for ps in by_shape.values() for p in ps]
+    results = _time_setting(kernels, projs, (1, 4), kernels.cpuk_get_prefetch,
+                            kernels.cpuk_set_prefetch, PREFETCH_MODES)
     table.timings_us["prefetch"] = results
     best = min(PREFETCH_MODES, key=lambda name: sum(results[name]))
     log.info("kernel prefetch, us per pass at 1/4 rows: %s: %s",
@@ -381,26 +392,10 @@ def _tune_amx_i8(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
     w8a16 projection of the model at each of AMX_I8_ROWS, tiles and vector code in turn. The
     model's own projections decide it, since whether they fit in cache does: on a Xeon the
     tiles lost to the vector path at 1-2 rows on SmolLM2's (in L3) and won on Qwen3-0.6B's."""
-    before = kernels.cpuk_get_amx_i8_rows()
-    projs = [(p, _shape(key)[1]) for key, ps in by_shape.items() if key.startswith(INT8)
-             for p in ps]
-    results: dict[str, list[float]] = {"tiles": [], "vector": []}
-    try:
-        for rows in AMX_I8_ROWS:
-            x = torch.randn(rows, max(width for _, width in projs))
-
-            def run(min_rows: int, x: torch.Tensor = x) -> Callable[[], None]:
-                def go() -> None:
-                    kernels.cpuk_set_amx_i8_rows(min_rows)
-                    for p, width in projs:
-                        _kernel(kernels, x[:, :width].contiguous(), p)
-                return go
-
-            t = _time_passes({"tiles": run(1), "vector": run(2 * AMX_I8_ROWS[-1])}, REPEATS)
-            for name in results:
-                results[name].append(t[name] * 1e6)
-    finally:
-        kernels.cpuk_set_amx_i8_rows(before)
+    projs = [p for key, ps in by_shape.items() if key.startswith(INT8) for p in ps]
+    results = _time_setting(kernels, projs, AMX_I8_ROWS, kernels.cpuk_get_amx_i8_rows,
+                            kernels.cpuk_set_amx_i8_rows,
+                            {"tiles": 1, "vector": 2 * AMX_I8_ROWS[-1]})
     table.timings_us["amx-int8"] = results
     chosen = first_winning(AMX_I8_ROWS, results["tiles"], results["vector"])
     log.info("int8 on AMX tiles / vector code, us per pass at %s rows: %s / %s: tiles from %d "

@@ -138,9 +138,9 @@ static void pack_x(const void *x, int x_f32, int64_t m, int64_t k, uint16_t *xp)
     }
 }
 
-int64_t amx_bf16_workspace(int64_t m, int64_t k) {
-    return (m + 15) / 16 * 16 * k * (int64_t)sizeof(uint16_t);
-}
+/* x packed for the tiles, bfloat16 or int16's two bytes: two bytes per element, rows in
+ * whole blocks of 16. */
+int64_t amx_workspace(int64_t m, int64_t k) { return (m + 15) / 16 * 16 * k * 2; }
 
 /* A C tile (W rows j.., x rows i..) into y, transposed, times xscale[i + r] for x row r
  * (unless NULL), with the bias added in float32 and (bfloat16 y) one rounding: rows of y are
@@ -295,8 +295,6 @@ static void pack_x16(const int16_t *xq, int64_t m, int64_t k, int8_t *xp) {
     }
 }
 
-int64_t amx_i8_workspace(int64_t m, int64_t k) { return (m + 15) / 16 * 16 * k * 2; }
-
 /* Tiles 0-1: C of W block 0 against x's high and low bytes, 2-3: of W block 1; 4-5: W
  * blocks of wr[0] and wr[1] rows; 6-7: x's high and low bytes, xr rows. */
 static void configure_i8(const int wr[2], int xr) {
@@ -406,12 +404,7 @@ void amx_linear_i8(const int16_t *xq, const float *xscale, int64_t m, int64_t k,
 }
 #else
 int amx_ready(void) { return 0; }
-int64_t amx_bf16_workspace(int64_t m, int64_t k) {
-    (void)m;
-    (void)k;
-    return 0;
-}
-int64_t amx_i8_workspace(int64_t m, int64_t k) {
+int64_t amx_workspace(int64_t m, int64_t k) {
     (void)m;
     (void)k;
     return 0;

@@ -391,7 +391,7 @@ void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64
 int64_t cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
                          const uint16_t *bias, uint16_t *y, void *work, int64_t work_bytes) {
     if (amx_takes(m, k)) {
-        const int64_t need = amx_bf16_workspace(m, k);
+        const int64_t need = amx_workspace(m, k);
         if (need > work_bytes) return need;
         amx_linear_bf16(x, 0, m, k, w, n, bias, 1, y, 1, work);
         return 0;
@@ -413,7 +413,7 @@ int64_t cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t
 /* Scratch of the projections over bfloat16 W: x packed for AMX tiles, or (float32 x) rounded
  * to bfloat16 for vdpbf16ps, where those paths are taken. */
 int64_t cpuk_linear_wbf16_workspace(int64_t m, int64_t k) {
-    if (amx_takes(m, k)) return amx_bf16_workspace(m, k);
+    if (amx_takes(m, k)) return amx_workspace(m, k);
 #ifdef __AVX512BF16__
     if (m > 1) return m * k * (int64_t)sizeof(uint16_t);
 #endif
@@ -607,7 +607,7 @@ int64_t cpuk_linear_i8_workspace(int64_t m, int64_t k, int64_t group) {
 #ifdef __AVX2__
     if (k % 16 == 0 && group % 16 == 0)
         return m * (int64_t)sizeof(float) + m * k * (int64_t)sizeof(int16_t) +
-               (amx_i8_takes(m, k, group) ? amx_i8_workspace(m, k) : 0);
+               (amx_i8_takes(m, k, group) ? amx_workspace(m, k) : 0);
 #endif
     (void)m;
     (void)k;
