@@ -5,7 +5,15 @@
  * one (sequence, kv head), or a part of its context when there are fewer of those than
  * threads, reading keys and values in place, block by block, so no gathered copy of the
  * context is made. The scores and the parts' partial results live in the caller's scratch.
- * A bfloat16 cache is widened to float32 as it is read; the arithmetic is float32 either way. */
+ * A bfloat16 cache is widened to float32 as it is read; the arithmetic is float32 either way,
+ * and the same bit for bit: the multiply-adds are fused where the code says so (vfma) and
+ * nowhere else, as the compiler otherwise decides per instantiation which products it fuses
+ * (on a Zen 4 GCC 12 fused the two caches' loops differently, 1-2 ulp apart). */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -26,13 +34,15 @@ ALWAYS_INLINE void block_scores(const float *q, int64_t dv, const void *cache, i
         for (int u = 0; u < 8; u++) a[u] = vsplat(0.0f);
         for (int64_t c = 0; c < dv; c++) {
             const v8f qc = vload(q + 8 * c);
-            for (int u = 0; u < 8; u++) a[u] += qc * vload_any(cache, at + ((t + u) * dv + c) * 8, BF);
+            for (int u = 0; u < 8; u++)
+                a[u] = vfma(qc, vload_any(cache, at + ((t + u) * dv + c) * 8, BF), a[u]);
         }
         vstore(scores + t, hsum8(a) * vsplat(scale));
     }
     for (; t < count; t++) {
         v8f a = vsplat(0.0f);
-        for (int64_t c = 0; c < dv; c++) a += vload(q + 8 * c) * vload_any(cache, at + (t * dv + c) * 8, BF);
+        for (int64_t c = 0; c < dv; c++)
+            a = vfma(vload(q + 8 * c), vload_any(cache, at + (t * dv + c) * 8, BF), a);
         scores[t] = hsum(a) * scale;
     }
 }
@@ -110,7 +120,7 @@ ALWAYS_INLINE void attend(const float *qs, int64_t group, int64_t dv, const void
             for (int64_t i = 0; i < count; i++) {
                 const v8f pv = vsplat(p[i]);
                 for (int64_t c = 0; c < dv; c++)
-                    acc[c] += pv * vload_any(cache, v + i * d + 8 * c, BF);
+                    acc[c] = vfma(pv, vload_any(cache, v + i * d + 8 * c, BF), acc[c]);
             }
             for (int64_t c = 0; c < dv; c++) vstore(o + 8 * c, acc[c]);
         }

@@ -30,6 +30,16 @@ ALWAYS_INLINE v8f vload_i8(const int8_t *p) {
 
 ALWAYS_INLINE void vstore(float *p, v8f v) { *(v8f *)p = v; }
 
+/* a * b + c, rounded once where the CPU has FMA. Said explicitly for code built without
+ * contraction (attention.c), which fuses where it writes this and nowhere else. */
+ALWAYS_INLINE v8f vfma(v8f a, v8f b, v8f c) {
+#ifdef __FMA__
+    return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+
 /* bfloat16 is the upper half of a float32: widening it is a 16-bit shift, exact. */
 typedef uint16_t v8h __attribute__((vector_size(16), aligned(2)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
