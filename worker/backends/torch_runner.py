@@ -134,8 +134,10 @@ class ModelRunner:
             self.dtype, self.device)
         self.max_seq_len = min(max_len, self.cache.num_slots)
         """Longest sequence the runner can hold: the context length or the whole cache."""
+        route_kernels = kernels or bf16_kernels
         self.dispatch: DispatchTable | None = (
-            self._route(kernels) if kernels is not None and settings.cpu_dispatch else None)
+            self._route(route_kernels, attention=kernels is not None)
+            if route_kernels is not None and settings.cpu_dispatch else None)
         """This machine's GEMM choices per projection shape and row bucket, when timed."""
         step_kernels = kernels or bf16_attention
         plan_rows = min(max_num_seqs,
@@ -148,25 +150,28 @@ class ModelRunner:
         all-reduces)."""
 
     def _routable(self, with_lm_head: bool) -> list[Routable]:
-        """The projections the dispatch table routes: float32 ones, and w8a16 ones with
-        per-channel scales (the kernel alone serves group scales)."""
+        """The projections the dispatch table routes: float32 ones, bfloat16 ones with their
+        oneDNN copy (a CPU without native bfloat16 keeps none: the kernel serves them all),
+        and w8a16 ones with per-channel scales (the kernel alone serves group scales)."""
         w = self.weights
         projs = [p for layer in w.layers for p in (layer.qkv, layer.o_proj, layer.gate_up,
                                                    layer.down)]
         if with_lm_head:
             projs.append(w.lm_head)
-        return [p for p in projs if isinstance(p, Projection)
+        return [p for p in projs
+                if (isinstance(p, Projection) and (p.weight.dtype != torch.bfloat16 or p.packed))
                 or (isinstance(p, W8A16Projection) and p.routable)]
 
-    def _route(self, kernels: CpuKernels) -> DispatchTable | None:
+    def _route(self, kernels: CpuKernels, attention: bool) -> DispatchTable | None:
         """Time (or read from the cache) this machine's GEMM choices for the model's
-        projections and route each by them, and its decode attention's split."""
+        projections and route each by them, and (with `attention`, float32) its decode
+        attention's split."""
         projs = self._routable(with_lm_head=True)
         if not projs:
             return None
         cfg = self.model_config
-        table = dispatch.tune(kernels, projs, (cfg.num_attention_heads,
-                                               cfg.num_key_value_heads, cfg.head_dim))
+        table = dispatch.tune(kernels, projs, (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                               cfg.head_dim) if attention else None)
         for p in projs:
             p.route(table.routes(dispatch.key_of(p),
                                  isinstance(p, Projection) and p.packed))

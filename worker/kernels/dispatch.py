@@ -1,4 +1,5 @@
-"""Which GEMM serves each float32 projection at each row count, timed once per machine.
+"""Which GEMM serves each float32 or bfloat16 projection at each row count, timed once per
+machine.
 
 Which implementation of y = x W^T is fastest depends on the CPU far more than on the code:
 on an AVX2 Zen 3 npuserve's small-GEMM kernel beat oneDNN up to 16 rows and MKL lost
@@ -12,6 +13,12 @@ candidates on the model's own projections and picks per shape and row bucket:
   one and four rows over every projection;
 - `onednn`: oneDNN's linear over the packed copy of the weight (when it is kept);
 - `torch`: F.linear (MKL).
+
+bfloat16 projections (a `--dtype bfloat16` model) are timed between the same three, with
+bfloat16 x, over the float buckets and two prefill buckets (BF16_ROUTE_BUCKETS), the last
+one's choice serving every larger call: where the kernel gives way to oneDNN depends on how
+the CPU multiplies bfloat16 (on AMX tiles it tied oneDNN at 128 rows on a Xeon; with
+AVX512-BF16 alone oneDNN took over from 16 rows on a Zen 4).
 
 w8a16 projections with per-channel scales are timed the same way between two candidates,
 npuserve's int8 kernel (`kernel`) and F.linear on the weight widened to float32 for the call
@@ -57,7 +64,7 @@ import torch
 
 from common.config import env
 from worker.kernels.build import cache_dir, cpu_flags, cpu_model
-from worker.model.linear import ROUTE_BUCKETS, Projection
+from worker.model.linear import BF16_ROUTE_BUCKETS, ROUTE_BUCKETS, Projection
 from worker.quant.int8_linear import INT8_ROUTE_BUCKETS, W8A16Projection
 
 if TYPE_CHECKING:
@@ -66,6 +73,8 @@ if TYPE_CHECKING:
 Routable = Projection | W8A16Projection
 INT8 = "w8a16:"
 """Key prefix of a w8a16 shape."""
+BF16 = "bf16:"
+"""Key prefix of a bfloat16 shape."""
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +130,8 @@ class DispatchTable:
     amx_i8_bytes: int = 0
     """Bytes of the w8a16 projections amx_i8_rows was timed over (as prefetch_bytes)."""
     choices: dict[str, list[str]] = field(default_factory=dict)
-    """Shape key ("OUTxIN", "w8a16:OUTxIN", see key_of) -> a candidate per bucket (BUCKETS,
-    or INT8_ROUTE_BUCKETS for w8a16)."""
+    """Shape key ("OUTxIN", "w8a16:OUTxIN", "bf16:OUTxIN", see key_of) -> a candidate per
+    bucket (BUCKETS, INT8_ROUTE_BUCKETS for w8a16, BF16_ROUTE_BUCKETS for bfloat16)."""
     timings_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     """Shape key -> candidate -> microseconds per call, per bucket; "prefetch" -> a
     PREFETCH_MODES name -> microseconds of a pass over every projection at one and four rows;
@@ -176,7 +185,7 @@ class DispatchTable:
 
     def describe(self) -> str:
         """The table as a person reads it: one line per shape, the choice per bucket (w8a16
-        shapes in a block of their own, with the prefill bucket)."""
+        and bfloat16 shapes in blocks of their own, with their prefill buckets)."""
         lines = [f"kernel prefetch into {PREFETCH_WHERE[self.prefetch]}"]
         if self.amx_i8_rows:
             lines.append(f"int8 projections on AMX tiles from {self.amx_i8_rows} rows")
@@ -185,9 +194,9 @@ class DispatchTable:
             split = f"{parts} tasks per thread" if parts else "no split"
             lines.append(f"decode attention ({heads} heads, {kv_heads} kv heads, d {d}): "
                          f"{split}")
-        for prefix, buckets in (("", BUCKETS), (INT8, INT8_ROUTE_BUCKETS)):
-            keys = sorted((k for k in self.choices if k.startswith(INT8) == bool(prefix)),
-                          key=_shape)
+        for prefix, buckets in (("", BUCKETS), (INT8, INT8_ROUTE_BUCKETS),
+                                (BF16, BF16_ROUTE_BUCKETS)):
+            keys = sorted((k for k in self.choices if _prefix(k) == prefix), key=_shape)
             if keys:
                 width = max(14, *(len(k) + 2 for k in keys))
                 lines.append("rows".ljust(width) + "".join(f"{b:>8}" for b in buckets))
@@ -197,14 +206,22 @@ class DispatchTable:
 
 
 def key_of(p: Routable) -> str:
-    """A projection's shape key: "OUTxIN" (float), "w8a16:OUTxIN" (int8 weights)."""
+    """A projection's shape key: "OUTxIN" (float32), "w8a16:OUTxIN" (int8 weights),
+    "bf16:OUTxIN" (bfloat16)."""
     if isinstance(p, W8A16Projection):
         return f"{INT8}{p.qweight.shape[0]}x{p.qweight.shape[1]}"
-    return f"{p.weight.shape[0]}x{p.weight.shape[1]}"
+    prefix = BF16 if p.weight.dtype == torch.bfloat16 else ""
+    return f"{prefix}{p.weight.shape[0]}x{p.weight.shape[1]}"
+
+
+def _prefix(key: str) -> str:
+    """The key's kind: "" (float32), INT8 or BF16."""
+    head, colon, _ = key.rpartition(":")
+    return head + colon
 
 
 def _shape(key: str) -> tuple[int, int]:
-    out, _, inp = key.removeprefix(INT8).partition("x")
+    out, _, inp = key.rpartition(":")[2].partition("x")
     return int(out), int(inp)
 
 
@@ -344,13 +361,14 @@ def _time_setting(kernels: CpuKernels, projs: Sequence[Routable], rows: Sequence
     results: dict[str, list[float]] = {name: [] for name in values}
     try:
         for count in rows:
-            x = torch.randn(count, max(widths))
+            xs = [torch.randn(count, width, dtype=_input_dtype(p))
+                  for p, width in zip(projs, widths, strict=True)]
 
-            def run(value: int, x: torch.Tensor = x) -> Callable[[], None]:
+            def run(value: int, xs: list[torch.Tensor] = xs) -> Callable[[], None]:
                 def go() -> None:
                     put(value)
-                    for p, width in zip(projs, widths, strict=True):
-                        _kernel(kernels, x[:, :width].contiguous(), p)
+                    for p, x in zip(projs, xs, strict=True):
+                        _kernel(kernels, x, p)
                 return go
 
             t = _time_passes({name: run(value) for name, value in values.items()}, REPEATS)
@@ -450,7 +468,15 @@ def _tune_attention(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: in
 def _kernel(kernels: CpuKernels, x: torch.Tensor, p: Routable) -> torch.Tensor:
     if isinstance(p, W8A16Projection):
         return p.run("kernel", x)
+    if p.weight.dtype == torch.bfloat16:
+        return kernels.linear_bf16(x, p.weight, p.bias)
     return kernels.linear(x, p.weight, p.bias)
+
+
+def _input_dtype(p: Routable) -> torch.dtype:
+    """The dtype of x in a call of p: a bfloat16 model's activations are bfloat16."""
+    return torch.bfloat16 if isinstance(p, Projection) and p.weight.dtype == torch.bfloat16 \
+        else torch.float32
 
 
 def _time_shape(kernels: CpuKernels, projs: Sequence[Routable]
@@ -458,13 +484,15 @@ def _time_shape(kernels: CpuKernels, projs: Sequence[Routable]
     """Microseconds per call for each candidate at each bucket (inf where a candidate
     cannot run), from passes over up to PASS_BYTES of projs; and the buckets."""
     int8 = isinstance(projs[0], W8A16Projection)
-    names, buckets = (INT8_CANDIDATES, INT8_ROUTE_BUCKETS) if int8 else (CANDIDATES, BUCKETS)
+    names, buckets = ((INT8_CANDIDATES, INT8_ROUTE_BUCKETS) if int8
+                      else (CANDIDATES, projs[0].route_buckets))  # type: ignore[union-attr]
     out: dict[str, list[float]] = {c: [] for c in names}
     in_features = _shape(key_of(projs[0]))[1]
+    dtype = _input_dtype(projs[0])
     projs = projs[:max(1, PASS_BYTES // projs[0].nbytes)]
     repeats = REPEATS
     for bucket in buckets:
-        x = torch.randn(bucket, in_features)
+        x = torch.randn(bucket, in_features, dtype=dtype)
         # the prefill bucket is bound by arithmetic, not memory: a few projections will do
         some = projs if bucket <= BUCKETS[-1] else projs[:PREFILL_PROJECTIONS]
         candidates = {

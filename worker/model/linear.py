@@ -19,11 +19,13 @@ F.linear serves the larger calls. Other devices use F.linear throughout.
 
 bfloat16 weights on the CPU (`--dtype bfloat16`): with the compiled kernels, npuserve's kernel
 widens them to float32 in registers and so streams half of float32's bytes, or multiplies
-them on AMX tiles. How many rows it serves before oneDNN's bfloat16 GEMM takes over depends
-on how the CPU multiplies bfloat16 (`bf16_kernel_rows`): with AMX, up to AMX_KERNEL_ROWS;
-with AVX512-BF16 alone, up to BF16_KERNEL_ROWS; without native bfloat16, every call (and no
-packed copy is kept), as oneDNN's bfloat16 GEMM then ran 2.5-3x slower than it at 8-512 rows
-(SmolLM2's shapes on an AVX2 Zen 3, 2 threads).
+them on AMX tiles. The dispatch table routes them too, over BF16_ROUTE_BUCKETS (its last
+bucket's choice serves every larger call, prefill included). Without a table, how many rows
+the kernel serves before oneDNN's bfloat16 GEMM takes over depends on how the CPU multiplies
+bfloat16 (`bf16_kernel_rows`): with AMX, up to AMX_KERNEL_ROWS; with AVX512-BF16 alone, up to
+BF16_KERNEL_ROWS; without native bfloat16, every call (and no packed copy is kept), as
+oneDNN's bfloat16 GEMM then ran 2.5-3x slower than it at 8-512 rows (SmolLM2's shapes on an
+AVX2 Zen 3, 2 threads).
 Decode steps run as one call (worker/kernels/decode_plan.py) whose kernel reads the bfloat16
 weights with float32 x.
 """
@@ -42,6 +44,11 @@ if TYPE_CHECKING:
 
 ROUTE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 """The row buckets of a route (worker/kernels/dispatch.BUCKETS)."""
+
+BF16_ROUTE_BUCKETS = (*ROUTE_BUCKETS, 128, 512)
+"""The row buckets of a bfloat16 route: the float ones, then prefill sizes, the last one's
+choice serving every call of more rows (on AMX the kernel's tiles tied oneDNN at 128 rows and
+lost to it at 256 and 512)."""
 
 PACK_BATCH_HINT = 64
 """Batch size oneDNN chooses the packed layout for; it serves 3-512 rows well."""
@@ -94,6 +101,9 @@ class Projection:
         # a packed copy that no call would read is not kept
         self._packed = _packed(self.weight) if pack and self._bf16_rows < sys.maxsize else None
         self._routes: tuple[str, ...] | None = None
+        self.route_buckets = BF16_ROUTE_BUCKETS if self._bf16_kernels is not None else ROUTE_BUCKETS
+        """The row buckets of a route; a bfloat16 route's last one serves every larger call,
+        a float32 route's none (calls of more rows keep the built-in rule)."""
 
     @property
     def packed(self) -> bool:
@@ -101,12 +111,13 @@ class Projection:
         return self._packed is not None
 
     def route(self, choices: tuple[str, ...] | None) -> None:
-        """Take one of "kernel", "onednn", "torch" per ROUTE_BUCKETS bucket (None: the
-        built-in rule). Calls of more rows than the last bucket keep the built-in rule."""
+        """Take one of "kernel", "onednn", "torch" per bucket of route_buckets (None: the
+        built-in rule)."""
         if choices is not None:
-            if len(choices) != len(ROUTE_BUCKETS):
-                raise ValueError(f"a route has {len(ROUTE_BUCKETS)} choices, not {len(choices)}")
-            if "kernel" in choices and self._kernels is None:
+            if len(choices) != len(self.route_buckets):
+                raise ValueError(f"a route has {len(self.route_buckets)} choices, "
+                                 f"not {len(choices)}")
+            if "kernel" in choices and self._kernels is None and self._bf16_kernels is None:
                 raise ValueError("the kernel route needs the compiled kernels")
             if "onednn" in choices and self._packed is None:
                 raise ValueError("the onednn route needs the packed weight")
@@ -133,11 +144,11 @@ class Projection:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, in] -> [M, out]."""
         m = x.shape[0]
+        if self._routes is not None and (m <= ROUTE_BUCKETS[-1] or self._bf16_kernels is not None):
+            b = min(bisect.bisect_left(self.route_buckets, m), len(self._routes) - 1)
+            return self.run(self._routes[b], x)
         if m <= self._bf16_rows:
-            assert self._bf16_kernels is not None
-            return self._bf16_kernels.linear_bf16(x.contiguous(), self.weight, self.bias)
-        if self._routes is not None and m <= ROUTE_BUCKETS[-1]:
-            return self.run(self._routes[bisect.bisect_left(ROUTE_BUCKETS, m)], x)
+            return self.run("kernel", x)
         if self._kernels is not None and m <= KERNEL_ROWS:
             return self._kernels.linear(x.contiguous(), self.weight, self.bias)
         if self._cpu and m <= 2:
@@ -151,6 +162,8 @@ class Projection:
     def run(self, choice: str, x: torch.Tensor) -> torch.Tensor:
         """x through one GEMM: "kernel", "onednn" (the packed weight) or "torch" (F.linear)."""
         if choice == "kernel":
+            if self._bf16_kernels is not None:
+                return self._bf16_kernels.linear_bf16(x.contiguous(), self.weight, self.bias)
             assert self._kernels is not None
             return self._kernels.linear(x.contiguous(), self.weight, self.bias)
         if choice == "onednn":

@@ -14,6 +14,7 @@ from worker.backends.base import SequenceChunk
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.kernels.cpu_ops import Bf16KernelOps
+from worker.model.linear import Projection
 from worker.model.ops import DecoderOps
 from worker.quant.runner import load_runner
 
@@ -102,8 +103,9 @@ def test_weight_counts_are_the_runners_weights(runner: ModelRunner) -> None:
 
 def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_dir) -> None:
     """Decode-sized calls on npuserve's bfloat16 kernel, longer prefills on oneDNN where the
-    CPU has native bfloat16 (on the kernel elsewhere): the same hidden states as PyTorch's
-    operators throughout, to bfloat16 rounding."""
+    CPU has native bfloat16 (on the kernel elsewhere), as the dispatch table routes them where
+    there is a choice: the same hidden states as PyTorch's operators throughout, to bfloat16
+    rounding."""
     from worker.model.linear import AMX_KERNEL_ROWS, BF16_KERNEL_ROWS
 
     model = tiny_model_dir("qwen3")
@@ -112,7 +114,9 @@ def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_di
                                                cpu_kernels=False))
     assert with_kernel.weights.layers[0].qkv._bf16_kernels is not None
     assert without.weights.layers[0].qkv._bf16_kernels is None
-    assert with_kernel.dispatch is None  # float32 only
+    lm_head = with_kernel.weights.lm_head
+    assert isinstance(lm_head, Projection)
+    assert (with_kernel.dispatch is not None) == lm_head.packed
     assert with_kernel.plan is not None and without.plan is None
     assert isinstance(with_kernel.ops, Bf16KernelOps) and type(without.ops) is DecoderOps
     for ids in (list(range(40, 40 + BF16_KERNEL_ROWS)), list(range(40, 70)),

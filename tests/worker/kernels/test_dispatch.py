@@ -20,7 +20,7 @@ from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.dispatch import BUCKETS, CANDIDATES, INT8_CANDIDATES, DispatchTable
 from worker.model import linear
-from worker.model.linear import Projection
+from worker.model.linear import BF16_ROUTE_BUCKETS, Projection
 from worker.quant.int8_linear import INT8_ROUTE_BUCKETS, W8A16Projection, dequantize
 
 
@@ -149,6 +149,74 @@ def test_bfloat16_calls_take_the_kernel_up_to_the_cpus_limit(
 def test_the_bfloat16_limit_follows_how_the_cpu_multiplies_bfloat16(isa: str,
                                                                     limit: int) -> None:
     assert linear.bf16_kernel_rows(SimpleNamespace(isa=isa)) == limit  # type: ignore[arg-type]
+
+
+def bf16_projections(k: CpuKernels, *shapes: tuple[int, int]) -> list[Projection]:
+    g = torch.Generator().manual_seed(0)
+    return [Projection(torch.randn(*shape, generator=g).bfloat16(),
+                       torch.randn(shape[0], generator=g).bfloat16(), pack=True, kernels=k)
+            for shape in shapes]
+
+
+@pytest.mark.parametrize("choice", CANDIDATES)
+@pytest.mark.parametrize("m", [1, 5, 100, 600])
+def test_every_bfloat16_route_computes_the_projection(k: CpuKernels, choice: str, m: int
+                                                      ) -> None:
+    """A bfloat16 route has the prefill buckets too, the last one's choice serving every
+    larger call (600 rows)."""
+    (p,) = bf16_projections(k, (72, 40))
+    if choice == "onednn" and not p.packed:
+        pytest.skip("oneDNN has no bfloat16 GEMM on this CPU, so no packed copy is kept")
+    p.route((choice,) * len(BF16_ROUTE_BUCKETS))
+    x = torch.randn(m, 40, generator=torch.Generator().manual_seed(m)).bfloat16()
+    assert p.bias is not None
+    torch.testing.assert_close(p(x).float(), F.linear(x.float(), p.weight.float(),
+                                                      p.bias.float()), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="choices"):
+        p.route((choice,) * len(BUCKETS))
+
+
+def test_bfloat16_shapes_are_timed_apart_from_float32_ones(k: CpuKernels, cache: Path) -> None:
+    """The same shape in bfloat16 is a key of its own, timed over BF16_ROUTE_BUCKETS with
+    bfloat16 x, each choice the fastest of its bucket, and shown in a block of its own."""
+    f32 = projections(k, (96, 64))
+    bf16 = bf16_projections(k, (96, 64), (96, 64))
+    table = dispatch.tune(k, f32 + bf16)
+    assert [dispatch.key_of(p) for p in f32 + bf16] == ["96x64", "bf16:96x64", "bf16:96x64"]
+    assert len(table.choices["96x64"]) == len(BUCKETS)
+    times = table.timings_us["bf16:96x64"]
+    chosen = table.routes("bf16:96x64", packed=bf16[0].packed)
+    assert chosen is not None and len(chosen) == len(BF16_ROUTE_BUCKETS)
+    for b, c in enumerate(chosen):
+        assert times[c][b] == min(t[b] for name, t in times.items()
+                                  if bf16[0].packed or name != "onednn")
+    if not bf16[0].packed:  # nothing to time oneDNN's bfloat16 GEMM with
+        assert all(t == float("inf") for t in times["onednn"])
+    described = table.describe().splitlines()
+    assert any(line.startswith("bf16:96x64") for line in described)
+    assert any(line.split()[-2:] == ["128", "512"] for line in described)
+    assert dispatch.load(dispatch.cache_path(k, table.threads)).choices["bf16:96x64"] == \
+        table.choices["bf16:96x64"]
+
+
+def test_a_bfloat16_model_routes_its_projections_by_the_table(tiny_model_dir, cache: Path
+                                                             ) -> None:
+    """Where oneDNN multiplies bfloat16 (a packed copy is kept), the table routes a bfloat16
+    model's projections; elsewhere there is nothing to choose and the kernel takes them all."""
+    runner = ModelRunner(tiny_model_dir("qwen3"), TorchSettings(kv_cache_gb=0.02,
+                                                                dtype="bfloat16"))
+    lm_head = runner.weights.lm_head
+    assert isinstance(lm_head, Projection)
+    if not lm_head.packed:
+        assert runner.dispatch is None and lm_head._routes is None
+        return
+    table = runner.dispatch
+    assert table is not None and not table.attention_parts  # float32 attention's only
+    layer = runner.weights.layers[0]
+    for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down, lm_head):
+        key = dispatch.key_of(p)
+        assert key.startswith(dispatch.BF16) and p._routes == table.routes(key, True)
+    assert len(lm_head._routes or ()) == len(BF16_ROUTE_BUCKETS)
 
 
 def _table(kernel: list[float], other: list[float]) -> DispatchTable:
