@@ -51,11 +51,11 @@ class TorchSettings:
     else PyTorch's ops run with a warning). Off uses PyTorch's ops throughout."""
     cpu_dispatch: bool = True
     """With the CPU kernels, time each float32 or bfloat16 projection's GEMMs (npuserve's
-    kernel, oneDNN, MKL) and each w8a16 one's (the int8 kernel, F.linear on the widened weight) per row
-    bucket, and decode attention's context split, the first time a model starts on this CPU
-    (seconds, cached beside the compiled kernels) and route each to the fastest. Off keeps
-    the built-in rule (kernel up to 16 rows, oneDNN above; bfloat16 by how the CPU
-    multiplies it, worker/model/linear.py; the int8 kernel throughout)."""
+    kernel, oneDNN, MKL) and each w8a16 one's (the int8 kernel, F.linear on the widened
+    weight) per row bucket, and decode attention's context split, the first time a model
+    starts on this CPU (seconds, cached beside the compiled kernels) and route each to the
+    fastest. Off keeps the built-in rule (kernel up to 16 rows, oneDNN above; bfloat16 by
+    how the CPU multiplies it, worker/model/linear.py; the int8 kernel throughout)."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
