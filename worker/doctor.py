@@ -149,13 +149,14 @@ def memory_plan(model_dir: Path, settings: TorchSettings, engine: EngineConfig,
     """The plan for `model_dir` on one rank of `settings.tensor_parallel`."""
     cfg = ModelConfig.from_dir(model_dir)
     ranks = settings.tensor_parallel
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}[settings.dtype_name()]
-    weights, activations, kv_token = _per_rank(cfg, ranks, size, engine)
+    sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
+    size, kv_size = sizes[settings.dtype_name()], sizes[settings.kv_dtype_name()]
+    weights, activations, kv_token = _per_rank(cfg, ranks, size, engine, kv_size)
     fitting = None
     if free_bytes is not None and weights + activations > free_bytes:
         for more in range(ranks + 1, cfg.num_attention_heads + 1):
             try:
-                w, a, _ = _per_rank(cfg, more, size, engine)
+                w, a, _ = _per_rank(cfg, more, size, engine, kv_size)
             except ModelConfigError:
                 continue  # heads or the MLP do not divide among `more` ranks
             if w + a <= free_bytes:
@@ -169,7 +170,7 @@ def memory_plan(model_dir: Path, settings: TorchSettings, engine: EngineConfig,
                       fitting)
 
 
-def _per_rank(cfg: ModelConfig, ranks: int, size: int, engine: EngineConfig
+def _per_rank(cfg: ModelConfig, ranks: int, size: int, engine: EngineConfig, kv_size: int
               ) -> tuple[int, int, int]:
     """(weight bytes, activation bytes, KV bytes per token) of one of `ranks` ranks: layers
     sharded by heads and MLP, embedding and lm_head by vocabulary rows (as
@@ -187,7 +188,7 @@ def _per_rank(cfg: ModelConfig, ranks: int, size: int, engine: EngineConfig
     tokens = engine.max_num_batched_tokens
     activations = tokens * (4 * h + 2 * rank.intermediate_size + rank.q_size + 2 * rank.kv_size
                             ) * size + engine.max_num_seqs * cfg.vocab_size * 4
-    kv_token = 2 * layers * rank.num_key_value_heads * rank.head_dim * size
+    kv_token = 2 * layers * rank.num_key_value_heads * rank.head_dim * kv_size
     return layers * per_layer * weight + vocab_and_norms, activations, kv_token
 
 

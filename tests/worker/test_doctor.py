@@ -32,6 +32,17 @@ def test_the_planned_weights_are_what_a_rank_holds(tiny_model_dir, ranks: int) -
             runner.cache.data.nbytes
 
 
+def test_a_bfloat16_kv_cache_is_planned_at_its_own_size(tiny_qwen3: Path) -> None:
+    settings = TorchSettings(kv_cache_gb=0.01, kv_cache_dtype="bfloat16")
+    plan = memory_plan(tiny_qwen3, settings, EngineConfig())
+    full = memory_plan(tiny_qwen3, TorchSettings(kv_cache_gb=0.01), EngineConfig())
+    assert 2 * plan.kv_bytes_per_token_per_rank == full.kv_bytes_per_token_per_rank
+    assert plan.weight_bytes_per_rank == full.weight_bytes_per_rank
+    runner = ModelRunner(tiny_qwen3, settings)
+    assert plan.kv_bytes_per_token_per_rank * runner.cache.num_slots == \
+        runner.cache.data.nbytes
+
+
 def test_what_does_not_fit_is_said_with_the_setting_to_change(tiny_qwen3: Path) -> None:
     settings = TorchSettings(kv_cache_gb=0.0001)
     plan = memory_plan(tiny_qwen3, settings, EngineConfig(max_model_len=2048),

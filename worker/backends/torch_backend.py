@@ -58,9 +58,10 @@ class TorchBackend(Backend):
             prefix_caching=engine.enable_prefix_caching,
         )
         log.info("torch backend on %s (%s, %s ops): weights %.1f MiB (%.1f MiB read per step), "
-                 "KV cache %.1f MiB in %d blocks of %d, prefix caching %s", self.device,
+                 "KV cache %.1f MiB (%s) in %d blocks of %d, prefix caching %s", self.device,
                  runner.dtype, runner.ops.name, self.weight_memory_bytes() / 2**20,
-                 self.weight_bytes() / 2**20, self.kv_cache_bytes() / 2**20, runner.num_blocks,
+                 self.weight_bytes() / 2**20, self.kv_cache_bytes() / 2**20,
+                 str(runner.kv_dtype).removeprefix("torch."), runner.num_blocks,
                  runner.block_size, "on" if engine.enable_prefix_caching else "off")
 
     def weight_bytes(self) -> int:

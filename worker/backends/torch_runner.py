@@ -123,6 +123,8 @@ class ModelRunner:
                                        else Bf16KernelOps(bf16_attention)
                                        if bf16_attention is not None else DecoderOps())
         self.ops.check_dtype(self.dtype)
+        self.kv_dtype = self._kv_dtype(settings)
+        """The KV cache's dtype: the model's, or bfloat16 for a float32 model on the kernels."""
         self.weights: ModelWeights = load_weights(
             model_dir, full, self.dtype, self.device, pack=settings.cpu_packed_weights,
             kernels=kernels or bf16_kernels, shard=shard, device_int8=self.ops.int8_projection)
@@ -131,7 +133,7 @@ class ModelRunner:
         block_size = settings.block_size or self.ops.default_block_size
         self.cache: KVCache = self.ops.allocate_kv_cache(
             cfg, num_blocks or self._num_blocks(block_size, max_len, max_num_seqs), block_size,
-            self.dtype, self.device)
+            self.kv_dtype, self.device)
         self.max_seq_len = min(max_len, self.cache.num_slots)
         """Longest sequence the runner can hold: the context length or the whole cache."""
         route_kernels = kernels or bf16_kernels
@@ -205,8 +207,21 @@ class ModelRunner:
             return None
         return cpu_kernels()
 
+    def _kv_dtype(self, settings: TorchSettings) -> torch.dtype:
+        """bfloat16 where --kv-cache-dtype asks for it and the ops can store and read it (the
+        CPU kernels widen it as they read); the model's dtype otherwise."""
+        if settings.kv_cache_dtype == "auto" or self.dtype == torch.bfloat16:
+            return self.dtype
+        if not isinstance(self.ops, KernelOps):
+            raise ModelConfigError(
+                f"--kv-cache-dtype {settings.kv_cache_dtype} needs a float32 model on the CPU "
+                f"kernels (this one is {str(self.dtype).removeprefix('torch.')} on "
+                f"{self.device} with {self.ops.name} ops): leave it auto")
+        return torch.bfloat16
+
     def _num_blocks(self, block_size: int, max_len: int, max_num_seqs: int) -> int:
-        per_block = self.ops.kv_cache_bytes_per_block(self.model_config, block_size, self.dtype)
+        per_block = self.ops.kv_cache_bytes_per_block(self.model_config, block_size,
+                                                      self.kv_dtype)
         if self.settings.kv_cache_gb is not None:
             budget = int(self.settings.kv_cache_gb * (1 << 30))
         else:

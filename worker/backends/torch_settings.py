@@ -11,6 +11,7 @@ from common.config import setting
 from common.errors import InvalidRequestError
 
 DTYPES = ("float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "bfloat16")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,11 @@ class TorchSettings:
     dtype: str | None = setting(None, choices=DTYPES)
     """Compute and weight dtype; unset: the device's own (bfloat16 on Ascend 910B/A2/A3,
     float16 on Ascend 310P, float32 on CPU and CUDA)."""
+    kv_cache_dtype: str = setting("auto", choices=KV_CACHE_DTYPES)
+    """The KV cache's dtype: auto, the model's; bfloat16 halves a float32 model's cache (the
+    bytes decode attention reads every step, and the memory a token holds), each key and
+    value rounded once as it is stored; for float32 on the CPU kernels (a bfloat16 model's
+    cache is bfloat16 already)."""
     block_size: int | None = None
     """Tokens per KV cache block; unset: the op set's default (16 for PyTorch's ops and the
     CPU kernels)."""
@@ -60,6 +66,9 @@ class TorchSettings:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise InvalidRequestError("dtype", f"must be one of {', '.join(DTYPES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError("kv_cache_dtype",
+                                      f"must be one of {', '.join(KV_CACHE_DTYPES)}")
         if self.block_size is not None and self.block_size < 1:
             raise InvalidRequestError("block_size", "must be >= 1")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
@@ -97,6 +106,12 @@ class TorchSettings:
             return ("float16" if soc_version is not None and soc_family(soc_version) == "310p"
                     else "bfloat16")
         return "float32"
+
+    def kv_dtype_name(self, soc_version: int | None = None) -> str:
+        """The KV cache's dtype for these settings (dtype_name's unless bfloat16 is set)."""
+        if self.kv_cache_dtype == "bfloat16":
+            return "bfloat16"
+        return self.dtype_name(soc_version)
 
 
 def device_indices(index: str) -> list[int] | None:

@@ -284,7 +284,7 @@ def format_table(r: Results) -> str:
         f"{r['stream_output_tokens']} tokens; {r['arrivals']} prompts of "
         f"{r['arrival_prompt_tokens']} tokens (+{r['arrival_output_tokens']} out) arriving "
         f"every ~{r['arrival_interval_s']:g} s; budget {r['max_batched_tokens']} tokens a "
-        f"step, {r['threads']} torch threads, {r['dtype']} on {r['device']}",
+        f"step, {r['threads']} torch threads, {report.placement(r)}",
         f"  {'':<38}  {'no cap':>12}  {capped:>18}",
     ]
     lines += [f"  {name:<38}  {cell('_no_cap'):>12}  {cell('_cap'):>18}" for name, cell in rows]

@@ -178,7 +178,7 @@ def format_table(r: Results) -> str:
     lines = [
         f"{r['model']}: {r['requests']} requests of {r['prefix_tokens']} shared + "
         f"{r['own_tokens']} own prompt tokens, {r['output_tokens']} output tokens, "
-        f"{r['threads']} torch threads, {r['dtype']} on {r['device']}",
+        f"{r['threads']} torch threads, {report.placement(r)}",
         f"  TTFT alone, miss (no caching)   {r['ttft_miss_ms']:8.1f} ms  median of "
         f"{len(r['ttft_miss_ms_each'])}, range {spread(r['ttft_miss_ms_each'])}",
         f"  TTFT alone, hit (caching)       {r['ttft_hit_ms']:8.1f} ms  median of "

@@ -16,7 +16,7 @@ Results = dict[str, Any]
 
 def environment(settings: TorchSettings, load_start: float) -> Results:
     """The keys every benchmark records about where it ran: threads, CPUs, the load average
-    at its start and end, dtype and device."""
+    at its start and end, dtype (and the KV cache's) and device."""
     import torch
 
     return {
@@ -25,8 +25,15 @@ def environment(settings: TorchSettings, load_start: float) -> Results:
         "load_average_1m_start": load_start,
         "load_average_1m_end": os.getloadavg()[0],
         "dtype": settings.dtype_name(),
+        "kv_cache_dtype": settings.kv_dtype_name(),
         "device": settings.device,
     }
+
+
+def placement(r: Results) -> str:
+    """"float32 on cpu", with the KV cache's dtype where it is not the model's."""
+    kv = r.get("kv_cache_dtype", r["dtype"])
+    return f"{r['dtype']}{'' if kv == r['dtype'] else f' (KV cache {kv})'} on {r['device']}"
 
 
 def write_json(results: Results, path: str | Path) -> None:
@@ -84,7 +91,7 @@ def format_table(r: Results) -> str:
     if r.get("decode_only"):
         rows = _decode_rows(r)
         head = (f"{r['model']}: decode only, batches up to {r['max_batch']}, {_threads(r)}, "
-                f"{r['dtype']} on {r['device']}")
+                f"{placement(r)}")
     else:
         rows = [
             ("npuserve (continuous batching)",
@@ -104,7 +111,7 @@ def format_table(r: Results) -> str:
         head = (
             f"{r['model']}: {r['requests']} requests, {r['total_prompt_tokens']} prompt + "
             f"{r['total_output_tokens']} output tokens, max batch {r['max_batch']}, "
-            f"{_threads(r)}, {r['dtype']} on {r['device']}"
+            f"{_threads(r)}, {placement(r)}"
         )
     width = max(len(name) for name, _, _ in rows)
     lines = [head] + [f"  {name:<{width}}  {value:>14}  {note}" for name, value, note in rows]
@@ -183,7 +190,7 @@ def plot(r: Results, path: str | Path) -> None:
     )
 
     fig.suptitle(
-        f"{r['model']} · {r['dtype']} · {r['device']} · {_threads(r)} · torch {r['torch_version']}"
+        f"{r['model']} · {placement(r)} · {_threads(r)} · torch {r['torch_version']}"
     )
     fig.tight_layout()
     out = Path(path)

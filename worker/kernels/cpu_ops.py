@@ -70,8 +70,8 @@ class KernelOps(DecoderOps):
             qkv.data_ptr(), t, heads, kv_heads, d, positions.data_ptr(), cos.data_ptr(),
             sin.data_ptr(), q_norm.data_ptr() if q_norm is not None else None,
             k_norm.data_ptr() if k_norm is not None else None, cfg.rms_norm_eps, q.data_ptr(),
-            k.data_ptr(), cache.data[index].data_ptr(), False, cache.num_slots,
-            slot_mapping.data_ptr())
+            k.data_ptr(), cache.data[index].data_ptr(), cache.data.dtype == torch.bfloat16,
+            cache.num_slots, slot_mapping.data_ptr())
         return q, k
 
     def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache
@@ -83,13 +83,25 @@ class KernelOps(DecoderOps):
         return self.k.decode_attention(q.contiguous(), cache.data[layer], cache.block_size,
                                        decode.block_tables, decode.context_lens)
 
+    def chunk_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cache: KVCache, layer: int, context: Any) -> torch.Tensor:
+        """As DecoderOps', a chunk that is the whole context attending to its keys and values
+        as the cache holds them (rounded to a bfloat16 cache), as the chunks after it and the
+        decodes read them: a prompt gets the same result whether its prefix was cached or
+        not."""
+        if context is None and k.dtype != cache.data.dtype:
+            k, v = k.to(cache.data.dtype), v.to(cache.data.dtype)
+        return super().chunk_attention(q, k, v, cache, layer, context)
+
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                           ) -> torch.Tensor:
         """Two batched GEMMs around the causal softmax kernel, the GQA group's query heads
         stacked as rows, so keys and values are never repeated per head (PyTorch's CPU SDPA
         takes its unfused path for GQA and masks, at about half this speed). Queries go in
         blocks, each against only the context it can see, which skips most of the masked
-        half of the score matrix."""
+        half of the score matrix. Keys and values gathered from a bfloat16 cache are widened
+        first."""
+        k, v = k.float(), v.float()
         chunk, ctx = q.shape[0], k.shape[1]
         if chunk <= PREFILL_BLOCK:
             return self._attend_block(q, k, v)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.errors import InvalidRequestError, ModelConfigError
 from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
 from worker.backends.torch_runner import ModelRunner
@@ -155,6 +156,52 @@ def test_bfloat16_decode_steps_follow_pytorchs_bfloat16_operators(tiny_model_dir
         assert ours is not None and ref is not None
         err = float((ours - ref).norm() / ref.norm())
         assert err < 3e-2, err
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_a_bfloat16_kv_cache_follows_the_float32_one(tiny_model_dir, batch: int) -> None:
+    """--kv-cache-dtype bfloat16 for a float32 model: half the bytes a block; one-call decode
+    steps, a step that decodes beside a prefill on the per-operator path, and a chunk that
+    reads its cached context back stay within bfloat16's rounding of the float32 cache."""
+    model = tiny_model_dir("qwen3")
+    ours, ref = (ModelRunner(model, TorchSettings(kv_cache_gb=0.02, kv_cache_dtype=kv,
+                                                  cpu_dispatch=False),  # a plan of 16 rows
+                             max_num_seqs=8) for kv in ("bfloat16", "auto"))
+    assert ours.kv_dtype == ours.cache.data.dtype == torch.bfloat16
+    assert ref.kv_dtype == ref.cache.data.dtype == torch.float32
+    assert 2 * ours.kv_cache_bytes() // ours.num_blocks == ref.kv_cache_bytes() // ref.num_blocks
+    assert ours.plan is not None and ours.plan.max_rows >= batch
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(0, 1000, (10 + 3 * i,), generator=g).tolist() for i in range(batch)]
+    tables = [[2 * i, 2 * i + 1, 2 * i + 16] for i in range(batch)]
+    steps = [[SequenceChunk(str(i), p, 0, tables[i], True, PARAMS)
+              for i, p in enumerate(prompts)]]
+    for t in range(4):
+        steps.append([SequenceChunk(str(i), [100 + 7 * t + i], len(p) + t, tables[i], True,
+                                    PARAMS) for i, p in enumerate(prompts)])
+    steps.append([*(SequenceChunk(str(i), [9], len(p) + 4, tables[i], True, PARAMS)
+                    for i, p in enumerate(prompts)),
+                  SequenceChunk("new", list(range(300, 340)), 0, [40, 41, 42, 43], True,
+                                PARAMS)])
+    steps.append([SequenceChunk("new", list(range(340, 350)), 40, [40, 41, 42, 43], True,
+                                PARAMS)])
+    for chunks in steps:
+        got, want = ours.execute(chunks), ref.execute(chunks)
+        assert got is not None and want is not None
+        err = float((got - want).norm() / want.norm())
+        assert 0 < err < 1e-2, err  # rounded, and only by the cache's rounding
+
+
+def test_a_bfloat16_kv_cache_needs_the_cpu_kernels(tiny_model_dir) -> None:
+    with pytest.raises(ModelConfigError, match="kv-cache-dtype bfloat16 needs a float32 model "
+                                               "on the CPU kernels"):
+        ModelRunner(tiny_model_dir("qwen3"), TorchSettings(
+            kv_cache_gb=0.02, kv_cache_dtype="bfloat16", cpu_kernels=False))
+    bf16 = ModelRunner(tiny_model_dir("qwen3"), TorchSettings(
+        kv_cache_gb=0.02, dtype="bfloat16", kv_cache_dtype="bfloat16"))
+    assert bf16.kv_dtype == torch.bfloat16  # its own already
+    with pytest.raises(InvalidRequestError, match="kv_cache_dtype"):
+        TorchSettings(kv_cache_dtype="fp8")
 
 
 def test_bfloat16_heads_the_kernels_cannot_take_stay_on_pytorch(tmp_path: Path) -> None:
