@@ -41,6 +41,10 @@ class BackendCapacity:
     mixed_batches: bool = True
     """Whether prefill chunks and decodes may share one step."""
     output: OutputKind = OutputKind.LOGITS
+    one_call_tokens: int = 0
+    """Most tokens of a step the backend runs as one call (the CPU kernels' one-call step,
+    which takes short prefill chunks beside the decodes too); 0: none. A capped prefill keeps
+    a step that decodes within it, since leaving it costs more than the tokens."""
     prefix_caching: bool = False
     """Whether requests may share the cached KV blocks of a common prefix: needs a paged
     cache read through block tables and a prefill that can start after cached context (a

@@ -53,6 +53,7 @@ class TorchBackend(Backend):
             max_tokens_per_step=engine.max_num_batched_tokens,
             block_size=runner.block_size,
             num_blocks=runner.num_blocks,
+            one_call_tokens=plan.max_rows if (plan := getattr(runner, "plan", None)) else 0,
             # every op set reads the paged cache through block tables, and a prefill chunk
             # after cached context is what chunked prefill already runs
             prefix_caching=engine.enable_prefix_caching,

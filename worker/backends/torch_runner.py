@@ -142,7 +142,8 @@ class ModelRunner:
             if route_kernels is not None and settings.cpu_dispatch else None)
         """This machine's GEMM choices per projection shape and row bucket, when timed."""
         step_kernels = kernels or bf16_attention
-        plan_rows = min(max_num_seqs,
+        # a full batch of decodes, or fewer beside a block of prefill
+        plan_rows = min(max_num_seqs + block_size,
                         self._plan_rows() if kernels is not None else BF16_PLAN_ROWS)
         self.plan = (DecodePlan.build(step_kernels, cfg, self.weights, self.cache, self.rope,
                                       plan_rows)
@@ -277,6 +278,9 @@ class ModelRunner:
                           [sample_at[i] for i in range(len(chunks)) if i in sample_at])
 
     def _metadata(self, ordered: list[SequenceChunk], slots: list[int]) -> AttentionMetadata:
+        if (self.plan is not None and len(slots) <= self.plan.max_rows
+                and not all(c.is_decode for c in ordered)):
+            return self._rows_metadata(ordered, slots)
         decodes = [c for c in ordered if c.is_decode]
         decode = None
         if decodes:
@@ -296,6 +300,22 @@ class ModelRunner:
             start = end
         return AttentionMetadata(slot_mapping=torch.tensor(slots, device=self.device),
                                  num_decodes=len(decodes), decode=decode, prefills=prefills)
+
+    def _rows_metadata(self, ordered: list[SequenceChunk], slots: list[int]
+                       ) -> AttentionMetadata:
+        """A step of few tokens, prefill chunks among them, for the one-call step: every token
+        a row of its own that attends to its sequence up to itself, as a decode does (its
+        chunk's keys and values are stored before any row attends). A short prefill chunk
+        beside decodes then costs the step little more than its rows, where the per-operator
+        path would run the decodes too."""
+        tables = [c.block_table for c in ordered for _ in c.token_ids]
+        width = max(len(t) for t in tables)
+        lens = [p + 1 for c in ordered for p in range(c.start_pos, c.start_pos + len(c.token_ids))]
+        decode = self.ops.decode_metadata(
+            torch.tensor([t + [0] * (width - len(t)) for t in tables]), torch.tensor(lens),
+            self.cache)
+        return AttentionMetadata(slot_mapping=torch.tensor(slots, device=self.device),
+                                 num_decodes=len(slots), decode=decode, prefills=[])
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -199,8 +199,9 @@ class Scheduler:
 
     def _prefill_room(self, prefill_cap: int | None) -> int:
         """Prefill tokens this step may carry: the budget less the running decodes' tokens,
-        within the cap while any decode runs. Backends that cannot chunk prompts or mix them
-        with decodes keep the whole budget (a cap would starve their prompts)."""
+        within the cap while any decode runs (and then within the backend's one-call step
+        where a block of prefill fits beside the decodes). Backends that cannot chunk prompts
+        or mix them with decodes keep the whole budget (a cap would starve their prompts)."""
         budget = self.capacity.max_tokens_per_step
         if not (self.capacity.chunked_prefill and self.capacity.mixed_batches):
             return budget
@@ -208,6 +209,9 @@ class Scheduler:
         room = budget - decodes
         if decodes and prefill_cap is not None:
             room = min(room, max(prefill_cap, self.capacity.block_size))
+            one_call = self.capacity.one_call_tokens - decodes
+            if one_call >= self.capacity.block_size:
+                room = min(room, one_call)
         return max(room, 0)
 
     @staticmethod

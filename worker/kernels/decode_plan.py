@@ -1,11 +1,14 @@
 """A decode step of every decoder layer in one C call (csrc/decoder.c).
 
 For steps that are all decodes (the common case while streaming) and at most `max_rows` of
-them, on the CPU kernels with float32, w8a16 or bfloat16 weights. The plan holds the pointers
-of every layer's weights and cache, set once; a step fills in its inputs and makes one ctypes
-call where the per-operator path makes about ten per layer. For a float32 model it runs the
-same kernels in the same order as the per-operator path, so the results are the same bit for
-bit.
+them, on the CPU kernels with float32, w8a16 or bfloat16 weights; and for steps of at most
+`max_rows` tokens with short prefill chunks among them (a capped prefill beside decodes, a
+short prompt), each token a row that attends to its sequence up to itself, as a decode does.
+The plan holds the pointers of every layer's weights and cache, set once; a step fills in its
+inputs and makes one ctypes call where the per-operator path makes about ten per layer. For a
+float32 model's decodes it runs the same kernels in the same order as the per-operator path,
+so the results are the same bit for bit (prefill rows differ from the per-operator path's
+prefill attention by float rounding).
 
 A bfloat16 model's step reads its weights and KV cache in bfloat16 and carries its
 activations in float32 (decoder.c; with AMX, or for several rows on AVX512-BF16, the
@@ -120,12 +123,14 @@ class DecodePlan:
         self._step.work_bytes = nbytes
 
     def covers(self, meta: AttentionMetadata) -> bool:
-        """Whether a step is one this plan runs: decodes only, at most max_rows of them."""
+        """Whether a step is one this plan runs: at most max_rows rows, each one query token
+        attending to its sequence up to itself (decodes, or the runner's short steps laid out
+        as such rows)."""
         return not meta.prefills and 0 < meta.num_decodes <= self.max_rows
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """ids, positions [n] (all decodes) -> final hidden states [n, hidden], in the
+        """ids, positions [n] (one row each) -> final hidden states [n, hidden], in the
         model's dtype."""
         decode = meta.decode
         assert isinstance(decode, PagedDecode)

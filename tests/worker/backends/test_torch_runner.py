@@ -192,6 +192,45 @@ def test_a_bfloat16_kv_cache_follows_the_float32_one(tiny_model_dir, batch: int)
         assert 0 < err < 1e-2, err  # rounded, and only by the cache's rounding
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_short_steps_with_prefill_run_in_one_call(tiny_model_dir, dtype: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step of few tokens, a prefill chunk among them (a new prompt beside decodes, then its
+    next chunk after cached context), runs as the one-call step, each token a row attending
+    to its sequence up to itself: the logits of the per-operator path, to rounding."""
+    model = tiny_model_dir("qwen3")
+    ours, ref = (ModelRunner(model, TorchSettings(kv_cache_gb=0.02, dtype=dtype,
+                                                  cpu_dispatch=False), max_num_seqs=8)
+                 for _ in range(2))
+    assert ours.plan is not None
+    ref.plan = None
+    calls: list[int] = []
+    plan_forward = ours.plan.forward
+    monkeypatch.setattr(ours.plan, "forward", lambda ids, positions, meta: (
+        calls.append(ids.shape[0]), plan_forward(ids, positions, meta))[1])
+    rows = ours.plan.max_rows
+    prompts = [list(range(20, 20 + rows)), list(range(60, 63))]  # one too long, one short
+    tables = [[0, 1, 2, 3], [8, 9]]
+    steps = [[SequenceChunk(str(i), p, 0, tables[i], True, PARAMS)
+              for i, p in enumerate(prompts)]]
+    for t in range(2):
+        steps.append([SequenceChunk(str(i), [100 + t + i], len(p) + t, tables[i], True,
+                                    PARAMS) for i, p in enumerate(prompts)])
+    new = list(range(200, 200 + rows - 2 + 5))
+    steps.append([*(SequenceChunk(str(i), [9], len(p) + 2, tables[i], True, PARAMS)
+                    for i, p in enumerate(prompts)),
+                  SequenceChunk("new", new[:rows - 2], 0, [20, 21, 22], False, PARAMS)])
+    steps.append([SequenceChunk("new", new[rows - 2:], rows - 2, [20, 21, 22], True, PARAMS)])
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    for chunks in steps:
+        got, want = ours.execute(chunks), ref.execute(chunks)
+        assert got is not None and want is not None
+        assert float((got - want).norm() / want.norm()) < tol
+    # the long prompt's step goes per operator; the decodes, the step with the new prompt's
+    # first chunk beside them and its last chunk go in one call
+    assert calls == [2, 2, rows, 5]
+
+
 def test_a_bfloat16_kv_cache_needs_the_cpu_kernels(tiny_model_dir) -> None:
     with pytest.raises(ModelConfigError, match="kv-cache-dtype bfloat16 needs a float32 model "
                                                "on the CPU kernels"):

@@ -262,6 +262,24 @@ def test_a_cap_below_one_kv_block_still_prefills_a_block_per_step_until_the_prom
     assert prefilled == [4] * 10 + [2]
 
 
+def test_a_capped_step_stays_within_the_backends_one_call_step() -> None:
+    """Rows a one-call step has left beside the decodes bound a capped prefill when a block
+    fits there; otherwise (or uncapped) the cap and budget alone do."""
+    s = Scheduler(capacity(one_call_tokens=10))
+    s.add(request("a", 4, max_tokens=50))
+    s.add(request("b", 4, max_tokens=50))
+    run_step(s)
+    s.add(request("long", 40))
+    assert chunk_shapes(s.schedule(prefill_cap=30)) == [("a", 1), ("b", 1), ("long", 8)]
+    assert chunk_shapes(s.schedule(prefill_cap=None)) == [("a", 1), ("b", 1), ("long", 40)]
+    tight = Scheduler(capacity(one_call_tokens=5))  # 3 rows left: less than a block of 4
+    tight.add(request("a", 4, max_tokens=50))
+    tight.add(request("b", 4, max_tokens=50))
+    run_step(tight)
+    tight.add(request("long", 40))
+    assert chunk_shapes(tight.schedule(prefill_cap=30)) == [("a", 1), ("b", 1), ("long", 30)]
+
+
 def test_backends_that_cannot_chunk_prompts_ignore_the_cap() -> None:
     s = Scheduler(capacity(chunked_prefill=False))
     s.add(request("a", 4, max_tokens=50))

@@ -90,7 +90,8 @@ def test_bfloat16_steps_run_in_one_call_close_to_pytorchs_bfloat16(tiny_model_di
                          TorchSettings(kv_cache_gb=0.02, block_size=4, dtype="bfloat16"),
                          max_num_seqs=16)
     plan = runner.plan
-    assert plan is not None and plan.max_rows == 16  # max_num_seqs, under BF16_PLAN_ROWS
+    # max_num_seqs and a block of prefill beside them, under BF16_PLAN_ROWS
+    assert plan is not None and plan.max_rows == 16 + 4
     for lens in ([5], [1, 40, 17]):
         ids, pos, meta = decode_step(runner, lens)
         cache_before = runner.cache.data.clone()
