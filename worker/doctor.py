@@ -218,6 +218,7 @@ def report(model_dir: Path | None, settings: TorchSettings, engine: EngineConfig
         found["plan"] = {
             "ranks": plan.ranks, "device": settings.device,
             "dtype": settings.dtype_name(found.get("npu", {}).get("soc_version")),
+            "kv_cache_dtype": settings.kv_dtype_name(found.get("npu", {}).get("soc_version")),
             "weights_gib_per_rank": plan.weight_bytes_per_rank / GIB,
             "activations_gib": plan.activation_bytes / GIB,
             "kv_bytes_per_token_per_rank": plan.kv_bytes_per_token_per_rank,
@@ -248,7 +249,8 @@ def format_report(found: dict[str, Any]) -> str:
             f"memory plan, {p['ranks']} rank(s) of {p['device']} in {p['dtype']}:",
             f"  weights {p['weights_gib_per_rank']:.2f} GiB per rank, activations "
             f"{p['activations_gib']:.2f} GiB, free {free} GiB per rank",
-            f"  KV {p['kv_bytes_per_token_per_rank']} bytes per token per rank; cache "
+            f"  KV ({p['kv_cache_dtype']}) {p['kv_bytes_per_token_per_rank']} bytes per token "
+            f"per rank; cache "
             f"{'unsized' if p['kv_cache_gib'] is None else format(p['kv_cache_gib'], '.2f')} "
             f"GiB = {p['kv_tokens']} tokens = {p['full_length_sequences']} sequences of "
             f"{p['max_model_len']}"]
