@@ -25,7 +25,7 @@ from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.cpu_ops import Bf16KernelOps, KernelOps, heads_fit, supports
 from worker.kernels.decode_plan import BF16_PLAN_ROWS, DecodePlan
-from worker.kernels.dispatch import DispatchTable, Routable
+from worker.kernels.dispatch_table import DispatchTable, Routable, key_of
 from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment
 from worker.model.config import ModelConfig
 from worker.model.linear import KERNEL_ROWS, Projection
@@ -176,7 +176,7 @@ class ModelRunner:
         table = dispatch.tune(kernels, projs, (cfg.num_attention_heads, cfg.num_key_value_heads,
                                                cfg.head_dim) if attention else None)
         for p in projs:
-            p.route(table.routes(dispatch.key_of(p),
+            p.route(table.routes(key_of(p),
                                  isinstance(p, Projection) and p.packed))
         return table
 
@@ -184,7 +184,7 @@ class ModelRunner:
         """Most decode rows the one-call step covers: the dispatch table's choice for the
         layers' routed shapes, or KERNEL_ROWS (no table, or only group-scaled int8 layers,
         which the kernel alone serves)."""
-        shapes = Counter(dispatch.key_of(p) for p in self._routable(with_lm_head=False))
+        shapes = Counter(key_of(p) for p in self._routable(with_lm_head=False))
         if self.dispatch is None or not shapes:
             return KERNEL_ROWS
         return self.dispatch.plan_rows(shapes)

@@ -56,7 +56,6 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,38 +63,31 @@ import torch
 
 from common.config import env
 from worker.kernels.build import cache_dir, cpu_flags, cpu_model
-from worker.model.linear import BF16_ROUTE_BUCKETS, ROUTE_BUCKETS, Projection
+from worker.kernels.dispatch_table import (
+    BUCKETS,
+    INT8,
+    PREFETCH_MODES,
+    PREFETCH_WHERE,
+    DispatchTable,
+    Routable,
+    key_of,
+    shape_of,
+)
+from worker.model.linear import Projection
 from worker.quant.int8_linear import INT8_ROUTE_BUCKETS, W8A16Projection
 
 if TYPE_CHECKING:
     from worker.kernels.cpu import CpuKernels
 
-Routable = Projection | W8A16Projection
-INT8 = "w8a16:"
-"""Key prefix of a w8a16 shape."""
-BF16 = "bf16:"
-"""Key prefix of a bfloat16 shape."""
 
 log = logging.getLogger(__name__)
 
-BUCKETS = ROUTE_BUCKETS
-"""Row counts timed; a call of m rows takes the choice of the smallest bucket >= m."""
 CANDIDATES = ("kernel", "onednn", "torch")
 INT8_CANDIDATES = ("kernel", "torch")
-PREFETCH_MODES = {"t0": 1, "l2": 2, "nta": 0}
-"""The kernel's prefetch settings (kernels.h's PREFETCH_ALL_LEVELS, PREFETCH_L2, PREFETCH_NTA)
-by the name the table keeps; the first is the kernel's default."""
-
-PREFETCH_WHERE = {"t0": "every cache level", "l2": "L2 (not L1)",
-                  "nta": "L1 only (non-temporal)"}
 
 AMX_I8_ROWS = (1, 2, 4, 8)
 """Row counts at which int8 projections on AMX tiles are timed against the vector code."""
 
-PLAN_SLACK = 1.1
-"""The one-call decode step (worker/kernels/decode_plan.py) runs only the kernel, and saves
-the Python and ctypes overhead of some ten calls per layer (a tenth of a batch-1 step): it
-covers a bucket where the kernel is within this factor of the fastest for every layer shape."""
 REPEATS = 5
 """Timed passes per candidate, shape and bucket (after one untimed)."""
 MAX_PASS_S = 0.25
@@ -111,118 +103,6 @@ PREFILL_PROJECTIONS = 4
 PASS_BYTES = 64 << 20
 """Weights one pass streams, at least one projection: more than any L2, and enough of the
 shape's projections that they do not all sit in L3 either."""
-
-
-@dataclass
-class DispatchTable:
-    """The machine's choices: the kernel's prefetch setting and, per projection shape, one
-    candidate per bucket, with the timings (microseconds per pass) that chose them."""
-
-    cpu: str
-    threads: int
-    prefetch: str = "t0"
-    """Where the kernel prefetches weights, a PREFETCH_MODES name."""
-    prefetch_bytes: int = 0
-    """Bytes of the projections the prefetch setting was timed over: a bigger model times it
-    again (a tiny model's few kilobytes say nothing about streaming from memory)."""
-    amx_i8_rows: int = 0
-    """Rows from which int8 projections take AMX tiles (0: not timed, the kernel's default)."""
-    amx_i8_bytes: int = 0
-    """Bytes of the w8a16 projections amx_i8_rows was timed over (as prefetch_bytes)."""
-    choices: dict[str, list[str]] = field(default_factory=dict)
-    """Shape key ("OUTxIN", "w8a16:OUTxIN", "bf16:OUTxIN", see key_of) -> a candidate per
-    bucket (BUCKETS, INT8_ROUTE_BUCKETS for w8a16, BF16_ROUTE_BUCKETS for bfloat16)."""
-    timings_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
-    """Shape key -> candidate -> microseconds per call, per bucket; "prefetch" -> a
-    PREFETCH_MODES name -> microseconds of a pass over every projection at one and four rows;
-    "amx-int8" -> "tiles"/"vector" -> microseconds of a pass over every w8a16 projection at
-    AMX_I8_ROWS rows; "attention:" and an attention key -> tasks per thread -> microseconds
-    per call, per ATTENTION_CASES."""
-    attention_parts: dict[str, int] = field(default_factory=dict)
-    """"HEADSxKV_HEADSxHEAD_DIM" -> decode attention's tasks per thread (0: no split)."""
-
-    def routes(self, key: str, packed: bool) -> tuple[str, ...] | None:
-        """The choice per bucket for a projection of this shape key (None: not timed);
-        without its packed copy, the faster of the other two where oneDNN was chosen."""
-        chosen = self.choices.get(key)
-        if chosen is None:
-            return None
-        if packed:
-            return tuple(chosen)
-        times = self.timings_us[key]
-        return tuple(c if c != "onednn" else min(("kernel", "torch"), key=lambda o: times[o][b])
-                     for b, c in enumerate(chosen))
-
-    def plan_rows(self, shapes: dict[str, int]) -> int:
-        """Most rows the one-call decode step should cover for a model whose layers have
-        projections of these shape keys (and this many of each): the last bucket up to which
-        the kernel's time over all of them stays within PLAN_SLACK of the fastest choices'."""
-        rows = 0
-        for b, bucket in enumerate(BUCKETS):
-            kernel = best = 0.0
-            for shape, count in shapes.items():
-                times = self.timings_us.get(shape)
-                if times is None:
-                    return rows
-                kernel += count * times["kernel"][b]
-                best += count * min(t[b] for t in times.values())
-            if kernel > PLAN_SLACK * best:
-                return rows
-            rows = bucket
-        return rows
-
-    def subset(self, keys: set[str]) -> DispatchTable:
-        """The table of these shape and attention keys only (one model's)."""
-        return DispatchTable(
-            cpu=self.cpu, threads=self.threads, prefetch=self.prefetch,
-            prefetch_bytes=self.prefetch_bytes, amx_i8_rows=self.amx_i8_rows,
-            amx_i8_bytes=self.amx_i8_bytes,
-            choices={k: v for k, v in self.choices.items() if k in keys},
-            timings_us={k: v for k, v in self.timings_us.items()
-                        if k.removeprefix("attention:") in keys
-                        or k in ("prefetch", "amx-int8")},
-            attention_parts={k: v for k, v in self.attention_parts.items() if k in keys})
-
-    def describe(self) -> str:
-        """The table as a person reads it: one line per shape, the choice per bucket (w8a16
-        and bfloat16 shapes in blocks of their own, with their prefill buckets)."""
-        lines = [f"kernel prefetch into {PREFETCH_WHERE[self.prefetch]}"]
-        if self.amx_i8_rows:
-            lines.append(f"int8 projections on AMX tiles from {self.amx_i8_rows} rows")
-        for key, parts in sorted(self.attention_parts.items()):
-            heads, kv_heads, d = key.split("x")
-            split = f"{parts} tasks per thread" if parts else "no split"
-            lines.append(f"decode attention ({heads} heads, {kv_heads} kv heads, d {d}): "
-                         f"{split}")
-        for prefix, buckets in (("", BUCKETS), (INT8, INT8_ROUTE_BUCKETS),
-                                (BF16, BF16_ROUTE_BUCKETS)):
-            keys = sorted((k for k in self.choices if _prefix(k) == prefix), key=_shape)
-            if keys:
-                width = max(14, *(len(k) + 2 for k in keys))
-                lines.append("rows".ljust(width) + "".join(f"{b:>8}" for b in buckets))
-                lines += [k.ljust(width) + "".join(f"{c:>8}" for c in self.choices[k])
-                          for k in keys]
-        return "\n".join(lines)
-
-
-def key_of(p: Routable) -> str:
-    """A projection's shape key: "OUTxIN" (float32), "w8a16:OUTxIN" (int8 weights),
-    "bf16:OUTxIN" (bfloat16)."""
-    if isinstance(p, W8A16Projection):
-        return f"{INT8}{p.qweight.shape[0]}x{p.qweight.shape[1]}"
-    prefix = BF16 if p.weight.dtype == torch.bfloat16 else ""
-    return f"{prefix}{p.weight.shape[0]}x{p.weight.shape[1]}"
-
-
-def _prefix(key: str) -> str:
-    """The key's kind: "" (float32), INT8 or BF16."""
-    head, colon, _ = key.rpartition(":")
-    return head + colon
-
-
-def _shape(key: str) -> tuple[int, int]:
-    out, _, inp = key.rpartition(":")[2].partition("x")
-    return int(out), int(inp)
 
 
 def cache_path(kernels: CpuKernels, threads: int) -> Path:
@@ -357,7 +237,7 @@ def _time_setting(kernels: CpuKernels, projs: Sequence[Routable], rows: Sequence
     the kernels' setting (read by get, written by put) at each of `values` in turn, by name;
     the setting is restored afterwards."""
     before = get()
-    widths = [_shape(key_of(p))[1] for p in projs]
+    widths = [shape_of(key_of(p))[1] for p in projs]
     results: dict[str, list[float]] = {name: [] for name in values}
     try:
         for count in rows:
@@ -487,7 +367,7 @@ def _time_shape(kernels: CpuKernels, projs: Sequence[Routable]
     names, buckets = ((INT8_CANDIDATES, INT8_ROUTE_BUCKETS) if int8
                       else (CANDIDATES, projs[0].route_buckets))  # type: ignore[union-attr]
     out: dict[str, list[float]] = {c: [] for c in names}
-    in_features = _shape(key_of(projs[0]))[1]
+    in_features = shape_of(key_of(projs[0]))[1]
     dtype = _input_dtype(projs[0])
     projs = projs[:max(1, PASS_BYTES // projs[0].nbytes)]
     repeats = REPEATS

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from worker.kernels.cpu import CpuKernels
 
 ROUTE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-"""The row buckets of a route (worker/kernels/dispatch.BUCKETS)."""
+"""The row buckets of a route (worker/kernels/dispatch_table.BUCKETS)."""
 
 BF16_ROUTE_BUCKETS = (*ROUTE_BUCKETS, 128, 512)
 """The row buckets of a bfloat16 route: the float ones, then prefill sizes, the last one's

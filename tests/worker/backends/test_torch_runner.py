@@ -128,6 +128,23 @@ def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_di
         assert float((ours - ref).abs().max() / ref.abs().max()) < 3e-2
 
 
+def decode_steps(batch: int, new_table: list[int]) -> list[list[SequenceChunk]]:
+    """`batch` prompts prefilled, four decode steps, then a decode step beside a new 40-token
+    prompt (blocks `new_table`)."""
+    g = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(0, 1000, (10 + 3 * i,), generator=g).tolist() for i in range(batch)]
+    tables = [[2 * i, 2 * i + 1, 2 * i + 16] for i in range(batch)]
+    steps = [[SequenceChunk(str(i), p, 0, tables[i], True, PARAMS)
+              for i, p in enumerate(prompts)]]
+    for t in range(4):
+        steps.append([SequenceChunk(str(i), [100 + 7 * t + i], len(p) + t, tables[i], True,
+                                    PARAMS) for i, p in enumerate(prompts)])
+    steps.append([*(SequenceChunk(str(i), [9], len(p) + 4, tables[i], True, PARAMS)
+                    for i, p in enumerate(prompts)),
+                  SequenceChunk("new", list(range(300, 340)), 0, new_table, True, PARAMS)])
+    return steps
+
+
 @pytest.mark.parametrize("batch", [1, 6])
 def test_bfloat16_decode_steps_follow_pytorchs_bfloat16_operators(tiny_model_dir,
                                                                    batch: int) -> None:
@@ -140,18 +157,7 @@ def test_bfloat16_decode_steps_follow_pytorchs_bfloat16_operators(tiny_model_dir
                for kernels in (True, False)]
     plan = runners[0].plan
     assert plan is not None and plan.max_rows >= batch and runners[1].plan is None
-    g = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(0, 1000, (10 + 3 * i,), generator=g).tolist() for i in range(batch)]
-    tables = [[2 * i, 2 * i + 1, 2 * i + 16] for i in range(batch)]
-    steps = [[SequenceChunk(str(i), p, 0, tables[i], True, PARAMS)
-              for i, p in enumerate(prompts)]]
-    for t in range(4):
-        steps.append([SequenceChunk(str(i), [100 + 7 * t + i], len(p) + t, tables[i], True,
-                                    PARAMS) for i, p in enumerate(prompts)])
-    steps.append([*(SequenceChunk(str(i), [9], len(p) + 4, tables[i], True, PARAMS)
-                    for i, p in enumerate(prompts)),
-                  SequenceChunk("new", list(range(300, 340)), 0, [40, 41, 42], True, PARAMS)])
-    for chunks in steps:
+    for chunks in decode_steps(batch, new_table=[40, 41, 42]):
         ours, ref = (r.execute(chunks) for r in runners)
         assert ours is not None and ref is not None
         err = float((ours - ref).norm() / ref.norm())
@@ -171,18 +177,7 @@ def test_a_bfloat16_kv_cache_follows_the_float32_one(tiny_model_dir, batch: int)
     assert ref.kv_dtype == ref.cache.data.dtype == torch.float32
     assert 2 * ours.kv_cache_bytes() // ours.num_blocks == ref.kv_cache_bytes() // ref.num_blocks
     assert ours.plan is not None and ours.plan.max_rows >= batch
-    g = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(0, 1000, (10 + 3 * i,), generator=g).tolist() for i in range(batch)]
-    tables = [[2 * i, 2 * i + 1, 2 * i + 16] for i in range(batch)]
-    steps = [[SequenceChunk(str(i), p, 0, tables[i], True, PARAMS)
-              for i, p in enumerate(prompts)]]
-    for t in range(4):
-        steps.append([SequenceChunk(str(i), [100 + 7 * t + i], len(p) + t, tables[i], True,
-                                    PARAMS) for i, p in enumerate(prompts)])
-    steps.append([*(SequenceChunk(str(i), [9], len(p) + 4, tables[i], True, PARAMS)
-                    for i, p in enumerate(prompts)),
-                  SequenceChunk("new", list(range(300, 340)), 0, [40, 41, 42, 43], True,
-                                PARAMS)])
+    steps = decode_steps(batch, new_table=[40, 41, 42, 43])
     steps.append([SequenceChunk("new", list(range(340, 350)), 40, [40, 41, 42, 43], True,
                                 PARAMS)])
     for chunks in steps:

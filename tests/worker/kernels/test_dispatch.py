@@ -18,7 +18,8 @@ from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
-from worker.kernels.dispatch import BUCKETS, CANDIDATES, INT8_CANDIDATES, DispatchTable
+from worker.kernels.dispatch import CANDIDATES, INT8_CANDIDATES
+from worker.kernels.dispatch_table import BF16, BUCKETS, DispatchTable, key_of
 from worker.model import linear
 from worker.model.linear import BF16_ROUTE_BUCKETS, Projection
 from worker.quant.int8_linear import INT8_ROUTE_BUCKETS, W8A16Projection, dequantize
@@ -182,7 +183,7 @@ def test_bfloat16_shapes_are_timed_apart_from_float32_ones(k: CpuKernels, cache:
     f32 = projections(k, (96, 64))
     bf16 = bf16_projections(k, (96, 64), (96, 64))
     table = dispatch.tune(k, f32 + bf16)
-    assert [dispatch.key_of(p) for p in f32 + bf16] == ["96x64", "bf16:96x64", "bf16:96x64"]
+    assert [key_of(p) for p in f32 + bf16] == ["96x64", "bf16:96x64", "bf16:96x64"]
     assert len(table.choices["96x64"]) == len(BUCKETS)
     times = table.timings_us["bf16:96x64"]
     chosen = table.routes("bf16:96x64", packed=bf16[0].packed)
@@ -214,8 +215,8 @@ def test_a_bfloat16_model_routes_its_projections_by_the_table(tiny_model_dir, ca
     assert table is not None and not table.attention_parts  # float32 attention's only
     layer = runner.weights.layers[0]
     for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down, lm_head):
-        key = dispatch.key_of(p)
-        assert key.startswith(dispatch.BF16) and p._routes == table.routes(key, True)
+        key = key_of(p)
+        assert key.startswith(BF16) and p._routes == table.routes(key, True)
     assert len(lm_head._routes or ()) == len(BF16_ROUTE_BUCKETS)
 
 
@@ -245,8 +246,8 @@ def test_a_model_routes_its_projections_by_the_table(tiny_model_dir, cache: Path
     assert table is not None
     layer = runner.weights.layers[0]
     for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down, runner.weights.lm_head):
-        assert p._routes == table.routes(dispatch.key_of(p), p.packed)
-    rows = table.plan_rows(Counter(dispatch.key_of(p) for lw in runner.weights.layers
+        assert p._routes == table.routes(key_of(p), p.packed)
+    rows = table.plan_rows(Counter(key_of(p) for lw in runner.weights.layers
                                    for p in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)))
     assert (runner.plan.max_rows if runner.plan is not None else 0) == min(16, rows)
     off = ModelRunner(tiny_model_dir("qwen3"), TorchSettings(kv_cache_gb=0.02,
@@ -347,7 +348,7 @@ def test_a_quantized_model_routes_its_int8_projections(tiny_model_dir, tmp_path:
     assert table is not None
     layer = runner.weights.layers[0]
     assert isinstance(layer.gate_up, W8A16Projection)
-    assert layer.gate_up._routes == table.routes(dispatch.key_of(layer.gate_up), False)
+    assert layer.gate_up._routes == table.routes(key_of(layer.gate_up), False)
     assert layer.gate_up._routes is not None
 
 
