@@ -16,7 +16,8 @@ candidates on the model's own projections and picks per shape and row bucket:
 
 bfloat16 projections (a `--dtype bfloat16` model) are timed between the same three, with
 bfloat16 x, over the float buckets and two prefill buckets (BF16_ROUTE_BUCKETS), the last
-one's choice serving every larger call: where the kernel gives way to oneDNN depends on how
+one's choice serving every larger call (the lm_head, which serving asks for a step's sampled
+rows only, over the float buckets alone): where the kernel gives way to oneDNN depends on how
 the CPU multiplies bfloat16 (on AMX tiles it tied oneDNN at 128 rows on a Xeon; with
 AVX512-BF16 alone oneDNN took over from 16 rows on a Zen 4).
 
@@ -190,7 +191,10 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
         save(table, path)
     if table.amx_i8_rows:
         kernels.cpuk_set_amx_i8_rows(table.amx_i8_rows)
-    todo = [s for s in by_shape if s not in table.choices]
+    # a shape not timed yet, or timed over other buckets (an lm_head's route has no prefill
+    # buckets)
+    todo = [s for s in by_shape
+            if len(table.choices.get(s, ())) != len(_buckets(by_shape[s][0]))]
     if todo:
         start = time.monotonic()
         log.info("timing the GEMM candidates for %d projection shapes on this CPU (%s, %d "
@@ -359,13 +363,17 @@ def _input_dtype(p: Routable) -> torch.dtype:
         else torch.float32
 
 
+def _buckets(p: Routable) -> tuple[int, ...]:
+    """The row buckets p's route takes a choice for."""
+    return INT8_ROUTE_BUCKETS if isinstance(p, W8A16Projection) else p.route_buckets
+
+
 def _time_shape(kernels: CpuKernels, projs: Sequence[Routable]
                 ) -> tuple[dict[str, list[float]], tuple[int, ...]]:
     """Microseconds per call for each candidate at each bucket (inf where a candidate
     cannot run), from passes over up to PASS_BYTES of projs; and the buckets."""
     int8 = isinstance(projs[0], W8A16Projection)
-    names, buckets = ((INT8_CANDIDATES, INT8_ROUTE_BUCKETS) if int8
-                      else (CANDIDATES, projs[0].route_buckets))  # type: ignore[union-attr]
+    names, buckets = INT8_CANDIDATES if int8 else CANDIDATES, _buckets(projs[0])
     out: dict[str, list[float]] = {c: [] for c in names}
     in_features = shape_of(key_of(projs[0]))[1]
     dtype = _input_dtype(projs[0])

@@ -86,9 +86,12 @@ def can_pack(device: torch.device) -> bool:
 
 class Projection:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 pack: bool = False, kernels: CpuKernels | None = None) -> None:
+                 pack: bool = False, kernels: CpuKernels | None = None,
+                 prefill: bool = True) -> None:
         """weight: [out, in] as stored in Hugging Face checkpoints; pack only on CPU; kernels
-        only for float32 or bfloat16 weights on the CPU."""
+        only for float32 or bfloat16 weights on the CPU; prefill False for a projection that
+        serving calls with at most a step's sampled rows (the lm_head), whose route then has
+        no prefill buckets to time."""
         self.weight = weight.contiguous()
         self.bias = bias
         self._cpu = weight.device.type == "cpu"
@@ -101,7 +104,8 @@ class Projection:
         # a packed copy that no call would read is not kept
         self._packed = _packed(self.weight) if pack and self._bf16_rows < sys.maxsize else None
         self._routes: tuple[str, ...] | None = None
-        self.route_buckets = BF16_ROUTE_BUCKETS if self._bf16_kernels is not None else ROUTE_BUCKETS
+        self.route_buckets = (BF16_ROUTE_BUCKETS if self._bf16_kernels is not None and prefill
+                              else ROUTE_BUCKETS)
         """The row buckets of a route; a bfloat16 route's last one serves every larger call,
         a float32 route's none (calls of more rows keep the built-in rule)."""
 

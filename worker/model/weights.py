@@ -183,6 +183,8 @@ def load_weights(
         lm_head = proj(["lm_head"])
     else:
         tied = config.tie_word_embeddings or "lm_head.weight" not in src
-        lm_head = Projection(embed if tied else get("lm_head.weight"), None, pack, kernels)
+        # serving asks it for the rows a step samples; only teacher-forced passes ask more
+        lm_head = Projection(embed if tied else get("lm_head.weight"), None, pack, kernels,
+                             prefill=False)
     return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head,
                         vocab_rows=shard.vocab_rows(config.vocab_size) if shard else None)

@@ -198,12 +198,21 @@ def test_bfloat16_shapes_are_timed_apart_from_float32_ones(k: CpuKernels, cache:
     assert any(line.split()[-2:] == ["128", "512"] for line in described)
     assert dispatch.load(dispatch.cache_path(k, table.threads)).choices["bf16:96x64"] == \
         table.choices["bf16:96x64"]
+    # the same shape as an lm_head (no prefill buckets): timed again over its own buckets
+    head = Projection(bf16[0].weight, pack=True, kernels=k, prefill=False)
+    again = dispatch.tune(k, [head])
+    assert len(again.choices["bf16:96x64"]) == len(head.route_buckets) == len(BUCKETS)
+    head.route(again.routes("bf16:96x64", packed=head.packed))
+    x = torch.randn(600, 64).bfloat16()  # more rows than any bucket: the last one's choice
+    torch.testing.assert_close(head(x).float(), F.linear(x.float(), head.weight.float()),
+                               rtol=2e-2, atol=2e-2)
 
 
 def test_a_bfloat16_model_routes_its_projections_by_the_table(tiny_model_dir, cache: Path
                                                              ) -> None:
     """Where oneDNN multiplies bfloat16 (a packed copy is kept), the table routes a bfloat16
-    model's projections; elsewhere there is nothing to choose and the kernel takes them all."""
+    model's projections (the lm_head without prefill buckets, as serving asks it for sampled
+    rows only); elsewhere there is nothing to choose and the kernel takes them all."""
     runner = ModelRunner(tiny_model_dir("qwen3"), TorchSettings(kv_cache_gb=0.02,
                                                                 dtype="bfloat16"))
     lm_head = runner.weights.lm_head
@@ -217,7 +226,8 @@ def test_a_bfloat16_model_routes_its_projections_by_the_table(tiny_model_dir, ca
     for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down, lm_head):
         key = key_of(p)
         assert key.startswith(BF16) and p._routes == table.routes(key, True)
-    assert len(lm_head._routes or ()) == len(BF16_ROUTE_BUCKETS)
+    assert len(layer.qkv._routes or ()) == len(BF16_ROUTE_BUCKETS)
+    assert len(lm_head._routes or ()) == len(BUCKETS)
 
 
 def _table(kernel: list[float], other: list[float]) -> DispatchTable:
