@@ -140,7 +140,7 @@ class Bf16KernelOps(DecoderOps):
 
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                           ) -> torch.Tensor:
-        return self._f32.prefill_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        return self._f32.prefill_attention(q.float(), k, v).to(q.dtype)  # k, v widened there
 
     def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache
                         ) -> PagedDecode:
