@@ -101,7 +101,7 @@ class WorkerMetrics:
             Gauge, "npuserve_worker_prefill_cap_tokens",
             "Most prompt tokens a step may carry while requests decode, learned from step "
             "times (--max-prefill-stall; no series when off; 0: not measured yet, one KV "
-            "block a step)", lazy=True)
+            "block a step; else 1 or more)", lazy=True)
         self.device_memory_total = metric(
             Gauge, "npuserve_worker_device_memory_total_bytes",
             "Accelerator memory in all, as its driver reports it", lazy=True)

@@ -292,8 +292,7 @@ def format_table(r: Results) -> str:
         f"  p99 x{r['itl_p99_reduction']:.2f} lower with the cap, throughput "
         f"x{r['throughput_ratio']:.2f}; at the end the cap was {r['prefill_cap_tokens_end']} "
         f"tokens (estimates: decode step {r['decode_step_ms_estimate_end']:.1f} ms, prefill "
-        f"{r['prefill_ms_per_token_estimate_end']:.2f} ms a token beside decodes; at least one "
-        f"block of {r['block_size']})")
+        f"{r['prefill_ms_per_token_estimate_end']:.2f} ms a token beside decodes)")
     if r["load_average_1m_start"] > 0.5 * (r["cpu_count"] or 1):
         lines.append(f"  note: load average {r['load_average_1m_start']:.1f} on "
                      f"{r['cpu_count']} CPUs before the run: the times are noisy")

@@ -6,9 +6,9 @@ chunked to fit what is left. That single rule gives continuous batching (request
 leave between steps) and chunked prefill (a long prompt never stalls running streams for more
 than one budget). While requests are decoding, the prefill chunks of a step (running prompts
 and admissions together) may also be capped by the caller (`schedule(prefill_cap)`, which the
-engine derives from its step times: `PrefillBudget`), never below one KV block, so a prompt
-still completes; the decodes' own tokens are set aside first, so a chunk never crowds them
-out. When the KV cache cannot grow, the most recently admitted request is
+engine derives from its step times: `PrefillBudget`), down to one token a step; a cap of 0
+(no step time measured yet) means one KV block a step. The decodes' own tokens are set aside
+first, so a chunk never crowds them out. When the KV cache cannot grow, the most recently admitted request is
 preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
 from its prompt and the tokens it already produced.
 
@@ -113,7 +113,7 @@ class Scheduler:
 
     def schedule(self, prefill_cap: int | None = None) -> SchedulerOutput:
         """The next step's chunks. `prefill_cap`: most prefill tokens in a step that also
-        decodes (raised to one KV block); None leaves prefill the whole budget."""
+        decodes (0: one KV block); None leaves prefill the whole budget."""
         out = SchedulerOutput()
         budget = self.capacity.max_tokens_per_step
         prefill = self._prefill_room(prefill_cap)
@@ -199,8 +199,8 @@ class Scheduler:
 
     def _prefill_room(self, prefill_cap: int | None) -> int:
         """Prefill tokens this step may carry: the budget less the running decodes' tokens,
-        within the cap while any decode runs (and then within the backend's one-call step
-        where a block of prefill fits beside the decodes). Backends that cannot chunk prompts
+        within the cap while any decode runs, one KV block if the cap is 0 (and then within
+        the backend's one-call step where a block of prefill fits beside the decodes). Backends that cannot chunk prompts
         or mix them with decodes keep the whole budget (a cap would starve their prompts)."""
         budget = self.capacity.max_tokens_per_step
         if not (self.capacity.chunked_prefill and self.capacity.mixed_batches):
@@ -208,7 +208,7 @@ class Scheduler:
         decodes = sum(1 for r in self.running if self._is_decode(r))
         room = budget - decodes
         if decodes and prefill_cap is not None:
-            room = min(room, max(prefill_cap, self.capacity.block_size))
+            room = min(room, prefill_cap if prefill_cap > 0 else self.capacity.block_size)
             one_call = self.capacity.one_call_tokens - decodes
             if one_call >= self.capacity.block_size:
                 room = min(room, one_call)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from common.sampling_params import SamplingParams
 from worker.backends.base import BackendCapacity
 from worker.engine.request import FinishReason, Request, RequestStatus
@@ -248,18 +250,20 @@ def test_the_cap_covers_running_prompts_and_admissions_together() -> None:
     assert chunk_shapes(s.schedule(prefill_cap=10)) == [("a", 1), ("b", 6), ("c", 4)]
 
 
-def test_a_cap_below_one_kv_block_still_prefills_a_block_per_step_until_the_prompt_ends() -> None:
+@pytest.mark.parametrize(("cap", "chunks"), [(0, [4] * 10 + [2]), (3, [3] * 14), (1, [1] * 42)])
+def test_a_cap_prefills_that_many_tokens_a_step_and_0_one_kv_block_until_the_prompt_ends(
+        cap: int, chunks: list[int]) -> None:
     s = Scheduler(capacity())  # blocks of 4 tokens
-    s.add(request("a", 4, max_tokens=50))
+    s.add(request("a", 4, max_tokens=100))
     run_step(s)
     long = request("long", 42, max_tokens=2)
     s.add(long)
     prefilled = []
     while long.num_output_tokens == 0:
-        out = run_step(s, prefill_cap=0)
+        out = run_step(s, prefill_cap=cap)
         assert ("a", 1) in chunk_shapes(out)
         prefilled += [c.num_tokens for c in out.chunks if c.request is long]
-    assert prefilled == [4] * 10 + [2]
+    assert prefilled == chunks
 
 
 def test_a_capped_step_stays_within_the_backends_one_call_step() -> None:
