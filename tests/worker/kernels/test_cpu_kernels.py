@@ -43,6 +43,20 @@ def prefetch(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[int]:
     k.cpuk_set_prefetch(before)
 
 
+@pytest.mark.parametrize("m", [2, 3, 7, 11])
+@pytest.mark.parametrize("in_features", [13, 576])
+def test_a_row_of_x_gets_the_same_bits_whatever_rows_share_its_call(
+        k: CpuKernels, m: int, in_features: int) -> None:
+    """A decode's output must not depend on how many others share its step: each row of
+    x is summed in one order whatever pass of a tile it falls in (a tile meets x four rows
+    at a time, the last pass one to three)."""
+    g = gen(m)
+    x, w = torch.randn(m, in_features, generator=g), torch.randn(96, in_features, generator=g)
+    together = k.linear(x, w, None)
+    for r in range(m):
+        assert torch.equal(k.linear(x[r:r + 1].contiguous(), w, None)[0], together[r])
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 70])
 @pytest.mark.parametrize(("n", "in_features"), [(1, 8), (7, 13), (13, 576), (64, 40),
                                                 (301, 584)])
