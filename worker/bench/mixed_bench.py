@@ -245,7 +245,7 @@ def run(config: MixedLoadConfig) -> Results:
         **report.environment(settings, load_start),
         "block_size": engine.backend.capacity.block_size,
         "prefill_cap_tokens_end": budget.tokens(),
-        "decode_step_ms_estimate_end": (budget.decode_s or 0.0) * 1e3,
+        "decode_step_ms_estimate_end": (budget.decode_s() or 0.0) * 1e3,
         "prefill_ms_per_token_estimate_end": (budget.per_token_s or 0.0) * 1e3,
     }
     for suffix, load in runs.items():

@@ -111,7 +111,8 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         self.failed = {}
-        out = self.scheduler.schedule(self.prefill_budget.tokens())
+        out = self.scheduler.schedule(
+            self.prefill_budget.tokens(self.scheduler.num_decoding()))
         self.last_step = out.stats()
         for req in out.preempted:
             self.backend.release(req.request_id)

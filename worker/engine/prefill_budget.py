@@ -5,9 +5,11 @@ while requests are decoding the engine caps a step's prefill tokens at
 
     cap = stall * decode_s / per_token_s
 
-where `decode_s` is the time of a step of decodes alone and `per_token_s` what each prefill
-token added to a step that also decoded, both running averages of the engine's own step
-times. A step is then about (1 + stall) decode steps long, whatever the machine, the model or
+where `decode_s` is the time of a step of as many decodes alone and `per_token_s` what each
+prefill token added to a step that also decoded, both running averages of the engine's own
+step times. Decode steps are averaged per number of decodes (8 decodes took 28-31 ms and 9
+took 40-43 in one SmolLM2 run on a Zen 4: one average over both set the cap of an 8-decode
+step by a 9-decode one), a count not yet seen taking the nearest one's. A step is then about (1 + stall) decode steps long, whatever the machine, the model or
 the batch. The estimate is the step's measured extra time over its prefill tokens, fixed
 costs included (a mixed step may leave a faster decode-only path), so the cap settles where
 the measured step, not a model of it, meets the target.
@@ -36,8 +38,10 @@ class PrefillBudget:
     def __init__(self, stall: float) -> None:
         self.stall = stall
         """Prefill time a step may add while decoding, in decode steps; 0: no cap."""
-        self.decode_s: float | None = None
-        """Running average of a decode-only step's seconds."""
+        self._decode_s: dict[int, float] = {}
+        """Number of decodes -> running average of a decode-only step's seconds."""
+        self._decodes = 0
+        """Decodes of the latest step that had any: what tokens() assumes by default."""
         self._extra_s: float | None = None
         """Running average of the seconds prefill added to a mixed step."""
         self._extra_tokens: float | None = None
@@ -52,33 +56,49 @@ class PrefillBudget:
             return self._extra_s / self._extra_tokens
         return self._seed_per_token_s
 
-    def tokens(self) -> int | None:
-        """Most prefill tokens for the next step if it decodes; None for no cap, 0 while
-        nothing is measured (the scheduler then takes one KV block), else at least 1."""
+    def decode_s(self, decodes: int | None = None) -> float | None:
+        """Estimated seconds of a step of `decodes` decodes alone (default: as many as the
+        latest step's): their own average, else that of the nearest count measured (the
+        smaller on a tie); None before any decode-only step."""
+        n = self._decodes if decodes is None else decodes
+        if n in self._decode_s:
+            return self._decode_s[n]
+        if not self._decode_s:
+            return None
+        return self._decode_s[min(self._decode_s, key=lambda c: (abs(c - n), c))]
+
+    def tokens(self, decodes: int | None = None) -> int | None:
+        """Most prefill tokens for the next step if it runs `decodes` decodes (default: as
+        many as the latest step's); None for no cap, 0 while nothing is measured (the
+        scheduler then takes one KV block), else at least 1."""
         if self.stall <= 0:
             return None
-        per_token = self.per_token_s
-        if self.decode_s is None or per_token is None:
+        per_token, decode_s = self.per_token_s, self.decode_s(decodes)
+        if decode_s is None or per_token is None:
             return 0
         if per_token <= 0:  # prefill added nothing measurable (a synthetic backend)
             return None
-        return max(int(self.stall * self.decode_s / per_token), 1)
+        return max(int(self.stall * decode_s / per_token), 1)
 
     def observe(self, step: StepStats, seconds: float) -> None:
         """Learn from one step: what it ran (`Engine.last_step`) and how long it took."""
+        if step.decode_seqs:
+            self._decodes = step.decode_seqs
         if step.prompt_tokens == 0:
             if step.decode_seqs:
-                self.decode_s = _average(self.decode_s, seconds)
+                n = step.decode_seqs
+                self._decode_s[n] = _average(self._decode_s.get(n), seconds)
             return
         if step.decode_seqs == 0:
             if self._extra_s is None:
                 self._seed_per_token_s = seconds / step.prompt_tokens
             return
-        if self.decode_s is None:
+        decode_s = self.decode_s(step.decode_seqs)
+        if decode_s is None:
             return
         # the ratio of averages weighs each step by its tokens: a 3-token tail chunk, whose
         # extra time is mostly noise and fixed cost, moves the estimate little
-        extra = max(seconds - self.decode_s, 0.0)
+        extra = max(seconds - decode_s, 0.0)
         self._extra_s = _average(self._extra_s, extra)
         self._extra_tokens = _average(self._extra_tokens, float(step.prompt_tokens))
 

@@ -205,7 +205,7 @@ class Scheduler:
         budget = self.capacity.max_tokens_per_step
         if not (self.capacity.chunked_prefill and self.capacity.mixed_batches):
             return budget
-        decodes = sum(1 for r in self.running if self._is_decode(r))
+        decodes = self.num_decoding()
         room = budget - decodes
         if decodes and prefill_cap is not None:
             room = min(room, prefill_cap if prefill_cap > 0 else self.capacity.block_size)
@@ -213,6 +213,10 @@ class Scheduler:
             if one_call >= self.capacity.block_size:
                 room = min(room, one_call)
         return max(room, 0)
+
+    def num_decoding(self) -> int:
+        """Running requests whose next chunk is a decode."""
+        return sum(1 for r in self.running if self._is_decode(r))
 
     @staticmethod
     def _is_decode(req: Request) -> bool:

@@ -91,6 +91,19 @@ def test_a_stall_that_no_prefill_token_meets_leaves_one_token_a_step() -> None:
     assert budget.tokens() == 1
 
 
+def test_decode_steps_are_timed_per_number_of_decodes() -> None:
+    budget = PrefillBudget(1.0)
+    budget.observe(StepStats(8, 0, 8), 0.0305)
+    budget.observe(StepStats(9, 0, 9), 0.0425)  # 9 rows cost more than 8 on that CPU
+    budget.observe(StepStats(9, 10, 8), 0.0405)  # 10 tokens beside 8 decodes: 1 ms a token
+    assert budget.per_token_s == pytest.approx(0.001)
+    assert budget.tokens(8) == 30
+    assert budget.tokens(9) == 42
+    assert budget.tokens() == 30  # the latest step's decodes
+    assert budget.decode_s(12) == pytest.approx(0.0425)  # the nearest count measured
+    assert budget.decode_s(1) == pytest.approx(0.0305)
+
+
 def test_prefill_that_costs_nothing_measurable_is_not_capped() -> None:
     budget = PrefillBudget(1.0)
     budget.observe(*decode(0.01))
