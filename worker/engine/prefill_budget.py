@@ -6,10 +6,14 @@ while requests are decoding the engine caps a step's prefill tokens at
     cap = stall * decode_s / per_token_s
 
 where `decode_s` is the time of a step of as many decodes alone and `per_token_s` what each
-prefill token added to a step that also decoded, both running averages of the engine's own
-step times. Decode steps are averaged per number of decodes (8 decodes took 28-31 ms and 9
-took 40-43 in one SmolLM2 run on a Zen 4: one average over both set the cap of an 8-decode
-step by a 9-decode one), a count not yet seen taking the nearest one's. A step is then about (1 + stall) decode steps long, whatever the machine, the model or
+prefill token added to a step that also decoded, both learned from the engine's own step
+times. `decode_s` is the median of the latest DECODE_WINDOW decode-only steps of that many
+decodes: the streams' usual gap, which a stall is measured against (a running average is
+pulled up by every step another process slowed, and the cap with it: in one SmolLM2 run on a
+Zen 4 it read 33.8 ms where decode steps took 30.7 on average, and mixed steps took 1.6x
+their usual gap for a stall of 0.5). Per number of decodes, because 8 decodes took 28-31 ms
+and 9 took 40-43 in one run there; a count not yet seen takes the nearest one's.
+`per_token_s` is a running average. A step is then about (1 + stall) decode steps long, whatever the machine, the model or
 the batch. The estimate is the step's measured extra time over its prefill tokens, fixed
 costs included (a mixed step may leave a faster decode-only path), so the cap settles where
 the measured step, not a model of it, meets the target.
@@ -26,11 +30,19 @@ more than the stall, the cap stays at one token a step. No torch here.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 from worker.engine.scheduler import StepStats
 
+DECODE_WINDOW = 9
+"""Decode-only steps (of one number of decodes) whose median is the decode step's time: a
+change of batch or machine shows within five steps, and up to four slowed ones show not at
+all."""
+
 SMOOTHING = 0.25
-"""Weight of the newest step in the running averages: a change of load or batch shows
-within a few steps. A step slowed by another process lowers the cap for a few steps (the
+"""Weight of the newest step in the per-token running averages: a change of load or batch
+shows within a few steps. A step slowed by another process lowers the cap for a few steps (the
 safe side: shorter steps), and a quick one raises it by about a third."""
 
 
@@ -38,8 +50,8 @@ class PrefillBudget:
     def __init__(self, stall: float) -> None:
         self.stall = stall
         """Prefill time a step may add while decoding, in decode steps; 0: no cap."""
-        self._decode_s: dict[int, float] = {}
-        """Number of decodes -> running average of a decode-only step's seconds."""
+        self._decode_s: dict[int, deque[float]] = {}
+        """Number of decodes -> the latest decode-only steps' seconds."""
         self._decodes = 0
         """Decodes of the latest step that had any: what tokens() assumes by default."""
         self._extra_s: float | None = None
@@ -58,14 +70,14 @@ class PrefillBudget:
 
     def decode_s(self, decodes: int | None = None) -> float | None:
         """Estimated seconds of a step of `decodes` decodes alone (default: as many as the
-        latest step's): their own average, else that of the nearest count measured (the
+        latest step's): the median of their latest, else of the nearest count's measured (the
         smaller on a tie); None before any decode-only step."""
         n = self._decodes if decodes is None else decodes
-        if n in self._decode_s:
-            return self._decode_s[n]
         if not self._decode_s:
             return None
-        return self._decode_s[min(self._decode_s, key=lambda c: (abs(c - n), c))]
+        if n not in self._decode_s:
+            n = min(self._decode_s, key=lambda c: (abs(c - n), c))
+        return statistics.median(self._decode_s[n])
 
     def tokens(self, decodes: int | None = None) -> int | None:
         """Most prefill tokens for the next step if it runs `decodes` decodes (default: as
@@ -86,8 +98,9 @@ class PrefillBudget:
             self._decodes = step.decode_seqs
         if step.prompt_tokens == 0:
             if step.decode_seqs:
-                n = step.decode_seqs
-                self._decode_s[n] = _average(self._decode_s.get(n), seconds)
+                window = self._decode_s.setdefault(step.decode_seqs,
+                                                   deque(maxlen=DECODE_WINDOW))
+                window.append(seconds)
             return
         if step.decode_seqs == 0:
             if self._extra_s is None:

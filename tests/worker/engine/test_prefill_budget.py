@@ -104,6 +104,18 @@ def test_decode_steps_are_timed_per_number_of_decodes() -> None:
     assert budget.decode_s(1) == pytest.approx(0.0305)
 
 
+def test_decode_steps_slowed_by_another_process_leave_the_decode_step_time_as_it_was() -> None:
+    budget = PrefillBudget(1.0)
+    for _ in range(9):
+        budget.observe(*decode(0.030))
+    for _ in range(4):
+        budget.observe(*decode(0.090))
+    assert budget.decode_s() == pytest.approx(0.030)
+    for _ in range(5):  # the batch's steps really are slower now
+        budget.observe(*decode(0.040))
+    assert budget.decode_s() == pytest.approx(0.040)
+
+
 def test_prefill_that_costs_nothing_measurable_is_not_capped() -> None:
     budget = PrefillBudget(1.0)
     budget.observe(*decode(0.01))
