@@ -60,8 +60,8 @@ ALWAYS_INLINE int64_t slot_of(const int32_t *table, int64_t t0, int64_t t_end,
  * this one is worked on: a block is one 4 KiB page for 16 tokens of head_dim 64, and the
  * hardware prefetchers stop at each page's end. Into L2, not L1: a block's 64 lines at once
  * overran L1's miss buffers. On a Zen 4, 16 sequences of 250 tokens over 30 layers with
- * their blocks scattered (as a serving cache's become) took 23.1-24.2 ms on one thread and
- * 13.0-14.4 on two, against 29.9-32.7 and 16.7-16.9 prefetching into L1; with each
+ * their blocks scattered (as a serving cache's become) took 22.1-24.8 ms on one thread and
+ * 12.3-16.0 on two, against 29.1-32.7 and 16.1-19.0 prefetching into L1; with each
  * sequence's blocks in order 20.1-22.2 and 11.0-12.0 against 22.5-24.5 and 11.6-14.8. */
 ALWAYS_INLINE void prefetch_next(const void *cache, int BF, const int32_t *table, int64_t t0,
                                  int64_t count, int64_t t_end, int64_t block_size,
