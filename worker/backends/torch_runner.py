@@ -115,8 +115,11 @@ class ModelRunner:
             ops = npu_ops()
         self.dtype: torch.dtype = (getattr(torch, settings.dtype) if settings.dtype
                                    else ops.default_dtype if ops is not None else torch.float32)
-        kernels = self._kernels(cfg) if settings.cpu_kernels and ops is None else None
         bf16_kernels = self._bf16_kernels(settings, ops)
+        # the float32 op set; a bfloat16 model on the CPU has its own (above)
+        kernels = (self._kernels(cfg) if settings.cpu_kernels and ops is None
+                   and not (self.device.type == "cpu" and self.dtype == torch.bfloat16)
+                   else None)
         # a bfloat16 model's attention and one-call decode steps, where its heads fit them
         bf16_attention = bf16_kernels if heads_fit(cfg) is None else None
         self.ops: DecoderOps = ops or (KernelOps(kernels) if kernels is not None

@@ -26,8 +26,7 @@ fewer, bigger GEMMs."""
 def supports(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> str | None:
     """Why the kernels cannot run this model here, or None when they can."""
     if device.type != "cpu" or dtype != torch.float32:
-        return (f"they are for float32 on the CPU, not {dtype} on {device} (bfloat16 on the "
-                "CPU still runs its small projections and decode steps on them)")
+        return f"they are for float32 (or bfloat16) on the CPU, not {dtype} on {device}"
     return heads_fit(cfg)
 
 
