@@ -13,10 +13,10 @@ pulled up by every step another process slowed, and the cap with it: in one Smol
 Zen 4 it read 33.8 ms where decode steps took 30.7 on average, and mixed steps took 1.6x
 their usual gap for a stall of 0.5). Per number of decodes, because 8 decodes took 28-31 ms
 and 9 took 40-43 in one run there; a count not yet seen takes the nearest one's.
-`per_token_s` is a running average. A step is then about (1 + stall) decode steps long, whatever the machine, the model or
-the batch. The estimate is the step's measured extra time over its prefill tokens, fixed
-costs included (a mixed step may leave a faster decode-only path), so the cap settles where
-the measured step, not a model of it, meets the target.
+`per_token_s` is a running average. A step is then about (1 + stall) decode steps long,
+whatever the machine, the model or the batch. The estimate is the step's measured extra time
+over its prefill tokens, fixed costs included (a mixed step may leave a faster decode-only
+path), so the cap settles where the measured step, not a model of it, meets the target.
 
 Until a step has both decoded and prefilled, a prefill-only step (its whole time over its
 tokens) seeds the per-token cost; with nothing measured yet the cap is 0, which the scheduler

@@ -3,14 +3,14 @@
 Each step spends a token budget: running requests first (a decode costs one token, an
 unfinished prompt its next chunk), then waiting requests in arrival order, whose prompts are
 chunked to fit what is left. That single rule gives continuous batching (requests join and
-leave between steps) and chunked prefill (a long prompt never stalls running streams for more
-than one budget). While requests are decoding, the prefill chunks of a step (running prompts
-and admissions together) may also be capped by the caller (`schedule(prefill_cap)`, which the
-engine derives from its step times: `PrefillBudget`), down to one token a step; a cap of 0
-(no step time measured yet) means one KV block a step. The decodes' own tokens are set aside
-first, so a chunk never crowds them out. When the KV cache cannot grow, the most recently admitted request is
-preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
-from its prompt and the tokens it already produced.
+leave between steps) and chunked prefill (a long prompt never stalls running streams for
+more than one budget). While requests are decoding, the prefill chunks of a step (running
+prompts and admissions together) may also be capped by the caller (`schedule(prefill_cap)`,
+which the engine derives from its step times: `PrefillBudget`), down to one token a step; a
+cap of 0 (no step time measured yet) means one KV block a step. The decodes' own tokens are
+set aside first, so a chunk never crowds them out. When the KV cache cannot grow, the most
+recently admitted request is preempted: its blocks are freed and it goes back to the front
+of the queue, to be recomputed from its prompt and the tokens it already produced.
 
 With prefix caching (`BackendCapacity.prefix_caching`), admission first looks up the longest
 run of cached full blocks that starts the request's tokens (see `BlockManager`): those tokens
@@ -200,8 +200,9 @@ class Scheduler:
     def _prefill_room(self, prefill_cap: int | None) -> int:
         """Prefill tokens this step may carry: the budget less the running decodes' tokens,
         within the cap while any decode runs, one KV block if the cap is 0 (and then within
-        the backend's one-call step where a block of prefill fits beside the decodes). Backends that cannot chunk prompts
-        or mix them with decodes keep the whole budget (a cap would starve their prompts)."""
+        the backend's one-call step where a block of prefill fits beside the decodes).
+        Backends that cannot chunk prompts or mix them with decodes keep the whole budget (a
+        cap would starve their prompts)."""
         budget = self.capacity.max_tokens_per_step
         if not (self.capacity.chunked_prefill and self.capacity.mixed_batches):
             return budget
