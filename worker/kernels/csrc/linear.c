@@ -174,12 +174,12 @@ ALWAYS_INLINE float load1(const char *p, int64_t c, int BF) {
  * sixteen vectors halve into each other in four rounds of shuffles and adds (about 45
  * instructions where sixteen separate reductions take some 130, a seventh of a 4 x 4 tile's
  * pass over 576 columns): SmolLM2's layers in float32 at 16 / 32 / 64 rows took 25.9-27.2 /
- * 33.8-34.2 / 54.4-54.7 ms against 27.8-27.9 / 36.8-37.1 / 60.6-61.0 on a Xeon. A tile's
- * last pass of one to three rows reduces through it too, its missing rows zero: with a
- * separate sum per product there, a call of 7 / 11 / 15 rows (a pass of three last) took 26.0-26.2 /
+ * 33.8-34.2 / 54.4-54.7 ms against 27.8-27.9 / 36.8-37.1 / 60.6-61.0 on a Xeon. A tile's last
+ * pass of one to three rows reduces through it too, its missing rows zero: with a separate sum
+ * per product there, a call of 7 / 11 / 15 rows (a pass of three last) took 26.0-26.2 /
  * 27.6-30.8 / 35.0-36.6 ms over those layers on a Zen 4, more than 8 / 12 / 16 rows, against
- * 16.6-17.6 / 22.3-23.9 / 25.6-28.7 after; and a row's sums no longer depend on which pass
- * it falls in, so a decode's output is the same whatever shares its step. */
+ * 16.6-17.6 / 22.3-23.9 / 25.6-28.7 after; and a row's sums no longer depend on which pass it
+ * falls in, so a decode's output is the same whatever shares its step. */
 ALWAYS_INLINE void reduce_4x4(const vwf acc[MAX_WR][MAX_XR], float out[MAX_WR][MAX_XR]) {
     __m512 a[8], b[4], c[2];
     for (int i = 0; i < 8; i++) { /* v = 4q + r; a[i]: 8 partial sums of v 2i, then of 2i + 1 */
