@@ -244,8 +244,8 @@ def run(config: MixedLoadConfig) -> Results:
         "seed": config.seed,
         **report.environment(settings, load_start),
         "block_size": engine.backend.capacity.block_size,
-        "prefill_cap_tokens_end": budget.tokens(),
-        "decode_step_ms_estimate_end": (budget.decode_s() or 0.0) * 1e3,
+        "prefill_cap_tokens_end": budget.tokens(config.streams),
+        "decode_step_ms_estimate_end": (budget.decode_s(config.streams) or 0.0) * 1e3,
         "prefill_ms_per_token_estimate_end": (budget.per_token_s or 0.0) * 1e3,
     }
     for suffix, load in runs.items():
@@ -290,8 +290,9 @@ def format_table(r: Results) -> str:
     lines += [f"  {name:<38}  {cell('_no_cap'):>12}  {cell('_cap'):>18}" for name, cell in rows]
     lines.append(
         f"  p99 x{r['itl_p99_reduction']:.2f} lower with the cap, throughput "
-        f"x{r['throughput_ratio']:.2f}; at the end the cap was {r['prefill_cap_tokens_end']} "
-        f"tokens (estimates: decode step {r['decode_step_ms_estimate_end']:.1f} ms, prefill "
+        f"x{r['throughput_ratio']:.2f}; at the end the cap beside {r['streams']} decodes was "
+        f"{r['prefill_cap_tokens_end']} tokens (estimates: their decode step "
+        f"{r['decode_step_ms_estimate_end']:.1f} ms, prefill "
         f"{r['prefill_ms_per_token_estimate_end']:.2f} ms a token beside decodes)")
     if r["load_average_1m_start"] > 0.5 * (r["cpu_count"] or 1):
         lines.append(f"  note: load average {r['load_average_1m_start']:.1f} on "

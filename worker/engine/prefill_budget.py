@@ -52,8 +52,6 @@ class PrefillBudget:
         """Prefill time a step may add while decoding, in decode steps; 0: no cap."""
         self._decode_s: dict[int, deque[float]] = {}
         """Number of decodes -> the latest decode-only steps' seconds."""
-        self._decodes = 0
-        """Decodes of the latest step that had any: what tokens() assumes by default."""
         self._extra_s: float | None = None
         """Running average of the seconds prefill added to a mixed step."""
         self._extra_tokens: float | None = None
@@ -68,21 +66,20 @@ class PrefillBudget:
             return self._extra_s / self._extra_tokens
         return self._seed_per_token_s
 
-    def decode_s(self, decodes: int | None = None) -> float | None:
-        """Estimated seconds of a step of `decodes` decodes alone (default: as many as the
-        latest step's): the median of their latest, else of the nearest count's measured (the
-        smaller on a tie); None before any decode-only step."""
-        n = self._decodes if decodes is None else decodes
+    def decode_s(self, decodes: int) -> float | None:
+        """Estimated seconds of a step of `decodes` decodes alone: the median of their
+        latest, else of the nearest count's measured (the smaller on a tie); None before any
+        decode-only step."""
         if not self._decode_s:
             return None
-        if n not in self._decode_s:
-            n = min(self._decode_s, key=lambda c: (abs(c - n), c))
-        return statistics.median(self._decode_s[n])
+        if decodes not in self._decode_s:
+            decodes = min(self._decode_s, key=lambda c: (abs(c - decodes), c))
+        return statistics.median(self._decode_s[decodes])
 
-    def tokens(self, decodes: int | None = None) -> int | None:
-        """Most prefill tokens for the next step if it runs `decodes` decodes (default: as
-        many as the latest step's); None for no cap, 0 while nothing is measured (the
-        scheduler then takes one KV block), else at least 1."""
+    def tokens(self, decodes: int) -> int | None:
+        """Most prefill tokens for the next step if it runs `decodes` decodes; None for no
+        cap, 0 while nothing is measured (the scheduler then takes one KV block), else at
+        least 1."""
         if self.stall <= 0:
             return None
         per_token, decode_s = self.per_token_s, self.decode_s(decodes)
@@ -94,8 +91,6 @@ class PrefillBudget:
 
     def observe(self, step: StepStats, seconds: float) -> None:
         """Learn from one step: what it ran (`Engine.last_step`) and how long it took."""
-        if step.decode_seqs:
-            self._decodes = step.decode_seqs
         if step.prompt_tokens == 0:
             if step.decode_seqs:
                 window = self._decode_s.setdefault(step.decode_seqs,

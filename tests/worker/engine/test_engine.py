@@ -227,7 +227,7 @@ def test_a_prompt_arriving_while_others_decode_is_prefilled_within_the_cap_to_th
     engine = Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=4),
                                    settings=TorchSettings(kv_cache_gb=0.05))
     # the tiny model's prefill costs too little to time against noise: the floor, as asked
-    monkeypatch.setattr(engine.prefill_budget, "tokens", lambda decodes=None: 0)
+    monkeypatch.setattr(engine.prefill_budget, "tokens", lambda decodes: 0)
     block = engine.backend.capacity.block_size
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=40, temperature=0.0,
                                                  ignore_eos=True))
@@ -241,4 +241,4 @@ def test_a_prompt_arriving_while_others_decode_is_prefilled_within_the_cap_to_th
         got += [e.token_id for e in events if e.request_id == rid]
     assert chunks == [block] * (len(prompt) // block) + [len(prompt) % block]
     assert got == alone.token_ids
-    assert engine.prefill_budget.decode_s() is not None  # it learns from every step
+    assert engine.prefill_budget.decode_s(1) is not None  # it learns from every step

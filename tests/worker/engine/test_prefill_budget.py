@@ -26,26 +26,26 @@ def test_a_stall_of_zero_means_no_cap() -> None:
     budget = PrefillBudget(0.0)
     budget.observe(*decode(0.05))
     budget.observe(*mixed(64, 0.2))
-    assert budget.tokens() is None
+    assert budget.tokens(DECODES) is None
 
 
 def test_with_nothing_measured_the_cap_is_the_schedulers_floor() -> None:
     budget = PrefillBudget(1.0)
-    assert budget.tokens() == 0
+    assert budget.tokens(DECODES) == 0
     budget.observe(*decode(0.05))
-    assert budget.tokens() == 0  # no prefill cost known yet
+    assert budget.tokens(DECODES) == 0  # no prefill cost known yet
 
 
 def test_a_prefill_only_step_seeds_the_cost_per_token_until_a_mixed_step_is_measured() -> None:
     budget = PrefillBudget(1.0)
     budget.observe(*prefill_only(500, 1.0))  # 2 ms a token
     budget.observe(*decode(0.05))
-    assert budget.tokens() == 25
+    assert budget.tokens(DECODES) == 25
     budget.observe(*mixed(25, 0.15))  # the 25 tokens added 100 ms: 4 ms a token
     assert budget.per_token_s == pytest.approx(0.004)
     budget.observe(*prefill_only(500, 1.0))  # measured mixed steps are not overridden
     assert budget.per_token_s == pytest.approx(0.004)
-    assert budget.tokens() == 12
+    assert budget.tokens(DECODES) == 12
 
 
 @pytest.mark.parametrize("stall", [0.5, 1.0, 2.0])
@@ -60,7 +60,7 @@ def test_the_cap_settles_where_a_mixed_step_takes_one_plus_stall_decode_steps(
     budget.observe(*prefill_only(512, 0.040 + 0.002 * 512))
     for _ in range(60):
         budget.observe(*decode(step_s(0)))
-        cap = max(budget.tokens() or 0, 1)
+        cap = max(budget.tokens(DECODES) or 0, 1)
         budget.observe(*mixed(cap, step_s(cap)))
     assert step_s(cap) == pytest.approx((1 + stall) * step_s(0), rel=0.05)
 
@@ -75,7 +75,7 @@ def test_where_prefill_is_arithmetic_bound_the_cap_settles_below_one_kv_block() 
     budget.observe(*prefill_only(512, 0.4))
     for _ in range(60):
         budget.observe(*decode(step_s(0)))
-        cap = budget.tokens()
+        cap = budget.tokens(DECODES)
         assert cap is not None and cap >= 1
         budget.observe(*mixed(cap, step_s(cap)))
     assert cap == 7  # (0.5 x 28 - 3) / 1.5 = 7.3
@@ -86,9 +86,9 @@ def test_a_stall_that_no_prefill_token_meets_leaves_one_token_a_step() -> None:
     budget = PrefillBudget(0.5)  # 10 ms, where any mixed step takes 15 ms more
     budget.observe(*decode(0.02))
     for _ in range(30):
-        cap = budget.tokens() or 16  # the scheduler's block while nothing is measured
+        cap = budget.tokens(DECODES) or 16  # the scheduler's block while nothing is measured
         budget.observe(*mixed(cap, 0.02 + 0.015 + 0.001 * cap))
-    assert budget.tokens() == 1
+    assert budget.tokens(DECODES) == 1
 
 
 def test_decode_steps_are_timed_per_number_of_decodes() -> None:
@@ -99,7 +99,6 @@ def test_decode_steps_are_timed_per_number_of_decodes() -> None:
     assert budget.per_token_s == pytest.approx(0.001)
     assert budget.tokens(8) == 30
     assert budget.tokens(9) == 42
-    assert budget.tokens() == 30  # the latest step's decodes
     assert budget.decode_s(12) == pytest.approx(0.0425)  # the nearest count measured
     assert budget.decode_s(1) == pytest.approx(0.0305)
 
@@ -110,17 +109,17 @@ def test_decode_steps_slowed_by_another_process_leave_the_decode_step_time_as_it
         budget.observe(*decode(0.030))
     for _ in range(4):
         budget.observe(*decode(0.090))
-    assert budget.decode_s() == pytest.approx(0.030)
+    assert budget.decode_s(DECODES) == pytest.approx(0.030)
     for _ in range(5):  # the batch's steps really are slower now
         budget.observe(*decode(0.040))
-    assert budget.decode_s() == pytest.approx(0.040)
+    assert budget.decode_s(DECODES) == pytest.approx(0.040)
 
 
 def test_prefill_that_costs_nothing_measurable_is_not_capped() -> None:
     budget = PrefillBudget(1.0)
     budget.observe(*decode(0.01))
     budget.observe(*mixed(100, 0.009))
-    assert budget.tokens() is None
+    assert budget.tokens(DECODES) is None
 
 
 def test_a_step_slowed_by_another_process_lowers_the_cap_for_a_while_only() -> None:
@@ -128,9 +127,9 @@ def test_a_step_slowed_by_another_process_lowers_the_cap_for_a_while_only() -> N
     budget.observe(*decode(0.05))
     for _ in range(20):
         budget.observe(*mixed(50, 0.1))  # 1 ms a token: cap 50
-    assert budget.tokens() == 50
+    assert budget.tokens(DECODES) == 50
     budget.observe(*mixed(50, 10.0))  # another process took the cores for a moment
-    assert budget.tokens() == 1  # the safe side: shorter steps
+    assert budget.tokens(DECODES) == 1  # the safe side: shorter steps
     for _ in range(25):
         budget.observe(*mixed(50, 0.1))
-    assert 45 <= (budget.tokens() or 0) <= 50
+    assert 45 <= (budget.tokens(DECODES) or 0) <= 50
