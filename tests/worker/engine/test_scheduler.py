@@ -241,13 +241,41 @@ def test_without_running_decodes_prefill_takes_the_whole_budget_whatever_the_cap
 def test_the_cap_covers_running_prompts_and_admissions_together() -> None:
     s = Scheduler(capacity())
     s.add(request("a", 4, max_tokens=50))
+    s.add(request("d", 4, max_tokens=50))
     run_step(s)
     s.add(request("b", 14))
     out = s.schedule(prefill_cap=8)
-    s.update(out, [7])
-    assert chunk_shapes(out) == [("a", 1), ("b", 8)]
+    s.update(out, [7, 7])
+    assert chunk_shapes(out) == [("a", 1), ("d", 1), ("b", 8)]
     s.add(request("c", 20))
-    assert chunk_shapes(s.schedule(prefill_cap=10)) == [("a", 1), ("b", 6), ("c", 4)]
+    assert chunk_shapes(s.schedule(prefill_cap=10)) == [("a", 1), ("d", 1), ("b", 6), ("c", 4)]
+
+
+def decoding(max_batch: int, *rids: str) -> Scheduler:
+    """A scheduler whose requests `rids` have each had a token: they decode next."""
+    s = Scheduler(capacity(max_batch=max_batch))
+    for rid in rids:
+        s.add(request(rid, 4, max_tokens=50))
+    run_step(s)
+    return s
+
+
+def test_the_cap_lifts_while_more_requests_await_prefill_than_decode() -> None:
+    burst = decoding(4, "a")
+    for rid in ("b", "c"):
+        burst.add(request(rid, 20))
+    assert chunk_shapes(burst.schedule(prefill_cap=8)) == [("a", 1), ("b", 20), ("c", 20)]
+    even = decoding(4, "a", "b")
+    for rid in ("c", "d"):
+        even.add(request(rid, 20))
+    assert chunk_shapes(even.schedule(prefill_cap=8)) == [("a", 1), ("b", 1), ("c", 8)]
+
+
+def test_requests_the_batch_has_no_room_for_do_not_lift_the_cap() -> None:
+    s = decoding(3, "a", "b")
+    for rid in ("c", "d", "e"):
+        s.add(request(rid, 20))
+    assert chunk_shapes(s.schedule(prefill_cap=8)) == [("a", 1), ("b", 1), ("c", 8)]
 
 
 @pytest.mark.parametrize(("cap", "chunks"), [(0, [4] * 10 + [2]), (3, [3] * 14), (1, [1] * 42)])
