@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.capabilities import Capabilities
-from common.config import EngineConfig
+from common.config import LATENCY_PREFILL_STALL, EngineConfig
 from common.errors import InvalidRequestError
 from common.sampling_params import SamplingParams
 from worker.backends.torch_settings import TorchSettings
@@ -217,6 +217,15 @@ def test_token_events_carry_top_logprobs_only_for_requests_that_ask(tiny_engine:
             assert e.top_logprobs[0][0] == e.token_id  # greedy: the most likely one
             assert e.top_logprobs[0][1] == pytest.approx(e.logprob, abs=1e-6)
     assert sorted(e.request_id for e in events) == ["asks"] * 3 + ["plain"] * 3
+
+
+def test_the_prefill_cap_is_on_by_default_on_the_cpu_and_0_turns_it_off(
+        tiny_qwen3: Path, tiny_engine: Engine) -> None:
+    assert tiny_engine.prefill_budget.stall == LATENCY_PREFILL_STALL
+    assert tiny_engine.prefill_budget.tokens(4) is not None
+    off = Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=2, max_prefill_stall=0.0),
+                                settings=TorchSettings(kv_cache_gb=0.05))
+    assert off.prefill_budget.tokens(4) is None
 
 
 def test_a_prompt_arriving_while_others_decode_is_prefilled_within_the_cap_to_the_same_tokens(
