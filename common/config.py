@@ -55,14 +55,15 @@ class EngineConfig:
     most about this many decode steps' time to it (the engine estimates both from its own
     step times), so a prompt arriving stretches the running streams' inter-token gap to at
     most about (1 + this) times its usual; at least one token is prefilled per step (one KV
-    block until a step time is measured). The cap lifts while more requests await prefill
-    than decode (a burst), and without running decodes prefill takes the whole
-    --max-batched-tokens budget. 0 turns the cap off: prefill beside decodes is bounded by
-    the budget alone. Unset: the backend's (`BackendCapacity.prefill_stall`: 0.5 on the CPU,
-    off on accelerators, where it has not been measured). SmolLM2 on 2 cores: 0.5 kept p99
-    inter-token latency within 2x the p50 while 512-token prompts arrived (no cap: 12-29x),
-    at x0.94-0.96 throughput there and x0.87-0.91 with 32 requests arriving together at
-    batch 16. Backends that cannot chunk prefill or mix it with decodes never have a cap."""
+    block until a step time is measured). The cap is for prompts arriving after the running
+    streams began: requests that arrived before them prefill outside it, as do all while
+    more requests await prefill than decode (a burst); without running decodes prefill takes
+    the whole --max-batched-tokens budget. 0 turns the cap off: prefill beside decodes is
+    bounded by the budget alone. Unset: the backend's (`BackendCapacity.prefill_stall`: 0.5
+    on the CPU, off on accelerators, where it has not been measured). SmolLM2 on 2 cores:
+    0.5 kept p99 inter-token latency within 2x the p50 while 512-token prompts arrived (no
+    cap: 12-29x), at x0.94-1.00 throughput, and left a batch arriving together as fast as
+    uncapped. Backends that cannot chunk prefill or mix it with decodes never have a cap."""
     max_model_len: int | None = None
     """Cap on prompt + completion tokens; unset means the model's context length."""
     enable_prefix_caching: bool = True

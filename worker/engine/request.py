@@ -62,6 +62,10 @@ class Request:
     admission, or registered once full)."""
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    arrival_step: int = 0
+    """The scheduler's count of steps when the request was added."""
+    first_token_step: int | None = None
+    """The scheduler's count of steps when the request's first token was sampled."""
     generator: Any = None
     """The request's own random generator (a torch.Generator), made by the engine."""
 

@@ -7,11 +7,13 @@ leave between steps) and chunked prefill (a long prompt never stalls running str
 more than one budget). While requests are decoding, the prefill chunks of a step (running
 prompts and admissions together) may also be capped by the caller (`schedule(prefill_cap)`,
 which the engine derives from its step times: `PrefillBudget`), down to one token a step; a
-cap of 0 (no step time measured yet) means one KV block a step. The cap lifts in a burst,
-while more requests await prefill than decode. The decodes' own tokens are set aside first, so a
-chunk never crowds them out. When the KV cache cannot grow, the most recently admitted
-request is preempted: its blocks are freed and it goes back to the front of the queue, to
-be recomputed from its prompt and the tokens it already produced.
+cap of 0 (no step time measured yet) means one KV block a step. The cap is for later
+arrivals: requests that arrived before the decoding ones had their first tokens prefill
+outside it, and it lifts in a burst, while more requests await prefill than decode. The
+decodes' own tokens are set aside first, so a chunk never crowds them out. When the KV cache
+cannot grow, the most recently admitted request is preempted: its blocks are freed and it
+goes back to the front of the queue, to be recomputed from its prompt and the tokens it
+already produced.
 
 With prefix caching (`BackendCapacity.prefix_caching`), admission first looks up the longest
 run of cached full blocks that starts the request's tokens (see `BlockManager`): those tokens
@@ -24,7 +26,7 @@ No torch, Redis or gRPC here.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from worker.backends.base import BackendCapacity
@@ -101,6 +103,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._by_id: dict[str, Request] = {}
+        self._steps = 0
+        """Steps scheduled so far: the clock of requests' arrivals and first tokens."""
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._by_id
@@ -110,20 +114,23 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self._by_id[request.request_id] = request
+        request.arrival_step = self._steps
         self.waiting.append(request)
 
     def schedule(self, prefill_cap: int | None = None) -> SchedulerOutput:
         """The next step's chunks. `prefill_cap`: most prefill tokens in a step that also
         decodes (0: one KV block); None leaves prefill the whole budget."""
+        self._steps += 1
         out = SchedulerOutput()
         budget = self.capacity.max_tokens_per_step
         prefill = self._prefill_room(prefill_cap)
+        elder = self._elder_than_streams()
         admit_first = not self.capacity.mixed_batches and self._can_admit_head(budget)
         i = 0
         while i < len(self.running) and budget > 0 and not admit_first:
             req = self.running[i]
             decode = self._is_decode(req)
-            n = self._chunk_size(req, budget if decode else min(budget, prefill))
+            n = self._chunk_size(req, budget if decode or elder(req) else min(budget, prefill))
             if n == 0:
                 i += 1
                 continue
@@ -137,13 +144,13 @@ class Scheduler:
                 out.chunks.append(ScheduledChunk(req, n))
                 budget -= n
                 if not decode:
-                    prefill -= n
+                    prefill = max(prefill - n, 0)
                 i += 1
         if out.preempted or (out.chunks and not self.capacity.mixed_batches):
             return out
         while self.waiting and budget > 0 and len(self.running) < self.capacity.max_batch:
             req = self.waiting[0]
-            admission = self._admission(req, min(budget, prefill))
+            admission = self._admission(req, budget if elder(req) else min(budget, prefill))
             if admission is None:
                 break
             cached, n = admission
@@ -157,7 +164,7 @@ class Scheduler:
             self.running.append(req)
             out.chunks.append(ScheduledChunk(req, n))
             budget -= n
-            prefill -= n
+            prefill = max(prefill - n, 0)
         return out
 
     def update(self, out: SchedulerOutput, sampled: Iterable[int]) -> list[Request]:
@@ -176,6 +183,8 @@ class Scheduler:
             if not sample:
                 continue
             token = next(tokens)
+            if req.first_token_step is None:
+                req.first_token_step = self._steps
             req.token_ids.append(token)
             advanced.append(req)
             status = self._stop_status(req, token)
@@ -206,13 +215,10 @@ class Scheduler:
         cap would starve their prompts).
 
         The cap holds while the requests with prefill to do (running, or waiting with room in
-        the batch) are at most as many as the decoding ones, and lifts in a burst of more: a
-        prompt arriving beside running streams is capped so their gaps stay short, but a
-        capped prefill of a batch arriving together keeps half of it from decoding. SmolLM2
-        on 2 Zen 4 cores, 32 requests arriving together at batch 16, stall 0.5: x0.62-0.71
-        the uncapped throughput capped always, x0.87-0.91 with the lift (x0.88-0.94 lifting
-        at half as many; the cap's own rate, about 16 tokens a step, is below what requests
-        finishing every few steps bring)."""
+        the batch) are at most as many as the decoding ones, and lifts in a burst of more (a
+        burst of 14 arriving beside 2 streams, SmolLM2 on 2 Zen 4 cores, stall 0.5: x0.91-0.92
+        the uncapped throughput with the lift, x0.79-0.94 without). Requests that arrived
+        before the streams began are outside the cap anyway (`_elder_than_streams`)."""
         budget = self.capacity.max_tokens_per_step
         if not (self.capacity.chunked_prefill and self.capacity.mixed_batches):
             return budget
@@ -224,6 +230,18 @@ class Scheduler:
             if one_call >= self.capacity.block_size:
                 room = min(room, one_call)
         return max(room, 0)
+
+    def _elder_than_streams(self) -> Callable[[Request], bool]:
+        """Whether a request arrived before every decoding request had its first token. Those
+        prefill outside the cap, which bounds what later arrivals add to running streams'
+        gaps: a batch arriving together, capped behind its own first streams, kept half of
+        itself prefilling a dozen tokens a step (SmolLM2 on 2 Zen 4 cores, 16 or 32 requests
+        at batch 16, stall 0.5: x0.62-0.82 the uncapped throughput; with this the same steps
+        as uncapped)."""
+        started = [r.first_token_step for r in self.running
+                   if r.first_token_step is not None and self._is_decode(r)]
+        since = min(started, default=None)
+        return lambda req: since is None or req.arrival_step < since
 
     def num_decoding(self) -> int:
         """Running requests whose next chunk is a decode."""

@@ -271,6 +271,19 @@ def test_the_cap_lifts_while_more_requests_await_prefill_than_decode() -> None:
     assert chunk_shapes(even.schedule(prefill_cap=8)) == [("a", 1), ("b", 1), ("c", 8)]
 
 
+def test_requests_that_arrived_before_the_streams_began_prefill_outside_the_cap() -> None:
+    """A batch arriving together is not held back by its own first streams; whoever arrives
+    after a stream's first token is capped, after the earlier arrivals' prefill."""
+    s = Scheduler(capacity(max_batch=4, max_tokens_per_step=16))
+    for rid, n in (("a", 4), ("b", 4), ("c", 30)):
+        s.add(request(rid, n, max_tokens=50))
+    assert chunk_shapes(run_step(s, prefill_cap=2)) == [("a", 4), ("b", 4), ("c", 8)]
+    assert chunk_shapes(run_step(s, prefill_cap=2)) == [("a", 1), ("b", 1), ("c", 14)]
+    s.add(request("d", 20))
+    assert chunk_shapes(run_step(s, prefill_cap=2)) == [("a", 1), ("b", 1), ("c", 8)]
+    assert chunk_shapes(run_step(s, prefill_cap=2)) == [("a", 1), ("b", 1), ("c", 1), ("d", 2)]
+
+
 def test_requests_the_batch_has_no_room_for_do_not_lift_the_cap() -> None:
     s = decoding(3, "a", "b")
     for rid in ("c", "d", "e"):
