@@ -5,7 +5,10 @@ One engine, the same seeded load run twice, first with the cap off, then on (a f
 estimate, learned during the run as a worker would), after a short warm-up load each way:
 
 - `streams` requests of `stream_prompt_tokens` random tokens start together and decode
-  `stream_output_tokens` greedy tokens each (EOS ignored);
+  greedy tokens (EOS ignored): at least `stream_output_tokens` each, and on until every
+  arrival has its first token (then they are stopped), so that every arrival meets running
+  streams however fast the machine decodes (within what the KV cache holds beside the
+  arrivals);
 - once every stream has its first token, `arrivals` prompts of `arrival_prompt_tokens` arrive
   one by one, the gaps drawn uniformly from 0.5-1.5 times `arrival_interval_s` (seeded, the
   same in both runs), each asking `arrival_output_tokens`.
@@ -106,13 +109,28 @@ def arrival_offsets(config: MixedLoadConfig) -> list[float]:
     return out
 
 
+def stream_token_limit(engine: Engine, streams: Workload, arrivals: Workload) -> int:
+    """Most tokens a stream may decode while it waits for the arrivals: what the KV cache
+    holds beside the arrivals' own tokens, shared by the streams, within the model's length."""
+    capacity = engine.backend.capacity
+    free = capacity.num_blocks * capacity.block_size - sum(
+        len(r.prompt_ids) + r.max_new_tokens + capacity.block_size for r in arrivals.requests)
+    longest = max(len(r.prompt_ids) for r in streams.requests)
+    share = free // max(len(streams.requests), 1) - longest - capacity.block_size
+    return max(min(share, engine.max_len - longest), 1)
+
+
 def run_load(engine: Engine, streams: Workload, arrivals: Workload,
              offsets: list[float]) -> LoadRun:
-    """Start the streams, feed the arrivals on schedule, step until everything finished."""
+    """Start the streams, feed the arrivals on schedule, step until the arrivals finished and
+    the streams have their tokens (those still running then are stopped)."""
     run = LoadRun()
+    limit = stream_token_limit(engine, streams, arrivals)
     start = time.perf_counter()
-    stream_ids = {engine.add_request(r.prompt_ids, _greedy(r.max_new_tokens))
-                  for r in streams.requests}
+    wanted = {engine.add_request(r.prompt_ids, _greedy(max(limit, r.max_new_tokens))):
+              r.max_new_tokens for r in streams.requests}
+    stream_ids = set(wanted)
+    produced = dict.fromkeys(stream_ids, 0)
     pending = deque(zip(offsets, arrivals.requests, strict=True))
     last: dict[str, float] = {}  # stream -> when its latest token came
     arrived: dict[str, float] = {}  # arrival waiting for its first token -> when it came
@@ -145,10 +163,14 @@ def run_load(engine: Engine, streams: Workload, arrivals: Workload,
                 if rid in last:
                     run.itl_s.append(now - last[rid])
                 last[rid] = now
+                produced[rid] += 1
             elif rid in arrived:
                 run.arrival_ttft_s.append(now - arrived.pop(rid))
         if clock is None and (len(last) == len(stream_ids) or not engine.has_unfinished()):
             clock = now
+        if not (pending or arrived) and all(produced[r] >= n for r, n in wanted.items()):
+            for rid in stream_ids:
+                engine.abort(rid)  # False for those already finished
     run.wall_s = time.perf_counter() - start
     return run
 

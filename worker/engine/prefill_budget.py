@@ -18,14 +18,23 @@ whatever the machine, the model or the batch. The estimate is the step's measure
 over its prefill tokens, fixed costs included (a mixed step may leave a faster decode-only
 path), so the cap settles where the measured step, not a model of it, meets the target.
 
+A decode step's time is only as good as its latest measurement: streams' contexts grow, and
+while prompts keep arriving every step may carry prefill. One SmolLM2 run on a Zen 4 whose
+streams decoded on for two thousand tokens kept a decode step of 31 ms measured early, while
+its steps' attention over the longer contexts had doubled them: every mixed step's extra
+time was charged to its one or two prompt tokens (39 ms a token), the cap sat at one token,
+and arrivals waited a minute for their first. So when this many decodes (or the nearest
+count) have not run alone for REFRESH_STEPS steps, the cap is DECODE_ONLY: the next step
+runs the decodes alone and is measured.
+
 Until a step has both decoded and prefilled, a prefill-only step (its whole time over its
-tokens) seeds the per-token cost; with nothing measured yet the cap is 0, which the scheduler
-takes as one KV block a step (a batch that starts together prefills while its first requests
-decode: a smaller first guess would starve the measurement of a decode-only step). Once
-measured, the cap may be any number of tokens down to one: on a CPU where a block of prefill
-is as much arithmetic as the decodes (SmolLM2 at 8 streams on 2 Zen 4 cores: 16 tokens
-doubled a 28 ms step) only a fraction of a block meets the stall. Where even one token adds
-more than the stall, the cap stays at one token a step. No torch here.
+tokens) seeds the per-token cost; with no prefill cost measured yet the cap is 0, which the
+scheduler takes as one KV block a step (a smaller first guess would make the first mixed
+steps' fixed costs look like a high cost per token). Once measured, the cap may be any
+number of tokens down to one: on a CPU where a block of prefill is as much arithmetic as the
+decodes (SmolLM2 at 8 streams on 2 Zen 4 cores: 16 tokens doubled a 28 ms step) only a
+fraction of a block meets the stall. Where even one token adds more than the stall, the cap
+stays at one token a step. No torch here.
 """
 
 from __future__ import annotations
@@ -33,12 +42,16 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-from worker.engine.scheduler import StepStats
+from worker.engine.scheduler import DECODE_ONLY, StepStats
 
 DECODE_WINDOW = 9
 """Decode-only steps (of one number of decodes) whose median is the decode step's time: a
 change of batch or machine shows within five steps, and up to four slowed ones show not at
 all."""
+
+REFRESH_STEPS = 32
+"""Steps after which a decode step's measurement is stale: a decode-only step every this many
+costs prompts beside decodes about 3% of their steps."""
 
 SMOOTHING = 0.25
 """Weight of the newest step in the per-token running averages: a change of load or batch
@@ -52,6 +65,10 @@ class PrefillBudget:
         """Prefill time a step may add while decoding, in decode steps; 0: no cap."""
         self._decode_s: dict[int, deque[float]] = {}
         """Number of decodes -> the latest decode-only steps' seconds."""
+        self._decode_at: dict[int, int] = {}
+        """Number of decodes -> the step count of its latest decode-only step."""
+        self._steps = 0
+        """Steps observed."""
         self._extra_s: float | None = None
         """Running average of the seconds prefill added to a mixed step."""
         self._extra_tokens: float | None = None
@@ -70,18 +87,27 @@ class PrefillBudget:
         """Estimated seconds of a step of `decodes` decodes alone: the median of their
         latest, else of the nearest count's measured (the smaller on a tie); None before any
         decode-only step."""
+        nearest = self._nearest(decodes)
+        return None if nearest is None else statistics.median(self._decode_s[nearest])
+
+    def _nearest(self, decodes: int) -> int | None:
+        """The measured number of decodes nearest this one (the smaller on a tie)."""
         if not self._decode_s:
             return None
-        if decodes not in self._decode_s:
-            decodes = min(self._decode_s, key=lambda c: (abs(c - decodes), c))
-        return statistics.median(self._decode_s[decodes])
+        if decodes in self._decode_s:
+            return decodes
+        return min(self._decode_s, key=lambda c: (abs(c - decodes), c))
 
     def tokens(self, decodes: int) -> int | None:
         """Most prefill tokens for the next step if it runs `decodes` decodes; None for no
-        cap, 0 while nothing is measured (the scheduler then takes one KV block), else at
-        least 1."""
+        cap, DECODE_ONLY while their decode step is unmeasured or stale (the step then runs
+        them alone), 0 while no prefill cost is measured (the scheduler then takes one KV
+        block), else at least 1."""
         if self.stall <= 0:
             return None
+        nearest = self._nearest(decodes)
+        if nearest is None or self._steps - self._decode_at[nearest] >= REFRESH_STEPS:
+            return DECODE_ONLY
         per_token, decode_s = self.per_token_s, self.decode_s(decodes)
         if decode_s is None or per_token is None:
             return 0
@@ -91,11 +117,13 @@ class PrefillBudget:
 
     def observe(self, step: StepStats, seconds: float) -> None:
         """Learn from one step: what it ran (`Engine.last_step`) and how long it took."""
+        self._steps += 1
         if step.prompt_tokens == 0:
             if step.decode_seqs:
                 window = self._decode_s.setdefault(step.decode_seqs,
                                                    deque(maxlen=DECODE_WINDOW))
                 window.append(seconds)
+                self._decode_at[step.decode_seqs] = self._steps
             return
         if step.decode_seqs == 0:
             if self._extra_s is None:

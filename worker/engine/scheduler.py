@@ -33,6 +33,10 @@ from worker.backends.base import BackendCapacity
 from worker.engine.block_manager import BlockManager
 from worker.engine.request import Request, RequestStatus
 
+DECODE_ONLY = -1
+"""A prefill cap for a step that runs its decodes alone (so that their time is measured
+again), within the same lifts as any cap."""
+
 
 @dataclass(slots=True)
 class ScheduledChunk:
@@ -119,7 +123,7 @@ class Scheduler:
 
     def schedule(self, prefill_cap: int | None = None) -> SchedulerOutput:
         """The next step's chunks. `prefill_cap`: most prefill tokens in a step that also
-        decodes (0: one KV block); None leaves prefill the whole budget."""
+        decodes (0: one KV block, DECODE_ONLY: none); None leaves prefill the whole budget."""
         self._steps += 1
         out = SchedulerOutput()
         budget = self.capacity.max_tokens_per_step
@@ -225,6 +229,8 @@ class Scheduler:
         decodes = self.num_decoding()
         room = budget - decodes
         if decodes and prefill_cap is not None and self._num_awaiting(decodes) <= decodes:
+            if prefill_cap == DECODE_ONLY:
+                return 0
             room = min(room, prefill_cap if prefill_cap > 0 else self.capacity.block_size)
             one_call = self.capacity.one_call_tokens - decodes
             if one_call >= self.capacity.block_size:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker.engine.prefill_budget import PrefillBudget
-from worker.engine.scheduler import StepStats
+from worker.engine.prefill_budget import REFRESH_STEPS, PrefillBudget
+from worker.engine.scheduler import DECODE_ONLY, StepStats
 
 DECODES = 8
 
@@ -29,11 +29,25 @@ def test_a_stall_of_zero_means_no_cap() -> None:
     assert budget.tokens(DECODES) is None
 
 
-def test_with_nothing_measured_the_cap_is_the_schedulers_floor() -> None:
+def test_unmeasured_decodes_run_alone_once_and_then_the_cap_is_the_schedulers_floor() -> None:
     budget = PrefillBudget(1.0)
-    assert budget.tokens(DECODES) == 0
+    assert budget.tokens(DECODES) == DECODE_ONLY
     budget.observe(*decode(0.05))
     assert budget.tokens(DECODES) == 0  # no prefill cost known yet
+
+
+def test_a_decode_step_measured_refresh_steps_ago_is_measured_again() -> None:
+    """Streams' steps grow with their contexts; while every step carries prefill, the decode
+    step's time would stay what it was and each mixed step's growth be charged to prefill."""
+    budget = PrefillBudget(1.0)
+    budget.observe(*decode(0.05))
+    for _ in range(REFRESH_STEPS - 1):
+        budget.observe(*mixed(50, 0.1))
+        assert budget.tokens(DECODES) == 50
+    budget.observe(*mixed(50, 0.1))
+    assert budget.tokens(DECODES) == DECODE_ONLY
+    budget.observe(*decode(0.08))  # the decodes' own step has grown
+    assert budget.tokens(DECODES) == 65  # 1 ms a token, the median of 50 and 80 ms
 
 
 def test_a_prefill_only_step_seeds_the_cost_per_token_until_a_mixed_step_is_measured() -> None:
@@ -130,6 +144,7 @@ def test_a_step_slowed_by_another_process_lowers_the_cap_for_a_while_only() -> N
     assert budget.tokens(DECODES) == 50
     budget.observe(*mixed(50, 10.0))  # another process took the cores for a moment
     assert budget.tokens(DECODES) == 1  # the safe side: shorter steps
+    budget.observe(*decode(0.05))  # the decode-only step a stale measurement asks for
     for _ in range(25):
         budget.observe(*mixed(50, 0.1))
     assert 45 <= (budget.tokens(DECODES) or 0) <= 50
