@@ -177,9 +177,8 @@ class WorkerMetrics:
         self.kv_usage.set(blocks_used / blocks_total if blocks_total else 0.0)
 
     def set_prefill_cap(self, tokens: int | None) -> None:
-        """The engine's current prefill cap (PrefillBudget.tokens); None: no cap, and a
-        step of decodes alone to re-measure them (DECODE_ONLY, negative) leaves it as it was."""
-        if tokens is not None and tokens >= 0:
+        """The engine's current prefill cap (PrefillBudget.tokens); None: no cap."""
+        if tokens is not None:
             self.prefill_cap.labels().set(tokens)
 
     def set_device(self, stats: DeviceStats) -> None:

@@ -256,7 +256,8 @@ class WorkerService:
         sched, blocks = self.engine.scheduler, self.engine.scheduler.blocks
         self.metrics.set_load(len(sched.running), len(sched.waiting),
                               blocks.num_blocks - blocks.num_free_blocks, blocks.num_blocks)
-        self.metrics.set_prefill_cap(self.engine.prefill_budget.tokens(sched.num_decoding()))
+        self.metrics.set_prefill_cap(self.engine.prefill_budget.tokens(sched.num_decoding(),
+                                                                       refresh=False))
         if stepped or claimed or batch:
             return True
         if not self.draining:

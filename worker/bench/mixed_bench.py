@@ -266,7 +266,7 @@ def run(config: MixedLoadConfig) -> Results:
         "seed": config.seed,
         **report.environment(settings, load_start),
         "block_size": engine.backend.capacity.block_size,
-        "prefill_cap_tokens_end": budget.tokens(config.streams),
+        "prefill_cap_tokens_end": budget.tokens(config.streams, refresh=False),
         "decode_step_ms_estimate_end": (budget.decode_s(config.streams) or 0.0) * 1e3,
         "prefill_ms_per_token_estimate_end": (budget.per_token_s or 0.0) * 1e3,
     }

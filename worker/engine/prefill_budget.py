@@ -98,15 +98,17 @@ class PrefillBudget:
             return decodes
         return min(self._decode_s, key=lambda c: (abs(c - decodes), c))
 
-    def tokens(self, decodes: int) -> int | None:
+    def tokens(self, decodes: int, refresh: bool = True) -> int | None:
         """Most prefill tokens for the next step if it runs `decodes` decodes; None for no
         cap, DECODE_ONLY while their decode step is unmeasured or stale (the step then runs
         them alone), 0 while no prefill cost is measured (the scheduler then takes one KV
-        block), else at least 1."""
+        block), else at least 1. `refresh=False`: the cap from the measurements as they are
+        (for a report), never DECODE_ONLY."""
         if self.stall <= 0:
             return None
         nearest = self._nearest(decodes)
-        if nearest is None or self._steps - self._decode_at[nearest] >= REFRESH_STEPS:
+        if refresh and (nearest is None
+                        or self._steps - self._decode_at[nearest] >= REFRESH_STEPS):
             return DECODE_ONLY
         per_token, decode_s = self.per_token_s, self.decode_s(decodes)
         if decode_s is None or per_token is None:

@@ -46,6 +46,7 @@ def test_a_decode_step_measured_refresh_steps_ago_is_measured_again() -> None:
         assert budget.tokens(DECODES) == 50
     budget.observe(*mixed(50, 0.1))
     assert budget.tokens(DECODES) == DECODE_ONLY
+    assert budget.tokens(DECODES, refresh=False) == 50  # the cap as measured, for reports
     budget.observe(*decode(0.08))  # the decodes' own step has grown
     assert budget.tokens(DECODES) == 65  # 1 ms a token, the median of 50 and 80 ms
 
