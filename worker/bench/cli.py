@@ -105,7 +105,8 @@ def register(subparsers: Any) -> None:
     mixed.add_argument("--streams", type=int, default=8,
                        help="requests decoding throughout (default 8)")
     mixed.add_argument("--stream-tokens", type=int, default=256,
-                       help="output tokens of each stream, after 128 prompt tokens (default 256)")
+                       help="fewest output tokens of each stream, after 128 prompt tokens; it "
+                       "decodes on until every arrival has its first token (default 256)")
     mixed.add_argument("--arrivals", type=int, default=6,
                        help="prompts arriving while the streams decode (default 6)")
     mixed.add_argument("--arrival-tokens", type=int, default=512,

@@ -303,7 +303,7 @@ def format_table(r: Results) -> str:
     capped = f"cap (stall {r['max_prefill_stall']:g})"
     lines = [
         f"{r['model']}: {r['streams']} streams of {r['stream_prompt_tokens']} + "
-        f"{r['stream_output_tokens']} tokens; {r['arrivals']} prompts of "
+        f"{r['stream_output_tokens']}+ tokens; {r['arrivals']} prompts of "
         f"{r['arrival_prompt_tokens']} tokens (+{r['arrival_output_tokens']} out) arriving "
         f"every ~{r['arrival_interval_s']:g} s; budget {r['max_batched_tokens']} tokens a "
         f"step, {r['threads']} torch threads, {report.placement(r)}",
