@@ -168,9 +168,11 @@ def run_load(engine: Engine, streams: Workload, arrivals: Workload,
                 run.arrival_ttft_s.append(now - arrived.pop(rid))
         if clock is None and (len(last) == len(stream_ids) or not engine.has_unfinished()):
             clock = now
-        if not (pending or arrived) and all(produced[r] >= n for r, n in wanted.items()):
-            for rid in stream_ids:
+        if wanted and not (pending or arrived) and all(
+                produced[r] >= n for r, n in wanted.items()):
+            for rid in wanted:
                 engine.abort(rid)  # False for those already finished
+            wanted = {}  # stopped once
     run.wall_s = time.perf_counter() - start
     return run
 

@@ -33,6 +33,12 @@ from worker.backends.base import BackendCapacity
 from worker.engine.block_manager import BlockManager
 from worker.engine.request import Request, RequestStatus
 
+
+def _never(req: Request) -> bool:
+    """No request prefills outside the cap (there is none)."""
+    return False
+
+
 DECODE_ONLY = -1
 """A prefill cap for a step that runs its decodes alone (so that their time is measured
 again), within the same lifts as any cap."""
@@ -128,7 +134,8 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.capacity.max_tokens_per_step
         prefill = self._prefill_room(prefill_cap)
-        elder = self._elder_than_streams()
+        # without a cap every prompt takes the whole room: no need to look at arrivals
+        elder = self._elder_than_streams() if prefill_cap is not None else _never
         admit_first = not self.capacity.mixed_batches and self._can_admit_head(budget)
         i = 0
         while i < len(self.running) and budget > 0 and not admit_first:
