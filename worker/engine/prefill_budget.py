@@ -23,9 +23,18 @@ while prompts keep arriving every step may carry prefill. One SmolLM2 run on a Z
 streams decoded on for two thousand tokens kept a decode step of 31 ms measured early, while
 its steps' attention over the longer contexts had doubled them: every mixed step's extra
 time was charged to its one or two prompt tokens (39 ms a token), the cap sat at one token,
-and arrivals waited a minute for their first. So when this many decodes (or the nearest
-count) have not run alone for REFRESH_STEPS steps, the cap is DECODE_ONLY: the next step
-runs the decodes alone and is measured.
+and arrivals waited a minute for their first. So:
+
+- when this many decodes (or the nearest count) have not run alone for REFRESH_STEPS steps,
+  the cap is DECODE_ONLY: the next step runs the decodes alone and is measured;
+- the median is of the samples taken within MAX_AGE_STEPS of the count's latest: while
+  every step but the refreshes carries prefill, nine samples span 288 steps, and on a Zen 5
+  (SmolLM2, 8 streams at contexts of 500-700 tokens) their median stayed at 29 ms while the
+  refreshes took 34-44, which made one prompt token beside the decodes look 10 ms dear (2 ms
+  when measured on its own) and held the cap at one token;
+- a mixed step teaches the per-token cost only when its own number of decodes ran alone
+  within REFRESH_STEPS: a ninth decode row charged to a prompt token of a step that the
+  nearest count's time stands for would be another 3-4 ms.
 
 Until a step has both decoded and prefilled, a prefill-only step (its whole time over its
 tokens) seeds the per-token cost; with no prefill cost measured yet the cap is 0, which the
@@ -53,6 +62,11 @@ REFRESH_STEPS = 32
 """Steps after which a decode step's measurement is stale: a decode-only step every this many
 costs prompts beside decodes about 3% of their steps."""
 
+MAX_AGE_STEPS = 3 * REFRESH_STEPS
+"""Samples of a number of decodes taken this many steps before its latest are left out of the
+median: its window is then the latest three or four refreshes where prefill runs beside
+every other step, and the latest nine steps where the decodes run alone."""
+
 SMOOTHING = 0.25
 """Weight of the newest step in the per-token running averages: a change of load or batch
 shows within a few steps. A step slowed by another process lowers the cap for a few steps (the
@@ -63,10 +77,8 @@ class PrefillBudget:
     def __init__(self, stall: float) -> None:
         self.stall = stall
         """Prefill time a step may add while decoding, in decode steps; 0: no cap."""
-        self._decode_s: dict[int, deque[float]] = {}
-        """Number of decodes -> the latest decode-only steps' seconds."""
-        self._decode_at: dict[int, int] = {}
-        """Number of decodes -> the step count of its latest decode-only step."""
+        self._decode_s: dict[int, deque[tuple[int, float]]] = {}
+        """Number of decodes -> the latest decode-only steps': (step count, seconds)."""
         self._steps = 0
         """Steps observed."""
         self._extra_s: float | None = None
@@ -85,10 +97,18 @@ class PrefillBudget:
 
     def decode_s(self, decodes: int) -> float | None:
         """Estimated seconds of a step of `decodes` decodes alone: the median of their
-        latest, else of the nearest count's measured (the smaller on a tie); None before any
-        decode-only step."""
+        latest, else of the nearest count's measured (the smaller on a tie), within
+        MAX_AGE_STEPS of the latest; None before any decode-only step."""
         nearest = self._nearest(decodes)
-        return None if nearest is None else statistics.median(self._decode_s[nearest])
+        if nearest is None:
+            return None
+        samples = self._decode_s[nearest]
+        latest = samples[-1][0]
+        return statistics.median(s for at, s in samples if latest - at < MAX_AGE_STEPS)
+
+    def _age(self, decodes: int) -> int:
+        """Steps since this many decodes last ran alone."""
+        return self._steps - self._decode_s[decodes][-1][0]
 
     def _nearest(self, decodes: int) -> int | None:
         """The measured number of decodes nearest this one (the smaller on a tie)."""
@@ -107,8 +127,7 @@ class PrefillBudget:
         if self.stall <= 0:
             return None
         nearest = self._nearest(decodes)
-        if refresh and (nearest is None
-                        or self._steps - self._decode_at[nearest] >= REFRESH_STEPS):
+        if refresh and (nearest is None or self._age(nearest) >= REFRESH_STEPS):
             return DECODE_ONLY
         per_token, decode_s = self.per_token_s, self.decode_s(decodes)
         if decode_s is None or per_token is None:
@@ -124,16 +143,17 @@ class PrefillBudget:
             if step.decode_seqs:
                 window = self._decode_s.setdefault(step.decode_seqs,
                                                    deque(maxlen=DECODE_WINDOW))
-                window.append(seconds)
-                self._decode_at[step.decode_seqs] = self._steps
+                window.append((self._steps, seconds))
             return
         if step.decode_seqs == 0:
             if self._extra_s is None:
                 self._seed_per_token_s = seconds / step.prompt_tokens
             return
+        if (step.decode_seqs not in self._decode_s
+                or self._age(step.decode_seqs) > REFRESH_STEPS):
+            return  # its decodes' own time is not known well enough to tell prefill's
         decode_s = self.decode_s(step.decode_seqs)
-        if decode_s is None:
-            return
+        assert decode_s is not None
         # the ratio of averages weighs each step by its tokens: a 3-token tail chunk, whose
         # extra time is mostly noise and fixed cost, moves the estimate little
         extra = max(seconds - decode_s, 0.0)

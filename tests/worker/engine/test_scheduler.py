@@ -7,7 +7,7 @@ import pytest
 from common.sampling_params import SamplingParams
 from worker.backends.base import BackendCapacity
 from worker.engine.request import FinishReason, Request, RequestStatus
-from worker.engine.scheduler import Scheduler, SchedulerOutput
+from worker.engine.scheduler import FIRST_TOKEN_STEPS, Scheduler, SchedulerOutput
 
 EOS = 2
 
@@ -291,13 +291,13 @@ def test_requests_the_batch_has_no_room_for_do_not_lift_the_cap() -> None:
     assert chunk_shapes(s.schedule(prefill_cap=8)) == [("a", 1), ("b", 1), ("c", 8)]
 
 
-@pytest.mark.parametrize(("cap", "chunks"), [(0, [4] * 10 + [2]), (3, [3] * 14), (1, [1] * 42)])
+@pytest.mark.parametrize(("cap", "chunks"), [(0, [4] * 7 + [2]), (3, [3] * 10), (1, [1] * 30)])
 def test_a_cap_prefills_that_many_tokens_a_step_and_0_one_kv_block_until_the_prompt_ends(
         cap: int, chunks: list[int]) -> None:
     s = Scheduler(capacity())  # blocks of 4 tokens
     s.add(request("a", 4, max_tokens=100))
     run_step(s)
-    long = request("long", 42, max_tokens=2)
+    long = request("long", 30, max_tokens=2)  # within FIRST_TOKEN_STEPS at any cap
     s.add(long)
     prefilled = []
     while long.num_output_tokens == 0:
@@ -305,6 +305,30 @@ def test_a_cap_prefills_that_many_tokens_a_step_and_0_one_kv_block_until_the_pro
         assert ("a", 1) in chunk_shapes(out)
         prefilled += [c.num_tokens for c in out.chunks if c.request is long]
     assert prefilled == chunks
+
+
+def test_a_capped_prompt_has_its_first_token_within_first_token_steps_of_its_arrival(
+) -> None:
+    """The cap rises to each awaiting prompt's remainder over the steps it has left, so that
+    prompts arriving faster than the cap prefills them do not queue without end."""
+    s = Scheduler(capacity(max_batch=8, max_tokens_per_step=512, num_blocks=256))
+    for rid in ("a", "z"):  # as many decoding as will await prefill: the cap holds
+        s.add(request(rid, 4, max_tokens=200))
+    run_step(s)
+    alone = request("alone", 2 * FIRST_TOKEN_STEPS, max_tokens=2)
+    s.add(alone)
+    chunks = []
+    while alone.num_output_tokens == 0:
+        out = run_step(s, prefill_cap=1)
+        chunks += [c.num_tokens for c in out.chunks if c.request is alone]
+    assert chunks == [2] * FIRST_TOKEN_STEPS  # not the cap's one token a step
+    together = [request(rid, 2 * FIRST_TOKEN_STEPS, max_tokens=2) for rid in ("b", "c")]
+    for req in together:
+        s.add(req)
+    for _ in range(FIRST_TOKEN_STEPS):
+        out = run_step(s, prefill_cap=1)
+        assert out.num_tokens <= 2 + 5  # the decodes, and both prompts' share of the bound
+    assert all(r.num_output_tokens for r in together)
 
 
 def test_a_capped_step_stays_within_the_backends_one_call_step() -> None:
