@@ -35,8 +35,8 @@ def setting(default: Any, *, flag: str | None = None, env: str | None = None,
 
 
 LATENCY_PREFILL_STALL = 0.5
-"""A max_prefill_stall for a latency target: it kept p99 inter-token latency within 2x the
-p50 while 512-token prompts arrived (SmolLM2 on 2 cores; bench engine --mixed-load)."""
+"""The CPU's default max_prefill_stall: it kept p99 inter-token latency within 2x the p50
+while 512-token prompts arrived (SmolLM2 on 2 cores; bench engine --mixed-load)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,22 +50,23 @@ class EngineConfig:
                                           env="MAX_BATCHED_TOKENS")
     """Token budget of one step (decodes + prefill chunks): bounds how long a step can stall
     running streams when a long prompt arrives."""
-    max_prefill_stall: float = 0.0
+    max_prefill_stall: float | None = None
     """While requests are decoding, the prefill chunks of a step are cut so that they add at
     most about this many decode steps' time to it (the engine estimates both from its own
     step times), so a prompt arriving stretches the running streams' inter-token gap to
     at most about (1 + this) times its usual; at least one token is prefilled per step
     (one KV block until a step time is measured). The cap is for prompts arriving after
     the running streams began: requests that arrived before them prefill outside it, as
-    do all while more requests await prefill than decode (a burst); without running
-    decodes prefill takes the whole --max-batched-tokens budget. 0 (the default) turns
-    the cap off: prefill beside decodes is bounded by the budget alone. SmolLM2 on 2
-    cores: 0.5 kept p99 inter-token latency within 2x the p50 while 512-token prompts
-    arrived (no cap: 12-29x) and left a batch arriving together as fast as uncapped, but
-    where streams decoded on for thousands of tokens its prefill, a few tokens a step,
-    fell behind a 512-token prompt every 3 s (arrivals waited 14 s for a first token,
-    against 1.2 s uncapped), so it is not on by default. Backends that cannot chunk
-    prefill or mix it with decodes never have a cap."""
+    do all while more requests await prefill than decode (a burst), and it rises as far
+    as every capped prompt needs to have its first token within 64 steps of arriving.
+    Without running decodes prefill takes the whole --max-batched-tokens budget. 0 turns
+    the cap off: prefill beside decodes is bounded by the budget alone, for the shortest
+    time to first token. Unset: the backend's (`BackendCapacity.prefill_stall`: 0.5 on
+    the CPU, off on accelerators, where it has not been measured). SmolLM2 on 2 Zen 5
+    cores, 8 streams, a 512-token prompt every ~3 s: 0.5 kept the streams' p99 gap within
+    1.64-1.87x their p50 (no cap: 16x) at x0.90-0.99 throughput, and arrivals had their
+    first token in 2.4 s on average (no cap: 0.55 s). Backends that cannot chunk prefill
+    or mix it with decodes never have a cap."""
     max_model_len: int | None = None
     """Cap on prompt + completion tokens; unset means the model's context length."""
     enable_prefix_caching: bool = True
@@ -77,7 +78,7 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(name, "must be >= 1")
-        if not self.max_prefill_stall >= 0:  # NaN fails too
+        if self.max_prefill_stall is not None and not self.max_prefill_stall >= 0:  # NaN too
             raise InvalidRequestError("max_prefill_stall", "must be >= 0 (0: no cap)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidRequestError("max_model_len", "must be >= 2")

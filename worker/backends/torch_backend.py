@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from common.capabilities import Capabilities
-from common.config import EngineConfig
+from common.config import LATENCY_PREFILL_STALL, EngineConfig
 from worker.backends.base import (
     Backend,
     BackendCapacity,
@@ -57,6 +57,7 @@ class TorchBackend(Backend):
             # every op set reads the paged cache through block tables, and a prefill chunk
             # after cached context is what chunked prefill already runs
             prefix_caching=engine.enable_prefix_caching,
+            prefill_stall=LATENCY_PREFILL_STALL if self.device.type == "cpu" else 0.0,
         )
         log.info("torch backend on %s (%s, %s ops): weights %.1f MiB (%.1f MiB read per step), "
                  "KV cache %.1f MiB (%s) in %d blocks of %d, prefix caching %s", self.device,

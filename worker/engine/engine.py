@@ -53,7 +53,9 @@ class Engine:
         They are no longer in the engine; the caller decides whether to retry them."""
         self.last_step = StepStats()
         """What the last step ran."""
-        self.prefill_budget = PrefillBudget((config or EngineConfig()).max_prefill_stall)
+        stall = (config or EngineConfig()).max_prefill_stall
+        self.prefill_budget = PrefillBudget(backend.capacity.prefill_stall if stall is None
+                                            else stall)
         """The prefill cap of steps that decode, learned from the steps' times."""
 
     @classmethod

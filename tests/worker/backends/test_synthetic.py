@@ -34,6 +34,13 @@ def test_it_is_registered_with_its_settings_and_never_the_default() -> None:
     assert next(iter(BACKENDS)) == "torch"
 
 
+def test_its_engine_has_no_prefill_cap_unless_one_is_set(tiny_qwen3: Path) -> None:
+    assert _engine(tiny_qwen3).prefill_budget.tokens(4) is None
+    capped = create_backend("synthetic", tiny_qwen3, EngineConfig(max_prefill_stall=0.5),
+                            SyntheticSettings())
+    assert Engine(capped, EngineConfig(max_prefill_stall=0.5)).prefill_budget.stall == 0.5
+
+
 def test_a_sequence_gets_the_same_tokens_alone_and_in_a_batch(tiny_qwen3: Path) -> None:
     prompt = [100, 200, 300, 400, 500]
     alone = _engine(tiny_qwen3).generate([prompt], _greedy(24))[0].token_ids

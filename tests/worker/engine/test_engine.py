@@ -219,13 +219,13 @@ def test_token_events_carry_top_logprobs_only_for_requests_that_ask(tiny_engine:
     assert sorted(e.request_id for e in events) == ["asks"] * 3 + ["plain"] * 3
 
 
-def test_the_prefill_cap_is_off_unless_a_stall_is_set(
+def test_the_prefill_cap_is_on_by_default_on_the_cpu_and_0_turns_it_off(
         tiny_qwen3: Path, tiny_engine: Engine) -> None:
-    assert tiny_engine.prefill_budget.tokens(4) is None
-    capped = Engine.from_model_dir(tiny_qwen3, EngineConfig(
-        max_num_seqs=2, max_prefill_stall=LATENCY_PREFILL_STALL),
-        settings=TorchSettings(kv_cache_gb=0.05))
-    assert capped.prefill_budget.tokens(4) is not None
+    assert tiny_engine.prefill_budget.stall == LATENCY_PREFILL_STALL
+    assert tiny_engine.prefill_budget.tokens(4) is not None
+    off = Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=2, max_prefill_stall=0.0),
+                                settings=TorchSettings(kv_cache_gb=0.05))
+    assert off.prefill_budget.tokens(4) is None
 
 
 def test_a_prompt_arriving_while_others_decode_is_prefilled_within_the_cap_to_the_same_tokens(
