@@ -61,7 +61,9 @@ def register(subparsers: Any) -> None:
         "(under 4 min for a 135M model)",
     )
     engine.add_argument("--json", metavar="OUT", help="write the results as JSON here")
-    engine.add_argument("--plot", metavar="OUT.png", help="write a PNG bar chart here")
+    engine.add_argument("--plot", metavar="OUT.png",
+                        help="write a PNG here: a bar chart, or with --mixed-load the streams' "
+                        "inter-token gaps over time, without and with the cap")
     engine.add_argument("--max-batch", type=int,
                         help="concurrent requests (default 16; quick 16); --decode-only: the "
                         "largest decode batch (default 32)")
@@ -252,10 +254,10 @@ def _shared_prefix(args: argparse.Namespace) -> int:
 
 
 def _mixed_load(args: argparse.Namespace) -> int:
-    from worker.bench import mixed_bench, report
+    from worker.bench import mixed_bench, mixed_plot, report
 
     others = [flag for flag, on in (("--shared-prefix", args.shared_prefix),
-                                    ("--plot", args.plot), ("--quantized", args.quantized))
+                                    ("--quantized", args.quantized))
               if on]
     if others:
         print(f"{', '.join(others)} go with other workloads, not --mixed-load",
@@ -280,5 +282,8 @@ def _mixed_load(args: argparse.Namespace) -> int:
     if args.json:
         report.write_json(results, args.json)
         log.info("wrote %s", args.json)
+    if args.plot:
+        mixed_plot.plot(results, args.plot)
+        log.info("wrote %s", args.plot)
     print(mixed_bench.format_table(results))
     return 0

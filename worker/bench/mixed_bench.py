@@ -81,8 +81,12 @@ class LoadRun:
     output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)
     """Every gap between two consecutive tokens of one stream."""
+    itl_at_s: list[float] = field(default_factory=list)
+    """When each gap ended, in seconds since the run began (for the plot)."""
     arrival_ttft_s: list[float] = field(default_factory=list)
     """Each arrival's time from its add_request to its first token."""
+    arrival_spans_s: list[tuple[float, float]] = field(default_factory=list)
+    """Each arrival's (add_request, first token), in seconds since the run began."""
     steps: int = 0
     mixed_steps: int = 0
     """Steps that decoded and prefilled."""
@@ -162,10 +166,13 @@ def run_load(engine: Engine, streams: Workload, arrivals: Workload,
             if rid in stream_ids:
                 if rid in last:
                     run.itl_s.append(now - last[rid])
+                    run.itl_at_s.append(now - start)
                 last[rid] = now
                 produced[rid] += 1
             elif rid in arrived:
-                run.arrival_ttft_s.append(now - arrived.pop(rid))
+                came = arrived.pop(rid)
+                run.arrival_ttft_s.append(now - came)
+                run.arrival_spans_s.append((came - start, now - start))
         if clock is None and (len(last) == len(stream_ids) or not engine.has_unfinished()):
             clock = now
         if wanted and not (pending or arrived) and all(
@@ -206,6 +213,11 @@ def summarize(run: LoadRun, suffix: str) -> Results:
         "mean_mixed_prefill_tokens": statistics.fmean(run.mixed_prefill_tokens or [0]),
         "decode_step_ms_mean": _mean_ms(run.decode_step_s),
         "mixed_step_ms_mean": _mean_ms(run.mixed_step_s),
+        "series": {  # for the plot: every gap, and when each arrival came and was answered
+            "itl_at_s": [round(t, 4) for t in run.itl_at_s],
+            "itl_ms": [round(t * 1e3, 2) for t in run.itl_s],
+            "arrivals_s": [[round(a, 4), round(b, 4)] for a, b in run.arrival_spans_s],
+        },
     }
     return {key + suffix: value for key, value in values.items()}
 

@@ -9,9 +9,11 @@ import pytest
 
 from worker.backends.torch_settings import TorchSettings
 from worker.bench.mixed_bench import MixedLoadConfig, arrival_offsets, format_table, run
+from worker.bench.mixed_plot import plot
 
 
-def test_a_small_run_measures_both_runs_over_the_same_load(tiny_qwen3: Path) -> None:
+def test_a_small_run_measures_both_runs_over_the_same_load(tiny_qwen3: Path,
+                                                          tmp_path: Path) -> None:
     config = MixedLoadConfig(str(tiny_qwen3), streams=2, stream_prompt_tokens=8,
                              stream_output_tokens=12, arrivals=2, arrival_prompt_tokens=48,
                              arrival_output_tokens=3, arrival_interval_s=0.0,
@@ -28,8 +30,16 @@ def test_a_small_run_measures_both_runs_over_the_same_load(tiny_qwen3: Path) -> 
         assert 1 <= r["mixed_steps" + suffix] <= r["steps" + suffix]
         assert r["decode_step_ms_mean" + suffix] > 0 and r["mixed_step_ms_mean" + suffix] > 0
         assert r["max_mixed_prefill_tokens" + suffix] <= 32 - 2
+        series = r["series" + suffix]  # the plot's: every gap, each arrival's span
+        assert len(series["itl_ms"]) == len(series["itl_at_s"]) == r["itl_count" + suffix]
+        assert max(series["itl_ms"]) == pytest.approx(r["itl_max_ms" + suffix], abs=0.01)
+        assert len(series["arrivals_s"]) == 2
+        assert all(0 <= came <= answered <= r["wall_s" + suffix]
+                   for came, answered in series["arrivals_s"])
     table = format_table(r)
     assert "p99 / p50" in table and "cap (stall 0.5)" in table
+    plot(r, tmp_path / "mixed.png")
+    assert (tmp_path / "mixed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_streams_decode_on_until_the_last_arrival_has_its_first_token(tiny_qwen3: Path) -> None:
