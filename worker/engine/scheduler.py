@@ -10,11 +10,11 @@ which the engine derives from its step times: `PrefillBudget`), down to one toke
 cap of 0 (no step time measured yet) means one KV block a step. The cap is for later
 arrivals: requests that arrived before the decoding ones had their first tokens prefill
 outside it, it lifts in a burst, while more requests await prefill than decode, and it rises
-as far as every capped prompt needs to have its first token within FIRST_TOKEN_STEPS of its
-arrival. The decodes' own tokens are set aside first, so a chunk never crowds them out.
-When the KV cache cannot grow, the most recently admitted request is preempted: its blocks
-are freed and it goes back to the front of the queue, to be recomputed from its prompt and
-the tokens it already produced.
+as far as every capped prompt needs to have its first token within its bound (about one
+step for every FIRST_TOKEN_RATE tokens). The decodes' own tokens are set aside first, so a
+chunk never crowds them out. When the KV cache cannot grow, the most recently admitted
+request is preempted: its blocks are freed and it goes back to the front of the queue, to be
+recomputed from its prompt and the tokens it already produced.
 
 With prefix caching (`BackendCapacity.prefix_caching`), admission first looks up the longest
 run of cached full blocks that starts the request's tokens (see `BlockManager`): those tokens
@@ -45,14 +45,27 @@ DECODE_ONLY = -1
 """A prefill cap for a step that runs its decodes alone (so that their time is measured
 again), within the same lifts as any cap."""
 
+FIRST_TOKEN_RATE = 8
+"""Prompt tokens a step at the least that a capped request's first-token bound allows for:
+it has its first token within ceil(tokens / this) steps of its arrival, FIRST_TOKEN_STEPS at
+most. The cap rises to each awaiting request's remaining tokens over the steps it has left,
+so that prompts arriving faster than the cap prefills them do not queue without end.
+
+SmolLM2 on 2 Zen 5 cores, stall 0.5:
+- 8 streams, a 512-token prompt every ~3 s (two runs each): within 64 steps the arrivals'
+  first token took 2.4 s on average (no cap: 0.55 s) and the streams' p99 gap was
+  1.64-1.87x their p50; within 32, 1.6 s and 2.00x (16 tokens a step, above the cap's 9-11,
+  in every mixed step);
+- the whole stack, 16 requests in flight (128 prompt tokens, 64 out, one run each): with
+  64 steps for any prompt, the first token's p50 was 1.7 s against 0.21 s uncapped (the
+  cap's dozen tokens a step fell behind the prompts' arrivals, and the bound set the pace);
+  with 16 steps for 128 tokens (this rate), 0.68 s, at x0.94 the uncapped throughput and a
+  p99 gap of 105 ms against 236; at 16 tokens a step, 0.47 s and x0.99, but the streams'
+  p99 gap beside 512-token prompts was 1.82-2.15x their p50 in three runs (at 12: 1.91,
+  2.10), where 8 kept it within 1.64-1.87x."""
+
 FIRST_TOKEN_STEPS = 64
-"""Steps within which a capped request has its first token, counted from its arrival: the
-cap rises to each awaiting request's remaining prompt over the steps it has left, so that
-prompts arriving faster than the cap prefills them do not queue without end. SmolLM2 on 2
-Zen 5 cores, 8 streams, a 512-token prompt every ~3 s, stall 0.5 (two runs each): at 64 the
-arrivals' first token took 2.4 s on average (no cap: 0.55 s) and the streams' p99 gap was
-1.64-1.87x their p50; at 32, 1.6 s and 2.00x (the bound, 16 tokens a step, above the cap's
-9-11, set every mixed step)."""
+"""The most steps a capped request's first-token bound gives it (`FIRST_TOKEN_RATE`)."""
 
 
 @dataclass(slots=True)
@@ -258,14 +271,15 @@ class Scheduler:
 
     def _first_token_tokens(self) -> int:
         """Prefill tokens this step needs for every awaiting request (`_num_awaiting`) to
-        have its first token within FIRST_TOKEN_STEPS of its arrival: the sum of each one's
-        remaining prompt over the steps it has left (at least this one)."""
+        have its first token within its bound (`FIRST_TOKEN_RATE`): the sum of each one's
+        remaining tokens over the steps it has left (at least this one)."""
         room = max(self.capacity.max_batch - len(self.running), 0)
         awaiting = [r for r in self.running if not self._is_decode(r)]
         awaiting += islice(self.waiting, room)
         need = 0
         for req in awaiting:
-            left = max(req.arrival_step + FIRST_TOKEN_STEPS + 1 - self._steps, 1)
+            within = min(-(-req.num_tokens // FIRST_TOKEN_RATE), FIRST_TOKEN_STEPS)
+            left = max(req.arrival_step + within + 1 - self._steps, 1)
             need += -(-(req.num_tokens - req.num_computed_tokens) // left)
         return need
 

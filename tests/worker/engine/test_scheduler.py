@@ -7,7 +7,12 @@ import pytest
 from common.sampling_params import SamplingParams
 from worker.backends.base import BackendCapacity
 from worker.engine.request import FinishReason, Request, RequestStatus
-from worker.engine.scheduler import FIRST_TOKEN_STEPS, Scheduler, SchedulerOutput
+from worker.engine.scheduler import (
+    FIRST_TOKEN_RATE,
+    FIRST_TOKEN_STEPS,
+    Scheduler,
+    SchedulerOutput,
+)
 
 EOS = 2
 
@@ -28,6 +33,13 @@ def run_step(s: Scheduler, token: int = 7, prefill_cap: int | None = None) -> Sc
     out = s.schedule(prefill_cap)
     s.update(out, [token] * sum(c.sample for c in out.chunks))
     return out
+
+
+@pytest.fixture
+def cap_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap without the first-token bound, which would set the pace of these tests' short
+    prompts (a step for every FIRST_TOKEN_RATE tokens)."""
+    monkeypatch.setattr(Scheduler, "_first_token_tokens", lambda self: 0)
 
 
 def test_new_requests_join_the_running_batch_between_decode_steps() -> None:
@@ -238,6 +250,7 @@ def test_without_running_decodes_prefill_takes_the_whole_budget_whatever_the_cap
     assert chunk_shapes(s.schedule(prefill_cap=8)) == [("long", 64)]
 
 
+@pytest.mark.usefixtures("cap_alone")
 def test_the_cap_covers_running_prompts_and_admissions_together() -> None:
     s = Scheduler(capacity())
     s.add(request("a", 4, max_tokens=50))
@@ -260,6 +273,7 @@ def decoding(max_batch: int, *rids: str) -> Scheduler:
     return s
 
 
+@pytest.mark.usefixtures("cap_alone")
 def test_the_cap_lifts_while_more_requests_await_prefill_than_decode() -> None:
     burst = decoding(4, "a")
     for rid in ("b", "c"):
@@ -271,6 +285,7 @@ def test_the_cap_lifts_while_more_requests_await_prefill_than_decode() -> None:
     assert chunk_shapes(even.schedule(prefill_cap=8)) == [("a", 1), ("b", 1), ("c", 8)]
 
 
+@pytest.mark.usefixtures("cap_alone")
 def test_requests_that_arrived_before_the_streams_began_prefill_outside_the_cap() -> None:
     """A batch arriving together is not held back by its own first streams; whoever arrives
     after a stream's first token is capped, after the earlier arrivals' prefill."""
@@ -291,13 +306,14 @@ def test_requests_the_batch_has_no_room_for_do_not_lift_the_cap() -> None:
     assert chunk_shapes(s.schedule(prefill_cap=8)) == [("a", 1), ("b", 1), ("c", 8)]
 
 
-@pytest.mark.parametrize(("cap", "chunks"), [(0, [4] * 7 + [2]), (3, [3] * 10), (1, [1] * 30)])
+@pytest.mark.parametrize(("cap", "chunks"), [(0, [4] * 10 + [2]), (3, [3] * 14), (1, [1] * 42)])
+@pytest.mark.usefixtures("cap_alone")
 def test_a_cap_prefills_that_many_tokens_a_step_and_0_one_kv_block_until_the_prompt_ends(
         cap: int, chunks: list[int]) -> None:
     s = Scheduler(capacity())  # blocks of 4 tokens
     s.add(request("a", 4, max_tokens=100))
     run_step(s)
-    long = request("long", 30, max_tokens=2)  # within FIRST_TOKEN_STEPS at any cap
+    long = request("long", 42, max_tokens=2)
     s.add(long)
     prefilled = []
     while long.num_output_tokens == 0:
@@ -307,28 +323,45 @@ def test_a_cap_prefills_that_many_tokens_a_step_and_0_one_kv_block_until_the_pro
     assert prefilled == chunks
 
 
-def test_a_capped_prompt_has_its_first_token_within_first_token_steps_of_its_arrival(
+def test_a_capped_prompt_has_its_first_token_within_a_step_for_every_first_token_rate_tokens(
 ) -> None:
-    """The cap rises to each awaiting prompt's remainder over the steps it has left, so that
-    prompts arriving faster than the cap prefills them do not queue without end."""
+    """The cap rises to each awaiting prompt's remainder over the steps its bound leaves, so
+    that prompts arriving faster than the cap prefills them do not queue without end."""
     s = Scheduler(capacity(max_batch=8, max_tokens_per_step=512, num_blocks=256))
     for rid in ("a", "z"):  # as many decoding as will await prefill: the cap holds
         s.add(request(rid, 4, max_tokens=200))
     run_step(s)
-    alone = request("alone", 2 * FIRST_TOKEN_STEPS, max_tokens=2)
+    alone = request("alone", 4 * FIRST_TOKEN_RATE, max_tokens=2)
     s.add(alone)
     chunks = []
     while alone.num_output_tokens == 0:
         out = run_step(s, prefill_cap=1)
         chunks += [c.num_tokens for c in out.chunks if c.request is alone]
-    assert chunks == [2] * FIRST_TOKEN_STEPS  # not the cap's one token a step
-    together = [request(rid, 2 * FIRST_TOKEN_STEPS, max_tokens=2) for rid in ("b", "c")]
+    assert chunks == [FIRST_TOKEN_RATE] * 4  # not the cap's one token a step
+    together = [request(rid, 4 * FIRST_TOKEN_RATE, max_tokens=2) for rid in ("b", "c")]
     for req in together:
         s.add(req)
-    for _ in range(FIRST_TOKEN_STEPS):
+    for _ in range(4):
         out = run_step(s, prefill_cap=1)
-        assert out.num_tokens <= 2 + 5  # the decodes, and both prompts' share of the bound
+        assert out.num_tokens <= 2 + 2 * FIRST_TOKEN_RATE + 1  # the decodes, both shares
     assert all(r.num_output_tokens for r in together)
+
+
+def test_a_long_prompts_first_token_bound_is_first_token_steps() -> None:
+    s = Scheduler(capacity(max_batch=8, max_seq_len=4096, max_tokens_per_step=512,
+                           num_blocks=1024))
+    for rid in ("a", "z"):
+        s.add(request(rid, 4, max_tokens=200))
+    run_step(s)
+    tokens = 2 * FIRST_TOKEN_RATE * FIRST_TOKEN_STEPS  # twice what the rate would allow for
+    long = Request("long", list(range(10, 10 + tokens)), SamplingParams(max_tokens=2),
+                   frozenset({EOS}), 4096)
+    s.add(long)
+    steps = 0
+    while long.num_output_tokens == 0:
+        run_step(s, prefill_cap=1)
+        steps += 1
+    assert steps == FIRST_TOKEN_STEPS
 
 
 def test_a_capped_step_stays_within_the_backends_one_call_step() -> None:
@@ -357,6 +390,7 @@ def test_backends_that_cannot_chunk_prompts_ignore_the_cap() -> None:
     assert chunk_shapes(s.schedule(prefill_cap=0)) == [("a", 1), ("b", 30)]
 
 
+@pytest.mark.usefixtures("cap_alone")
 def test_preemption_and_resumption_work_under_the_cap() -> None:
     # 6 blocks of 4 tokens: "a" grows to 4 blocks, "b" (12 prompt tokens, prefilled a block
     # a step beside a's decodes) needs 4 too, so b, the newest, is preempted and recomputed.
