@@ -259,23 +259,23 @@ class Scheduler:
             return budget
         decodes = self.num_decoding()
         room = budget - decodes
-        if decodes and prefill_cap is not None and self._num_awaiting(decodes) <= decodes:
-            if prefill_cap == DECODE_ONLY:
-                return 0
-            cap = prefill_cap if prefill_cap > 0 else self.capacity.block_size
-            one_call = self.capacity.one_call_tokens - decodes
-            if one_call >= self.capacity.block_size:
-                cap = min(cap, one_call)
-            room = min(room, max(cap, self._first_token_tokens()))
-        return max(room, 0)
+        if not decodes or prefill_cap is None:
+            return max(room, 0)
+        awaiting = self._awaiting()
+        if len(awaiting) > decodes:  # a burst
+            return max(room, 0)
+        if prefill_cap == DECODE_ONLY:
+            return 0
+        cap = prefill_cap if prefill_cap > 0 else self.capacity.block_size
+        one_call = self.capacity.one_call_tokens - decodes
+        if one_call >= self.capacity.block_size:
+            cap = min(cap, one_call)
+        return max(min(room, max(cap, self._first_token_tokens(awaiting))), 0)
 
-    def _first_token_tokens(self) -> int:
-        """Prefill tokens this step needs for every awaiting request (`_num_awaiting`) to
-        have its first token within its bound (`FIRST_TOKEN_RATE`): the sum of each one's
-        remaining tokens over the steps it has left (at least this one)."""
-        room = max(self.capacity.max_batch - len(self.running), 0)
-        awaiting = [r for r in self.running if not self._is_decode(r)]
-        awaiting += islice(self.waiting, room)
+    def _first_token_tokens(self, awaiting: list[Request]) -> int:
+        """Prefill tokens this step needs for every awaiting request to have its first token
+        within its bound (`FIRST_TOKEN_RATE`): the sum of each one's remaining tokens over
+        the steps it has left (at least this one)."""
         need = 0
         for req in awaiting:
             within = min(-(-req.num_tokens // FIRST_TOKEN_RATE), FIRST_TOKEN_STEPS)
@@ -299,11 +299,12 @@ class Scheduler:
         """Running requests whose next chunk is a decode."""
         return sum(1 for r in self.running if self._is_decode(r))
 
-    def _num_awaiting(self, decodes: int) -> int:
+    def _awaiting(self) -> list[Request]:
         """Requests with prefill to do that this step could feed: the running ones not
         decoding and the waiting ones the batch has room for."""
         room = max(self.capacity.max_batch - len(self.running), 0)
-        return len(self.running) - decodes + min(len(self.waiting), room)
+        return [r for r in self.running if not self._is_decode(r)] + list(
+            islice(self.waiting, room))
 
     @staticmethod
     def _is_decode(req: Request) -> bool:

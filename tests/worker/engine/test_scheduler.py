@@ -39,7 +39,7 @@ def run_step(s: Scheduler, token: int = 7, prefill_cap: int | None = None) -> Sc
 def cap_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     """The cap without the first-token bound, which would set the pace of these tests' short
     prompts (a step for every FIRST_TOKEN_RATE tokens)."""
-    monkeypatch.setattr(Scheduler, "_first_token_tokens", lambda self: 0)
+    monkeypatch.setattr(Scheduler, "_first_token_tokens", lambda self, awaiting: 0)
 
 
 def test_new_requests_join_the_running_batch_between_decode_steps() -> None:
