@@ -59,17 +59,18 @@ class EngineConfig:
     the running streams began: requests that arrived before them prefill outside it, as
     do all while more requests await prefill than decode (a burst), and it rises as far
     as every capped prompt needs to have its first token within a step for every 8 of
-    its tokens after arriving, 64 steps at most.
+    its tokens after arriving, 64 steps at most, and is never below twice the prompt
+    tokens arriving per step.
     Without running decodes prefill takes the whole --max-batched-tokens budget. 0 turns
     the cap off: prefill beside decodes is bounded by the budget alone, for the shortest
     time to first token. Unset: the backend's (`BackendCapacity.prefill_stall`: 0.5 on
     the CPU, off on accelerators, where it has not been measured). SmolLM2 on 2 Zen 5
     cores, 8 streams, a 512-token prompt every ~3 s: 0.5 kept the streams' p99 gap within
     1.64-1.87x their p50 (no cap: 16x) at x0.90-0.99 throughput, and arrivals had their
-    first token in 2.2-2.4 s on average (no cap: 0.5 s); through the whole stack with 16
-    requests of 128 tokens in flight, the first token's p50 was 0.68 s (no cap: 0.21 s) at
-    x0.94 throughput, and the p99 inter-token gap 105 ms (no cap: 236). Backends that
-    cannot chunk prefill or mix it with decodes never have a cap."""
+    first token in 1.8-2.4 s on average (no cap: 0.5 s); with 16 requests in flight,
+    replaced as they finish, the first token's p50 was 0.32 s (no cap: 0.16 s) at x0.99
+    throughput, and the p99 inter-token gap 116 ms (no cap: 285). Backends that cannot
+    chunk prefill or mix it with decodes never have a cap."""
     max_model_len: int | None = None
     """Cap on prompt + completion tokens; unset means the model's context length."""
     enable_prefix_caching: bool = True

@@ -62,6 +62,12 @@ REFRESH_STEPS = 32
 """Steps after which a decode step's measurement is stale: a decode-only step every this many
 costs prompts beside decodes about 3% of their steps."""
 
+NEAR = 0.125
+"""A number of decodes within this share of another (one at least) stands for it while its own
+time is stale: where requests come and go every few steps (64 in flight, SmolLM2 on 2 Zen 5
+cores) the count changed most steps between 56 and 64, and a decode-only step for each count
+gone stale kept one step in eight from prefilling while prompts waited."""
+
 MAX_AGE_STEPS = 3 * REFRESH_STEPS
 """Samples of a number of decodes taken this many steps before its latest are left out of the
 median: its window is then the latest three or four refreshes where prefill runs beside
@@ -111,12 +117,13 @@ class PrefillBudget:
         return self._steps - self._decode_s[decodes][-1][0]
 
     def _nearest(self, decodes: int) -> int | None:
-        """The measured number of decodes nearest this one (the smaller on a tie)."""
+        """The measured number of decodes nearest this one (the smaller on a tie), one run
+        alone within REFRESH_STEPS first if any is within NEAR of it."""
         if not self._decode_s:
             return None
-        if decodes in self._decode_s:
-            return decodes
-        return min(self._decode_s, key=lambda c: (abs(c - decodes), c))
+        near = max(int(decodes * NEAR), 1)
+        return min(self._decode_s, key=lambda c: (
+            abs(c - decodes) > near or self._age(c) >= REFRESH_STEPS, abs(c - decodes), c))
 
     def tokens(self, decodes: int, refresh: bool = True) -> int | None:
         """Most prefill tokens for the next step if it runs `decodes` decodes; None for no

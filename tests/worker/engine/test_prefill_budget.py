@@ -186,3 +186,19 @@ def test_a_mixed_step_of_decodes_not_timed_alone_lately_teaches_nothing() -> Non
     budget.observe(StepStats(9, 0, 9), 0.035)
     budget.observe(StepStats(10, 10, 9), 0.055)  # now charged: 2 ms a token
     assert budget.per_token_s > 0.001
+
+
+def test_a_count_near_it_that_ran_alone_lately_stands_for_a_stale_one() -> None:
+    """Where requests come and go every few steps the count of decodes changes most steps:
+    a decode-only step for each count gone stale would keep prompts waiting."""
+    budget = PrefillBudget(1.0)
+    budget.observe(StepStats(60, 0, 60), 0.100)
+    for _ in range(REFRESH_STEPS):
+        budget.observe(StepStats(61, 50, 60), 0.150)
+    assert budget.tokens(60) == DECODE_ONLY  # nothing near it ran alone lately
+    budget.observe(StepStats(62, 0, 62), 0.104)
+    assert budget.decode_s(60) == pytest.approx(0.104)  # the fresh neighbour's time
+    assert all(budget.tokens(n) != DECODE_ONLY for n in (56, 60, 64))  # within an eighth
+    for _ in range(REFRESH_STEPS):
+        budget.observe(StepStats(63, 50, 62), 0.154)
+    assert budget.tokens(60) == DECODE_ONLY
