@@ -106,9 +106,12 @@ class PrefillBudget:
         latest, else of the nearest count's measured (the smaller on a tie), within
         MAX_AGE_STEPS of the latest; None before any decode-only step."""
         nearest = self._nearest(decodes)
-        if nearest is None:
-            return None
-        samples = self._decode_s[nearest]
+        return None if nearest is None else self._median(nearest)
+
+    def _median(self, decodes: int) -> float:
+        """The median time of this many decodes alone, over the samples within MAX_AGE_STEPS
+        of its latest."""
+        samples = self._decode_s[decodes]
         latest = samples[-1][0]
         return statistics.median(s for at, s in samples if latest - at < MAX_AGE_STEPS)
 
@@ -136,9 +139,10 @@ class PrefillBudget:
         nearest = self._nearest(decodes)
         if refresh and (nearest is None or self._age(nearest) >= REFRESH_STEPS):
             return DECODE_ONLY
-        per_token, decode_s = self.per_token_s, self.decode_s(decodes)
-        if decode_s is None or per_token is None:
+        per_token = self.per_token_s
+        if nearest is None or per_token is None:
             return 0
+        decode_s = self._median(nearest)
         if per_token <= 0:  # prefill added nothing measurable (a synthetic backend)
             return None
         return max(int(self.stall * decode_s / per_token), 1)
@@ -159,8 +163,7 @@ class PrefillBudget:
         if (step.decode_seqs not in self._decode_s
                 or self._age(step.decode_seqs) > REFRESH_STEPS):
             return  # its decodes' own time is not known well enough to tell prefill's
-        decode_s = self.decode_s(step.decode_seqs)
-        assert decode_s is not None
+        decode_s = self._median(step.decode_seqs)
         # the ratio of averages weighs each step by its tokens: a 3-token tail chunk, whose
         # extra time is mostly noise and fixed cost, moves the estimate little
         extra = max(seconds - decode_s, 0.0)

@@ -58,8 +58,8 @@ SmolLM2 on 2 Zen 5 cores, stall 0.5:
   1.64-1.87x their p50; within 32, 1.6 s and 2.00x (16 tokens a step, above the cap's 9-11,
   in every mixed step);
 - the whole stack, 16 requests in flight (128 prompt tokens, 64 out, one run each; before
-  KEEP_UP): with
-  64 steps for any prompt, the first token's p50 was 1.7 s against 0.21 s uncapped (the
+  KEEP_UP): with 64 steps for any prompt, the first token's p50 was 1.7 s against 0.21 s
+  uncapped (the
   cap's dozen tokens a step fell behind the prompts' arrivals, and the bound set the pace);
   with 16 steps for 128 tokens (this rate), 0.68 s, at x0.94 the uncapped throughput and a
   p99 gap of 105 ms against 236; at 16 tokens a step, 0.47 s and x0.99, but the streams'
@@ -76,8 +76,8 @@ below the arrival rate spreads nothing: it queues prompts until their first-toke
 the pace. SmolLM2 on 2 Zen 5 cores, the engine in a closed loop (prompts of 64-192 tokens,
 32-96 out; the first tokens of requests that replaced finished ones):
 - 64 in flight: at 1.25x the arrivals the first token took 1.8 s (9 steps: the prompts
-  come in bunches, as requests finish together); at 2x, 0.61 s
-  (3 steps) against 0.29 s uncapped, with a p99 gap of 406 against 453 ms, x1.04 throughput;
+  come in bunches, as requests finish together); at 2x, 0.61 s (3 steps) against 0.29 s
+  uncapped, with a p99 gap of 406 against 453 ms, x1.04 throughput;
 - 16 in flight, at 2x: 0.32 s (4 steps) against 0.16 s uncapped, a p99 gap of 116 against
   285 ms, x0.99 throughput;
 - the mixed load (a 512-token prompt every ~100 steps, which this floor puts at about the
@@ -162,6 +162,8 @@ class Scheduler:
         """Steps scheduled so far: the clock of requests' arrivals and first tokens."""
         self._arrivals: deque[tuple[int, int]] = deque()
         """(step, tokens) of the requests added in the last ARRIVAL_WINDOW_STEPS steps."""
+        self._arrival_tokens_sum = 0
+        """The tokens in `_arrivals`."""
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._by_id
@@ -172,7 +174,9 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self._by_id[request.request_id] = request
         request.arrival_step = self._steps
-        self._recent_arrivals().append((self._steps, request.num_tokens))
+        self._forget_old_arrivals()
+        self._arrivals.append((self._steps, request.num_tokens))
+        self._arrival_tokens_sum += request.num_tokens
         self.waiting.append(request)
 
     def schedule(self, prefill_cap: int | None = None) -> SchedulerOutput:
@@ -300,14 +304,13 @@ class Scheduler:
     def _arrival_tokens(self) -> int:
         """KEEP_UP times the tokens of the requests added per step over the last
         ARRIVAL_WINDOW_STEPS steps."""
-        tokens = sum(n for _, n in self._recent_arrivals())
-        return math.ceil(KEEP_UP * tokens / ARRIVAL_WINDOW_STEPS)
+        self._forget_old_arrivals()
+        return math.ceil(KEEP_UP * self._arrival_tokens_sum / ARRIVAL_WINDOW_STEPS)
 
-    def _recent_arrivals(self) -> deque[tuple[int, int]]:
-        """`_arrivals`, rid of those older than ARRIVAL_WINDOW_STEPS steps."""
+    def _forget_old_arrivals(self) -> None:
+        """Drop the arrivals older than ARRIVAL_WINDOW_STEPS steps."""
         while self._arrivals and self._arrivals[0][0] <= self._steps - ARRIVAL_WINDOW_STEPS:
-            self._arrivals.popleft()
-        return self._arrivals
+            self._arrival_tokens_sum -= self._arrivals.popleft()[1]
 
     def _first_token_tokens(self, awaiting: list[Request]) -> int:
         """Prefill tokens this step needs for every awaiting request to have its first token
