@@ -100,6 +100,7 @@ class Engine:
             req.generator = make_generator(params.seed, self._sample_device())
             skip_draws(req.generator, len(output_ids))
         self.scheduler.add(req)
+        self.prefill_budget.arrived(req.num_tokens)
         return request_id
 
     def abort(self, request_id: str) -> bool:

@@ -43,13 +43,25 @@ steps' fixed costs look like a high cost per token). Once measured, the cap may 
 number of tokens down to one: on a CPU where a block of prefill is as much arithmetic as the
 decodes (SmolLM2 at 8 streams on 2 Zen 4 cores: 16 tokens doubled a 28 ms step) only a
 fraction of a block meets the stall. Where even one token adds more than the stall, the cap
-stays at one token a step. No torch here.
+stays at one token a step.
+
+The cap is never below what keeps up with the prompts arriving: KEEP_UP times the prompt
+tokens that arrive per second (over ARRIVAL_WINDOW_S) times the decode step's time. Over
+time a step prefills what arrives whatever the cap, so a cap below the arrival rate spreads
+nothing; it only queues prompts until their first-token bounds (the scheduler's) set the
+pace. The rate is per second and the step is a decode step's, not the mixed steps' own
+length, so the floor does not feed on itself: a mixed step is then at most (1 + KEEP_UP *
+load) decode steps, where load is the share of the machine the arrivals' prefill takes
+(tokens per second times seconds per token). No torch here.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
+import time
 from collections import deque
+from collections.abc import Callable
 
 from worker.engine.scheduler import DECODE_ONLY, StepStats
 
@@ -79,8 +91,29 @@ shows within a few steps. A step slowed by another process lowers the cap for a 
 safe side: shorter steps), and a quick one raises it by about a third."""
 
 
+KEEP_UP = 2.0
+"""The cap is at least this many times the prompt tokens that arrive during a decode step
+(at the rate of the last ARRIVAL_WINDOW_S seconds). SmolLM2 on 2 Zen 5 cores, the engine in
+a closed loop (prompts of 64-192 tokens, 32-96 out; the first tokens of requests that
+replaced finished ones), with the floor counted per step:
+- 64 in flight: at 1.25x the arrivals the first token took 1.8 s (9 steps: the prompts
+  come in bunches, as requests finish together); at 2x, 0.61 s (3 steps) against 0.29 s
+  uncapped, with a p99 gap of 406 against 453 ms, x1.04 throughput;
+- 16 in flight, at 2x: 0.32 s (4 steps) against 0.16 s uncapped, a p99 gap of 116 against
+  285 ms, x0.99 throughput.
+Counted per step it fed on itself where prefill takes a large share of the machine: on 2
+Zen 3 cores, 8 streams beside a 512-token prompt every ~3 s (about 2 ms a prompt token
+beside 50-70 ms decode steps: prefill is four tenths of the work), the floor grew with the
+mixed steps it lengthened, from 24 to 40 tokens a step, and they took 3-4x a decode step."""
+
+ARRIVAL_WINDOW_S = 20.0
+"""Seconds over which the arrival rate is averaged: a 512-token prompt every 3 s reads as
+150-180 tokens a second, where a window of a few seconds would swing between none and a
+whole prompt's worth."""
+
+
 class PrefillBudget:
-    def __init__(self, stall: float) -> None:
+    def __init__(self, stall: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.stall = stall
         """Prefill time a step may add while decoding, in decode steps; 0: no cap."""
         self._decode_s: dict[int, deque[tuple[int, float]]] = {}
@@ -93,6 +126,28 @@ class PrefillBudget:
         """Running average of those steps' prefill tokens (same weights as _extra_s)."""
         self._seed_per_token_s: float | None = None
         """A prefill-only step's seconds per token, until a mixed step is measured."""
+        self._clock = clock
+        self._arrivals: deque[tuple[float, int]] = deque()
+        """(clock, tokens to prefill) of the requests that arrived in the last
+        ARRIVAL_WINDOW_S seconds."""
+        self._arrival_tokens = 0
+        """The tokens in `_arrivals`."""
+
+    def arrived(self, tokens: int) -> None:
+        """A request with this many tokens to prefill joined the engine."""
+        now = self._clock()
+        self._forget_arrivals(now)
+        self._arrivals.append((now, tokens))
+        self._arrival_tokens += tokens
+
+    def arrival_rate(self) -> float:
+        """Prompt tokens arriving per second, over the last ARRIVAL_WINDOW_S seconds."""
+        self._forget_arrivals(self._clock())
+        return self._arrival_tokens / ARRIVAL_WINDOW_S
+
+    def _forget_arrivals(self, now: float) -> None:
+        while self._arrivals and self._arrivals[0][0] <= now - ARRIVAL_WINDOW_S:
+            self._arrival_tokens -= self._arrivals.popleft()[1]
 
     @property
     def per_token_s(self) -> float | None:
@@ -132,8 +187,8 @@ class PrefillBudget:
         """Most prefill tokens for the next step if it runs `decodes` decodes; None for no
         cap, DECODE_ONLY while their decode step is unmeasured or stale (the step then runs
         them alone), 0 while no prefill cost is measured (the scheduler then takes one KV
-        block), else at least 1. `refresh=False`: the cap from the measurements as they are
-        (for a report), never DECODE_ONLY."""
+        block), else at least 1 and at least the keep-up floor (KEEP_UP). `refresh=False`:
+        the cap from the measurements as they are (for a report), never DECODE_ONLY."""
         if self.stall <= 0:
             return None
         nearest = self._nearest(decodes)
@@ -145,7 +200,8 @@ class PrefillBudget:
         decode_s = self._median(nearest)
         if per_token <= 0:  # prefill added nothing measurable (a synthetic backend)
             return None
-        return max(int(self.stall * decode_s / per_token), 1)
+        keep_up = math.ceil(KEEP_UP * self.arrival_rate() * decode_s)
+        return max(int(self.stall * decode_s / per_token), keep_up, 1)
 
     def observe(self, step: StepStats, seconds: float) -> None:
         """Learn from one step: what it ran (`Engine.last_step`) and how long it took."""

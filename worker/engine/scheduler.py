@@ -26,7 +26,6 @@ No torch, Redis or gRPC here.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -58,9 +57,9 @@ SmolLM2 on 2 Zen 5 cores, stall 0.5:
   1.64-1.87x their p50; within 32, 1.6 s and 2.00x (16 tokens a step, above the cap's 9-11,
   in every mixed step);
 - the whole stack, 16 requests in flight (128 prompt tokens, 64 out, one run each; before
-  KEEP_UP): with 64 steps for any prompt, the first token's p50 was 1.7 s against 0.21 s
-  uncapped (the
-  cap's dozen tokens a step fell behind the prompts' arrivals, and the bound set the pace);
+  the cap's keep-up floor, `PrefillBudget`): with 64 steps for any prompt, the first
+  token's p50 was 1.7 s against 0.21 s uncapped (the cap's dozen tokens a step fell behind
+  the prompts' arrivals, and the bound set the pace);
   with 16 steps for 128 tokens (this rate), 0.68 s, at x0.94 the uncapped throughput and a
   p99 gap of 105 ms against 236; at 16 tokens a step, 0.47 s and x0.99, but the streams'
   p99 gap beside 512-token prompts was 1.82-2.15x their p50 in three runs (at 12: 1.91,
@@ -68,25 +67,6 @@ SmolLM2 on 2 Zen 5 cores, stall 0.5:
 
 FIRST_TOKEN_STEPS = 64
 """The most steps a capped request's first-token bound gives it (`FIRST_TOKEN_RATE`)."""
-
-KEEP_UP = 2.0
-"""The cap is at least this many times the prompt tokens that arrived per step over the last
-ARRIVAL_WINDOW_STEPS steps. Over time a step prefills what arrives whatever the cap, so a cap
-below the arrival rate spreads nothing: it queues prompts until their first-token bounds set
-the pace. SmolLM2 on 2 Zen 5 cores, the engine in a closed loop (prompts of 64-192 tokens,
-32-96 out; the first tokens of requests that replaced finished ones):
-- 64 in flight: at 1.25x the arrivals the first token took 1.8 s (9 steps: the prompts
-  come in bunches, as requests finish together); at 2x, 0.61 s (3 steps) against 0.29 s
-  uncapped, with a p99 gap of 406 against 453 ms, x1.04 throughput;
-- 16 in flight, at 2x: 0.32 s (4 steps) against 0.16 s uncapped, a p99 gap of 116 against
-  285 ms, x0.99 throughput;
-- the mixed load (a 512-token prompt every ~100 steps, which this floor puts at about the
-  cap), alternated with the floor off: p99/p50 1.84 and 1.99 against 1.52 and 1.97, first
-  token 1.8-2.0 s against 2.6-2.7 s."""
-
-ARRIVAL_WINDOW_STEPS = 4 * FIRST_TOKEN_STEPS
-"""Steps over which the arrival rate is averaged: a 512-token prompt every 100 steps reads as
-about 5 tokens a step, where a window of 64 steps would swing between 0 and 8."""
 
 
 @dataclass(slots=True)
@@ -160,10 +140,6 @@ class Scheduler:
         self._by_id: dict[str, Request] = {}
         self._steps = 0
         """Steps scheduled so far: the clock of requests' arrivals and first tokens."""
-        self._arrivals: deque[tuple[int, int]] = deque()
-        """(step, tokens) of the requests added in the last ARRIVAL_WINDOW_STEPS steps."""
-        self._arrival_tokens_sum = 0
-        """The tokens in `_arrivals`."""
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._by_id
@@ -174,9 +150,6 @@ class Scheduler:
     def add(self, request: Request) -> None:
         self._by_id[request.request_id] = request
         request.arrival_step = self._steps
-        self._forget_old_arrivals()
-        self._arrivals.append((self._steps, request.num_tokens))
-        self._arrival_tokens_sum += request.num_tokens
         self.waiting.append(request)
 
     def schedule(self, prefill_cap: int | None = None) -> SchedulerOutput:
@@ -298,19 +271,7 @@ class Scheduler:
         one_call = self.capacity.one_call_tokens - decodes
         if one_call >= self.capacity.block_size:
             cap = min(cap, one_call)
-        floor = max(self._first_token_tokens(awaiting), self._arrival_tokens())
-        return max(min(room, max(cap, floor)), 0)
-
-    def _arrival_tokens(self) -> int:
-        """KEEP_UP times the tokens of the requests added per step over the last
-        ARRIVAL_WINDOW_STEPS steps."""
-        self._forget_old_arrivals()
-        return math.ceil(KEEP_UP * self._arrival_tokens_sum / ARRIVAL_WINDOW_STEPS)
-
-    def _forget_old_arrivals(self) -> None:
-        """Drop the arrivals older than ARRIVAL_WINDOW_STEPS steps."""
-        while self._arrivals and self._arrivals[0][0] <= self._steps - ARRIVAL_WINDOW_STEPS:
-            self._arrival_tokens_sum -= self._arrivals.popleft()[1]
+        return max(min(room, max(cap, self._first_token_tokens(awaiting))), 0)
 
     def _first_token_tokens(self, awaiting: list[Request]) -> int:
         """Prefill tokens this step needs for every awaiting request to have its first token

@@ -1,16 +1,21 @@
-"""The prefill cap learned from step times, fed made-up timings: no model, no clock."""
+"""The prefill cap learned from step times, fed made-up timings and a made-up clock: no model."""
 
 from __future__ import annotations
 
 import pytest
 
+from common.sampling_params import SamplingParams
+from worker.backends.base import BackendCapacity
 from worker.engine.prefill_budget import (
+    ARRIVAL_WINDOW_S,
     DECODE_WINDOW,
+    KEEP_UP,
     MAX_AGE_STEPS,
     REFRESH_STEPS,
     PrefillBudget,
 )
-from worker.engine.scheduler import DECODE_ONLY, StepStats
+from worker.engine.request import Request
+from worker.engine.scheduler import DECODE_ONLY, Scheduler, StepStats
 
 DECODES = 8
 
@@ -202,3 +207,89 @@ def test_a_count_near_it_that_ran_alone_lately_stands_for_a_stale_one() -> None:
     for _ in range(REFRESH_STEPS):
         budget.observe(StepStats(63, 50, 62), 0.154)
     assert budget.tokens(60) == DECODE_ONLY
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_cap_keeps_up_with_the_prompt_tokens_arriving_per_second() -> None:
+    clock = Clock()
+    budget = PrefillBudget(0.5, clock=clock)
+    budget.observe(*decode(0.05))
+    budget.observe(*mixed(10, 0.07))  # 2 ms a token: the stall's cap is 12
+    assert budget.tokens(DECODES) == 12
+    for _ in range(10):  # 200 tokens a second
+        clock.now += 2.0
+        budget.arrived(400)
+    assert budget.arrival_rate() == pytest.approx(4000 / ARRIVAL_WINDOW_S)
+    # what arrives during a decode step, KEEP_UP times over
+    assert budget.tokens(DECODES) == round(KEEP_UP * 200 * 0.05)
+    clock.now += ARRIVAL_WINDOW_S  # no more arrivals: the stall's cap again
+    assert budget.arrival_rate() == 0
+    assert budget.tokens(DECODES) == 12
+
+
+def run_closed_loop(arrival_tokens: int, interval_s: float, seconds: float
+                    ) -> tuple[list[float], list[float]]:
+    """8 streams on an engine whose decode steps take 50 ms and each prompt token beside them
+    2 ms more, while a prompt of `arrival_tokens` arrives every `interval_s`: the engine's
+    loop (scheduler and budget) on a made-up clock. Returns the mixed steps' seconds and the
+    arrivals' waits for their first tokens, both over the second half of the run."""
+    decode_s, per_token_s = 0.05, 0.002
+    clock = Clock()
+    budget = PrefillBudget(0.5, clock=clock)
+    s = Scheduler(BackendCapacity(max_batch=32, max_seq_len=8192, max_tokens_per_step=512,
+                                  block_size=16, num_blocks=4096))
+
+    def add(rid: str, tokens: int, max_tokens: int) -> Request:
+        req = Request(rid, [10] * tokens, SamplingParams(max_tokens=max_tokens),
+                      frozenset({2}), 8192)
+        s.add(req)
+        budget.arrived(tokens)
+        return req
+
+    for i in range(8):
+        add(f"s{i}", 128, 4000)
+    arrivals: list[tuple[float, Request]] = []
+    mixed_s, waits = [], []
+    came: dict[str, float] = {}
+    while clock.now < seconds:
+        if clock.now >= interval_s * (len(arrivals) + 1):
+            req = add(f"p{len(arrivals)}", arrival_tokens, 2)
+            arrivals.append((clock.now, req))
+            came[req.request_id] = clock.now
+        out = s.schedule(budget.tokens(s.num_decoding()))
+        stats = out.stats()
+        step_s = (decode_s if stats.decode_seqs else 0.0) + per_token_s * stats.prompt_tokens
+        clock.now += step_s
+        for req in s.update(out, [7] * sum(c.sample for c in out.chunks)):
+            if req.request_id in came and req.num_output_tokens == 1:
+                at = came.pop(req.request_id)
+                if at > seconds / 2:
+                    waits.append(clock.now - at)
+        budget.observe(stats, step_s)
+        if stats.decode_seqs and stats.prompt_tokens and clock.now > seconds / 2:
+            mixed_s.append(step_s)
+    return mixed_s, waits
+
+
+def test_the_keep_up_floor_does_not_feed_on_the_mixed_steps_it_lengthens() -> None:
+    """Prefill takes four tenths of the machine (200 tokens a second at 2 ms a token). A floor
+    counted in tokens per step grew with the steps it lengthened (on 2 Zen 3 cores, mixed
+    steps of 3-4 decode steps); counted per second, a mixed step stays within
+    (1 + KEEP_UP x 0.4) decode steps and the prompts keep up."""
+    mixed_s, waits = run_closed_loop(400, 2.0, 120.0)
+    assert len(waits) >= 25
+    assert max(mixed_s) <= (1 + KEEP_UP * 0.4) * 0.05 * 1.05
+    assert max(waits) < 2.0  # each has its first token before the next arrives
+
+
+def test_a_light_load_is_prefilled_within_the_stall() -> None:
+    mixed_s, waits = run_closed_loop(100, 2.0, 60.0)  # 50 tokens a second: a tenth
+    assert max(mixed_s) <= 1.5 * 0.05 * 1.01
+    assert waits and max(waits) < 1.0

@@ -8,7 +8,6 @@ from common.sampling_params import SamplingParams
 from worker.backends.base import BackendCapacity
 from worker.engine.request import FinishReason, Request, RequestStatus
 from worker.engine.scheduler import (
-    ARRIVAL_WINDOW_STEPS,
     FIRST_TOKEN_RATE,
     FIRST_TOKEN_STEPS,
     Scheduler,
@@ -363,37 +362,6 @@ def test_a_long_prompts_first_token_bound_is_first_token_steps() -> None:
         run_step(s, prefill_cap=1)
         steps += 1
     assert steps == FIRST_TOKEN_STEPS
-
-
-def first_token_steps(monkeypatch: pytest.MonkeyPatch, keep_up: bool) -> list[int]:
-    """Steps to the first token of 64-token prompts arriving one every 2 steps (32 tokens a
-    step) beside 16 streams, at a cap of 1, once the arrival window has filled."""
-    if not keep_up:
-        monkeypatch.setattr(Scheduler, "_arrival_tokens", lambda self: 0)
-    s = Scheduler(capacity(max_batch=32, max_seq_len=4096, max_tokens_per_step=512,
-                           num_blocks=8192))
-    for i in range(16):
-        s.add(Request(f"s{i}", [10] * 4, SamplingParams(max_tokens=2000), frozenset({EOS}),
-                      4096))
-    run_step(s)
-    prompts = []
-    for step in range(ARRIVAL_WINDOW_STEPS + 100):
-        if step % 2 == 0:
-            prompts.append(request(f"p{step}", 64, max_tokens=2))
-            s.add(prompts[-1])
-        run_step(s, prefill_cap=1)
-    late = [p for p in prompts[ARRIVAL_WINDOW_STEPS // 2:] if p.first_token_step is not None]
-    return [p.first_token_step - p.arrival_step for p in late]  # type: ignore[operator]
-
-
-def test_the_cap_keeps_up_with_the_prompt_tokens_arriving(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Prompts arriving faster than the cap: each would wait on its first-token bound (8
-    steps for 64 tokens, several prefilling at a time); the cap follows the arrivals."""
-    kept_up = first_token_steps(monkeypatch, keep_up=True)
-    bound_only = first_token_steps(monkeypatch, keep_up=False)
-    assert len(kept_up) >= 40 and len(bound_only) >= 40
-    assert min(bound_only) >= 3 * max(kept_up)  # 6 steps against 2
 
 
 def test_a_capped_step_stays_within_the_backends_one_call_step() -> None:
