@@ -35,8 +35,9 @@ def setting(default: Any, *, flag: str | None = None, env: str | None = None,
 
 
 LATENCY_PREFILL_STALL = 0.5
-"""The CPU's default max_prefill_stall: it kept p99 inter-token latency within 2x the p50
-while 512-token prompts arrived (SmolLM2 on 2 cores; bench engine --mixed-load)."""
+"""The default max_prefill_stall of a CPU with AVX-512 (`default_prefill_stall`): it kept p99
+inter-token latency within 2x the p50 while 512-token prompts arrived (SmolLM2 on 2 cores;
+bench engine --mixed-load)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +61,12 @@ class EngineConfig:
     do all while more requests await prefill than decode (a burst), and it rises as far
     as every capped prompt needs to have its first token within a step for every 8 of
     its tokens after arriving, 64 steps at most, and is never below twice the prompt
-    tokens arriving per step.
+    tokens arriving per second times a decode step.
     Without running decodes prefill takes the whole --max-batched-tokens budget. 0 turns
     the cap off: prefill beside decodes is bounded by the budget alone, for the shortest
     time to first token. Unset: the backend's (`BackendCapacity.prefill_stall`: 0.5 on
-    the CPU, off on accelerators, where it has not been measured). SmolLM2 on 2 Zen 5
+    a CPU with AVX-512; off on AVX2, where it cost x0.65-0.78 of the throughput with 16
+    requests in flight, and on accelerators, where it has not been measured). SmolLM2 on 2 Zen 5
     cores, 8 streams, a 512-token prompt every ~3 s: 0.5 kept the streams' p99 gap within
     1.64-1.87x their p50 (no cap: 16x) at x0.90-0.99 throughput, and arrivals had their
     first token in 1.8-2.4 s on average (no cap: 0.5 s); with 16 requests in flight,

@@ -47,10 +47,10 @@ class BackendCapacity:
     a step that decodes within it, since leaving it costs more than the tokens."""
     prefill_stall: float = 0.0
     """The engine's max_prefill_stall when none is set: LATENCY_PREFILL_STALL where the cap
-    was measured to keep streams' gaps short at little cost (the torch backend on a CPU), 0
-    (off) elsewhere. The cap's estimate takes a mixed step's extra time as proportional to
-    its prefill tokens; where a step's fixed costs dominate (an accelerator's launches), that
-    is untested and could shrink the cap to a token a step."""
+    was measured to keep streams' gaps short at little cost (the torch backend on a CPU with
+    AVX-512), 0 (off) elsewhere. The cap's estimate takes a mixed step's extra time as
+    proportional to its prefill tokens; where a step's fixed costs dominate (an
+    accelerator's launches), that is untested and could shrink the cap to a token a step."""
     prefix_caching: bool = False
     """Whether requests may share the cached KV blocks of a common prefix: needs a paged
     cache read through block tables and a prefill that can start after cached context (a
