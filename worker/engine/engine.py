@@ -114,8 +114,9 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         self.failed = {}
-        out = self.scheduler.schedule(
-            self.prefill_budget.tokens(self.scheduler.num_decoding()))
+        decodes = self.scheduler.num_decoding()
+        out = self.scheduler.schedule(self.prefill_budget.tokens(decodes),
+                                      self.prefill_budget.keep_up(decodes))
         self.last_step = out.stats()
         for req in out.preempted:
             self.backend.release(req.request_id)

@@ -187,8 +187,8 @@ class PrefillBudget:
         """Most prefill tokens for the next step if it runs `decodes` decodes; None for no
         cap, DECODE_ONLY while their decode step is unmeasured or stale (the step then runs
         them alone), 0 while no prefill cost is measured (the scheduler then takes one KV
-        block), else at least 1 and at least the keep-up floor (KEEP_UP). `refresh=False`:
-        the cap from the measurements as they are (for a report), never DECODE_ONLY."""
+        block), else at least 1. `refresh=False`: the cap from the measurements as they are
+        (for a report), never DECODE_ONLY."""
         if self.stall <= 0:
             return None
         nearest = self._nearest(decodes)
@@ -200,8 +200,17 @@ class PrefillBudget:
         decode_s = self._median(nearest)
         if per_token <= 0:  # prefill added nothing measurable (a synthetic backend)
             return None
-        keep_up = math.ceil(KEEP_UP * self.arrival_rate() * decode_s)
-        return max(int(self.stall * decode_s / per_token), keep_up, 1)
+        return max(int(self.stall * decode_s / per_token), 1)
+
+    def keep_up(self, decodes: int) -> int:
+        """The floor under the cap for a step that runs `decodes` decodes: KEEP_UP times the
+        prompt tokens arriving during their decode step; 0 with no cap, or before a decode
+        step is measured. Like the first-token bound, it lifts the cap beyond the rows a
+        one-call step has left beside the decodes."""
+        nearest = self._nearest(decodes)
+        if self.stall <= 0 or nearest is None:
+            return 0
+        return math.ceil(KEEP_UP * self.arrival_rate() * self._median(nearest))
 
     def observe(self, step: StepStats, seconds: float) -> None:
         """Learn from one step: what it ran (`Engine.last_step`) and how long it took."""

@@ -152,13 +152,16 @@ class Scheduler:
         request.arrival_step = self._steps
         self.waiting.append(request)
 
-    def schedule(self, prefill_cap: int | None = None) -> SchedulerOutput:
+    def schedule(self, prefill_cap: int | None = None, prefill_floor: int = 0
+                 ) -> SchedulerOutput:
         """The next step's chunks. `prefill_cap`: most prefill tokens in a step that also
-        decodes (0: one KV block, DECODE_ONLY: none); None leaves prefill the whole budget."""
+        decodes (0: one KV block, DECODE_ONLY: none); None leaves prefill the whole budget.
+        `prefill_floor`: prefill tokens a capped step may carry whatever the cap (the
+        engine's keep-up floor), as the first-token bound does."""
         self._steps += 1
         out = SchedulerOutput()
         budget = self.capacity.max_tokens_per_step
-        prefill = self._prefill_room(prefill_cap)
+        prefill = self._prefill_room(prefill_cap, prefill_floor)
         # without a cap every prompt takes the whole room: no need to look at arrivals
         elder = self._elder_than_streams() if prefill_cap is not None else _never
         admit_first = not self.capacity.mixed_batches and self._can_admit_head(budget)
@@ -243,7 +246,7 @@ class Scheduler:
     def get(self, request_id: str) -> Request | None:
         return self._by_id.get(request_id)
 
-    def _prefill_room(self, prefill_cap: int | None) -> int:
+    def _prefill_room(self, prefill_cap: int | None, prefill_floor: int) -> int:
         """Prefill tokens this step may carry: the budget less the running decodes' tokens,
         within the cap while any decode runs, one KV block if the cap is 0 (and then within
         the backend's one-call step where a block of prefill fits beside the decodes).
@@ -271,7 +274,8 @@ class Scheduler:
         one_call = self.capacity.one_call_tokens - decodes
         if one_call >= self.capacity.block_size:
             cap = min(cap, one_call)
-        return max(min(room, max(cap, self._first_token_tokens(awaiting))), 0)
+        floor = max(self._first_token_tokens(awaiting), prefill_floor)
+        return max(min(room, max(cap, floor)), 0)
 
     def _first_token_tokens(self, awaiting: list[Request]) -> int:
         """Prefill tokens this step needs for every awaiting request to have its first token

@@ -223,15 +223,18 @@ def test_the_cap_keeps_up_with_the_prompt_tokens_arriving_per_second() -> None:
     budget.observe(*decode(0.05))
     budget.observe(*mixed(10, 0.07))  # 2 ms a token: the stall's cap is 12
     assert budget.tokens(DECODES) == 12
+    assert budget.keep_up(DECODES) == 0
     for _ in range(10):  # 200 tokens a second
         clock.now += 2.0
         budget.arrived(400)
     assert budget.arrival_rate() == pytest.approx(4000 / ARRIVAL_WINDOW_S)
     # what arrives during a decode step, KEEP_UP times over
-    assert budget.tokens(DECODES) == round(KEEP_UP * 200 * 0.05)
-    clock.now += ARRIVAL_WINDOW_S  # no more arrivals: the stall's cap again
+    assert budget.keep_up(DECODES) == round(KEEP_UP * 200 * 0.05)
+    assert budget.tokens(DECODES) == 12  # the cap itself is the stall's
+    clock.now += ARRIVAL_WINDOW_S  # no more arrivals
     assert budget.arrival_rate() == 0
-    assert budget.tokens(DECODES) == 12
+    assert budget.keep_up(DECODES) == 0
+    assert PrefillBudget(0.0, clock=clock).keep_up(DECODES) == 0  # no cap, no floor
 
 
 def run_closed_loop(arrival_tokens: int, interval_s: float, seconds: float
@@ -263,7 +266,8 @@ def run_closed_loop(arrival_tokens: int, interval_s: float, seconds: float
             req = add(f"p{len(arrivals)}", arrival_tokens, 2)
             arrivals.append((clock.now, req))
             came[req.request_id] = clock.now
-        out = s.schedule(budget.tokens(s.num_decoding()))
+        decodes = s.num_decoding()
+        out = s.schedule(budget.tokens(decodes), budget.keep_up(decodes))
         stats = out.stats()
         step_s = (decode_s if stats.decode_seqs else 0.0) + per_token_s * stats.prompt_tokens
         clock.now += step_s
