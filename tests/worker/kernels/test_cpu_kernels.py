@@ -267,13 +267,14 @@ def attention_parts(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[i
     k.cpuk_set_attention_parts(before)
 
 
+@pytest.mark.parametrize("d", [16, 64, 128])  # 64 and 128 have code of their own
 @pytest.mark.parametrize("lens", [[1], [17, 1, 40], [33, 5, 8, 64], [300], [200, 7]])
 def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
-    k: CpuKernels, attention_parts: int, lens: list[int]
+    k: CpuKernels, attention_parts: int, lens: list[int], d: int
 ) -> None:
     """Short batches split each context into parts merged afterwards ([300], [200, 7]),
     unless the setting says not to."""
-    kv_heads, heads, d, block = 2, 6, 16, 8
+    kv_heads, heads, block = 2, 6, 8
     g = gen(sum(lens))
     cache = KVCache(2, 80, block, kv_heads, d, torch.float32, torch.device("cpu"))
     cache.data.copy_(torch.randn(cache.data.shape, generator=g))
@@ -290,13 +291,14 @@ def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d", [16, 64, 128])
 @pytest.mark.parametrize("lens", [[1], [17, 1, 40], [300]])
 def test_decode_attention_on_a_bfloat16_cache_is_the_float32_one_widened(
-    k: CpuKernels, attention_parts: int, lens: list[int]
+    k: CpuKernels, attention_parts: int, lens: list[int], d: int
 ) -> None:
     """Keys and values widened as they are read (exact), then the float32 arithmetic: bit
     for bit the result on a float32 copy of the cache."""
-    kv_heads, heads, d, block = 2, 6, 16, 8
+    kv_heads, heads, block = 2, 6, 8
     g = gen(len(lens))
     cache = torch.randn(2, kv_heads, 60 * block, d, generator=g).bfloat16()
     n = len(lens)
