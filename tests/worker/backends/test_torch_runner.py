@@ -50,8 +50,12 @@ def test_the_cache_holds_no_more_than_max_num_seqs_full_sequences(tiny_qwen3: Pa
     assert capped.max_seq_len == 64
 
 
-def test_prepare_lays_out_decodes_first_and_names_the_rows_to_sample(
-        runner: ModelRunner) -> None:
+def test_prepare_lays_out_decodes_first_and_names_the_rows_to_sample(tiny_qwen3: Path) -> None:
+    # the per-operator path's layout: without the CPU kernels there is no one-call step,
+    # which takes a step this short as rows wherever the machine's dispatch table lets it
+    runner = ModelRunner(tiny_qwen3, TorchSettings(kv_cache_gb=0.02, cpu_kernels=False),
+                         max_num_seqs=4)
+    assert runner.plan is None
     bs = runner.block_size
     chunks = [SequenceChunk("p", [5, 6, 7], 0, [3], True, PARAMS),
               SequenceChunk("d", [9], bs + 2, [1, 2], True, PARAMS),
