@@ -207,8 +207,10 @@ class PrefillBudget:
         prompt tokens arriving during their decode step; 0 with no cap, or before a decode
         step is measured. Like the first-token bound, it lifts the cap beyond the rows a
         one-call step has left beside the decodes."""
+        if self.stall <= 0:
+            return 0
         nearest = self._nearest(decodes)
-        if self.stall <= 0 or nearest is None:
+        if nearest is None:
             return 0
         return math.ceil(KEEP_UP * self.arrival_rate() * self._median(nearest))
 
