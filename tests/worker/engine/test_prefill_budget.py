@@ -6,6 +6,7 @@ import pytest
 
 from common.sampling_params import SamplingParams
 from worker.backends.base import BackendCapacity
+from worker.engine import prefill_budget
 from worker.engine.prefill_budget import (
     ARRIVAL_WINDOW_S,
     DECODE_WINDOW,
@@ -258,14 +259,13 @@ def run_closed_loop(arrival_tokens: int, interval_s: float, seconds: float
 
     for i in range(8):
         add(f"s{i}", 128, 4000)
-    arrivals: list[tuple[float, Request]] = []
+    arrivals = 0
     mixed_s, waits = [], []
-    came: dict[str, float] = {}
+    came: dict[str, float] = {}  # arrival waiting for its first token -> when it came
     while clock.now < seconds:
-        if clock.now >= interval_s * (len(arrivals) + 1):
-            req = add(f"p{len(arrivals)}", arrival_tokens, 2)
-            arrivals.append((clock.now, req))
-            came[req.request_id] = clock.now
+        if clock.now >= interval_s * (arrivals + 1):
+            arrivals += 1
+            came[add(f"p{arrivals}", arrival_tokens, 2).request_id] = clock.now
         decodes = s.num_decoding()
         out = s.schedule(budget.tokens(decodes), budget.keep_up(decodes))
         stats = out.stats()
@@ -282,15 +282,20 @@ def run_closed_loop(arrival_tokens: int, interval_s: float, seconds: float
     return mixed_s, waits
 
 
-def test_the_keep_up_floor_does_not_feed_on_the_mixed_steps_it_lengthens() -> None:
+def test_the_keep_up_floor_does_not_feed_on_the_mixed_steps_it_lengthens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefill takes four tenths of the machine (200 tokens a second at 2 ms a token). A floor
     counted in tokens per step grew with the steps it lengthened (on 2 Zen 3 cores, mixed
     steps of 3-4 decode steps); counted per second, a mixed step stays within
-    (1 + KEEP_UP x 0.4) decode steps and the prompts keep up."""
+    (1 + KEEP_UP x 0.4) decode steps and the prompts keep up, where the stall's cap alone
+    (12 tokens a step) leaves them to their first-token bounds."""
     mixed_s, waits = run_closed_loop(400, 2.0, 120.0)
     assert len(waits) >= 25
     assert max(mixed_s) <= (1 + KEEP_UP * 0.4) * 0.05 * 1.05
     assert max(waits) < 2.0  # each has its first token before the next arrives
+    monkeypatch.setattr(prefill_budget, "KEEP_UP", 0.0)
+    _, bound_only = run_closed_loop(400, 2.0, 120.0)
+    assert min(bound_only) > 2.0
 
 
 def test_a_light_load_is_prefilled_within_the_stall() -> None:
