@@ -114,9 +114,8 @@ class Engine:
 
     def step(self) -> list[TokenEvent]:
         self.failed = {}
-        decodes = self.scheduler.num_decoding()
-        out = self.scheduler.schedule(self.prefill_budget.tokens(decodes),
-                                      self.prefill_budget.keep_up(decodes))
+        out = self.scheduler.schedule(
+            *self.prefill_budget.limits(self.scheduler.num_decoding()))
         self.last_step = out.stats()
         for req in out.preempted:
             self.backend.release(req.request_id)

@@ -109,7 +109,8 @@ mixed steps it lengthened, from 24 to 40 tokens a step, and they took 3-4x a dec
 ARRIVAL_WINDOW_S = 20.0
 """Seconds over which the arrival rate is averaged: a 512-token prompt every 3 s reads as
 150-180 tokens a second, where a window of a few seconds would swing between none and a
-whole prompt's worth."""
+whole prompt's worth. In an engine's first 20 s it reads low (the safe side: the cap and the
+first-token bound set the pace)."""
 
 
 class PrefillBudget:
@@ -134,7 +135,10 @@ class PrefillBudget:
         """The tokens in `_arrivals`."""
 
     def arrived(self, tokens: int) -> None:
-        """A request with this many tokens to prefill joined the engine."""
+        """A request with this many tokens to prefill joined the engine (kept only where there
+        is a cap)."""
+        if self.stall <= 0:
+            return
         now = self._clock()
         self._forget_arrivals(now)
         self._arrivals.append((now, tokens))
@@ -189,30 +193,30 @@ class PrefillBudget:
         them alone), 0 while no prefill cost is measured (the scheduler then takes one KV
         block), else at least 1. `refresh=False`: the cap from the measurements as they are
         (for a report), never DECODE_ONLY."""
+        return self.limits(decodes, refresh)[0]
+
+    def limits(self, decodes: int, refresh: bool = True) -> tuple[int | None, int]:
+        """(cap, floor) for the next step if it runs `decodes` decodes, from one look-up of
+        their decode step: the cap as `tokens` gives it, and the keep-up floor under it,
+        KEEP_UP times the prompt tokens arriving during that decode step (0 with no cap, for
+        a step that runs its decodes alone, or before a decode step is measured). Like the
+        first-token bound, the floor lifts the cap beyond the rows a one-call step has left
+        beside the decodes."""
         if self.stall <= 0:
-            return None
+            return None, 0
         nearest = self._nearest(decodes)
         if refresh and (nearest is None or self._age(nearest) >= REFRESH_STEPS):
-            return DECODE_ONLY
-        per_token = self.per_token_s
-        if nearest is None or per_token is None:
-            return 0
-        decode_s = self._median(nearest)
-        if per_token <= 0:  # prefill added nothing measurable (a synthetic backend)
-            return None
-        return max(int(self.stall * decode_s / per_token), 1)
-
-    def keep_up(self, decodes: int) -> int:
-        """The floor under the cap for a step that runs `decodes` decodes: KEEP_UP times the
-        prompt tokens arriving during their decode step; 0 with no cap, or before a decode
-        step is measured. Like the first-token bound, it lifts the cap beyond the rows a
-        one-call step has left beside the decodes."""
-        if self.stall <= 0:
-            return 0
-        nearest = self._nearest(decodes)
+            return DECODE_ONLY, 0
         if nearest is None:
-            return 0
-        return math.ceil(KEEP_UP * self.arrival_rate() * self._median(nearest))
+            return 0, 0
+        decode_s = self._median(nearest)
+        floor = math.ceil(KEEP_UP * self.arrival_rate() * decode_s)
+        per_token = self.per_token_s
+        if per_token is None:
+            return 0, floor
+        if per_token <= 0:  # prefill added nothing measurable (a synthetic backend)
+            return None, 0
+        return max(int(self.stall * decode_s / per_token), 1), floor
 
     def observe(self, step: StepStats, seconds: float) -> None:
         """Learn from one step: what it ran (`Engine.last_step`) and how long it took."""

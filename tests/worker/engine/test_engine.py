@@ -240,7 +240,7 @@ def test_a_prompt_arriving_while_others_decode_is_prefilled_within_the_cap_to_th
     engine = Engine.from_model_dir(tiny_qwen3, EngineConfig(max_num_seqs=4),
                                    settings=TorchSettings(kv_cache_gb=0.05))
     # the tiny model's prefill costs too little to time against noise: the floor, as asked
-    monkeypatch.setattr(engine.prefill_budget, "tokens", lambda decodes: 0)
+    monkeypatch.setattr(engine.prefill_budget, "limits", lambda decodes: (0, 0))
     block = engine.backend.capacity.block_size
     engine.add_request([5, 6, 7], SamplingParams(max_tokens=40, temperature=0.0,
                                                  ignore_eos=True))

@@ -223,19 +223,20 @@ def test_the_cap_keeps_up_with_the_prompt_tokens_arriving_per_second() -> None:
     budget = PrefillBudget(0.5, clock=clock)
     budget.observe(*decode(0.05))
     budget.observe(*mixed(10, 0.07))  # 2 ms a token: the stall's cap is 12
-    assert budget.tokens(DECODES) == 12
-    assert budget.keep_up(DECODES) == 0
+    assert budget.limits(DECODES) == (12, 0)
     for _ in range(10):  # 200 tokens a second
         clock.now += 2.0
         budget.arrived(400)
     assert budget.arrival_rate() == pytest.approx(4000 / ARRIVAL_WINDOW_S)
     # what arrives during a decode step, KEEP_UP times over
-    assert budget.keep_up(DECODES) == round(KEEP_UP * 200 * 0.05)
-    assert budget.tokens(DECODES) == 12  # the cap itself is the stall's
+    # the cap itself is the stall's; the floor what arrives during a decode step, twice
+    assert budget.limits(DECODES) == (12, round(KEEP_UP * 200 * 0.05))
     clock.now += ARRIVAL_WINDOW_S  # no more arrivals
     assert budget.arrival_rate() == 0
-    assert budget.keep_up(DECODES) == 0
-    assert PrefillBudget(0.0, clock=clock).keep_up(DECODES) == 0  # no cap, no floor
+    assert budget.limits(DECODES) == (12, 0)
+    off = PrefillBudget(0.0, clock=clock)
+    off.arrived(400)
+    assert off.limits(DECODES) == (None, 0) and off.arrival_rate() == 0  # no cap, no floor
 
 
 def run_closed_loop(arrival_tokens: int, interval_s: float, seconds: float
@@ -266,8 +267,7 @@ def run_closed_loop(arrival_tokens: int, interval_s: float, seconds: float
         if clock.now >= interval_s * (arrivals + 1):
             arrivals += 1
             came[add(f"p{arrivals}", arrival_tokens, 2).request_id] = clock.now
-        decodes = s.num_decoding()
-        out = s.schedule(budget.tokens(decodes), budget.keep_up(decodes))
+        out = s.schedule(*budget.limits(s.num_decoding()))
         stats = out.stats()
         step_s = (decode_s if stats.decode_seqs else 0.0) + per_token_s * stats.prompt_tokens
         clock.now += step_s
