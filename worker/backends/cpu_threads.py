@@ -11,7 +11,10 @@ short (common/openmp.py). So:
   quota (a container given 2 CPUs on a 64-core host gets 2 threads, not 64);
 - `ThreadGovernor`: about once a second, from /proc/stat (the CPUs it may use) and its own
   CPU time, how many cores other processes kept busy; the threads become the cores left,
-  at least 1, at most the budget. Two workers on one host settle at half each.
+  at least 1, at most the budget. Two workers on one host settle at half each. A neighbour
+  that starts takes its cores at the next look (threads left beside it collapse, so waiting
+  costs more than giving a core up for a second too long); one that stops gives them back as
+  the running estimate decays.
 """
 
 from __future__ import annotations
@@ -101,11 +104,23 @@ class ThreadGovernor:
         self.budget = budget
         self._cpus = allowed_cpus()
         self._stat_path = stat_path
-        self._others = 0.0
-        self._last: tuple[float, int, int, int] | None = None
-        self._next = 0.0
+        self._others: float | None = None
+        self._last = self._sample(time.monotonic())
+        """The first look's window starts here (the model loads meanwhile)."""
+        self._next = time.monotonic() + INTERVAL_S
         self.threads = budget
         torch.set_num_threads(budget)
+
+    def _sample(self, now: float) -> tuple[float, int, int, int] | None:
+        """(now, busy and total jiffies of our CPUs, our own), or None if /proc/stat is
+        unreadable."""
+        try:
+            busy, total = _busy_and_total(self._cpus, Path(self._stat_path).read_text())
+        except (OSError, ValueError) as exc:
+            log.debug("cannot read %s (%s): threads stay %d", self._stat_path, exc,
+                      self.budget)
+            return None
+        return now, busy, total, _own_jiffies()
 
     def maybe_adjust(self) -> int:
         """Look at the machine if INTERVAL_S has passed, and set the threads; returns them."""
@@ -113,24 +128,23 @@ class ThreadGovernor:
         if now < self._next:
             return self.threads
         self._next = now + INTERVAL_S
-        try:
-            busy, total = _busy_and_total(self._cpus, Path(self._stat_path).read_text())
-        except (OSError, ValueError) as exc:
-            log.debug("cannot read %s (%s): threads stay %d", self._stat_path, exc,
-                      self.threads)
+        sample = self._sample(now)
+        if sample is None:
             return self.threads
-        own = _own_jiffies()
-        last, self._last = self._last, (now, busy, total, own)
+        last, self._last = self._last, sample
+        _, busy, total, own = sample
         if last is None or total <= last[2]:
             return self.threads
         # the share of the CPUs' time busy with others, in cores
         others = (max(0.0, (busy - last[1]) - (own - last[3])) / (total - last[2])
                   * len(self._cpus))
-        self._others = SMOOTHING * others + (1 - SMOOTHING) * self._others
-        threads = max(1, min(self.budget, int(len(self._cpus) - self._others + 0.5)))
+        self._others = (others if self._others is None
+                        else SMOOTHING * others + (1 - SMOOTHING) * self._others)
+        busy_cores = max(others, self._others)  # at once up, decaying down
+        threads = max(1, min(self.budget, int(len(self._cpus) - busy_cores + 0.5)))
         if threads != self.threads:
             log.debug("other processes keep %.1f of %d cores busy: %d -> %d threads",
-                      self._others, len(self._cpus), self.threads, threads)
+                      busy_cores, len(self._cpus), self.threads, threads)
             self.threads = threads
             torch.set_num_threads(threads)
         return self.threads

@@ -81,16 +81,33 @@ def test_the_governor_gives_up_the_cores_others_keep_busy_and_takes_them_back(
         return gov.maybe_adjust()
 
     stat.write_text(_stat(ticks))
-    gov = ThreadGovernor(2, stat_path=str(stat))
+    gov = ThreadGovernor(2, stat_path=str(stat))  # the first window starts here
     assert gov.threads == 2 and torch.get_num_threads() == 2
-    assert window(0, 0, 0) == 2  # the first look only records
+    assert window(0, 0, 0) == 2
     assert window(90, 90, 180) == 2  # busy with itself: keeps its threads
-    assert window(100, 100, 0) == 1  # others on both cores: 2 busy, 1 after smoothing
+    assert window(100, 100, 0) == 1  # others on both cores
     assert torch.get_num_threads() == 1
     assert window(100, 100, 100) == 1  # a busy loop on one core, our one thread on the other
     assert window(100, 100, 100) == 1
     assert window(0, 100, 100) == 2  # the loop ended: half a core busy, smoothed
     assert torch.get_num_threads() == 2
+    for _ in range(4):
+        assert window(0, 0, 0) == 2  # idle: the estimate decays to nothing
+    # a neighbour that starts takes its core at the next look, not once the average says so
+    assert window(60, 100, 100) == 1  # six tenths of a core
+    assert window(0, 100, 100) == 2  # and gives it back as the estimate decays
+
+
+def test_the_first_look_already_counts_a_neighbour_busy_since_the_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_threads, "allowed_cpus", lambda: {0, 1})
+    monkeypatch.setattr(cpu_threads, "_own_jiffies", lambda: 0)
+    stat = tmp_path / "stat"
+    stat.write_text(_stat({0: (0, 0), 1: (0, 0)}))
+    gov = ThreadGovernor(2, stat_path=str(stat))
+    stat.write_text(_stat({0: (100, 0), 1: (0, 100)}))  # a busy loop while the model loaded
+    gov._next = 0.0
+    assert gov.maybe_adjust() == 1 and torch.get_num_threads() == 1
 
 
 def test_an_unreadable_stat_keeps_the_threads(tmp_path: Path) -> None:
