@@ -105,14 +105,14 @@ class ThreadGovernor:
         self._cpus = allowed_cpus()
         self._stat_path = stat_path
         self._others: float | None = None
-        self._last = self._sample(time.monotonic())
+        self._last = self._sample()
         """The first look's window starts here (the model loads meanwhile)."""
         self._next = time.monotonic() + INTERVAL_S
         self.threads = budget
         torch.set_num_threads(budget)
 
-    def _sample(self, now: float) -> tuple[float, int, int, int] | None:
-        """(now, busy and total jiffies of our CPUs, our own), or None if /proc/stat is
+    def _sample(self) -> tuple[int, int, int] | None:
+        """(busy and total jiffies of our CPUs, our own), or None if /proc/stat is
         unreadable."""
         try:
             busy, total = _busy_and_total(self._cpus, Path(self._stat_path).read_text())
@@ -120,7 +120,7 @@ class ThreadGovernor:
             log.debug("cannot read %s (%s): threads stay %d", self._stat_path, exc,
                       self.budget)
             return None
-        return now, busy, total, _own_jiffies()
+        return busy, total, _own_jiffies()
 
     def maybe_adjust(self) -> int:
         """Look at the machine if INTERVAL_S has passed, and set the threads; returns them."""
@@ -128,15 +128,15 @@ class ThreadGovernor:
         if now < self._next:
             return self.threads
         self._next = now + INTERVAL_S
-        sample = self._sample(now)
+        sample = self._sample()
         if sample is None:
             return self.threads
         last, self._last = self._last, sample
-        _, busy, total, own = sample
-        if last is None or total <= last[2]:
+        busy, total, own = sample
+        if last is None or total <= last[1]:
             return self.threads
         # the share of the CPUs' time busy with others, in cores
-        others = (max(0.0, (busy - last[1]) - (own - last[3])) / (total - last[2])
+        others = (max(0.0, (busy - last[0]) - (own - last[2])) / (total - last[1])
                   * len(self._cpus))
         self._others = (others if self._others is None
                         else SMOOTHING * others + (1 - SMOOTHING) * self._others)
