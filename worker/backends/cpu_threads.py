@@ -117,8 +117,7 @@ class ThreadGovernor:
         try:
             busy, total = _busy_and_total(self._cpus, Path(self._stat_path).read_text())
         except (OSError, ValueError) as exc:
-            log.debug("cannot read %s (%s): threads stay %d", self._stat_path, exc,
-                      self.budget)
+            log.debug("cannot read %s (%s): threads unchanged", self._stat_path, exc)
             return None
         return busy, total, _own_jiffies()
 
