@@ -150,7 +150,7 @@ def memory_plan(model_dir: Path, settings: TorchSettings, engine: EngineConfig,
     cfg = ModelConfig.from_dir(model_dir)
     ranks = settings.tensor_parallel
     sizes = {"float32": 4, "bfloat16": 2, "float16": 2}
-    size, kv_size = sizes[settings.dtype_name()], sizes[settings.kv_dtype_name()]
+    size, kv_size = sizes[settings.dtype_name(cfg)], sizes[settings.kv_dtype_name(cfg)]
     weights, activations, kv_token = _per_rank(cfg, ranks, size, engine, kv_size)
     fitting = None
     if free_bytes is not None and weights + activations > free_bytes:
@@ -215,10 +215,12 @@ def report(model_dir: Path | None, settings: TorchSettings, engine: EngineConfig
     if model_dir is not None:
         free = None if "error" in found.get("npu", {}) else _free_bytes(settings)
         plan = memory_plan(model_dir, settings, engine, free)
+        soc = found.get("npu", {}).get("soc_version")
+        checkpoint = ModelConfig.from_dir(model_dir)
         found["plan"] = {
             "ranks": plan.ranks, "device": settings.device,
-            "dtype": settings.dtype_name(found.get("npu", {}).get("soc_version")),
-            "kv_cache_dtype": settings.kv_dtype_name(found.get("npu", {}).get("soc_version")),
+            "dtype": settings.dtype_name(checkpoint, soc),
+            "kv_cache_dtype": settings.kv_dtype_name(checkpoint, soc),
             "weights_gib_per_rank": plan.weight_bytes_per_rank / GIB,
             "activations_gib": plan.activation_bytes / GIB,
             "kv_bytes_per_token_per_rank": plan.kv_bytes_per_token_per_rank,

@@ -113,8 +113,13 @@ class ModelRunner:
         self.all_reduce: Callable[[torch.Tensor], None] | None = None
         if ops is None and self.device.type == "npu":
             ops = npu_ops()
-        self.dtype: torch.dtype = (getattr(torch, settings.dtype) if settings.dtype
-                                   else ops.default_dtype if ops is not None else torch.float32)
+        self.dtype: torch.dtype = (
+            ops.default_dtype if settings.dtype == "auto" and ops is not None
+            else getattr(torch, settings.dtype_name(full)))
+        """The compute and weight dtype: --dtype's, or auto's (an NPU's op set's by its SoC)."""
+        if settings.dtype == "auto":
+            log.info("dtype auto: %s for a %s checkpoint on %s", str(self.dtype)[6:],
+                     full.torch_dtype, self.device)
         bf16_kernels = self._bf16_kernels(settings, ops)
         # the float32 op set; a bfloat16 model on the CPU has its own (above)
         kernels = (self._kernels(cfg) if settings.cpu_kernels and ops is None

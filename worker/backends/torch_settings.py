@@ -6,11 +6,15 @@ Kept apart from the backend so the CLI can list them without importing torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from common.config import setting
 from common.errors import InvalidRequestError
 
-DTYPES = ("float32", "bfloat16", "float16")
+if TYPE_CHECKING:
+    from worker.model.config import ModelConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "bfloat16")
 
 
@@ -21,9 +25,11 @@ class TorchSettings:
     device: str = "cpu"
     """cpu, cuda[:N] or npu[:N] (Ascend, through torch_npu); with --tensor-parallel also a
     range or list, one device per rank (npu:0-7, cuda:0,1)."""
-    dtype: str | None = setting(None, choices=DTYPES)
-    """Compute and weight dtype; unset: the device's own (bfloat16 on Ascend 910B/A2/A3,
-    float16 on Ascend 310P, float32 on CPU and CUDA)."""
+    dtype: str = setting("auto", choices=DTYPES)
+    """Compute and weight dtype; auto: the checkpoint's where the device computes it well
+    (a bfloat16 checkpoint in bfloat16 on an x86 CPU with AVX2 and the CPU kernels, and on
+    CUDA; float16 on CUDA), else float32; on Ascend the SoC's (bfloat16 on 910B/A2/A3,
+    float16 on 310P). worker/backends/dtype_choice.py has the rule."""
     kv_cache_dtype: str = setting("auto", choices=KV_CACHE_DTYPES)
     """The KV cache's dtype: auto, the model's; bfloat16 halves a float32 model's cache (the
     bytes decode attention reads every step, and the memory a token holds), each key and
@@ -64,7 +70,7 @@ class TorchSettings:
     how the CPU multiplies it, worker/model/linear.py; the int8 kernel throughout)."""
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and self.dtype not in DTYPES:
+        if self.dtype not in DTYPES:
             raise InvalidRequestError("dtype", f"must be one of {', '.join(DTYPES)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise InvalidRequestError("kv_cache_dtype",
@@ -94,24 +100,33 @@ class TorchSettings:
         if self.threads is not None and self.threads < 1:
             raise InvalidRequestError("threads", "must be >= 1")
 
-    def dtype_name(self, soc_version: int | None = None) -> str:
-        """The dtype a worker with these settings computes in: the one set, else the
-        device's (an NPU's by its SoC, as torch_npu reports it: float16 on 310P, bfloat16
-        on the others; both 2 bytes)."""
-        if self.dtype:
+    def dtype_name(self, checkpoint: ModelConfig, soc_version: int | None = None) -> str:
+        """The dtype a worker with these settings computes `checkpoint` in: the one set, else
+        auto's (an NPU's by its SoC, as torch_npu reports it: float16 on 310P, bfloat16 on
+        the others; both 2 bytes)."""
+        if self.dtype != "auto":
             return self.dtype
-        if self.device.startswith("npu"):
+        from worker.backends.dtype_choice import auto_dtype
+
+        npu = "bfloat16"
+        if self.device.startswith("npu") and soc_version is not None:
             from worker.model.npu_ops import soc_family
 
-            return ("float16" if soc_version is not None and soc_family(soc_version) == "310p"
-                    else "bfloat16")
-        return "float32"
+            npu = "float16" if soc_family(soc_version) == "310p" else "bfloat16"
+        cuda_bf16 = True
+        if self.device.startswith("cuda") and checkpoint.torch_dtype == "bfloat16":
+            import torch
 
-    def kv_dtype_name(self, soc_version: int | None = None) -> str:
+            cuda_bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
+        return auto_dtype(checkpoint.torch_dtype, checkpoint.quantization is not None,
+                          self.device, npu_default=npu, cpu_kernels=self.cpu_kernels,
+                          cuda_bf16=cuda_bf16)
+
+    def kv_dtype_name(self, checkpoint: ModelConfig, soc_version: int | None = None) -> str:
         """The KV cache's dtype for these settings (dtype_name's unless bfloat16 is set)."""
         if self.kv_cache_dtype == "bfloat16":
             return "bfloat16"
-        return self.dtype_name(soc_version)
+        return self.dtype_name(checkpoint, soc_version)
 
 
 def device_indices(index: str) -> list[int] | None:

@@ -40,6 +40,7 @@ from worker.bench.workload import (
     PhaseResult,
     workload_for_model,
 )
+from worker.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from worker.engine.engine import Engine
@@ -127,7 +128,9 @@ def run(config: BenchConfig) -> Results:
     del engine
     gc.collect()
 
-    model = hf_reference.load_hf_model(config.model_dir, settings.dtype_name(), settings.device)
+    model = hf_reference.load_hf_model(
+        config.model_dir, settings.dtype_name(ModelConfig.from_dir(Path(config.model_dir))),
+        settings.device)
     hf_bytes = bandwidth.decode_weight_bytes(model)
     hf_reference.warm_up(model, first_prompt)
     with _bar("transformers sequential", alone_workload.total_output_tokens) as bar:
@@ -288,7 +291,7 @@ def _decode_results(config: BenchConfig, machine: dict[str, object], load_start:
         "model_dir": str(config.model_dir),
         "quick": config.quick,
         "seed": config.seed,
-        **report.environment(settings, load_start),
+        **report.environment(settings, config.model_dir, load_start),
         "torch_version": torch.__version__,
         "decode_ms_per_token_batch1": decode_ms,
         "decode_tokens_per_s_by_batch": by_batch,

@@ -278,7 +278,7 @@ def run(config: MixedLoadConfig) -> Results:
         "max_prefill_stall": config.max_prefill_stall,
         "max_batched_tokens": config.max_batched_tokens,
         "seed": config.seed,
-        **report.environment(settings, load_start),
+        **report.environment(settings, config.model_dir, load_start),
         "block_size": engine.backend.capacity.block_size,
         "prefill_cap_tokens_end": budget.tokens(config.streams, refresh=False),
         "decode_step_ms_estimate_end": (budget.decode_s(config.streams) or 0.0) * 1e3,

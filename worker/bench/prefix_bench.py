@@ -144,7 +144,7 @@ def run(config: PrefixBenchConfig) -> Results:
         "own_tokens": config.own_tokens,
         "output_tokens": config.output_tokens,
         "seed": config.seed,
-        **report.environment(settings, load_start),
+        **report.environment(settings, config.model_dir, load_start),
         "block_size": engines[True].backend.capacity.block_size,
         "ttft_miss_ms": miss_ms,
         "ttft_miss_ms_each": [s * 1e3 for s in misses],

@@ -14,18 +14,22 @@ Results = dict[str, Any]
 """The flat JSON object `npuserve bench engine` writes; see engine_bench.run for the keys."""
 
 
-def environment(settings: TorchSettings, load_start: float) -> Results:
+def environment(settings: TorchSettings, model_dir: str | Path, load_start: float) -> Results:
     """The keys every benchmark records about where it ran: threads, CPUs, the load average
     at its start and end, dtype (and the KV cache's) and device."""
     import torch
+
+    from worker.model.config import ModelConfig
+
+    checkpoint = ModelConfig.from_dir(Path(model_dir))
 
     return {
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average_1m_start": load_start,
         "load_average_1m_end": os.getloadavg()[0],
-        "dtype": settings.dtype_name(),
-        "kv_cache_dtype": settings.kv_dtype_name(),
+        "dtype": settings.dtype_name(checkpoint),
+        "kv_cache_dtype": settings.kv_dtype_name(checkpoint),
         "device": settings.device,
     }
 

@@ -20,6 +20,7 @@ from worker.backends.torch_backend import TorchBackend
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.engine.engine import Engine
+from worker.model.config import ModelConfig
 from worker.model.npu_310p_ops import Npu310POps, NzKVCache
 from worker.model.npu_ops import NpuOps, npu_ops_for
 from worker.model.nz_layout import nd_to_nz, nz_to_nd
@@ -124,9 +125,10 @@ def test_float16_is_the_310p_default_and_tracks_float32(tiny_qwen3: Path,
     for prompt in PROMPTS:
         one, two = (r.logits(r.prefill_hidden_states(prompt)) for r in (reference, half))
         assert cosine(one, two) > 0.999
-    assert settings.dtype_name() == "float32"  # the CPU's; an NPU's follows its SoC:
-    assert TorchSettings(device="npu:0").dtype_name(223) == "bfloat16"
-    assert TorchSettings(device="npu:0").dtype_name(202) == "float16"
+    checkpoint = ModelConfig.from_dir(tiny_qwen3)  # float32: the CPU's; an NPU's follows its SoC
+    assert settings.dtype_name(checkpoint) == "float32"
+    assert TorchSettings(device="npu:0").dtype_name(checkpoint, 223) == "bfloat16"
+    assert TorchSettings(device="npu:0").dtype_name(checkpoint, 202) == "float16"
 
 
 def test_what_a_310p_cannot_run_is_refused(tiny_qwen3: Path, on_310p: None) -> None:
