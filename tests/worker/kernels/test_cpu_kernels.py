@@ -57,6 +57,28 @@ def test_a_row_of_x_gets_the_same_bits_whatever_rows_share_its_call(
         assert torch.equal(k.linear(x[r:r + 1].contiguous(), w, None)[0], together[r])
 
 
+@pytest.mark.parametrize("m", [3, 7, 11])
+def test_bfloat16_and_int8_rows_get_the_same_bits_whatever_rows_share_their_call(
+        k: CpuKernels, m: int) -> None:
+    """As float32's, for bfloat16 weights under float32 x and int8 weights: every pass of a
+    tile over x reduces its sums in one order (off AMX, whose tiles start at a number of
+    rows)."""
+    before = k.cpuk_get_amx()
+    k.cpuk_set_amx(0)
+    try:
+        g = gen(m)
+        x, w = torch.randn(m, 576, generator=g), torch.randn(96, 576, generator=g).bfloat16()
+        q = torch.randint(-127, 128, (96, 576), dtype=torch.int8, generator=g)
+        scale = torch.rand(96, 1, generator=g) / 50
+        together = k.linear_f32_wbf16(x, w, None), k.linear_int8(x, q, scale, 576, None)
+        for r in range(m):
+            pair = x[[r, (r + 1) % m]]  # two rows: the several-row path, a pass of two
+            assert torch.equal(k.linear_f32_wbf16(pair, w, None)[0], together[0][r])
+            assert torch.equal(k.linear_int8(pair, q, scale, 576, None)[0], together[1][r])
+    finally:
+        k.cpuk_set_amx(before)
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 70])
 @pytest.mark.parametrize(("n", "in_features"), [(1, 8), (7, 13), (13, 576), (64, 40),
                                                 (301, 584)])
