@@ -185,7 +185,7 @@ class GatewayCore:
         """The fleet gauges; a failure to read them (Redis down, a user whose ACL lacks a
         command) never stops the health loop: it is logged, at most once a minute."""
         try:
-            await self.fleet.update()
+            await self.fleet.update_queues()
         except Exception as exc:  # noqa: BLE001 -- gauges are best effort; health is not
             now = time.monotonic()
             if now - self._fleet_logged >= 60:
@@ -210,6 +210,7 @@ class GatewayCore:
                 now = Health(models=dict.fromkeys(self.health.models, False))
                 if self.serving:
                     log.warning("health: %s", exc)
+            self.fleet.update_workers()
             await self._set_health(now)
             await self._update_fleet()
             await asyncio.sleep(self._health_interval_s)

@@ -25,24 +25,14 @@ class FleetMetrics:
         self._models: set[str] = set()
         self._backends: set[tuple[str, str]] = set()
 
-    async def update(self) -> None:
-        """Read the queues of every model seen and set the gauges (after a registry
-        refresh). Raises UnavailableError when Redis is unreachable; the gauges keep their
-        last values then."""
-        served = self._registry.served()
-        self._models.update(served)
-        models = sorted(self._models)
-        stats = await self._queue.queue_stats(models)
-        now_ms = time.time() * 1000
+    def update_workers(self) -> None:
+        """Set the workers' gauges from the registry's snapshot (no Redis read; after a
+        refresh). The gateway sets them before its health follows the same snapshot, so a
+        probe that sees /readyz change sees the workers that changed it."""
+        self._models.update(self._registry.served())
         live: Counter[tuple[str, str]] = Counter()
         accepting: Counter[tuple[str, str]] = Counter()
-        for model in models:
-            s = stats[model]
-            metrics.QUEUE_DEPTH.labels(model).set(s.depth)
-            metrics.REQUESTS_LEASED.labels(model).set(s.leased)
-            metrics.QUEUE_OLDEST_AGE.labels(model).set(
-                0.0 if s.oldest_enqueue_ms is None else max(0.0, now_ms - s.oldest_enqueue_ms)
-                / 1000)
+        for model in sorted(self._models):
             workers = self._registry.workers(model)
             metrics.REQUESTS_RUNNING.labels(model).set(sum(w.running for w in workers))
             metrics.WORKER_SLOTS.labels(model).set(
@@ -54,3 +44,17 @@ class FleetMetrics:
         for key in self._backends:
             metrics.WORKERS.labels(*key).set(live[key])
             metrics.WORKERS_ACCEPTING.labels(*key).set(accepting[key])
+
+    async def update_queues(self) -> None:
+        """Read the queues of every model seen and set their gauges. Raises
+        UnavailableError when Redis is unreachable; the gauges keep their last values then."""
+        models = sorted(self._models)
+        stats = await self._queue.queue_stats(models)
+        now_ms = time.time() * 1000
+        for model in models:
+            s = stats[model]
+            metrics.QUEUE_DEPTH.labels(model).set(s.depth)
+            metrics.REQUESTS_LEASED.labels(model).set(s.leased)
+            metrics.QUEUE_OLDEST_AGE.labels(model).set(
+                0.0 if s.oldest_enqueue_ms is None else max(0.0, now_ms - s.oldest_enqueue_ms)
+                / 1000)

@@ -118,7 +118,8 @@ class ModelRunner:
             else getattr(torch, settings.dtype_name(full)))
         """The compute and weight dtype: --dtype's, or auto's (an NPU's op set's by its SoC)."""
         if settings.dtype == "auto":
-            log.info("dtype auto: %s for a %s checkpoint on %s", str(self.dtype)[6:],
+            log.info("dtype auto: %s for a %s checkpoint on %s",
+                     str(self.dtype).removeprefix("torch."),
                      full.torch_dtype, self.device)
         bf16_kernels = self._bf16_kernels(settings, ops)
         # the float32 op set; a bfloat16 model on the CPU has its own (above)

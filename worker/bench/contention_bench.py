@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from worker.backends.torch_settings import TorchSettings
-from worker.bench import hf_reference, npuserve_phase
+from worker.bench import hf_reference, npuserve_phase, report
 from worker.bench.report import Results
 from worker.bench.workload import PhaseResult, Workload, workload_for_model
-from worker.model.config import ModelConfig
 
 BUSY_LOOP = "while True: pass"
 
@@ -116,8 +115,8 @@ def run(config: ContentionConfig, progress: Any = print) -> Results:
     progress(f"  {pair:.1f} tok/s together; transformers static batches beside a busy process")
     threads = config.backend.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    model = hf_reference.load_hf_model(config.model_dir, config.backend.dtype_name(
-        ModelConfig.from_dir(Path(config.model_dir))),
+    model = hf_reference.load_hf_model(config.model_dir,
+                                       report.dtype_of(config.backend, config.model_dir),
                                        config.backend.device)
     hf_reference.warm_up(model, workload.requests[0].prompt_ids)
     with busy_neighbour():

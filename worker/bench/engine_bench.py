@@ -40,7 +40,6 @@ from worker.bench.workload import (
     PhaseResult,
     workload_for_model,
 )
-from worker.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from worker.engine.engine import Engine
@@ -128,9 +127,9 @@ def run(config: BenchConfig) -> Results:
     del engine
     gc.collect()
 
-    model = hf_reference.load_hf_model(
-        config.model_dir, settings.dtype_name(ModelConfig.from_dir(Path(config.model_dir))),
-        settings.device)
+    model = hf_reference.load_hf_model(config.model_dir,
+                                       report.dtype_of(settings, config.model_dir),
+                                       settings.device)
     hf_bytes = bandwidth.decode_weight_bytes(model)
     hf_reference.warm_up(model, first_prompt)
     with _bar("transformers sequential", alone_workload.total_output_tokens) as bar:

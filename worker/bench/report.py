@@ -14,6 +14,14 @@ Results = dict[str, Any]
 """The flat JSON object `npuserve bench engine` writes; see engine_bench.run for the keys."""
 
 
+def dtype_of(settings: TorchSettings, model_dir: str | Path) -> str:
+    """The dtype npuserve computes this checkpoint in with these settings (`--dtype auto`
+    looks at the checkpoint), which the transformers references load it in too."""
+    from worker.model.config import ModelConfig
+
+    return settings.dtype_name(ModelConfig.from_dir(Path(model_dir)))
+
+
 def environment(settings: TorchSettings, model_dir: str | Path, load_start: float) -> Results:
     """The keys every benchmark records about where it ran: threads, CPUs, the load average
     at its start and end, dtype (and the KV cache's) and device."""
@@ -22,7 +30,6 @@ def environment(settings: TorchSettings, model_dir: str | Path, load_start: floa
     from worker.model.config import ModelConfig
 
     checkpoint = ModelConfig.from_dir(Path(model_dir))
-
     return {
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
