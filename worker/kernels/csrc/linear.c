@@ -171,8 +171,8 @@ ALWAYS_INLINE float load1(const char *p, int64_t c, int BF) {
 
 #if VW == 16
 /* out[q][r] = the sum of acc[q][r]'s sixteen lanes, for a whole 4 x 4 tile at once (float32,
- * and the bfloat16 and int8 tiles below): the
- * sixteen vectors halve into each other in four rounds of shuffles and adds (about 45
+ * and the bfloat16 and int8 tiles below), rows of x from R on taken as zero: the sixteen
+ * vectors halve into each other in four rounds of shuffles and adds (about 45
  * instructions where sixteen separate reductions take some 130, a seventh of a 4 x 4 tile's
  * pass over 576 columns): SmolLM2's layers in float32 at 16 / 32 / 64 rows took 25.9-27.2 /
  * 33.8-34.2 / 54.4-54.7 ms against 27.8-27.9 / 36.8-37.1 / 60.6-61.0 on a Xeon. A tile's last
@@ -181,11 +181,13 @@ ALWAYS_INLINE float load1(const char *p, int64_t c, int BF) {
  * 27.6-30.8 / 35.0-36.6 ms over those layers on a Zen 4, more than 8 / 12 / 16 rows, against
  * 16.6-17.6 / 22.3-23.9 / 25.6-28.7 after; and a row's sums no longer depend on which pass it
  * falls in, so a decode's output is the same whatever shares its step. */
-ALWAYS_INLINE void reduce_4x4(const vwf acc[MAX_WR][MAX_XR], float out[MAX_WR][MAX_XR]) {
+ALWAYS_INLINE void reduce_4x4(const __m512 acc[MAX_WR][MAX_XR], int R,
+                              float out[MAX_WR][MAX_XR]) {
     __m512 a[8], b[4], c[2];
+    const __m512 zero = _mm512_setzero_ps();
     for (int i = 0; i < 8; i++) { /* v = 4q + r; a[i]: 8 partial sums of v 2i, then of 2i + 1 */
-        const __m512 lo = (__m512)acc[(2 * i) / 4][(2 * i) % 4];
-        const __m512 hi = (__m512)acc[(2 * i + 1) / 4][(2 * i + 1) % 4];
+        const __m512 lo = (2 * i) % 4 < R ? acc[(2 * i) / 4][(2 * i) % 4] : zero;
+        const __m512 hi = (2 * i + 1) % 4 < R ? acc[(2 * i + 1) / 4][(2 * i + 1) % 4] : zero;
         a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, 0x44), _mm512_shuffle_f32x4(lo, hi, 0xEE));
     }
     for (int i = 0; i < 4; i++) /* b[i]: 4 partial sums of each of v 4i .. 4i + 3 */
@@ -236,9 +238,7 @@ ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j
     }
 #if VW == 16
     if (WR == 4) {
-        for (int q = 0; q < WR; q++)
-            for (int r = R; r < MAX_XR; r++) acc[q][r] = vw_splat(0.0f);
-        reduce_4x4(acc, out);
+        reduce_4x4((const __m512(*)[MAX_XR])acc, R, out); /* __m512 may alias vwf */
     } else
 #endif
     {
@@ -286,10 +286,7 @@ ALWAYS_INLINE void tile_dpbf16(const uint16_t *x, int64_t k, const uint16_t *w, 
     if (WR == 4) { /* as tile_float's: a 960 x 576 projection from L2 on a Zen 4, float32 x
                       of 4 / 8 / 16 / 32 rows, took 17.7 / 30.6 / 55.1 / 101 us against 19.2 /
                       32.5 / 57.6 / 114 with a sum per product (fastest of four alternations) */
-        vwf sums[MAX_WR][MAX_XR];
-        for (int q = 0; q < WR; q++)
-            for (int r = 0; r < MAX_XR; r++) sums[q][r] = r < R ? (vwf)acc[q][r] : vw_splat(0.0f);
-        reduce_4x4(sums, out);
+        reduce_4x4(acc, R, out);
         return;
     }
     for (int q = 0; q < WR; q++)
@@ -587,10 +584,7 @@ ALWAYS_INLINE void tile_i8_x16(const int16_t *xq, const float *xscale, int64_t k
     if (WR == 4) { /* as tile_float's: per channel, the projection above took 23.1 / 40.0 /
                       74.4 / 137 us against 23.8 / 41.5 / 76.3 / 147 (groups of 64, whose
                       per-group conversions outweigh it, the same) */
-        vwf sums[MAX_WR][MAX_XR];
-        for (int q = 0; q < WR; q++)
-            for (int r = 0; r < MAX_XR; r++) sums[q][r] = r < R ? (vwf)total[q][r] : vw_splat(0.0f);
-        reduce_4x4(sums, out);
+        reduce_4x4(total, R, out);
         for (int q = 0; q < WR; q++)
             for (int r = 0; r < R; r++) out[q][r] *= xscale[i + r];
         return;
