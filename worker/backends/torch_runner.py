@@ -162,17 +162,15 @@ class ModelRunner:
         all-reduces)."""
 
     def _routable(self, with_lm_head: bool) -> list[Routable]:
-        """The projections the dispatch table routes: float32 ones, bfloat16 ones with their
-        oneDNN copy (a CPU without native bfloat16 keeps none: the kernel serves them all),
-        and w8a16 ones with per-channel scales (the kernel alone serves group scales)."""
+        """The projections the dispatch table routes: float32 and bfloat16 ones, and w8a16
+        ones with per-channel scales (the kernel alone serves group scales)."""
         w = self.weights
         projs = [p for layer in w.layers for p in (layer.qkv, layer.o_proj, layer.gate_up,
                                                    layer.down)]
         if with_lm_head:
             projs.append(w.lm_head)
         return [p for p in projs
-                if (isinstance(p, Projection) and (p.weight.dtype != torch.bfloat16 or p.packed))
-                or (isinstance(p, W8A16Projection) and p.routable)]
+                if isinstance(p, Projection) or (isinstance(p, W8A16Projection) and p.routable)]
 
     def _route(self, kernels: CpuKernels, attention: bool) -> DispatchTable | None:
         """Time (or read from the cache) this machine's GEMM choices for the model's

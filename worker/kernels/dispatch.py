@@ -12,7 +12,8 @@ candidates on the model's own projections and picks per shape and row bucket:
   timing its prefetch setting (into every cache level, into L2, or non-temporal), timed at
   one and four rows over every projection;
 - `onednn`: oneDNN's linear over the packed copy of the weight (when it is kept);
-- `torch`: F.linear (MKL).
+- `torch`: F.linear (MKL); for bfloat16 weights on a CPU without native bfloat16, in float32
+  on x and W widened for the call.
 
 bfloat16 projections (a `--dtype bfloat16` model) are timed between the same three, with
 bfloat16 x, over the float buckets and two prefill buckets (BF16_ROUTE_BUCKETS), the last

@@ -21,11 +21,14 @@ bfloat16 weights on the CPU (`--dtype bfloat16`): with the compiled kernels, npu
 widens them to float32 in registers and so streams half of float32's bytes, or multiplies
 them on AMX tiles. The dispatch table routes them too, over BF16_ROUTE_BUCKETS (its last
 bucket's choice serves every larger call, prefill included). Without a table, how many rows
-the kernel serves before oneDNN's bfloat16 GEMM takes over depends on how the CPU multiplies
-bfloat16 (`bf16_kernel_rows`): with AMX, up to AMX_KERNEL_ROWS; with AVX512-BF16 alone, up to
-BF16_KERNEL_ROWS; without native bfloat16, every call (and no packed copy is kept), as
-oneDNN's bfloat16 GEMM then ran 2.5-3x slower than it at 8-512 rows (SmolLM2's shapes on an
-AVX2 Zen 3, 2 threads).
+the kernel serves before a GEMM takes over depends on how the CPU multiplies bfloat16
+(`bf16_kernel_rows`): with AMX, up to AMX_KERNEL_ROWS, and with AVX512-BF16 alone up to
+BF16_KERNEL_ROWS, then oneDNN's bfloat16 GEMM; without native bfloat16, up to KERNEL_ROWS,
+then PyTorch's float32 GEMM on x and W widened for the call (`_widened_linear`), and no packed
+copy is kept: oneDNN's bfloat16 GEMM then ran 2.5-3x slower than the kernel at 8-512 rows
+(SmolLM2's shapes on an AVX2 Zen 3, 2 threads), and the kernel, whose widening costs
+arithmetic where prefill is bound by it, 1.8-3.4x slower than the widened GEMM at 32-512 rows
+(an AVX-512 Xeon without AVX512-BF16).
 Decode steps run as one call (worker/kernels/decode_plan.py) whose kernel reads the bfloat16
 weights with float32 x.
 """
@@ -33,7 +36,6 @@ weights with float32 x.
 from __future__ import annotations
 
 import bisect
-import sys
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,13 +73,19 @@ and beats the packed GEMM there (SmolLM2 decode steps, 2 threads: 8 rows 39 vs 5
 
 
 def bf16_kernel_rows(kernels: CpuKernels) -> int:
-    """Most rows of a bfloat16 projection the kernel serves on this CPU (sys.maxsize: all)."""
+    """Most rows of a bfloat16 projection the kernel serves on this CPU without a table."""
     isa = kernels.isa.split()
     if "amxbf16" in isa:
         return AMX_KERNEL_ROWS
     if "avx512bf16" in isa:  # oneDNN multiplies bfloat16 natively too
         return BF16_KERNEL_ROWS
-    return sys.maxsize
+    return KERNEL_ROWS
+
+
+def native_bf16(kernels: CpuKernels) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16, AMX), so that oneDNN's
+    bfloat16 GEMM (and its packed copy) can serve prefill."""
+    return bool({"amxbf16", "avx512bf16"} & set(kernels.isa.split()))
 
 
 def can_pack(device: torch.device) -> bool:
@@ -100,9 +108,11 @@ class Projection:
         self._bf16_kernels = kernels if weight.dtype == torch.bfloat16 else None
         self._bf16_rows = (0 if self._bf16_kernels is None
                            else bf16_kernel_rows(self._bf16_kernels))
-        """Most rows the bfloat16 kernel serves (0: none, sys.maxsize: every call)."""
+        """Most rows the bfloat16 kernel serves without a table (0: none)."""
+        self._widen = self._bf16_kernels is not None and not native_bf16(self._bf16_kernels)
+        """bfloat16 without native bfloat16: larger calls widen to float32 for PyTorch's GEMM."""
         # a packed copy that no call would read is not kept
-        self._packed = _packed(self.weight) if pack and self._bf16_rows < sys.maxsize else None
+        self._packed = _packed(self.weight) if pack and not self._widen else None
         self._routes: tuple[str, ...] | None = None
         self.route_buckets = (BF16_ROUTE_BUCKETS if self._bf16_kernels is not None and prefill
                               else ROUTE_BUCKETS)
@@ -153,6 +163,8 @@ class Projection:
             return self.run(self._routes[b], x)
         if m <= self._bf16_rows:
             return self.run("kernel", x)
+        if self._widen:
+            return _widened_linear(x, self.weight, self.bias)
         if self._kernels is not None and m <= KERNEL_ROWS:
             return self._kernels.linear(x.contiguous(), self.weight, self.bias)
         if self._cpu and m <= 2:
@@ -164,7 +176,9 @@ class Projection:
         return F.linear(x, self.weight, self.bias)
 
     def run(self, choice: str, x: torch.Tensor) -> torch.Tensor:
-        """x through one GEMM: "kernel", "onednn" (the packed weight) or "torch" (F.linear)."""
+        """x through one GEMM: "kernel", "onednn" (the packed weight) or "torch" (F.linear;
+        in float32, `_widened_linear`, for bfloat16 weights on a CPU without native
+        bfloat16)."""
         if choice == "kernel":
             if self._bf16_kernels is not None:
                 return self._bf16_kernels.linear_bf16(x.contiguous(), self.weight, self.bias)
@@ -172,7 +186,21 @@ class Projection:
             return self._kernels.linear(x.contiguous(), self.weight, self.bias)
         if choice == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        if self._widen:
+            return _widened_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """F.linear of bfloat16 x and weight in float32 (both widened for the call: the same
+    exact products, float32 sums, one rounding back). On a CPU without native bfloat16,
+    PyTorch's bfloat16 GEMM runs far below its float32 one: on an AVX-512 Xeon without
+    AVX512-BF16, SmolLM2's 3072x576 at 64 / 128 / 512 rows took 1.4 / 2.1 / 6.4 ms widened
+    against 4.0 / 7.5 / 29.4 in bfloat16 and 2.6 / 5.3 / 21.6 on the kernel; widening the
+    weight costs a fraction of a prefill chunk's arithmetic."""
+    y = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
+    return y.to(x.dtype)
 
 
 def _packed(weight: torch.Tensor) -> torch.Tensor | None:

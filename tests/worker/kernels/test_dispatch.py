@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -117,13 +116,16 @@ def test_routes_that_cannot_run_are_refused(k: CpuKernels) -> None:
         bare.route(("torch",))
 
 
-@pytest.mark.parametrize("limit", [linear.BF16_KERNEL_ROWS, linear.AMX_KERNEL_ROWS, sys.maxsize])
+@pytest.mark.parametrize(("limit", "native"), [(linear.BF16_KERNEL_ROWS, True),
+                                               (linear.AMX_KERNEL_ROWS, True),
+                                               (linear.KERNEL_ROWS, False)])
 def test_bfloat16_calls_take_the_kernel_up_to_the_cpus_limit(
-        k: CpuKernels, monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+        k: CpuKernels, monkeypatch: pytest.MonkeyPatch, limit: int, native: bool) -> None:
     """oneDNN's bfloat16 GEMM takes calls of more rows than the CPU's limit; without native
-    bfloat16 (no limit) the kernel takes every call, prefill included, and no packed copy is
-    held."""
+    bfloat16, PyTorch's float32 GEMM on x and W widened for the call does (prefill), and no
+    packed copy is held."""
     monkeypatch.setattr(linear, "bf16_kernel_rows", lambda kernels: limit)
+    monkeypatch.setattr(linear, "native_bf16", lambda kernels: native)
     p = Projection(torch.randn(24, 32).bfloat16(), pack=True, kernels=k)
     calls: list[int] = []
 
@@ -132,24 +134,32 @@ def test_bfloat16_calls_take_the_kernel_up_to_the_cpus_limit(
         return CpuKernels.linear_bf16(k, x, weight, bias)
 
     monkeypatch.setattr(k, "linear_bf16", spy)
-    rows = (1, linear.BF16_KERNEL_ROWS, linear.BF16_KERNEL_ROWS + 1, linear.AMX_KERNEL_ROWS,
+    rows = (1, linear.BF16_KERNEL_ROWS, linear.KERNEL_ROWS + 1, linear.AMX_KERNEL_ROWS,
             linear.AMX_KERNEL_ROWS + 1)
     for m in rows:
         x = torch.randn(m, 32).bfloat16()
-        torch.testing.assert_close(p(x).float(), F.linear(x.float(), p.weight.float()),
+        y = p(x)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), F.linear(x.float(), p.weight.float()),
                                    rtol=2e-2, atol=2e-2)
+        if m > limit and not native:  # float32 sums of the exact products, rounded once
+            assert torch.equal(y, F.linear(x.float(), p.weight.float()).bfloat16())
     assert calls == [m for m in rows if m <= limit]
-    if limit == sys.maxsize:  # no call reads a packed copy, so none is held
-        assert not p.packed and p.resident_bytes == p.nbytes
+    assert p.packed == native
+    if not native:  # no call reads a packed copy, so none is held
+        assert p.resident_bytes == p.nbytes
 
 
-@pytest.mark.parametrize(("isa", "limit"), [
-    ("avx512f avx512bf16 avx2 fma amxbf16", linear.AMX_KERNEL_ROWS),
-    ("avx512f avx512bf16 avx2 fma", linear.BF16_KERNEL_ROWS),
-    ("avx512f avx2 fma", sys.maxsize), ("avx2 fma", sys.maxsize), ("neon", sys.maxsize)])
-def test_the_bfloat16_limit_follows_how_the_cpu_multiplies_bfloat16(isa: str,
-                                                                    limit: int) -> None:
-    assert linear.bf16_kernel_rows(SimpleNamespace(isa=isa)) == limit  # type: ignore[arg-type]
+@pytest.mark.parametrize(("isa", "limit", "native"), [
+    ("avx512f avx512bf16 avx2 fma amxbf16", linear.AMX_KERNEL_ROWS, True),
+    ("avx512f avx512bf16 avx2 fma", linear.BF16_KERNEL_ROWS, True),
+    ("avx512f avx2 fma", linear.KERNEL_ROWS, False), ("avx2 fma", linear.KERNEL_ROWS, False),
+    ("neon", linear.KERNEL_ROWS, False)])
+def test_the_bfloat16_limit_follows_how_the_cpu_multiplies_bfloat16(isa: str, limit: int,
+                                                                    native: bool) -> None:
+    cpu = SimpleNamespace(isa=isa)
+    assert linear.bf16_kernel_rows(cpu) == limit  # type: ignore[arg-type]
+    assert linear.native_bf16(cpu) == native  # type: ignore[arg-type]
 
 
 def bf16_projections(k: CpuKernels, *shapes: tuple[int, int]) -> list[Projection]:
@@ -167,7 +177,7 @@ def test_every_bfloat16_route_computes_the_projection(k: CpuKernels, choice: str
     larger call (600 rows)."""
     (p,) = bf16_projections(k, (72, 40))
     if choice == "onednn" and not p.packed:
-        pytest.skip("oneDNN has no bfloat16 GEMM on this CPU, so no packed copy is kept")
+        pytest.skip("this CPU has no native bfloat16, so no packed copy is kept")
     p.route((choice,) * len(BF16_ROUTE_BUCKETS))
     x = torch.randn(m, 40, generator=torch.Generator().manual_seed(m)).bfloat16()
     assert p.bias is not None
@@ -210,22 +220,19 @@ def test_bfloat16_shapes_are_timed_apart_from_float32_ones(k: CpuKernels, cache:
 
 def test_a_bfloat16_model_routes_its_projections_by_the_table(tiny_model_dir, cache: Path
                                                              ) -> None:
-    """Where oneDNN multiplies bfloat16 (a packed copy is kept), the table routes a bfloat16
-    model's projections (the lm_head without prefill buckets, as serving asks it for sampled
-    rows only); elsewhere there is nothing to choose and the kernel takes them all."""
+    """The table routes a bfloat16 model's projections (the lm_head without prefill buckets,
+    as serving asks it for sampled rows only), between the kernel, oneDNN where it multiplies
+    bfloat16 (a packed copy is kept) and PyTorch's GEMM (in float32 elsewhere)."""
     runner = ModelRunner(tiny_model_dir("qwen3"), TorchSettings(kv_cache_gb=0.02,
                                                                 dtype="bfloat16"))
     lm_head = runner.weights.lm_head
     assert isinstance(lm_head, Projection)
-    if not lm_head.packed:
-        assert runner.dispatch is None and lm_head._routes is None
-        return
     table = runner.dispatch
     assert table is not None and not table.attention_parts  # float32 attention's only
     layer = runner.weights.layers[0]
     for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down, lm_head):
         key = key_of(p)
-        assert key.startswith(BF16) and p._routes == table.routes(key, True)
+        assert key.startswith(BF16) and p._routes == table.routes(key, p.packed)
     assert len(layer.qkv._routes or ()) == len(BF16_ROUTE_BUCKETS)
     assert len(lm_head._routes or ()) == len(BUCKETS)
 
