@@ -99,8 +99,13 @@ AMX_SHAPES = [(301, 576), (40, 64), (16, 32)]
 """Widths in whole AMX tiles (32 columns), with W blocks of 16 and 32 rows and a short one."""
 
 
+WIDE_SHAPE = (9, 8208)
+"""More columns than a tile of bfloat16 weights keeps widened (linear.c's WIDEN_MAX_K)."""
+
+
 @pytest.mark.parametrize("m", [1, 3, 17, 70])
-@pytest.mark.parametrize(("n", "in_features"), [(7, 13), (301, 584), (64, 40), *AMX_SHAPES])
+@pytest.mark.parametrize(("n", "in_features"), [(7, 13), (301, 584), (64, 40), *AMX_SHAPES,
+                                                WIDE_SHAPE])
 def test_bfloat16_linear_is_the_float32_product_rounded_once(k: CpuKernels, prefetch: int,
                                                              m: int, n: int,
                                                              in_features: int) -> None:
@@ -117,7 +122,8 @@ def test_bfloat16_linear_is_the_float32_product_rounded_once(k: CpuKernels, pref
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 16, 33, 70])
-@pytest.mark.parametrize(("n", "in_features"), [(7, 13), (301, 584), (64, 40), *AMX_SHAPES])
+@pytest.mark.parametrize(("n", "in_features"), [(7, 13), (301, 584), (64, 40), *AMX_SHAPES,
+                                                WIDE_SHAPE])
 def test_bfloat16_weights_under_float32_x(k: CpuKernels, prefetch: int, m: int, n: int,
                                           in_features: int) -> None:
     """A bfloat16 model's projection in the one-call decode step: float32 x and y, the weight

@@ -205,13 +205,19 @@ ALWAYS_INLINE void reduce_4x4(const __m512 acc[MAX_WR][MAX_XR], int R,
 }
 #endif
 
+/* Where a tile of bfloat16 W takes its weights from (tile_float's WM). */
+#define W_AS_IS 0 /* W itself, widened in registers where WBF */
+#define W_KEEP 1  /* W widened, and kept in wbuf for the tile's later passes */
+#define W_KEPT 2  /* wbuf, as an earlier pass kept it */
+
 /* float32 (or, with XBF / WBF, bfloat16 x / W widened to float32 in registers): dot products
- * of the tile's WR weight rows with R rows of x, VW columns at a time. WR, R, PF, XBF and WBF
- * are constants after inlining, so acc stays in registers. The tile consumes WR * VW elements
- * of W per step, which the prefetches cover a few tiles ahead. */
+ * of the tile's WR weight rows with R rows of x, VW columns at a time. WR, R, PF, XBF, WBF
+ * and WM are constants after inlining, so acc stays in registers. The tile consumes WR * VW
+ * elements of W per step, which the prefetches cover a few tiles ahead. */
 ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j, int64_t n,
                               int WR, int64_t i, int R, int PF, int XBF, int WBF,
-                              int64_t pass, int64_t passes, float out[MAX_WR][MAX_XR]) {
+                              int64_t pass, int64_t passes, float *wbuf, int WM,
+                              float out[MAX_WR][MAX_XR]) {
     const int64_t es = WBF ? 2 : 4, xes = XBF ? 2 : 4; /* element bytes */
     const char *xs[MAX_XR];
     for (int r = 0; r < R; r++) xs[r] = (const char *)x + (i + r) * k * xes;
@@ -227,7 +233,12 @@ ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j
         ahead_step(&ahead, c / VW, WR * VW * es, PF);
         vwf wv[MAX_WR];
         for (int q = 0; q < WR; q++) {
-            wv[q] = vw_load(rows[q], c, WBF);
+            if (WM == W_KEPT) {
+                wv[q] = *(const vwf *)(wbuf + q * k + c);
+            } else {
+                wv[q] = vw_load(rows[q], c, WBF);
+                if (WM == W_KEEP) *(vwf *)(wbuf + q * k + c) = wv[q];
+            }
             IN_REGISTER(wv[q]);
         }
         for (int r = 0; r < R; r++) {
@@ -357,13 +368,16 @@ ALWAYS_INLINE void store_bf16(float out[MAX_WR][MAX_XR], int WR, int R, int64_t 
 
 /* One x row: four weight rows per tile, so four streams of reads overlap. Several rows:
  * WR_ROWS weight rows by four x rows per pass, the tile's weights re-read from L1 for each
- * pass. TILE(WR, R, PF) computes one tile into out. */
-#define FOR_TILES_PF(WR, TILE, PF, STORE)                                                      \
+ * pass. TILE(WR, R, PF) computes one tile into out; wbuf, WBUF floats on the thread's stack,
+ * is there for it to keep the tile's weights in. */
+#define FOR_TILES_PF(WR, TILE, PF, STORE, WBUF)                                                \
     for (int64_t i0 = 0; i0 < m; i0 += X_BLOCK) {                                              \
         const int64_t i1 = m - i0 < X_BLOCK ? m : i0 + X_BLOCK;                                \
         _Pragma("omp parallel for schedule(static) if (n * k > 65536)")                       \
         for (int64_t jt = 0; jt < (n + WR - 1) / WR; jt++) {                                   \
             int64_t j = jt * WR;                                                               \
+            float wbuf[WBUF] __attribute__((aligned(64)));                                     \
+            (void)wbuf;                                                                        \
             for (int64_t i = i0; i < i1; i += MAX_XR) {                                        \
                 float out[MAX_WR][MAX_XR];                                                     \
                 int R = i1 - i < MAX_XR ? (int)(i1 - i) : MAX_XR;                              \
@@ -378,30 +392,56 @@ ALWAYS_INLINE void store_bf16(float out[MAX_WR][MAX_XR], int WR, int R, int64_t 
         }                                                                                      \
     }
 
-#define FOR_TILES_STORE(TILE, STORE)                                                           \
+#define FOR_TILES_WBUF(TILE, STORE, WBUF)                                                      \
     do {                                                                                       \
         if (m == 1 && prefetch_mode == PREFETCH_ALL_LEVELS)                                    \
-            FOR_TILES_PF(4, TILE, PREFETCH_ALL_LEVELS, STORE)                                  \
-        else if (m == 1 && prefetch_mode == PREFETCH_L2) FOR_TILES_PF(4, TILE, PREFETCH_L2, STORE) \
-        else if (m == 1) FOR_TILES_PF(4, TILE, PREFETCH_NTA, STORE)                            \
+            FOR_TILES_PF(4, TILE, PREFETCH_ALL_LEVELS, STORE, 1)                               \
+        else if (m == 1 && prefetch_mode == PREFETCH_L2)                                       \
+            FOR_TILES_PF(4, TILE, PREFETCH_L2, STORE, 1)                                       \
+        else if (m == 1) FOR_TILES_PF(4, TILE, PREFETCH_NTA, STORE, 1)                         \
         else if (prefetch_mode == PREFETCH_ALL_LEVELS)                                         \
-            FOR_TILES_PF(WR_ROWS, TILE, PREFETCH_ALL_LEVELS, STORE)                            \
-        else if (prefetch_mode == PREFETCH_L2) FOR_TILES_PF(WR_ROWS, TILE, PREFETCH_L2, STORE)  \
-        else FOR_TILES_PF(WR_ROWS, TILE, PREFETCH_NTA, STORE)                                  \
+            FOR_TILES_PF(WR_ROWS, TILE, PREFETCH_ALL_LEVELS, STORE, WBUF)                      \
+        else if (prefetch_mode == PREFETCH_L2)                                                 \
+            FOR_TILES_PF(WR_ROWS, TILE, PREFETCH_L2, STORE, WBUF)                              \
+        else FOR_TILES_PF(WR_ROWS, TILE, PREFETCH_NTA, STORE, WBUF)                            \
     } while (0)
+#define FOR_TILES_STORE(TILE, STORE) FOR_TILES_WBUF(TILE, STORE, 1)
 #define FOR_TILES(TILE) FOR_TILES_STORE(TILE, store)
 
 /* x: [m, k]; w: [n, k]; bias: [n] or NULL; y: [m, n]. */
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y) {
-#define TILE_F32(WR_, R_, PF_) tile_float(x, k, w, j, n, WR_, i, R_, PF_, 0, 0, PASS, PASSES, out)
+#define TILE_F32(WR_, R_, PF_)                                                                 \
+    tile_float(x, k, w, j, n, WR_, i, R_, PF_, 0, 0, PASS, PASSES, NULL, W_AS_IS, out)
     FOR_TILES(TILE_F32);
 #undef TILE_F32
 }
 
+/* Several rows of float32 x over bfloat16 W without AVX512-BF16. Widening a vector of W
+ * costs two instructions on the ports that multiply, and a tile met by several passes of x
+ * widened its weights in each: on an AVX-512 Xeon without AVX512-BF16, SmolLM2's 3072 x 576
+ * took 728 / 1404 us at 16 / 32 rows of bfloat16 x against float32's 470 / 861. So each tile
+ * widens its weights once, in its first pass, keeping them on the thread's stack (WR_ROWS x k
+ * floats: 9 KB for 576 columns) for its other passes; past WIDEN_MAX_K columns every pass
+ * widens. */
+#define WIDEN_MAX_K 8192
+#define WIDEN_FLOATS(k) ((k) <= WIDEN_MAX_K ? WR_ROWS * (k) : 1)
+
+ALWAYS_INLINE void tile_widened(const float *x, int64_t k, const uint16_t *w, int64_t j,
+                                int64_t n, int WR, int64_t i, int R, int PF, int64_t pass,
+                                int64_t passes, float *wbuf, float out[MAX_WR][MAX_XR]) {
+    if (passes == 1 || k > WIDEN_MAX_K)
+        tile_float(x, k, w, j, n, WR, i, R, PF, 0, 1, pass, passes, NULL, W_AS_IS, out);
+    else if (pass == 0)
+        tile_float(x, k, w, j, n, WR, i, R, PF, 0, 1, pass, passes, wbuf, W_KEEP, out);
+    else
+        tile_float(x, k, w, j, n, WR, i, R, PF, 0, 1, pass, passes, wbuf, W_KEPT, out);
+}
+
 /* As cpuk_linear_f32 with x, w, bias and y in bfloat16: products and sums in float32, one
- * rounding per output. Returns 0, or (computing nothing) the bytes of scratch it needs when
- * work_bytes is short (cpuk_linear_wbf16_workspace is enough). */
+ * rounding per output. Several rows without AVX512-BF16 widen x into the caller's scratch
+ * once. Returns 0, or (computing nothing) the bytes of scratch it needs when work_bytes is
+ * short (cpuk_linear_wbf16_workspace is enough with AVX512-BF16). */
 int64_t cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t *w, int64_t n,
                          const uint16_t *bias, uint16_t *y, void *work, int64_t work_bytes) {
     if (amx_takes(m, k)) {
@@ -418,7 +458,22 @@ int64_t cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t
         return 0;
     }
 #endif
-#define TILE_BF16(WR_, R_, PF_) tile_float(x, k, w, j, n, WR_, i, R_, PF_, 1, 1, PASS, PASSES, out)
+#ifndef __AVX512BF16__
+    if (m > 1) {
+        const int64_t need = m * k * (int64_t)sizeof(float);
+        if (need > work_bytes) return need;
+        float *xf = work;
+        int64_t c = 0;
+        for (; c + VW <= m * k; c += VW) *(vwf *)(xf + c) = vw_load((const char *)x, c, 1);
+        for (; c < m * k; c++) xf[c] = bf16_float(x[c]);
+#define TILE_WIDE(WR_, R_, PF_) tile_widened(xf, k, w, j, n, WR_, i, R_, PF_, PASS, PASSES, wbuf, out)
+        FOR_TILES_WBUF(TILE_WIDE, store_bf16, WIDEN_FLOATS(k));
+#undef TILE_WIDE
+        return 0;
+    }
+#endif
+#define TILE_BF16(WR_, R_, PF_)                                                                \
+    tile_float(x, k, w, j, n, WR_, i, R_, PF_, 1, 1, PASS, PASSES, NULL, W_AS_IS, out)
     FOR_TILES_STORE(TILE_BF16, store_bf16);
 #undef TILE_BF16
     return 0;
@@ -439,9 +494,10 @@ int64_t cpuk_linear_wbf16_workspace(int64_t m, int64_t k) {
 /* As cpuk_linear_f32 with W in bfloat16 (x, bias and y float32): a bfloat16 model's
  * projection in the one-call decode step, whose activations are float32. With AMX, x is
  * rounded to bfloat16 (as PyTorch's bfloat16 operators hold it) for the tiles; without, one
- * row widens W to float32 in registers, and several, on AVX512-BF16, round x into the
- * caller's scratch and take vdpbf16ps, which is compute-bound there. Returns 0, or (computing nothing) the bytes of scratch it needs when
- * work_bytes is short. */
+ * row widens W to float32 in registers, and several round x into the caller's scratch and
+ * take vdpbf16ps on AVX512-BF16, which is compute-bound there, or widen each tile's weights
+ * once elsewhere (tile_widened). Returns 0, or (computing nothing) the bytes of scratch it
+ * needs when work_bytes is short. */
 int64_t cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16_t *w,
                               int64_t n, const float *bias, float *y, void *work,
                               int64_t work_bytes) {
@@ -466,9 +522,9 @@ int64_t cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16
     }
 #endif
     (void)work;
-#define TILE_WBF16(WR_, R_, PF_) tile_float(x, k, w, j, n, WR_, i, R_, PF_, 0, 1, PASS, PASSES, out)
-    FOR_TILES(TILE_WBF16);
-#undef TILE_WBF16
+#define TILE_WIDE(WR_, R_, PF_) tile_widened(x, k, w, j, n, WR_, i, R_, PF_, PASS, PASSES, wbuf, out)
+    FOR_TILES_WBUF(TILE_WIDE, store, WIDEN_FLOATS(k));
+#undef TILE_WIDE
     return 0;
 }
 
