@@ -20,7 +20,8 @@ bfloat16 x, over the float buckets and two prefill buckets (BF16_ROUTE_BUCKETS),
 one's choice serving every larger call (the lm_head, which serving asks for a step's sampled
 rows only, over the float buckets alone): where the kernel gives way to oneDNN depends on how
 the CPU multiplies bfloat16 (on AMX tiles it tied oneDNN at 128 rows on a Xeon; with
-AVX512-BF16 alone oneDNN took over from 16-128 rows, by shape, on a Zen 4).
+AVX512-BF16 alone oneDNN took over from 16-128 rows, by shape, on a Zen 4; without native
+bfloat16, where `torch` widens to float32, that took over from 128-512 rows on a Xeon).
 
 w8a16 projections with per-channel scales are timed the same way between two candidates,
 npuserve's int8 kernel (`kernel`) and F.linear on the weight widened to float32 for the call
