@@ -47,20 +47,6 @@ ALWAYS_INLINE void block_scores(const float *q, int64_t dv, const void *cache, i
     }
 }
 
-/* The largest of sc[0 .. len), eight lanes at a time (a scalar loop is a chain of compares,
- * three cycles a token). Exact: the order of a max does not matter. */
-ALWAYS_INLINE float row_max(const float *sc, int64_t len) {
-    v8f m = vsplat(-INFINITY);
-    int64_t t = 0;
-    for (; t + 8 <= len; t += 8) {
-        const v8f x = vload(sc + t);
-        m = vselect(x > m, x, m);
-    }
-    float max = -INFINITY;
-    for (int u = 0; u < 8; u++) max = m[u] > max ? m[u] : max;
-    for (; t < len; t++) max = sc[t] > max ? sc[t] : max;
-    return max;
-}
 
 /* The cache element of token t0's slot (head offset `head`) and the tokens left in its block
  * before `t_end`. */

@@ -4,6 +4,7 @@
 #ifndef NPUSERVE_VEC_H
 #define NPUSERVE_VEC_H
 
+#include <math.h>
 #include <stdint.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -98,6 +99,21 @@ ALWAYS_INLINE v8f hsum8(const v8f a[8]) {
 /* mask ? a : b per lane, mask from a vector comparison (all ones or all zeros). */
 ALWAYS_INLINE v8f vselect(v8i mask, v8f a, v8f b) {
     return (v8f)(((v8i)a & mask) | ((v8i)b & ~mask));
+}
+
+/* The largest of sc[0 .. len), eight lanes at a time (a scalar loop is a chain of compares,
+ * three cycles a token). Exact: the order of a max does not matter. */
+ALWAYS_INLINE float row_max(const float *sc, int64_t len) {
+    v8f m = vsplat(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= len; t += 8) {
+        const v8f x = vload(sc + t);
+        m = vselect(x > m, x, m);
+    }
+    float max = -INFINITY;
+    for (int u = 0; u < 8; u++) max = m[u] > max ? m[u] : max;
+    for (; t < len; t++) max = sc[t] > max ? sc[t] : max;
+    return max;
 }
 
 /* exp(x) to about 1 ulp (Cephes' expf): x = n ln2 + r, exp(r) by a degree-5 polynomial,
