@@ -27,8 +27,8 @@ BF16_KERNEL_ROWS, then oneDNN's bfloat16 GEMM; without native bfloat16, up to KE
 then PyTorch's float32 GEMM on x and W widened for the call (`_widened_linear`), and no packed
 copy is kept: oneDNN's bfloat16 GEMM then ran 2.5-3x slower than the kernel at 8-512 rows
 (SmolLM2's shapes on an AVX2 Zen 3, 2 threads), and the kernel, whose widening costs
-arithmetic where prefill is bound by it, 1.8-3.4x slower than the widened GEMM at 32-512 rows
-(an AVX-512 Xeon without AVX512-BF16).
+arithmetic where prefill is bound by it, 1.2-1.4x slower than the widened GEMM at 512 rows
+(an AVX-512 Xeon without AVX512-BF16; they tied at 128).
 Decode steps run as one call (worker/kernels/decode_plan.py) whose kernel reads the bfloat16
 weights with float32 x.
 """
@@ -197,8 +197,9 @@ def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     exact products, float32 sums, one rounding back). On a CPU without native bfloat16,
     PyTorch's bfloat16 GEMM runs far below its float32 one: on an AVX-512 Xeon without
     AVX512-BF16, SmolLM2's 3072x576 at 64 / 128 / 512 rows took 1.4 / 2.1 / 6.4 ms widened
-    against 4.0 / 7.5 / 29.4 in bfloat16 and 2.6 / 5.3 / 21.6 on the kernel; widening the
-    weight costs a fraction of a prefill chunk's arithmetic."""
+    against 4.0 / 7.5 / 29.4 in bfloat16 (and 1.1 / 2.1 / 9.4 on the kernel, which widens each
+    tile's weights once); widening the weight costs a fraction of a prefill chunk's
+    arithmetic."""
     y = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
     return y.to(x.dtype)
 

@@ -47,7 +47,6 @@ ALWAYS_INLINE void block_scores(const float *q, int64_t dv, const void *cache, i
     }
 }
 
-
 /* The cache element of token t0's slot (head offset `head`) and the tokens left in its block
  * before `t_end`. */
 ALWAYS_INLINE int64_t slot_of(const int32_t *table, int64_t t0, int64_t t_end,
