@@ -28,7 +28,7 @@ from worker.kernels.decode_plan import BF16_PLAN_ROWS, DecodePlan
 from worker.kernels.dispatch_table import DispatchTable, Routable, key_of
 from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment
 from worker.model.config import ModelConfig
-from worker.model.linear import KERNEL_ROWS, Projection
+from worker.model.linear import KERNEL_ROWS, Projection, native_bf16
 from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
 from worker.model.sharding import Shard
@@ -95,8 +95,10 @@ class ModelRunner:
         what max_num_seqs sequences of max_model_len tokens can use; `num_blocks` sets it
         instead (tensor-parallel ranks must agree). `shard`: hold one tensor-parallel rank's
         part of the model (then `all_reduce` must be set before the first step). `ops`: the
-        op set, chosen by device otherwise (the NPU's on npu, the C kernels' on a CPU in
-        float32 where they can run, PyTorch's elsewhere)."""
+        op set, chosen by device otherwise (the NPU's on npu; on a CPU where they can run, the
+        C kernels', for a float32 model or a bfloat16 one on a CPU without native bfloat16,
+        and PyTorch's with the kernels' attention for a bfloat16 model elsewhere; PyTorch's
+        otherwise)."""
         settings = settings or TorchSettings()
         self.device = resolve_device(settings.device)
         self.governor: ThreadGovernor | None = None
@@ -128,17 +130,24 @@ class ModelRunner:
                    else None)
         # a bfloat16 model's attention and one-call decode steps, where its heads fit them
         bf16_attention = bf16_kernels if heads_fit(cfg) is None else None
-        self.ops: DecoderOps = ops or (KernelOps(kernels) if kernels is not None
+        # the kernels' op set, float32 activations: a float32 model's, or a bfloat16 one's
+        # where the CPU does not multiply bfloat16 natively
+        op_kernels = kernels or (bf16_attention if bf16_attention is not None
+                                 and not native_bf16(bf16_attention) else None)
+        self.ops: DecoderOps = ops or (KernelOps(op_kernels) if op_kernels is not None
                                        else Bf16KernelOps(bf16_attention)
                                        if bf16_attention is not None else DecoderOps())
         self.ops.check_dtype(self.dtype)
+        self.activation_dtype = self.ops.activation_dtype or self.dtype
+        """The activations' dtype: float32 on the kernels' op set, the model's elsewhere."""
         self.kv_dtype = self._kv_dtype(settings)
         """The KV cache's dtype: the model's, or bfloat16 for a float32 model on the kernels."""
         self.weights: ModelWeights = load_weights(
             model_dir, full, self.dtype, self.device, pack=settings.cpu_packed_weights,
-            kernels=kernels or bf16_kernels, shard=shard, device_int8=self.ops.int8_projection)
+            kernels=kernels or bf16_kernels, shard=shard, device_int8=self.ops.int8_projection,
+            norm_dtype=self.activation_dtype)
         max_len = min(cfg.max_position_embeddings, max_model_len or 1 << 30)
-        self.rope = RotaryEmbedding(cfg, max_len, self.device, self.dtype)
+        self.rope = RotaryEmbedding(cfg, max_len, self.device, self.activation_dtype)
         block_size = settings.block_size or self.ops.default_block_size
         self.cache: KVCache = self.ops.allocate_kv_cache(
             cfg, num_blocks or self._num_blocks(block_size, max_len, max_num_seqs), block_size,
@@ -147,7 +156,7 @@ class ModelRunner:
         """Longest sequence the runner can hold: the context length or the whole cache."""
         route_kernels = kernels or bf16_kernels
         self.dispatch: DispatchTable | None = (
-            self._route(route_kernels, attention=kernels is not None)
+            self._route(route_kernels, attention=op_kernels is not None)
             if route_kernels is not None and settings.cpu_dispatch else None)
         """This machine's GEMM choices per projection shape and row bucket, when timed."""
         step_kernels = kernels or bf16_attention
@@ -155,7 +164,7 @@ class ModelRunner:
         plan_rows = min(max_num_seqs + block_size,
                         self._plan_rows() if kernels is not None else BF16_PLAN_ROWS)
         self.plan = (DecodePlan.build(step_kernels, cfg, self.weights, self.cache, self.rope,
-                                      plan_rows)
+                                      plan_rows, self.activation_dtype)
                      if step_kernels is not None and shard is None and plan_rows > 0 else None)
         """The one-call decode step of the CPU kernels, when they run this model, or its
         bfloat16 decode steps (not under tensor parallelism: the step has no place for the
@@ -174,8 +183,8 @@ class ModelRunner:
 
     def _route(self, kernels: CpuKernels, attention: bool) -> DispatchTable | None:
         """Time (or read from the cache) this machine's GEMM choices for the model's
-        projections and route each by them, and (with `attention`, float32) its decode
-        attention's split."""
+        projections and route each by them, and (with `attention`, on the kernels' op set) its
+        decode attention's split."""
         projs = self._routable(with_lm_head=True)
         if not projs:
             return None
@@ -199,8 +208,8 @@ class ModelRunner:
     def _bf16_kernels(self, settings: TorchSettings, ops: DecoderOps | None
                       ) -> CpuKernels | None:
         """The compiled kernels for a bfloat16 model on the CPU: its small projections, its
-        prefill attention (Bf16KernelOps) and its decode steps of up to BF16_PLAN_ROWS rows
-        (in one call, as float32's)."""
+        op set (KernelOps without native bfloat16, else Bf16KernelOps' attention) and its
+        decode steps of up to BF16_PLAN_ROWS rows (in one call, as float32's)."""
         if (settings.cpu_kernels and ops is None and self.device.type == "cpu"
                 and self.dtype == torch.bfloat16):
             return cpu_kernels()

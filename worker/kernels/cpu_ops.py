@@ -1,8 +1,14 @@
-"""DecoderOps on the compiled CPU kernels: float32 on the CPU, one C call per step of a layer.
+"""DecoderOps on the compiled CPU kernels: float32 activations on the CPU, one C call per step
+of a layer.
 
 Per layer a decode step makes one call for the q/k norm, rotary embedding and cache write,
 one for attention over the paged cache in place (no gathered copy of the context), and one
 per fused residual-add + RMSNorm and SiLU * up, where PyTorch's ops take about thirty.
+
+They run float32 models, and bfloat16 models on a CPU without native bfloat16 (the weights
+and KV cache in bfloat16, the activations in float32, as the one-call decode step carries
+them): there PyTorch's bfloat16 operators widen and round around every step. Where the CPU
+multiplies bfloat16 natively, a bfloat16 model keeps bfloat16 activations (Bf16KernelOps).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def heads_fit(cfg: ModelConfig) -> str | None:
 
 class KernelOps(DecoderOps):
     name = "cpu-kernels"
+    activation_dtype = torch.float32
 
     def __init__(self, kernels: CpuKernels) -> None:
         self.k = kernels
@@ -123,7 +130,8 @@ class KernelOps(DecoderOps):
 
 
 class Bf16KernelOps(DecoderOps):
-    """PyTorch's operators for a bfloat16 model on the CPU, but attention on the kernels'
+    """PyTorch's operators for a bfloat16 model on a CPU with native bfloat16 (AVX512-BF16,
+    AMX), so that oneDNN's bfloat16 GEMM takes bfloat16 x, but attention on the kernels'
     float32 path (queries widened, keys and values widened as they are read, the output
     rounded back once). Prefill: on a Zen 4 with SmolLM2's heads, 3.8 ms against PyTorch's
     bfloat16 SDPA's 12.7 for a 512-token prompt, 2.7 against 4.0 for a 256-token chunk after

@@ -81,8 +81,9 @@ class DecodePlan:
 
     def __init__(self, kernels: CpuKernels, cfg: ModelConfig, weights: ModelWeights,
                  cache: KVCache, rope: RotaryEmbedding, layers: ctypes.Array[Layer],
-                 held: _Held, max_rows: int) -> None:
+                 held: _Held, max_rows: int, out_dtype: torch.dtype) -> None:
         self.max_rows = max_rows
+        self._out_dtype = out_dtype
         self._embed = weights.embed
         self._fn = kernels.cpuk_decode_forward
         self._layers = layers
@@ -100,9 +101,11 @@ class DecodePlan:
 
     @classmethod
     def build(cls, kernels: CpuKernels, cfg: ModelConfig, weights: ModelWeights,
-              cache: KVCache, rope: RotaryEmbedding, max_rows: int) -> DecodePlan | None:
+              cache: KVCache, rope: RotaryEmbedding, max_rows: int,
+              out_dtype: torch.dtype | None = None) -> DecodePlan | None:
         """The plan, or None when a projection has no kernel the decoder can call (w8a8, or
-        a layout only PyTorch takes)."""
+        a layout only PyTorch takes). out_dtype: the final hidden states' (the activations'
+        of the per-operator path), the model's by default."""
         held = _Held()
         layers = (Layer * cfg.num_hidden_layers)()
         for i, lw in enumerate(weights.layers):
@@ -114,7 +117,8 @@ class DecodePlan:
             layers[i] = Layer(*(held.ptr(_f32(t)) for t in norms), *projs,
                               held.ptr(cache.data[i]))
         held.append(cache.data)  # the layers' views point into it
-        return cls(kernels, cfg, weights, cache, rope, layers, held, max_rows)
+        return cls(kernels, cfg, weights, cache, rope, layers, held, max_rows,
+                   out_dtype or weights.embed.dtype)
 
     def _grow(self, nbytes: int) -> None:
         """Scratch of nbytes in place of the current one (its pointer replaced with it)."""
@@ -131,7 +135,7 @@ class DecodePlan:
     def forward(self, ids: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """ids, positions [n] (one row each) -> final hidden states [n, hidden], in the
-        model's dtype."""
+        plan's out_dtype."""
         decode = meta.decode
         assert isinstance(decode, PagedDecode)
         residual = F.embedding(ids, self._embed).float()  # a fresh tensor, updated in place
@@ -150,4 +154,4 @@ class DecodePlan:
             self._grow(need)
             need = self._fn(ctypes.byref(s), self._layers)
             assert need == 0, "the decode step asked for scratch twice"
-        return out.to(self._embed.dtype)
+        return out.to(self._out_dtype)

@@ -15,8 +15,9 @@ candidates on the model's own projections and picks per shape and row bucket:
 - `torch`: F.linear (MKL); for bfloat16 weights on a CPU without native bfloat16, in float32
   on x and W widened for the call.
 
-bfloat16 projections (a `--dtype bfloat16` model) are timed between the same three, with
-bfloat16 x, over the float buckets and two prefill buckets (BF16_ROUTE_BUCKETS), the last
+bfloat16 projections (a `--dtype bfloat16` model) are timed between the same three, with x
+as serving passes it (bfloat16 where the CPU multiplies bfloat16 natively, float32 elsewhere),
+over the float buckets and two prefill buckets (BF16_ROUTE_BUCKETS), the last
 one's choice serving every larger call (the lm_head, which serving asks for a step's sampled
 rows only, over the float buckets alone): where the kernel gives way to oneDNN depends on how
 the CPU multiplies bfloat16 (on AMX tiles it tied oneDNN at 128 rows on a Xeon; with
@@ -203,7 +204,7 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
                  "threads), once: the choices are cached in %s", len(todo), table.cpu,
                  threads, path)
         for shape in todo:
-            times, buckets = _time_shape(kernels, by_shape[shape])
+            times, buckets = _time_shape(by_shape[shape])
             table.timings_us[shape] = times
             table.choices[shape] = [min(times, key=lambda c: times[c][b])
                                     for b in range(len(buckets))]
@@ -236,7 +237,7 @@ def _pass(fn: Callable[[torch.Tensor, Routable], object], projs: Sequence[Routab
     return run
 
 
-def _time_setting(kernels: CpuKernels, projs: Sequence[Routable], rows: Sequence[int],
+def _time_setting(projs: Sequence[Routable], rows: Sequence[int],
                   get: Callable[[], int], put: Callable[[int], None],
                   values: dict[str, int]) -> dict[str, list[float]]:
     """Microseconds of a pass of the kernel over every one of projs at each of `rows`, with
@@ -254,7 +255,7 @@ def _time_setting(kernels: CpuKernels, projs: Sequence[Routable], rows: Sequence
                 def go() -> None:
                     put(value)
                     for p, x in zip(projs, xs, strict=True):
-                        _kernel(kernels, x, p)
+                        p.run("kernel", x)
                 return go
 
             t = _time_passes({name: run(value) for name, value in values.items()}, REPEATS)
@@ -270,7 +271,7 @@ def _tune_prefetch(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
     """The fastest prefetch setting here (a PREFETCH_MODES name): the kernel over every
     projection at one and four rows, each setting in turn."""
     projs = [p for ps in by_shape.values() for p in ps]
-    results = _time_setting(kernels, projs, (1, 4), kernels.cpuk_get_prefetch,
+    results = _time_setting(projs, (1, 4), kernels.cpuk_get_prefetch,
                             kernels.cpuk_set_prefetch, PREFETCH_MODES)
     table.timings_us["prefetch"] = results
     best = min(PREFETCH_MODES, key=lambda name: sum(results[name]))
@@ -297,7 +298,7 @@ def _tune_amx_i8(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
     model's own projections decide it, since whether they fit in cache does: on a Xeon the
     tiles lost to the vector path at 1-2 rows on SmolLM2's (in L3) and won on Qwen3-0.6B's."""
     projs = [p for key, ps in by_shape.items() if key.startswith(INT8) for p in ps]
-    results = _time_setting(kernels, projs, AMX_I8_ROWS, kernels.cpuk_get_amx_i8_rows,
+    results = _time_setting(projs, AMX_I8_ROWS, kernels.cpuk_get_amx_i8_rows,
                             kernels.cpuk_set_amx_i8_rows,
                             {"tiles": 1, "vector": 2 * AMX_I8_ROWS[-1]})
     table.timings_us["amx-int8"] = results
@@ -351,18 +352,10 @@ def _tune_attention(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: in
     return parts, results
 
 
-def _kernel(kernels: CpuKernels, x: torch.Tensor, p: Routable) -> torch.Tensor:
-    if isinstance(p, W8A16Projection):
-        return p.run("kernel", x)
-    if p.weight.dtype == torch.bfloat16:
-        return kernels.linear_bf16(x, p.weight, p.bias)
-    return kernels.linear(x, p.weight, p.bias)
-
-
 def _input_dtype(p: Routable) -> torch.dtype:
-    """The dtype of x in a call of p: a bfloat16 model's activations are bfloat16."""
-    return torch.bfloat16 if isinstance(p, Projection) and p.weight.dtype == torch.bfloat16 \
-        else torch.float32
+    """The dtype of x in a call of p (a bfloat16 model's activations are bfloat16 only where
+    the CPU multiplies bfloat16 natively)."""
+    return p.input_dtype if isinstance(p, Projection) else torch.float32
 
 
 def _buckets(p: Routable) -> tuple[int, ...]:
@@ -370,7 +363,7 @@ def _buckets(p: Routable) -> tuple[int, ...]:
     return INT8_ROUTE_BUCKETS if isinstance(p, W8A16Projection) else p.route_buckets
 
 
-def _time_shape(kernels: CpuKernels, projs: Sequence[Routable]
+def _time_shape(projs: Sequence[Routable]
                 ) -> tuple[dict[str, list[float]], tuple[int, ...]]:
     """Microseconds per call for each candidate at each bucket (inf where a candidate
     cannot run), from passes over up to PASS_BYTES of projs; and the buckets."""
@@ -386,7 +379,7 @@ def _time_shape(kernels: CpuKernels, projs: Sequence[Routable]
         # the prefill bucket is bound by arithmetic, not memory: a few projections will do
         some = projs if bucket <= BUCKETS[-1] else projs[:PREFILL_PROJECTIONS]
         candidates = {
-            "kernel": _pass(lambda x, p: _kernel(kernels, x, p), some, x),
+            "kernel": _pass(lambda x, p: p.run("kernel", x), some, x),
             "torch": _pass(lambda x, p: p.run("torch", x), some, x),
         }
         if not int8 and projs[0].packed:  # type: ignore[union-attr]

@@ -30,7 +30,8 @@ copy is kept: oneDNN's bfloat16 GEMM then ran 2.5-3x slower than the kernel at 8
 arithmetic where prefill is bound by it, 1.2-1.4x slower than the widened GEMM at 512 rows
 (an AVX-512 Xeon without AVX512-BF16; they tied at 128).
 Decode steps run as one call (worker/kernels/decode_plan.py) whose kernel reads the bfloat16
-weights with float32 x.
+weights with float32 x; so does every call on a CPU without native bfloat16, where the model's
+activations are float32 throughout (worker/kernels/cpu_ops.py): `input_dtype` says which.
 """
 
 from __future__ import annotations
@@ -110,7 +111,11 @@ class Projection:
                            else bf16_kernel_rows(self._bf16_kernels))
         """Most rows the bfloat16 kernel serves without a table (0: none)."""
         self._widen = self._bf16_kernels is not None and not native_bf16(self._bf16_kernels)
-        """bfloat16 without native bfloat16: larger calls widen to float32 for PyTorch's GEMM."""
+        """bfloat16 without native bfloat16: x is float32, and larger calls widen W to float32
+        for PyTorch's GEMM."""
+        self._bias_f32 = (bias.float() if bias is not None and self._bf16_kernels is not None
+                          else None)
+        """The bias as the kernel adds it to a float32 x's product."""
         # a packed copy that no call would read is not kept
         self._packed = _packed(self.weight) if pack and not self._widen else None
         self._routes: tuple[str, ...] | None = None
@@ -118,6 +123,13 @@ class Projection:
                               else ROUTE_BUCKETS)
         """The row buckets of a route; a bfloat16 route's last one serves every larger call,
         a float32 route's none (calls of more rows keep the built-in rule)."""
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype of x in serving's calls: bfloat16 for bfloat16 weights where the CPU
+        multiplies bfloat16 natively (or without the kernels), float32 otherwise."""
+        return torch.bfloat16 if self.weight.dtype == torch.bfloat16 and not self._widen \
+            else torch.float32
 
     @property
     def packed(self) -> bool:
@@ -163,7 +175,7 @@ class Projection:
             return self.run(self._routes[b], x)
         if m <= self._bf16_rows:
             return self.run("kernel", x)
-        if self._widen:
+        if self._widen or x.dtype != self.weight.dtype:
             return self.run("torch", x)
         if self._kernels is not None and m <= KERNEL_ROWS:
             return self._kernels.linear(x.contiguous(), self.weight, self.bias)
@@ -178,23 +190,27 @@ class Projection:
     def run(self, choice: str, x: torch.Tensor) -> torch.Tensor:
         """x through one GEMM: "kernel", "onednn" (the packed weight) or "torch" (F.linear;
         in float32, `_widened_linear`, for bfloat16 weights on a CPU without native
-        bfloat16)."""
+        bfloat16, or a float32 x)."""
         if choice == "kernel":
+            if self._bf16_kernels is not None and x.dtype == torch.float32:
+                return self._bf16_kernels.linear_f32_wbf16(x.contiguous(), self.weight,
+                                                           self._bias_f32)
             if self._bf16_kernels is not None:
                 return self._bf16_kernels.linear_bf16(x.contiguous(), self.weight, self.bias)
             assert self._kernels is not None
             return self._kernels.linear(x.contiguous(), self.weight, self.bias)
         if choice == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        if self._widen:
+        if self._widen or x.dtype != self.weight.dtype:
             return _widened_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                     ) -> torch.Tensor:
-    """F.linear of bfloat16 x and weight in float32 (both widened for the call: the same
-    exact products, float32 sums, one rounding back). On a CPU without native bfloat16,
+    """F.linear of a bfloat16 weight in float32, widened for the call, and of x in float32 (a
+    bfloat16 x widened too, and the result rounded back once): the same exact products, float32
+    sums. On a CPU without native bfloat16,
     PyTorch's bfloat16 GEMM runs far below its float32 one: on an AVX-512 Xeon without
     AVX512-BF16, SmolLM2's 3072x576 at 64 / 128 / 512 rows took 1.4 / 2.1 / 6.4 ms widened
     against 4.0 / 7.5 / 29.4 in bfloat16 (and 1.1 / 2.1 / 9.4 on the kernel, which widens each

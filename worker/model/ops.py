@@ -43,6 +43,9 @@ class DecoderOps:
     """Tokens per KV block when the settings leave it open."""
     default_dtype = torch.float32
     """Compute and weight dtype when the settings leave it open."""
+    activation_dtype: torch.dtype | None = None
+    """The dtype of the residual stream and every activation between projections, and of the
+    norms' weights and rotary tables that meet them; None: the model's."""
 
     def check_dtype(self, dtype: torch.dtype) -> None:
         """Refuse, with what to set instead, a dtype the device cannot compute in."""

@@ -33,6 +33,8 @@ def forward(
     """
     eps = cfg.rms_norm_eps
     h = embed(weights, input_ids, all_reduce)  # [T, hidden], a fresh tensor
+    if ops.activation_dtype is not None:
+        h = h.to(ops.activation_dtype)
     tables = ops.rope_tables(rope, positions)
     layers = weights.layers
     x = ops.rms_norm(h, layers[0].input_norm, eps)

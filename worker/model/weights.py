@@ -120,12 +120,13 @@ class TensorSource:
 def load_weights(
     model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: torch.device,
     pack: bool = True, kernels: CpuKernels | None = None, shard: Shard | None = None,
-    device_int8: DeviceInt8 | None = None,
+    device_int8: DeviceInt8 | None = None, norm_dtype: torch.dtype | None = None,
 ) -> ModelWeights:
     """pack: also keep oneDNN-packed copies of the projections on CPU; kernels: the compiled
     CPU kernels for decode-time projections, float32 or bfloat16 on the CPU (see linear.py;
     int8 ones take them in float32 only); shard:
-    load only a tensor-parallel rank's part (`config` is the whole model's)."""
+    load only a tensor-parallel rank's part (`config` is the whole model's); norm_dtype: the
+    norms' weights in the dtype of the activations they scale, where it is not `dtype`."""
     src = TensorSource(Path(model_dir), config if shard is not None else None, shard)
     pack = pack and can_pack(device)
     quant = config.quantization
@@ -145,12 +146,15 @@ def load_weights(
         return Projection(weight, cat(*(m + ".bias" for m in modules)) if bias else None, pack,
                           kernels)
 
-    def place(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device=device, dtype=dtype).contiguous()
+    def place(t: torch.Tensor, as_dtype: torch.dtype = dtype) -> torch.Tensor:
+        t = t.to(device=device, dtype=as_dtype).contiguous()
         return kernels.on_hugepages(t) if kernels is not None else t
 
     def get(name: str) -> torch.Tensor:
         return place(src.get(name))
+
+    def norm(name: str) -> torch.Tensor:
+        return place(src.get(name), norm_dtype or dtype)
 
     def cat(*names: str) -> torch.Tensor:
         if len(names) == 1:
@@ -163,12 +167,12 @@ def load_weights(
         attn = p + "self_attn."
         layers.append(
             LayerWeights(
-                input_norm=get(p + "input_layernorm.weight"),
+                input_norm=norm(p + "input_layernorm.weight"),
                 qkv=proj([f"{attn}{x}_proj" for x in "qkv"], bias=config.qkv_bias),
-                q_norm=get(attn + "q_norm.weight") if config.qk_norm else None,
-                k_norm=get(attn + "k_norm.weight") if config.qk_norm else None,
+                q_norm=norm(attn + "q_norm.weight") if config.qk_norm else None,
+                k_norm=norm(attn + "k_norm.weight") if config.qk_norm else None,
                 o_proj=proj([attn + "o_proj"]),
-                post_norm=get(p + "post_attention_layernorm.weight"),
+                post_norm=norm(p + "post_attention_layernorm.weight"),
                 gate_up=proj([p + "mlp.gate_proj", p + "mlp.up_proj"]),
                 down=proj([p + "mlp.down_proj"]),
             )
@@ -186,5 +190,5 @@ def load_weights(
         # serving asks it for the rows a step samples; only teacher-forced passes ask more
         lm_head = Projection(embed if tied else get("lm_head.weight"), None, pack, kernels,
                              prefill=False)
-    return ModelWeights(embed=embed, layers=layers, norm=get("model.norm.weight"), lm_head=lm_head,
+    return ModelWeights(embed=embed, layers=layers, norm=norm("model.norm.weight"), lm_head=lm_head,
                         vocab_rows=shard.vocab_rows(config.vocab_size) if shard else None)

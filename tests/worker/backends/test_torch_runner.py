@@ -4,18 +4,20 @@ verification call."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from common.errors import InvalidRequestError, ModelConfigError
 from common.sampling_params import SamplingParams
 from worker.backends.base import SequenceChunk
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
-from worker.kernels.cpu_ops import Bf16KernelOps
-from worker.model.linear import Projection
+from worker.kernels.cpu_ops import Bf16KernelOps, KernelOps
+from worker.model.linear import Projection, native_bf16
 from worker.model.ops import DecoderOps
 from worker.quant.runner import load_runner
 
@@ -123,13 +125,57 @@ def test_a_bfloat16_model_runs_its_small_projections_on_the_kernel(tiny_model_di
     assert isinstance(lm_head, Projection)
     assert with_kernel.dispatch is not None and without.dispatch is None
     assert with_kernel.plan is not None and without.plan is None
-    assert isinstance(with_kernel.ops, Bf16KernelOps) and type(without.ops) is DecoderOps
+    # activations in float32 on the kernels' ops where the CPU lacks native bfloat16
+    native = native_bf16(lm_head._bf16_kernels)
+    assert type(with_kernel.ops) is (Bf16KernelOps if native else KernelOps)
+    assert with_kernel.activation_dtype == (torch.bfloat16 if native else torch.float32)
+    assert type(without.ops) is DecoderOps and without.activation_dtype == torch.bfloat16
     for ids in (list(range(40, 40 + BF16_KERNEL_ROWS)), list(range(40, 70)),
                 list(range(40, 41 + AMX_KERNEL_ROWS))):
         ours = with_kernel.prefill_hidden_states(ids).float()
         ref = without.prefill_hidden_states(ids).float()
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
         assert float((ours - ref).abs().max() / ref.abs().max()) < 3e-2
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])  # q/k norms; q/k/v biases
+def test_bfloat16_without_native_bfloat16_carries_float32_activations(
+        tiny_model_dir, arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the CPU does not multiply bfloat16 natively, a bfloat16 model runs on the
+    kernels' op set: weights and KV cache in bfloat16, activations, norms and rotary tables in
+    float32. Over prompts the one-call step, the kernel and the widened GEMM serve, its hidden
+    states are those of a float32 model holding the same weights with a bfloat16 KV cache, to
+    float rounding, and so follow the float32 cache's several times closer than PyTorch's
+    bfloat16 operators do."""
+    monkeypatch.setattr("worker.backends.torch_runner.native_bf16", lambda kernels: False)
+    monkeypatch.setattr("worker.model.linear.native_bf16", lambda kernels: False)
+    stored = {"bfloat16": tmp_path / "bf16", "float32": tmp_path / "f32"}  # the same weights
+    weights = load_file(tiny_model_dir(arch) / "model.safetensors")
+    for dtype, path in stored.items():
+        shutil.copytree(tiny_model_dir(arch), path)
+        save_file({k: v.bfloat16().to(getattr(torch, dtype)) for k, v in weights.items()},
+                  path / "model.safetensors")
+    ours, pytorchs = (ModelRunner(stored["bfloat16"], TorchSettings(
+        kv_cache_gb=0.02, dtype="bfloat16", cpu_kernels=kernels)) for kernels in (True, False))
+    f32_bf16_cache, f32 = (ModelRunner(stored["float32"], TorchSettings(
+        kv_cache_gb=0.02, kv_cache_dtype=kv)) for kv in ("bfloat16", "auto"))
+    assert type(ours.ops) is KernelOps and ours.activation_dtype == torch.float32
+    layer = ours.weights.layers[0]
+    assert layer.input_norm.dtype == ours.rope.cos.dtype == torch.float32
+    assert ours.weights.lm_head.weight.dtype == ours.cache.data.dtype == torch.bfloat16
+    assert ours.plan is not None
+    for n in (5, 30, 150):
+        ids = list(range(40, 40 + n))
+        got = ours.prefill_hidden_states(ids)
+        assert got.dtype == torch.float32
+        # a key rounded the other way in the cache moves a few elements by its rounding
+        assert rel_err(got, f32_bf16_cache.prefill_hidden_states(ids)) < 1e-4, n
+        want = f32.prefill_hidden_states(ids)
+        assert rel_err(got, want) < rel_err(pytorchs.prefill_hidden_states(ids), want) / 2, n
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want).norm() / want.norm())
 
 
 def decode_steps(batch: int, new_table: list[int]) -> list[list[SequenceChunk]]:

@@ -11,7 +11,6 @@ import torch
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.model.attention import AttentionMetadata
-from worker.model.ops import DecoderOps
 from worker.model.transformer import forward
 from worker.quant.quantize import quantize_model
 from worker.quant.scheme import Activations, QuantConfig, Scheme
@@ -85,27 +84,29 @@ def test_bfloat16_steps_run_in_one_call_close_to_pytorchs_bfloat16(tiny_model_di
                                                                      arch: str) -> None:
     """Weights and cache in bfloat16, activations in float32: within bfloat16's rounding of
     PyTorch's bfloat16 operators (which round every intermediate), keys and values stored
-    alike. Several rows round the projections' x to bfloat16 where the CPU has AVX512-BF16."""
-    runner = ModelRunner(tiny_model_dir(arch),
-                         TorchSettings(kv_cache_gb=0.02, block_size=4, dtype="bfloat16"),
-                         max_num_seqs=16)
+    alike. Several rows round the projections' x to bfloat16 where the CPU has AVX512-BF16.
+    The final hidden states come out in the activations' dtype."""
+    settings = TorchSettings(kv_cache_gb=0.02, block_size=4, dtype="bfloat16")
+    runner = ModelRunner(tiny_model_dir(arch), settings, max_num_seqs=16)
+    # PyTorch's operators alone: gathered attention, SDPA, bfloat16 norms and rotary tables
+    torch_ref = ModelRunner(tiny_model_dir(arch), replace(settings, cpu_kernels=False),
+                            max_num_seqs=16)
     plan = runner.plan
     # max_num_seqs and a block of prefill beside them, under BF16_PLAN_ROWS
     assert plan is not None and plan.max_rows == 16 + 4
     for lens in ([5], [1, 40, 17]):
         ids, pos, meta = decode_step(runner, lens)
+        torch_ref.cache.data.copy_(runner.cache.data)
         cache_before = runner.cache.data.clone()
         with torch.inference_mode():
             ours = plan.forward(ids, pos, meta)
-            cache_after = runner.cache.data.clone()
-            runner.cache.data.copy_(cache_before)
-            torch_ops = DecoderOps()  # gathered attention, SDPA: PyTorch's alone
-            gathered = torch_ops.decode_metadata(*_tables(runner, lens), runner.cache)
-            ref = forward(runner.model_config, runner.weights, runner.rope, ids, pos,
-                          runner.cache, replace(meta, decode=gathered), torch_ops)
-        assert ours.dtype == ref.dtype == torch.bfloat16
+            gathered = torch_ref.ops.decode_metadata(*_tables(runner, lens), torch_ref.cache)
+            ref = forward(torch_ref.model_config, torch_ref.weights, torch_ref.rope, ids, pos,
+                          torch_ref.cache, replace(meta, decode=gathered), torch_ref.ops)
+        assert ours.dtype == runner.activation_dtype and ref.dtype == torch.bfloat16
         err = float((ours.float() - ref.float()).norm() / ref.float().norm())
         assert err < 2e-2, err
-        stored = (cache_after.float() - runner.cache.data.float()).abs().max()
+        stored = (runner.cache.data.float() - torch_ref.cache.data.float()).abs().max()
         assert float(stored) <= 2e-2 * float(runner.cache.data.float().abs().max())
-        assert not torch.equal(cache_after, cache_before)  # the step stored its keys and values
+        # the step stored its keys and values
+        assert not torch.equal(runner.cache.data, cache_before)

@@ -17,6 +17,7 @@ from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
+from worker.kernels.cpu_ops import KernelOps
 from worker.kernels.dispatch import CANDIDATES, INT8_CANDIDATES
 from worker.kernels.dispatch_table import BF16, BUCKETS, DispatchTable, key_of
 from worker.model import linear
@@ -73,7 +74,7 @@ def test_tuned_once_per_machine_then_read_from_the_cache(k: CpuKernels, cache: P
     timed: list[tuple[int, ...]] = []
     monkeypatch.setattr(dispatch, "_tune_prefetch",  # a bigger model times it again
                         lambda kernels, by_shape, t: t.prefetch)
-    monkeypatch.setattr(dispatch, "_time_shape", lambda kernels, ps: timed.append(
+    monkeypatch.setattr(dispatch, "_time_shape", lambda ps: timed.append(
         tuple(ps[0].weight.shape)) or ({c: [1.0] * len(BUCKETS) for c in CANDIDATES}, BUCKETS))
     grown = dispatch.tune(k, [*projs, *projections(k, (32, 64))])
     assert timed == [(32, 64)] and "32x64" in grown.choices and "96x64" in grown.choices
@@ -228,7 +229,10 @@ def test_a_bfloat16_model_routes_its_projections_by_the_table(tiny_model_dir, ca
     lm_head = runner.weights.lm_head
     assert isinstance(lm_head, Projection)
     table = runner.dispatch
-    assert table is not None and not table.attention_parts  # float32 attention's only
+    # decode attention's split too where the model runs on the kernels' op set (float32
+    # activations: no native bfloat16)
+    assert table is not None
+    assert bool(table.attention_parts) == isinstance(runner.ops, KernelOps)
     layer = runner.weights.layers[0]
     for p in (layer.qkv, layer.o_proj, layer.gate_up, layer.down, lm_head):
         key = key_of(p)
