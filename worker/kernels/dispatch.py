@@ -43,12 +43,12 @@ only ever adds time. Rows past the last bucket (prefill)
 keep the built-in rule: oneDNN packed, else F.linear.
 
 The table is cached as JSON beside the compiled kernels, keyed by the CPU's model and
-feature flags, the thread count, torch's version and the kernel library, so a restart does
-not time again and a model with new shapes times only those. The prefetch setting is timed
-again when a model with more projection bytes than the one it was timed on starts (a tiny
-test model's timing says nothing about streaming from memory); should that change it, every
-shape is timed again as its model starts. `NPUSERVE_KERNEL_RETUNE=1`
-times again regardless.
+feature flags, the thread count, torch's version, the kernel library and TABLE_FORMAT, so a
+restart does not time again and a model with new shapes times only those. The prefetch
+setting is timed again when a model with more projection bytes than the one it was timed on
+starts (a tiny test model's timing says nothing about streaming from memory); should that
+change it, every shape is timed again as its model starts. `NPUSERVE_KERNEL_RETUNE=1` times
+again regardless.
 """
 
 from __future__ import annotations
@@ -104,6 +104,9 @@ ATTENTION_BLOCK = 16
 """KV block size of the timed cache (the split works on tokens, not blocks)."""
 PREFILL_PROJECTIONS = 4
 """Projections a pass at the w8a16 prefill bucket runs."""
+TABLE_FORMAT = "2"
+"""Changes when what a cached timing means does (2: bfloat16 projections timed with float32 x
+where the CPU lacks native bfloat16, as the kernels' op set then calls them)."""
 PASS_BYTES = 64 << 20
 """Weights one pass streams, at least one projection: more than any L2, and enough of the
 shape's projections that they do not all sit in L3 either."""
@@ -113,7 +116,7 @@ def cache_path(kernels: CpuKernels, threads: int) -> Path:
     """Where this machine's table lives: one per CPU, thread count, torch and kernel build."""
     digest = hashlib.sha256()
     for part in (cpu_model(), cpu_flags(), str(threads), torch.__version__,
-                 kernels.build_id):
+                 kernels.build_id, TABLE_FORMAT):
         digest.update(part.encode() + b"\0")
     return cache_dir() / f"dispatch-{digest.hexdigest()[:16]}.json"
 
