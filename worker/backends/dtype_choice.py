@@ -6,8 +6,9 @@ nearest that it does:
   they widen its weights as they read them, so decode reads half of float32's bytes: 1.6-2x
   faster at batch 1 on every CPU measured, AVX2 included, and 0.9-2.3x batched, the 0.9 at 32
   sequences on a Xeon without AVX512-BF16, where its `--quick` throughput was 1.0-1.2x
-  float32's in runs minutes apart, prefill being bound by arithmetic in either; see the
-  README's --dtype row). Otherwise float32, the exact widening:
+  float32's in runs minutes apart, prefill being bound by arithmetic in either, and 0.9-1.1x
+  through the whole stack on a second such Xeon; see the README's --dtype row). Otherwise
+  float32, the exact widening:
   float16 checkpoints too (bfloat16 would drop three bits of their mantissa), and int8 ones,
   whose kernels take float32 activations.
 - CUDA: a bfloat16 or float16 checkpoint in its own dtype (a bfloat16 one in float32 on a GPU

@@ -13,7 +13,7 @@ candidates on the model's own projections and picks per shape and row bucket:
   one and four rows over every projection;
 - `onednn`: oneDNN's linear over the packed copy of the weight (when it is kept);
 - `torch`: F.linear (MKL); for bfloat16 weights on a CPU without native bfloat16, in float32
-  on x and W widened for the call.
+  on W widened for the call (x is float32 there).
 
 bfloat16 projections (a `--dtype bfloat16` model) are timed between the same three, with x
 as serving passes it (bfloat16 where the CPU multiplies bfloat16 natively, float32 elsewhere),
