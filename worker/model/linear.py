@@ -161,11 +161,11 @@ class Projection:
         return self.nbytes + extra
 
     def kernel_operand(self) -> tuple[torch.Tensor, None, torch.Tensor | None] | None:
-        """(weight, no scales, bias) for the compiled decoder (float32 or bfloat16 weights),
-        or None without the kernels."""
+        """(weight, no scales, float32 bias) for the compiled decoder (float32 or bfloat16
+        weights), or None without the kernels."""
         if self._kernels is None and self._bf16_kernels is None:
             return None
-        return self.weight, None, self.bias
+        return self.weight, None, self._bias_f32 if self._bias_f32 is not None else self.bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, in] -> [M, out]."""
