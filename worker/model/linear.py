@@ -113,9 +113,8 @@ class Projection:
         self._widen = self._bf16_kernels is not None and not native_bf16(self._bf16_kernels)
         """bfloat16 without native bfloat16: x is float32, and larger calls widen W to float32
         for PyTorch's GEMM."""
-        self._bias_f32 = (bias.float() if bias is not None and self._bf16_kernels is not None
-                          else None)
-        """The bias as the kernel adds it to a float32 x's product."""
+        self._bias_f32 = bias.float() if bias is not None else None
+        """The bias as a float32 product takes it (the bias itself where it is float32)."""
         # a packed copy that no call would read is not kept
         self._packed = _packed(self.weight) if pack and not self._widen else None
         self._routes: tuple[str, ...] | None = None
@@ -165,7 +164,7 @@ class Projection:
         weights), or None without the kernels."""
         if self._kernels is None and self._bf16_kernels is None:
             return None
-        return self.weight, None, self._bias_f32 if self._bias_f32 is not None else self.bias
+        return self.weight, None, self._bias_f32
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, in] -> [M, out]."""
@@ -202,21 +201,20 @@ class Projection:
         if choice == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         if self._widen or x.dtype != self.weight.dtype:
-            return _widened_linear(x, self.weight, self.bias)
+            return _widened_linear(x, self.weight, self._bias_f32)
         return F.linear(x, self.weight, self.bias)
 
 
 def _widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                     ) -> torch.Tensor:
-    """F.linear of a bfloat16 weight in float32, widened for the call, and of x in float32 (a
-    bfloat16 x widened too, and the result rounded back once): the same exact products, float32
-    sums. On a CPU without native bfloat16,
-    PyTorch's bfloat16 GEMM runs far below its float32 one: on an AVX-512 Xeon without
-    AVX512-BF16, SmolLM2's 3072x576 at 64 / 128 / 512 rows took 1.4 / 2.1 / 6.4 ms widened
-    against 4.0 / 7.5 / 29.4 in bfloat16 (and 1.1 / 2.1 / 9.4 on the kernel, which widens each
-    tile's weights once); widening the weight costs a fraction of a prefill chunk's
-    arithmetic."""
-    y = F.linear(x.float(), weight.float(), bias.float() if bias is not None else None)
+    """F.linear of a bfloat16 weight in float32, widened for the call, x in float32 and a
+    float32 bias (a bfloat16 x widened too, and the result rounded back once): the same exact
+    products, float32 sums. On a CPU without native bfloat16, PyTorch's bfloat16 GEMM runs far
+    below its float32 one: on an AVX-512 Xeon without AVX512-BF16, SmolLM2's 3072x576 at 64 /
+    128 / 512 rows took 1.4 / 2.1 / 6.4 ms widened against 4.0 / 7.5 / 29.4 in bfloat16 (and
+    1.1 / 2.1 / 9.4 on the kernel, which widens each tile's weights once); widening the weight
+    costs a fraction of a prefill chunk's arithmetic."""
+    y = F.linear(x.float(), weight.float(), bias)
     return y.to(x.dtype)
 
 
