@@ -319,6 +319,30 @@ def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (4, 2), (8, 2), (10, 2), (14, 2)])
+@pytest.mark.parametrize("d", [24, 48, 80, 128])
+def test_decode_attention_for_every_group_size_and_head_dim(
+    k: CpuKernels, heads: int, kv_heads: int, d: int
+) -> None:
+    """Groups of one to seven query heads (taken four at a time on sixteen lanes, so five
+    and seven leave a remainder), head_dim off the 16-lane width (24), a multiple of it that
+    takes no code of its own (48, 80) and one that does (128); a last block part full."""
+    block, lens = 16, [70, 16, 1, 33]
+    g = gen(heads * d)
+    cache = KVCache(2, 40, block, kv_heads, d, torch.float32, torch.device("cpu"))
+    cache.data.copy_(torch.randn(cache.data.shape, generator=g))
+    width = max(-(-x // block) for x in lens)
+    tables = torch.randperm(40, generator=g)[:len(lens) * width].view(len(lens), width)
+    lens_t = torch.tensor(lens)
+    q = torch.randn(len(lens), heads, d, generator=g)
+    ref = gathered_decode_attention(
+        q, cache, 1, gathered_decode(tables, lens_t, kv_heads, cache.num_slots, block,
+                                     torch.float32, torch.device("cpu")))
+    ops = KernelOps(k)
+    ours = ops.decode_attention(q, cache, 1, ops.decode_metadata(tables, lens_t, cache))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("d", [16, 64, 128])
 @pytest.mark.parametrize("lens", [[1], [17, 1, 40], [300]])
 def test_decode_attention_on_a_bfloat16_cache_is_the_float32_one_widened(

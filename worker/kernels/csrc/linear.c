@@ -169,41 +169,6 @@ ALWAYS_INLINE float load1(const char *p, int64_t c, int BF) {
     return BF ? bf16_float(((const uint16_t *)p)[c]) : ((const float *)p)[c];
 }
 
-#if VW == 16
-/* out[q][r] = the sum of acc[q][r]'s sixteen lanes, for a whole 4 x 4 tile at once (float32,
- * and the bfloat16 and int8 tiles below), rows of x from R on taken as zero: the sixteen
- * vectors halve into each other in four rounds of shuffles and adds (about 45
- * instructions where sixteen separate reductions take some 130, a seventh of a 4 x 4 tile's
- * pass over 576 columns): SmolLM2's layers in float32 at 16 / 32 / 64 rows took 25.9-27.2 /
- * 33.8-34.2 / 54.4-54.7 ms against 27.8-27.9 / 36.8-37.1 / 60.6-61.0 on a Xeon. A tile's last
- * pass of one to three rows reduces through it too, its missing rows zero: with a separate sum
- * per product there, a call of 7 / 11 / 15 rows (a pass of three last) took 26.0-26.2 /
- * 27.6-30.8 / 35.0-36.6 ms over those layers on a Zen 4, more than 8 / 12 / 16 rows, against
- * 16.6-17.6 / 22.3-23.9 / 25.6-28.7 after; and a row's sums no longer depend on which pass it
- * falls in, so a decode's output is the same whatever shares its step. */
-ALWAYS_INLINE void reduce_4x4(const __m512 acc[MAX_WR][MAX_XR], int R,
-                              float out[MAX_WR][MAX_XR]) {
-    __m512 a[8], b[4], c[2];
-    const __m512 zero = _mm512_setzero_ps();
-    for (int i = 0; i < 8; i++) { /* v = 4q + r; a[i]: 8 partial sums of v 2i, then of 2i + 1 */
-        const __m512 lo = (2 * i) % 4 < R ? acc[(2 * i) / 4][(2 * i) % 4] : zero;
-        const __m512 hi = (2 * i + 1) % 4 < R ? acc[(2 * i + 1) / 4][(2 * i + 1) % 4] : zero;
-        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(lo, hi, 0x44), _mm512_shuffle_f32x4(lo, hi, 0xEE));
-    }
-    for (int i = 0; i < 4; i++) /* b[i]: 4 partial sums of each of v 4i .. 4i + 3 */
-        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
-    for (int i = 0; i < 2; i++) /* c[i], 128-bit lane l: 2 each of v 8i + l, then 8i + 4 + l */
-        c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0x44),
-                             _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], 0xEE));
-    /* element 4l + e: the sum of v = 4e + l, that is out[e][l] */
-    float sums[16];
-    _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_shuffle_ps(c[0], c[1], 0x88),
-                                         _mm512_shuffle_ps(c[0], c[1], 0xDD)));
-    for (int q = 0; q < 4; q++)
-        for (int r = 0; r < 4; r++) out[q][r] = sums[4 * r + q];
-}
-#endif
 
 /* Where a tile of bfloat16 W takes its weights from (tile_float's WM). */
 #define W_AS_IS 0 /* W itself, widened in registers where WBF */
