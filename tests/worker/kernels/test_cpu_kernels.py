@@ -295,20 +295,16 @@ def attention_parts(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[i
     k.cpuk_set_attention_parts(before)
 
 
-@pytest.mark.parametrize("d", [16, 64, 128])  # 64 and 128 have code of their own
-@pytest.mark.parametrize("lens", [[1], [17, 1, 40], [33, 5, 8, 64], [300], [200, 7]])
-def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
-    k: CpuKernels, attention_parts: int, lens: list[int], d: int
-) -> None:
-    """Short batches split each context into parts merged afterwards ([300], [200, 7]),
-    unless the setting says not to."""
-    kv_heads, heads, block = 2, 6, 8
-    g = gen(sum(lens))
-    cache = KVCache(2, 80, block, kv_heads, d, torch.float32, torch.device("cpu"))
+def assert_paged_attention_matches(k: CpuKernels, lens: list[int], *, heads: int,
+                                   kv_heads: int, d: int, block: int, blocks: int,
+                                   g: torch.Generator) -> None:
+    """The kernels' decode attention over a float32 cache of `blocks` random blocks, each
+    sequence's blocks scattered, equals attention over the gathered contexts."""
+    cache = KVCache(2, blocks, block, kv_heads, d, torch.float32, torch.device("cpu"))
     cache.data.copy_(torch.randn(cache.data.shape, generator=g))
     n = len(lens)
     width = max(-(-x // block) for x in lens)
-    tables = torch.randperm(80, generator=g)[:n * width].view(n, width)  # scattered blocks
+    tables = torch.randperm(blocks, generator=g)[:n * width].view(n, width)
     lens_t = torch.tensor(lens)
     q = torch.randn(n, heads, d, generator=g)
     ref = gathered_decode_attention(
@@ -319,6 +315,17 @@ def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d", [16, 64, 128])  # 64 and 128 have code of their own
+@pytest.mark.parametrize("lens", [[1], [17, 1, 40], [33, 5, 8, 64], [300], [200, 7]])
+def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
+    k: CpuKernels, attention_parts: int, lens: list[int], d: int
+) -> None:
+    """Short batches split each context into parts merged afterwards ([300], [200, 7]),
+    unless the setting says not to."""
+    assert_paged_attention_matches(k, lens, heads=6, kv_heads=2, d=d, block=8, blocks=80,
+                                   g=gen(sum(lens)))
+
+
 @pytest.mark.parametrize(("heads", "kv_heads"), [(2, 2), (4, 2), (8, 2), (10, 2), (14, 2)])
 @pytest.mark.parametrize("d", [24, 48, 80, 128])
 def test_decode_attention_for_every_group_size_and_head_dim(
@@ -327,20 +334,8 @@ def test_decode_attention_for_every_group_size_and_head_dim(
     """Groups of one to seven query heads (taken four at a time on sixteen lanes, so five
     and seven leave a remainder), head_dim off the 16-lane width (24), a multiple of it that
     takes no code of its own (48, 80) and one that does (128); a last block part full."""
-    block, lens = 16, [70, 16, 1, 33]
-    g = gen(heads * d)
-    cache = KVCache(2, 40, block, kv_heads, d, torch.float32, torch.device("cpu"))
-    cache.data.copy_(torch.randn(cache.data.shape, generator=g))
-    width = max(-(-x // block) for x in lens)
-    tables = torch.randperm(40, generator=g)[:len(lens) * width].view(len(lens), width)
-    lens_t = torch.tensor(lens)
-    q = torch.randn(len(lens), heads, d, generator=g)
-    ref = gathered_decode_attention(
-        q, cache, 1, gathered_decode(tables, lens_t, kv_heads, cache.num_slots, block,
-                                     torch.float32, torch.device("cpu")))
-    ops = KernelOps(k)
-    ours = ops.decode_attention(q, cache, 1, ops.decode_metadata(tables, lens_t, cache))
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert_paged_attention_matches(k, [70, 16, 1, 33], heads=heads, kv_heads=kv_heads, d=d,
+                                   block=16, blocks=40, g=gen(heads * d))
 
 
 @pytest.mark.parametrize("d", [16, 64, 128])
