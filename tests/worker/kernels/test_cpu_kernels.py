@@ -338,14 +338,16 @@ def test_decode_attention_for_every_group_size_and_head_dim(
                                    block=16, blocks=40, g=gen(heads * d))
 
 
-@pytest.mark.parametrize("d", [16, 64, 128])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (4, 4), (10, 2)])
+@pytest.mark.parametrize("d", [16, 64, 80, 128])
 @pytest.mark.parametrize("lens", [[1], [17, 1, 40], [300]])
 def test_decode_attention_on_a_bfloat16_cache_is_the_float32_one_widened(
-    k: CpuKernels, attention_parts: int, lens: list[int], d: int
+    k: CpuKernels, attention_parts: int, lens: list[int], d: int, heads: int, kv_heads: int
 ) -> None:
     """Keys and values widened as they are read (exact), then the float32 arithmetic: bit
-    for bit the result on a float32 copy of the cache."""
-    kv_heads, heads, block = 2, 6, 8
+    for bit the result on a float32 copy of the cache, for groups of three, one and five
+    query heads."""
+    block = 8
     g = gen(len(lens))
     cache = torch.randn(2, kv_heads, 60 * block, d, generator=g).bfloat16()
     n = len(lens)
