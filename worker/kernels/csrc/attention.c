@@ -161,13 +161,14 @@ ALWAYS_INLINE void attend(const float *qs, int64_t group, int64_t dv, const void
 /* attend on sixteen lanes, for head_dim a multiple of 16: all the group's query heads (up to
  * four at a time, GH) take each key and value vector from one load. Keys: four tokens at a
  * time against every head, their 4 x 4 sums reduced together (reduce_4x4); values: each
- * token's vectors multiplied into every head's output, which stays in registers over the whole
- * context (CW vectors of it at a time). The eight-lane attend, which AVX2 and other head_dims
- * keep, reloads a block's keys and values from L1 for each head of the group and sums each
- * token's scores apart: on a Xeon (family 6 model 207, 2 threads), 16 sequences of 400 tokens
- * of SmolLM2's heads took 570-743 us a layer with it against 489-648 (0.78-0.87x) with this,
- * reading 16-20 GB/s where one row of a projection streams at 28-31; a bfloat16 cache
- * 0.61-0.77x, Qwen3-0.6B's heads (16 over 8, head_dim 128) 0.83-0.87x. */
+ * token's vectors multiplied into every head's output, which for a group of up to four stays
+ * in registers over the whole context (CW vectors of it at a time). The eight-lane attend,
+ * which AVX2 and other head_dims keep, reloads a block's keys and values from L1 for each head
+ * of the group and sums each token's scores apart: on a Xeon (family 6 model 207, 2 threads),
+ * 16 sequences of 400 tokens of SmolLM2's heads took 570-743 us a layer with it against
+ * 489-648 (0.78-0.87x) with this, reading 16-20 GB/s where one row of a projection streams at
+ * 28-31; a bfloat16 cache 0.61-0.77x, Qwen3-0.6B's heads (16 over 8, head_dim 128)
+ * 0.83-0.87x, Qwen2.5-7B's (28 over 4) 0.87-0.91x and 0.55-0.61x on a bfloat16 cache. */
 ALWAYS_INLINE __m512 load16(const void *p, int64_t c, int BF) {
     if (BF)
         return _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -230,57 +231,92 @@ ALWAYS_INLINE void values_16(const float *scores, int64_t sstride, int GH, int64
     }
 }
 
-/* As attend (same arguments, dv = head_dim / 8), for GH of the group's heads from qs. */
-ALWAYS_INLINE void attend16_heads(const float *qs, int GH, int64_t d16, const void *cache,
-                                  int BF, int64_t keys, int64_t values, const int32_t *table,
-                                  int64_t t_begin, int64_t t_end, int64_t block_size,
-                                  float scale, float *scores, int64_t sstride, float *part) {
+/* The group's values for a group of more than four heads, block by block: each block's
+ * vectors are loaded once for four heads at a time (from L1 for the next four), and the
+ * outputs kept in part between blocks, as the eight-lane attend does. Taking the heads four
+ * at a time over the whole context instead read every key and value again for the next four:
+ * Qwen2.5-7B's heads (28 over 4, head_dim 128) over 4,096 tokens took 1.32x the eight-lane
+ * code's time. */
+ALWAYS_INLINE void values_block(const float *p, int64_t sstride, int GH, int64_t d16,
+                                const void *cache, int BF, int64_t v, int64_t count, float *o,
+                                int64_t pstride) {
+    const int64_t d = d16 * 16;
+    for (int64_t c0 = 0; c0 < d16; c0 += 4) {
+        const int64_t w = d16 - c0 < 4 ? d16 - c0 : 4;
+        __m512 acc[4][4];
+        for (int h = 0; h < GH; h++)
+            for (int64_t c = 0; c < w; c++) acc[h][c] = _mm512_loadu_ps(o + h * pstride + 16 * (c0 + c));
+        for (int64_t i = 0; i < count; i++) {
+            __m512 vv[4];
+            for (int64_t c = 0; c < w; c++) vv[c] = load16(cache, v + i * d + 16 * (c0 + c), BF);
+            for (int h = 0; h < GH; h++) {
+                const __m512 pv = _mm512_set1_ps(p[h * sstride + i]);
+                for (int64_t c = 0; c < w; c++) acc[h][c] = _mm512_fmadd_ps(pv, vv[c], acc[h][c]);
+            }
+        }
+        for (int h = 0; h < GH; h++)
+            for (int64_t c = 0; c < w; c++) _mm512_storeu_ps(o + h * pstride + 16 * (c0 + c), acc[h][c]);
+    }
+}
+
+/* FN(GH, args) with GH = n (1-4) a constant. */
+#define BY_HEADS(n, FN, ...)                                                                   \
+    do {                                                                                     \
+        switch (n) {                                                                         \
+        case 1: FN(1, __VA_ARGS__); break;                                                   \
+        case 2: FN(2, __VA_ARGS__); break;                                                   \
+        case 3: FN(3, __VA_ARGS__); break;                                                   \
+        default: FN(4, __VA_ARGS__); break;                                                  \
+        }                                                                                    \
+    } while (0)
+
+/* As attend (same arguments, d16 = head_dim / 16). Every block of keys and values is read
+ * from memory once for the whole group, four query heads at a time. */
+ALWAYS_INLINE void attend16(const float *qs, int64_t group, int64_t d16, const void *cache,
+                            int BF, int64_t keys, int64_t values, const int32_t *table,
+                            int64_t t_begin, int64_t t_end, int64_t block_size, float scale,
+                            float *scores, int64_t sstride, float *part) {
     const int64_t d = d16 * 16, len = t_end - t_begin;
     int64_t count;
     for (int64_t t0 = t_begin; t0 < t_end; t0 += count) {
         const int64_t k = slot_of(table, t0, t_end, block_size, keys, d, &count);
         prefetch_next(cache, BF, table, t0, count, t_end, block_size, keys, d);
-        float *sc = scores + (t0 - t_begin);
-        int64_t t = 0;
-        for (; t + 4 <= count; t += 4)
-            scores_4x4(qs, GH, d16, cache, k + t * d, BF, 4, scale, sc + t, sstride);
-        if (t < count)
-            scores_4x4(qs, GH, d16, cache, k + t * d, BF, (int)(count - t), scale, sc + t,
-                       sstride);
+        for (int64_t h0 = 0; h0 < group; h0 += 4) {
+            const float *q = qs + h0 * d;
+            float *sc = scores + h0 * sstride + (t0 - t_begin);
+            int64_t t = 0;
+#define SCORES(GH, R) scores_4x4(q, GH, d16, cache, k + t * d, BF, R, scale, sc + t, sstride)
+            for (; t + 4 <= count; t += 4) BY_HEADS(group - h0, SCORES, 4);
+            if (t < count) BY_HEADS(group - h0, SCORES, (int)(count - t));
+#undef SCORES
+        }
     }
     prefetch_block(cache, BF, table, t_begin, t_end, block_size, values, d);
-    for (int h = 0; h < GH; h++)
+    for (int64_t h = 0; h < group; h++)
         softmax_part(scores + h * sstride, len, part + h * (d + 2) + d);
-    values_16(scores, sstride, GH, d16, GH <= 2 ? 8 : 4, cache, BF, values, table, t_begin,
-              t_end, block_size, part, d + 2);
-}
-
-ALWAYS_INLINE void attend16(const float *qs, int64_t group, int64_t d16, const void *cache, int BF,
-                     int64_t keys, int64_t values, const int32_t *table, int64_t t_begin,
-                     int64_t t_end, int64_t block_size, float scale, float *scores,
-                     int64_t sstride, float *part) {
-    const int64_t d = d16 * 16;
-    for (int64_t h0 = 0; h0 < group; h0 += 4) {
-        const int64_t gh = group - h0 < 4 ? group - h0 : 4;
-#define HEADS(GH, D16)                                                                       \
-    attend16_heads(qs + h0 * d, GH, D16, cache, BF, keys, values, table, t_begin, t_end,      \
-                   block_size, scale, scores + h0 * sstride, sstride, part + h0 * (d + 2))
-#define BY_DIM(GH)                                                                           \
-    do {                                                                                     \
-        if (d16 == 4) HEADS(GH, 4);                                                          \
-        else if (d16 == 8) HEADS(GH, 8);                                                     \
-        else HEADS(GH, d16);                                                                 \
-    } while (0)
-        switch (gh) {
-        case 1: BY_DIM(1); break;
-        case 2: BY_DIM(2); break;
-        case 3: BY_DIM(3); break;
-        default: BY_DIM(4); break;
+    if (group <= 4) {
+#define VALUES(GH, _)                                                                        \
+    values_16(scores, sstride, GH, d16, GH <= 2 ? 8 : 4, cache, BF, values, table, t_begin,   \
+              t_end, block_size, part, d + 2)
+        BY_HEADS(group, VALUES, 0);
+#undef VALUES
+        return;
+    }
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t c = 0; c < d; c++) part[h * (d + 2) + c] = 0.0f;
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += count) {
+        const int64_t v = slot_of(table, t0, t_end, block_size, values, d, &count);
+        prefetch_next(cache, BF, table, t0, count, t_end, block_size, values, d);
+        for (int64_t h0 = 0; h0 < group; h0 += 4) {
+#define BLOCK(GH, _)                                                                         \
+    values_block(scores + h0 * sstride + (t0 - t_begin), sstride, GH, d16, cache, BF, v, count, \
+                 part + h0 * (d + 2), d + 2)
+            BY_HEADS(group - h0, BLOCK, 0);
+#undef BLOCK
         }
-#undef BY_DIM
-#undef HEADS
     }
 }
+#undef BY_HEADS
 #endif
 
 /* attend for either cache dtype, kept out of line (inlined into the parallel loop it ran a few
@@ -300,15 +336,20 @@ static __attribute__((noinline)) void attend_cache(const float *qs, int64_t grou
     attend(qs, group, DV, cache, BF, keys, values, table, t_begin, t_end, block_size, scale,   \
            scores, sstride, part)
 #ifdef __AVX512F__
+#define ATTEND16(D16, BF)                                                                   \
+    attend16(qs, group, D16, cache, BF, keys, values, table, t_begin, t_end, block_size, scale, \
+             scores, sstride, part)
     if (dv % 2 == 0) {
-        if (cache_bf16)
-            attend16(qs, group, dv / 2, cache, 1, keys, values, table, t_begin, t_end,
-                     block_size, scale, scores, sstride, part);
-        else
-            attend16(qs, group, dv / 2, cache, 0, keys, values, table, t_begin, t_end,
-                     block_size, scale, scores, sstride, part);
+        if (dv == 8) {
+            if (cache_bf16) ATTEND16(4, 1); else ATTEND16(4, 0);
+        } else if (dv == 16) {
+            if (cache_bf16) ATTEND16(8, 1); else ATTEND16(8, 0);
+        } else {
+            if (cache_bf16) ATTEND16(dv / 2, 1); else ATTEND16(dv / 2, 0);
+        }
         return;
     }
+#undef ATTEND16
 #endif
     if (dv == 8) {
         if (cache_bf16) ATTEND(8, 1); else ATTEND(8, 0);
