@@ -200,8 +200,9 @@ ALWAYS_INLINE void scores_4x4(const float *qs, int GH, int64_t d16, const void *
         for (int r = 0; r < R; r++) scores[h * sstride + r] = out[h][r] * scale;
 }
 
-/* The GH heads' (unnormalised) outputs over the task's tokens, CW vectors of head_dim at a
- * time: o_h += p_h,t v_t, every head's vectors kept in registers over the whole context. */
+/* The GH heads' (unnormalised) outputs over the task's tokens: o_h += p_h,t v_t, every
+ * head's CW vectors kept in registers over the whole context (the caller takes it where they
+ * cover head_dim in one pass). */
 ALWAYS_INLINE void values_16(const float *scores, int64_t sstride, int GH, int64_t d16, int CW,
                              const void *cache, int BF, int64_t values, const int32_t *table,
                              int64_t t_begin, int64_t t_end, int64_t block_size, float *part,
@@ -231,12 +232,12 @@ ALWAYS_INLINE void values_16(const float *scores, int64_t sstride, int GH, int64
     }
 }
 
-/* The group's values for a group of more than four heads, block by block: each block's
- * vectors are loaded once for four heads at a time (from L1 for the next four), and the
- * outputs kept in part between blocks, as the eight-lane attend does. Taking the heads four
- * at a time over the whole context instead read every key and value again for the next four:
- * Qwen2.5-7B's heads (28 over 4, head_dim 128) over 4,096 tokens took 1.32x the eight-lane
- * code's time. */
+/* The group's values where its outputs do not fit in registers (more than four heads, or
+ * three or four of head_dim over 64), block by block: each block's vectors are loaded once
+ * for four heads at a time (from L1 for the next four), and the outputs kept in part between
+ * blocks, as the eight-lane attend does. Taking the heads four at a time over the whole
+ * context instead read every key and value again for the next four: Qwen2.5-7B's heads (28
+ * over 4, head_dim 128) over 4,096 tokens took 1.32x the eight-lane code's time. */
 ALWAYS_INLINE void values_block(const float *p, int64_t sstride, int GH, int64_t d16,
                                 const void *cache, int BF, int64_t v, int64_t count, float *o,
                                 int64_t pstride) {
@@ -294,7 +295,7 @@ ALWAYS_INLINE void attend16(const float *qs, int64_t group, int64_t d16, const v
     prefetch_block(cache, BF, table, t_begin, t_end, block_size, values, d);
     for (int64_t h = 0; h < group; h++)
         softmax_part(scores + h * sstride, len, part + h * (d + 2) + d);
-    if (group <= 4) {
+    if (group <= 4 && d16 <= (group <= 2 ? 8 : 4)) { /* the outputs fit in registers */
 #define VALUES(GH, _)                                                                        \
     values_16(scores, sstride, GH, d16, GH <= 2 ? 8 : 4, cache, BF, values, table, t_begin,   \
               t_end, block_size, part, d + 2)

@@ -169,7 +169,6 @@ ALWAYS_INLINE float load1(const char *p, int64_t c, int BF) {
     return BF ? bf16_float(((const uint16_t *)p)[c]) : ((const float *)p)[c];
 }
 
-
 /* Where a tile of bfloat16 W takes its weights from (tile_float's WM). */
 #define W_AS_IS 0 /* W itself, widened in registers where WBF */
 #define W_KEEP 1  /* W widened, and kept in wbuf for the tile's later passes */
