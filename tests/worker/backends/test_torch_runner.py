@@ -168,8 +168,10 @@ def test_bfloat16_without_native_bfloat16_carries_float32_activations(
         ids = list(range(40, 40 + n))
         got = ours.prefill_hidden_states(ids)
         assert got.dtype == torch.float32
-        # a key rounded the other way in the cache moves a few elements by its rounding
-        assert rel_err(got, f32_bf16_cache.prefill_hidden_states(ids)) < 1e-4, n
+        # a key rounded the other way in the cache moves a few elements by its rounding;
+        # which GEMM each runner's timed dispatch table picked (summing in other orders)
+        # decides which keys: 0.4-1.4e-4 between tables timed on one Xeon
+        assert rel_err(got, f32_bf16_cache.prefill_hidden_states(ids)) < 3e-4, n
         want = f32.prefill_hidden_states(ids)
         assert rel_err(got, want) < rel_err(pytorchs.prefill_hidden_states(ids), want) / 2, n
 
