@@ -200,6 +200,22 @@ ALWAYS_INLINE void scores_4x4(const float *qs, int GH, int64_t d16, const void *
         for (int r = 0; r < R; r++) scores[h * sstride + r] = out[h][r] * scale;
 }
 
+/* acc[h][c] += p_h,i v_i over a block's `count` tokens, for the w vectors of head_dim from
+ * c0 (values from element v): each value vector loaded once for the GH heads. */
+ALWAYS_INLINE void block_values(__m512 acc[4][8], const float *p, int64_t sstride, int GH,
+                                int64_t d16, int64_t c0, int64_t w, const void *cache, int BF,
+                                int64_t v, int64_t count) {
+    const int64_t d = d16 * 16;
+    for (int64_t i = 0; i < count; i++) {
+        __m512 vv[8];
+        for (int64_t c = 0; c < w; c++) vv[c] = load16(cache, v + i * d + 16 * (c0 + c), BF);
+        for (int h = 0; h < GH; h++) {
+            const __m512 pv = _mm512_set1_ps(p[h * sstride + i]);
+            for (int64_t c = 0; c < w; c++) acc[h][c] = _mm512_fmadd_ps(pv, vv[c], acc[h][c]);
+        }
+    }
+}
+
 /* The GH heads' (unnormalised) outputs over the task's tokens: o_h += p_h,t v_t, every
  * head's CW vectors kept in registers over the whole context (the caller takes it where they
  * cover head_dim in one pass). */
@@ -217,15 +233,8 @@ ALWAYS_INLINE void values_16(const float *scores, int64_t sstride, int GH, int64
         for (int64_t t0 = t_begin; t0 < t_end; t0 += count) {
             const int64_t v = slot_of(table, t0, t_end, block_size, values, d, &count);
             if (c0 == 0) prefetch_next(cache, BF, table, t0, count, t_end, block_size, values, d);
-            const float *p = scores + (t0 - t_begin);
-            for (int64_t i = 0; i < count; i++) {
-                __m512 vv[8];
-                for (int64_t c = 0; c < w; c++) vv[c] = load16(cache, v + i * d + 16 * (c0 + c), BF);
-                for (int h = 0; h < GH; h++) {
-                    const __m512 pv = _mm512_set1_ps(p[h * sstride + i]);
-                    for (int64_t c = 0; c < w; c++) acc[h][c] = _mm512_fmadd_ps(pv, vv[c], acc[h][c]);
-                }
-            }
+            block_values(acc, scores + (t0 - t_begin), sstride, GH, d16, c0, w, cache, BF, v,
+                         count);
         }
         for (int h = 0; h < GH; h++)
             for (int64_t c = 0; c < w; c++) _mm512_storeu_ps(part + h * pstride + 16 * (c0 + c), acc[h][c]);
@@ -241,20 +250,12 @@ ALWAYS_INLINE void values_16(const float *scores, int64_t sstride, int GH, int64
 ALWAYS_INLINE void values_block(const float *p, int64_t sstride, int GH, int64_t d16,
                                 const void *cache, int BF, int64_t v, int64_t count, float *o,
                                 int64_t pstride) {
-    const int64_t d = d16 * 16;
     for (int64_t c0 = 0; c0 < d16; c0 += 4) {
         const int64_t w = d16 - c0 < 4 ? d16 - c0 : 4;
-        __m512 acc[4][4];
+        __m512 acc[4][8];
         for (int h = 0; h < GH; h++)
             for (int64_t c = 0; c < w; c++) acc[h][c] = _mm512_loadu_ps(o + h * pstride + 16 * (c0 + c));
-        for (int64_t i = 0; i < count; i++) {
-            __m512 vv[4];
-            for (int64_t c = 0; c < w; c++) vv[c] = load16(cache, v + i * d + 16 * (c0 + c), BF);
-            for (int h = 0; h < GH; h++) {
-                const __m512 pv = _mm512_set1_ps(p[h * sstride + i]);
-                for (int64_t c = 0; c < w; c++) acc[h][c] = _mm512_fmadd_ps(pv, vv[c], acc[h][c]);
-            }
-        }
+        block_values(acc, p, sstride, GH, d16, c0, w, cache, BF, v, count);
         for (int h = 0; h < GH; h++)
             for (int64_t c = 0; c < w; c++) _mm512_storeu_ps(o + h * pstride + 16 * (c0 + c), acc[h][c]);
     }
