@@ -54,6 +54,8 @@ class CpuKernels:
 
     cpuk_set_prefetch: Any
     cpuk_get_prefetch: Any
+    cpuk_set_row_stream: Any
+    cpuk_get_row_stream: Any
     cpuk_set_amx: Any
     cpuk_get_amx: Any
     cpuk_set_amx_i8_rows: Any

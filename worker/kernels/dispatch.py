@@ -10,7 +10,9 @@ candidates on the model's own projections and picks per shape and row bucket:
 
 - `kernel`: the compiled kernel (worker/kernels/csrc/linear.c), and before the per-shape
   timing its prefetch setting (into every cache level, into L2, or non-temporal), timed at
-  one and four rows over every projection;
+  one and four rows over every projection, then whether one row streams the weights row by
+  row without software prefetches instead of reading tiles of rows side by side, timed at
+  one row;
 - `onednn`: oneDNN's linear over the packed copy of the weight (when it is kept);
 - `torch`: F.linear (MKL); for bfloat16 weights on a CPU without native bfloat16, in float32
   on W widened for the call (x is float32 there).
@@ -72,6 +74,7 @@ from worker.kernels.dispatch_table import (
     INT8,
     PREFETCH_MODES,
     PREFETCH_WHERE,
+    SETTINGS,
     DispatchTable,
     Routable,
     key_of,
@@ -88,6 +91,9 @@ log = logging.getLogger(__name__)
 
 CANDIDATES = ("kernel", "onednn", "torch")
 INT8_CANDIDATES = ("kernel", "torch")
+
+ROW_STREAM = {"tiles": 0, "stream": 1}
+"""cpuk_set_row_stream's values, by the name the timings keep."""
 
 AMX_I8_ROWS = (1, 2, 4, 8)
 """Row counts at which int8 projections on AMX tiles are timed against the vector code."""
@@ -176,15 +182,18 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
         table = DispatchTable(cpu=cpu_model(), threads=threads)
     nbytes = sum(p.nbytes for p in projections)
     if nbytes > table.prefetch_bytes:
-        before = table.prefetch
+        before = table.prefetch, table.row_stream
         table.prefetch = _tune_prefetch(kernels, by_shape, table)
+        kernels.cpuk_set_prefetch(PREFETCH_MODES[table.prefetch])
+        table.row_stream = _tune_row_stream(kernels, by_shape, table)
         table.prefetch_bytes = nbytes
-        if table.prefetch != before:  # the kernel was timed with another one
+        if (table.prefetch, table.row_stream) != before:  # the kernel was timed otherwise
             table.choices.clear()
             table.timings_us = {k: v for k, v in table.timings_us.items()
-                                if k in ("prefetch", "amx-int8") or k.startswith("attention:")}
+                                if k in SETTINGS or k.startswith("attention:")}
         save(table, path)
     kernels.cpuk_set_prefetch(PREFETCH_MODES[table.prefetch])
+    kernels.cpuk_set_row_stream(int(table.row_stream))
     int8_bytes = sum(p.nbytes for p in projections if isinstance(p, W8A16Projection))
     if int8_bytes > table.amx_i8_bytes and "amxint8" in kernels.isa.split():
         before_rows = table.amx_i8_rows
@@ -272,8 +281,9 @@ def _time_setting(projs: Sequence[Routable], rows: Sequence[int],
 def _tune_prefetch(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
                    table: DispatchTable) -> str:
     """The fastest prefetch setting here (a PREFETCH_MODES name): the kernel over every
-    projection at one and four rows, each setting in turn."""
+    projection at one and four rows, each setting in turn (one row in tiles, as int8's)."""
     projs = [p for ps in by_shape.values() for p in ps]
+    kernels.cpuk_set_row_stream(0)
     results = _time_setting(projs, (1, 4), kernels.cpuk_get_prefetch,
                             kernels.cpuk_set_prefetch, PREFETCH_MODES)
     table.timings_us["prefetch"] = results
@@ -282,6 +292,23 @@ def _tune_prefetch(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
              ", ".join(f"{PREFETCH_WHERE[n]} {t[0]:.0f}/{t[1]:.0f}" for n, t in results.items()),
              PREFETCH_WHERE[best])
     return best
+
+
+def _tune_row_stream(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
+                     table: DispatchTable) -> bool:
+    """Whether one row of x runs faster streaming the weights row by row than in tiles with
+    the prefetch setting: the kernel over every float32 and bfloat16 projection at one row,
+    each way in turn (w8a16 ones always take tiles)."""
+    projs = [p for key, ps in by_shape.items() if not key.startswith(INT8) for p in ps]
+    if not projs:
+        return False
+    results = _time_setting(projs, (1,), kernels.cpuk_get_row_stream,
+                            kernels.cpuk_set_row_stream, ROW_STREAM)
+    table.timings_us["row-stream"] = results
+    stream = results["stream"][0] < results["tiles"][0]
+    log.info("kernel at one row, us per pass in tiles / streamed: %.0f / %.0f: %s",
+             results["tiles"][0], results["stream"][0], "streamed" if stream else "tiles")
+    return stream
 
 
 def first_winning(rows: Sequence[int], tiles: Sequence[float], vector: Sequence[float]

@@ -29,6 +29,9 @@ by the name the table keeps; the first is the kernel's default."""
 PREFETCH_WHERE = {"t0": "every cache level", "l2": "L2 (not L1)",
                   "nta": "L1 only (non-temporal)"}
 
+SETTINGS = ("prefetch", "row-stream", "amx-int8")
+"""Timings of the kernels' settings, which every model's table keeps."""
+
 PLAN_SLACK = 1.1
 """The one-call decode step (worker/kernels/decode_plan.py) runs only the kernel, and saves
 the Python and ctypes overhead of some ten calls per layer (a tenth of a batch-1 step): it
@@ -47,6 +50,9 @@ class DispatchTable:
     prefetch_bytes: int = 0
     """Bytes of the projections the prefetch setting was timed over: a bigger model times it
     again (a tiny model's few kilobytes say nothing about streaming from memory)."""
+    row_stream: bool = False
+    """Whether one row of x over float32 or bfloat16 weights streams them row by row without
+    software prefetches (cpuk_set_row_stream), timed with the prefetch setting."""
     amx_i8_rows: int = 0
     """Rows from which int8 projections take AMX tiles (0: not timed, the kernel's default)."""
     amx_i8_bytes: int = 0
@@ -57,7 +63,8 @@ class DispatchTable:
     timings_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     """Shape key -> candidate -> microseconds per call, per bucket; "prefetch" -> a
     PREFETCH_MODES name -> microseconds of a pass over every projection at one and four rows;
-    "amx-int8" -> "tiles"/"vector" -> microseconds of a pass over every w8a16 projection at
+    "row-stream" -> "tiles"/"stream" -> microseconds of a pass over every projection at one
+    row; "amx-int8" -> "tiles"/"vector" -> microseconds of a pass over every w8a16 projection at
     AMX_I8_ROWS rows; "attention:" and an attention key -> tasks per thread -> microseconds
     per call, per ATTENTION_CASES."""
     attention_parts: dict[str, int] = field(default_factory=dict)
@@ -97,18 +104,21 @@ class DispatchTable:
         """The table of these shape and attention keys only (one model's)."""
         return DispatchTable(
             cpu=self.cpu, threads=self.threads, prefetch=self.prefetch,
-            prefetch_bytes=self.prefetch_bytes, amx_i8_rows=self.amx_i8_rows,
+            prefetch_bytes=self.prefetch_bytes, row_stream=self.row_stream,
+            amx_i8_rows=self.amx_i8_rows,
             amx_i8_bytes=self.amx_i8_bytes,
             choices={k: v for k, v in self.choices.items() if k in keys},
             timings_us={k: v for k, v in self.timings_us.items()
                         if k.removeprefix("attention:") in keys
-                        or k in ("prefetch", "amx-int8")},
+                        or k in SETTINGS},
             attention_parts={k: v for k, v in self.attention_parts.items() if k in keys})
 
     def describe(self) -> str:
         """The table as a person reads it: one line per shape, the choice per bucket (w8a16
         and bfloat16 shapes in blocks of their own, with their prefill buckets)."""
         lines = [f"kernel prefetch into {PREFETCH_WHERE[self.prefetch]}"]
+        if self.row_stream:
+            lines.append("one row streams the weights row by row (the hardware prefetcher's)")
         if self.amx_i8_rows:
             lines.append(f"int8 projections on AMX tiles from {self.amx_i8_rows} rows")
         for key, parts in sorted(self.attention_parts.items()):

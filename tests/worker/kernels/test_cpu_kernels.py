@@ -34,24 +34,30 @@ def _amx() -> bool:
     return kernels is not None and "amxbf16" in kernels.isa.split()
 
 
-@pytest.fixture(params=[1, 2, 0], ids=["prefetch-t0", "prefetch-l2", "prefetch-nta"])
+@pytest.fixture(params=[(1, 0), (2, 0), (0, 0), (2, 1)],
+                ids=["prefetch-t0", "prefetch-l2", "prefetch-nta", "row-stream"])
 def prefetch(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[int]:
-    """Each prefetch setting the machine's tuning may choose (the results are the same)."""
-    before = k.cpuk_get_prefetch()
-    k.cpuk_set_prefetch(request.param)
-    yield request.param
-    k.cpuk_set_prefetch(before)
+    """Each prefetch setting the machine's tuning may choose, and one row of x streaming the
+    weights row by row (the results are the same)."""
+    before = k.cpuk_get_prefetch(), k.cpuk_get_row_stream()
+    mode, stream = request.param
+    k.cpuk_set_prefetch(mode)
+    k.cpuk_set_row_stream(stream)
+    yield mode
+    k.cpuk_set_prefetch(before[0])
+    k.cpuk_set_row_stream(before[1])
 
 
 @pytest.mark.parametrize("m", [2, 3, 7, 11])
 @pytest.mark.parametrize("in_features", [13, 576])
 def test_a_row_of_x_gets_the_same_bits_whatever_rows_share_its_call(
-        k: CpuKernels, m: int, in_features: int) -> None:
+        k: CpuKernels, prefetch: int, m: int, in_features: int) -> None:
     """A decode's output must not depend on how many others share its step: each row of
     x is summed in one order whatever pass of a tile it falls in (a tile meets x four rows
-    at a time, the last pass one to three)."""
+    at a time, the last pass one to three), and a row alone in its call whether it streams
+    the weights or reads them in tiles."""
     g = gen(m)
-    x, w = torch.randn(m, in_features, generator=g), torch.randn(96, in_features, generator=g)
+    x, w = torch.randn(m, in_features, generator=g), torch.randn(97, in_features, generator=g)
     together = k.linear(x, w, None)
     for r in range(m):
         assert torch.equal(k.linear(x[r:r + 1].contiguous(), w, None)[0], together[r])
@@ -75,8 +81,15 @@ def test_bfloat16_and_int8_rows_get_the_same_bits_whatever_rows_share_their_call
             pair = x[[r, (r + 1) % m]]  # two rows: the several-row path, a pass of two
             assert torch.equal(k.linear_f32_wbf16(pair, w, None)[0], together[0][r])
             assert torch.equal(k.linear_int8(pair, q, scale, 576, None)[0], together[1][r])
+            alone, xh = x[r:r + 1].contiguous(), x[r:r + 1].bfloat16()
+            tiled = k.linear_f32_wbf16(alone, w, None), k.linear_bf16(xh, w, None)
+            k.cpuk_set_row_stream(1)  # a row alone the same, streaming the weights
+            streamed = k.linear_f32_wbf16(alone, w, None), k.linear_bf16(xh, w, None)
+            k.cpuk_set_row_stream(0)
+            assert torch.equal(streamed[0], tiled[0]) and torch.equal(streamed[1], tiled[1])
     finally:
         k.cpuk_set_amx(before)
+        k.cpuk_set_row_stream(0)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 70])

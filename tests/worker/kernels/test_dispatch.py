@@ -61,6 +61,9 @@ def test_tuned_once_per_machine_then_read_from_the_cache(k: CpuKernels, cache: P
     prefetch = table.timings_us["prefetch"]  # the fastest setting over its passes
     assert sum(prefetch[table.prefetch]) == min(sum(t) for t in prefetch.values())
     assert k.cpuk_get_prefetch() == dispatch.PREFETCH_MODES[table.prefetch]
+    stream = table.timings_us["row-stream"]  # one row: the faster of tiles and streaming
+    assert table.row_stream == (stream["stream"][0] < stream["tiles"][0])
+    assert k.cpuk_get_row_stream() == table.row_stream
     files = list(cache.glob("dispatch-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["choices"] == table.choices
 
@@ -85,6 +88,7 @@ def test_tuned_once_per_machine_then_read_from_the_cache(k: CpuKernels, cache: P
     retuned = dispatch.tune(k, projs)
     assert sorted(timed) == [(64, 192), (96, 64)] and retuned.prefetch == "nta"
     k.cpuk_set_prefetch(1)
+    k.cpuk_set_row_stream(0)
 
 
 def test_an_unreadable_cache_is_timed_again(k: CpuKernels, cache: Path,

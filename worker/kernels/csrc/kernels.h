@@ -57,6 +57,11 @@ int64_t cpuk_sizeof_decode_step(void);
 #define PREFETCH_L2 2         /* into L2 and below (prefetcht1) */
 void cpuk_set_prefetch(int64_t mode); /* where the projections prefetch weights: PREFETCH_* */
 int64_t cpuk_get_prefetch(void);
+void cpuk_set_row_stream(int64_t on); /* 1: one row of x over float32 or bfloat16 W streams
+                                         each thread's weight rows one after another, without
+                                         software prefetches; 0: in tiles, as several rows
+                                         (the default) */
+int64_t cpuk_get_row_stream(void);
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y);
 void cpuk_set_amx(int64_t on); /* 1: bfloat16 and int8 projections of several rows on AMX

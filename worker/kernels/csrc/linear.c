@@ -17,7 +17,11 @@
  * fastest, on a Sapphire Rapids Xeon they run 2-4x slower than prefetches into every level,
  * and on a later Xeon prefetches into L2 only streamed 1.2x faster than into every level
  * (25.7 against 21.3 GB/s at one row), so it is a setting (cpuk_set_prefetch) that
- * worker/kernels/dispatch.py times per machine. */
+ * worker/kernels/dispatch.py times per machine.
+ *
+ * One row of x over float32 or bfloat16 W can instead stream each thread's weight rows one
+ * after another, without software prefetches, for the hardware prefetcher to follow alone
+ * (cpuk_set_row_stream, tile_stream below). Also timed per machine. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -65,6 +69,7 @@ ALWAYS_INLINE float vw_hsum(vwf v) {
 }
 
 static int prefetch_mode = PREFETCH_ALL_LEVELS;
+static int row_stream = 0;
 static int amx_allowed = 1;
 
 void cpuk_set_prefetch(int64_t mode) {
@@ -72,6 +77,10 @@ void cpuk_set_prefetch(int64_t mode) {
 }
 
 int64_t cpuk_get_prefetch(void) { return prefetch_mode; }
+
+void cpuk_set_row_stream(int64_t on) { row_stream = on != 0; }
+
+int64_t cpuk_get_row_stream(void) { return row_stream; }
 
 void cpuk_set_amx(int64_t on) { amx_allowed = on != 0; }
 
@@ -174,6 +183,27 @@ ALWAYS_INLINE float load1(const char *p, int64_t c, int BF) {
 #define W_KEEP 1  /* W widened, and kept in wbuf for the tile's later passes */
 #define W_KEPT 2  /* wbuf, as an earlier pass kept it */
 
+/* A tile's dot products from its accumulators (one per weight row and x row, each summed
+ * lane by lane in the order of the columns), then the columns past the last whole vector. */
+ALWAYS_INLINE void tile_sums(vwf acc[MAX_WR][MAX_XR], int WR, int R,
+                             const char *const rows[MAX_WR], const char *const xs[MAX_XR],
+                             int64_t kv, int64_t k, int XBF, int WBF,
+                             float out[MAX_WR][MAX_XR]) {
+#if VW == 16
+    if (WR == 4) {
+        reduce_4x4((const __m512(*)[MAX_XR])acc, R, out); /* __m512 may alias vwf */
+    } else
+#endif
+    {
+        for (int q = 0; q < WR; q++)
+            for (int r = 0; r < R; r++) out[q][r] = vw_hsum(acc[q][r]);
+    }
+    for (int q = 0; q < WR; q++)
+        for (int r = 0; r < R; r++)
+            for (int64_t c = kv; c < k; c++)
+                out[q][r] += load1(rows[q], c, WBF) * load1(xs[r], c, XBF);
+}
+
 /* float32 (or, with XBF / WBF, bfloat16 x / W widened to float32 in registers): dot products
  * of the tile's WR weight rows with R rows of x, VW columns at a time. WR, R, PF, XBF, WBF
  * and WM are constants after inlining, so acc stays in registers. The tile consumes WR * VW
@@ -211,20 +241,41 @@ ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j
             for (int q = 0; q < WR; q++) acc[q][r] += wv[q] * xv;
         }
     }
-#if VW == 16
-    if (WR == 4) {
-        reduce_4x4((const __m512(*)[MAX_XR])acc, R, out); /* __m512 may alias vwf */
-    } else
-#endif
-    {
-        for (int q = 0; q < WR; q++)
-            for (int r = 0; r < R; r++) out[q][r] = vw_hsum(acc[q][r]);
-    }
-    for (int q = 0; q < WR; q++)
-        for (int r = 0; r < R; r++)
-            for (int64_t c = kv; c < k; c++)
-                out[q][r] += load1(rows[q], c, WBF) * load1(xs[r], c, XBF);
+    tile_sums(acc, WR, R, rows, xs, kv, k, XBF, WBF, out);
 }
+
+/* One row of x against the tile of four weight rows at j, as tile_float's with R = 1 (the
+ * same sums, bit for bit), but each weight row read to its end before the next: a single
+ * stream, without software prefetches, for the hardware prefetcher to follow alone
+ * (cpuk_set_row_stream). On a Zen 4 with the weights on huge pages, 538 MB at one row took
+ * 10.5 / 17.6 ms in a fast / slow minute, near a plain read of the same bytes (9.7 / 16.7),
+ * where the tiles' rows read side by side took 14.4-15.0 / 19.9-21.2 with prefetches into L2
+ * and 19.4-22.2 without; prefetches cost the plain read itself 1.35x. A batch-1 decode step
+ * of SmolLM2 took 16.4 / 19.1 ms (best / median of 8) against 19.1 / 21.8 in tiles. */
+ALWAYS_INLINE void tile_stream(const void *x, int64_t k, const void *w, int64_t j, int64_t n,
+                               int XBF, int WBF, float out[MAX_WR][MAX_XR]) {
+    const char *xs[MAX_XR] = {x};
+    const char *rows[MAX_WR];
+    tile_rows((const char *)w, k * (WBF ? 2 : 4), j, n, 4, rows);
+    const int64_t kv = k - k % VW;
+    vwf acc[MAX_WR][MAX_XR];
+    for (int q = 0; q < 4; q++) {
+        vwf a = vw_splat(0.0f);
+        for (int64_t c = 0; c < kv; c += VW) a += vw_load(rows[q], c, WBF) * vw_load(xs[0], c, XBF);
+        acc[q][0] = a;
+    }
+    tile_sums(acc, 4, 1, rows, xs, kv, k, XBF, WBF, out);
+}
+
+/* Every tile of W against one row of x, the threads taking contiguous ranges. A macro, so
+ * that each caller's parallel loop has its dtypes as constants. */
+#define STREAM_TILES(XBF, WBF, STORE)                                                          \
+    _Pragma("omp parallel for schedule(static) if (n * k > 65536)")                           \
+    for (int64_t j = 0; j < n; j += 4) {                                                       \
+        float out[MAX_WR][MAX_XR];                                                             \
+        tile_stream(x, k, w, j, n, XBF, WBF, out);                                             \
+        STORE(out, 4, 1, 0, j, n, bias, y);                                                    \
+    }
 
 #ifdef __AVX512BF16__
 /* bfloat16 x and W on AVX512-BF16: vdpbf16ps multiplies 32 pairs of bfloat16 (exactly, in
@@ -375,6 +426,10 @@ ALWAYS_INLINE void store_bf16(float out[MAX_WR][MAX_XR], int WR, int R, int64_t 
 /* x: [m, k]; w: [n, k]; bias: [n] or NULL; y: [m, n]. */
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y) {
+    if (m == 1 && row_stream) {
+        STREAM_TILES(0, 0, store);
+        return;
+    }
 #define TILE_F32(WR_, R_, PF_)                                                                 \
     tile_float(x, k, w, j, n, WR_, i, R_, PF_, 0, 0, PASS, PASSES, NULL, W_AS_IS, out)
     FOR_TILES(TILE_F32);
@@ -436,6 +491,10 @@ int64_t cpuk_linear_bf16(const uint16_t *x, int64_t m, int64_t k, const uint16_t
         return 0;
     }
 #endif
+    if (m == 1 && row_stream) {
+        STREAM_TILES(1, 1, store_bf16);
+        return 0;
+    }
 #define TILE_BF16(WR_, R_, PF_)                                                                \
     tile_float(x, k, w, j, n, WR_, i, R_, PF_, 1, 1, PASS, PASSES, NULL, W_AS_IS, out)
     FOR_TILES_STORE(TILE_BF16, store_bf16);
@@ -486,6 +545,10 @@ int64_t cpuk_linear_f32_wbf16(const float *x, int64_t m, int64_t k, const uint16
     }
 #endif
     (void)work;
+    if (m == 1 && row_stream) {
+        STREAM_TILES(0, 1, store);
+        return 0;
+    }
 #define TILE_WIDE(WR_, R_, PF_) tile_widened(x, k, w, j, n, WR_, i, R_, PF_, PASS, PASSES, wbuf, out)
     FOR_TILES_WBUF(TILE_WIDE, store, WIDEN_FLOATS(k));
 #undef TILE_WIDE
