@@ -23,12 +23,12 @@ from worker.backends.cpu_threads import ThreadGovernor, cpu_budget
 from worker.backends.torch_settings import TorchSettings
 from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
-from worker.kernels.cpu_ops import Bf16KernelOps, KernelOps, heads_fit, supports
+from worker.kernels.cpu_ops import KernelOps, heads_fit, supports
 from worker.kernels.decode_plan import BF16_PLAN_ROWS, DecodePlan
 from worker.kernels.dispatch_table import DispatchTable, Routable, key_of
 from worker.model.attention import AttentionMetadata, KVCache, PrefillSegment
 from worker.model.config import ModelConfig
-from worker.model.linear import KERNEL_ROWS, Projection, native_bf16
+from worker.model.linear import KERNEL_ROWS, Projection
 from worker.model.ops import DecoderOps
 from worker.model.rope import RotaryEmbedding
 from worker.model.sharding import Shard
@@ -130,13 +130,10 @@ class ModelRunner:
                    else None)
         # a bfloat16 model's attention and one-call decode steps, where its heads fit them
         bf16_attention = bf16_kernels if heads_fit(cfg) is None else None
-        # the kernels' op set, float32 activations: a float32 model's, or a bfloat16 one's
-        # where the CPU does not multiply bfloat16 natively
-        op_kernels = kernels or (bf16_attention if bf16_attention is not None
-                                 and not native_bf16(bf16_attention) else None)
+        # the kernels' op set, float32 activations: a float32 model's or a bfloat16 one's
+        op_kernels = kernels or bf16_attention
         self.ops: DecoderOps = ops or (KernelOps(op_kernels) if op_kernels is not None
-                                       else Bf16KernelOps(bf16_attention)
-                                       if bf16_attention is not None else DecoderOps())
+                                       else DecoderOps())
         self.ops.check_dtype(self.dtype)
         self.activation_dtype = self.ops.activation_dtype or self.dtype
         """The activations' dtype: float32 on the kernels' op set, the model's elsewhere."""
@@ -207,9 +204,9 @@ class ModelRunner:
 
     def _bf16_kernels(self, settings: TorchSettings, ops: DecoderOps | None
                       ) -> CpuKernels | None:
-        """The compiled kernels for a bfloat16 model on the CPU: its small projections, its
-        op set (KernelOps without native bfloat16, else Bf16KernelOps' attention) and its
-        decode steps of up to BF16_PLAN_ROWS rows (in one call, as float32's)."""
+        """The compiled kernels for a bfloat16 model on the CPU: its projections' kernel, its
+        op set (KernelOps, float32 activations, where its heads fit the kernels' attention)
+        and its decode steps of up to BF16_PLAN_ROWS rows (in one call, as float32's)."""
         if (settings.cpu_kernels and ops is None and self.device.type == "cpu"
                 and self.dtype == torch.bfloat16):
             return cpu_kernels()

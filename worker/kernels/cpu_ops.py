@@ -5,10 +5,13 @@ Per layer a decode step makes one call for the q/k norm, rotary embedding and ca
 one for attention over the paged cache in place (no gathered copy of the context), and one
 per fused residual-add + RMSNorm and SiLU * up, where PyTorch's ops take about thirty.
 
-They run float32 models, and bfloat16 models on a CPU without native bfloat16 (the weights
-and KV cache in bfloat16, the activations in float32, as the one-call decode step carries
-them): there PyTorch's bfloat16 operators widen and round around every step. Where the CPU
-multiplies bfloat16 natively, a bfloat16 model keeps bfloat16 activations (Bf16KernelOps).
+They run float32 models, and bfloat16 models with their weights and KV cache in bfloat16 and
+their activations in float32, as the one-call decode step carries them, on every CPU: without
+native bfloat16, PyTorch's bfloat16 operators widen and round around every step; with it (a
+Zen 4 with AVX512-BF16), their per-operator cost made a prompt's chunk beside running
+decodes stall them past twice a decode step's time, where this op set kept the p99
+inter-token gap within 1.72-1.75x the p50 (2.00-2.22x on PyTorch's operators, with the
+projections on the kernel and oneDNN's bfloat16 GEMM either way).
 """
 
 from __future__ import annotations
@@ -127,32 +130,3 @@ class KernelOps(DecoderOps):
         self.k.cpuk_causal_softmax(scores.data_ptr(), kv_heads * rows, ctx, chunk, d**-0.5)
         out = torch.bmm(scores, v)  # [KVH, G * chunk, D]
         return out.view(heads, chunk, d).transpose(0, 1)
-
-
-class Bf16KernelOps(DecoderOps):
-    """PyTorch's operators for a bfloat16 model on a CPU with native bfloat16 (AVX512-BF16,
-    AMX), so that oneDNN's bfloat16 GEMM takes bfloat16 x, but attention on the kernels'
-    float32 path (queries widened, keys and values widened as they are read, the output
-    rounded back once). Prefill: on a Zen 4 with SmolLM2's heads, 3.8 ms against PyTorch's
-    bfloat16 SDPA's 12.7 for a 512-token prompt, 2.7 against 4.0 for a 256-token chunk after
-    256 cached, with the same error against float32. Decodes read the paged bfloat16 cache in
-    place where PyTorch's path gathers a copy of every context; they are the decodes of steps
-    that also prefill, or of more than the one-call decode step takes
-    (worker/kernels/decode_plan.py)."""
-
-    name = "torch+cpu-kernels"
-
-    def __init__(self, kernels: CpuKernels) -> None:
-        self._f32 = KernelOps(kernels)
-
-    def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                          ) -> torch.Tensor:
-        return self._f32.prefill_attention(q.float(), k, v).to(q.dtype)  # k, v widened there
-
-    def decode_metadata(self, tables: torch.Tensor, lens: torch.Tensor, cache: KVCache
-                        ) -> PagedDecode:
-        return paged_decode(tables, lens)
-
-    def decode_attention(self, q: torch.Tensor, cache: KVCache, layer: int,
-                         decode: Any) -> torch.Tensor:
-        return self._f32.decode_attention(q.float(), cache, layer, decode).to(q.dtype)

@@ -18,7 +18,8 @@ candidates on the model's own projections and picks per shape and row bucket:
   on W widened for the call (x is float32 there).
 
 bfloat16 projections (a `--dtype bfloat16` model) are timed between the same three, with x
-as serving passes it (bfloat16 where the CPU multiplies bfloat16 natively, float32 elsewhere),
+as serving passes it (float32, the kernels' op set's activations; oneDNN's candidate rounds
+it to bfloat16 and widens its result),
 over the float buckets and two prefill buckets (BF16_ROUTE_BUCKETS), the last
 one's choice serving every larger call (the lm_head, which serving asks for a step's sampled
 rows only, over the float buckets alone): where the kernel gives way to oneDNN depends on how
@@ -110,9 +111,10 @@ ATTENTION_BLOCK = 16
 """KV block size of the timed cache (the split works on tokens, not blocks)."""
 PREFILL_PROJECTIONS = 4
 """Projections a pass at the w8a16 prefill bucket runs."""
-TABLE_FORMAT = "2"
+TABLE_FORMAT = "3"
 """Changes when what a cached timing means does (2: bfloat16 projections timed with float32 x
-where the CPU lacks native bfloat16, as the kernels' op set then calls them)."""
+where the CPU lacks native bfloat16, as the kernels' op set then calls them; 3: with float32 x
+on every CPU, as the op set now calls them everywhere)."""
 PASS_BYTES = 64 << 20
 """Weights one pass streams, at least one projection: more than any L2, and enough of the
 shape's projections that they do not all sit in L3 either."""
@@ -383,8 +385,8 @@ def _tune_attention(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: in
 
 
 def _input_dtype(p: Routable) -> torch.dtype:
-    """The dtype of x in a call of p (a bfloat16 model's activations are bfloat16 only where
-    the CPU multiplies bfloat16 natively)."""
+    """The dtype of x in a call of p (float32 on the kernels' op set, a bfloat16 model's
+    included)."""
     return p.input_dtype if isinstance(p, Projection) else torch.float32
 
 

@@ -29,9 +29,10 @@ copy is kept: oneDNN's bfloat16 GEMM then ran 2.5-3x slower than the kernel at 8
 (SmolLM2's shapes on an AVX2 Zen 3, 2 threads), and the kernel, whose widening costs
 arithmetic where prefill is bound by it, 1.2-1.4x slower than the widened GEMM at 512 rows
 (an AVX-512 Xeon without AVX512-BF16; they tied at 128).
-Decode steps run as one call (worker/kernels/decode_plan.py) whose kernel reads the bfloat16
-weights with float32 x; so does every call on a CPU without native bfloat16, where the model's
-activations are float32 throughout (worker/kernels/cpu_ops.py): `input_dtype` says which.
+With the kernels a bfloat16 model's activations are float32 throughout, on every CPU (the
+kernels' op set, worker/kernels/cpu_ops.py), so every call takes float32 x: the kernel rounds
+it to bfloat16 where it multiplies on AMX tiles or with vdpbf16ps, and oneDNN's bfloat16 GEMM
+takes it rounded and returns its result widened. Without the kernels, x is bfloat16.
 """
 
 from __future__ import annotations
@@ -110,12 +111,11 @@ class Projection:
         self._bf16_rows = (0 if self._bf16_kernels is None
                            else bf16_kernel_rows(self._bf16_kernels))
         """Most rows the bfloat16 kernel serves without a table (0: none)."""
-        self._widen = self._bf16_kernels is not None and not native_bf16(self._bf16_kernels)
-        """bfloat16 without native bfloat16: x is float32, and larger calls widen W to float32
-        for PyTorch's GEMM."""
         self._bias_f32 = bias.float() if bias is not None else None
         """The bias as a float32 product takes it (the bias itself where it is float32)."""
-        # a packed copy that no call would read is not kept
+        self._widen = self._bf16_kernels is not None and not native_bf16(self._bf16_kernels)
+        """bfloat16 without native bfloat16: the GEMM past the kernel is PyTorch's float32 one
+        on W widened, and no call reads a packed copy, so none is kept."""
         self._packed = _packed(self.weight) if pack and not self._widen else None
         self._routes: tuple[str, ...] | None = None
         self.route_buckets = (BF16_ROUTE_BUCKETS if self._bf16_kernels is not None and prefill
@@ -125,10 +125,9 @@ class Projection:
 
     @property
     def input_dtype(self) -> torch.dtype:
-        """The dtype of x in serving's calls: bfloat16 for bfloat16 weights where the CPU
-        multiplies bfloat16 natively (or without the kernels), float32 otherwise."""
-        return torch.bfloat16 if self.weight.dtype == torch.bfloat16 and not self._widen \
-            else torch.float32
+        """The dtype of x in serving's calls: float32 with the kernels (their op set's
+        activations), the weight's otherwise."""
+        return torch.float32 if self._bf16_kernels is not None else self.weight.dtype
 
     @property
     def packed(self) -> bool:
@@ -174,8 +173,8 @@ class Projection:
             return self.run(self._routes[b], x)
         if m <= self._bf16_rows:
             return self.run("kernel", x)
-        if self._widen or x.dtype != self.weight.dtype:
-            return self.run("torch", x)
+        if self._bf16_kernels is not None:
+            return self.run("onednn" if self._packed is not None else "torch", x)
         if self._kernels is not None and m <= KERNEL_ROWS:
             return self._kernels.linear(x.contiguous(), self.weight, self.bias)
         if self._cpu and m <= 2:
@@ -187,9 +186,10 @@ class Projection:
         return F.linear(x, self.weight, self.bias)
 
     def run(self, choice: str, x: torch.Tensor) -> torch.Tensor:
-        """x through one GEMM: "kernel", "onednn" (the packed weight) or "torch" (F.linear;
-        in float32, `_widened_linear`, for bfloat16 weights on a CPU without native
-        bfloat16, or a float32 x)."""
+        """x through one GEMM: "kernel", "onednn" (the packed weight; float32 x over bfloat16
+        weights rounded for it, the result widened) or "torch" (F.linear; in float32,
+        `_widened_linear`, for bfloat16 weights under float32 x or on a CPU without native
+        bfloat16)."""
         if choice == "kernel":
             if self._bf16_kernels is not None and x.dtype == torch.float32:
                 return self._bf16_kernels.linear_f32_wbf16(x.contiguous(), self.weight,
@@ -199,6 +199,10 @@ class Projection:
             assert self._kernels is not None
             return self._kernels.linear(x.contiguous(), self.weight, self.bias)
         if choice == "onednn":
+            if x.dtype != self.weight.dtype:
+                y = torch.ops.mkldnn._linear_pointwise(x.to(self.weight.dtype), self._packed,
+                                                       self.bias, "none", [], "")
+                return y.to(x.dtype)
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
         if self._widen or x.dtype != self.weight.dtype:
             return _widened_linear(x, self.weight, self._bias_f32)

@@ -149,6 +149,12 @@ def test_bfloat16_calls_take_the_kernel_up_to_the_cpus_limit(
                                    rtol=2e-2, atol=2e-2)
         if m > limit and not native:  # float32 sums of the exact products, rounded once
             assert torch.equal(y, F.linear(x.float(), p.weight.float()).bfloat16())
+        # float32 x, as the kernels' op set passes it: a float32 result (oneDNN's bfloat16
+        # GEMM takes x rounded and returns its result widened)
+        y32 = p(x.float())
+        assert y32.dtype == torch.float32
+        torch.testing.assert_close(y32, F.linear(x.float(), p.weight.float()),
+                                   rtol=2e-2, atol=2e-2)
     assert calls == [m for m in rows if m <= limit]
     assert p.packed == native
     if not native:  # no call reads a packed copy, so none is held
