@@ -14,8 +14,8 @@ candidates on the model's own projections and picks per shape and row bucket:
   row without software prefetches instead of reading tiles of rows side by side, timed at
   one row;
 - `onednn`: oneDNN's linear over the packed copy of the weight (when it is kept);
-- `torch`: F.linear (MKL); for bfloat16 weights on a CPU without native bfloat16, in float32
-  on W widened for the call (x is float32 there).
+- `torch`: F.linear (MKL); for bfloat16 weights, in float32 on W widened for the call (x is
+  float32, the kernels' op set's activations).
 
 bfloat16 projections (a `--dtype bfloat16` model) are timed between the same three, with x
 as serving passes it (float32, the kernels' op set's activations; oneDNN's candidate rounds
