@@ -77,6 +77,8 @@ def test_tuned_once_per_machine_then_read_from_the_cache(k: CpuKernels, cache: P
     timed: list[tuple[int, ...]] = []
     monkeypatch.setattr(dispatch, "_tune_prefetch",  # a bigger model times it again
                         lambda kernels, by_shape, t: t.prefetch)
+    monkeypatch.setattr(dispatch, "_tune_row_stream",  # (to the same choices here)
+                        lambda kernels, by_shape, t: t.row_stream)
     monkeypatch.setattr(dispatch, "_time_shape", lambda ps: timed.append(
         tuple(ps[0].weight.shape)) or ({c: [1.0] * len(BUCKETS) for c in CANDIDATES}, BUCKETS))
     grown = dispatch.tune(k, [*projs, *projections(k, (32, 64))])
