@@ -56,6 +56,8 @@ class CpuKernels:
     cpuk_get_prefetch: Any
     cpuk_set_row_stream: Any
     cpuk_get_row_stream: Any
+    cpuk_set_row_stream_i8: Any
+    cpuk_get_row_stream_i8: Any
     cpuk_set_amx: Any
     cpuk_get_amx: Any
     cpuk_set_amx_i8_rows: Any

@@ -11,8 +11,8 @@ candidates on the model's own projections and picks per shape and row bucket:
 - `kernel`: the compiled kernel (worker/kernels/csrc/linear.c), and before the per-shape
   timing its prefetch setting (into every cache level, into L2, or non-temporal), timed at
   one and four rows over every projection, then whether one row streams the weights row by
-  row without software prefetches instead of reading tiles of rows side by side, timed at
-  one row;
+  row instead of reading tiles of rows side by side, timed at one row over the float
+  projections and, apart, over the w8a16 ones;
 - `onednn`: oneDNN's linear over the packed copy of the weight (when it is kept);
 - `torch`: F.linear (MKL); for bfloat16 weights, in float32 on W widened for the call (x is
   float32, the kernels' op set's activations).
@@ -94,7 +94,7 @@ CANDIDATES = ("kernel", "onednn", "torch")
 INT8_CANDIDATES = ("kernel", "torch")
 
 ROW_STREAM = {"tiles": 0, "stream": 1}
-"""cpuk_set_row_stream's values, by the name the timings keep."""
+"""cpuk_set_row_stream's and cpuk_set_row_stream_i8's values, by the name the timings keep."""
 
 AMX_I8_ROWS = (1, 2, 4, 8)
 """Row counts at which int8 projections on AMX tiles are timed against the vector code."""
@@ -193,10 +193,21 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
             table.choices.clear()
             table.timings_us = {k: v for k, v in table.timings_us.items()
                                 if k in SETTINGS or k.startswith("attention:")}
+            table.row_stream_i8_bytes = 0  # int8's tiles were timed with another prefetch
         save(table, path)
     kernels.cpuk_set_prefetch(PREFETCH_MODES[table.prefetch])
     kernels.cpuk_set_row_stream(int(table.row_stream))
     int8_bytes = sum(p.nbytes for p in projections if isinstance(p, W8A16Projection))
+    if int8_bytes > table.row_stream_i8_bytes:
+        before_stream = table.row_stream_i8
+        table.row_stream_i8 = _tune_row_stream_i8(kernels, by_shape, table)
+        table.row_stream_i8_bytes = int8_bytes
+        if table.row_stream_i8 != before_stream:  # the int8 kernel was timed otherwise
+            table.choices = {k: v for k, v in table.choices.items() if not k.startswith(INT8)}
+            table.timings_us = {k: v for k, v in table.timings_us.items()
+                                if not k.startswith(INT8)}
+        save(table, path)
+    kernels.cpuk_set_row_stream_i8(int(table.row_stream_i8))
     if int8_bytes > table.amx_i8_bytes and "amxint8" in kernels.isa.split():
         before_rows = table.amx_i8_rows
         table.amx_i8_rows = _tune_amx_i8(kernels, by_shape, table)
@@ -283,9 +294,10 @@ def _time_setting(projs: Sequence[Routable], rows: Sequence[int],
 def _tune_prefetch(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
                    table: DispatchTable) -> str:
     """The fastest prefetch setting here (a PREFETCH_MODES name): the kernel over every
-    projection at one and four rows, each setting in turn (one row in tiles, as int8's)."""
+    projection at one and four rows, each setting in turn (one row in tiles)."""
     projs = [p for ps in by_shape.values() for p in ps]
     kernels.cpuk_set_row_stream(0)
+    kernels.cpuk_set_row_stream_i8(0)
     results = _time_setting(projs, (1, 4), kernels.cpuk_get_prefetch,
                             kernels.cpuk_set_prefetch, PREFETCH_MODES)
     table.timings_us["prefetch"] = results
@@ -300,15 +312,32 @@ def _tune_row_stream(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
                      table: DispatchTable) -> bool:
     """Whether one row of x runs faster streaming the weights row by row than in tiles with
     the prefetch setting: the kernel over every float32 and bfloat16 projection at one row,
-    each way in turn (w8a16 ones always take tiles)."""
+    each way in turn (w8a16 ones: _tune_row_stream_i8)."""
     projs = [p for key, ps in by_shape.items() if not key.startswith(INT8) for p in ps]
+    return _tune_stream(kernels, projs, table, "row-stream", kernels.cpuk_get_row_stream,
+                        kernels.cpuk_set_row_stream)
+
+
+def _tune_row_stream_i8(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
+                        table: DispatchTable) -> bool:
+    """As _tune_row_stream, over the model's w8a16 projections: int8 rows are a quarter of
+    float32's bytes and sum in integers, so they may stream where float32 does not, or the
+    other way round."""
+    projs = [p for key, ps in by_shape.items() if key.startswith(INT8) for p in ps]
+    return _tune_stream(kernels, projs, table, "row-stream-int8",
+                        kernels.cpuk_get_row_stream_i8, kernels.cpuk_set_row_stream_i8)
+
+
+def _tune_stream(kernels: CpuKernels, projs: list[Routable], table: DispatchTable,
+                 name: str, get: Callable[[], int], put: Callable[[int], None]) -> bool:
+    """Whether these projections run faster at one row streamed than in tiles (timings kept
+    under `name`)."""
     if not projs:
         return False
-    results = _time_setting(projs, (1,), kernels.cpuk_get_row_stream,
-                            kernels.cpuk_set_row_stream, ROW_STREAM)
-    table.timings_us["row-stream"] = results
+    results = _time_setting(projs, (1,), get, put, ROW_STREAM)
+    table.timings_us[name] = results
     stream = results["stream"][0] < results["tiles"][0]
-    log.info("kernel at one row, us per pass in tiles / streamed: %.0f / %.0f: %s",
+    log.info("%s: kernel at one row, us per pass in tiles / streamed: %.0f / %.0f: %s", name,
              results["tiles"][0], results["stream"][0], "streamed" if stream else "tiles")
     return stream
 

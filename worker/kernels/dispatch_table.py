@@ -29,7 +29,7 @@ by the name the table keeps; the first is the kernel's default."""
 PREFETCH_WHERE = {"t0": "every cache level", "l2": "L2 (not L1)",
                   "nta": "L1 only (non-temporal)"}
 
-SETTINGS = ("prefetch", "row-stream", "amx-int8")
+SETTINGS = ("prefetch", "row-stream", "row-stream-int8", "amx-int8")
 """Timings of the kernels' settings, which every model's table keeps."""
 
 PLAN_SLACK = 1.1
@@ -51,8 +51,12 @@ class DispatchTable:
     """Bytes of the projections the prefetch setting was timed over: a bigger model times it
     again (a tiny model's few kilobytes say nothing about streaming from memory)."""
     row_stream: bool = False
-    """Whether one row of x over float32 or bfloat16 weights streams them row by row without
-    software prefetches (cpuk_set_row_stream), timed with the prefetch setting."""
+    """Whether one row of x over float32 or bfloat16 weights streams them row by row
+    (cpuk_set_row_stream) rather than in tiles, timed with the prefetch setting."""
+    row_stream_i8: bool = False
+    """The same for int8 weights (cpuk_set_row_stream_i8)."""
+    row_stream_i8_bytes: int = 0
+    """Bytes of the w8a16 projections row_stream_i8 was timed over (as prefetch_bytes)."""
     amx_i8_rows: int = 0
     """Rows from which int8 projections take AMX tiles (0: not timed, the kernel's default)."""
     amx_i8_bytes: int = 0
@@ -63,8 +67,8 @@ class DispatchTable:
     timings_us: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     """Shape key -> candidate -> microseconds per call, per bucket; "prefetch" -> a
     PREFETCH_MODES name -> microseconds of a pass over every projection at one and four rows;
-    "row-stream" -> "tiles"/"stream" -> microseconds of a pass over every projection at one
-    row; "amx-int8" -> "tiles"/"vector" -> microseconds of a pass over every w8a16 projection at
+    "row-stream" -> "tiles"/"stream" -> microseconds of a pass over every float projection at
+    one row; "row-stream-int8" the same over every w8a16 projection; "amx-int8" -> "tiles"/"vector" -> microseconds of a pass over every w8a16 projection at
     AMX_I8_ROWS rows; "attention:" and an attention key -> tasks per thread -> microseconds
     per call, per ATTENTION_CASES."""
     attention_parts: dict[str, int] = field(default_factory=dict)
@@ -105,6 +109,7 @@ class DispatchTable:
         return DispatchTable(
             cpu=self.cpu, threads=self.threads, prefetch=self.prefetch,
             prefetch_bytes=self.prefetch_bytes, row_stream=self.row_stream,
+            row_stream_i8=self.row_stream_i8, row_stream_i8_bytes=self.row_stream_i8_bytes,
             amx_i8_rows=self.amx_i8_rows,
             amx_i8_bytes=self.amx_i8_bytes,
             choices={k: v for k, v in self.choices.items() if k in keys},
@@ -117,8 +122,10 @@ class DispatchTable:
         """The table as a person reads it: one line per shape, the choice per bucket (w8a16
         and bfloat16 shapes in blocks of their own, with their prefill buckets)."""
         lines = [f"kernel prefetch into {PREFETCH_WHERE[self.prefetch]}"]
-        if self.row_stream:
-            lines.append("one row streams the weights row by row (the hardware prefetcher's)")
+        streamed = [kind for kind, on in (("float", self.row_stream),
+                                          ("int8", self.row_stream_i8)) if on]
+        if streamed:
+            lines.append(f"one row streams {' and '.join(streamed)} weights row by row")
         if self.amx_i8_rows:
             lines.append(f"int8 projections on AMX tiles from {self.amx_i8_rows} rows")
         for key, parts in sorted(self.attention_parts.items()):

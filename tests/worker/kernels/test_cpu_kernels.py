@@ -38,14 +38,16 @@ def _amx() -> bool:
                 ids=["prefetch-t0", "prefetch-l2", "prefetch-nta", "row-stream"])
 def prefetch(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[int]:
     """Each prefetch setting the machine's tuning may choose, and one row of x streaming the
-    weights row by row (the results are the same)."""
-    before = k.cpuk_get_prefetch(), k.cpuk_get_row_stream()
+    weights row by row, float and int8 (the results are the same)."""
+    before = k.cpuk_get_prefetch(), k.cpuk_get_row_stream(), k.cpuk_get_row_stream_i8()
     mode, stream = request.param
     k.cpuk_set_prefetch(mode)
     k.cpuk_set_row_stream(stream)
+    k.cpuk_set_row_stream_i8(stream)
     yield mode
     k.cpuk_set_prefetch(before[0])
     k.cpuk_set_row_stream(before[1])
+    k.cpuk_set_row_stream_i8(before[2])
 
 
 @pytest.mark.parametrize("m", [2, 3, 7, 11])
@@ -82,14 +84,42 @@ def test_bfloat16_and_int8_rows_get_the_same_bits_whatever_rows_share_their_call
             assert torch.equal(k.linear_f32_wbf16(pair, w, None)[0], together[0][r])
             assert torch.equal(k.linear_int8(pair, q, scale, 576, None)[0], together[1][r])
             alone, xh = x[r:r + 1].contiguous(), x[r:r + 1].bfloat16()
-            tiled = k.linear_f32_wbf16(alone, w, None), k.linear_bf16(xh, w, None)
+            tiled = (k.linear_f32_wbf16(alone, w, None), k.linear_bf16(xh, w, None),
+                     k.linear_int8(alone, q, scale, 576, None))
             k.cpuk_set_row_stream(1)  # a row alone the same, streaming the weights
-            streamed = k.linear_f32_wbf16(alone, w, None), k.linear_bf16(xh, w, None)
+            k.cpuk_set_row_stream_i8(1)
+            streamed = (k.linear_f32_wbf16(alone, w, None), k.linear_bf16(xh, w, None),
+                        k.linear_int8(alone, q, scale, 576, None))
             k.cpuk_set_row_stream(0)
-            assert torch.equal(streamed[0], tiled[0]) and torch.equal(streamed[1], tiled[1])
+            k.cpuk_set_row_stream_i8(0)
+            assert all(torch.equal(a, b) for a, b in zip(streamed, tiled, strict=True))
+            assert torch.equal(tiled[2][0], together[1][r])
     finally:
         k.cpuk_set_amx(before)
         k.cpuk_set_row_stream(0)
+        k.cpuk_set_row_stream_i8(0)
+
+
+@pytest.mark.parametrize(("n", "in_features", "group"), [
+    (962, 576, 64), (5, 48, 16), (130, 2064, 48), (7, 80, 80), (3073, 1536, 1536)])
+def test_a_streamed_int8_row_gets_the_tiles_bits(k: CpuKernels, n: int, in_features: int,
+                                                 group: int) -> None:
+    """Streaming sums each FLUSH block in two int32 accumulators where the tiles use one:
+    integer sums, so the same bits, with groups, a half vector at the end (2064, 80) and
+    rows past the last whole tile."""
+    g = gen(n)
+    x = torch.randn(1, in_features, generator=g) * 3
+    q = torch.randint(-127, 128, (n, in_features), dtype=torch.int8, generator=g)
+    scale, b = torch.rand(n, in_features // group, generator=g), torch.randn(n, generator=g)
+    before = k.cpuk_get_row_stream_i8()
+    try:
+        k.cpuk_set_row_stream_i8(0)
+        tiled = k.linear_int8(x, q, scale, group, b)
+        k.cpuk_set_row_stream_i8(1)
+        streamed = k.linear_int8(x, q, scale, group, b)
+    finally:
+        k.cpuk_set_row_stream_i8(before)
+    assert torch.equal(streamed, tiled)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 70])

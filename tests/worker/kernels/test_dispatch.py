@@ -336,6 +336,10 @@ def test_w8a16_models_time_the_int8_tiles_where_the_cpu_has_them(
     projs = [w8a16(k, (96, 64)), w8a16(k, (96, 64)), *projections(k, (96, 64))]
     try:
         table = dispatch.tune(k, projs)
+        stream = table.timings_us["row-stream-int8"]  # one row: the faster way, applied
+        assert table.row_stream_i8 == (stream["stream"][0] < stream["tiles"][0])
+        assert k.cpuk_get_row_stream_i8() == table.row_stream_i8
+        assert table.row_stream_i8_bytes == sum(p.nbytes for p in projs[:2])
         if "amxint8" not in k.isa.split():
             assert table.amx_i8_rows == 0 and "amx-int8" not in table.timings_us
             return
@@ -355,6 +359,35 @@ def test_w8a16_models_time_the_int8_tiles_where_the_cpu_has_them(
         assert bigger.amx_i8_rows == 8 and k.cpuk_get_amx_i8_rows() == 8
     finally:
         k.cpuk_set_amx_i8_rows(before)
+        k.cpuk_set_row_stream_i8(0)
+
+
+def test_the_int8_row_stream_is_timed_again_for_more_int8_bytes_only(
+        k: CpuKernels, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kept in the cache; a model with more w8a16 bytes times it again, and where that flips
+    it, the int8 shapes (whose kernel at one row was timed the other way) are timed again."""
+    projs = [w8a16(k, (96, 64)), *projections(k, (96, 64))]
+    try:
+        first = dispatch.tune(k, projs)
+
+        def no_timing(*args: object) -> None:
+            raise AssertionError("timed again")
+
+        monkeypatch.setattr(dispatch, "_tune_row_stream_i8", no_timing)
+        assert dispatch.tune(k, projs).row_stream_i8 == first.row_stream_i8
+        flipped = not first.row_stream_i8
+        monkeypatch.setattr(dispatch, "_tune_row_stream_i8", lambda kernels, by_shape, t: flipped)
+        timed: list[str] = []
+        time_shape = dispatch._time_shape
+        monkeypatch.setattr(dispatch, "_time_shape", lambda ps: timed.append(
+            dispatch.key_of(ps[0])) or time_shape(ps))
+        bigger = dispatch.tune(k, [*projs, w8a16(k, (32, 64))])
+        assert bigger.row_stream_i8 == flipped and k.cpuk_get_row_stream_i8() == flipped
+        assert sorted(timed) == ["w8a16:32x64", "w8a16:96x64"]  # not the float shape
+        streams = [line for line in bigger.describe().splitlines() if "streams" in line]
+        assert any("int8 weights" in line for line in streams) == flipped
+    finally:
+        k.cpuk_set_row_stream_i8(0)
 
 
 def test_w8a16_shapes_are_timed_with_a_prefill_bucket(k: CpuKernels, cache: Path) -> None:

@@ -62,6 +62,8 @@ void cpuk_set_row_stream(int64_t on); /* 1: one row of x over float32 or bfloat1
                                          software prefetches; 0: in tiles, as several rows
                                          (the default) */
 int64_t cpuk_get_row_stream(void);
+void cpuk_set_row_stream_i8(int64_t on); /* 1: one row of x over int8 W streams as well */
+int64_t cpuk_get_row_stream_i8(void);
 void cpuk_linear_f32(const float *x, int64_t m, int64_t k, const float *w, int64_t n,
                      const float *bias, float *y);
 void cpuk_set_amx(int64_t on); /* 1: bfloat16 and int8 projections of several rows on AMX

@@ -28,6 +28,7 @@
 
 #include "amx.h"
 #include "kernels.h"
+#include "steal.h"
 #include "vec.h"
 
 /* GCC's loop vectoriser turns each tile's epilogue (R horizontal sums and the scalar tail)
@@ -70,6 +71,7 @@ ALWAYS_INLINE float vw_hsum(vwf v) {
 
 static int prefetch_mode = PREFETCH_ALL_LEVELS;
 static int row_stream = 0;
+static int row_stream_i8 = 0;
 static int amx_allowed = 1;
 
 void cpuk_set_prefetch(int64_t mode) {
@@ -81,6 +83,10 @@ int64_t cpuk_get_prefetch(void) { return prefetch_mode; }
 void cpuk_set_row_stream(int64_t on) { row_stream = on != 0; }
 
 int64_t cpuk_get_row_stream(void) { return row_stream; }
+
+void cpuk_set_row_stream_i8(int64_t on) { row_stream_i8 = on != 0; }
+
+int64_t cpuk_get_row_stream_i8(void) { return row_stream_i8; }
 
 void cpuk_set_amx(int64_t on) { amx_allowed = on != 0; }
 
@@ -246,12 +252,17 @@ ALWAYS_INLINE void tile_float(const void *x, int64_t k, const void *w, int64_t j
 
 /* One row of x against the tile of four weight rows at j, as tile_float's with R = 1 (the
  * same sums, bit for bit), but each weight row read to its end before the next: a single
- * stream, without software prefetches, for the hardware prefetcher to follow alone
- * (cpuk_set_row_stream). On a Zen 4 with the weights on huge pages, 538 MB at one row took
- * 10.5 / 17.6 ms in a fast / slow minute, near a plain read of the same bytes (9.7 / 16.7),
- * where the tiles' rows read side by side took 14.4-15.0 / 19.9-21.2 with prefetches into L2
- * and 19.4-22.2 without; prefetches cost the plain read itself 1.35x. A batch-1 decode step
- * of SmolLM2 took 16.4 / 19.1 ms (best / median of 8) against 19.1 / 21.8 in tiles. */
+ * stream, for the hardware prefetcher to follow (cpuk_set_row_stream). On a Zen 4 with the
+ * weights on huge pages, 538 MB at one row took 10.5 / 17.6 ms in a fast / slow minute, near
+ * a plain read of the same bytes (9.7 / 16.7), where the tiles' rows read side by side took
+ * 14.4-15.0 / 19.9-21.2 with prefetches into L2 and 19.4-22.2 without. A batch-1 decode step
+ * of SmolLM2 took 16.4 / 19.1 ms (best / median of 8) against 19.1 / 21.8 in tiles. One
+ * prefetch into L2 STREAM_AHEAD bytes ahead of each vector still helps the hardware's: the
+ * same 538 MB took 11.6-12.5 / 12.9-14.3 ms (best / first quartile of 75, three runs)
+ * against 11.4-12.7 / 14.0-15.3 without it, on the same Zen 4 another day, its plain read
+ * 9.6-10.1 / 10.3-11.2; a prefetch of every line a few tiles ahead had cost a plain read
+ * 1.35x there. */
+#define STREAM_AHEAD 1024
 ALWAYS_INLINE void tile_stream(const void *x, int64_t k, const void *w, int64_t j, int64_t n,
                                int XBF, int WBF, float out[MAX_WR][MAX_XR]) {
     const char *xs[MAX_XR] = {x};
@@ -261,7 +272,10 @@ ALWAYS_INLINE void tile_stream(const void *x, int64_t k, const void *w, int64_t 
     vwf acc[MAX_WR][MAX_XR];
     for (int q = 0; q < 4; q++) {
         vwf a = vw_splat(0.0f);
-        for (int64_t c = 0; c < kv; c += VW) a += vw_load(rows[q], c, WBF) * vw_load(xs[0], c, XBF);
+        for (int64_t c = 0; c < kv; c += VW) {
+            __builtin_prefetch(rows[q] + c * (WBF ? 2 : 4) + STREAM_AHEAD, 0, 2);
+            a += vw_load(rows[q], c, WBF) * vw_load(xs[0], c, XBF);
+        }
         acc[q][0] = a;
     }
     tile_sums(acc, 4, 1, rows, xs, kv, k, XBF, WBF, out);
@@ -270,12 +284,11 @@ ALWAYS_INLINE void tile_stream(const void *x, int64_t k, const void *w, int64_t 
 /* Every tile of W against one row of x, the threads taking contiguous ranges. A macro, so
  * that each caller's parallel loop has its dtypes as constants. */
 #define STREAM_TILES(XBF, WBF, STORE)                                                          \
-    _Pragma("omp parallel for schedule(static) if (n * k > 65536)")                           \
-    for (int64_t j = 0; j < n; j += 4) {                                                       \
+    FOR_STOLEN_TILES((n + 3) / 4, n * k > 65536, jt, {                                         \
         float out[MAX_WR][MAX_XR];                                                             \
-        tile_stream(x, k, w, j, n, XBF, WBF, out);                                             \
-        STORE(out, 4, 1, 0, j, n, bias, y);                                                    \
-    }
+        tile_stream(x, k, w, jt * 4, n, XBF, WBF, out);                                        \
+        STORE(out, 4, 1, 0, jt * 4, n, bias, y);                                               \
+    })
 
 #ifdef __AVX512BF16__
 /* bfloat16 x and W on AVX512-BF16: vdpbf16ps multiplies 32 pairs of bfloat16 (exactly, in
@@ -677,6 +690,59 @@ ALWAYS_INLINE void tile_i8_x16(const int16_t *xq, const float *xscale, int64_t k
         for (int r = 0; r < R; r++) out[q][r] = xs_hsum(total[q][r]) * xscale[i + r];
 }
 
+/* One row of x (row_stream_i8): the tile's four weight rows read one after another, as
+ * tile_stream reads float32's, prefetching STREAM_AHEAD bytes ahead. Each row's FLUSH block
+ * sums in two int32 accumulators, the even and the odd vectors, which add up to tile_x16's
+ * one exactly (integer sums), so the float sums that follow, and the result, are the tiles'
+ * bit for bit. */
+
+ALWAYS_INLINE xvec row_x16(const char *row, const int16_t *x, int64_t c0, int64_t c1) {
+    xvec a0 = xv_zero(), a1 = xv_zero();
+    int64_t c = c0;
+    for (; c + 2 * XW <= c1; c += 2 * XW) {
+        __builtin_prefetch(row + c + STREAM_AHEAD, 0, 2);
+        a0 = xv_dot(a0, xv_w(row + c), xv_x(x + c));
+        a1 = xv_dot(a1, xv_w(row + c + XW), xv_x(x + c + XW));
+    }
+    if (c + XW <= c1) {
+        a0 = xv_dot(a0, xv_w(row + c), xv_x(x + c));
+        c += XW;
+    }
+#if XW == 32
+    if (c < c1) a1 = xv_dot(a1, xv_w_half(row + c), xv_x_half(x + c));
+#endif
+#ifdef __AVX512BW__
+    return _mm512_add_epi32(a0, a1);
+#else
+    return _mm256_add_epi32(a0, a1);
+#endif
+}
+
+ALWAYS_INLINE void tile_i8_x16_stream(const int16_t *xq, const float *xscale, int64_t k,
+                                      const int8_t *w, const float *scale, int64_t group,
+                                      int64_t j, int64_t n, float out[MAX_WR][MAX_XR]) {
+    const char *rows[MAX_WR];
+    tile_rows((const char *)w, k, j, n, 4, rows);
+    const int64_t groups = k / group;
+    xsum total[MAX_WR][MAX_XR];
+    for (int q = 0; q < 4; q++) {
+        const float *s = scale + (j + q < n ? j + q : n - 1) * groups;
+        xsum t = xs_splat(0.0f);
+        for (int64_t g = 0; g < groups; g++)
+            for (int64_t c0 = g * group; c0 < (g + 1) * group; c0 += FLUSH) {
+                int64_t c1 = c0 + FLUSH < (g + 1) * group ? c0 + FLUSH : (g + 1) * group;
+                t += xs_float(row_x16(rows[q], xq, c0, c1)) * xs_splat(s[g]);
+            }
+        total[q][0] = t;
+    }
+#if XW == 32
+    reduce_4x4(total, 1, out);
+    for (int q = 0; q < 4; q++) out[q][0] *= xscale[0];
+#else
+    for (int q = 0; q < 4; q++) out[q][0] = xs_hsum(total[q][0]) * xscale[0];
+#endif
+}
+
 /* x rows to int16 with per-row scales max|x| / 32767 (0 rows get scale 0). Eight columns at
  * a time: vcvtps2dq rounds as lrintf does (to nearest even, the MXCSR mode), and a scalar
  * lrintf is a libm call, which had made this a quarter of a 16-row projection's time. */
@@ -736,6 +802,14 @@ int64_t cpuk_linear_i8(const float *x, int64_t m, int64_t k, const int8_t *w, co
         quantize_x16(x, m, k, xq, xscale);
         if (amx_i8_takes(m, k, group)) {
             amx_linear_i8(xq, xscale, m, k, w, scale, group, n, bias, y, xq + m * k);
+            return 0;
+        }
+        if (m == 1 && row_stream_i8) {
+            FOR_STOLEN_TILES((n + 3) / 4, n * k > 65536, jt, {
+                float out[MAX_WR][MAX_XR];
+                tile_i8_x16_stream(xq, xscale, k, w, scale, group, jt * 4, n, out);
+                store(out, 4, 1, 0, jt * 4, n, bias, y);
+            });
             return 0;
         }
 #define TILE_X16(WR_, R_, PF_) tile_i8_x16(xq, xscale, k, w, scale, group, j, n, WR_, i, R_, PF_, out)

@@ -1,0 +1,79 @@
+/* Contiguous ranges of tiles that threads which finish early take over from the others' ends.
+ *
+ * A one-row projection is a few tens of microseconds, and a decode step runs some hundred of
+ * them, each a parallel region whose threads meet at its end. Split evenly (schedule(static)),
+ * the thread that started later, or shares its core, kept the other waiting: on 2 Zen 4
+ * vCPUs, 11-14% of SmolLM2's int8 layers' time at one row was one thread idle at the barrier.
+ * Here each thread starts on its own even share, front to back, STEAL_CHUNK tiles at a time,
+ * so it still streams one run of memory; one that runs out takes STEAL_CHUNK tiles at a time
+ * from the back of the share with most left. Which thread computes a tile changes nothing in
+ * it, so results do not depend on who took what. */
+#ifndef NPUSERVE_STEAL_H
+#define NPUSERVE_STEAL_H
+
+#include <omp.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#define STEAL_CHUNK 4
+
+/* One thread's share: tiles [lo, hi) still to take, as lo | hi << 32, on its own line. */
+typedef struct {
+    _Alignas(64) _Atomic uint64_t span;
+} steal_range;
+
+/* Takes up to STEAL_CHUNK tiles from the front (or the back) of r: how many, from *start. */
+static inline int64_t steal_take(steal_range *r, int back, int64_t *start) {
+    uint64_t v = atomic_load_explicit(&r->span, memory_order_relaxed);
+    for (;;) {
+        const uint64_t lo = v & 0xffffffffu, hi = v >> 32;
+        if (lo >= hi) return 0;
+        const uint64_t m = hi - lo < STEAL_CHUNK ? hi - lo : STEAL_CHUNK;
+        const uint64_t nv = back ? lo | (hi - m) << 32 : (lo + m) | hi << 32;
+        if (atomic_compare_exchange_weak_explicit(&r->span, &v, nv, memory_order_relaxed,
+                                                  memory_order_relaxed)) {
+            *start = (int64_t)(back ? hi - m : lo);
+            return (int64_t)m;
+        }
+    }
+}
+
+/* The share (other than self's) with most tiles left, or -1 when none has any. */
+static inline int steal_victim(steal_range *ranges, int threads, int self) {
+    int victim = -1;
+    uint64_t most = 0;
+    for (int u = 0; u < threads; u++) {
+        const uint64_t v = atomic_load_explicit(&ranges[u].span, memory_order_relaxed);
+        const uint64_t lo = v & 0xffffffffu, hi = v >> 32;
+        if (u != self && hi > lo && hi - lo > most) {
+            most = hi - lo;
+            victim = u;
+        }
+    }
+    return victim;
+}
+
+/* BODY once for each tile JT in [0, TILES) (fewer than 2^32), in a parallel region when
+ * PARALLEL. A macro, so that BODY's constants stay constants. */
+#define FOR_STOLEN_TILES(TILES, PARALLEL, JT, BODY)                                            \
+    do {                                                                                       \
+        const int64_t tiles_ = (TILES);                                                        \
+        const int parallel_ = (PARALLEL);                                                      \
+        steal_range ranges_[omp_get_max_threads()];                                            \
+        _Pragma("omp parallel if (parallel_)") {                                               \
+            const int threads_ = omp_get_num_threads(), self_ = omp_get_thread_num();         \
+            const uint64_t lo_ = (uint64_t)(tiles_ * self_ / threads_),                        \
+                           hi_ = (uint64_t)(tiles_ * (self_ + 1) / threads_);                  \
+            atomic_store_explicit(&ranges_[self_].span, lo_ | hi_ << 32,                       \
+                                  memory_order_relaxed);                                       \
+            _Pragma("omp barrier");                                                            \
+            int64_t start_, count_;                                                            \
+            while ((count_ = steal_take(&ranges_[self_], 0, &start_)) > 0)                     \
+                for (int64_t JT = start_; JT < start_ + count_; JT++) BODY;                    \
+            for (int v_; (v_ = steal_victim(ranges_, threads_, self_)) >= 0;)                  \
+                while ((count_ = steal_take(&ranges_[v_], 1, &start_)) > 0)                    \
+                    for (int64_t JT = start_; JT < start_ + count_; JT++) BODY;               \
+        }                                                                                      \
+    } while (0)
+
+#endif
