@@ -68,9 +68,10 @@ class DispatchTable:
     """Shape key -> candidate -> microseconds per call, per bucket; "prefetch" -> a
     PREFETCH_MODES name -> microseconds of a pass over every projection at one and four rows;
     "row-stream" -> "tiles"/"stream" -> microseconds of a pass over every float projection at
-    one row; "row-stream-int8" the same over every w8a16 projection; "amx-int8" -> "tiles"/"vector" -> microseconds of a pass over every w8a16 projection at
-    AMX_I8_ROWS rows; "attention:" and an attention key -> tasks per thread -> microseconds
-    per call, per ATTENTION_CASES."""
+    one row; "row-stream-int8" the same over every w8a16 projection; "amx-int8" ->
+    "tiles"/"vector" -> microseconds of a pass over every w8a16 projection at AMX_I8_ROWS
+    rows; "attention:" and an attention key -> tasks per thread -> microseconds per call, per
+    ATTENTION_CASES."""
     attention_parts: dict[str, int] = field(default_factory=dict)
     """"HEADSxKV_HEADSxHEAD_DIM" -> decode attention's tasks per thread (0: no split)."""
 
