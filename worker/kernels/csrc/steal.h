@@ -53,9 +53,9 @@ static inline int steal_victim(steal_range *ranges, int threads, int self) {
     return victim;
 }
 
-/* BODY once for each tile JT in [0, TILES) (fewer than 2^32), in a parallel region when
- * PARALLEL. A macro, so that BODY's constants stay constants. */
-#define FOR_STOLEN_TILES(TILES, PARALLEL, JT, BODY)                                            \
+/* Runs the statement given last once for each tile JT in [0, TILES) (fewer than 2^32), in a
+ * parallel region when PARALLEL. A macro, so that the statement's constants stay constants. */
+#define FOR_STOLEN_TILES(TILES, PARALLEL, JT, ...)                                            \
     do {                                                                                       \
         const int64_t tiles_ = (TILES);                                                        \
         const int parallel_ = (PARALLEL);                                                      \
@@ -69,10 +69,10 @@ static inline int steal_victim(steal_range *ranges, int threads, int self) {
             _Pragma("omp barrier");                                                            \
             int64_t start_, count_;                                                            \
             while ((count_ = steal_take(&ranges_[self_], 0, &start_)) > 0)                     \
-                for (int64_t JT = start_; JT < start_ + count_; JT++) BODY;                    \
+                for (int64_t JT = start_; JT < start_ + count_; JT++) __VA_ARGS__                \
             for (int v_; (v_ = steal_victim(ranges_, threads_, self_)) >= 0;)                  \
                 while ((count_ = steal_take(&ranges_[v_], 1, &start_)) > 0)                    \
-                    for (int64_t JT = start_; JT < start_ + count_; JT++) BODY;               \
+                    for (int64_t JT = start_; JT < start_ + count_; JT++) __VA_ARGS__           \
         }                                                                                      \
     } while (0)
 
