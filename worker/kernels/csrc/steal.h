@@ -54,25 +54,28 @@ static inline int steal_victim(steal_range *ranges, int threads, int self) {
 }
 
 /* Runs the statement given last once for each tile JT in [0, TILES) (fewer than 2^32), in a
- * parallel region when PARALLEL. A macro, so that the statement's constants stay constants. */
+ * parallel region when PARALLEL. The shares are set before the region starts, so no thread
+ * waits for another to begin: on cores shared with other processes, a thread that starts
+ * late finds its share taken by the others, where a barrier would have held them until it
+ * came. Every share is drained whoever runs, so a team smaller than asked for (or a region
+ * that is not parallel) still covers every tile. A macro, so that the statement's constants
+ * stay constants. */
 #define FOR_STOLEN_TILES(TILES, PARALLEL, JT, ...)                                            \
     do {                                                                                       \
         const int64_t tiles_ = (TILES);                                                        \
-        const int parallel_ = (PARALLEL);                                                      \
-        steal_range ranges_[omp_get_max_threads()];                                            \
-        _Pragma("omp parallel if (parallel_)") {                                               \
-            const int threads_ = omp_get_num_threads(), self_ = omp_get_thread_num();         \
-            const uint64_t lo_ = (uint64_t)(tiles_ * self_ / threads_),                        \
-                           hi_ = (uint64_t)(tiles_ * (self_ + 1) / threads_);                  \
-            atomic_store_explicit(&ranges_[self_].span, lo_ | hi_ << 32,                       \
-                                  memory_order_relaxed);                                       \
-            _Pragma("omp barrier");                                                            \
+        const int parallel_ = (PARALLEL), shares_ = parallel_ ? omp_get_max_threads() : 1;     \
+        steal_range ranges_[shares_];                                                          \
+        for (int s_ = 0; s_ < shares_; s_++)                                                   \
+            atomic_init(&ranges_[s_].span, (uint64_t)(tiles_ * s_ / shares_) |                 \
+                                               (uint64_t)(tiles_ * (s_ + 1) / shares_) << 32); \
+        _Pragma("omp parallel num_threads(shares_) if (parallel_)") {                          \
+            const int self_ = omp_get_thread_num();                                            \
             int64_t start_, count_;                                                            \
             while ((count_ = steal_take(&ranges_[self_], 0, &start_)) > 0)                     \
-                for (int64_t JT = start_; JT < start_ + count_; JT++) __VA_ARGS__                \
-            for (int v_; (v_ = steal_victim(ranges_, threads_, self_)) >= 0;)                  \
+                for (int64_t JT = start_; JT < start_ + count_; JT++) __VA_ARGS__              \
+            for (int v_; (v_ = steal_victim(ranges_, shares_, self_)) >= 0;)                   \
                 while ((count_ = steal_take(&ranges_[v_], 1, &start_)) > 0)                    \
-                    for (int64_t JT = start_; JT < start_ + count_; JT++) __VA_ARGS__           \
+                    for (int64_t JT = start_; JT < start_ + count_; JT++) __VA_ARGS__          \
         }                                                                                      \
     } while (0)
 
