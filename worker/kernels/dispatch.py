@@ -314,7 +314,7 @@ def _tune_row_stream(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
     the prefetch setting: the kernel over every float32 and bfloat16 projection at one row,
     each way in turn (w8a16 ones: _tune_row_stream_i8)."""
     projs = [p for key, ps in by_shape.items() if not key.startswith(INT8) for p in ps]
-    return _tune_stream(kernels, projs, table, "row-stream", kernels.cpuk_get_row_stream,
+    return _tune_stream(projs, table, "row-stream", kernels.cpuk_get_row_stream,
                         kernels.cpuk_set_row_stream)
 
 
@@ -324,12 +324,12 @@ def _tune_row_stream_i8(kernels: CpuKernels, by_shape: dict[str, list[Routable]]
     float32's bytes and sum in integers, so they may stream where float32 does not, or the
     other way round."""
     projs = [p for key, ps in by_shape.items() if key.startswith(INT8) for p in ps]
-    return _tune_stream(kernels, projs, table, "row-stream-int8",
-                        kernels.cpuk_get_row_stream_i8, kernels.cpuk_set_row_stream_i8)
+    return _tune_stream(projs, table, "row-stream-int8", kernels.cpuk_get_row_stream_i8,
+                        kernels.cpuk_set_row_stream_i8)
 
 
-def _tune_stream(kernels: CpuKernels, projs: list[Routable], table: DispatchTable,
-                 name: str, get: Callable[[], int], put: Callable[[int], None]) -> bool:
+def _tune_stream(projs: list[Routable], table: DispatchTable, name: str,
+                 get: Callable[[], int], put: Callable[[int], None]) -> bool:
     """Whether these projections run faster at one row streamed than in tiles (timings kept
     under `name`)."""
     if not projs:

@@ -377,6 +377,9 @@ def test_the_int8_row_stream_is_timed_again_for_more_int8_bytes_only(
         assert dispatch.tune(k, projs).row_stream_i8 == first.row_stream_i8
         flipped = not first.row_stream_i8
         monkeypatch.setattr(dispatch, "_tune_row_stream_i8", lambda kernels, by_shape, t: flipped)
+        monkeypatch.setattr(dispatch, "_tune_prefetch",  # the float settings as they were
+                            lambda kernels, by_shape, t: t.prefetch)
+        monkeypatch.setattr(dispatch, "_tune_row_stream", lambda kernels, by_shape, t: t.row_stream)
         timed: list[str] = []
         time_shape = dispatch._time_shape
         monkeypatch.setattr(dispatch, "_time_shape", lambda ps: timed.append(

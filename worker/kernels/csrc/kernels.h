@@ -58,9 +58,9 @@ int64_t cpuk_sizeof_decode_step(void);
 void cpuk_set_prefetch(int64_t mode); /* where the projections prefetch weights: PREFETCH_* */
 int64_t cpuk_get_prefetch(void);
 void cpuk_set_row_stream(int64_t on); /* 1: one row of x over float32 or bfloat16 W streams
-                                         each thread's weight rows one after another, without
-                                         software prefetches; 0: in tiles, as several rows
-                                         (the default) */
+                                         each thread's weight rows one after another, the
+                                         threads taking over each other's last rows; 0: in
+                                         tiles, as several rows (the default) */
 int64_t cpuk_get_row_stream(void);
 void cpuk_set_row_stream_i8(int64_t on); /* 1: one row of x over int8 W streams as well */
 int64_t cpuk_get_row_stream_i8(void);

@@ -19,9 +19,10 @@
  * (25.7 against 21.3 GB/s at one row), so it is a setting (cpuk_set_prefetch) that
  * worker/kernels/dispatch.py times per machine.
  *
- * One row of x over float32 or bfloat16 W can instead stream each thread's weight rows one
- * after another, without software prefetches, for the hardware prefetcher to follow alone
- * (cpuk_set_row_stream, tile_stream below). Also timed per machine. */
+ * One row of x can instead stream each thread's weight rows one after another, for the
+ * hardware prefetcher to follow, with one software prefetch a kilobyte ahead, the threads
+ * taking over each other's last rows (steal.h): float32 and bfloat16 W (cpuk_set_row_stream,
+ * tile_stream below) and int8 W (cpuk_set_row_stream_i8). Also timed per machine. */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -695,7 +696,6 @@ ALWAYS_INLINE void tile_i8_x16(const int16_t *xq, const float *xscale, int64_t k
  * sums in two int32 accumulators, the even and the odd vectors, which add up to tile_x16's
  * one exactly (integer sums), so the float sums that follow, and the result, are the tiles'
  * bit for bit. */
-
 ALWAYS_INLINE xvec row_x16(const char *row, const int16_t *x, int64_t c0, int64_t c1) {
     xvec a0 = xv_zero(), a1 = xv_zero();
     int64_t c = c0;
