@@ -122,6 +122,34 @@ def test_a_streamed_int8_row_gets_the_tiles_bits(k: CpuKernels, n: int, in_featu
     assert torch.equal(streamed, tiled)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("n", [13, 97, 1001])
+def test_one_row_streams_cover_every_tile_whatever_the_threads(k: CpuKernels, threads: int,
+                                                               n: int) -> None:
+    """Threads take over each other's shares of tiles: with more threads than cores, or than
+    tiles (13 rows are four tiles for eight shares), every output is computed once, and the
+    same as one thread computes it."""
+    g = gen(n)
+    kk = 8192  # n * k past the size from which a projection runs in parallel
+    x, w = torch.randn(1, kk, generator=g), torch.randn(n, kk, generator=g)
+    q = torch.randint(-127, 128, (n, kk), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, 1, generator=g) / 50
+    before = torch.get_num_threads(), k.cpuk_get_row_stream(), k.cpuk_get_row_stream_i8()
+    k.cpuk_set_row_stream(1)
+    k.cpuk_set_row_stream_i8(1)
+    try:
+        torch.set_num_threads(1)
+        alone = k.linear(x, w, None), k.linear_int8(x, q, scale, kk, None)
+        torch.set_num_threads(threads)
+        shared = k.linear(x, w, None), k.linear_int8(x, q, scale, kk, None)
+    finally:
+        torch.set_num_threads(before[0])
+        k.cpuk_set_row_stream(before[1])
+        k.cpuk_set_row_stream_i8(before[2])
+    assert torch.equal(shared[0], alone[0]) and torch.equal(shared[1], alone[1])
+    torch.testing.assert_close(alone[0], F.linear(x, w), rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 70])
 @pytest.mark.parametrize(("n", "in_features"), [(1, 8), (7, 13), (13, 576), (64, 40),
                                                 (301, 584)])
