@@ -278,12 +278,6 @@ def _decode_results(config: BenchConfig, machine: dict[str, object], load_start:
 
     settings = config.backend
     floor_ms = bandwidth.floor_ms_per_token(weight_bytes, gb_s)
-    if quantized:
-        quant_floor = bandwidth.floor_ms_per_token(
-            quantized["quantized_weight_bytes_per_decode_step"], gb_s)
-        quantized = {**quantized, "quantized_bandwidth_floor_ms_per_token": quant_floor,
-                     "quantized_decode_vs_floor":
-                         quantized["quantized_decode_ms_per_token_batch1"] / quant_floor}
     return {
         **machine,
         "model": Path(config.model_dir).resolve().name,

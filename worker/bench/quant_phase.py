@@ -2,6 +2,11 @@
 
 Both engines stay loaded and are timed in alternation, several rounds each, so a burst of
 load from other processes hits both about equally; the ratio of the medians is the result.
+Each quantized round follows a copy-bandwidth measurement of its own, and its ratio to the
+floor is the round closest to its own floor, as the float model's batch-1 rounds are judged
+(engine_bench.BATCH1_ROUNDS): a shared VM's copy bandwidth swings 1.5-2x between rounds, and
+a floor taken from another moment than the decode it divides moved the w8a16 ratio from 0.92x
+to 1.60x between runs of the same code on one Zen 4.
 `--quantized auto` first makes the w8a16 copy itself, once (`w8a16_copy`).
 """
 
@@ -15,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.errors import ModelConfigError
-from worker.bench import npuserve_phase
+from worker.bench import bandwidth, npuserve_phase
 from worker.quant.scheme import Scheme
 
 if TYPE_CHECKING:
@@ -36,13 +41,19 @@ def run(float_engine: Engine, quantized_dir: str, prompt: Sequence[int],
     quant = npuserve_phase.load_engine(quantized_dir, settings, max_batch=max_batch)
     npuserve_phase.warm_up(quant, prompt)
     times: dict[str, list[float]] = {"float": [], "quantized": []}
+    copies: list[float] = []
     for _ in range(ROUNDS):
         for name, engine in (("float", float_engine), ("quantized", quant)):
+            if name == "quantized":
+                copies.append(bandwidth.measure_copy_bandwidth(device=settings.device))
             times[name].append(npuserve_phase.decode_ms_per_token(
                 engine, prompt, warmup_tokens=warmup_tokens, measured_tokens=measured_tokens,
                 on_tokens=on_tokens))
     float_ms = statistics.median(times["float"])
     quant_ms = statistics.median(times["quantized"])
+    step_bytes = quant.weight_bytes()
+    best = min(range(ROUNDS), key=lambda r: times["quantized"][r] * copies[r])  # to its floor
+    floor_ms = bandwidth.floor_ms_per_token(step_bytes, copies[best])
     quantization = quant.model_config.quantization
     return {
         "quantized_model": Path(quantized_dir).resolve().name,
@@ -52,7 +63,12 @@ def run(float_engine: Engine, quantized_dir: str, prompt: Sequence[int],
         "quantized_decode_ms_rounds": times["quantized"],
         "quantized_reference_decode_ms_rounds": times["float"],
         "quantized_decode_speedup": float_ms / quant_ms,
-        "quantized_weight_bytes_per_decode_step": quant.weight_bytes(),
+        "quantized_bandwidth_gb_s_rounds": copies,
+        "quantized_floor_round_decode_ms": times["quantized"][best],
+        "quantized_bandwidth_gb_s": copies[best],
+        "quantized_bandwidth_floor_ms_per_token": floor_ms,
+        "quantized_decode_vs_floor": times["quantized"][best] / floor_ms,
+        "quantized_weight_bytes_per_decode_step": step_bytes,
         "quantized_weight_resident_bytes": quant.backend.weight_memory_bytes(),
         "reference_weight_resident_bytes": float_engine.backend.weight_memory_bytes(),
     }

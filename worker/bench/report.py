@@ -65,6 +65,13 @@ def _spread(samples: list[float] | None, unit: str) -> str:
     return f"; {len(samples)} rounds: {min(samples):.1f}-{max(samples):.1f} {unit}"
 
 
+def _against(copies: list[float] | None) -> str:
+    """ " against 28.9-50.2 GB/s": the copy bandwidths measured before those rounds."""
+    if not copies or len(copies) < 2:
+        return ""
+    return f" against {min(copies):.1f}-{max(copies):.1f} GB/s"
+
+
 def _decode_rows(r: Results) -> list[tuple[str, str, str]]:
     rows = [
         (
@@ -89,10 +96,13 @@ def _decode_rows(r: Results) -> list[tuple[str, str, str]]:
         ))
     if "quantized_decode_vs_floor" in r:
         rows.append((
-            f"{r['quantized_model']} floor",
+            f"{r['quantized_model']} floor ({r['quantized_bandwidth_gb_s']:.1f} GB/s)",
             f"{r['quantized_bandwidth_floor_ms_per_token']:.2f} ms/tok",
-            f"{r['quantized_weight_bytes_per_decode_step'] / 1e6:.0f} MB/step; decode "
-            f"{r['quantized_decode_vs_floor']:.2f}x",
+            f"{r['quantized_weight_bytes_per_decode_step'] / 1e6:.0f} MB/step; its round's "
+            f"decode {r['quantized_floor_round_decode_ms']:.2f} ms, "
+            f"{r['quantized_decode_vs_floor']:.2f}x"
+            + _spread(r.get("quantized_decode_ms_rounds"), "ms")
+            + _against(r.get("quantized_bandwidth_gb_s_rounds")),
         ))
     return rows
 
@@ -190,7 +200,7 @@ def plot(r: Results, path: str | Path) -> None:
     colors = ["tab:blue", "tab:green"]
     if "quantized_decode_vs_floor" in r:
         names += ["quantized\nbatch-1 decode", "quantized\nfloor"]
-        decode += [r["quantized_decode_ms_per_token_batch1"],
+        decode += [r["quantized_floor_round_decode_ms"],
                    r["quantized_bandwidth_floor_ms_per_token"]]
         colors += ["tab:purple", "tab:olive"]
     bars = right.bar(names, decode, color=colors)

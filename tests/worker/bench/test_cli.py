@@ -49,8 +49,15 @@ def test_decode_only_on_a_shape_with_its_w8a16_copy_reports_both_against_their_f
     assert (r["decode_ms_per_token_batch1"], r["bandwidth_gb_s"]) == min(
         rounds, key=lambda dg: dg[0] * dg[1])
     assert r["quantized_model"] == "qwen3-tiny-w8a16"
+    # the quantized round closest to its own floor, each after its own copy bandwidth
+    quantized = list(zip(r["quantized_decode_ms_rounds"], r["quantized_bandwidth_gb_s_rounds"],
+                         strict=True))
+    assert (r["quantized_floor_round_decode_ms"], r["quantized_bandwidth_gb_s"]) == min(
+        quantized, key=lambda dg: dg[0] * dg[1])
+    assert r["quantized_bandwidth_floor_ms_per_token"] == pytest.approx(
+        r["quantized_weight_bytes_per_decode_step"] / r["quantized_bandwidth_gb_s"] / 1e6)
     assert r["quantized_decode_vs_floor"] == pytest.approx(
-        r["quantized_decode_ms_per_token_batch1"] / r["quantized_bandwidth_floor_ms_per_token"])
+        r["quantized_floor_round_decode_ms"] / r["quantized_bandwidth_floor_ms_per_token"])
     assert r["quantized_weight_bytes_per_decode_step"] < r["weight_bytes_per_decode_step"]
     assert not any(key.startswith("hf_") for key in r)
     table = capsys.readouterr().out

@@ -25,6 +25,11 @@ def test_the_quantized_phase_reports_decode_times_speedup_and_weight_bytes(
                         max_batch=2, warmup_tokens=2, measured_tokens=4, on_tokens=seen.append)
     assert sum(seen) == quant_phase.total_tokens(2, 4)
     assert len(r["quantized_decode_ms_rounds"]) == quant_phase.ROUNDS
+    assert len(r["quantized_bandwidth_gb_s_rounds"]) == quant_phase.ROUNDS
+    assert r["quantized_floor_round_decode_ms"] in r["quantized_decode_ms_rounds"]
+    assert r["quantized_bandwidth_gb_s"] in r["quantized_bandwidth_gb_s_rounds"]
+    assert r["quantized_decode_vs_floor"] == pytest.approx(
+        r["quantized_floor_round_decode_ms"] / r["quantized_bandwidth_floor_ms_per_token"])
     ratio = r["quantized_reference_decode_ms_per_token_batch1"] / r[
         "quantized_decode_ms_per_token_batch1"]
     assert r["quantized_decode_speedup"] == ratio > 0
