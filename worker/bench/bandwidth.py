@@ -81,6 +81,15 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def closest_to_floor(decode_ms: list[float], gb_s: list[float]) -> int:
+    """The round whose decode is closest to its own floor (decode time times the copy
+    bandwidth measured just before it is least): a busy or a lucky moment then lands on both
+    sides of the ratio, not on one."""
+    if len(decode_ms) != len(gb_s) or not decode_ms:
+        raise ValueError(f"need one bandwidth per round, got {len(decode_ms)} and {len(gb_s)}")
+    return min(range(len(decode_ms)), key=lambda r: decode_ms[r] * gb_s[r])
+
+
 def floor_ms_per_token(weight_bytes: int, bandwidth_gb_s: float) -> float:
     """Lower bound on batch-1 decode time, in milliseconds per token."""
     if bandwidth_gb_s <= 0:

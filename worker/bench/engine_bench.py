@@ -250,7 +250,7 @@ def _batch1(engine: Engine, config: BenchConfig, prompt: list[int], gb_s: float
                 max_batch=engine.scheduler.capacity.max_batch,
                 warmup_tokens=config.decode_warmup_tokens,
                 measured_tokens=config.decode_tokens, on_tokens=bar.update)
-    best = min(range(BATCH1_ROUNDS), key=lambda r: decode[r] * copies[r])  # ratio to floor
+    best = bandwidth.closest_to_floor(decode, copies)
     return decode[best], copies[best], samples, quantized
 
 

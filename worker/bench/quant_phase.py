@@ -52,7 +52,7 @@ def run(float_engine: Engine, quantized_dir: str, prompt: Sequence[int],
     float_ms = statistics.median(times["float"])
     quant_ms = statistics.median(times["quantized"])
     step_bytes = quant.weight_bytes()
-    best = min(range(ROUNDS), key=lambda r: times["quantized"][r] * copies[r])  # to its floor
+    best = bandwidth.closest_to_floor(times["quantized"], copies)
     floor_ms = bandwidth.floor_ms_per_token(step_bytes, copies[best])
     quantization = quant.model_config.quantization
     return {

@@ -203,9 +203,7 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
         table.row_stream_i8 = _tune_row_stream_i8(kernels, by_shape, table)
         table.row_stream_i8_bytes = int8_bytes
         if table.row_stream_i8 != before_stream:  # the int8 kernel was timed otherwise
-            table.choices = {k: v for k, v in table.choices.items() if not k.startswith(INT8)}
-            table.timings_us = {k: v for k, v in table.timings_us.items()
-                                if not k.startswith(INT8)}
+            _forget_int8_shapes(table)
         save(table, path)
     kernels.cpuk_set_row_stream_i8(int(table.row_stream_i8))
     if int8_bytes > table.amx_i8_bytes and "amxint8" in kernels.isa.split():
@@ -213,9 +211,7 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
         table.amx_i8_rows = _tune_amx_i8(kernels, by_shape, table)
         table.amx_i8_bytes = int8_bytes
         if table.amx_i8_rows != before_rows:  # the int8 kernel was timed with other rows
-            table.choices = {k: v for k, v in table.choices.items() if not k.startswith(INT8)}
-            table.timings_us = {k: v for k, v in table.timings_us.items()
-                                if not k.startswith(INT8)}
+            _forget_int8_shapes(table)
         save(table, path)
     if table.amx_i8_rows:
         kernels.cpuk_set_amx_i8_rows(table.amx_i8_rows)
@@ -238,6 +234,13 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
         log.info("timed in %.1f s", time.monotonic() - start)
         save(table, path)
     return table
+
+
+def _forget_int8_shapes(table: DispatchTable) -> None:
+    """Drop the w8a16 shapes' choices and timings, to be timed again: a setting of the int8
+    kernel changed under them."""
+    table.choices = {k: v for k, v in table.choices.items() if not k.startswith(INT8)}
+    table.timings_us = {k: v for k, v in table.timings_us.items() if not k.startswith(INT8)}
 
 
 def _time_passes(candidates: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:

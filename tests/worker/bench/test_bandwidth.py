@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.bench.bandwidth import decode_weight_bytes, floor_ms_per_token, measure_copy_bandwidth
+from worker.bench.bandwidth import (
+    closest_to_floor,
+    decode_weight_bytes,
+    floor_ms_per_token,
+    measure_copy_bandwidth,
+)
 
 
 def test_copy_bandwidth_is_a_positive_finite_number() -> None:
@@ -48,3 +53,12 @@ def test_untied_input_embedding_is_not_read_per_step() -> None:
     model = _TinyLM(tied=False)
     all_params = sum(p.numel() for p in model.parameters()) * 4
     assert decode_weight_bytes(model) == all_params - 100 * 16 * 4
+
+
+def test_the_round_closest_to_its_own_floor_decides() -> None:
+    """The fastest decode measured at the lowest bandwidth is not the pick: a round is judged
+    against the bandwidth of its own moment."""
+    assert closest_to_floor([10.0, 9.0, 12.0], [30.0, 40.0, 20.0]) == 2  # 300 / 360 / 240
+    assert closest_to_floor([9.0], [40.0]) == 0
+    with pytest.raises(ValueError, match="one bandwidth per round"):
+        closest_to_floor([9.0, 8.0], [40.0])
