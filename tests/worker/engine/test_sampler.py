@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from common.sampling_params import SamplingParams
-from worker.engine.sampler import Sampler, SampleRow, apply_penalties, make_generator
+from worker.engine.sampler import (
+    Sampler,
+    SampleRow,
+    apply_penalties,
+    greedy_ids,
+    make_generator,
+)
 
 CPU = torch.device("cpu")
 VOCAB = 50
@@ -254,6 +260,16 @@ def test_greedy_fast_path_matches_the_general_path() -> None:
     # Asking one row for logprobs takes the general path.
     general = Sampler()(logits, [_row(temperature=0.0, logprobs=i == 3) for i in range(8)])
     assert fast.token_ids == general.token_ids == logits.argmax(dim=-1).tolist()
+
+
+def test_greedy_ids_choose_as_argmax_does_on_ties_nan_and_infinities() -> None:
+    x = torch.zeros(4, VOCAB)
+    x[0, 7] = x[0, VOCAB - 3] = 1.0  # a tie: the first wins
+    x[1, 5], x[1, 9] = float("nan"), float("inf")
+    x[2] = -float("inf")
+    x[3] = torch.randint(0, 3, (VOCAB,)).float()  # many ties
+    assert greedy_ids(x).tolist() == x.argmax(dim=-1).tolist() == [7, 5, 0, int(x[3].argmax())]
+    assert greedy_ids(x.bfloat16()).tolist() == x.bfloat16().argmax(dim=-1).tolist()
 
 
 def test_sampling_row_without_generator_is_rejected() -> None:
