@@ -64,6 +64,8 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "cpuk_get_row_stream_i8": (_I, []),
     "cpuk_set_attention_parts": (None, [_I]),
     "cpuk_get_attention_parts": (_I, []),
+    "cpuk_set_attention_prefetch": (None, [_I]),
+    "cpuk_get_attention_prefetch": (_I, []),
     "cpuk_linear_f32": (None, [_P, _I, _I, _P, _I, _P, _P]),
     "cpuk_set_amx": (None, [_I]),
     "cpuk_get_amx": (_I, []),

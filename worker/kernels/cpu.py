@@ -64,6 +64,8 @@ class CpuKernels:
     cpuk_get_amx_i8_rows: Any
     cpuk_set_attention_parts: Any
     cpuk_get_attention_parts: Any
+    cpuk_set_attention_prefetch: Any
+    cpuk_get_attention_prefetch: Any
     cpuk_isa: Any
 
     def __init__(self, lib: ctypes.CDLL) -> None:

@@ -61,6 +61,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,6 +72,7 @@ import torch
 from common.config import env
 from worker.kernels.build import cache_dir, cpu_flags, cpu_model
 from worker.kernels.dispatch_table import (
+    ATTENTION_PREFETCH,
     BUCKETS,
     INT8,
     PREFETCH_MODES,
@@ -109,6 +111,11 @@ ATTENTION_CASES = ((1, 512), (1, 2048), (4, 2048))
 """(sequences, context tokens) each candidate is timed on."""
 ATTENTION_BLOCK = 16
 """KV block size of the timed cache (the split works on tokens, not blocks)."""
+ATTENTION_PREFETCH_CASES = ((8, 512), (4, 2048))
+"""(sequences, context tokens) each decode-attention prefetch setting is timed on, every
+sequence's blocks scattered over the cache, as a serving cache's become."""
+ATTENTION_PREFETCH_BYTES = 256 << 20
+"""Keys and values a pass of the prefetch timing reads: from memory, past any L3 here."""
 PREFILL_PROJECTIONS = 4
 """Projections a pass at the w8a16 prefill bucket runs."""
 TABLE_FORMAT = "3"
@@ -171,6 +178,12 @@ def tune(kernels: CpuKernels, projections: Sequence[Routable],
                 table.timings_us[f"attention:{key}"] = times
                 save(table, path)
             kernels.cpuk_set_attention_parts(table.attention_parts[key])
+            if key not in table.attention_prefetch:
+                prefetch, times = _tune_attention_prefetch(kernels, *attention)
+                table.attention_prefetch[key] = prefetch
+                table.timings_us[f"attention-prefetch:{key}"] = times
+                save(table, path)
+            kernels.cpuk_set_attention_prefetch(ATTENTION_PREFETCH[table.attention_prefetch[key]])
         return table.subset(keys)
 
 
@@ -414,6 +427,57 @@ def _tune_attention(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: in
              " ".join(f"{p}:{'/'.join(f'{t:.0f}' for t in ts)}" for p, ts in results.items()),
              f"{parts} tasks per thread" if parts else "no split")
     return parts, results
+
+
+def _tune_attention_prefetch(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int
+                             ) -> tuple[str, dict[str, list[float]]]:
+    """How decode attention should prefetch its blocks on this machine (an ATTENTION_PREFETCH
+    name, judged as _tune_attention judges), and the timings, with the tasks per thread
+    already chosen. Each pass reads ATTENTION_PREFETCH_BYTES of caches whose blocks are
+    scattered (seeded), as a step reads every layer's from memory."""
+    before = kernels.cpuk_get_attention_prefetch()
+    results: dict[str, list[float]] = {name: [] for name in ATTENTION_PREFETCH}
+    order = random.Random(0)
+    try:
+        for n, context in ATTENTION_PREFETCH_CASES:
+            blocks = n * context // ATTENTION_BLOCK
+            layer_bytes = 2 * kv_heads * n * context * head_dim * 4
+            copies = max(1, ATTENTION_PREFETCH_BYTES // layer_bytes)
+            caches = [torch.full((2, kv_heads, n * context, head_dim), 0.01)
+                      for _ in range(copies)]
+            slots = list(range(blocks))
+            order.shuffle(slots)
+            tables = torch.tensor(slots, dtype=torch.int32).view(n, blocks // n)
+            lens = torch.full((n,), context, dtype=torch.int32)
+            q = torch.randn(n, heads, head_dim)
+
+            def run(mode: int, q: torch.Tensor = q, caches: list[torch.Tensor] = caches,
+                    tables: torch.Tensor = tables, lens: torch.Tensor = lens
+                    ) -> Callable[[], None]:
+                def go() -> None:
+                    kernels.cpuk_set_attention_prefetch(mode)
+                    for cache in caches:
+                        kernels.decode_attention(q, cache, ATTENTION_BLOCK, tables, lens)
+                return go
+
+            t = _time_passes({name: run(mode) for name, mode in ATTENTION_PREFETCH.items()},
+                             REPEATS)
+            for name in results:
+                results[name].append(t[name] * 1e6 / copies)
+            del caches
+    finally:
+        kernels.cpuk_set_attention_prefetch(before)
+    fastest = [min(ts[i] for ts in results.values())
+               for i in range(len(ATTENTION_PREFETCH_CASES))]
+    score = {name: sum(t / f for t, f in zip(ts, fastest, strict=True))
+             for name, ts in results.items()}
+    chosen = min(score, key=lambda name: score[name])
+    log.info("decode attention (%d heads, %d kv heads, d %d) prefetching, us per call at %s "
+             "(sequences, tokens), blocks scattered: %s: %s", heads, kv_heads, head_dim,
+             ATTENTION_PREFETCH_CASES,
+             " ".join(f"{name}:{'/'.join(f'{t:.0f}' for t in ts)}"
+                      for name, ts in results.items()), chosen)
+    return chosen, results
 
 
 def _input_dtype(p: Routable) -> torch.dtype:

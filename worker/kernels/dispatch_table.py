@@ -29,6 +29,14 @@ by the name the table keeps; the first is the kernel's default."""
 PREFETCH_WHERE = {"t0": "every cache level", "l2": "L2 (not L1)",
                   "nta": "L1 only (non-temporal)"}
 
+ATTENTION_PREFETCH = {"block": 0, "pages": 1}
+"""Decode attention's prefetch settings (cpuk_set_attention_prefetch) by the name the table
+keeps: the next block whole, or the first lines of the next few blocks; the first is the
+kernel's default."""
+
+ATTENTION_PREFETCH_WHAT = {"block": "the next block whole",
+                           "pages": "the first lines of the next blocks"}
+
 SETTINGS = ("prefetch", "row-stream", "row-stream-int8", "amx-int8")
 """Timings of the kernels' settings, which every model's table keeps."""
 
@@ -71,9 +79,12 @@ class DispatchTable:
     one row; "row-stream-int8" the same over every w8a16 projection; "amx-int8" ->
     "tiles"/"vector" -> microseconds of a pass over every w8a16 projection at AMX_I8_ROWS
     rows; "attention:" and an attention key -> tasks per thread -> microseconds per call, per
-    ATTENTION_CASES."""
+    ATTENTION_CASES; "attention-prefetch:" and an attention key -> an ATTENTION_PREFETCH
+    name -> microseconds per call, per ATTENTION_PREFETCH_CASES."""
     attention_parts: dict[str, int] = field(default_factory=dict)
     """"HEADSxKV_HEADSxHEAD_DIM" -> decode attention's tasks per thread (0: no split)."""
+    attention_prefetch: dict[str, str] = field(default_factory=dict)
+    """The same key -> how decode attention prefetches its blocks, an ATTENTION_PREFETCH name."""
 
     def routes(self, key: str, packed: bool) -> tuple[str, ...] | None:
         """The choice per bucket for a projection of this shape key (None: not timed);
@@ -116,8 +127,11 @@ class DispatchTable:
             choices={k: v for k, v in self.choices.items() if k in keys},
             timings_us={k: v for k, v in self.timings_us.items()
                         if k.removeprefix("attention:") in keys
+                        or k.removeprefix("attention-prefetch:") in keys
                         or k in SETTINGS},
-            attention_parts={k: v for k, v in self.attention_parts.items() if k in keys})
+            attention_parts={k: v for k, v in self.attention_parts.items() if k in keys},
+            attention_prefetch={k: v for k, v in self.attention_prefetch.items()
+                                if k in keys})
 
     def describe(self) -> str:
         """The table as a person reads it: one line per shape, the choice per bucket (w8a16
@@ -132,8 +146,10 @@ class DispatchTable:
         for key, parts in sorted(self.attention_parts.items()):
             heads, kv_heads, d = key.split("x")
             split = f"{parts} tasks per thread" if parts else "no split"
+            prefetch = self.attention_prefetch.get(key)
+            fetches = f", prefetching {ATTENTION_PREFETCH_WHAT[prefetch]}" if prefetch else ""
             lines.append(f"decode attention ({heads} heads, {kv_heads} kv heads, d {d}): "
-                         f"{split}")
+                         f"{split}{fetches}")
         for prefix, buckets in (("", BUCKETS), (INT8, INT8_ROUTE_BUCKETS),
                                 (BF16, BF16_ROUTE_BUCKETS)):
             keys = sorted((k for k in self.choices if prefix_of(k) == prefix), key=shape_of)

@@ -366,6 +366,35 @@ def attention_parts(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[i
     k.cpuk_set_attention_parts(before)
 
 
+@pytest.fixture(params=[0, 1], ids=["prefetch-block", "prefetch-pages"])
+def attention_prefetch(k: CpuKernels, request: pytest.FixtureRequest) -> Iterator[int]:
+    """Decode attention's prefetch settings the machine's tuning may choose."""
+    before = k.cpuk_get_attention_prefetch()
+    k.cpuk_set_attention_prefetch(request.param)
+    yield request.param
+    k.cpuk_set_attention_prefetch(before)
+
+
+def test_decode_attention_gets_the_same_bits_whatever_it_prefetches(k: CpuKernels) -> None:
+    g = gen(11)
+    block, lens = 16, [300, 17, 1, 96]
+    cache = torch.randn(2, 3, 80 * block, 64, generator=g)
+    width = max(-(-x // block) for x in lens)
+    tables = torch.randperm(80, generator=g)[:len(lens) * width].view(len(lens), width)
+    lens_t = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), 9, 64, generator=g)
+    before = k.cpuk_get_attention_prefetch()
+    try:
+        outs = []
+        for mode in (0, 1):
+            k.cpuk_set_attention_prefetch(mode)
+            assert k.cpuk_get_attention_prefetch() == mode
+            outs.append(k.decode_attention(q, cache, block, tables.to(torch.int32), lens_t))
+    finally:
+        k.cpuk_set_attention_prefetch(before)
+    assert torch.equal(outs[0], outs[1])
+
+
 def assert_paged_attention_matches(k: CpuKernels, lens: list[int], *, heads: int,
                                    kv_heads: int, d: int, block: int, blocks: int,
                                    g: torch.Generator) -> None:
@@ -389,7 +418,7 @@ def assert_paged_attention_matches(k: CpuKernels, lens: list[int], *, heads: int
 @pytest.mark.parametrize("d", [16, 64, 128])  # 64 and 128 have code of their own
 @pytest.mark.parametrize("lens", [[1], [17, 1, 40], [33, 5, 8, 64], [300], [200, 7]])
 def test_decode_attention_reads_the_paged_cache_like_the_gathered_reference(
-    k: CpuKernels, attention_parts: int, lens: list[int], d: int
+    k: CpuKernels, attention_parts: int, attention_prefetch: int, lens: list[int], d: int
 ) -> None:
     """Short batches split each context into parts merged afterwards ([300], [200, 7]),
     unless the setting says not to."""
@@ -413,7 +442,8 @@ def test_decode_attention_for_every_group_size_and_head_dim(
 @pytest.mark.parametrize("d", [16, 64, 80, 128])
 @pytest.mark.parametrize("lens", [[1], [17, 1, 40], [300]])
 def test_decode_attention_on_a_bfloat16_cache_is_the_float32_one_widened(
-    k: CpuKernels, attention_parts: int, lens: list[int], d: int, heads: int, kv_heads: int
+    k: CpuKernels, attention_parts: int, attention_prefetch: int, lens: list[int], d: int,
+    heads: int, kv_heads: int
 ) -> None:
     """Keys and values widened as they are read (exact), then the float32 arithmetic: bit
     for bit the result on a float32 copy of the cache, for groups of three, one and five

@@ -19,7 +19,14 @@ from worker.kernels import dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.cpu_ops import KernelOps
 from worker.kernels.dispatch import CANDIDATES, INT8_CANDIDATES
-from worker.kernels.dispatch_table import BF16, BUCKETS, DispatchTable, key_of
+from worker.kernels.dispatch_table import (
+    ATTENTION_PREFETCH,
+    ATTENTION_PREFETCH_WHAT,
+    BF16,
+    BUCKETS,
+    DispatchTable,
+    key_of,
+)
 from worker.model import linear
 from worker.model.linear import BF16_ROUTE_BUCKETS, Projection
 from worker.quant.int8_linear import INT8_ROUTE_BUCKETS, W8A16Projection, dequantize
@@ -424,6 +431,8 @@ def test_a_quantized_model_routes_its_int8_projections(tiny_model_dir, tmp_path:
 def test_decode_attention_split_is_timed_once_per_shape(k: CpuKernels, cache: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dispatch, "ATTENTION_CASES", ((1, 128), (2, 256)))
+    monkeypatch.setattr(dispatch, "ATTENTION_PREFETCH_CASES", ((2, 128), (1, 256)))
+    monkeypatch.setattr(dispatch, "ATTENTION_PREFETCH_BYTES", 1 << 20)
     projs = projections(k, (32, 64))
     table = dispatch.tune(k, projs, (4, 2, 16))
     parts = table.attention_parts["4x2x16"]
@@ -431,16 +440,31 @@ def test_decode_attention_split_is_timed_once_per_shape(k: CpuKernels, cache: Pa
     times = table.timings_us["attention:4x2x16"]
     assert set(times) == {str(p) for p in dispatch.ATTENTION_PARTS}
     assert all(len(t) == 2 for t in times.values())
-    assert "decode attention (4 heads, 2 kv heads, d 16)" in table.describe()
+    prefetch = table.attention_prefetch["4x2x16"]
+    assert k.cpuk_get_attention_prefetch() == ATTENTION_PREFETCH[prefetch]
+    prefetch_times = table.timings_us["attention-prefetch:4x2x16"]
+    assert set(prefetch_times) == set(ATTENTION_PREFETCH)
+    assert all(len(t) == 2 and min(t) > 0 for t in prefetch_times.values())
+    assert (f"decode attention (4 heads, 2 kv heads, d 16): "
+            f"{f'{parts} tasks per thread' if parts else 'no split'}, prefetching "
+            f"{ATTENTION_PREFETCH_WHAT[prefetch]}") in table.describe()
+    assert table.subset({"4x2x16"}).timings_us.keys() >= {"attention:4x2x16",
+                                                          "attention-prefetch:4x2x16"}
 
     def no_timing(*args: object) -> None:
         raise AssertionError("timed again")
 
     monkeypatch.setattr(dispatch, "_tune_attention", no_timing)
+    monkeypatch.setattr(dispatch, "_tune_attention_prefetch", no_timing)
     k.cpuk_set_attention_parts(7)
-    assert dispatch.tune(k, projs, (4, 2, 16)).attention_parts == {"4x2x16": parts}
+    k.cpuk_set_attention_prefetch(1 - ATTENTION_PREFETCH[prefetch])
+    again = dispatch.tune(k, projs, (4, 2, 16))
+    assert again.attention_parts == {"4x2x16": parts}
+    assert again.attention_prefetch == {"4x2x16": prefetch}
     assert k.cpuk_get_attention_parts() == parts  # applied from the cache
+    assert k.cpuk_get_attention_prefetch() == ATTENTION_PREFETCH[prefetch]
     k.cpuk_set_attention_parts(2)
+    k.cpuk_set_attention_prefetch(0)
 
 
 def test_a_bigger_model_times_the_prefetch_again(k: CpuKernels, cache: Path,

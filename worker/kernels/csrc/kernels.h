@@ -102,6 +102,10 @@ void cpuk_qk_rope_store(const float *qkv, int64_t t, int64_t heads, int64_t kv_h
 void cpuk_set_attention_parts(int64_t per_thread); /* decode attention's tasks per thread when
                                                       splitting contexts (default 2; 0: never) */
 int64_t cpuk_get_attention_parts(void);
+void cpuk_set_attention_prefetch(int64_t pages); /* 0 (default): decode attention prefetches
+                                                  the next block whole; 1: the first lines of
+                                                  the next few blocks */
+int64_t cpuk_get_attention_prefetch(void);
 int64_t cpuk_decode_attention_workspace(int64_t n, int64_t heads, int64_t kv_heads,
                                         int64_t head_dim, int64_t max_context);
 int64_t cpuk_decode_attention(const float *q, int64_t n, int64_t heads, int64_t kv_heads,
