@@ -37,7 +37,10 @@ over every w8a16 projection, which sets the rows from which it takes the tiles.
 Decode attention splits a context into parts (flash-decoding) when there are fewer
 (sequence, kv head) pairs than tasks for the threads; how many tasks per thread pays (0: no
 split, 1, 2, 4) is timed once per attention shape, over one and four sequences of 512 and
-2048 tokens, each candidate judged by the sum of its times relative to the fastest.
+2048 tokens, each candidate judged by the sum of its times relative to the fastest. Then how
+it prefetches its blocks (the next block whole, or the first lines of the next few for the
+hardware to fetch the rest of each page) is timed the same way on caches whose blocks are
+scattered, eight sequences of 512 tokens and four of 2048.
 
 Each candidate streams the projections of the shape in turn (a decode step reads them all
 from memory, not one from cache; up to PASS_BYTES of them) and the candidates take turns,
