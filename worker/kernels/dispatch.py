@@ -34,13 +34,8 @@ float buckets and a 256-row prefill bucket whose choice serves every larger call
 with AMX, before them, the int8 kernel's tiles are timed against its vector code at 1-8 rows
 over every w8a16 projection, which sets the rows from which it takes the tiles.
 
-Decode attention splits a context into parts (flash-decoding) when there are fewer
-(sequence, kv head) pairs than tasks for the threads; how many tasks per thread pays (0: no
-split, 1, 2, 4) is timed once per attention shape, over one and four sequences of 512 and
-2048 tokens, each candidate judged by the sum of its times relative to the fastest. Then how
-it prefetches its blocks (the next block whole, or the first lines of the next few for the
-hardware to fetch the rest of each page) is timed the same way on caches whose blocks are
-scattered, eight sequences of 512 tokens and four of 2048.
+Decode attention's settings (how many tasks per thread its contexts split into, how it
+prefetches its KV blocks) are timed once per attention shape (`attention_tuning`).
 
 Each candidate streams the projections of the shape in turn (a decode step reads them all
 from memory, not one from cache; up to PASS_BYTES of them) and the candidates take turns,
@@ -64,7 +59,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,6 +67,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from common.config import env
+from worker.kernels import attention_tuning
 from worker.kernels.build import cache_dir, cpu_flags, cpu_model
 from worker.kernels.dispatch_table import (
     ATTENTION_PREFETCH,
@@ -86,6 +81,7 @@ from worker.kernels.dispatch_table import (
     key_of,
     shape_of,
 )
+from worker.kernels.timing import PASS_BYTES, REPEATS, time_passes
 from worker.model.linear import Projection
 from worker.quant.int8_linear import INT8_ROUTE_BUCKETS, W8A16Projection
 
@@ -104,30 +100,14 @@ ROW_STREAM = {"tiles": 0, "stream": 1}
 AMX_I8_ROWS = (1, 2, 4, 8)
 """Row counts at which int8 projections on AMX tiles are timed against the vector code."""
 
-REPEATS = 5
-"""Timed passes per candidate, shape and bucket (after one untimed)."""
 MAX_PASS_S = 0.25
 """A shape whose pass takes longer than this (a big model's lm_head) gets 3 passes."""
-ATTENTION_PARTS = (0, 1, 2, 4)
-"""Candidate decode-attention tasks per thread (0: one task per sequence and kv head)."""
-ATTENTION_CASES = ((1, 512), (1, 2048), (4, 2048))
-"""(sequences, context tokens) each candidate is timed on."""
-ATTENTION_BLOCK = 16
-"""KV block size of the timed cache (the split works on tokens, not blocks)."""
-ATTENTION_PREFETCH_CASES = ((8, 512), (4, 2048))
-"""(sequences, context tokens) each decode-attention prefetch setting is timed on, every
-sequence's blocks scattered over the cache, as a serving cache's become."""
-ATTENTION_PREFETCH_BYTES = 256 << 20
-"""Keys and values a pass of the prefetch timing reads: from memory, past any L3 here."""
 PREFILL_PROJECTIONS = 4
 """Projections a pass at the w8a16 prefill bucket runs."""
 TABLE_FORMAT = "3"
 """Changes when what a cached timing means does (2: bfloat16 projections timed with float32 x
 where the CPU lacks native bfloat16, as the kernels' op set then calls them; 3: with float32 x
 on every CPU, as the op set now calls them everywhere)."""
-PASS_BYTES = 64 << 20
-"""Weights one pass streams, at least one projection: more than any L2, and enough of the
-shape's projections that they do not all sit in L3 either."""
 
 
 def cache_path(kernels: CpuKernels, threads: int) -> Path:
@@ -176,13 +156,13 @@ def tune(kernels: CpuKernels, projections: Sequence[Routable],
             key = "x".join(map(str, attention))
             keys.add(key)
             if key not in table.attention_parts:
-                parts, times = _tune_attention(kernels, *attention)
+                parts, times = attention_tuning.tune_parts(kernels, attention)
                 table.attention_parts[key] = parts
                 table.timings_us[f"attention:{key}"] = times
                 save(table, path)
             kernels.cpuk_set_attention_parts(table.attention_parts[key])
             if key not in table.attention_prefetch:
-                prefetch, times = _tune_attention_prefetch(kernels, *attention)
+                prefetch, times = attention_tuning.tune_prefetch(kernels, attention)
                 table.attention_prefetch[key] = prefetch
                 table.timings_us[f"attention-prefetch:{key}"] = times
                 save(table, path)
@@ -259,20 +239,6 @@ def _forget_int8_shapes(table: DispatchTable) -> None:
     table.timings_us = {k: v for k, v in table.timings_us.items() if not k.startswith(INT8)}
 
 
-def _time_passes(candidates: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Fastest seconds of one call of each candidate in `repeats`, the candidates taking
-    turns."""
-    samples: dict[str, list[float]] = {c: [] for c in candidates}
-    for fn in candidates.values():
-        fn()  # warm: first-touch, oneDNN's primitive cache
-    for _ in range(repeats):
-        for name, fn in candidates.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: min(s) for name, s in samples.items()}
-
-
 def _pass(fn: Callable[[torch.Tensor, Routable], object], projs: Sequence[Routable],
           x: torch.Tensor) -> Callable[[], None]:
     def run() -> None:
@@ -302,7 +268,7 @@ def _time_setting(projs: Sequence[Routable], rows: Sequence[int],
                         p.run("kernel", x)
                 return go
 
-            t = _time_passes({name: run(value) for name, value in values.items()}, REPEATS)
+            t = time_passes({name: run(value) for name, value in values.items()}, REPEATS)
             for name in results:
                 results[name].append(t[name] * 1e6)
     finally:
@@ -390,99 +356,6 @@ def _tune_amx_i8(kernels: CpuKernels, by_shape: dict[str, list[Routable]],
     return chosen
 
 
-def _tune_attention(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int
-                    ) -> tuple[int, dict[str, list[float]]]:
-    """The fastest decode-attention tasks per thread for this shape, and the timings. Each
-    pass reads as many copies of the cache as fit in PASS_BYTES (at most 8), as a step reads
-    every layer's from memory."""
-    before = kernels.cpuk_get_attention_parts()
-    results: dict[str, list[float]] = {str(p): [] for p in ATTENTION_PARTS}
-    try:
-        for n, context in ATTENTION_CASES:
-            blocks = context // ATTENTION_BLOCK
-            layer_bytes = 2 * kv_heads * n * context * head_dim * 4
-            copies = max(1, min(8, PASS_BYTES // layer_bytes))
-            caches = [torch.randn(2, kv_heads, n * context, head_dim) for _ in range(copies)]
-            tables = torch.arange(n * blocks, dtype=torch.int32).view(n, blocks)
-            lens = torch.full((n,), context, dtype=torch.int32)
-            q = torch.randn(n, heads, head_dim)
-
-            def run(parts: int, q: torch.Tensor = q, caches: list[torch.Tensor] = caches,
-                    tables: torch.Tensor = tables, lens: torch.Tensor = lens
-                    ) -> Callable[[], None]:
-                def go() -> None:
-                    kernels.cpuk_set_attention_parts(parts)
-                    for cache in caches:
-                        kernels.decode_attention(q, cache, ATTENTION_BLOCK, tables, lens)
-                return go
-
-            t = _time_passes({str(p): run(p) for p in ATTENTION_PARTS}, REPEATS)
-            for name in results:
-                results[name].append(t[name] * 1e6 / copies)
-    finally:
-        kernels.cpuk_set_attention_parts(before)
-    fastest = [min(ts[i] for ts in results.values()) for i in range(len(ATTENTION_CASES))]
-    score = {name: sum(t / f for t, f in zip(ts, fastest, strict=True))
-             for name, ts in results.items()}
-    parts = int(min(score, key=lambda name: score[name]))
-    log.info("decode attention (%d heads, %d kv heads, d %d), us per call at %s "
-             "(sequences, tokens): %s: %s", heads, kv_heads, head_dim, ATTENTION_CASES,
-             " ".join(f"{p}:{'/'.join(f'{t:.0f}' for t in ts)}" for p, ts in results.items()),
-             f"{parts} tasks per thread" if parts else "no split")
-    return parts, results
-
-
-def _tune_attention_prefetch(kernels: CpuKernels, heads: int, kv_heads: int, head_dim: int
-                             ) -> tuple[str, dict[str, list[float]]]:
-    """How decode attention should prefetch its blocks on this machine (an ATTENTION_PREFETCH
-    name, judged as _tune_attention judges), and the timings, with the tasks per thread
-    already chosen. Each pass reads ATTENTION_PREFETCH_BYTES of caches whose blocks are
-    scattered (seeded), as a step reads every layer's from memory."""
-    before = kernels.cpuk_get_attention_prefetch()
-    results: dict[str, list[float]] = {name: [] for name in ATTENTION_PREFETCH}
-    order = random.Random(0)
-    try:
-        for n, context in ATTENTION_PREFETCH_CASES:
-            blocks = n * context // ATTENTION_BLOCK
-            layer_bytes = 2 * kv_heads * n * context * head_dim * 4
-            copies = max(1, ATTENTION_PREFETCH_BYTES // layer_bytes)
-            caches = [torch.full((2, kv_heads, n * context, head_dim), 0.01)
-                      for _ in range(copies)]
-            slots = list(range(blocks))
-            order.shuffle(slots)
-            tables = torch.tensor(slots, dtype=torch.int32).view(n, blocks // n)
-            lens = torch.full((n,), context, dtype=torch.int32)
-            q = torch.randn(n, heads, head_dim)
-
-            def run(mode: int, q: torch.Tensor = q, caches: list[torch.Tensor] = caches,
-                    tables: torch.Tensor = tables, lens: torch.Tensor = lens
-                    ) -> Callable[[], None]:
-                def go() -> None:
-                    kernels.cpuk_set_attention_prefetch(mode)
-                    for cache in caches:
-                        kernels.decode_attention(q, cache, ATTENTION_BLOCK, tables, lens)
-                return go
-
-            t = _time_passes({name: run(mode) for name, mode in ATTENTION_PREFETCH.items()},
-                             REPEATS)
-            for name in results:
-                results[name].append(t[name] * 1e6 / copies)
-            del caches
-    finally:
-        kernels.cpuk_set_attention_prefetch(before)
-    fastest = [min(ts[i] for ts in results.values())
-               for i in range(len(ATTENTION_PREFETCH_CASES))]
-    score = {name: sum(t / f for t, f in zip(ts, fastest, strict=True))
-             for name, ts in results.items()}
-    chosen = min(score, key=lambda name: score[name])
-    log.info("decode attention (%d heads, %d kv heads, d %d) prefetching, us per call at %s "
-             "(sequences, tokens), blocks scattered: %s: %s", heads, kv_heads, head_dim,
-             ATTENTION_PREFETCH_CASES,
-             " ".join(f"{name}:{'/'.join(f'{t:.0f}' for t in ts)}"
-                      for name, ts in results.items()), chosen)
-    return chosen, results
-
-
 def _input_dtype(p: Routable) -> torch.dtype:
     """The dtype of x in a call of p (float32 on the kernels' op set, a bfloat16 model's
     included)."""
@@ -515,7 +388,7 @@ def _time_shape(projs: Sequence[Routable]
         }
         if not int8 and projs[0].packed:  # type: ignore[union-attr]
             candidates["onednn"] = _pass(lambda x, p: p.run("onednn", x), some, x)
-        t = _time_passes(candidates, repeats)
+        t = time_passes(candidates, repeats)
         if max(t.values()) > MAX_PASS_S:
             repeats = 3
         for c in names:

@@ -79,8 +79,8 @@ class DispatchTable:
     one row; "row-stream-int8" the same over every w8a16 projection; "amx-int8" ->
     "tiles"/"vector" -> microseconds of a pass over every w8a16 projection at AMX_I8_ROWS
     rows; "attention:" and an attention key -> tasks per thread -> microseconds per call, per
-    ATTENTION_CASES; "attention-prefetch:" and an attention key -> an ATTENTION_PREFETCH
-    name -> microseconds per call, per ATTENTION_PREFETCH_CASES."""
+    attention_tuning.PARTS_CASES; "attention-prefetch:" and an attention key -> an
+    ATTENTION_PREFETCH name -> microseconds per call, per attention_tuning.PREFETCH_CASES."""
     attention_parts: dict[str, int] = field(default_factory=dict)
     """"HEADSxKV_HEADSxHEAD_DIM" -> decode attention's tasks per thread (0: no split)."""
     attention_prefetch: dict[str, str] = field(default_factory=dict)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
-from worker.kernels import dispatch
+from worker.kernels import attention_tuning, dispatch
 from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.cpu_ops import KernelOps
 from worker.kernels.dispatch import CANDIDATES, INT8_CANDIDATES
@@ -430,15 +430,15 @@ def test_a_quantized_model_routes_its_int8_projections(tiny_model_dir, tmp_path:
 
 def test_decode_attention_split_is_timed_once_per_shape(k: CpuKernels, cache: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dispatch, "ATTENTION_CASES", ((1, 128), (2, 256)))
-    monkeypatch.setattr(dispatch, "ATTENTION_PREFETCH_CASES", ((2, 128), (1, 256)))
-    monkeypatch.setattr(dispatch, "ATTENTION_PREFETCH_BYTES", 1 << 20)
+    monkeypatch.setattr(attention_tuning, "PARTS_CASES", ((1, 128), (2, 256)))
+    monkeypatch.setattr(attention_tuning, "PREFETCH_CASES", ((2, 128), (1, 256)))
+    monkeypatch.setattr(attention_tuning, "PREFETCH_BYTES", 1 << 20)
     projs = projections(k, (32, 64))
     table = dispatch.tune(k, projs, (4, 2, 16))
     parts = table.attention_parts["4x2x16"]
-    assert parts in dispatch.ATTENTION_PARTS and k.cpuk_get_attention_parts() == parts
+    assert parts in attention_tuning.PARTS and k.cpuk_get_attention_parts() == parts
     times = table.timings_us["attention:4x2x16"]
-    assert set(times) == {str(p) for p in dispatch.ATTENTION_PARTS}
+    assert set(times) == {str(p) for p in attention_tuning.PARTS}
     assert all(len(t) == 2 for t in times.values())
     prefetch = table.attention_prefetch["4x2x16"]
     assert k.cpuk_get_attention_prefetch() == ATTENTION_PREFETCH[prefetch]
@@ -454,8 +454,8 @@ def test_decode_attention_split_is_timed_once_per_shape(k: CpuKernels, cache: Pa
     def no_timing(*args: object) -> None:
         raise AssertionError("timed again")
 
-    monkeypatch.setattr(dispatch, "_tune_attention", no_timing)
-    monkeypatch.setattr(dispatch, "_tune_attention_prefetch", no_timing)
+    monkeypatch.setattr(attention_tuning, "tune_parts", no_timing)
+    monkeypatch.setattr(attention_tuning, "tune_prefetch", no_timing)
     k.cpuk_set_attention_parts(7)
     k.cpuk_set_attention_prefetch(1 - ATTENTION_PREFETCH[prefetch])
     again = dispatch.tune(k, projs, (4, 2, 16))
