@@ -79,7 +79,7 @@ ALWAYS_INLINE void prefetch_block(const void *cache, int BF, const int32_t *tabl
  * with the blocks scattered: 12 sequences of 400 tokens 12.3-12.6 against 13.8-14.4 ms (1.10-
  * 1.15x), 4 of 2,000 20.9-21.1 against 23.5-24.6, 16 of 250 11.3 against 12.2; with each
  * sequence's blocks in order 11.0-11.3 against 10.9-11.1. A machine property, like the
- * projections' prefetches, so worker/kernels/dispatch.py times the two per machine. */
+ * projections' prefetches, so worker/kernels/attention_tuning.py times the two per machine. */
 #define PAGE_AHEAD 5
 #define PAGE_LINES 2
 static int64_t prefetch_pages = 0;
