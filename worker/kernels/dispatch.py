@@ -78,6 +78,7 @@ from worker.kernels.dispatch_table import (
     SETTINGS,
     DispatchTable,
     Routable,
+    attention_key,
     key_of,
     shape_of,
 )
@@ -188,7 +189,7 @@ def _tune_locked(kernels: CpuKernels, projections: Sequence[Routable], path: Pat
         if (table.prefetch, table.row_stream) != before:  # the kernel was timed otherwise
             table.choices.clear()
             table.timings_us = {k: v for k, v in table.timings_us.items()
-                                if k in SETTINGS or k.startswith("attention:")}
+                                if k in SETTINGS or attention_key(k) is not None}
             table.row_stream_i8_bytes = 0  # int8's tiles were timed with another prefetch
         save(table, path)
     kernels.cpuk_set_prefetch(PREFETCH_MODES[table.prefetch])

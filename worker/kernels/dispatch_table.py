@@ -37,6 +37,9 @@ kernel's default."""
 ATTENTION_PREFETCH_WHAT = {"block": "the next block whole",
                            "pages": "the first lines of the next blocks"}
 
+ATTENTION_TIMINGS = ("attention:", "attention-prefetch:")
+"""Prefixes of the timings key of decode attention's settings, before an attention key."""
+
 SETTINGS = ("prefetch", "row-stream", "row-stream-int8", "amx-int8")
 """Timings of the kernels' settings, which every model's table keeps."""
 
@@ -44,6 +47,14 @@ PLAN_SLACK = 1.1
 """The one-call decode step (worker/kernels/decode_plan.py) runs only the kernel, and saves
 the Python and ctypes overhead of some ten calls per layer (a tenth of a batch-1 step): it
 covers a bucket where the kernel is within this factor of the fastest for every layer shape."""
+
+
+def attention_key(timings_key: str) -> str | None:
+    """The attention key of a timing of decode attention's settings (None: another timing)."""
+    for prefix in ATTENTION_TIMINGS:
+        if timings_key.startswith(prefix):
+            return timings_key.removeprefix(prefix)
+    return None
 
 
 @dataclass
@@ -126,9 +137,7 @@ class DispatchTable:
             amx_i8_bytes=self.amx_i8_bytes,
             choices={k: v for k, v in self.choices.items() if k in keys},
             timings_us={k: v for k, v in self.timings_us.items()
-                        if k.removeprefix("attention:") in keys
-                        or k.removeprefix("attention-prefetch:") in keys
-                        or k in SETTINGS},
+                        if k in SETTINGS or (attention_key(k) or k) in keys},
             attention_parts={k: v for k, v in self.attention_parts.items() if k in keys},
             attention_prefetch={k: v for k, v in self.attention_prefetch.items()
                                 if k in keys})

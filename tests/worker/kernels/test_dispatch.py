@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from worker.backends.torch_runner import ModelRunner
 from worker.backends.torch_settings import TorchSettings
 from worker.kernels import attention_tuning, dispatch
+from worker.kernels.build import cpu_model
 from worker.kernels.cpu import CpuKernels, cpu_kernels
 from worker.kernels.cpu_ops import KernelOps
 from worker.kernels.dispatch import CANDIDATES, INT8_CANDIDATES
@@ -25,6 +26,7 @@ from worker.kernels.dispatch_table import (
     BF16,
     BUCKETS,
     DispatchTable,
+    attention_key,
     key_of,
 )
 from worker.model import linear
@@ -465,6 +467,32 @@ def test_decode_attention_split_is_timed_once_per_shape(k: CpuKernels, cache: Pa
     assert k.cpuk_get_attention_prefetch() == ATTENTION_PREFETCH[prefetch]
     k.cpuk_set_attention_parts(2)
     k.cpuk_set_attention_prefetch(0)
+
+
+def test_a_prefetch_flip_keeps_decode_attentions_settings_and_their_timings(
+        k: CpuKernels, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    projs = projections(k, (32, 64))
+    attention = {"attention:4x2x16": {"2": [1.0]}, "attention-prefetch:4x2x16": {"pages": [1.0]}}
+    table = DispatchTable(cpu=cpu_model(), threads=torch.get_num_threads(), prefetch="t0",
+                          attention_parts={"4x2x16": 2}, attention_prefetch={"4x2x16": "pages"},
+                          timings_us={**attention, "attention:9x3x64": {"0": [1.0]}})
+    dispatch.save(table, dispatch.cache_path(k, torch.get_num_threads()))
+    monkeypatch.setattr(dispatch, "_tune_prefetch", lambda kernels, by_shape, t: "nta")
+    monkeypatch.setattr(dispatch, "_tune_row_stream", lambda kernels, by_shape, t: False)
+    monkeypatch.setattr(dispatch, "_time_shape", lambda ps: (
+        {c: [1.0] * len(BUCKETS) for c in CANDIDATES}, BUCKETS))
+    try:
+        flipped = dispatch.tune(k, projs, (4, 2, 16))  # the kernel's shapes timed again
+    finally:
+        k.cpuk_set_prefetch(1)
+        k.cpuk_set_attention_parts(2)
+        k.cpuk_set_attention_prefetch(0)
+    assert flipped.prefetch == "nta"
+    assert flipped.attention_parts == {"4x2x16": 2}
+    assert flipped.attention_prefetch == {"4x2x16": "pages"}
+    assert {key: flipped.timings_us[key] for key in attention} == attention
+    assert "attention:9x3x64" not in flipped.timings_us  # another model's, left out
+    assert attention_key("32x64") is None and attention_key("attention:9x3x64") == "9x3x64"
 
 
 def test_a_bigger_model_times_the_prefetch_again(k: CpuKernels, cache: Path,
