@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 """CPUK_ABI_VERSION of the header this module mirrors."""
 
 _P, _I, _F, _C, _S = (ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
@@ -82,6 +82,8 @@ SIGNATURES: dict[str, tuple[type | None, list[type]]] = {
     "cpuk_causal_softmax": (None, [_P, _I, _I, _I, _F]),
     "cpuk_qk_rope_store": (None, [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, _P, _P, _P, _I,
                                   _I, _P]),
+    "cpuk_prefill_attention_takes": (_I, [_I]),
+    "cpuk_prefill_attention": (_I, [_P, _I, _I, _I, _I, _P, _P, _I, _F, _P, _P, _I]),
     "cpuk_decode_attention_workspace": (_I, [_I, _I, _I, _I, _I]),
     "cpuk_decode_attention": (_I, [_P, _I, _I, _I, _I, _P, _I, _I, _P, _I, _P, _I, _F, _P,
                                    _P, _I]),

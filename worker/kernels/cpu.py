@@ -67,6 +67,8 @@ class CpuKernels:
     cpuk_set_attention_prefetch: Any
     cpuk_get_attention_prefetch: Any
     cpuk_isa: Any
+    cpuk_prefill_attention_takes: Any
+    cpuk_prefill_attention: Any
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         for name, fn in abi.bind(lib).items():
@@ -87,6 +89,8 @@ class CpuKernels:
         if work is None:
             work = self._local.work = torch.empty(0, dtype=torch.uint8)
         need = fn(*args, work.data_ptr(), work.nbytes)
+        if need < 0:
+            raise ValueError(f"{fn.__name__} does not take these arguments")
         if need:
             work = self._local.work = torch.empty(max(need, 2 * work.nbytes), dtype=torch.uint8)
             need = fn(*args, work.data_ptr(), work.nbytes)
@@ -154,6 +158,21 @@ class CpuKernels:
                            d, cache.data_ptr(), cache.dtype == torch.bfloat16, cache.shape[2],
                            tables.data_ptr(), tables.shape[1], lens.data_ptr(), block_size,
                            d**-0.5, out.data_ptr())
+        return out
+
+    def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                          ) -> torch.Tensor | None:
+        """q [t, heads, d], the last t positions of a context whose keys and values are k, v
+        [kv_heads, context, d] -> [t, heads, d], causal, in float32; None when the kernel does
+        not take this head_dim."""
+        t, heads, d = q.shape
+        kv_heads, context = k.shape[0], k.shape[1]
+        if not self.cpuk_prefill_attention_takes(d):
+            return None
+        q, k, v = (x.float().contiguous() for x in (q, k, v))
+        out = torch.empty_like(q)
+        self._with_scratch(self.cpuk_prefill_attention, q.data_ptr(), t, heads, kv_heads, d,
+                           k.data_ptr(), v.data_ptr(), context, d**-0.5, out.data_ptr())
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -104,12 +104,16 @@ class KernelOps(DecoderOps):
 
     def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                           ) -> torch.Tensor:
-        """Two batched GEMMs around the causal softmax kernel, the GQA group's query heads
-        stacked as rows, so keys and values are never repeated per head (PyTorch's CPU SDPA
-        takes its unfused path for GQA and masks, at about half this speed). Queries go in
-        blocks, each against only the context it can see, which skips most of the masked
-        half of the score matrix. Keys and values gathered from a bfloat16 cache are widened
-        first."""
+        """The fused kernel (csrc/prefill_attention.c: each query reads only the keys it can
+        see, the scores never leave registers) where it takes the head_dim; elsewhere two
+        batched GEMMs around the causal softmax kernel, the GQA group's query heads stacked
+        as rows, so keys and values are never repeated per head (PyTorch's CPU SDPA takes its
+        unfused path for GQA and masks, at about half this speed), queries in blocks, each
+        against only the context it can see. Keys and values gathered from a bfloat16 cache
+        are widened first."""
+        fused = self.k.prefill_attention(q, k, v)
+        if fused is not None:
+            return fused
         k, v = k.float(), v.float()
         chunk, ctx = q.shape[0], k.shape[1]
         if chunk <= PREFILL_BLOCK:

@@ -469,12 +469,19 @@ def test_hugepage_copy_is_an_equal_tensor_in_new_memory(k: CpuKernels) -> None:
     assert k.on_hugepages(small) is small
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "d"),
+                         [(6, 2, 16), (9, 3, 64), (16, 8, 128), (7, 1, 64), (4, 4, 24)])
 @pytest.mark.parametrize(("chunk", "ctx"),
                          [(1, 1), (13, 13), (7, 30), (64, 64), (300, 300), (200, 333)])
-def test_prefill_attention_matches_torch_sdpa(k: CpuKernels, chunk: int, ctx: int) -> None:
-    g = gen(chunk * 100 + ctx)
-    q = torch.randn(chunk, 6, 16, generator=g)
-    keys, values = torch.randn(2, ctx, 16, generator=g), torch.randn(2, ctx, 16, generator=g)
+def test_prefill_attention_matches_torch_sdpa(k: CpuKernels, chunk: int, ctx: int, heads: int,
+                                              kv_heads: int, d: int) -> None:
+    """The fused kernel where it takes the head_dim (24 is not a multiple of AVX-512's sixteen
+    lanes: the GEMMs then), across query groups of 1-7 heads and chunks that are or follow a
+    context."""
+    g = gen(chunk * 100 + ctx + d)
+    q = torch.randn(chunk, heads, d, generator=g)
+    keys = torch.randn(kv_heads, ctx, d, generator=g)
+    values = torch.randn(kv_heads, ctx, d, generator=g)
     ref = DecoderOps().prefill_attention(q, keys, values)
     ours = KernelOps(k).prefill_attention(q, keys, values)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
@@ -484,3 +491,26 @@ def test_prefill_attention_matches_torch_sdpa(k: CpuKernels, chunk: int, ctx: in
     assert ours16.dtype == torch.float32
     exact = DecoderOps().prefill_attention(q, k16.float(), v16.float())
     torch.testing.assert_close(ours16, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_attention_is_fused_for_the_usual_head_dims(k: CpuKernels) -> None:
+    """With AVX-512, 64 and 128 (every Qwen and Llama) take the fused kernel, whose rows each
+    see exactly the keys up to their own position: a query's output does not change when
+    later keys do. Without it the GEMMs serve (the fused kernel was slower on eight lanes)."""
+    if "avx512f" not in k.isa.split():
+        assert not k.cpuk_prefill_attention_takes(64)
+        assert k.prefill_attention(torch.zeros(1, 2, 64), torch.zeros(1, 1, 64),
+                                   torch.zeros(1, 1, 64)) is None
+        return
+    for d in (64, 128):
+        assert k.cpuk_prefill_attention_takes(d)
+    g = gen(5)
+    q = torch.randn(40, 8, 64, generator=g)
+    keys, values = torch.randn(2, 90, 64, generator=g), torch.randn(2, 90, 64, generator=g)
+    out = k.prefill_attention(q, keys, values)
+    assert out is not None
+    keys[:, 70:], values[:, 70:] = 1e4, -1e4  # seen only by the queries at positions 70-89
+    changed = k.prefill_attention(q, keys, values)
+    assert changed is not None
+    assert torch.equal(out[:20], changed[:20])
+    assert not torch.equal(out[20:], changed[20:])

@@ -10,7 +10,7 @@
 
 #include <stdint.h>
 
-#define CPUK_ABI_VERSION 6
+#define CPUK_ABI_VERSION 7
 
 /* One projection: float32 or bfloat16 weights, or int8 with per-(row, group) scales. */
 typedef struct {
@@ -90,6 +90,18 @@ void cpuk_add_rms_norm(float *residual, const float *delta, const float *w, floa
                        int64_t h, float *out);
 void cpuk_silu_mul(const float *gate_up, int64_t t, int64_t inter, float *out);
 void cpuk_causal_softmax(float *scores, int64_t rows, int64_t cols, int64_t chunk, float scale);
+
+/* prefill_attention.c */
+int64_t cpuk_prefill_attention_takes(int64_t head_dim); /* 1: it computes this head_dim (with
+                                                           AVX-512, multiples of 16 to 256) */
+/* q: [t, heads, d], the last t positions of a context whose keys and values are k, v
+ * [kv_heads, context, d] (float32, contiguous) -> out [t, heads, d], causal. Returns 0, the
+ * bytes of scratch it needs (computing nothing), or -1 (computing nothing) where
+ * cpuk_prefill_attention_takes(head_dim) is 0. */
+int64_t cpuk_prefill_attention(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
+                               int64_t head_dim, const float *k, const float *v,
+                               int64_t context, float scale, float *out, void *work,
+                               int64_t work_bytes);
 
 /* rope.c */
 void cpuk_qk_rope_store(const float *qkv, int64_t t, int64_t heads, int64_t kv_heads, int64_t d,
