@@ -33,6 +33,9 @@ typedef v16i vki;
 #define PA_ROWS 12 /* (query, head) rows a task computes: their scores fill 12 registers; 8,
                       16 and 24 rows ran 1.06-1.39x slower on a Zen 4 */
 #define PV_REGS 24 /* accumulators of the weighted values a group of rows keeps in registers */
+#define PA_NV 2 /* vectors of scores a row takes a step: 24 registers with PA_ROWS (one vector
+                   a step ran 1.05-1.17x slower on a Zen 4) */
+#define PA_STEP (PA_NV * PA_KEYS) /* keys a step */
 
 /* Rows of one task: their scaled queries [PA_ROWS][d], the last key each may see, and where
  * their outputs go (NULL: a row that pads the last task, computed and dropped). */
@@ -44,7 +47,7 @@ typedef struct {
 
 /* o[r] = o[r] * corr[r] + p[r] . v for the block's keys (v: the first one's values), over
  * the vectors c0 .. c0 + cw of each row, rows in groups whose accumulators fill PV_REGS. */
-ALWAYS_INLINE void add_values(float o[PA_ROWS][MAX_D], const float p[PA_ROWS][PA_KEYS],
+ALWAYS_INLINE void add_values(float o[PA_ROWS][MAX_D], const float p[PA_ROWS][PA_STEP],
                               const float *corr, const float *v, int64_t D, int64_t keys,
                               int64_t c0, int64_t cw) {
     const int rg = (int)(PV_REGS / cw);
@@ -71,7 +74,7 @@ ALWAYS_INLINE void add_values(float o[PA_ROWS][MAX_D], const float p[PA_ROWS][PA
  * D is a constant after inlining (64, 128) or the runtime head_dim. */
 ALWAYS_INLINE void attend_rows(const pa_rows *rows, const float *kt, const float *v, int64_t D) {
     float o[PA_ROWS][MAX_D] __attribute__((aligned(64)));
-    float p[PA_ROWS][PA_KEYS] __attribute__((aligned(64)));
+    float p[PA_ROWS][PA_STEP] __attribute__((aligned(64)));
     float m[PA_ROWS], l[PA_ROWS], corr[PA_ROWS];
     int64_t lo = rows->last[0], hi = rows->last[0];
     for (int r = 0; r < PA_ROWS; r++) {
@@ -84,35 +87,43 @@ ALWAYS_INLINE void attend_rows(const pa_rows *rows, const float *kt, const float
     const int64_t vd = D / PA_KEYS; /* vectors per row of values (D is a multiple) */
     vki lane;
     for (int j = 0; j < PA_KEYS; j++) lane[j] = j;
-    for (int64_t b = 0; b * PA_KEYS <= hi; b++) {
-        const float *kb = kt + b * D * PA_KEYS;
-        vk s[PA_ROWS];
-        for (int r = 0; r < PA_ROWS; r++) s[r] = (vk){0};
+    for (int64_t first = 0; first <= hi; first += PA_STEP) {
+        const float *kb = kt + first * D;
+        vk s[PA_ROWS][PA_NV];
+        for (int r = 0; r < PA_ROWS; r++)
+            for (int u = 0; u < PA_NV; u++) s[r][u] = (vk){0};
         for (int64_t c = 0; c < D; c++) {
-            const vk kv = *(const vk *)(kb + c * PA_KEYS);
-            for (int r = 0; r < PA_ROWS; r++) s[r] += rows->q[r][c] * kv;
+            vk kv[PA_NV];
+            for (int u = 0; u < PA_NV; u++) kv[u] = *(const vk *)(kb + (u * D + c) * PA_KEYS);
+            for (int r = 0; r < PA_ROWS; r++)
+                for (int u = 0; u < PA_NV; u++) s[r][u] += rows->q[r][c] * kv[u];
         }
-        const int64_t first = b * PA_KEYS;
         for (int r = 0; r < PA_ROWS; r++) {
-            vk sr = s[r];
-            if (first + PA_KEYS - 1 > lo) { /* the block straddles some row's last key */
-                const vki hidden = lane > (vki){0} + (int32_t)(rows->last[r] - first);
-                sr = VSELECT(vk, vki, hidden, (vk){0} - INFINITY, sr);
-            }
-            const float mx = _mm512_reduce_max_ps((__m512)sr);
-            if (mx == -INFINITY) { /* this row sees none of the block */
+            if (first + PA_STEP - 1 > lo) /* the step straddles some row's last key */
+                for (int u = 0; u < PA_NV; u++) {
+                    const vki hidden = lane > (vki){0} + (int32_t)(rows->last[r] - first - u * PA_KEYS);
+                    s[r][u] = VSELECT(vk, vki, hidden, (vk){0} - INFINITY, s[r][u]);
+                }
+            vk top = s[r][0];
+            for (int u = 1; u < PA_NV; u++) top = (vk)_mm512_max_ps((__m512)top, (__m512)s[r][u]);
+            const float mx = _mm512_reduce_max_ps((__m512)top);
+            if (mx == -INFINITY) { /* this row sees none of these keys */
                 corr[r] = 1.0f;
-                *(vk *)p[r] = (vk){0};
+                for (int u = 0; u < PA_NV; u++) *(vk *)(p[r] + u * PA_KEYS) = (vk){0};
                 continue;
             }
             const float mnew = mx > m[r] ? mx : m[r];
-            corr[r] = expf(m[r] - mnew);
-            const vk e = vexp16(sr - mnew);
-            l[r] = l[r] * corr[r] + _mm512_reduce_add_ps((__m512)e);
+            corr[r] = mnew == m[r] ? 1.0f : expf(m[r] - mnew);
+            vk sum = (vk){0};
+            for (int u = 0; u < PA_NV; u++) {
+                const vk e = vexp16(s[r][u] - mnew);
+                sum += e;
+                *(vk *)(p[r] + u * PA_KEYS) = e;
+            }
+            l[r] = l[r] * corr[r] + _mm512_reduce_add_ps((__m512)sum);
             m[r] = mnew;
-            *(vk *)p[r] = e;
         }
-        const int64_t keys = hi - first + 1 < PA_KEYS ? hi - first + 1 : PA_KEYS;
+        const int64_t keys = hi - first + 1 < PA_STEP ? hi - first + 1 : PA_STEP;
         /* The values' vectors in chunks of at most PV_REGS / 3, so that a group of at least
          * three rows shares each vector loaded (cw is a constant for a constant D). */
         const int64_t cw = vd < PV_REGS / 3 ? vd : PV_REGS / 3;
@@ -133,7 +144,7 @@ int64_t cpuk_prefill_attention_takes(int64_t head_dim) {
 
 /* The keys of every kv head, transposed in blocks. */
 static int64_t workspace(int64_t kv_heads, int64_t head_dim, int64_t context) {
-    const int64_t blocks = (context + PA_KEYS - 1) / PA_KEYS;
+    const int64_t blocks = (context + PA_STEP - 1) / PA_STEP * PA_NV;
     return (int64_t)sizeof(float) * kv_heads * blocks * PA_KEYS * head_dim;
 }
 
@@ -145,7 +156,7 @@ int64_t cpuk_prefill_attention(const float *q, int64_t t, int64_t heads, int64_t
     const int64_t d = head_dim, group = heads / kv_heads;
     const int64_t need = workspace(kv_heads, d, context);
     if (need > work_bytes) return need;
-    const int64_t blocks = (context + PA_KEYS - 1) / PA_KEYS;
+    const int64_t blocks = (context + PA_STEP - 1) / PA_STEP * PA_NV; /* whole steps */
     float *kt = work;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t h = 0; h < kv_heads; h++)
