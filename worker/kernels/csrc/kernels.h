@@ -97,7 +97,7 @@ int64_t cpuk_prefill_attention_takes(int64_t head_dim); /* 1: it computes this h
 /* q: [t, heads, d], the last t positions of a context whose keys and values are k, v
  * [kv_heads, context, d] (float32, contiguous) -> out [t, heads, d], causal. Returns 0, the
  * bytes of scratch it needs (computing nothing), or -1 (computing nothing) where
- * cpuk_prefill_attention_takes(head_dim) is 0. */
+ * cpuk_prefill_attention_takes(head_dim) is 0 or context < t. */
 int64_t cpuk_prefill_attention(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
                                int64_t head_dim, const float *k, const float *v,
                                int64_t context, float scale, float *out, void *work,

@@ -1,22 +1,22 @@
 /* Causal attention of a prefill chunk, fused (flash attention): queries in tasks of
- * PA_ROWS (query, head) rows of one kv head, keys and values in blocks of PA_KEYS, a running
+ * PA_ROWS (query, head) rows of one kv head, keys and values in steps of PA_STEP, a running
  * max and sum per row, no score matrix in memory.
  *
- * The scores of a block are a small GEMM with the keys along the vector: the block's keys
- * are transposed once per call ([block][d][PA_KEYS]), so each of the d steps is one load and
- * PA_ROWS multiply-adds with a query element broadcast from memory, and the weighted values
- * add into accumulators that stay in registers for a group of rows. Both are compiled with
- * head_dim 64 and 128 as constants. Each row reads only the keys it can see (the mask is
- * applied to the one block that straddles its position), so the masked half of the scores is
+ * The scores of a step are a small GEMM with the keys along the vector: the keys are
+ * transposed once per call ([block][d][PA_KEYS]), so each of the d columns is PA_NV loads and
+ * PA_ROWS x PA_NV multiply-adds with a query element broadcast from memory, and the weighted
+ * values add into accumulators that stay in registers for a group of rows. Both are compiled
+ * with head_dim 64 and 128 as constants. Each row reads only the keys it can see (the mask is
+ * applied to the step that straddles its position), so the masked half of the scores is
  * never computed.
  *
  * It replaces two batched GEMMs around a causal softmax (cpu_ops.py, cpuk_causal_softmax),
  * which ran at about a third of the two cores' peak on their small inner dimension
  * (head_dim), on AVX-512 only: on a Zen 4, SmolLM2's heads (9 x 64, 3 kv heads) over 256-2,048
- * tokens took 1.36-1.77x less time than the GEMMs, Qwen3's (16 x 128, 8 kv heads) 1.14-1.33x;
- * the same code on eight lanes (built for AVX2 there, without the broadcasts from memory that
- * AVX2's multiply-adds lack) ran 0.84-1.34x, slower on the longer contexts, so AVX2 keeps the
- * GEMMs. */
+ * tokens took 1.92-2.34x less time than the GEMMs, Qwen3's (16 x 128, 8 kv heads)
+ * 1.26-1.70x. An eight-lane version (built for AVX2 there; AVX2's multiply-adds cannot
+ * broadcast from memory) ran 0.84-1.34x the GEMMs, slower on the longer contexts, and was not
+ * kept: AVX2 keeps the GEMMs. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -152,7 +152,7 @@ int64_t cpuk_prefill_attention(const float *q, int64_t t, int64_t heads, int64_t
                                int64_t head_dim, const float *k, const float *v,
                                int64_t context, float scale, float *out, void *work,
                                int64_t work_bytes) {
-    if (!cpuk_prefill_attention_takes(head_dim)) return -1;
+    if (!cpuk_prefill_attention_takes(head_dim) || context < t) return -1;
     const int64_t d = head_dim, group = heads / kv_heads;
     const int64_t need = workspace(kv_heads, d, context);
     if (need > work_bytes) return need;
