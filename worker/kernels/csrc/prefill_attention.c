@@ -11,7 +11,7 @@
  * never computed.
  *
  * It replaces two batched GEMMs around a causal softmax (cpu_ops.py, cpuk_causal_softmax),
- * which ran at about a third of the two cores' peak on their small inner dimension
+ * which ran at a fifth to a half of the two cores' peak on their small inner dimension
  * (head_dim), on AVX-512 only: on a Zen 4, SmolLM2's heads (9 x 64, 3 kv heads) over 256-2,048
  * tokens took 1.92-2.34x less time than the GEMMs, Qwen3's (16 x 128, 8 kv heads)
  * 1.26-1.70x. An eight-lane version (built for AVX2 there; AVX2's multiply-adds cannot
