@@ -142,11 +142,8 @@ int64_t cpuk_prefill_attention_takes(int64_t head_dim) {
     return head_dim > 0 && head_dim % PA_KEYS == 0 && head_dim <= MAX_D;
 }
 
-/* The keys of every kv head, transposed in blocks. */
-static int64_t workspace(int64_t kv_heads, int64_t head_dim, int64_t context) {
-    const int64_t blocks = (context + PA_STEP - 1) / PA_STEP * PA_NV;
-    return (int64_t)sizeof(float) * kv_heads * blocks * PA_KEYS * head_dim;
-}
+/* Blocks of PA_KEYS keys that hold a context, in whole steps (zeros past its end). */
+static int64_t key_blocks(int64_t context) { return (context + PA_STEP - 1) / PA_STEP * PA_NV; }
 
 int64_t cpuk_prefill_attention(const float *q, int64_t t, int64_t heads, int64_t kv_heads,
                                int64_t head_dim, const float *k, const float *v,
@@ -154,9 +151,10 @@ int64_t cpuk_prefill_attention(const float *q, int64_t t, int64_t heads, int64_t
                                int64_t work_bytes) {
     if (!cpuk_prefill_attention_takes(head_dim) || context < t) return -1;
     const int64_t d = head_dim, group = heads / kv_heads;
-    const int64_t need = workspace(kv_heads, d, context);
+    const int64_t blocks = key_blocks(context);
+    /* The scratch holds the keys, transposed. */
+    const int64_t need = (int64_t)sizeof(float) * kv_heads * blocks * PA_KEYS * d;
     if (need > work_bytes) return need;
-    const int64_t blocks = (context + PA_STEP - 1) / PA_STEP * PA_NV; /* whole steps */
     float *kt = work;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t h = 0; h < kv_heads; h++)
@@ -164,8 +162,8 @@ int64_t cpuk_prefill_attention(const float *q, int64_t t, int64_t heads, int64_t
             float *dst = kt + (h * blocks + b) * d * PA_KEYS;
             for (int j = 0; j < PA_KEYS; j++) {
                 const int64_t key = b * PA_KEYS + j;
-                const float *src = k + (h * context + (key < context ? key : 0)) * d;
-                for (int64_t c = 0; c < d; c++) dst[c * PA_KEYS + j] = key < context ? src[c] : 0.0f;
+                for (int64_t c = 0; c < d; c++)
+                    dst[c * PA_KEYS + j] = key < context ? k[(h * context + key) * d + c] : 0.0f;
             }
         }
     const int64_t rows_per_head = t * group, tasks = (rows_per_head + PA_ROWS - 1) / PA_ROWS;
