@@ -18,6 +18,7 @@ import torch
 
 from common.errors import ModelConfigError
 from common.sampling_params import SamplingParams
+from worker.backends import split_step
 from worker.backends.base import SequenceChunk
 from worker.backends.cpu_threads import ThreadGovernor, cpu_budget
 from worker.backends.torch_settings import TorchSettings
@@ -108,6 +109,8 @@ class ModelRunner:
         elif self.device.type == "cpu":
             self.governor = ThreadGovernor(cpu_budget())
         self.settings = settings
+        self._second = split_step.SecondThread()
+        """The second thread of split steps, while the governor leaves one."""
         full = ModelConfig.from_dir(model_dir)
         self.model_config = cfg = shard.config(full) if shard is not None else full
         """The model as this runner computes it (under tensor parallelism: its rank's heads
@@ -348,14 +351,58 @@ class ModelRunner:
         """One step -> logits [n, vocab] of the chunks with sample=True (None if there are none)."""
         if self.governor is not None:
             self.governor.maybe_adjust()
+        groups = self._split(chunks)
+        if groups is not None:
+            return self._execute_split(chunks, *groups)
         step = self.prepare(chunks)
         hidden = self.forward(step.ids, step.positions, step.meta)
         if not step.sample_rows:
             return None
         return self.logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
 
+    def _split(self, chunks: Sequence[SequenceChunk]) -> tuple[list[int], list[int]] | None:
+        """The step's two halves when the governor has left one thread of two or more and the
+        step prefills enough prompts (the second half never takes the one-call step, whose
+        scratch the first may be using; not under tensor parallelism, whose ranks follow
+        one forward pass at a time)."""
+        g = self.governor
+        if (g is None or g.threads != 1 or g.budget < 2 or self.all_reduce is not None
+                or not self.settings.cpu_split_steps):
+            return None
+        rows = self.plan.max_rows + 1 if self.plan is not None else 0
+        return split_step.split(chunks, max(split_step.MIN_GROUP_TOKENS, rows))
+
+    def _execute_split(self, chunks: Sequence[SequenceChunk], first: list[int],
+                       second: list[int]) -> torch.Tensor | None:
+        """The two halves at once, the second on its own thread -> the logits of the chunks
+        with sample=True, in the chunks' order, as execute returns them."""
+        halves = (first, second)
+        steps = [self.prepare([chunks[i] for i in half]) for half in halves]
+        pending = self._second.executor().submit(self._forward_alone, steps[1])
+        try:
+            mine = self.forward(steps[0].ids, steps[0].positions, steps[0].meta)
+        finally:
+            theirs = pending.result()  # never leave the other half writing the cache
+        hidden = (mine, theirs)
+        where: dict[int, tuple[int, int]] = {}
+        for h, (half, step) in enumerate(zip(halves, steps, strict=True)):
+            sampled = [i for i in half if chunks[i].sample]
+            where.update(zip(sampled, ((h, r) for r in step.sample_rows), strict=True))
+        if not where:
+            return None
+        rows = (where[i] for i in sorted(where))
+        return self.logits(torch.stack([hidden[h][r] for h, r in rows]))
+
+    @torch.inference_mode()
+    def _forward_alone(self, step: StepInputs) -> torch.Tensor:
+        """A split step's second half, on the second thread with one OpenMP thread (as the
+        engine's: the governor set one)."""
+        torch.set_num_threads(1)
+        return self.forward(step.ids, step.positions, step.meta)
+
     def close(self) -> None:
-        """Nothing to release outside this process (a tensor-parallel group has ranks)."""
+        """Stops the second thread of split steps (a tensor-parallel group also has ranks)."""
+        self._second.close()
 
     @torch.inference_mode()
     def prefill_hidden_states(self, ids: Sequence[int]) -> torch.Tensor:

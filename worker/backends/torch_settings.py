@@ -61,6 +61,11 @@ class TorchSettings:
     """On CPU in float32, run decode-time projections, attention and the elementwise steps
     with npuserve's C kernels (compiled for the machine on first use; needs a C compiler,
     else PyTorch's ops run with a warning). Off uses PyTorch's ops throughout."""
+    cpu_split_steps: bool = True
+    """While other processes leave this worker one thread (threads unset), run a step that
+    prefills several prompts as two independent halves on two threads, which the scheduler
+    then gives their share of the cores (worker/backends/split_step.py). Off keeps every
+    step on the one thread."""
     cpu_dispatch: bool = True
     """With the CPU kernels, time each float32 or bfloat16 projection's GEMMs (npuserve's
     kernel, oneDNN, MKL) and each w8a16 one's (the int8 kernel, F.linear on the widened
