@@ -6,7 +6,7 @@ engine one thread: OpenMP's threads wait on each other at every parallel region,
 descheduled for a time slice stalls the rest. But work with no barrier between its threads
 takes the share of the machine the scheduler gives each thread: beside one busy loop, a GEMM
 loop on two independent threads ran 1.38-1.45x faster than on one (Zen 4, 2 cores), where
-the same GEMMs on two OpenMP threads ran 1.1-1.2x slower.
+the same GEMMs on two OpenMP threads ran 1.1-1.25x slower.
 
 A step's prompts are independent of each other: each attends only to its own sequence, and
 each writes its own cache blocks. So a step that prefills several of them, on the one thread
@@ -28,8 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from worker.backends.base import SequenceChunk
 
 MIN_GROUP_TOKENS = 32
-"""Fewest prompt tokens the second thread's group takes (at least a tenth of a second of
-arithmetic on one core for a 135M-parameter model, far above a time slice)."""
+"""Fewest prompt tokens the second thread's group takes (about a tenth of a second of
+arithmetic on one core for a 135M-parameter model: many of the scheduler's time slices)."""
 
 
 def split(chunks: Sequence[SequenceChunk], min_tokens: int = MIN_GROUP_TOKENS
