@@ -48,7 +48,7 @@ def split(chunks: Sequence[SequenceChunk], min_tokens: int = MIN_GROUP_TOKENS
         group = 0 if load[0] <= load[1] else 1
         (first if group == 0 else second).append(i)
         load[group] += len(chunks[i].token_ids)
-    if not first or load[1] < min_tokens:
+    if load[1] < min_tokens:  # the first half always has a decode or the largest prompt
         return None
     return sorted(first), sorted(second)
 
