@@ -81,6 +81,14 @@ class QueuedRequest:
         )
 
 
+ORPHANED = "orphaned"
+"""The finish reason of a request its worker stopped because its gateway's registration
+lapsed (nobody seemed to read its stream). Never shown to a client: a gateway that gets it
+for a stream it still serves, or a client resuming the request, queues it again from its
+published tokens (ADOPT); the gateway fails the stream with UNAVAILABLE only when that is
+no longer possible."""
+
+
 @dataclass(slots=True)
 class ReplyEvent:
     """One token of one request, or a request's end without a token (error, cancellation)."""
@@ -91,8 +99,9 @@ class ReplyEvent:
     token_id: int = -1
     logprob: float | None = None
     finish_reason: str = ""
-    """stop, length, cancelled, deadline or error on the request's last event. "stop" on a
-    token event means that token is a stop token (EOS or stop_token_ids): not part of the text."""
+    """stop, length, cancelled, deadline, error or ORPHANED on the request's last event. "stop"
+    on a token event means that token is a stop token (EOS or stop_token_ids): not part of
+    the text."""
     code: ErrorCode | None = None
     """For finish_reason "error": the failure's class, reported by the front end."""
     error: str = ""

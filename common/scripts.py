@@ -10,6 +10,8 @@ and workers (keys in other slots) is read by the caller and passed as ARGV.
 
 from __future__ import annotations
 
+from common.protocol import ORPHANED
+
 TIE_STEP = 1 / 32
 """Score distance between requests of one priority queued in the same millisecond: scores
 reach 10^14, where a double still tells 1/64 apart, so 32 arrivals fit in a millisecond
@@ -170,15 +172,36 @@ return 0
 """
 
 ADOPT = """
--- KEYS: req, toks   ARGV: gateway_id
+-- KEYS: req, toks, queue, wake   ARGV: gateway_id, id, ttl_s
 -- A client resumes a request at this gateway: an unfinished one's events go to this gateway's
--- stream from now on. Returns {fields, published tokens}, or nil for an unknown id (never
+-- stream from now on. One its worker stopped because its gateway's registration lapsed
+-- (final event 'orphaned') is queued again with its original score, its published tokens
+-- kept (a worker continues from them), and its keys live as long as a new request's.
+-- Returns {fields, published tokens, revived (1 or 0)}, or nil for an unknown id (never
 -- seen, or finished longer ago than the retention).
 if redis.call('EXISTS', KEYS[1]) == 0 then return nil end
-if redis.call('HEXISTS', KEYS[1], 'final') == 0 then
+local final = redis.call('HGET', KEYS[1], 'final')
+local revived = 0
+if not final then
   redis.call('HSET', KEYS[1], 'gateway', ARGV[1])
+else
+  local ok, events = pcall(cjson.decode, final)
+  local score = redis.call('HGET', KEYS[1], 'score')
+  if ok and type(events) == 'table' and type(events[1]) == 'table'
+      and events[1]['f'] == '""" + ORPHANED + """' and score then
+    redis.call('HDEL', KEYS[1], 'final', 'worker')
+    redis.call('HSET', KEYS[1], 'gateway', ARGV[1])
+    redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+    if redis.call('EXISTS', KEYS[2]) == 1 then
+      redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+    end
+    redis.call('ZADD', KEYS[3], score, ARGV[2])
+    redis.call('LPUSH', KEYS[4], '1')
+    redis.call('LTRIM', KEYS[4], 0, 63)
+    revived = 1
+  end
 end
-return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+return {redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1), revived}
 """
 
 STREAM_SLOT = """

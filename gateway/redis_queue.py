@@ -97,6 +97,9 @@ class Adopted:
     """Every token published so far."""
     final: ReplyEvent | None
     """Its last event (token-less) when it already finished."""
+    revived: bool = False
+    """Its worker had stopped it as orphaned (its gateway's registration lapsed): it is
+    queued again, to continue from `tokens`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,19 +269,26 @@ class RedisQueue:
     async def adopt(self, request_id: str, gateway_id: str) -> Adopted | None:
         """Take over the stream of a request another gateway streamed (ADOPT): the request,
         the tokens published so far and, once it finished, its final event; None for an id
-        that is unknown or finished longer ago than the workers keep it."""
+        that is unknown or finished longer ago than the workers keep it. A request its worker
+        stopped as orphaned is queued again (`Adopted.revived`)."""
         model = await self.model_of(request_id)
         if model is None:
             return None
-        keys = [self._keys.request(model, request_id), self._keys.tokens(model, request_id)]
+        k = self._keys
+        keys = [k.request(model, request_id), k.tokens(model, request_id), k.queue(model),
+                k.wake(model)]
         async with unavailable_on_error(self._url):
-            raw: Any = await self._adopt(keys=keys, args=[gateway_id])
+            raw: Any = await self._adopt(keys=keys,
+                                         args=[gateway_id, request_id, self._request_ttl_s])
+            if raw is not None and int(raw[2]):  # the id's model lives as long again
+                await self._r.expire(k.request_model(request_id), self._request_ttl_s)
         if raw is None:
             return None
-        flat, toks = raw
+        flat, toks, revived = raw
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         final = decode_events(fields["final"])[0] if "final" in fields else None
-        return Adopted(QueuedRequest.from_fields(fields, []), [int(t) for t in toks], final)
+        return Adopted(QueuedRequest.from_fields(fields, []), [int(t) for t in toks], final,
+                       bool(int(revived)))
 
     async def published(self, model: str, request_id: str, start: int
                         ) -> tuple[list[int], ReplyEvent | None]:
@@ -299,6 +309,11 @@ class RedisQueue:
             await self._register(keys=[self._keys.gateway(gateway_id),
                                        self._keys.replies(gateway_id)],
                                  args=[GATEWAY_TTL_S, REPLIES_TTL_S, *fields])
+
+    async def gateway_registered(self, gateway_id: str) -> bool:
+        """Whether the gateway's registration lives (workers serve its requests)."""
+        async with unavailable_on_error(self._url):
+            return bool(await self._r.exists(self._keys.gateway(gateway_id)))
 
     async def unregister_gateway(self, gateway_id: str) -> None:
         async with unavailable_on_error(self._url):

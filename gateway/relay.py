@@ -80,6 +80,12 @@ class Subscription:
         if not self.finished and final and self.next_index >= final.completion_tokens:
             self._deliver(final)
 
+    def reopen(self) -> None:
+        """After an ORPHANED end the request was queued again: take its events on from
+        `next_index` (the orphaned end was not the stream's)."""
+        self.finished = False
+        self._final = None
+
     def fail(self, error: Exception) -> None:
         """End the stream with `error` (raised by the next `get`)."""
         if not self.finished:

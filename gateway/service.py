@@ -27,8 +27,9 @@ from common.errors import (
     RequestNotFoundError,
     UnavailableError,
 )
+from common.keys import GATEWAY_TTL_S
 from common.logs import fields
-from common.protocol import QueuedRequest, ReplyEvent
+from common.protocol import ORPHANED, QueuedRequest, ReplyEvent
 from gateway import metrics
 from gateway.admission import (
     Admitted,
@@ -89,6 +90,9 @@ FOLLOW_INTERVAL_S = 0.1
 """How often a resumed stream polls the request's published tokens and final event."""
 FOLLOW_STOP_S = 2.0
 """How long an ended resumed stream waits for its poll to stop."""
+MAX_REVIVALS = 3
+"""How often one stream queues its request again after its worker stopped it as orphaned
+before the stream fails with UNAVAILABLE (this gateway's registration keeps lapsing)."""
 
 
 def _request_deadline(deadline_ms: int, started: float, timeout_s: float | None
@@ -216,6 +220,10 @@ class GatewayService:
                         f"request {client_id!r} is unknown: never sent, or finished longer "
                         "ago than the workers keep finished streams (--stream-retention-s)")
                 req, tokens = adopted.request, adopted.tokens
+                if adopted.revived:
+                    log.warning("resumed %s: its worker had stopped it (its gateway stopped "
+                                "heartbeating); queued again after %d tokens", request_id,
+                                len(tokens))
                 if next_index > len(tokens):
                     raise InvalidRequestError(
                         "next_index", f"request {client_id} has {len(tokens)} tokens so far; "
@@ -284,6 +292,7 @@ class GatewayService:
 
     async def _relay(self, sub: Subscription, output: OutputProcessor, inp: GenerationInput,
                      progress: _Progress, deadline: float | None) -> AsyncIterator[Chunk]:
+        revivals = 0
         while True:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can drop a cancellation.
             try:
@@ -296,6 +305,10 @@ class GatewayService:
                          else f"after {sub.next_index} generated tokens")
                 raise DeadlineExceededError(
                     f"request {inp.request_id}: the deadline passed {where}") from None
+            if event.finish_reason == ORPHANED:
+                revivals += 1
+                await self._revive(sub, inp.request_id, event, revivals)
+                continue
             if event.queue_ms >= 0:
                 progress.queue_wait_ms = float(event.queue_ms)
                 metrics.series(progress.model).queue_wait.observe(event.queue_ms / 1000)
@@ -311,6 +324,33 @@ class GatewayService:
                 if event.finish_reason == "error":
                     raise _worker_error(inp.request_id, event)
                 return
+
+    async def _revive(self, sub: Subscription, request_id: str, event: ReplyEvent,
+                      revivals: int) -> None:
+        """The worker stopped a request this gateway still streams, because this gateway's
+        registration had lapsed (a stall, a Redis outage): queue it again from its published
+        tokens and go on relaying. Fails the stream with UNAVAILABLE when the request is gone
+        or keeps being stopped."""
+        if revivals > MAX_REVIVALS:
+            raise UnavailableError(f"request {request_id}: {event.error}")
+        # queued again before this gateway's registration is back, a worker's claim would
+        # stop it once more at once
+        until = time.monotonic() + GATEWAY_TTL_S
+        while not await self.queue.gateway_registered(self.gateway_id):
+            if time.monotonic() > until:
+                raise UnavailableError(f"request {request_id}: {event.error}")
+            await asyncio.sleep(0.1)
+        adopted = await self.queue.adopt(request_id, self.gateway_id)
+        if adopted is None:
+            raise UnavailableError(f"request {request_id}: {event.error}")
+        log.warning("request %s: its worker stopped it as orphaned (this gateway's "
+                    "registration had lapsed); queued again after %d tokens", request_id,
+                    len(adopted.tokens))
+        sub.reopen()
+        for i, token in enumerate(adopted.tokens[sub.next_index:], sub.next_index):
+            sub.offer(ReplyEvent(request_id, i, token))
+        if adopted.final is not None:
+            sub.offer(adopted.final)
 
     def _chunk(self, event: ReplyEvent, output: OutputProcessor, sub: Subscription,
                inp: GenerationInput, progress: _Progress) -> Chunk:

@@ -5,10 +5,12 @@ gateways and N workers of one model, records every prompt's greedy completion on
 stack, then for `--duration` seconds keeps `--concurrency` greedy streams going, alternating
 gateways, while it injects faults in turn every `--fault-every` seconds: a worker SIGKILLed, a
 worker drained (SIGTERM), Redis restarted, a gateway SIGKILLed (each restarted a second
-later). A stream whose gateway breaks resumes at the other one (`Resume`); one refused before
-it got a token is resumed or sent again. At the end it prints and writes (JSON and a plot)
-the tokens expected and received, and those lost, duplicated and mismatched against the calm
-run, the streams' longest stalls, and the faults' times. It stops by itself.
+later), a gateway frozen (SIGSTOP) past its registration's expiry, so the workers stop what
+still runs of its requests as orphaned, then thawed (SIGCONT). A stream whose gateway breaks
+resumes at the other one (`Resume`); one refused before it got a token is resumed or sent
+again. At the end it prints and writes (JSON and a plot) the tokens expected and received,
+and those lost, duplicated and mismatched against the calm run, the streams' longest
+stalls, and the faults' times. It stops by itself.
 
 With `--sentinel`, Redis is a master, a replica and three sentinels (no append-only file:
 the replica is the copy), reached through a redis+sentinel:// URL, and the Redis fault is a
@@ -28,16 +30,22 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from common.keys import GATEWAY_TTL_S
 from worker.processes import ChildSet, free_port, wait_for_port
 from worker.resumable_load import Client, Outcome, run_one, tally
 
-FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill", "redis-failover")
-PLAIN_FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill")
-SENTINEL_FAULTS = ("worker-kill", "drain", "redis-failover", "gateway-kill")
+FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill", "gateway-stall",
+          "redis-failover")
+PLAIN_FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill", "gateway-stall")
+SENTINEL_FAULTS = ("worker-kill", "drain", "redis-failover", "gateway-kill", "gateway-stall")
+STALL_S = GATEWAY_TTL_S + 2
+"""How long gateway-stall freezes a gateway (SIGSTOP): past its registration's expiry, so the
+workers stop its requests as orphaned while its clients still wait on it."""
 MODEL = "chaos"
 SERVICE = "chaos"
 """The master's name in the sentinels' configuration (--sentinel)."""
@@ -185,11 +193,13 @@ class Stack:
                                        "0.5", "--kv-cache-gb", "0.2", "--threads", "1",
                                        "--drain-timeout", "2", *common])
 
-    def send(self, name: str, sig: signal.Signals) -> None:
+    def send(self, name: str, sig: signal.Signals, *, wait: bool = True) -> None:
+        """Signal a child and, with `wait`, wait for it to exit."""
         child = self.children.get(name)
         if child is not None and child.proc.poll() is None:
             child.proc.send_signal(sig)
-            child.proc.wait(60)
+            if wait:
+                child.proc.wait(60)
 
     def stop(self) -> None:
         names = list(self.children.children)
@@ -270,13 +280,14 @@ def _experiment(args: argparse.Namespace, stack: Stack, prompts: list[list[int]]
         while time.monotonic() + args.fault_every < stop_load and faults:
             time.sleep(args.fault_every)
             fault = faults[k % len(faults)]
+            at = time.monotonic() - start
             try:
                 target = _inject(stack, fault, k, workers)
             except (RuntimeError, OSError) as exc:  # reported, and the run fails
                 failed_restarts.append(f"{fault}: {exc}")
                 target = f"FAILED ({exc})"
-            events.append((time.monotonic() - start, f"{fault} {target}"))
-            print(f"chaos: {time.monotonic() - start:5.1f}s {fault} {target}")
+            events.append((at, f"{fault} {target}"))
+            print(f"chaos: {at:5.1f}s {fault} {target}")
             say(f"injected {fault} {target}", "chaos")
             k += 1
         load_done.wait()
@@ -314,6 +325,12 @@ def _inject(stack: Stack, fault: str, k: int, workers: list[str]) -> str:
         time.sleep(1.0)
         stack.start_redis()
         return "redis"
+    if fault == "gateway-stall":
+        name = f"gateway{k % 2}"
+        stack.send(name, signal.SIGSTOP, wait=False)
+        time.sleep(STALL_S)
+        stack.send(name, signal.SIGCONT, wait=False)
+        return name
     if fault == "gateway-kill":
         name = f"gateway{k % 2}"
         stack.send(name, signal.SIGKILL)
@@ -348,13 +365,28 @@ def _report(args: argparse.Namespace, outcomes: list[Outcome], reference: list[l
         "config": {k: v for k, v in vars(args).items() if k != "handler"},
         "summary": tally(outcomes, reference),
         "faults": [{"at_s": round(t, 2), "fault": f} for t, f in events],
-        "errors": [{"request_id": o.request_id, "error": o.error} for o in outcomes
-                   if o.error],
+        "errors": [{"request_id": o.request_id, "error": o.error,
+                    "refusals": _distinct(o.refusals)} for o in outcomes if o.error],
         "requests": [{**{k: v for k, v in asdict(o).items() if k not in ("tokens", "arrivals")},
-                      "received": len(o.tokens), "stall_s": round(o.stall(), 3),
+                      "received": len(o.tokens), "refusals": _distinct(o.refusals),
+                      "stall_s": round(o.stall(), 3),
                       "first_s": round(o.arrivals[0] - start, 3) if o.arrivals else None}
                      for o in outcomes],
     }
+
+
+def _distinct(refusals: list[str]) -> list[str]:
+    """Each refusal once, in order, with how often it came (a request that gives up has
+    been refused the same way hundreds of times)."""
+    counts = Counter(r.split(" ", 1)[1] for r in refusals)
+    seen: set[str] = set()
+    out = []
+    for r in refusals:
+        what = r.split(" ", 1)[1]
+        if what not in seen:
+            seen.add(what)
+            out.append(f"{r} (x{counts[what]})" if counts[what] > 1 else r)
+    return out
 
 
 def _plot(report: dict[str, Any], outcomes: list[Outcome], start: float, path: Path) -> None:

@@ -22,7 +22,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 from common import scripts
 from common.config import RedisConfig
 from common.keys import REPLIES_TTL_S, Keys, queue_score
-from common.protocol import ReplyEvent, encode_events
+from common.protocol import ORPHANED, ReplyEvent, encode_events
 from common.redis_client import connect_sync, master_moved, ping_within
 from common.redis_credentials import redact
 from worker.published import Published
@@ -178,7 +178,7 @@ class RedisQueue:
             self.keys.gateway, [c.fields.get("gateway") for c in leased])))
         for c in leased:  # nobody reads their streams: ended at once, never run
             if c.fields.get("gateway") in dead:
-                c.dropped = "orphaned"
+                c.dropped = ORPHANED
         return out
 
     def _claim_head(self, n: int, now_ms: int, *, max_len: int, room: int, lacks: int

@@ -24,6 +24,8 @@ class Outcome:
     resumes: int = 0
     finish: str = ""
     error: str = ""
+    refusals: list[str] = field(default_factory=list)
+    """What each broken or refused call said (gateway, code, details), for the report."""
 
     def stall(self) -> float:
         return max((b - a for a, b in zip(self.arrivals, self.arrivals[1:], strict=False)),
@@ -90,6 +92,7 @@ def run_one(clients: list[Any], outcome: Outcome, prompt: list[int], first: int,
     while time.monotonic() < deadline:
         client = clients[g]
         try:
+            call = "Generate" if not sent else "Resume"
             if not sent:
                 sent = True
                 stream(client, outcome, client.generate(
@@ -102,6 +105,9 @@ def run_one(clients: list[Any], outcome: Outcome, prompt: list[int], first: int,
             return
         except grpc.RpcError as exc:
             code = exc.code()
+            outcome.refusals.append(f"{time.strftime('%H:%M:%S')} gateway{g} {call} after "
+                                    f"{len(outcome.tokens)} tokens: {code.name}: "
+                                    f"{exc.details()}")
             if code == grpc.StatusCode.NOT_FOUND and not outcome.tokens:
                 sent = False  # it never reached Redis (or no worker serves the model yet):
                 time.sleep(0.2)  # send it again, to this gateway
@@ -112,7 +118,8 @@ def run_one(clients: list[Any], outcome: Outcome, prompt: list[int], first: int,
                 return
             g = 1 - g
             time.sleep(0.5)
-    outcome.error = "gave up: no gateway served it in time"
+    last = f"; the last refusal: {outcome.refusals[-1]}" if outcome.refusals else ""
+    outcome.error = f"gave up: no gateway served it in time ({outcome.resumes} resumes{last})"
 
 
 def tally(outcomes: list[Outcome], reference: list[list[int]]) -> dict[str, Any]:

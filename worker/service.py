@@ -41,7 +41,7 @@ import redis
 from common.config import WorkerConfig
 from common.errors import ErrorCode, NpuserveError
 from common.metrics_http import Probe
-from common.protocol import QueuedRequest, ReplyEvent
+from common.protocol import ORPHANED, QueuedRequest, ReplyEvent
 from worker.engine.engine import Engine
 from worker.liveness import Liveness, Reports, StepWatchdog, now_ms
 from worker.metrics import WorkerMetrics, rss_bytes
@@ -53,8 +53,6 @@ from worker.redis_queue import Claimed, RedisQueue, StepBatch
 
 log = logging.getLogger(__name__)
 
-ORPHANED = "orphaned"
-"""Why a request whose gateway stopped heartbeating is ended (CLAIM marks queued ones so)."""
 MAX_DEVICE_RETRIES = 1
 """A request whose device call fails is handed back this many times, then failed."""
 IDLE_WAIT_S = 0.5
@@ -486,5 +484,7 @@ def _final_event(request_id: str, reason: str) -> tuple[ReplyEvent, str]:
     if reason == ORPHANED:
         return ReplyEvent(request_id, -1, code=ErrorCode.UNAVAILABLE, error=(
             "the gateway this request came through stopped heartbeating, so nobody reads its "
-            "stream; the request was dropped. Send it again")), "error"
+            "stream; the request was stopped. Resume it at any gateway (Resume with its "
+            "request_id) within --stream-retention-s to continue where it stopped, or send "
+            "it again")), ORPHANED
     return ReplyEvent(request_id, -1), reason

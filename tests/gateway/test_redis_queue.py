@@ -8,9 +8,9 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from common.errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
+from common.errors import AlreadyExistsError, ErrorCode, ResourceExhaustedError, UnavailableError
 from common.keys import PRIORITY_SCALE, Keys
-from common.protocol import QueuedRequest, decode_events
+from common.protocol import ORPHANED, QueuedRequest, ReplyEvent, decode_events, encode_events
 from common.redis_credentials import redact
 from common.sampling_params import SamplingParams
 from gateway.redis_queue import QueueStats, RedisQueue, connect
@@ -83,6 +83,51 @@ async def test_cancel_by_id_dequeues_and_tells_the_owning_gateway_or_flags_a_run
     assert await r.exists(KEYS.cancel("m", "running"))
     assert await queue.cancel_by_id("never-seen") is False
     assert await r.xlen(KEYS.replies("gw")) == 1
+
+
+async def finish(r: aioredis.Redis, rid: str, reason: str, tokens: list[int]) -> None:
+    """What a worker's publish keeps of a finished request: its tokens and final event, for
+    the retention, and no lease."""
+    await r.zrem(KEYS.queue("m"), rid)
+    await r.hset(KEYS.request("m", rid), mapping={"worker": "w1", "final": encode_events([
+        ReplyEvent(rid, -1, finish_reason=reason, code=ErrorCode.UNAVAILABLE,
+                   completion_tokens=len(tokens))])})
+    await r.rpush(KEYS.tokens("m", rid), *tokens)
+    for key in (KEYS.request("m", rid), KEYS.tokens("m", rid), KEYS.request_model(rid)):
+        await r.expire(key, 60)
+
+
+async def test_adopting_an_orphaned_request_queues_it_again_from_its_tokens(
+        r: aioredis.Redis, redis_url: str) -> None:
+    """Its worker stopped it because its gateway's registration lapsed: a resume puts it
+    back in the queue with its place (score), its tokens kept, its keys living as long as a
+    new request's; a request that ended otherwise is only read."""
+    queue = RedisQueue(r, KEYS, redis_url, request_ttl_s=3600)
+    await queue.enqueue(request("orphan"), 10)
+    score = await r.zscore(KEYS.queue("m"), "orphan")
+    await finish(r, "orphan", ORPHANED, [7, 8, 9])
+    await queue.enqueue(request("done"), 10)
+    await finish(r, "done", "length", [4, 5])
+
+    adopted = await queue.adopt("orphan", "gw2")
+    assert adopted is not None and adopted.revived and adopted.final is None
+    assert adopted.tokens == [7, 8, 9] and adopted.request.gateway_id == "gw2"
+    assert await r.zscore(KEYS.queue("m"), "orphan") == score
+    assert await r.llen(KEYS.wake("m")) >= 1
+    fields = await r.hgetall(KEYS.request("m", "orphan"))
+    assert "final" not in fields and "worker" not in fields
+    for key in (KEYS.request("m", "orphan"), KEYS.tokens("m", "orphan"),
+                KEYS.request_model("orphan")):
+        assert await r.ttl(key) > 3000, key
+    again = await queue.adopt("orphan", "gw3")  # queued now: only its gateway moves
+    assert again is not None and not again.revived and again.request.gateway_id == "gw3"
+
+    done = await queue.adopt("done", "gw2")
+    assert done is not None and not done.revived and done.final is not None
+    assert done.final.finish_reason == "length" and done.tokens == [4, 5]
+    assert await r.zscore(KEYS.queue("m"), "done") is None
+    assert await r.ttl(KEYS.request("m", "done")) <= 60
+    assert await queue.adopt("never-seen", "gw2") is None
 
 
 async def test_an_unreachable_redis_fails_within_two_seconds_naming_the_url() -> None:

@@ -12,12 +12,12 @@ import grpc.aio
 import pytest
 
 from common.errors import DeadlineExceededError, ErrorCode
-from common.protocol import ReplyEvent
+from common.protocol import ORPHANED, ReplyEvent, encode_events
 from common.sampling_params import SamplingParams
 from gateway.types import GenerationInput, PromptInput
 from preprocess.tokenizer import load_tokenizer
 from protos import npuserve_pb2 as pb
-from tests.gateway.conftest import MAX_LEN, MODEL, StackFactory
+from tests.gateway.conftest import MAX_LEN, MODEL, Stack, StackFactory
 
 pytestmark = pytest.mark.anyio
 
@@ -287,6 +287,60 @@ async def test_a_worker_error_sends_a_final_error_message_then_ends_with_interna
     assert messages[-1].error == "device lost" and messages[-1].usage.completion_tokens == 1
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert info.value.details() == "request bad failed on its worker: device lost"
+
+
+async def orphan(s: Stack, rid: str, tokens: list[int]) -> None:
+    """What a worker does with a request whose gateway's registration it found lapsed: sends
+    the tokens it made and an ORPHANED end, and keeps them with the request for a resume."""
+    end = ReplyEvent(rid, -1, finish_reason=ORPHANED, code=ErrorCode.UNAVAILABLE,
+                     error="the gateway this request came through stopped heartbeating",
+                     completion_tokens=len(tokens))
+    published = await s.r.lrange(s.keys.tokens(MODEL, rid), 0, -1)
+    if tokens[len(published):]:
+        await s.r.rpush(s.keys.tokens(MODEL, rid), *tokens[len(published):])
+    await s.r.hset(s.keys.request(MODEL, rid), "final", encode_events([end]))
+    await s.worker.send(s.gateway_id, *[ReplyEvent(rid, i, t) for i, t in enumerate(tokens)],
+                        end)
+
+
+async def test_a_stream_its_worker_stopped_as_orphaned_is_queued_again_and_goes_on(
+        gateway_stack: StackFactory) -> None:
+    """The gateway's registration lapsed for a moment (a stall) and the worker stopped the
+    request: the gateway, still streaming it, queues it again and its client gets every
+    token once, without an error."""
+    async with gateway_stack() as s:
+        call = s.stub.Generate(gen(request_id="o", max_tokens=6))
+        rid = (await s.worker.take()).request_id
+        await orphan(s, rid, [11, 12, 13])
+        again = await s.worker.take()
+        assert again.request_id == rid
+        assert await s.r.lrange(s.keys.tokens(MODEL, rid), 0, -1) == ["11", "12", "13"]
+        await s.worker.send(s.gateway_id, ReplyEvent(rid, 2, 13), ReplyEvent(rid, 3, 14),
+                            ReplyEvent(rid, 4, 15),
+                            ReplyEvent(rid, 5, 16, finish_reason="length",
+                                       completion_tokens=6))
+        messages = [m async for m in call]
+    assert [m.index for m in messages] == list(range(6))
+    assert [t for m in messages for t in m.token_ids] == [11, 12, 13, 14, 15, 16]
+    assert messages[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+async def test_a_stream_stopped_as_orphaned_again_and_again_ends_unavailable(
+        gateway_stack: StackFactory) -> None:
+    async with gateway_stack() as s:
+        call = s.stub.Generate(gen(request_id="o2", max_tokens=6))
+        rid = (await s.worker.take()).request_id
+        for tokens in ([1], [1, 2], [1, 2, 3], [1, 2, 3, 4]):
+            await orphan(s, rid, tokens)
+            if len(tokens) < 4:
+                assert (await s.worker.take()).request_id == rid
+        messages = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for m in call:
+                messages.append(m)
+    assert [m.index for m in messages] == [0, 1, 2, 3]
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "stopped heartbeating" in (info.value.details() or "")
 
 
 async def test_a_request_error_a_worker_detects_reaches_the_client_as_invalid_argument(

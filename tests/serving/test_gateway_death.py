@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from common.keys import GATEWAY_TTL_S, REPLIES_TTL_S
-from common.protocol import decode_events
+from common.protocol import ORPHANED, decode_events
 from gateway.client import GenerationClient, StreamResult, collect
 from gateway.output import OutputProcessor
 from preprocess.tokenizer import load_tokenizer
@@ -112,17 +112,23 @@ def test_a_stream_resumes_at_another_gateway_exactly(orphans_fleet: Fleet,
         assert "ask for at most" in (info.value.details() or "")
 
 
-def test_a_dead_gateways_requests_stop_within_seconds(orphans_fleet: Fleet) -> None:
+def test_a_dead_gateways_requests_stop_within_seconds_and_go_on_when_resumed(
+        orphans_fleet: Fleet) -> None:
+    """Nobody resumed them in time: both are stopped (orphaned) soon after the gateway's
+    registration expires. A client that comes back later still gets each exactly: a resume
+    queues the request again from the tokens it had made."""
     fl = orphans_fleet
+    greedy = {"model": MODEL, "ignore_eos": True,
+              "sampling": pb.SamplingParameters(temperature=0)}
     gateway, doomed = start_doomed(fl, DOOMED)
     with GenerationClient(doomed, timeout=120) as client:
         running = Stream(client.stub.Generate(pb.GenerateRequest(
-            model=MODEL, token_ids=pb.TokenIds(ids=[5, 6, 7]), max_tokens=2000,
-            ignore_eos=True, request_id="orphan-running"), timeout=120))
+            token_ids=pb.TokenIds(ids=[5, 6, 7]), max_tokens=2000,
+            request_id="orphan-running", **greedy), timeout=120))
         running.wait_first_token()
         queued = Stream(client.stub.Generate(pb.GenerateRequest(
-            model=MODEL, token_ids=pb.TokenIds(ids=[8, 9]), max_tokens=2000,
-            ignore_eos=True, request_id="orphan-queued"), timeout=120))
+            token_ids=pb.TokenIds(ids=[8, 9]), max_tokens=12, request_id="orphan-queued",
+            **greedy), timeout=120))
         with fl.redis() as r:
             wait_until(lambda: r.exists(f"{fl.prefix}req:{{{MODEL}}}:orphan-queued") == 1, 10,
                        "the second request was never queued", fl.services)
@@ -136,19 +142,71 @@ def test_a_dead_gateways_requests_stop_within_seconds(orphans_fleet: Fleet) -> N
         dropped_after = time.monotonic() - killed
         finals = {e.request_id: e for _, f in r.xrange(f"{p}replies:{{{DOOMED}}}")
                   for e in decode_events(f["e"]) if e.finish_reason}
-        assert finals["orphan-running"].finish_reason == "error", "it ended on its own"
+        assert finals["orphan-running"].finish_reason == ORPHANED, "it ended on its own"
         assert finals["orphan-running"].code.name == "UNAVAILABLE"
         assert finals["orphan-queued"].index == -1  # dropped before it ran
         assert 0 < r.ttl(f"{p}replies:{{{DOOMED}}}") <= REPLIES_TTL_S
         wait_until(lambda: r.hget(f"{p}worker:orphans-w", "running") == "0", 5,
                    "the worker still reports a running request", fl.services)
+        made = r.llen(f"{p}toks:{{{MODEL}}}:orphan-running")
     print(f"the dead gateway's requests were dropped {dropped_after:.1f}s after its SIGKILL")
     assert dropped_after < GATEWAY_TTL_S + 5
-    running.finish(10)
+    received = running.finish(10).token_ids
     queued.finish(10)
     assert running.code is not None and queued.code is not None  # their gateway is gone
-    with GenerationClient(fl.gateway, timeout=60) as other:
-        result = collect(other.stub.Generate(pb.GenerateRequest(
-            model=MODEL, token_ids=pb.TokenIds(ids=[1, 2]), max_tokens=5, ignore_eos=True,
-            sampling=pb.SamplingParameters(temperature=0))))
-    assert result.finish_reason == "length" and len(result.token_ids) == 5
+    assert 0 < len(received) <= made < 2000
+    with GenerationClient(fl.gateway, timeout=120) as other:
+        rest = collect(other.resume("orphan-queued", 0))
+        assert (rest.finish_reason, rest.indices) == ("length", list(range(12)))
+        reference = collect(other.generate([8, 9], max_tokens=12, **greedy))
+        assert rest.token_ids == reference.token_ids
+        # the running one goes on from where its client's stream broke
+        call = other.stub.Resume(pb.ResumeRequest(request_id="orphan-running",
+                                                  next_index=len(received)), timeout=120)
+        more = StreamResult()
+        for message in call:
+            more.add(message)
+            if len(more.token_ids) >= made - len(received) + 20:
+                break
+        call.cancel()
+        assert more.indices[0] == len(received)
+        reference = collect(other.generate([5, 6, 7], max_tokens=len(received) + len(
+            more.token_ids), **greedy))
+        assert received + more.token_ids == reference.token_ids, "tokens lost or changed"
+
+
+def test_a_gateway_frozen_past_its_registration_goes_on_streaming(orphans_fleet: Fleet
+                                                                  ) -> None:
+    """A gateway stalls (SIGSTOP) until its registration expires: the worker stops its
+    running request as orphaned. Thawed, the gateway queues the request again once its
+    registration is back, and the same stream goes on exactly, without an error."""
+    fl = orphans_fleet
+    greedy = {"model": MODEL, "ignore_eos": True,
+              "sampling": pb.SamplingParameters(temperature=0)}
+    gateway, target = start_doomed(fl, "gw-frozen")
+    key = f"{fl.prefix}req:{{{MODEL}}}:frozen"
+    with GenerationClient(target, timeout=120) as client, fl.redis() as r:
+        call = client.stub.Generate(pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=[4, 3, 2]), max_tokens=2000, request_id="frozen",
+            **greedy), timeout=120)
+        stream = Stream(call)
+        stream.wait_first_token()
+        gateway.proc.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: ORPHANED in (r.hget(key, "final") or ""), GATEWAY_TTL_S + 10,
+                       "the frozen gateway's request was not stopped", fl.services)
+            made = r.llen(f"{fl.prefix}toks:{{{MODEL}}}:frozen")
+        finally:
+            gateway.proc.send_signal(signal.SIGCONT)
+        wait_until(lambda: len(stream.result.token_ids) >= made + 20, 60,
+                   "the stream did not go on after the thaw", fl.services)
+        call.cancel()
+        stream.finish(10)
+        received = stream.result
+    assert received.indices == list(range(len(received.token_ids)))
+    assert stream.code == grpc.StatusCode.CANCELLED, (stream.code, stream.details)
+    assert "stopped it as orphaned" in gateway.log.read_text()
+    with GenerationClient(fl.gateway, timeout=120) as other:
+        reference = collect(other.generate([4, 3, 2], max_tokens=len(received.token_ids),
+                                           **greedy))
+    assert received.token_ids == reference.token_ids, "tokens lost or changed"

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from common.protocol import ORPHANED
 from common.sampling_params import SamplingParams
 from tests.worker.conftest import FakeGateway
 from worker.backends.base import SequenceChunk, StepResult
@@ -152,7 +153,7 @@ def test_the_requests_of_a_dead_gateway_are_dropped_running_and_queued(
         service.run_once()
     service.settle()
     last = gateway.events("running")[-1]
-    assert (last.finish_reason, last.code.name) == ("error", "UNAVAILABLE")
+    assert (last.finish_reason, last.code.name) == (ORPHANED, "UNAVAILABLE")
     assert "stopped heartbeating" in last.error
     other = FakeGateway(redis_url, gateway_id="gw2")
     other.enqueue("alive", PROMPT, SHORT)
