@@ -45,7 +45,7 @@ PLAIN_FAULTS = ("worker-kill", "drain", "redis-restart", "gateway-kill", "gatewa
 SENTINEL_FAULTS = ("worker-kill", "drain", "redis-failover", "gateway-kill", "gateway-stall")
 STALL_S = GATEWAY_TTL_S + 2
 """How long gateway-stall freezes a gateway (SIGSTOP): past its registration's expiry, so the
-workers stop its requests as orphaned while its clients still wait on it."""
+workers stop what still runs of its requests as orphaned while its clients wait on it."""
 MODEL = "chaos"
 SERVICE = "chaos"
 """The master's name in the sentinels' configuration (--sentinel)."""
