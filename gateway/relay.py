@@ -80,6 +80,16 @@ class Subscription:
         if not self.finished and final and self.next_index >= final.completion_tokens:
             self._deliver(final)
 
+    def offer_published(self, tokens: list[int], start: int, final: ReplyEvent | None) -> None:
+        """Offer what the request's keys hold (tokens published from index `start` on, and
+        its final event): what a stream whose events went elsewhere has missed."""
+        last = final.index if final is not None and final.index >= 0 else None
+        for i, token in enumerate(tokens, start):
+            if last is None or i < last:
+                self.offer(ReplyEvent(self.request_id, i, token))
+        if final is not None:
+            self.offer(final)
+
     def reopen(self) -> None:
         """After an ORPHANED end the request was queued again: take its events on from
         `next_index` (the orphaned end was not the stream's)."""

@@ -225,6 +225,8 @@ class GatewayService:
                                 "heartbeating); queued again after %d tokens", request_id,
                                 len(tokens))
                 if next_index > len(tokens):
+                    if adopted.revived:  # queued again for nobody
+                        self._spawn_cancel(req.model, request_id)
                     raise InvalidRequestError(
                         "next_index", f"request {client_id} has {len(tokens)} tokens so far; "
                         f"ask for at most {len(tokens)}")
@@ -271,12 +273,7 @@ class GatewayService:
             except UnavailableError as exc:
                 log.warning("resumed %s: %s", request_id, exc)
             else:
-                last = final.index if final is not None and final.index >= 0 else None
-                for i, token in enumerate(tokens, start):
-                    if last is None or i < last:
-                        sub.offer(ReplyEvent(request_id, i, token))
-                if final is not None:
-                    sub.offer(final)
+                sub.offer_published(tokens, start, final)
             await asyncio.sleep(FOLLOW_INTERVAL_S)
 
     async def _enqueue(self, inp: GenerationInput, model: str, admitted: Admitted,
@@ -347,10 +344,7 @@ class GatewayService:
                     "registration had lapsed); queued again after %d tokens", request_id,
                     len(adopted.tokens))
         sub.reopen()
-        for i, token in enumerate(adopted.tokens[sub.next_index:], sub.next_index):
-            sub.offer(ReplyEvent(request_id, i, token))
-        if adopted.final is not None:
-            sub.offer(adopted.final)
+        sub.offer_published(adopted.tokens[sub.next_index:], sub.next_index, adopted.final)
 
     def _chunk(self, event: ReplyEvent, output: OutputProcessor, sub: Subscription,
                inp: GenerationInput, progress: _Progress) -> Chunk:
